@@ -1,0 +1,78 @@
+"""Shared fixtures: tiny recipes and a clean plugin manager per test."""
+
+from __future__ import annotations
+
+import os
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(autouse=True)
+def _clean_plugins(monkeypatch):
+    """Each test starts with a fresh plugin manager and no plugin-selection variables."""
+    from x2ct_framework.plugins import reset_plugin_manager
+
+    monkeypatch.delenv("X2CT_STRICT_PLUGINS", raising=False)
+    monkeypatch.delenv("X2CT_LOAD_PLUGINS", raising=False)
+    reset_plugin_manager()
+    yield
+    reset_plugin_manager()
+
+
+TINY_RECIPE = """
+name = "tiny"
+seed = 0
+output_dir = "{out}"
+
+[data]
+name = "synthetic_phantom"
+views = [0, 90]
+num_train = 4
+num_val = 2
+num_test = 2
+
+[model]
+name = "vit_cascade"
+tokens = 4
+dim = 16
+depth = 1
+heads = 2
+channels = 4
+
+[train]
+batch_size = 2
+progress = false
+log_every = 1
+
+[[stages]]
+name = "stage1"
+resolution = 16
+epochs = 1
+lr = 1e-3
+losses = {{ l1 = 1.0 }}
+"""
+
+
+@pytest.fixture
+def tiny_recipe(tmp_path) -> Path:
+    """A one-stage recipe at 16^3 that trains in about a second."""
+    path = tmp_path / "tiny.toml"
+    path.write_text(textwrap.dedent(TINY_RECIPE.format(out=(tmp_path / "runs").as_posix())))
+    return path
+
+
+def run_env(**extra: str) -> dict:
+    env = dict(os.environ)
+    env.update({"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **extra})
+    return env
+
+
+PYTHON = sys.executable

@@ -1,0 +1,8 @@
+"""x2ct-framework: reconstruct 3D CT volumes from two or more 2D X-ray views.
+
+The core is small: hook specifications (`hookspecs`), the plugin manager and registries
+(`plugins`, `registry`), recipe loading (`recipe`), the progressive trainer (`trainer`), physics
+(`physics`), metrics and checkpoints. Models, losses and datasets are plugins.
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,144 @@
+"""Build the components a recipe names, for one stage, through the registries."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .plugins import get_plugin_manager
+from .recipe import Recipe
+from .schema import LOSS_TERM_KEYS
+from .stage import Stage
+
+
+def load_recipe_plugins(recipe: Recipe) -> None:
+    pm = get_plugin_manager()
+    for spec in recipe["plugins"]:
+        pm.load_module(spec, recipe.base_dir)
+
+
+def stages(recipe: Recipe) -> list[Stage]:
+    return [Stage(name=s["name"], index=i + 1, resolution=s["resolution"], options=s)
+            for i, s in enumerate(recipe["stages"])]
+
+
+def _merged(base: dict, override: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in override.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merged(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def data_options(recipe: Recipe, stage: Stage) -> dict:
+    return _merged(recipe["data"], stage.options.get("data", {}))
+
+
+def model_options(recipe: Recipe, stage: Stage) -> dict:
+    return _merged(recipe["model"], stage.options.get("model", {}))
+
+
+def context(recipe: Recipe, stage: Stage) -> dict[str, Any]:
+    """Values a component may ask for by naming them as parameters (unless its recipe sets them)."""
+    data = data_options(recipe, stage)
+    ctx = {"resolution": stage.resolution, "stage": stage, "seed": recipe["seed"],
+           "gradient_checkpointing": recipe["train"]["gradient_checkpointing"]}
+    for key in ("views", "hu_window", "geometry"):
+        if key in data:
+            ctx[key] = data[key]
+    return ctx
+
+
+def _stage_key(recipe: Recipe, stage: Stage, *rest: str) -> tuple:
+    return ("stages", stage.index - 1) + rest
+
+
+def build_dataset(recipe: Recipe, stage: Stage, split: str) -> torch.utils.data.Dataset:
+    opts = data_options(recipe, stage)
+    name = opts.pop("name")
+    reg = get_plugin_manager().registry("dataset")
+    return reg.create(name, opts, where=recipe.where("data"), split=split, stage=stage)
+
+
+def build_model(recipe: Recipe, stage: Stage) -> nn.Module:
+    opts = model_options(recipe, stage)
+    name = opts.pop("name")
+    ctx = context(recipe, stage)
+    ctx.pop("stage")
+    return get_plugin_manager().registry("model").create(name, opts, where=recipe.where("model"), context=ctx)
+
+
+class LossTerm(nn.Module):
+    """One weighted term; the weight may ramp linearly between two epochs."""
+
+    def __init__(self, name: str, module: nn.Module, weight: float, schedule: str = "constant",
+                 start_epoch: int = 0, end_epoch: int = 0):
+        super().__init__()
+        self.name, self.module = name, module
+        self.weight, self.schedule = float(weight), schedule
+        self.start_epoch, self.end_epoch = int(start_epoch), int(end_epoch)
+
+    def weight_at(self, epoch: int) -> float:
+        if epoch < self.start_epoch:
+            return 0.0
+        if self.schedule == "linear" and self.end_epoch > self.start_epoch:
+            return self.weight * min(1.0, (epoch - self.start_epoch + 1) / (self.end_epoch - self.start_epoch))
+        return self.weight
+
+
+class LossSet(nn.Module):
+    """The stage's loss: a weighted sum of terms, each term logged separately."""
+
+    def __init__(self, terms: list[LossTerm]):
+        super().__init__()
+        self.terms = nn.ModuleList(terms)
+
+    def forward(self, pred: torch.Tensor, target: torch.Tensor, batch: dict, epoch: int = 0):
+        total = pred.new_zeros(())
+        parts: dict[str, torch.Tensor] = {}
+        for term in self.terms:
+            w = term.weight_at(epoch)
+            if w == 0.0:
+                continue
+            value = term.module(pred, target, batch)
+            parts[term.name] = value.detach()
+            total = total + w * value
+        return total, parts
+
+
+def build_losses(recipe: Recipe, stage: Stage) -> LossSet:
+    reg = get_plugin_manager().registry("loss")
+    ctx = context(recipe, stage)
+    terms = []
+    for term_name, table in stage.options["losses"].items():
+        table = dict(table)
+        meta = {k: table.pop(k) for k in LOSS_TERM_KEYS if k in table}
+        plugin = meta.pop("name", term_name)
+        where = recipe.where(*_stage_key(recipe, stage, "losses", term_name))
+        module = reg.create(plugin, table, where=where, context=ctx)
+        if not isinstance(module, nn.Module):
+            module = _Wrap(module)
+        terms.append(LossTerm(term_name, module, **meta))
+    return LossSet(terms)
+
+
+class _Wrap(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, pred, target, batch):
+        return self.fn(pred, target, batch)
+
+
+def build_metrics(recipe: Recipe) -> dict[str, Any]:
+    reg = get_plugin_manager().registry("metric")
+    out = {}
+    for i, name in enumerate(recipe["eval"]["metrics"]):
+        out[name] = reg.create(name, {}, where=recipe.where("eval", "metrics", i))
+    return out

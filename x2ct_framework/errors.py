@@ -1,0 +1,42 @@
+"""Errors that the command line reports as a message (exit status 2) instead of a traceback."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class X2CTError(Exception):
+    """Base class for every error caused by the user's input (recipe, data, plugins, files)."""
+
+    exit_code = 2
+
+
+class RecipeError(X2CTError):
+    """One or more problems in a recipe; `problems` holds every one, each a full sentence."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        if len(self.problems) == 1:
+            msg = self.problems[0]
+        else:
+            msg = f"{len(self.problems)} problems in the recipe:\n" + "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(msg)
+
+
+class PluginError(X2CTError):
+    """A plugin could not be loaded, registered or built."""
+
+
+class DataError(X2CTError):
+    """A data file or folder is missing, unreadable or not what was expected."""
+
+
+class CheckpointError(X2CTError):
+    """A checkpoint is missing, damaged or does not fit the model."""
+
+
+def did_you_mean(name: str, choices: Iterable[str]) -> str:
+    """Return ' (did you mean "x"?)' for the closest choice, or '' when none is close."""
+    close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f'; did you mean "{close[0]}"?' if close else ""

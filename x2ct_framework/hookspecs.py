@@ -1,0 +1,70 @@
+"""Hook specifications of x2ct-framework.
+
+Every hook is prefixed by what it does; registration hooks receive a `register(name, factory)`
+callable so that the core can refuse duplicates and remember which plugin gave which component.
+Order between plugins is expressed with ``tryfirst``/``trylast`` on the implementation, never by
+registration order.
+"""
+
+import pluggy
+
+PROJECT_NAME = "x2ct_framework"
+
+hookspec = pluggy.HookspecMarker(PROJECT_NAME)
+hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
+
+
+@hookspec
+def register_models(register):
+    """Register model factories.
+
+    ``register(name, factory)``: ``factory(**options)`` returns an ``nn.Module`` called as
+    ``model(xrays, geometry, prev=None) -> volume [B, 1, R, R, R]``.
+    """
+
+
+@hookspec
+def register_losses(register):
+    """Register loss factories.
+
+    ``register(name, factory)``: ``factory(**options)`` returns an ``nn.Module`` called as
+    ``loss(pred, target, batch) -> scalar tensor``.
+    """
+
+
+@hookspec
+def register_datasets(register):
+    """Register dataset factories.
+
+    ``register(name, factory)``: ``factory(split=..., stage=..., **options)`` returns a
+    ``torch.utils.data.Dataset`` whose items are the batch dict of the design (unbatched).
+    """
+
+
+@hookspec
+def register_metrics(register):
+    """Register metric factories.
+
+    ``register(name, factory)``: ``factory(**options)`` returns a callable
+    ``metric(pred, target, batch) -> tensor [B]`` (one value per case).
+    """
+
+
+@hookspec
+def on_stage_start(trainer, stage):
+    """Called on every process before the first epoch of a stage."""
+
+
+@hookspec
+def on_epoch_end(trainer, stage, epoch, metrics):
+    """Called on every process after each epoch; ``metrics`` is a dict of floats."""
+
+
+@hookspec
+def on_checkpoint_saved(trainer, stage, path, kind):
+    """Called on the main process after a checkpoint is written; ``kind`` is last/best/periodic."""
+
+
+@hookspec
+def on_stage_end(trainer, stage, metrics):
+    """Called on every process after the last epoch of a stage."""

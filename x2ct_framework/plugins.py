@@ -1,0 +1,182 @@
+"""The plugin manager: loads plugins and fills the registries through their hooks.
+
+Plugins come from the entry-point group ``x2ct_framework`` (the built-in ones too, so the core
+never imports a built-in plugin by name) and from modules or ``.py`` files that a recipe lists
+under ``plugins``. Loading is lazy and idempotent. A plugin that fails to import is reported with
+its name and distribution and skipped; ``X2CT_STRICT_PLUGINS=1`` turns that into an error and
+``X2CT_LOAD_PLUGINS=a,b`` loads only the named entry points (an empty value loads none).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import importlib.util
+import os
+import sys
+import warnings
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pluggy
+
+from . import hookspecs
+from .errors import PluginError
+from .registry import Registry
+
+ENTRY_POINT_GROUP = "x2ct_framework"
+KINDS = {"model": "register_models", "loss": "register_losses", "dataset": "register_datasets",
+         "metric": "register_metrics"}
+
+
+class PluginLoadWarning(UserWarning):
+    """A plugin failed to load and was skipped."""
+
+
+class PluginManager:
+    """A pluggy manager plus one registry per component kind."""
+
+    def __init__(self) -> None:
+        self.pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
+        self.pm.add_hookspecs(hookspecs)
+        self.distributions: dict[str, str] = {}
+        self.failed: dict[str, str] = {}
+        self._entry_points_loaded = False
+        self._registries: dict[str, Registry] | None = None
+
+    @property
+    def hook(self):
+        return self.pm.hook
+
+    # ---- loading -----------------------------------------------------------------------------
+    def load_entry_points(self) -> None:
+        if self._entry_points_loaded:
+            return
+        self._entry_points_loaded = True
+        only = os.environ.get("X2CT_LOAD_PLUGINS")
+        allowed = None if only is None else {n.strip() for n in only.split(",") if n.strip()}
+        for ep in sorted(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+            if allowed is not None and ep.name not in allowed:
+                continue
+            if self.pm.has_plugin(ep.name) or ep.name in self.failed:
+                continue
+            dist = ep.dist.name if ep.dist is not None else "unknown distribution"
+            try:
+                module = ep.load()
+            except Exception as exc:  # a broken plugin must not break every command
+                self._failed(ep.name, dist, exc)
+                continue
+            self._register(module, ep.name, dist)
+
+    def load_module(self, spec: str, base_dir: str | Path | None = None) -> str:
+        """Load a plugin named in a recipe: a dotted module name or a path to a ``.py`` file."""
+        if spec.endswith(".py") or os.sep in spec or "/" in spec:
+            path = Path(spec)
+            if not path.is_absolute() and base_dir is not None:
+                path = Path(base_dir) / path
+            path = path.resolve()
+            name = f"x2ct_local_plugin_{path.stem}"
+            if self.pm.has_plugin(str(path)):
+                return str(path)
+            if not path.is_file():
+                raise PluginError(f"plugin file {spec!r} not found (looked at {path})")
+            try:
+                mod_spec = importlib.util.spec_from_file_location(name, path)
+                module = importlib.util.module_from_spec(mod_spec)
+                sys.modules[name] = module
+                mod_spec.loader.exec_module(module)
+            except Exception as exc:
+                sys.modules.pop(name, None)
+                raise PluginError(f"plugin file {path} failed to import: {type(exc).__name__}: {exc}") from exc
+            self._register(module, str(path), "local file")
+            return str(path)
+        if self.pm.has_plugin(spec):
+            return spec
+        try:
+            module = importlib.import_module(spec)
+        except Exception as exc:
+            raise PluginError(f"plugin module {spec!r} failed to import: {type(exc).__name__}: {exc}") from exc
+        self._register(module, spec, _distribution_of(module))
+        return spec
+
+    def register_object(self, obj: Any, name: str, distribution: str = "in-process") -> None:
+        """Register an already-imported plugin object (tests and notebooks)."""
+        self._register(obj, name, distribution)
+
+    def unregister(self, name: str) -> None:
+        self.pm.unregister(name=name)
+        self.distributions.pop(name, None)
+        self._registries = None
+
+    def _register(self, module: Any, name: str, dist: str) -> None:
+        try:
+            self.pm.register(module, name=name)
+        except Exception as exc:
+            raise PluginError(f"plugin {name!r} ({dist}) could not be registered: {exc}") from exc
+        self.distributions[name] = dist
+        self._registries = None
+
+    def _failed(self, name: str, dist: str, exc: BaseException) -> None:
+        msg = f"plugin {name!r} from {dist} failed to load and was skipped: {type(exc).__name__}: {exc}"
+        if os.environ.get("X2CT_STRICT_PLUGINS", "") not in ("", "0", "false", "no"):
+            raise PluginError(msg + " (X2CT_STRICT_PLUGINS is set)") from exc
+        self.failed[name] = msg
+        warnings.warn(msg, PluginLoadWarning, stacklevel=3)
+
+    # ---- registries --------------------------------------------------------------------------
+    def registries(self) -> dict[str, Registry]:
+        """The registries, rebuilt from the hooks whenever the set of plugins changed."""
+        self.load_entry_points()
+        if self._registries is None:
+            regs = {kind: Registry(kind) for kind in KINDS}
+            for kind, hook_name in KINDS.items():
+                caller = getattr(self.pm.hook, hook_name)
+                # pluggy calls implementations last-registered first, tryfirst before trylast.
+                for impl in reversed(caller.get_hookimpls()):
+                    plugin = impl.plugin_name
+                    dist = self.distributions.get(plugin, "?")
+
+                    def register(name, factory, _plugin=plugin, _dist=dist, _reg=regs[kind]):
+                        _reg.register(name, factory, plugin=_plugin, distribution=_dist)
+
+                    try:
+                        impl.function(register=register)
+                    except PluginError:
+                        raise
+                    except Exception as exc:
+                        raise PluginError(
+                            f"plugin {plugin!r} ({dist}) raised inside {hook_name}: {type(exc).__name__}: {exc}"
+                        ) from exc
+            self._registries = regs
+        return self._registries
+
+    def registry(self, kind: str) -> Registry:
+        return self.registries()[kind]
+
+
+def _distribution_of(module: ModuleType) -> str:
+    top = module.__name__.split(".")[0]
+    dists = importlib.metadata.packages_distributions().get(top)
+    return dists[0] if dists else "not installed"
+
+
+_MANAGER: PluginManager | None = None
+
+
+def get_plugin_manager() -> PluginManager:
+    """The process-wide plugin manager (created and loaded on first use)."""
+    global _MANAGER
+    if _MANAGER is None:
+        _MANAGER = PluginManager()
+    return _MANAGER
+
+
+def reset_plugin_manager() -> None:
+    """Forget every loaded plugin (tests)."""
+    global _MANAGER
+    _MANAGER = None
+
+
+def registry(kind: str) -> Registry:
+    return get_plugin_manager().registry(kind)

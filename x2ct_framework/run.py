@@ -1,0 +1,51 @@
+"""``python -m x2ct_framework.run RECIPE [--set key=value ...] [--resume]``.
+
+The same module runs under ``accelerate launch -m x2ct_framework.run RECIPE``; the ``x2ct run``
+console command calls it too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .errors import X2CTError
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", help="TOML recipe file")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a recipe key (dotted, 1-based array positions), value in TOML")
+    parser.add_argument("--resume", action="store_true", help="continue the interrupted stage from its last checkpoint")
+
+
+def run(args: argparse.Namespace) -> int:
+    from .recipe import load_recipe
+    from .trainer import Trainer
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    Trainer(recipe).run()
+    return 0
+
+
+def report_errors(fn, *args) -> int:
+    """Run ``fn``; a user-input error becomes a one-paragraph message and its exit status."""
+    try:
+        return fn(*args)
+    except X2CTError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m x2ct_framework.run", description=__doc__.splitlines()[0])
+    add_run_arguments(parser)
+    args = parser.parse_args(argv)
+    return report_errors(run, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

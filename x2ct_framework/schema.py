@@ -1,0 +1,285 @@
+"""The recipe schema: every key the core understands, its type, default and meaning.
+
+Component tables (``[data]``, ``[model]``, each loss) are open here: their options are checked
+against the plugin factory's signature when the component is built (``x2ct validate`` does that
+for every component without training). Validation fills defaults in place, so the resolved recipe
+written to the run folder holds every value the run used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .errors import RecipeError, did_you_mean
+from .recipe import Key, Recipe, format_key
+
+REQUIRED = object()
+
+
+@dataclass
+class Value:
+    kind: str  # int, float, number, str, bool, list[int], list[float], list[str], list, any
+    default: Any = REQUIRED
+    doc: str = ""
+    choices: tuple = ()
+    check: Callable[[Any], str | None] | None = None  # returns a problem or None
+
+
+@dataclass
+class Table:
+    fields: dict
+    doc: str = ""
+    open: bool = False  # open tables (component options) accept any key
+
+
+@dataclass
+class Component:
+    """A ``name = "..."`` table whose other keys are the plugin's options."""
+
+    doc: str = ""
+    required: bool = True
+
+
+@dataclass
+class ArrayOf:
+    item: Table
+    doc: str = ""
+    min_items: int = 0
+
+
+@dataclass
+class Losses:
+    """``{ l1 = 1.0, ssim = 0.5 }`` or a table per term with ``weight``, options and a schedule."""
+
+    doc: str = ""
+
+
+def positive(v: Any) -> str | None:
+    return None if v > 0 else "expected a positive number"
+
+
+def non_negative(v: Any) -> str | None:
+    return None if v >= 0 else "expected a number >= 0"
+
+
+def at_least_one(v: Any) -> str | None:
+    return None if v >= 1 else "expected an integer >= 1"
+
+
+STAGE = Table(
+    {
+        "name": Value("str", "", "stage name; defaults to stageN"),
+        "resolution": Value("int", REQUIRED, "output volume size R (R^3 voxels)", check=positive),
+        "epochs": Value("int", REQUIRED, "epochs of this stage", check=non_negative),
+        "lr": Value("number", 1e-4, "peak learning rate", check=positive),
+        "min_lr": Value("number", 1e-6, "final learning rate of the cosine schedule", check=non_negative),
+        "warmup_steps": Value("int", 0, "linear warm-up in optimizer steps", check=non_negative),
+        "optimizer": Value("str", "adamw", "optimizer name", choices=("adamw", "adam", "sgd")),
+        "weight_decay": Value("number", 0.01, "weight decay", check=non_negative),
+        "scheduler": Value("str", "cosine", "learning-rate schedule", choices=("cosine", "constant")),
+        "batch_size": Value("int", 0, "per-device batch size; 0 takes train.batch_size", check=non_negative),
+        "checkpoint_every": Value("int", 0, "periodic checkpoint every N epochs; 0 = off", check=non_negative),
+        "val_every": Value("int", 1, "validate every N epochs", check=at_least_one),
+        "select_best": Value("str", "val/psnr", "metric that picks the best checkpoint"),
+        "freeze": Value("list[str]", [], "parameter-name prefixes that are not trained in this stage"),
+        "losses": Losses("loss terms and weights"),
+        "model": Table({}, "model options that override [model] for this stage", open=True),
+        "data": Table({}, "data options that override [data] for this stage", open=True),
+    }
+)
+
+SCHEMA = Table(
+    {
+        "name": Value("str", REQUIRED, "experiment name; the run folder is output_dir/name"),
+        "description": Value("str", "", "free text"),
+        "seed": Value("int", 0, "global random seed"),
+        "output_dir": Value("str", "runs", "parent folder of run folders (relative to the working directory)"),
+        "plugins": Value("list[str]", [], "extra plugin modules or .py files (relative to the recipe)"),
+        "data": Component("dataset plugin and its options"),
+        "model": Component("model plugin and its options"),
+        "train": Table(
+            {
+                "start_stage": Value("int", 1, "first stage to train (1-based)", check=at_least_one),
+                "init_from": Value("str", "", "checkpoint folder that initialises the first trained stage"),
+                "batch_size": Value("int", 2, "per-device batch size", check=at_least_one),
+                "grad_accum": Value("int", 1, "gradient accumulation steps", check=at_least_one),
+                "mixed_precision": Value("str", "no", "Accelerate mixed precision", choices=("no", "fp16", "bf16")),
+                "gradient_checkpointing": Value("bool", False, "recompute activations in the backward pass"),
+                "max_grad_norm": Value("number", 1.0, "gradient clipping; 0 = off", check=non_negative),
+                "num_workers": Value("int", 0, "data-loader worker processes", check=non_negative),
+                "log_every": Value("int", 10, "log training metrics every N optimizer steps", check=at_least_one),
+                "max_steps_per_epoch": Value("int", 0, "cap optimizer steps per epoch; 0 = full epoch",
+                                             check=non_negative),
+                "progress": Value("bool", True, "show a progress bar on the main process"),
+            }
+        ),
+        "eval": Table(
+            {
+                "metrics": Value("list[str]", ["psnr", "ssim"], "validation metrics (registry names)"),
+                "preview": Value("bool", True, "write slice previews at each validation"),
+            }
+        ),
+        "stages": ArrayOf(STAGE, "the progressive stages, coarse to fine", min_items=1),
+    }
+)
+
+_KIND_CHECK = {
+    "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "float": lambda v: isinstance(v, float),
+    "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    "str": lambda v: isinstance(v, str),
+    "bool": lambda v: isinstance(v, bool),
+    "list": lambda v: isinstance(v, list),
+    "list[int]": lambda v: isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in v),
+    "list[float]": lambda v: isinstance(v, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v),
+    "list[str]": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+    "any": lambda v: True,
+}
+_KIND_WORDS = {"int": "an integer", "float": "a float", "number": "a number", "str": "a string",
+               "bool": "true or false", "list": "an array", "list[int]": "an array of integers",
+               "list[float]": "an array of numbers", "list[str]": "an array of strings", "any": "a value"}
+
+
+def _default(v: Any) -> Any:
+    import copy
+
+    return copy.deepcopy(v)
+
+
+def _check(spec: Any, value: Any, key: Key, recipe: Recipe, problems: list[str]) -> Any:
+    where = recipe.where(*key)
+    if isinstance(spec, Value):
+        if not _KIND_CHECK[spec.kind](value):
+            problems.append(f"{where}: expected {_KIND_WORDS[spec.kind]}, got {value!r}")
+            return value
+        if spec.choices and value not in spec.choices:
+            problems.append(f"{where}: expected one of {', '.join(map(repr, spec.choices))}, got {value!r}"
+                            f"{did_you_mean(value, spec.choices)}")
+        elif spec.check is not None:
+            msg = spec.check(value)
+            if msg:
+                problems.append(f"{where}: {msg}, got {value!r}")
+        if spec.kind == "float" or (spec.kind == "number" and isinstance(spec.default, float)):
+            value = float(value)
+        return value
+    if isinstance(spec, Component):
+        if not isinstance(value, dict):
+            problems.append(f"{where}: expected a table with name = \"...\", got {value!r}")
+        elif not isinstance(value.get("name"), str):
+            problems.append(f"{recipe.where(*key, 'name')}: expected the plugin name as a string, got "
+                            f"{value.get('name')!r}")
+        return value
+    if isinstance(spec, Losses):
+        return _check_losses(value, key, recipe, problems)
+    if isinstance(spec, ArrayOf):
+        if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+            problems.append(f"{where}: expected an array of tables ([[{key[-1]}]]), got {value!r}")
+            return value
+        if len(value) < spec.min_items:
+            problems.append(f"{where}: expected at least {spec.min_items} item(s), got none")
+        return [_check(spec.item, v, key + (i,), recipe, problems) for i, v in enumerate(value)]
+    if isinstance(spec, Table):
+        if not isinstance(value, dict):
+            problems.append(f"{where}: expected a table, got {value!r}")
+            return value
+        if spec.open:
+            return value
+        for k in value:
+            if k not in spec.fields:
+                problems.append(f"{recipe.where(*key, k)}: unknown key{did_you_mean(k, spec.fields)} "
+                                f"(known: {', '.join(spec.fields)})")
+        out = {}
+        for k, sub in spec.fields.items():
+            if k in value:
+                out[k] = _check(sub, value[k], key + (k,), recipe, problems)
+            elif isinstance(sub, Value):
+                if sub.default is REQUIRED:
+                    problems.append(f"{recipe.where(*key, k)}: required key is missing ({sub.doc})")
+                else:
+                    out[k] = _default(sub.default)
+            elif isinstance(sub, Component):
+                if sub.required:
+                    problems.append(f"{recipe.where(*key, k)}: required table is missing ({sub.doc})")
+            elif isinstance(sub, Table):
+                out[k] = _check(sub, {}, key + (k,), recipe, problems)
+            elif isinstance(sub, Losses):
+                out[k] = {}
+            elif isinstance(sub, ArrayOf) and sub.min_items:
+                problems.append(f"{recipe.where(*key, k)}: required array of tables is missing ({sub.doc})")
+        for k in value:
+            if k not in spec.fields:
+                out[k] = value[k]
+        return out
+    raise TypeError(spec)
+
+
+LOSS_TERM_KEYS = ("name", "weight", "schedule", "start_epoch", "end_epoch")
+
+
+def _check_losses(value: Any, key: Key, recipe: Recipe, problems: list[str]) -> Any:
+    if not isinstance(value, dict):
+        problems.append(f"{recipe.where(*key)}: expected a table of loss terms such as "
+                        f"{{ l1 = 1.0, ssim = 0.5 }}, got {value!r}")
+        return value
+    out = {}
+    for name, term in value.items():
+        where = recipe.where(*key, name)
+        if isinstance(term, (int, float)) and not isinstance(term, bool):
+            term = {"weight": float(term)}
+        if not isinstance(term, dict):
+            problems.append(f"{where}: expected a weight (number) or a table with weight and options, got {term!r}")
+            continue
+        term = dict(term)
+        weight = term.setdefault("weight", 1.0)
+        if not isinstance(weight, (int, float)) or isinstance(weight, bool) or weight < 0:
+            problems.append(f"{recipe.where(*key, name, 'weight')}: expected a number >= 0, got {weight!r}")
+        schedule = term.setdefault("schedule", "constant")
+        if schedule not in ("constant", "linear"):
+            problems.append(f"{recipe.where(*key, name, 'schedule')}: expected \"constant\" or \"linear\" "
+                            f"(linear warm-up from start_epoch to end_epoch), got {schedule!r}")
+        out[name] = term
+    return out
+
+
+def validate_recipe(recipe: Recipe) -> Recipe:
+    """Check the whole recipe against the schema, fill defaults in place, report all problems."""
+    problems: list[str] = []
+    data = _check(SCHEMA, recipe.data, (), recipe, problems)
+    if problems:
+        raise RecipeError(problems)
+    for i, stage in enumerate(data["stages"]):
+        if not stage["name"]:
+            stage["name"] = f"stage{i + 1}"
+    names = [s["name"] for s in data["stages"]]
+    if len(set(names)) != len(names):
+        problems.append(f"{recipe.where('stages')}: stage names must be unique, got {names}")
+    if data["train"]["start_stage"] > len(data["stages"]):
+        problems.append(f"{recipe.where('train', 'start_stage')}: the recipe has {len(data['stages'])} stage(s), "
+                        f"got start_stage = {data['train']['start_stage']}")
+    if problems:
+        raise RecipeError(problems)
+    recipe.data = data
+    return recipe
+
+
+def describe(spec: Any = SCHEMA, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """(dotted key, type, default, doc) rows for the documentation."""
+    rows = []
+    if isinstance(spec, ArrayOf):
+        return describe(spec.item, prefix + ".N")
+    if isinstance(spec, Table):
+        for k, sub in spec.fields.items():
+            dotted = f"{prefix}.{k}" if prefix else k
+            if isinstance(sub, Value):
+                default = "required" if sub.default is REQUIRED else repr(sub.default)
+                rows.append((dotted, sub.kind, default, sub.doc))
+            elif isinstance(sub, (Component, Losses)) or (isinstance(sub, Table) and sub.open):
+                rows.append((dotted, "table", "", sub.doc))
+            else:
+                rows.extend(describe(sub, dotted))
+    return rows
+
+
+def format_where(recipe: Recipe, key: Key) -> str:
+    return f"{recipe.origin(key)}: {format_key(key)}"
