@@ -1,0 +1,1 @@
+"""Performance benchmarks; each module has ``run(quick: bool = False) -> list[dict]`` rows."""
