@@ -68,3 +68,8 @@ def on_checkpoint_saved(trainer, stage, path, kind):
 @hookspec
 def on_stage_end(trainer, stage, metrics):
     """Called on every process after the last epoch of a stage."""
+
+
+@hookspec
+def on_run_end(trainer, results):
+    """Called on the main process after the last stage; ``results`` maps stage name to its metrics."""

@@ -96,6 +96,8 @@ class Trainer:
         for stage in all_stages[start - 1:]:
             results[stage.name] = self.train_stage(stage, init_from=prev_best)
             prev_best = self.run_dir / stage.name / "best"
+        if self.is_main:
+            self.pm.hook.on_run_end(trainer=self, results=results)
         self.print(f"outputs: {self.run_dir.resolve()}")
         return results
 
