@@ -110,6 +110,10 @@ class LossSet(nn.Module):
             total = total + w * value
         return total, parts
 
+    def trainable(self) -> list[LossTerm]:
+        """Terms whose loss owns trainable parts (``trainable_parts`` / ``configure_optimizer`` / ``parts_loss``)."""
+        return [t for t in self.terms if callable(getattr(t.module, "trainable_parts", None))]
+
 
 def build_losses(recipe: Recipe, stage: Stage) -> LossSet:
     reg = get_plugin_manager().registry("loss")

@@ -47,6 +47,52 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return out
 
 
+class LossParts:
+    """The trainable parts of one loss term (e.g. a discriminator) and their own optimizer.
+
+    Read generically through the loss contract: ``trainable_parts()``, ``configure_optimizer(params)``
+    and ``parts_loss(pred_detached, target, batch, *, epoch, step)``.
+    """
+
+    def __init__(self, name: str, loss: torch.nn.Module, accelerator: Accelerator):
+        self.name, self.loss, self.acc = name, loss, accelerator
+        self.module: torch.nn.Module = loss.trainable_parts()
+        self.module.to(accelerator.device)
+        self.optimizer = accelerator.prepare_optimizer(loss.configure_optimizer(self.module.parameters()))
+        self.pending = False
+        self.last: float | None = None
+
+    def freeze(self, frozen: bool) -> None:
+        self.module.requires_grad_(not frozen)
+
+    def update(self, pred: torch.Tensor, target: torch.Tensor, batch: dict, epoch: int, step: int) -> None:
+        """Backpropagate the parts' objective for this micro-batch; step their optimizer when gradients sync."""
+        self.freeze(False)
+        with self.acc.autocast():
+            objective = self.loss.parts_loss(pred.detach(), target, batch, epoch=epoch, step=step)
+        if objective is not None:
+            self.acc.backward(objective)
+            self.pending = True
+            self.last = objective.detach().float().item()
+        if self.acc.sync_gradients and self.pending:
+            if self.acc.num_processes > 1:  # the parts are not wrapped in DDP: average their gradients here
+                for p in self.module.parameters():
+                    if p.grad is not None:
+                        torch.distributed.all_reduce(p.grad)
+                        p.grad.div_(self.acc.num_processes)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.pending = False
+        self.freeze(True)
+
+    def state_dict(self) -> dict:
+        return {"weights": self.module.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.module.load_state_dict(state["weights"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+
 class Trainer:
     """Runs the recipe's stages in order; each stage starts from the previous stage's best."""
 
@@ -120,6 +166,7 @@ class Trainer:
         optimizer = torch.optim.AdamW(params, lr=opts["lr"], weight_decay=opts["weight_decay"])
         model, optimizer, train_dl, val_dl = acc.prepare(model, optimizer, train_dl, val_dl)
         losses = losses.to(acc.device)
+        loss_parts = [LossParts(t.name, t.module, acc) for t in losses.trainable()]
         steps_per_epoch = math.ceil(len(train_dl) / train["grad_accum"])
         if train["max_steps_per_epoch"]:
             steps_per_epoch = min(steps_per_epoch, train["max_steps_per_epoch"])
@@ -139,6 +186,8 @@ class Trainer:
             epoch_steps = 0
             for batch in train_dl:
                 with acc.accumulate(model):
+                    for lp in loss_parts:
+                        lp.freeze(True)  # the generator objective reaches the parts' input only
                     pred = model(batch["xrays"], batch["geometry"])
                     loss, parts = losses(pred, batch["ct"], batch, epoch=epoch)
                     acc.backward(loss)
@@ -149,6 +198,8 @@ class Trainer:
                         group["lr"] = lr
                     optimizer.step()
                     optimizer.zero_grad()
+                    for lp in loss_parts:
+                        lp.update(pred, batch["ct"], batch, epoch, step)
                 if acc.sync_gradients:
                     step += 1
                     epoch_steps += 1
@@ -156,7 +207,8 @@ class Trainer:
                     bar.set_postfix(loss=f"{loss.item():.4f}")
                     if self.is_main and (step % train["log_every"] == 0 or step == total_steps):
                         row = {"stage": stage.name, "epoch": epoch, "step": step, "lr": lr,
-                               "train/loss": loss.item(), **{f"train/{k}": v.item() for k, v in parts.items()}}
+                               "train/loss": loss.item(), **{f"train/{k}": v.item() for k, v in parts.items()},
+                               **{f"train/{lp.name}/parts_loss": lp.last for lp in loss_parts if lp.last is not None}}
                         with log_path.open("a") as f:
                             f.write(json.dumps(row) + "\n")
                     if epoch_steps >= steps_per_epoch:
@@ -170,10 +222,11 @@ class Trainer:
                 state = {"stage": stage.name, "epoch": epoch + 1, "step": step, "metrics": last_metrics}
                 if self.is_main:
                     unwrapped = acc.unwrap_model(model)
-                    save_checkpoint(stage_dir / "last", unwrapped, state)
+                    trainer_state = {"parts": {lp.name: lp.state_dict() for lp in loss_parts}}
+                    save_checkpoint(stage_dir / "last", unwrapped, state, trainer_state)
                     if score > best:
                         best = score
-                        save_checkpoint(stage_dir / "best", unwrapped, state)
+                        save_checkpoint(stage_dir / "best", unwrapped, state, trainer_state)
             self.pm.hook.on_epoch_end(trainer=self, stage=stage, epoch=epoch, metrics=last_metrics)
         bar.close()
         acc.wait_for_everyone()
