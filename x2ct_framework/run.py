@@ -16,7 +16,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", help="TOML recipe file")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a recipe key (dotted, 1-based array positions), value in TOML")
-    parser.add_argument("--resume", action="store_true", help="continue the interrupted stage from its last checkpoint")
+    parser.add_argument("--resume", action="store_true",
+                        help="skip finished stages and continue the interrupted one from its last checkpoint "
+                             "(same data order, same final weights)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -24,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
     from .trainer import Trainer
 
     recipe = load_recipe(args.recipe, args.overrides)
-    Trainer(recipe).run()
+    Trainer(recipe, resume=getattr(args, "resume", False)).run()
     return 0
 
 

@@ -67,21 +67,40 @@ def at_least_one(v: Any) -> str | None:
     return None if v >= 1 else "expected an integer >= 1"
 
 
+def optimizer_name(v: Any) -> str | None:
+    from .optim import OPTIMIZERS
+
+    if v.lower() in OPTIMIZERS:
+        return None
+    return f"unknown optimizer{did_you_mean(v.lower(), OPTIMIZERS)} (known: {', '.join(sorted(OPTIMIZERS))})"
+
+
+def metric_key(v: Any) -> str | None:
+    return None if v.startswith("val/") else 'expected a validation metric such as "val/psnr" or "val/loss"'
+
+
 STAGE = Table(
     {
         "name": Value("str", "", "stage name; defaults to stageN"),
         "resolution": Value("int", REQUIRED, "output volume size R (R^3 voxels)", check=positive),
         "epochs": Value("int", REQUIRED, "epochs of this stage", check=non_negative),
-        "lr": Value("number", 1e-4, "peak learning rate", check=positive),
+        "lr": Value("number", 1e-4, "peak learning rate (at train.reference_batch when lr_scaling is set)",
+                    check=positive),
         "min_lr": Value("number", 1e-6, "final learning rate of the cosine schedule", check=non_negative),
         "warmup_steps": Value("int", 0, "linear warm-up in optimizer steps", check=non_negative),
-        "optimizer": Value("str", "adamw", "optimizer name", choices=("adamw", "adam", "sgd")),
+        "optimizer": Value("str", "adamw", "torch.optim optimizer by name (adamw, adam, sgd, radam, ...)",
+                           check=optimizer_name),
+        "optimizer_options": Table({}, "extra optimizer arguments, e.g. betas = [0.9, 0.95]", open=True),
         "weight_decay": Value("number", 0.01, "weight decay", check=non_negative),
-        "scheduler": Value("str", "cosine", "learning-rate schedule", choices=("cosine", "constant")),
+        "scheduler": Value("str", "cosine", "learning-rate schedule per optimizer step: cosine lr -> min_lr, "
+                           "or constant (both after the warm-up)", choices=("cosine", "constant")),
         "batch_size": Value("int", 0, "per-device batch size; 0 takes train.batch_size", check=non_negative),
+        "grad_accum": Value("int", 0, "gradient accumulation steps; 0 takes train.grad_accum", check=non_negative),
         "checkpoint_every": Value("int", 0, "periodic checkpoint every N epochs; 0 = off", check=non_negative),
-        "val_every": Value("int", 1, "validate every N epochs", check=at_least_one),
-        "select_best": Value("str", "val/psnr", "metric that picks the best checkpoint"),
+        "val_every": Value("int", 1, "validate every N epochs (and after the last)", check=at_least_one),
+        "select_best": Value("str", "val/psnr", "validation metric that picks the best checkpoint", check=metric_key),
+        "best_mode": Value("str", "auto", "max or min of select_best; auto = min for losses and errors "
+                           "(loss, mae, mse, lpips), max otherwise", choices=("auto", "max", "min")),
         "freeze": Value("list[str]", [], "parameter-name prefixes that are not trained in this stage"),
         "losses": Losses("loss terms and weights"),
         "model": Table({}, "model options that override [model] for this stage", open=True),
@@ -101,16 +120,36 @@ SCHEMA = Table(
         "train": Table(
             {
                 "start_stage": Value("int", 1, "first stage to train (1-based)", check=at_least_one),
-                "init_from": Value("str", "", "checkpoint folder that initialises the first trained stage"),
+                "init_from": Value("str", "", "checkpoint folder that initialises the first trained stage "
+                                   "(relative to the working directory)"),
+                "init_from_recipe": Value("str", "", "the recipe that produces init_from, named in the error "
+                                          "when it is missing (relative to this recipe)"),
                 "batch_size": Value("int", 2, "per-device batch size", check=at_least_one),
                 "grad_accum": Value("int", 1, "gradient accumulation steps", check=at_least_one),
+                "lr_scaling": Value("str", "none", "how lr follows the global batch (per-device batch x processes x "
+                                    "grad_accum): none, linear or sqrt in global_batch / reference_batch",
+                                    choices=("none", "linear", "sqrt")),
+                "reference_batch": Value("int", 0, "global batch at which the stages' lr values hold (lr_scaling)",
+                                         check=non_negative),
                 "mixed_precision": Value("str", "no", "Accelerate mixed precision", choices=("no", "fp16", "bf16")),
                 "gradient_checkpointing": Value("bool", False, "recompute activations in the backward pass"),
                 "max_grad_norm": Value("number", 1.0, "gradient clipping; 0 = off", check=non_negative),
+                "max_nonfinite_steps": Value("int", 10, "optimizer steps skipped for a non-finite loss or gradient "
+                                             "before a stage stops", check=non_negative),
+                "ema": Table(
+                    {
+                        "enabled": Value("bool", False, "keep an exponential moving average of the weights for "
+                                         "validation, best and the next stage"),
+                        "decay": Value("number", 0.999, "EMA decay per optimizer step",
+                                       check=lambda v: None if 0 < v < 1 else "expected 0 < decay < 1"),
+                    }
+                ),
                 "num_workers": Value("int", 0, "data-loader worker processes", check=non_negative),
                 "log_every": Value("int", 10, "log training metrics every N optimizer steps", check=at_least_one),
                 "max_steps_per_epoch": Value("int", 0, "cap optimizer steps per epoch; 0 = full epoch",
                                              check=non_negative),
+                "trackers": Value("list[str]", ["tensorboard"], "Accelerate trackers (tensorboard, wandb, mlflow, "
+                                  "...); [] or [\"none\"] for none"),
                 "progress": Value("bool", True, "show a progress bar on the main process"),
             }
         ),
@@ -118,6 +157,19 @@ SCHEMA = Table(
             {
                 "metrics": Value("list[str]", ["psnr", "ssim"], "validation metrics (registry names)"),
                 "preview": Value("bool", True, "write slice previews at each validation"),
+                "protocols": Value("list[str]", ["default", "x2ctgan"],
+                                   "metric protocols of the final evaluation and report (default, x2ctgan)",
+                                   check=lambda v: __import__("x2ct_framework.protocols",
+                                                              fromlist=["check_names"]).check_names(v)),
+                "split": Value("str", "test", "split scored at the end of a run", choices=("train", "val", "test")),
+                "report": Value("bool", True, "evaluate the last stage's best checkpoint and write report.md "
+                                              "at the end of a run"),
+                "max_cases": Value("int", 0, "cases scored for the report; 0 = the whole split", check=non_negative),
+                "bootstrap": Value("int", 1000, "bootstrap resamples of the 95% interval", check=non_negative),
+                "worst_cases": Value("int", 3, "slice pictures of the N worst cases", check=non_negative),
+                "gallery": Value("int", 2, "cases in the report's slice gallery", check=non_negative),
+                "lpips": Value("str", "auto", "LPIPS in the default protocol: auto = when its weights are present",
+                               choices=("auto", "on", "off")),
             }
         ),
         "stages": ArrayOf(STAGE, "the progressive stages, coarse to fine", min_items=1),
@@ -254,6 +306,9 @@ def validate_recipe(recipe: Recipe) -> Recipe:
     names = [s["name"] for s in data["stages"]]
     if len(set(names)) != len(names):
         problems.append(f"{recipe.where('stages')}: stage names must be unique, got {names}")
+    if data["train"]["lr_scaling"] != "none" and not data["train"]["reference_batch"]:
+        problems.append(f"{recipe.where('train', 'reference_batch')}: lr_scaling = "
+                        f"{data['train']['lr_scaling']!r} needs the global batch at which the lr values hold")
     if data["train"]["start_stage"] > len(data["stages"]):
         problems.append(f"{recipe.where('train', 'start_stage')}: the recipe has {len(data['stages'])} stage(s), "
                         f"got start_stage = {data['train']['start_stage']}")
