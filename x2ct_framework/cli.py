@@ -1,4 +1,4 @@
-"""The ``x2ct`` command: run, validate, plugins."""
+"""The ``x2ct`` command: run, validate, evaluate, predict, plugins."""
 
 from __future__ import annotations
 
@@ -47,6 +47,65 @@ def plugins(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="checkpoint folder (runs/<name>/<stage>/best) or run folder (runs/<name>)")
+    p.add_argument("--recipe", help="recipe that built the checkpoint (default: the run folder's recipe.toml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe key, e.g. to point data at another dataset")
+    p.add_argument("--split", default="test", choices=("train", "val", "test"))
+    p.add_argument("--protocol", dest="protocols", nargs="+", default=["default", "x2ctgan"], metavar="NAME",
+                   help="metric protocols (default: default x2ctgan)")
+    p.add_argument("--stage", help="stage to evaluate (run folder: default its last trained stage)")
+    p.add_argument("--which", default="best", help="checkpoint of the stage in a run folder: best, last, epochNNNN")
+    p.add_argument("--out", help="output folder (default <run>/eval/<stage>-<split>)")
+    p.add_argument("--batch-size", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--max-cases", type=int, default=0, help="evaluate only the first N cases (0 = all)")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% interval")
+    p.add_argument("--worst", type=int, default=3, help="slice pictures of the N worst cases")
+    p.add_argument("--lpips", default="auto", choices=("auto", "on", "off"),
+                   help="LPIPS in the default protocol: auto = when its weights are present")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def add_predict_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="checkpoint folder (runs/<name>/<stage>/best) or run folder (runs/<name>)")
+    p.add_argument("inputs", nargs="+", help="image files of one case, a case folder, or a folder of case folders")
+    p.add_argument("--geometry", help="'recipe' (the training geometry), a preset name with --views, or a "
+                                      "TOML/JSON geometry file; a case folder's geometry.toml takes precedence")
+    p.add_argument("--views", type=float, nargs="+", metavar="DEG", help="gantry angle of each image, in order")
+    p.add_argument("--out", default="predictions", help="output folder, or a .nii.gz file for one case")
+    p.add_argument("--recipe", help="recipe that built the checkpoint (default: the run folder's recipe.toml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--stage", help="stage whose model to use (run folder: default its last trained stage)")
+    p.add_argument("--which", default="best", help="checkpoint of the stage in a run folder: best, last, ...")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--resize", default="auto", choices=("auto", "off"),
+                   help="auto: resize (and pad) images to the training size, logged; off: refuse other sizes")
+    p.add_argument("--normalize", default="auto", choices=("auto", "dtype", "minmax", "none"),
+                   help="image intensity scaling to [0, 1] (see x2ct_framework.io.read_xray)")
+    p.add_argument("--allow-geometry-mismatch", action="store_true",
+                   help="use view angles or geometry other than the training ones (logged)")
+    p.add_argument("--spacing", type=float, nargs="+", metavar="MM", help="output voxel size (x y z or one value)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "int16"))
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    """Score a checkpoint under named protocols (see x2ct_framework.evaluate)."""
+    from .evaluate import main as evaluate_main
+
+    return evaluate_main(args)
+
+
+def predict(args: argparse.Namespace) -> int:
+    """Reconstruct CT volumes from X-ray images (see x2ct_framework.predict)."""
+    from .predict import main as predict_main
+
+    return predict_main(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="x2ct", description="x2ct-framework: CT from X-ray views")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -57,6 +116,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("recipe")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(fn=validate)
+    p = sub.add_parser("evaluate", help="score a checkpoint on a dataset split under named metric protocols")
+    add_evaluate_arguments(p)
+    p.set_defaults(fn=evaluate)
+    p = sub.add_parser("predict", help="X-ray images -> CT volume (NIfTI, HU) with a trained checkpoint")
+    add_predict_arguments(p)
+    p.set_defaults(fn=predict)
     p = sub.add_parser("plugins", help="list registered components and where they came from")
     p.add_argument("--recipe", help="also load the plugins this recipe names")
     p.set_defaults(fn=plugins)

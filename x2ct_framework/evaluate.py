@@ -1,0 +1,440 @@
+"""Score a checkpoint on a dataset split under named protocols.
+
+``x2ct evaluate CHECKPOINT_OR_RUN_FOLDER [--recipe R] [--split test] [--protocol default x2ctgan]``
+writes, into ``<run>/eval/<stage>-<split>/`` (or ``--out``):
+
+- ``per_case.csv``: one row per case, one column per ``<protocol>/<metric>``;
+- ``summary.json``: per protocol its conventions, notes, and per metric mean, std, 95% bootstrap
+  interval and the number of cases that counted;
+- ``summary.md``: the same as markdown tables, with the worst cases' slice pictures (``worst/*.png``).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from .build import build_dataset, build_model, data_options, load_recipe_plugins, stages
+from .checkpoint import STATE, WEIGHTS, load_into
+from .errors import CheckpointError, DataError, RecipeError
+from .protocols import Protocol, build_protocol
+from .recipe import Recipe, load_recipe
+from .stage import Stage
+
+DEFAULT_HU_WINDOW = (-1000.0, 3000.0)
+
+
+# ---- finding the checkpoint, recipe and stage -------------------------------------------------
+@dataclass
+class Target:
+    """What to evaluate: a recipe, one of its stages, and the checkpoint folder of that stage."""
+
+    recipe: Recipe
+    stage: Stage
+    checkpoint: Path
+    run_dir: Path | None
+
+
+def _is_checkpoint(path: Path) -> bool:
+    return (path / WEIGHTS).is_file()
+
+
+def _stage_named(recipe: Recipe, name: str, where: str) -> Stage:
+    all_stages = stages(recipe)
+    for s in all_stages:
+        if s.name == name:
+            return s
+    raise RecipeError([f"{where}: stage {name!r} is not in recipe {recipe.path} "
+                       f"(its stages: {', '.join(s.name for s in all_stages)})"])
+
+
+def resolve_target(path: str | Path, recipe_path: str | Path | None = None, overrides: list[str] = (),
+                   stage: str | None = None, which: str = "best") -> Target:
+    """Find the recipe, stage and checkpoint folder from a checkpoint folder or a run folder.
+
+    A run folder (``runs/<name>``, holding ``recipe.toml``) evaluates ``<stage>/<which>`` of its last
+    stage that has one (or ``stage``). A checkpoint folder (holding ``model.safetensors``) takes its
+    stage from ``state.json`` or its parent folder's name, and its recipe from ``--recipe`` or the run
+    folder above it.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint or run folder")
+    if path.is_file():
+        if path.name == WEIGHTS:
+            path = path.parent
+        else:
+            raise CheckpointError(f"{path}: expected a checkpoint folder (holding {WEIGHTS}) or a run folder "
+                                  f"(holding recipe.toml), got a file")
+    run_dir: Path | None
+    ckpt: Path | None = None
+    stage_name = stage
+    if _is_checkpoint(path):
+        ckpt = path
+        run_dir = path.parent.parent if (path.parent.parent / "recipe.toml").is_file() else None
+        if stage_name is None:
+            try:
+                stage_name = json.loads((path / STATE).read_text()).get("stage")
+            except (OSError, json.JSONDecodeError):
+                stage_name = None
+            stage_name = stage_name or path.parent.name
+    elif (path / "recipe.toml").is_file():
+        run_dir = path
+    else:
+        raise CheckpointError(f"{path}: neither a checkpoint folder (no {WEIGHTS}) nor a run folder (no recipe.toml)")
+    if recipe_path is None:
+        if run_dir is None:
+            raise RecipeError([f"{path}: the checkpoint is not inside a run folder with recipe.toml; "
+                               f"pass the recipe that built it with --recipe"])
+        recipe_path = run_dir / "recipe.toml"
+    recipe = load_recipe(recipe_path, list(overrides))
+    load_recipe_plugins(recipe)
+    all_stages = stages(recipe)
+    if ckpt is None:
+        assert run_dir is not None
+        if stage_name is not None:
+            chosen = _stage_named(recipe, stage_name, "--stage")
+        else:
+            done = [s for s in all_stages if _is_checkpoint(run_dir / s.name / which)]
+            if not done:
+                raise CheckpointError(f"{run_dir}: no stage has a {which!r} checkpoint yet "
+                                      f"(looked for {run_dir}/<stage>/{which}/{WEIGHTS})")
+            chosen = done[-1]
+        ckpt = run_dir / chosen.name / which
+        if not _is_checkpoint(ckpt):
+            raise CheckpointError(f"{ckpt}: checkpoint not found ({WEIGHTS} missing); train stage {chosen.name} first")
+    else:
+        names = [s.name for s in all_stages]
+        chosen = _stage_named(recipe, stage_name, str(ckpt)) if stage_name in names or stage else all_stages[-1]
+    return Target(recipe, chosen, ckpt, run_dir)
+
+
+def hu_window_of(recipe: Recipe, stage: Stage) -> tuple[float, float]:
+    """The HU window that scales the stage's data to [0, 1] (the dataset default when unset)."""
+    hw = data_options(recipe, stage).get("hu_window", DEFAULT_HU_WINDOW)
+    return float(hw[0]), float(hw[1])
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise DataError(f"--device {device}: no CUDA device is visible on this machine (use --device cpu)")
+    try:
+        return torch.device(device)
+    except RuntimeError as exc:
+        raise DataError(f"--device {device!r}: not a device name (expected auto, cpu, cuda or cuda:N)") from exc
+
+
+def load_model(target: Target, device: torch.device) -> torch.nn.Module:
+    """The stage's model with the checkpoint's weights, in eval mode on ``device``."""
+    model = build_model(target.recipe, target.stage)
+    load_into(model, target.checkpoint, strict=True)
+    return model.to(device).eval()
+
+
+def _to(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, dict):
+        return {k: _to(v, device) for k, v in batch.items()}
+    return batch
+
+
+@torch.no_grad()
+def infer(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    """The model's volume for a batch, clipped to [0, 1] (the recipe's HU window)."""
+    return model(batch["xrays"], batch["geometry"]).float().clamp(0, 1)
+
+
+# ---- aggregation ------------------------------------------------------------------------------
+def aggregate(values: np.ndarray | list[float], n_boot: int = 1000, seed: int = 0) -> dict[str, float]:
+    """Mean, sample std and 95% percentile-bootstrap interval of the mean; NaN values are skipped."""
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    n = int(v.size)
+    if n == 0:
+        nan = float("nan")
+        return {"mean": nan, "std": nan, "ci_low": nan, "ci_high": nan, "n": 0}
+    mean = float(v.mean())
+    std = float(v.std(ddof=1)) if n > 1 else 0.0
+    if n > 1 and n_boot > 0:
+        rng = np.random.default_rng(seed)
+        means = v[rng.integers(0, n, size=(n_boot, n))].mean(1)
+        lo, hi = np.percentile(means, [2.5, 97.5])
+    else:
+        lo = hi = mean
+    return {"mean": mean, "std": std, "ci_low": float(lo), "ci_high": float(hi), "n": n}
+
+
+# ---- evaluation -------------------------------------------------------------------------------
+@dataclass
+class Evaluation:
+    """Per-case values and aggregates of one evaluation; ``keys`` are ``<protocol>/<metric>``.
+
+    ``kept`` holds, on the CPU, the volumes of the cases the pictures need (the first cases and the
+    worst ones): index -> ``{"case_id", "pred", "ct", "xrays", "labels"?, "spacing"?}``.
+    """
+
+    case_ids: list[str]
+    values: dict[str, np.ndarray]
+    summary: dict[str, dict[str, float]]
+    protocols: list[Protocol]
+    info: dict[str, Any] = field(default_factory=dict)
+    worst: list[dict[str, Any]] = field(default_factory=list)
+    files: dict[str, Path] = field(default_factory=dict)
+    kept: dict[int, dict[str, Any]] = field(default_factory=dict)
+
+    def protocol(self, name: str) -> Protocol:
+        return next(p for p in self.protocols if p.name == name)
+
+    def ranking_key(self) -> tuple[Protocol, str]:
+        return ranking(self.protocols)
+
+    def worst_indices(self, k: int) -> list[int]:
+        proto, metric = self.ranking_key()
+        bad = badness(self.values[proto.key(metric)], proto.higher_is_better(metric))
+        return [int(i) for i in np.argsort(-bad, kind="stable")[:k]]
+
+
+def ranking(protocols: list[Protocol]) -> tuple[Protocol, str]:
+    """The protocol and metric that rank cases (the default protocol's PSNR when present)."""
+    proto = next((p for p in protocols if p.name == "default"), protocols[0])
+    return proto, proto.primary
+
+
+def badness(values: np.ndarray, higher_is_better: bool) -> np.ndarray:
+    """Larger is worse; a case that could not be scored (NaN) is the worst."""
+    v = np.asarray(values, dtype=np.float64)
+    bad = -v if higher_is_better else v.copy()
+    bad[~np.isfinite(bad)] = np.inf
+    return bad
+
+
+def _case_record(batch: dict, pred: torch.Tensor, i: int, case_id: str) -> dict[str, Any]:
+    rec = {"case_id": case_id, "pred": pred[i].detach().cpu(), "ct": batch["ct"][i].detach().float().cpu(),
+           "xrays": batch["xrays"][i].detach().float().cpu()}
+    for k in ("labels", "spacing"):
+        if isinstance(batch.get(k), torch.Tensor):
+            rec[k] = batch[k][i].detach().cpu()
+    return rec
+
+
+def evaluate(target: Target, split: str = "test", protocols: list[str] = ("default", "x2ctgan"), *,
+             batch_size: int = 0, device: str | torch.device = "auto", max_cases: int = 0, n_boot: int = 1000,
+             worst: int = 3, keep_first: int = 0, out_dir: str | Path | None = None, progress: bool = True,
+             lpips: str = "auto") -> Evaluation:
+    """Run the checkpoint over ``split`` once and score every case under each protocol.
+
+    The volumes of the ``worst`` worst cases and of the first ``keep_first`` cases stay in
+    ``Evaluation.kept`` for pictures; with ``out_dir`` the tables and the worst cases' slice pictures
+    are written there.
+    """
+    dev = device if isinstance(device, torch.device) else pick_device(device)
+    recipe, stage = target.recipe, target.stage
+    hu_window = hu_window_of(recipe, stage)
+    protos = []
+    for name in dict.fromkeys(protocols):
+        opts = {"lpips": {"auto": "auto", "on": True, "off": False}[lpips]} if name == "default" else {}
+        protos.append(build_protocol(name, hu_window, where="--protocol", **opts))
+    rank_proto, rank_metric = ranking(protos)
+    rank_key, rank_higher = rank_proto.key(rank_metric), rank_proto.higher_is_better(rank_metric)
+    dataset = build_dataset(recipe, stage, split)
+    n = len(dataset) if not max_cases else min(max_cases, len(dataset))
+    if n == 0:
+        raise DataError(f"split {split!r} of {recipe.path} has no cases to evaluate")
+    bs = batch_size or recipe["train"]["batch_size"]
+    loader = DataLoader(torch.utils.data.Subset(dataset, range(n)), batch_size=bs, shuffle=False,
+                        num_workers=recipe["train"]["num_workers"])
+    model = load_model(target, dev)
+    case_ids: list[str] = []
+    chunks: dict[str, list[torch.Tensor]] = {}
+    kept: dict[int, dict[str, Any]] = {}
+    worst_pool: list[tuple[float, int]] = []  # (badness, index) of the cases kept as worst
+    from tqdm.auto import tqdm
+
+    for batch in tqdm(loader, desc=f"evaluate {stage.name}/{split}", disable=not progress, dynamic_ncols=True):
+        if "ct" not in batch:
+            raise DataError(f"split {split!r} of dataset {recipe['data']['name']!r} has no target CT ('ct') to score against")
+        batch = _to(batch, dev)
+        pred = infer(model, batch)
+        target_ct = batch["ct"].float()
+        if pred.shape != target_ct.shape:
+            raise DataError(f"the model predicts {tuple(pred.shape[2:])} volumes but the {split} split's CT is "
+                            f"{tuple(target_ct.shape[2:])}; evaluate at the stage's resolution")
+        b, start = pred.shape[0], len(case_ids)
+        ids = batch.get("case_id")
+        case_ids += [str(c) for c in ids] if ids is not None else [f"case{start + i:04d}" for i in range(b)]
+        for proto in protos:
+            for key, v in proto(pred, target_ct, batch).items():
+                chunks.setdefault(key, []).append(v)
+        bad = badness(chunks[rank_key][-1].numpy(), rank_higher)
+        for i in range(b):
+            idx = start + i
+            keep = idx < keep_first
+            if worst:
+                worst_pool.append((float(bad[i]), idx))
+                worst_pool.sort(key=lambda t: (-t[0], t[1]))
+                dropped = worst_pool[worst:]
+                del worst_pool[worst:]
+                for _, j in dropped:
+                    if j >= keep_first:
+                        kept.pop(j, None)
+                keep = keep or any(j == idx for _, j in worst_pool)
+            if keep:
+                kept[idx] = _case_record(batch, pred, i, case_ids[idx])
+    values = {k: torch.cat(v).numpy() for k, v in chunks.items()}
+    summary = {k: aggregate(v, n_boot, seed=recipe["seed"]) for k, v in values.items()}
+    info = {"recipe": str(recipe.path), "name": recipe.name, "stage": stage.name, "resolution": stage.resolution,
+            "checkpoint": str(target.checkpoint), "split": split, "cases": len(case_ids), "hu_window": list(hu_window),
+            "device": str(dev), "bootstrap": n_boot}
+    ev = Evaluation(case_ids, values, summary, protos, info, kept=kept)
+    if out_dir is not None:
+        if worst:
+            save_worst(ev, Path(out_dir) / "worst", worst)
+        write_outputs(ev, out_dir)
+    return ev
+
+
+def save_worst(ev: Evaluation, folder: Path, k: int) -> list[dict[str, Any]]:
+    """Slice pictures (prediction, target, error; axial/coronal/sagittal) of the ``k`` worst cases."""
+    from .viz import save_preview
+
+    proto, metric = ev.ranking_key()
+    key = proto.key(metric)
+    ev.worst = []
+    for rank, i in enumerate(ev.worst_indices(k)):
+        rec = ev.kept.get(i)
+        if rec is None:
+            continue
+        cid = ev.case_ids[i]
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(cid))
+        path = folder / f"{rank + 1:02d}_{safe}.png"
+        v = ev.values[key][i]
+        save_preview(path, rec["pred"], rec["ct"], xrays=rec["xrays"],
+                     title=f"worst #{rank + 1}: {cid}, {key} {v:.2f} {proto.unit(metric)}".strip())
+        ev.worst.append({"rank": rank + 1, "case_id": cid, "index": i, key: float(v), "picture": str(path)})
+    return ev.worst
+
+
+# ---- writing ----------------------------------------------------------------------------------
+def _fmt(v: float, digits: int = 4) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "n/a"
+    return f"{v:.{digits}g}" if abs(v) < 1000 else f"{v:.1f}"
+
+
+def summary_json(ev: Evaluation) -> dict[str, Any]:
+    out: dict[str, Any] = {"info": ev.info, "protocols": {}, "worst_cases": ev.worst}
+    for proto in ev.protocols:
+        metrics = {}
+        for m in proto.metrics:
+            s = ev.summary[proto.key(m)]
+            metrics[m] = {"key": proto.key(m), **s, "ci95": [s["ci_low"], s["ci_high"]], "unit": proto.unit(m),
+                          "higher_is_better": proto.higher_is_better(m), "group": proto.groups.get(m, "global")}
+        out["protocols"][proto.name] = {"conventions": proto.conventions, "notes": proto.notes, "metrics": metrics}
+    return out
+
+
+def write_outputs(ev: Evaluation, out_dir: str | Path) -> dict[str, Path]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    keys = list(ev.values)
+    with (out / "per_case.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["case_id", *keys])
+        for i, cid in enumerate(ev.case_ids):
+            w.writerow([cid, *[("" if not np.isfinite(ev.values[k][i]) else f"{ev.values[k][i]:.6g}") for k in keys]])
+    (out / "summary.json").write_text(json.dumps(summary_json(ev), indent=2))
+    (out / "summary.md").write_text(markdown(ev, out))
+    ev.files = {"per_case": out / "per_case.csv", "summary_json": out / "summary.json", "summary_md": out / "summary.md"}
+    return ev.files
+
+
+def metric_table(ev: Evaluation, proto: Protocol, groups: tuple[str, ...] | None = None) -> str:
+    """Markdown table of one protocol's aggregates; every metric is named ``<protocol>/<metric>``."""
+    lines = ["| metric | mean | std | 95% CI | n | unit |", "|---|---|---|---|---|---|"]
+    for m in proto.metrics:
+        if groups is not None and proto.groups.get(m, "global") not in groups:
+            continue
+        s = ev.summary[proto.key(m)]
+        arrow = "higher is better" if proto.higher_is_better(m) else "lower is better"
+        lines.append(f"| `{proto.key(m)}` | {_fmt(s['mean'])} | {_fmt(s['std'])} | "
+                     f"[{_fmt(s['ci_low'])}, {_fmt(s['ci_high'])}] | {s['n']} | {proto.unit(m) or '-'} ({arrow}) |")
+    return "\n".join(lines)
+
+
+def structure_table(ev: Evaluation, proto: Protocol) -> str:
+    """Per-structure scores as one row per structure (PSNR, MAE, Dice means with n)."""
+    rows = []
+    for s in ("lung", "bone", "vessel"):
+        cells = []
+        for kind in ("psnr", "mae", "dice"):
+            key = f"{s}_{kind}"
+            if key not in proto.metrics:
+                cells.append("-")
+                continue
+            st = ev.summary[proto.key(key)]
+            cells.append(f"{_fmt(st['mean'])} ± {_fmt(st['std'], 2)} (n={st['n']})")
+        rows.append(f"| {s} | " + " | ".join(cells) + " |")
+    if not rows:
+        return ""
+    head = (f"| structure | `{proto.name}/*_psnr` dB | `{proto.name}/*_mae` HU | `{proto.name}/*_dice` |\n"
+            "|---|---|---|---|")
+    return head + "\n" + "\n".join(rows)
+
+
+def markdown(ev: Evaluation, out_dir: Path | None = None) -> str:
+    i = ev.info
+    lines = [f"# Evaluation: {i.get('name', '')} {i.get('stage', '')} on the {i.get('split', '')} split", "",
+             f"- checkpoint: `{i.get('checkpoint')}`", f"- recipe: `{i.get('recipe')}`",
+             f"- cases: {i.get('cases')}, resolution {i.get('resolution')}^3, HU window {i.get('hu_window')}",
+             f"- aggregate: mean over cases, sample std, 95% percentile bootstrap interval of the mean "
+             f"({i.get('bootstrap')} resamples); n counts the cases where the metric is defined", ""]
+    for proto in ev.protocols:
+        lines += [f"## Protocol `{proto.name}`", "", metric_table(ev, proto, ("global", "landmark")), ""]
+        st = structure_table(ev, proto) if any(g == "structure" for g in proto.groups.values()) else ""
+        if st:
+            lines += ["Per-structure scores (labels when the data has them, else HU thresholds):", "", st, ""]
+        lines += ["Conventions:", ""] + [f"- {c}" for c in proto.conventions] + [""]
+        if proto.notes:
+            lines += ["Notes:", ""] + [f"- {n}" for n in proto.notes] + [""]
+    if ev.worst:
+        proto, metric = ev.ranking_key()
+        lines += [f"## Worst cases by `{proto.key(metric)}`", ""]
+        for w in ev.worst:
+            pic = Path(w["picture"])
+            rel = pic.relative_to(out_dir) if out_dir is not None and pic.is_relative_to(out_dir) else pic
+            lines += [f"{w['rank']}. {w['case_id']}: {_fmt(w[proto.key(metric)])} {proto.unit(metric)}", "",
+                      f"   ![{w['case_id']}]({rel.as_posix()})", ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def default_out_dir(target: Target, split: str) -> Path:
+    base = target.run_dir if target.run_dir is not None else target.checkpoint
+    suffix = "" if target.checkpoint.name == "best" else f"-{target.checkpoint.name}"
+    return base / "eval" / f"{target.stage.name}{suffix}-{split}"
+
+
+# ---- command line -----------------------------------------------------------------------------
+def main(args) -> int:
+    target = resolve_target(args.checkpoint, args.recipe, args.overrides, args.stage, args.which)
+    out = Path(args.out) if args.out else default_out_dir(target, args.split)
+    ev = evaluate(target, args.split, args.protocols, batch_size=args.batch_size, device=args.device,
+                  max_cases=args.max_cases, n_boot=args.bootstrap, worst=args.worst, out_dir=out,
+                  progress=args.progress, lpips=args.lpips)
+    for proto in ev.protocols:
+        for note in proto.notes:
+            print(f"note ({proto.name}): {note}")
+        print(f"\nprotocol {proto.name}:")
+        print(metric_table(ev, proto))
+    print(f"\n{ev.info['cases']} cases; results in {out}")
+    return 0

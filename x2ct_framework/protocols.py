@@ -1,0 +1,257 @@
+"""Named metric protocols: every convention that changes a number, fixed under one name.
+
+A published number is comparable only with numbers computed the same way (intensity range, peak,
+2D or 3D, window). A protocol fixes all of it; every number the framework reports is keyed
+``<protocol>/<metric>`` so it always says which one it used.
+
+- ``default``: this framework's protocol (see ``DEFAULT_CONVENTIONS``).
+- ``x2ctgan``: X2CT-GAN's published evaluation code (kylekma/X2CT, ``3DGAN/test.py`` with
+  ``lib/utils/metrics_np.py``), reproduced step by step (see ``X2CTGAN_CONVENTIONS``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import PluginError, RecipeError, did_you_mean
+from .metrics import (DEFAULT_HU_WINDOW, LABELS, LPIPS, MAE, PSNR, RMSE, SSIM, LandmarkDistance, Metric,
+                      StructureMetric, _check_pair, psnr_slices)
+from .ssim import ssim as _ssim
+
+DEFAULT_CONVENTIONS = [
+    "intensity: the recipe's HU window (default [-1000, 3000] HU) scaled to [0, 1]; the prediction is "
+    "clipped to the window",
+    "psnr: 3D, over the whole volume, peak = window width (data range 1 on the [0, 1] scale)",
+    "psnr_slices: PSNR of every 2D slice, averaged over the slices of each axis, then over the three axes",
+    "ssim: 3D, Gaussian window of 11 taps with sigma 1.5, valid region, data range 1",
+    "ssim2d: 2D per slice with the same window, averaged over slices and the three axes",
+    "mae_hu, rmse_hu: in HU over the whole volume",
+    "lpips: AlexNet LPIPS on 8 evenly spaced slices per axis (2.5D), slices repeated to RGB on [-1, 1] "
+    "and upsampled to at least 64 pixels; only when the trunk's ImageNet weights are on the machine",
+    "lung/bone/vessel_psnr and _mae: inside the reference region (labels 2/3/4, else HU thresholds "
+    "lung [-1000, -400), bone [400, inf), vessel [150, 400) inside the body); _dice: HU-thresholded "
+    "prediction vs the reference region",
+    "landmark_mm: mean distance between centroids of left lung, right lung, bone and vessel",
+    "aggregate: mean over cases (NaN cases skipped, n reported), sample std, 95% percentile bootstrap "
+    "interval of the mean",
+]
+
+X2CTGAN_HU_OFFSET = 1024.0  # LIDC volumes stored as HU + 1024
+X2CTGAN_CT_RANGE = (0.0, 2500.0)  # CT_MIN_MAX of 3DGAN/experiment/multiview2500/*.yml
+X2CTGAN_PEAK = 4095.0  # PIXEL_MAX in 3DGAN/test.py
+
+X2CTGAN_CONVENTIONS = [
+    "intensity: HU + 1024 clipped to [0, 2500] and divided by 2500 (CT_MIN_MAX = [0, 2500]); the "
+    "prediction clipped to [0, 1]",
+    "mae0, mse0, cosine: on the [0, 1] scale, per case, in float64",
+    "ssim: scikit-image SSIM of every 2D slice (uniform 7x7 window, sample covariance, data range 1), "
+    "averaged over the slices of each axis, then over the three axes",
+    "psnr (their PSNR-avg): both volumes multiplied by 2500 and truncated to integers, PSNR of every 2D "
+    "slice with a peak of 4095 (a slice with zero error scores 100 dB), averaged over slices and the three axes",
+    "psnr_3d: the same integers, one PSNR over the whole volume with a peak of 4095",
+    "mae, mse: on the integer [0, 2500] scale",
+    "a case whose cosine similarity is NaN or above 1 is left out of every x2ctgan number, as test.py does",
+]
+
+
+# ---- X2CT-GAN's metrics -----------------------------------------------------------------------
+def to_x2ctgan01(x01: torch.Tensor, hu_window: Sequence[float], hu_offset: float = X2CTGAN_HU_OFFSET,
+                 ct_range: Sequence[float] = X2CTGAN_CT_RANGE) -> torch.Tensor:
+    """[0, 1] of ``hu_window`` -> X2CT-GAN's [0, 1] (HU + offset clipped to ``ct_range``), float32 [B, D, H, W]."""
+    lo, hi = float(hu_window[0]), float(hu_window[1])
+    hu = x01.double() * (hi - lo) + lo
+    a, b = float(ct_range[0]), float(ct_range[1])
+    v = ((hu + hu_offset).clamp(a, b) - a) / (b - a)
+    return v.reshape(v.shape[0], *v.shape[-3:]).float()
+
+
+def x2ctgan_integers(v01: torch.Tensor, ct_range: Sequence[float] = X2CTGAN_CT_RANGE) -> torch.Tensor:
+    """``tensor_back_to_unMinMax(v, 0, 2500).astype(np.int32)``: float32 product, then truncation."""
+    a, b = float(ct_range[0]), float(ct_range[1])
+    return torch.trunc(v01.float() * (b - a) + a).to(torch.int64).double()
+
+
+X2CTGAN_KINDS = {
+    # kind: (higher_is_better, unit, doc)
+    "mae0": (False, "", "MAE on [0, 1]"),
+    "mse0": (False, "", "MSE on [0, 1]"),
+    "cosine": (True, "", "cosine similarity on [0, 1]"),
+    "ssim": (True, "", "2D slice SSIM averaged over three axes"),
+    "psnr": (True, "dB", "2D slice PSNR on integers [0, 2500], peak 4095, averaged over three axes"),
+    "psnr_3d": (True, "dB", "3D PSNR on integers [0, 2500], peak 4095"),
+    "mae": (False, "", "MAE on integers [0, 2500]"),
+    "mse": (False, "", "MSE on integers [0, 2500]"),
+}
+
+
+class X2CTGANMetric(Metric):
+    """One of X2CT-GAN's evaluation numbers (``kind``), computed as its ``3DGAN/test.py`` does."""
+
+    def __init__(self, hu_window: Sequence[float] = DEFAULT_HU_WINDOW, kind: str = "psnr",
+                 hu_offset: float = X2CTGAN_HU_OFFSET, ct_range: list[float] = X2CTGAN_CT_RANGE,
+                 peak: float = X2CTGAN_PEAK):
+        super().__init__(hu_window)
+        if kind not in X2CTGAN_KINDS:
+            raise ValueError(f"kind must be one of {', '.join(X2CTGAN_KINDS)}, got {kind!r}")
+        self.kind, self.hu_offset, self.ct_range, self.peak = kind, float(hu_offset), tuple(ct_range), float(peak)
+        self.higher_is_better, self.unit, _ = X2CTGAN_KINDS[kind]
+
+    def __call__(self, pred, target, batch=None):
+        _check_pair(pred, target)
+        with torch.no_grad():
+            return self.compute(pred.detach(), target.detach(), batch or {})
+
+    def compute(self, pred, target, batch):
+        real = to_x2ctgan01(target, self.hu_window, self.hu_offset, self.ct_range)
+        gen = to_x2ctgan01(pred, self.hu_window, self.hu_offset, self.ct_range).clamp(0, 1)
+        k = self.kind
+        if k in ("mae0", "mse0", "cosine"):
+            r, g = real.double().flatten(1), gen.double().flatten(1)
+            if k == "mae0":
+                return (r - g).abs().mean(1)
+            if k == "mse0":
+                return ((r - g) ** 2).mean(1)
+            return (r * g).sum(1) / (g.norm(dim=1) * r.norm(dim=1))
+        if k == "ssim":
+            return _ssim(real.double()[:, None], gen.double()[:, None], data_range=1.0, mode="2d", win_size=7,
+                         window="uniform", sample_covariance=True)
+        ri, gi = x2ctgan_integers(real, self.ct_range), x2ctgan_integers(gen, self.ct_range)
+        if k == "psnr":
+            return psnr_slices(ri, gi, self.peak, zero_mse_value=100.0)
+        se = ((ri - gi) ** 2).flatten(1)
+        if k == "psnr_3d":
+            mse = se.mean(1)
+            val = 20.0 * torch.log10(self.peak / torch.sqrt(mse.clamp_min(1e-10)))
+            return torch.where(mse == 0, torch.full_like(val, 100.0), val)
+        if k == "mae":
+            return (ri - gi).abs().flatten(1).mean(1)
+        return se.mean(1)
+
+
+def _x2ctgan_factory(kind: str):
+    def factory(hu_window: Sequence[float] = DEFAULT_HU_WINDOW, hu_offset: float = X2CTGAN_HU_OFFSET,
+                ct_range: list[float] = X2CTGAN_CT_RANGE, peak: float = X2CTGAN_PEAK):
+        return X2CTGANMetric(hu_window, kind, hu_offset, ct_range, peak)
+
+    factory.__name__ = f"x2ctgan_{kind}"
+    factory.__doc__ = f"X2CT-GAN protocol: {X2CTGAN_KINDS[kind][2]}."
+    return factory
+
+
+X2CTGAN_METRICS = {f"x2ctgan_{k}": _x2ctgan_factory(k) for k in X2CTGAN_KINDS}
+
+
+# ---- protocols --------------------------------------------------------------------------------
+@dataclass
+class Protocol:
+    """A named set of metrics with fixed conventions.
+
+    ``metrics`` maps the metric's short name to a callable ``(pred, target, batch) -> [B]``;
+    ``groups`` names the report section of each ("global", "structure", "landmark");
+    ``primary`` is the metric that ranks cases (worst first); ``notes`` records what was left out
+    and why (for example LPIPS without its weights); ``exclude`` marks cases the protocol drops.
+    """
+
+    name: str
+    conventions: list[str]
+    metrics: dict[str, Callable]
+    groups: dict[str, str]
+    primary: str
+    notes: list[str] = field(default_factory=list)
+    exclude: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None = None
+
+    def key(self, metric: str) -> str:
+        return f"{self.name}/{metric}"
+
+    def higher_is_better(self, metric: str) -> bool:
+        return getattr(self.metrics[metric], "higher_is_better", True)
+
+    def unit(self, metric: str) -> str:
+        return getattr(self.metrics[metric], "unit", "")
+
+    def __call__(self, pred: torch.Tensor, target: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
+        """``{"<protocol>/<metric>": [B] float64 on the CPU}``; excluded cases are NaN."""
+        out = {m: fn(pred, target, batch).detach().double().cpu() for m, fn in self.metrics.items()}
+        if self.exclude is not None:
+            drop = self.exclude(out)
+            out = {m: torch.where(drop, torch.full_like(v, float("nan")), v) for m, v in out.items()}
+        return {self.key(m): v for m, v in out.items()}
+
+
+def _default(hu_window: Sequence[float], lpips: str | bool = "auto", structures: bool = True) -> Protocol:
+    metrics: dict[str, Callable] = {
+        "psnr": PSNR(hu_window),
+        "psnr_slices": PSNR(hu_window, slices=True),
+        "ssim": SSIM(hu_window, mode="3d"),
+        "ssim2d": SSIM(hu_window, mode="2d"),
+        "mae_hu": MAE(hu_window),
+        "rmse_hu": RMSE(hu_window),
+    }
+    groups = dict.fromkeys(metrics, "global")
+    notes: list[str] = []
+    if lpips:
+        try:
+            metrics["lpips"] = LPIPS(hu_window)
+            groups["lpips"] = "global"
+        except PluginError as exc:
+            if lpips != "auto":
+                raise
+            notes.append(f"lpips left out: {exc}")
+    if structures:
+        for s in LABELS:
+            for kind in ("psnr", "mae", "dice"):
+                metrics[f"{s}_{kind}"] = StructureMetric(hu_window, structure=s, kind=kind)
+                groups[f"{s}_{kind}"] = "structure"
+        metrics["landmark_mm"] = LandmarkDistance(hu_window)
+        groups["landmark_mm"] = "landmark"
+    return Protocol("default", DEFAULT_CONVENTIONS, metrics, groups, primary="psnr", notes=notes)
+
+
+def _x2ctgan(hu_window: Sequence[float]) -> Protocol:
+    metrics = {k: X2CTGANMetric(hu_window, k) for k in X2CTGAN_KINDS}
+    notes = []
+    lo, hi = float(hu_window[0]), float(hu_window[1])
+    a, b = X2CTGAN_CT_RANGE
+    if lo > -1000.0 or hi < b - X2CTGAN_HU_OFFSET:
+        notes.append(f"the recipe's HU window [{lo:g}, {hi:g}] does not cover X2CT-GAN's range "
+                     f"[{a - X2CTGAN_HU_OFFSET:g}, {b - X2CTGAN_HU_OFFSET:g}] HU; values outside it were lost "
+                     f"before scoring, so these numbers are not directly comparable")
+    elif lo > a - X2CTGAN_HU_OFFSET:
+        notes.append(f"the recipe's window starts at {lo:g} HU, so air below it scores as {lo:g} HU "
+                     f"({lo + X2CTGAN_HU_OFFSET:g} on X2CT-GAN's [0, 2500] scale) in both volumes")
+
+    def exclude(values: dict[str, torch.Tensor]) -> torch.Tensor:
+        c = values["cosine"]
+        return torch.isnan(c) | (c > 1)
+
+    return Protocol("x2ctgan", X2CTGAN_CONVENTIONS, metrics, dict.fromkeys(metrics, "global"), primary="psnr",
+                    notes=notes, exclude=exclude)
+
+
+PROTOCOLS: dict[str, Callable[..., Protocol]] = {"default": _default, "x2ctgan": _x2ctgan}
+PROTOCOL_NAMES = tuple(PROTOCOLS)
+
+
+def check_names(names: Sequence[str]) -> str | None:
+    """The recipe check of ``eval.protocols``: a problem sentence, or None."""
+    bad = [n for n in names if n not in PROTOCOLS]
+    if not bad:
+        return None
+    hint = did_you_mean(bad[0], PROTOCOLS)
+    return f"unknown protocol(s) {', '.join(map(repr, bad))}{hint}; expected some of {', '.join(PROTOCOLS)}"
+
+
+def build_protocol(name: str, hu_window: Sequence[float] = DEFAULT_HU_WINDOW, *, where: str = "protocol",
+                   **options) -> Protocol:
+    """Build protocol ``name`` for data scaled from ``hu_window``; an unknown name lists the known ones."""
+    if name not in PROTOCOLS:
+        raise RecipeError([f'{where}: unknown protocol "{name}"{did_you_mean(name, PROTOCOLS)} '
+                           f"(available: {', '.join(PROTOCOLS)})"])
+    return PROTOCOLS[name](tuple(float(v) for v in hu_window), **options)
+
+
+__all__ = ["Protocol", "PROTOCOLS", "PROTOCOL_NAMES", "build_protocol", "X2CTGANMetric", "X2CTGAN_METRICS",
+           "to_x2ctgan01", "x2ctgan_integers", "DEFAULT_CONVENTIONS", "X2CTGAN_CONVENTIONS"]

@@ -1,0 +1,354 @@
+"""The run report: ``runs/<name>/report.md`` with its pictures, written when a run ends.
+
+A built-in plugin (entry point ``report``) implementing ``on_run_end``. The report holds the recipe
+summary, per-stage training curves, the final model's metrics under every protocol of
+``eval.protocols`` (scored on ``eval.split`` by ``x2ct_framework.evaluate``), per-structure scores, a
+slice gallery, structure overlays and the worst cases, as markdown plus PNG files, readable without
+any other tool. ``eval.report = false`` turns it off. It reads everything from the run folder, so
+``python -m x2ct_framework.report runs/<name>`` writes it again for a finished run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from .errors import X2CTError  # noqa: E402
+from .hookspecs import hookimpl  # noqa: E402
+
+REPORT = "report.md"
+PICTURES = "report"
+DPI = 72
+
+
+# ---- reading the run folder -------------------------------------------------------------------
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            line = line.strip()
+            if line:
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue  # a line cut by a crash
+    return rows
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# ---- pictures ---------------------------------------------------------------------------------
+def plot_curves(rows: list[dict[str, Any]], path: Path, title: str) -> Path | None:
+    """Training terms against optimizer step (left) and validation metrics against epoch (right)."""
+    train = [r for r in rows if any(k.startswith("train/") for k in r)]
+    val = [r for r in rows if any(k.startswith("val/") for k in r)]
+    if not train and not val:
+        return None
+    val_keys = sorted({k for r in val for k in r if k.startswith("val/") and _finite(r[k])})
+    ncols = 1 + max(1, len(val_keys)) if val_keys else 1
+    fig, axes = plt.subplots(1, ncols, figsize=(3.4 * ncols, 2.8), squeeze=False)
+    ax = axes[0, 0]
+    train_keys = sorted({k for r in train for k in r if k.startswith("train/") and _finite(r[k])})
+    for k in train_keys:
+        pts = [(r["step"], r[k]) for r in train if _finite(r.get(k)) and "step" in r]
+        if pts:
+            x, y = zip(*pts)
+            ax.plot(x, y, label=k.removeprefix("train/"), lw=1)
+    ax.set_xlabel("optimizer step")
+    ax.set_title("training loss", fontsize=9)
+    if train_keys and all(r[k] > 0 for r in train for k in train_keys if _finite(r.get(k))):
+        ax.set_yscale("log")
+    if train_keys:
+        ax.legend(fontsize=7)
+    for j, k in enumerate(val_keys):
+        ax = axes[0, 1 + j]
+        pts = [(r["epoch"] + 1, r[k]) for r in val if _finite(r.get(k)) and "epoch" in r]
+        if pts:
+            x, y = zip(*pts)
+            ax.plot(x, y, marker="o", ms=3, lw=1)
+        ax.set_xlabel("epoch")
+        ax.set_title(k, fontsize=9)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
+def _planes(vol: np.ndarray) -> list[np.ndarray]:
+    d, h, w = vol.shape
+    return [vol[d // 2], vol[:, h // 2, :], vol[:, :, w // 2]]
+
+
+def plot_gallery(cases: list[tuple[str, torch.Tensor, torch.Tensor]], hu_window, path: Path) -> Path:
+    """Rows per case: target, prediction and |error| (HU); columns: axial, coronal, sagittal."""
+    lo, hi = hu_window
+    disp = (max(lo, -1000.0), min(hi, 1500.0))  # a readable display window
+    n = len(cases)
+    fig, axes = plt.subplots(3 * n, 3, figsize=(7.2, 2.4 * 3 * n), squeeze=False)
+    for c, (cid, pred, target) in enumerate(cases):
+        p = (pred.reshape(pred.shape[-3:]).float().cpu().numpy() * (hi - lo) + lo)
+        t = (target.reshape(target.shape[-3:]).float().cpu().numpy() * (hi - lo) + lo)
+        rows = [("target", _planes(t), dict(cmap="gray", vmin=disp[0], vmax=disp[1])),
+                ("prediction", _planes(p), dict(cmap="gray", vmin=disp[0], vmax=disp[1])),
+                ("|error| HU", _planes(np.abs(p - t)), dict(cmap="magma", vmin=0, vmax=500))]
+        for r, (label, sl, kw) in enumerate(rows):
+            for j, plane in enumerate(("axial", "coronal", "sagittal")):
+                ax = axes[3 * c + r, j]
+                im = ax.imshow(sl[j], **kw)
+                ax.set_title(f"{cid}: {label}, {plane}", fontsize=7)
+                ax.axis("off")
+            fig.colorbar(im, ax=axes[3 * c + r, 2], fraction=0.046, pad=0.04)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
+def plot_structures(cid: str, pred: torch.Tensor, target: torch.Tensor, batch: dict, hu_window, path: Path) -> Path:
+    """Per structure (rows) and plane (columns): the target with its reference region (green) and the
+    prediction's thresholded structure (red) outlined."""
+    from .metrics import LABELS, structure_masks, to_hu
+
+    lo, hi = hu_window
+    p, t = to_hu(pred[None].cpu(), hu_window), to_hu(target[None].cpu(), hu_window)
+    b = {k: (v[None].cpu() if isinstance(v, torch.Tensor) else v) for k, v in batch.items() if k in ("labels", "spacing")}
+    disp = (max(lo, -1000.0), min(hi, 1500.0))
+    tv = t.reshape(t.shape[-3:]).numpy()
+    fig, axes = plt.subplots(len(LABELS), 3, figsize=(7.2, 2.5 * len(LABELS)), squeeze=False)
+    for r, s in enumerate(LABELS):
+        pm, ref = structure_masks(p, t, b, s)
+        pm, ref = pm.reshape(tv.shape).numpy(), ref.reshape(tv.shape).numpy()
+        d, h, w = tv.shape
+        # show the slice through the reference region's centre of mass where it has one
+        if ref.any():
+            cz, cy, cx = (int(round(float(np.mean(ix)))) for ix in np.nonzero(ref))
+        else:
+            cz, cy, cx = d // 2, h // 2, w // 2
+        sl = [(tv[cz], ref[cz], pm[cz]), (tv[:, cy], ref[:, cy], pm[:, cy]), (tv[:, :, cx], ref[:, :, cx], pm[:, :, cx])]
+        for j, (img, rm, prm) in enumerate(sl):
+            ax = axes[r, j]
+            ax.imshow(img, cmap="gray", vmin=disp[0], vmax=disp[1])
+            if rm.any():
+                ax.contour(rm.astype(float), levels=[0.5], colors="lime", linewidths=0.8)
+            if prm.any():
+                ax.contour(prm.astype(float), levels=[0.5], colors="red", linewidths=0.8)
+            ax.set_title(f"{s}, {('axial', 'coronal', 'sagittal')[j]}", fontsize=7)
+            ax.axis("off")
+    fig.suptitle(f"{cid}: reference (green) vs predicted (red) structures", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
+# ---- the report -------------------------------------------------------------------------------
+def _rel(path: Path, base: Path) -> str:
+    try:
+        return Path(path).resolve().relative_to(base.resolve()).as_posix()
+    except ValueError:
+        return Path(path).as_posix()
+
+
+def _fmt(v: Any) -> str:
+    if _finite(v):
+        return f"{v:.4g}"
+    return "n/a" if v is None or isinstance(v, float) else str(v)
+
+
+def recipe_summary(recipe) -> list[str]:
+    data, model, train = recipe["data"], recipe["model"], recipe["train"]
+    opts = lambda t: ", ".join(f"{k} = {v!r}" for k, v in t.items() if k != "name") or "defaults"  # noqa: E731
+    lines = ["## Recipe", "", f"- recipe: `{recipe.path}`"]
+    if recipe.get("description"):
+        lines.append(f"- description: {recipe['description']}")
+    lines += [f"- seed: {recipe['seed']}",
+              f"- data: `{data['name']}` ({opts(data)})",
+              f"- model: `{model['name']}` ({opts(model)})",
+              f"- train: batch size {train['batch_size']} x grad accum {train['grad_accum']}, mixed precision "
+              f"{train['mixed_precision']}, start stage {train['start_stage']}"
+              + (f", init from `{train['init_from']}`" if train.get("init_from") else ""), "",
+              "| stage | resolution | epochs | lr -> min_lr | losses | select best |", "|---|---|---|---|---|---|"]
+    for i, s in enumerate(recipe["stages"]):
+        losses = ", ".join(f"{k} x{v.get('weight', 1.0):g}" if isinstance(v, dict) else f"{k} x{v:g}"
+                           for k, v in s.get("losses", {}).items()) or "-"
+        lines.append(f"| {s.get('name') or f'stage{i + 1}'} | {s['resolution']}^3 | {s['epochs']} | "
+                     f"{s.get('lr', 0):g} -> {s.get('min_lr', 0):g} | {losses} | `{s.get('select_best', '')}` |")
+    return lines + [""]
+
+
+def write_report(run_dir: str | Path, recipe=None, results: dict | None = None, *, device: str | torch.device = "auto",
+                 evaluate_final: bool = True) -> Path:
+    """Write ``run_dir/report.md`` and its pictures from what the run folder holds."""
+    from .build import load_recipe_plugins, stages
+    from .recipe import load_recipe
+
+    run_dir = Path(run_dir)
+    if recipe is None:
+        recipe = load_recipe(run_dir / "recipe.toml")
+        load_recipe_plugins(recipe)
+    pics = run_dir / PICTURES
+    pics.mkdir(parents=True, exist_ok=True)
+    ev_cfg = recipe["eval"]
+    lines = [f"# Run report: {recipe.name}", "",
+             f"Written {time.strftime('%Y-%m-%d %H:%M:%S')} from `{run_dir}`. Every metric is named "
+             f"`<protocol>/<metric>`; the protocols' conventions are listed under each table.", ""]
+    env_path = run_dir / "environment.json"
+    if env_path.is_file():
+        try:
+            env = json.loads(env_path.read_text())
+            lines += [f"Environment: x2ct-framework {env.get('x2ct_framework')}, torch {env.get('torch')}, python "
+                      f"{env.get('python')}, {env.get('processes')} process(es) on {env.get('device')}, "
+                      f"mixed precision {env.get('mixed_precision')}.", ""]
+        except json.JSONDecodeError:
+            pass
+    lines += recipe_summary(recipe)
+
+    # per-stage curves and results
+    all_stages = stages(recipe)
+    lines += ["## Training", ""]
+    trained = []
+    for stage in all_stages:
+        sdir = run_dir / stage.name
+        rows = read_jsonl(sdir / "metrics.jsonl")
+        if not rows and not (sdir / "best").is_dir():
+            lines += [f"### {stage.name}", "", "Not trained in this run folder.", ""]
+            continue
+        trained.append(stage)
+        lines += [f"### {stage.name} ({stage.resolution}^3)", ""]
+        curve = plot_curves(rows, pics / f"{stage.name}_curves.png", f"{stage.name}: {stage.resolution}^3")
+        if curve is not None:
+            lines += [f"![{stage.name} curves]({_rel(curve, run_dir)})", ""]
+        final = (results or {}).get(stage.name) or next(
+            ({k: v for k, v in r.items() if k.startswith("val/")} for r in reversed(rows)
+             if any(k.startswith("val/") for k in r)), {})
+        best_state = sdir / "best" / "state.json"
+        best = {}
+        if best_state.is_file():
+            try:
+                best = json.loads(best_state.read_text())
+            except json.JSONDecodeError:
+                best = {}
+        if final:
+            lines += ["| validation metric (last epoch) | value |", "|---|---|"]
+            lines += [f"| `{k}` | {_fmt(v)} |" for k, v in final.items()] + [""]
+        if best:
+            sel = stage.options.get("select_best", "")
+            lines += [f"Best checkpoint: epoch {best.get('epoch')}, `{sel}` = "
+                      f"{_fmt(best.get('metrics', {}).get(sel))} (`{_rel(sdir / 'best', run_dir)}`).", ""]
+        previews = sorted((sdir / "previews").glob("*.png")) if (sdir / "previews").is_dir() else []
+        if previews:
+            lines += [f"Last validation preview: ![{stage.name} preview]({_rel(previews[-1], run_dir)})", ""]
+
+    # final evaluation
+    if evaluate_final and trained:
+        lines += final_evaluation(run_dir, recipe, trained[-1], pics, device)
+    (run_dir / REPORT).write_text("\n".join(lines).rstrip() + "\n")
+    return run_dir / REPORT
+
+
+def final_evaluation(run_dir: Path, recipe, stage, pics: Path, device) -> list[str]:
+    """Score the last trained stage's best checkpoint and draw its gallery; problems become notes."""
+    from . import evaluate as ev_mod
+
+    cfg = recipe["eval"]
+    split = cfg["split"]
+    ckpt = run_dir / stage.name / "best"
+    lines = [f"## Final metrics: {stage.name} best checkpoint on the {split} split", ""]
+    if not (ckpt / "model.safetensors").is_file():
+        return lines + [f"No best checkpoint at `{ckpt}`; nothing to score.", ""]
+    target = ev_mod.Target(recipe, stage, ckpt, run_dir)
+    out = ev_mod.default_out_dir(target, split)
+    try:
+        ev = ev_mod.evaluate(target, split, cfg["protocols"], device=device, max_cases=cfg["max_cases"],
+                             n_boot=cfg["bootstrap"], worst=cfg["worst_cases"], keep_first=cfg["gallery"],
+                             out_dir=out, progress=False, lpips=cfg["lpips"])
+    except (X2CTError, ValueError) as exc:
+        print(f"report: the final evaluation failed: {exc}", file=sys.stderr)
+        return lines + [f"The final evaluation failed: {exc}", ""]
+    lines += [f"{ev.info['cases']} cases, HU window {ev.info['hu_window']}; per-case values in "
+              f"[{_rel(ev.files['per_case'], run_dir)}]({_rel(ev.files['per_case'], run_dir)}), aggregates in "
+              f"[{_rel(ev.files['summary_json'], run_dir)}]({_rel(ev.files['summary_json'], run_dir)}). "
+              f"Mean, sample std and 95% bootstrap interval over cases; n counts the cases where a metric is defined.",
+              ""]
+    for proto in ev.protocols:
+        lines += [f"### Protocol `{proto.name}`", "", ev_mod.metric_table(ev, proto, ("global", "landmark")), ""]
+        if any(g == "structure" for g in proto.groups.values()):
+            lines += ["Per-structure scores:", "", ev_mod.structure_table(ev, proto), ""]
+        lines += ["<details><summary>conventions</summary>", ""] + [f"- {c}" for c in proto.conventions]
+        lines += ["", "</details>", ""]
+        for note in proto.notes:
+            lines += [f"Note: {note}", ""]
+
+    # gallery and structure overlays of the first cases (kept by the evaluation)
+    first = [ev.kept[i] for i in sorted(ev.kept) if i < cfg["gallery"]]
+    if first:
+        hw = ev.info["hu_window"]
+        gal = plot_gallery([(r["case_id"], r["pred"], r["ct"]) for r in first], hw, pics / "gallery.png")
+        lines += ["## Slice gallery", "", f"Central slices of the first {len(first)} {split} case(s), in HU "
+                  f"(display window clipped to [-1000, 1500]).", "", f"![gallery]({_rel(gal, run_dir)})", ""]
+        r = first[0]
+        st = plot_structures(r["case_id"], r["pred"], r["ct"], r, hw, pics / "structures.png")
+        lines += ["## Structures", "", "Reference regions (labels, else HU thresholds) in green, the prediction's "
+                  "HU-thresholded structures in red, through each region's centre.", "",
+                  f"![structures]({_rel(st, run_dir)})", ""]
+    if ev.worst:
+        proto, metric = ev.ranking_key()
+        lines += [f"## Worst cases by `{proto.key(metric)}`", ""]
+        for w in ev.worst:
+            lines += [f"{w['rank']}. {w['case_id']}: {_fmt(w[proto.key(metric)])} {proto.unit(metric)}", "",
+                      f"   ![{w['case_id']}]({_rel(Path(w['picture']), run_dir)})", ""]
+    return lines
+
+
+@hookimpl(trylast=True)
+def on_run_end(trainer, results):
+    """Write runs/<name>/report.md after the last stage (main process only)."""
+    recipe = trainer.recipe
+    if not recipe["eval"]["report"]:
+        return
+    device = getattr(getattr(trainer, "accelerator", None), "device", "auto")
+    path = write_report(trainer.run_dir, recipe, results, device=device)
+    if hasattr(trainer, "print"):
+        trainer.print(f"report: {path.resolve()}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from .run import report_errors
+
+    p = argparse.ArgumentParser(prog="python -m x2ct_framework.report", description="write runs/<name>/report.md again")
+    p.add_argument("run_dir")
+    p.add_argument("--device", default="auto")
+    args = p.parse_args(argv)
+
+    def go(a):
+        if not (Path(a.run_dir) / "recipe.toml").is_file():
+            from .errors import DataError
+
+            raise DataError(f"{a.run_dir}: not a run folder (no recipe.toml)")
+        print(write_report(a.run_dir, device=a.device))
+        return 0
+
+    return report_errors(go, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
