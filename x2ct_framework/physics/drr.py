@@ -1,11 +1,24 @@
-"""Differentiable parallel-beam projector and its back-projection (grid_sample based)."""
+"""Differentiable, batched DRR projector (parallel and cone beam) and its back-projection.
+
+The projector is slab based (Joseph's method): the volume is cut into slices perpendicular to the
+volume axis closest to each view's central ray; every detector ray crosses every slice once, so a
+view is the sum over slices of a 2D bilinear resampling of each slice (one ``grid_sample`` call for
+all slices), times the ray's path length through one slice. Before projecting, the volume is
+area-averaged down to the detector's footprint at the isocentre (``prefilter``): a detector pixel
+integrates over that footprint, and averaging first removes aliasing and most of the work.
+"""
 
 from __future__ import annotations
 
-import math
+from collections import OrderedDict
+from collections.abc import Mapping
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
+
+from .geometry import batched, magnification, view_frames
 
 MU_WATER = 0.02  # linear attenuation of water per mm at about 60 keV
 
@@ -15,61 +28,255 @@ def hu_to_mu(hu: torch.Tensor, mu_water: float = MU_WATER) -> torch.Tensor:
     return torch.clamp(mu_water * (1.0 + hu / 1000.0), min=0.0)
 
 
-def _rotation_grid(angle_deg: torch.Tensor, shape: tuple[int, int, int], device, dtype) -> torch.Tensor:
-    """Sampling grid that rotates a [D, H, W] volume about z so the view's rays run along +H."""
-    d, h, w = shape
-    th = angle_deg * math.pi / 180.0
-    c, s = torch.cos(th), torch.sin(th)
-    zs = torch.linspace(-1 + 1 / d, 1 - 1 / d, d, device=device, dtype=dtype)
-    ys = torch.linspace(-1 + 1 / h, 1 - 1 / h, h, device=device, dtype=dtype)
-    xs = torch.linspace(-1 + 1 / w, 1 - 1 / w, w, device=device, dtype=dtype)
-    z, t, u = torch.meshgrid(zs, ys, xs, indexing="ij")  # t: along the ray, u: detector column
-    # world point = u * (cos, -sin) + t * (sin, cos)
-    x = u[None] * c[:, None, None, None] + t[None] * s[:, None, None, None]
-    y = -u[None] * s[:, None, None, None] + t[None] * c[:, None, None, None]
-    return torch.stack([x, y, z[None].expand_as(x)], dim=-1)
+def _det_shape(g: Mapping[str, torch.Tensor], det_shape) -> tuple[int, int]:
+    if det_shape is None:
+        rows, cols = g["detector_px"][0, 0].tolist()
+        return int(rows), int(cols)
+    if isinstance(det_shape, int):
+        return det_shape, det_shape
+    return int(det_shape[0]), int(det_shape[1])
 
 
-def project(mu: torch.Tensor, geometry: dict[str, torch.Tensor], det_shape: tuple[int, int] | None = None) -> torch.Tensor:
-    """Line integrals of ``mu`` [B, 1, D, H, W] (per mm) for every view: [B, V, 1, h, w]."""
-    b, _, d, h, w = mu.shape
-    angles = geometry["angles"].to(mu.device, mu.dtype)
-    v = angles.shape[1]
-    grid = _rotation_grid(angles.reshape(-1), (d, h, w), mu.device, mu.dtype)  # [B*V, D, H, W, 3]
-    vol = mu.repeat_interleave(v, dim=0)
-    rot = F.grid_sample(vol, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    step_mm = geometry["volume_mm"].to(mu.device, mu.dtype)[..., 1].reshape(-1, 1, 1, 1) / h
-    img = rot.sum(dim=3) * step_mm  # [B*V, 1, D, W]
-    if det_shape is not None and tuple(img.shape[-2:]) != tuple(det_shape):
-        img = F.interpolate(img, size=det_shape, mode="bilinear", align_corners=False)
-    return img.reshape(b, v, 1, *img.shape[-2:])
+def _prefilter(mu: torch.Tensor, g: Mapping[str, torch.Tensor], det_shape: tuple[int, int], vox: torch.Tensor,
+               oversample: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Area-average ``mu`` to the smallest detector footprint at the isocentre; returns (mu, voxel mm, centre mm)."""
+    mag = magnification(g)
+    foot_u = float((g["detector_mm"][..., 0] / det_shape[1] / mag).min()) / oversample
+    foot_v = float((g["detector_mm"][..., 1] / det_shape[0] / mag).min()) / oversample
+    sx, sy, sz = vox.tolist()
+    k = [max(1, int(foot_v / sz + 1e-6)), max(1, int(foot_u / sy + 1e-6)), max(1, int(foot_u / sx + 1e-6))]
+    if k == [1, 1, 1]:
+        return mu, vox, torch.zeros(3, dtype=vox.dtype)
+    # ceil_mode averages a partial last window over its valid voxels; rescaling that window by
+    # valid / k makes it the average of the volume padded with air, without copying the volume.
+    pooled = F.avg_pool3d(mu, kernel_size=k, stride=k, ceil_mode=True)
+    centre = torch.zeros(3, dtype=vox.dtype)
+    scale = None
+    for axis, (n, kk) in enumerate(zip(mu.shape[-3:], k)):
+        r = n % kk
+        if r:
+            centre[2 - axis] = (kk - r) / 2 * vox[2 - axis]  # (x, y, z) order; the pad sits at the high end
+            wgt = torch.ones(pooled.shape[2 + axis], device=mu.device, dtype=mu.dtype)
+            wgt[-1] = r / kk
+            wgt = wgt.view([-1 if i == axis else 1 for i in range(3)])
+            scale = wgt if scale is None else scale * wgt
+    if scale is not None:
+        pooled = pooled * scale
+    return pooled, vox * torch.tensor([k[2], k[1], k[0]], dtype=vox.dtype), centre
 
 
-def backproject(images: torch.Tensor, geometry: dict[str, torch.Tensor], grid_shape: tuple[int, int, int]) -> torch.Tensor:
-    """Smear each view's image [B, V, C, h, w] back along its rays into [B, V, C, *grid_shape]."""
-    b, v, c, _, _ = images.shape
-    d, h, w = grid_shape
-    angles = geometry["angles"].to(images.device, images.dtype).reshape(-1)
-    th = angles * math.pi / 180.0
-    zs = torch.linspace(-1 + 1 / d, 1 - 1 / d, d, device=images.device, dtype=images.dtype)
-    ys = torch.linspace(-1 + 1 / h, 1 - 1 / h, h, device=images.device, dtype=images.dtype)
-    xs = torch.linspace(-1 + 1 / w, 1 - 1 / w, w, device=images.device, dtype=images.dtype)
-    z, y, x = torch.meshgrid(zs, ys, xs, indexing="ij")
-    u = x[None] * torch.cos(th)[:, None, None, None] - y[None] * torch.sin(th)[:, None, None, None]
-    grid = torch.stack([u, z[None].expand_as(u)], dim=-1).reshape(b * v, d, h * w, 2)
-    out = F.grid_sample(images.reshape(b * v, c, *images.shape[-2:]), grid, mode="bilinear",
+def _rays(g: Mapping[str, torch.Tensor], det_shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per detector pixel a point on its ray and the ray's direction: ``[B, V, h, w, 3]`` each."""
+    h, w = det_shape
+    fr = view_frames(g)
+    dev, dt = g["angles"].device, g["angles"].dtype
+    cu = (torch.arange(w, device=dev, dtype=dt) + 0.5 - w / 2) * (g["detector_mm"][..., 0:1] / w)  # [B, V, w]
+    rv = (torch.arange(h, device=dev, dtype=dt) + 0.5 - h / 2) * (g["detector_mm"][..., 1:2] / h)  # [B, V, h]
+    pix = (fr["center"][:, :, None, None, :] + cu[:, :, None, :, None] * fr["u"][:, :, None, None, :]
+           + rv[:, :, :, None, None] * fr["v"][:, :, None, None, :])
+    cone = (g["cone"] > 0.5)[:, :, None, None, None]
+    src = fr["source"][:, :, None, None, :].expand_as(pix)
+    origin = torch.where(cone, src, pix)
+    direction = torch.where(cone, pix - src, fr["ray"][:, :, None, None, :].expand_as(pix))
+    return origin, direction
+
+
+class _Group(NamedTuple):
+    """Views of a projection plan that share one slicing axis (0: slices normal to x, 1: normal to y)."""
+
+    axis: int
+    views: list[int]
+    grid_a: torch.Tensor  # [B, n, h, w, 2]: normalised slice coordinates = grid_a + s * grid_k
+    grid_k: torch.Tensor
+    weight: torch.Tensor  # [B, n, 1, h, w]: path length of each ray through one slice
+    s: torch.Tensor  # [T] slice positions in mm
+
+
+_PLANS: OrderedDict = OrderedDict()
+_PLAN_CACHE_SIZE = 16
+
+
+def _plan(g: Mapping[str, torch.Tensor], det_shape: tuple[int, int], shape: tuple[int, int, int],
+          vox: torch.Tensor, centre: torch.Tensor) -> list[_Group] | None:
+    """Per-ray slice coordinates for every view, cached like an FFT plan (geometry rarely changes).
+
+    Returns None when cases of the batch slice their views along different axes.
+    """
+    dev, dt = g["angles"].device, g["angles"].dtype
+    key = (tuple((k, tuple(t.shape), tuple(t.flatten().tolist())) for k, t in sorted(g.items())), det_shape, shape,
+           tuple(vox.tolist()), tuple(centre.tolist()), str(dev), dt)
+    if key in _PLANS:
+        _PLANS.move_to_end(key)
+        return _PLANS[key]
+    d, hh, ww = shape
+    ray = view_frames(g)["ray"]
+    axis = (ray[..., 1].abs() >= ray[..., 0].abs()).long()  # [B, V]
+    if not bool((axis == axis[:1]).all()):
+        return None
+    origin, direction = _rays(g, det_shape)
+    ext = vox * torch.tensor([ww, hh, d], dtype=vox.dtype)
+    groups = []
+    for a in (0, 1):
+        views = axis[0].eq(a).nonzero().flatten().tolist()
+        if not views:
+            continue
+        other = 1 - a
+        org, dirn = origin[:, views], direction[:, views]
+        ra = dirn[..., a]
+        k = torch.stack([dirn[..., other], dirn[..., 2]], -1) / ra[..., None]
+        a0 = torch.stack([org[..., other], org[..., 2]], -1) - org[..., a:a + 1] * k
+        half = torch.tensor([float(ext[other]) / 2, float(ext[2]) / 2], device=dev, dtype=dt)
+        ctr = torch.tensor([float(centre[other]), float(centre[2])], device=dev, dtype=dt)
+        weight = (float(vox[a]) * dirn.norm(dim=-1) / ra.abs())[:, :, None]
+        t_count = ww if a == 0 else hh
+        s = (torch.arange(t_count, device=dev, dtype=dt) + 0.5 - t_count / 2) * float(vox[a]) + float(centre[a])
+        groups.append(_Group(a, views, (a0 - ctr) / half, k / half, weight, s))
+    _PLANS[key] = groups
+    while len(_PLANS) > _PLAN_CACHE_SIZE:
+        _PLANS.popitem(last=False)
+    return groups
+
+
+def _project_group(mu: torch.Tensor, grp: _Group, chunk_elems: int) -> torch.Tensor:
+    """Project ``mu`` [B, C, D, H, W] for one group of views: ``[B, n, C, h, w]``."""
+    b, c = mu.shape[:2]
+    _, n, h, w, _ = grp.grid_a.shape
+    if grp.axis == 0:
+        slabs = rearrange(mu, "b c d h w -> (b w) c d h").contiguous()
+    else:
+        slabs = rearrange(mu, "b c d h w -> (b h) c d w").contiguous()
+    t_count = grp.s.shape[0]
+    chunk = max(1, min(t_count, chunk_elems // max(1, b * n * h * w * 2)))
+    total = None
+    for t0 in range(0, t_count, chunk):
+        st = grp.s[t0:t0 + chunk]
+        t = st.shape[0]
+        grid = torch.addcmul(grp.grid_a[:, None], st[None, :, None, None, None, None], grp.grid_k[:, None])
+        grid = grid.view(b * t, n * h, w, 2)
+        if chunk == t_count:
+            part = slabs
+        else:
+            part = slabs.view(b, t_count, *slabs.shape[1:])[:, t0:t0 + t].reshape(b * t, *slabs.shape[1:])
+        res = F.grid_sample(part, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        res = res.view(b, t, c, n, h, w).sum(1)
+        total = res if total is None else total + res
+    return rearrange(total, "b c n h w -> b n c h w") * grp.weight
+
+
+def project(mu: torch.Tensor, geometry: Mapping[str, torch.Tensor], det_shape: tuple[int, int] | int | None = None,
+            *, prefilter: bool = True, oversample: float = 1.0, chunk_elems: int = 1 << 24) -> torch.Tensor:
+    """Line integrals of ``mu`` ``[B, C, D, H, W]`` (per mm) for every view: ``[B, V, C, h, w]``.
+
+    ``det_shape`` is the detector's (rows, columns); by default the geometry's ``detector_px``.
+    ``prefilter`` area-averages the volume to the detector footprint (``oversample`` > 1 keeps a
+    finer sampling). Differentiable in ``mu``.
+    """
+    if mu.dim() != 5:
+        raise ValueError(f"project expects a volume [B, C, D, H, W], got shape {tuple(mu.shape)}")
+    b, c = mu.shape[:2]
+    g = batched(geometry, b, mu.device, mu.dtype)
+    det_shape = _det_shape(g, det_shape)
+    vol_mm = g["volume_mm"]
+    kw = {"prefilter": prefilter, "oversample": oversample, "chunk_elems": chunk_elems}
+    per_case = b > 1 and not torch.equal(vol_mm, vol_mm[:1].expand_as(vol_mm))
+    if not torch.equal(vol_mm, vol_mm[:, :1].expand_as(vol_mm)):
+        raise ValueError("all views of a case must share one volume_mm")
+    d, hh, ww = mu.shape[-3:]
+    vox = vol_mm[0, 0].detach().cpu().double() / torch.tensor([ww, hh, d], dtype=torch.float64)
+    centre = torch.zeros(3, dtype=torch.float64)
+    if not per_case and prefilter:
+        mu, vox, centre = _prefilter(mu, g, det_shape, vox, oversample)
+    plan = None if per_case else _plan(g, det_shape, tuple(mu.shape[-3:]), vox, centre)
+    if plan is None:
+        return torch.cat([project(mu[i:i + 1], {k: t[i:i + 1] for k, t in g.items()}, det_shape, **kw)
+                          for i in range(b)])
+    parts = [_project_group(mu, grp, chunk_elems) for grp in plan]
+    if len(parts) == 1:
+        return parts[0]
+    order = [v for grp in plan for v in grp.views]
+    inverse = torch.empty(len(order), dtype=torch.long)
+    inverse[torch.tensor(order)] = torch.arange(len(order))
+    return torch.cat(parts, 1)[:, inverse.to(mu.device)]
+
+
+def _backproject_voxel(images: torch.Tensor, g: Mapping[str, torch.Tensor], grid_shape) -> torch.Tensor:
+    b, v, c, h, w = images.shape
+    d, hh, ww = grid_shape
+    fr = view_frames(g)
+    dev, dt = images.device, images.dtype
+
+    def centres(n: int, axis: int) -> torch.Tensor:  # [B, V, n] voxel centres in mm
+        return ((torch.arange(n, device=dev, dtype=dt) + 0.5) / n - 0.5) * g["volume_mm"][..., axis:axis + 1]
+
+    px = centres(ww, 0)[:, :, None, None, :]
+    py = centres(hh, 1)[:, :, None, :, None]
+    pz = centres(d, 2)[:, :, :, None, None]
+    src = fr["source"]
+
+    def dot(vec: torch.Tensor) -> torch.Tensor:  # (p - source) . vec, [B, V, D, H, W]
+        e = vec[:, :, None, None, None, :]
+        s = src[:, :, None, None, None, :]
+        return (px - s[..., 0]) * e[..., 0] + (py - s[..., 1]) * e[..., 1] + (pz - s[..., 2]) * e[..., 2]
+
+    cone = (g["cone"] > 0.5)[:, :, None, None, None]
+    depth = dot(fr["ray"])
+    scale = torch.where(cone, g["sdd"][:, :, None, None, None] / depth.clamp_min(1e-3), torch.ones_like(depth))
+    base = src - fr["center"]
+    cu = (base * fr["u"]).sum(-1)[:, :, None, None, None] + scale * dot(fr["u"])
+    cv = (base * fr["v"]).sum(-1)[:, :, None, None, None] + scale * dot(fr["v"])
+    gu = cu / (g["detector_mm"][..., 0] / 2)[:, :, None, None, None]
+    gv = cv / (g["detector_mm"][..., 1] / 2)[:, :, None, None, None]
+    grid = rearrange(torch.stack([gu, gv], -1), "b v d h w two -> (b v) d (h w) two")
+    out = F.grid_sample(rearrange(images, "b v c h w -> (b v) c h w"), grid, mode="bilinear",
                         padding_mode="zeros", align_corners=False)
-    return out.reshape(b, v, c, d, h, w)
+    return rearrange(out, "(b v) c d (h w) -> b v c d h w", b=b, h=hh)
 
 
-def drr(ct01: torch.Tensor, geometry: dict[str, torch.Tensor], hu_window: tuple[float, float] = (-1000.0, 3000.0),
-        det_shape: tuple[int, int] | None = None, mu_water: float = MU_WATER, beer_lambert: bool = False,
-        max_path: float | None = None) -> torch.Tensor:
-    """DRR in [0, 1] from a CT in [0, 1] (after the HU window): [B, V, 1, h, w]."""
+def backproject(images: torch.Tensor, geometry: Mapping[str, torch.Tensor], grid_shape: tuple[int, int, int],
+                *, mode: str = "voxel") -> torch.Tensor:
+    """Spread each view's image ``[B, V, C, h, w]`` back along its rays: ``[B, V, C, *grid_shape]``.
+
+    ``mode="voxel"`` (default, for lifting 2D features into 3D) gives every voxel the bilinear
+    sample of the image where its centre projects. ``mode="adjoint"`` is the exact transpose of
+    ``project`` (without prefiltering), weighted by path lengths, for iterative reconstruction.
+    The grid spans the geometry's ``volume_mm``.
+    """
+    if images.dim() != 5:
+        raise ValueError(f"backproject expects images [B, V, C, h, w], got shape {tuple(images.shape)}")
+    b, v, c, h, w = images.shape
+    g = batched(geometry, b, images.device, images.dtype)
+    if g["angles"].shape[1] != v:
+        raise ValueError(f"images hold {v} views but the geometry has {g['angles'].shape[1]} views")
+    grid_shape = tuple(int(x) for x in grid_shape)
+    if mode == "voxel":
+        return _backproject_voxel(images, g, grid_shape)
+    if mode != "adjoint":
+        raise ValueError(f"mode must be 'voxel' or 'adjoint', got {mode!r}")
+    flat = {k: rearrange(t, "b v ... -> (b v) 1 ...") for k, t in g.items()}
+    with torch.enable_grad():
+        x = images.new_zeros(b * v, c, *grid_shape, requires_grad=True)
+        y = project(x, flat, (h, w), prefilter=False)
+        (grad,) = torch.autograd.grad(y, x, grad_outputs=rearrange(images, "b v c h w -> (b v) 1 c h w"),
+                                      create_graph=images.requires_grad)
+    return rearrange(grad, "(b v) c d h w -> b v c d h w", b=b)
+
+
+def drr(ct01: torch.Tensor, geometry: Mapping[str, torch.Tensor], hu_window: tuple[float, float] = (-1000.0, 3000.0),
+        det_shape: tuple[int, int] | int | None = None, mu_water: float = MU_WATER, beer_lambert: bool = False,
+        max_path: float | None = None, **project_options) -> torch.Tensor:
+    """DRR in [0, 1] from a CT in [0, 1] (after the HU window) ``[B, 1, D, H, W]``: ``[B, V, 1, h, w]``.
+
+    HU -> attenuation (``hu_to_mu``) -> line integral. Linear mode divides the line integral by
+    ``max_path`` (default: water across the volume's largest extent, ``mu_water * max(volume_mm)``)
+    and clips to [0, 1]; ``beer_lambert`` returns the absorbed fraction ``1 - exp(-line)``. Both
+    show attenuating structures bright.
+    """
     lo, hi = hu_window
     mu = hu_to_mu(ct01 * (hi - lo) + lo, mu_water)
-    line = project(mu, geometry, det_shape)
+    line = project(mu, geometry, det_shape, **project_options)
     if beer_lambert:
         return 1.0 - torch.exp(-line)
-    scale = max_path if max_path is not None else mu_water * 2.0 * float(geometry["volume_mm"].max())
-    return torch.clamp(line / scale, 0.0, 1.0)
+    if max_path is None:
+        vol = torch.as_tensor(geometry["volume_mm"])
+        max_path = mu_water * float(vol.max())
+    return torch.clamp(line / max_path, 0.0, 1.0)
