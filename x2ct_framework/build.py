@@ -142,7 +142,8 @@ class _Wrap(nn.Module):
 
 def build_metrics(recipe: Recipe) -> dict[str, Any]:
     reg = get_plugin_manager().registry("metric")
+    ctx = {"hu_window": recipe["data"]["hu_window"]} if "hu_window" in recipe["data"] else {}
     out = {}
     for i, name in enumerate(recipe["eval"]["metrics"]):
-        out[name] = reg.create(name, {}, where=recipe.where("eval", "metrics", i))
+        out[name] = reg.create(name, {}, where=recipe.where("eval", "metrics", i), context=ctx)
     return out

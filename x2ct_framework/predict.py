@@ -42,6 +42,9 @@ from .evaluate import Target, hu_window_of, load_model, pick_device, resolve_tar
 log = logging.getLogger("x2ct_framework.predict")
 
 GEOMETRY_FILES = ("geometry.toml", "geometry.json")
+# Beam geometry the model's back-projection depends on: another value is refused unless allowed.
+# Other keys (the field of view ``volume_mm``) only set the output spacing and are logged.
+STRICT_GEOMETRY = ("cone", "sid", "sdd", "detector_mm", "detector_offset_mm")
 
 
 def _image_suffixes() -> tuple[str, ...]:
@@ -268,16 +271,23 @@ def check_geometry(case: Case, geo: dict[str, torch.Tensor], training: Training,
         log.warning(case.notes[-1])
     if training.geometry is not None:
         for k, ref in training.geometry.items():
-            if k == "angles" or k not in geo:
-                continue
+            if k in ("angles", "detector_px") or k not in geo:
+                continue  # the image size is checked (and adapted) on the images themselves
             mine = torch.as_tensor(geo[k]).float()
-            if mine.shape != ref.shape or not torch.allclose(mine, ref.float(), rtol=1e-3, atol=1e-3):
-                msg = (f"case {case.case_id}: geometry {k} {mine.flatten()[:3].tolist()}... differs from training "
-                       f"{ref.float().flatten()[:3].tolist()}...")
-                if not allow_mismatch:
-                    raise DataError(msg + " (pass --allow-geometry-mismatch to use it anyway)")
-                case.notes.append(msg + "; used anyway (--allow-geometry-mismatch)")
-                log.warning(case.notes[-1])
+            if mine.shape == ref.shape and torch.allclose(mine, ref.float(), rtol=1e-3, atol=1e-3):
+                continue
+            msg = (f"case {case.case_id}: geometry {k} {_short(mine)} differs from the training geometry's "
+                   f"{_short(ref)}")
+            if k in STRICT_GEOMETRY and not allow_mismatch:
+                raise DataError(msg + " (use the geometry the model was trained with, e.g. --geometry recipe, or "
+                                "pass --allow-geometry-mismatch to use it anyway)")
+            case.notes.append(msg + ("; used anyway (--allow-geometry-mismatch)" if k in STRICT_GEOMETRY else ""))
+            log.warning(case.notes[-1])
+
+
+def _short(t: torch.Tensor) -> str:
+    vals = sorted(set(round(float(x), 3) for x in torch.as_tensor(t).flatten()))
+    return "/".join(f"{v:g}" for v in vals[:4]) + ("/..." if len(vals) > 4 else "")
 
 
 def prepare(case: Case, training: Training, resize: str, normalize: str,
@@ -301,6 +311,9 @@ def prepare(case: Case, training: Training, resize: str, normalize: str,
     if len(shapes) > 1:
         raise DataError(f"case {case.case_id}: the views have different sizes {sorted(shapes)}; "
                         f"give images of one size")
+    if "detector_px" in geo:  # the geometry describes the images as they reach the model
+        h, w = images[0].shape[-2:]
+        geo["detector_px"] = torch.tensor([[float(h), float(w)]] * len(images), dtype=geo["detector_px"].dtype)
     for n in case.notes:
         if "resized" in n or "padded" in n:
             log.info(n)

@@ -75,7 +75,7 @@ def plot_curves(rows: list[dict[str, Any]], path: Path, title: str) -> Path | No
         ax.legend(fontsize=7)
     for j, k in enumerate(val_keys):
         ax = axes[0, 1 + j]
-        pts = [(r["epoch"] + 1, r[k]) for r in val if _finite(r.get(k)) and "epoch" in r]
+        pts = [(r["epoch"], r[k]) for r in val if _finite(r.get(k)) and "epoch" in r]
         if pts:
             x, y = zip(*pts)
             ax.plot(x, y, marker="o", ms=3, lw=1)
@@ -99,7 +99,7 @@ def plot_gallery(cases: list[tuple[str, torch.Tensor, torch.Tensor]], hu_window,
     lo, hi = hu_window
     disp = (max(lo, -1000.0), min(hi, 1500.0))  # a readable display window
     n = len(cases)
-    fig, axes = plt.subplots(3 * n, 3, figsize=(7.2, 2.4 * 3 * n), squeeze=False)
+    fig, axes = plt.subplots(3 * n, 3, figsize=(7.6, 2.4 * 3 * n), squeeze=False, layout="constrained")
     for c, (cid, pred, target) in enumerate(cases):
         p = (pred.reshape(pred.shape[-3:]).float().cpu().numpy() * (hi - lo) + lo)
         t = (target.reshape(target.shape[-3:]).float().cpu().numpy() * (hi - lo) + lo)
@@ -112,8 +112,7 @@ def plot_gallery(cases: list[tuple[str, torch.Tensor, torch.Tensor]], hu_window,
                 im = ax.imshow(sl[j], **kw)
                 ax.set_title(f"{cid}: {label}, {plane}", fontsize=7)
                 ax.axis("off")
-            fig.colorbar(im, ax=axes[3 * c + r, 2], fraction=0.046, pad=0.04)
-    fig.tight_layout()
+            fig.colorbar(im, ax=axes[3 * c + r, :], shrink=0.9)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
@@ -232,7 +231,10 @@ def write_report(run_dir: str | Path, recipe=None, results: dict | None = None, 
             continue
         trained.append(stage)
         lines += [f"### {stage.name} ({stage.resolution}^3)", ""]
-        curve = plot_curves(rows, pics / f"{stage.name}_curves.png", f"{stage.name}: {stage.resolution}^3")
+        # the trainer draws the stage's curves from the same log; draw them here only when it did not
+        curve = sdir / "curves.png"
+        if not curve.is_file():
+            curve = plot_curves(rows, pics / f"{stage.name}_curves.png", f"{stage.name}: {stage.resolution}^3")
         if curve is not None:
             lines += [f"![{stage.name} curves]({_rel(curve, run_dir)})", ""]
         final = (results or {}).get(stage.name) or next(
