@@ -16,6 +16,7 @@ when present, otherwise from HU thresholds on the target inside the body (see ``
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -406,7 +407,9 @@ def load_lpips(net: str = "alex", backbone_path: str | None = None, random_backb
                 f"{file} is missing. Download {url} and place it at {lpips_trunk_file(net)} (torchvision's "
                 f"cache, TORCH_HOME), or pass its path as the lpips metric option backbone_path.")
         state = torch.load(file, map_location="cpu", weights_only=True)
-    model = lpips.LPIPS(net=net, pnet_rand=True, verbose=False)
+    with warnings.catch_warnings():  # torchvision's deprecation notes about lpips's pretrained= argument
+        warnings.simplefilter("ignore", UserWarning)
+        model = lpips.LPIPS(net=net, pnet_rand=True, verbose=False)
     if state is not None:
         own = {}
         for slice_name, part in model.net.named_children():
