@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from .build import build_dataset, build_model, data_options, load_recipe_plugins, stages
-from .checkpoint import STATE, WEIGHTS, load_into
+from .checkpoint import STATE, WEIGHTS, load_into, resolve
 from .errors import CheckpointError, DataError, RecipeError
 from .protocols import Protocol, build_protocol
 from .recipe import Recipe, load_recipe
@@ -44,7 +44,8 @@ class Target:
 
 
 def _is_checkpoint(path: Path) -> bool:
-    return (path / WEIGHTS).is_file()
+    """A checkpoint folder (or its ``.old`` copy left by a crash during the atomic replace)."""
+    return (resolve(path) / WEIGHTS).is_file()
 
 
 def _stage_named(recipe: Recipe, name: str, where: str) -> Stage:
@@ -78,7 +79,7 @@ def resolve_target(path: str | Path, recipe_path: str | Path | None = None, over
     ckpt: Path | None = None
     stage_name = stage
     if _is_checkpoint(path):
-        ckpt = path
+        path = ckpt = resolve(path)
         run_dir = path.parent.parent if (path.parent.parent / "recipe.toml").is_file() else None
         if stage_name is None:
             try:
@@ -108,7 +109,7 @@ def resolve_target(path: str | Path, recipe_path: str | Path | None = None, over
                 raise CheckpointError(f"{run_dir}: no stage has a {which!r} checkpoint yet "
                                       f"(looked for {run_dir}/<stage>/{which}/{WEIGHTS})")
             chosen = done[-1]
-        ckpt = run_dir / chosen.name / which
+        ckpt = resolve(run_dir / chosen.name / which)
         if not _is_checkpoint(ckpt):
             raise CheckpointError(f"{ckpt}: checkpoint not found ({WEIGHTS} missing); train stage {chosen.name} first")
     else:
@@ -118,8 +119,25 @@ def resolve_target(path: str | Path, recipe_path: str | Path | None = None, over
 
 
 def hu_window_of(recipe: Recipe, stage: Stage) -> tuple[float, float]:
-    """The HU window that scales the stage's data to [0, 1] (the dataset default when unset)."""
-    hw = data_options(recipe, stage).get("hu_window", DEFAULT_HU_WINDOW)
+    """The HU window that scales the stage's data to [0, 1]: the recipe's, else the dataset's default."""
+    opts = data_options(recipe, stage)
+    hw = opts.get("hu_window")
+    if hw is None:
+        import inspect
+
+        from .plugins import get_plugin_manager
+
+        reg = get_plugin_manager().registry("dataset")
+        if opts.get("name") in reg:
+            factory = reg.get(opts["name"]).factory
+            target = factory.__init__ if inspect.isclass(factory) else factory
+            try:
+                param = inspect.signature(target).parameters.get("hu_window")
+            except (TypeError, ValueError):
+                param = None
+            if param is not None and param.default is not inspect.Parameter.empty:
+                hw = param.default
+    hw = hw if hw is not None else DEFAULT_HU_WINDOW
     return float(hw[0]), float(hw[1])
 
 
