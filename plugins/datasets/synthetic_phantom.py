@@ -1,15 +1,123 @@
-"""``synthetic_phantom``: seeded chest-like phantoms with DRR views rendered by the projector."""
+"""``synthetic_phantom``: seeded CTPA-like chest phantoms with DRR views rendered by the projector.
+
+Case ``i`` of a split is the same patient on every call and at every stage resolution (the
+phantom is described in millimetres); train, val and test draw from disjoint seed ranges.
+"""
 
 from __future__ import annotations
+
+import random
 
 import torch
 from torch.utils.data import Dataset
 
 from x2ct_framework.hookspecs import hookimpl
-from x2ct_framework.physics import drr, make_geometry
+from x2ct_framework.phantom import chest_phantom
+from x2ct_framework.physics import MU_WATER
 from x2ct_framework.stage import Stage
+from x2ct_plugins.datasets._common import (DiskCache, case_geometry, check_common, check_split, drr_key,
+                                           hu_to_unit, render_views)
 
 SPLIT_OFFSET = {"train": 0, "val": 1_000_000, "test": 2_000_000}
+
+
+class SyntheticPhantomDataset(Dataset):
+    """Phantom CTs (``chest_phantom``) and their DRRs at ``views``.
+
+    Options: ``views`` (gantry angles, degrees), ``geometry`` (preset name or table), ``hu_window``,
+    ``num_train``/``num_val``/``num_test`` cases, ``seed``, ``image_size`` (0: the stage resolution),
+    ``volume_mm`` (field of view), ``render_resolution`` (render the DRRs from a finer phantom, the
+    target stays at the stage resolution; 0: the stage resolution), ``view_jitter`` (random angle
+    offsets in degrees drawn at every access, train split only), ``table``, ``noise_hu``,
+    ``mu_water``, ``beer_lambert``, ``cache_dir`` (phantoms and DRRs are written there once and read
+    back) and ``memory_cache_mb`` (finished cases kept in memory up to this size; 0 = off).
+    """
+
+    def __init__(self, *, split: str, stage: Stage, views: list[float] = (0.0, 90.0), geometry: str | dict = "parallel",
+                 hu_window: list[float] = (-1000.0, 3000.0), num_train: int = 16, num_val: int = 4,
+                 num_test: int = 4, seed: int = 0, image_size: int = 0, volume_mm: float = 320.0,
+                 render_resolution: int = 0, view_jitter: float = 0.0, table: bool = True, noise_hu: float = 8.0,
+                 mu_water: float = MU_WATER, beer_lambert: bool = False, cache_dir: str = "",
+                 memory_cache_mb: float = 512.0):
+        check_split(split)
+        check_common(views, hu_window, geometry)
+        self.split, self.stage = split, stage
+        self.views = [float(v) for v in views]
+        self.geometry_option = geometry
+        self.hu_window = (float(hu_window[0]), float(hu_window[1]))
+        self.size = {"train": num_train, "val": num_val, "test": num_test}[split]
+        if self.size < 1:
+            raise ValueError(f"num_{split} must be at least 1 for the {split} split")
+        if volume_mm <= 0:
+            raise ValueError(f"volume_mm must be positive, got {volume_mm}")
+        if render_resolution and render_resolution < stage.resolution:
+            raise ValueError(f"render_resolution ({render_resolution}) must be 0 or at least the stage resolution "
+                             f"({stage.resolution})")
+        self.seed = seed
+        self.image_size = image_size or stage.resolution
+        self.volume_mm = float(volume_mm)
+        self.render_resolution = render_resolution or stage.resolution
+        self.view_jitter = float(view_jitter) if split == "train" else 0.0
+        self.table, self.noise_hu = table, float(noise_hu)
+        self.mu_water, self.beer_lambert = float(mu_water), beer_lambert
+        self.cache_dir = cache_dir or None
+        self.cache = DiskCache(cache_dir)
+        self.memory_budget = float(memory_cache_mb) * 2**20
+        self.memory: dict[int, dict] = {}
+        self.memory_used = 0
+        case_geometry(self.views, geometry, self.volume_mm)  # fail early on a bad geometry
+
+    def __len__(self) -> int:
+        return self.size
+
+    def case_seed(self, i: int) -> int:
+        return self.seed * 7919 + SPLIT_OFFSET[self.split] + i
+
+    def phantom(self, i: int, resolution: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """HU volume and label map of case ``i`` (``[R, R, R]`` each)."""
+        return chest_phantom(resolution or self.stage.resolution, self.case_seed(i), volume_mm=self.volume_mm,
+                             table=self.table, noise_hu=self.noise_hu, cache_dir=self.cache_dir)
+
+    def __getitem__(self, i: int) -> dict:
+        if not 0 <= i < self.size:
+            raise IndexError(f"case {i} of a {self.size}-case {self.split} split")
+        item = self.memory.get(i)
+        if item is None:
+            item = self._make(i)
+            nbytes = sum(t.numel() * t.element_size() for t in item.values() if isinstance(t, torch.Tensor))
+            if self.memory_used + nbytes <= self.memory_budget:
+                self.memory[i] = item
+                self.memory_used += nbytes
+        item = dict(item)
+        if self.view_jitter:
+            geometry = case_geometry(self.views, self.geometry_option, self.volume_mm, self.view_jitter, random)
+            item["geometry"] = geometry
+            item["xrays"] = self._render(i, item["ct"], geometry)
+        return item
+
+    def _render(self, i: int, ct: torch.Tensor, geometry: dict) -> torch.Tensor:
+        source = ct
+        if self.render_resolution != self.stage.resolution:
+            fine, _ = self.phantom(i, self.render_resolution)
+            source = hu_to_unit(fine, self.hu_window)[None]
+        return render_views(source, geometry, self.hu_window, self.image_size, self.mu_water, self.beer_lambert)
+
+    def _make(self, i: int) -> dict:
+        r = self.stage.resolution
+        hu, labels = self.phantom(i)
+        ct = hu_to_unit(hu, self.hu_window)[None]
+        geometry = case_geometry(self.views, self.geometry_option, self.volume_mm)
+        key = drr_key(f"phantom-{self.case_seed(i)}-{self.table}-{self.noise_hu}-{self.volume_mm}", geometry,
+                      self.render_resolution, self.image_size, self.hu_window, self.mu_water, self.beer_lambert)
+        cached = self.cache.get("drr", key)
+        if cached is not None:
+            xrays = cached["xrays"]
+        else:
+            xrays = self._render(i, ct, geometry)
+            self.cache.put("drr", key, {"xrays": xrays})
+        spacing = torch.full((3,), self.volume_mm / r)
+        return {"xrays": xrays, "geometry": geometry, "ct": ct, "labels": labels[None], "spacing": spacing,
+                "case_id": f"phantom-{self.split}-{i:04d}"}
 
 
 def _ellipsoid(z, y, x, c, r):
@@ -17,7 +125,11 @@ def _ellipsoid(z, y, x, c, r):
 
 
 def phantom_hu(resolution: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A small chest phantom in HU [D, H, W] and its label map (0 air, 1 soft, 2 lung, 3 bone, 4 vessel)."""
+    """A piecewise-constant toy chest (HU [D, H, W], labels) with exactly one HU value per class.
+
+    Soft tissue 40, lung -850, bone 700, vessel 350: for tests that need known class values (metric
+    and loss checks). The realistic phantom is ``x2ct_framework.phantom.chest_phantom``.
+    """
     g = torch.Generator().manual_seed(seed)
     r = lambda lo, hi: float(lo + (hi - lo) * torch.rand((), generator=g))  # noqa: E731
     ax = torch.linspace(-1, 1, resolution)
@@ -34,44 +146,6 @@ def phantom_hu(resolution: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     aorta = ((y - 0.2) ** 2 + (x + 0.08) ** 2 <= r(0.04, 0.06) ** 2) & body
     hu[aorta], labels[aorta] = 350.0, 4
     return hu, labels
-
-
-class SyntheticPhantomDataset(Dataset):
-    """Phantom CTs and their DRRs at ``views``; case ``i`` of a split is the same on every call."""
-
-    def __init__(self, *, split: str, stage: Stage, views: list[float] = (0.0, 90.0), geometry: str = "parallel",
-                 hu_window: list[float] = (-1000.0, 3000.0), num_train: int = 16, num_val: int = 4,
-                 num_test: int = 4, seed: int = 0, image_size: int = 0, volume_mm: float = 320.0):
-        if split not in SPLIT_OFFSET:
-            raise ValueError(f"split must be one of {list(SPLIT_OFFSET)}, got {split!r}")
-        if len(views) < 1:
-            raise ValueError("views: expected at least one view angle")
-        self.split, self.stage = split, stage
-        self.views = [float(v) for v in views]
-        self.geometry_preset = geometry
-        self.hu_window = (float(hu_window[0]), float(hu_window[1]))
-        self.size = {"train": num_train, "val": num_val, "test": num_test}[split]
-        if self.size < 1:
-            raise ValueError(f"num_{split} must be at least 1 for the {split} split")
-        self.seed = seed
-        self.image_size = image_size or stage.resolution
-        self.volume_mm = volume_mm
-        make_geometry(self.views, geometry, volume_mm)  # fail early on a bad preset
-
-    def __len__(self) -> int:
-        return self.size
-
-    def __getitem__(self, i: int) -> dict:
-        case_seed = self.seed * 7919 + SPLIT_OFFSET[self.split] + i
-        hu, labels = phantom_hu(self.stage.resolution, case_seed)
-        lo, hi = self.hu_window
-        ct = ((hu.clamp(lo, hi) - lo) / (hi - lo))[None]
-        geometry = make_geometry(self.views, self.geometry_preset, self.volume_mm)
-        batched = {k: v[None] for k, v in geometry.items()}
-        xrays = drr(ct[None], batched, self.hu_window, det_shape=(self.image_size, self.image_size))[0]
-        spacing = torch.full((3,), self.volume_mm / self.stage.resolution)
-        return {"xrays": xrays, "geometry": geometry, "ct": ct, "labels": labels[None], "spacing": spacing,
-                "case_id": f"phantom-{self.split}-{i:04d}"}
 
 
 @hookimpl

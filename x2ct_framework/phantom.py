@@ -1,0 +1,553 @@
+"""A seeded, CTPA-like synthetic chest phantom at any resolution (the framework's embedded data).
+
+``chest_phantom(resolution, seed)`` returns a volume in HU and a label map in the canonical
+orientation (``x2ct_framework.io``: D superior -> inferior, H anterior -> posterior, W patient
+right -> left). Anatomy is described in millimetres and rendered with partial-volume edges, so the
+same seed gives the same patient at every resolution; only detail below the voxel size differs
+(vessel trees branch until their radius falls under half a voxel). Everything is vectorised torch:
+large structures are implicit surfaces evaluated on the grid, tubes (vessels, ribs, airways) are
+tapered capsules evaluated in their bounding boxes.
+
+What is in it: body outline with subcutaneous fat and muscle, lungs with parenchymal texture and
+diaphragm domes, heart with contrast-filled chambers and epicardial fat, aorta, venae cavae,
+pulmonary trunk and arteries that branch and taper down to the voxel size, pulmonary veins,
+trachea and main bronchi, thoracic vertebrae with discs and posterior elements, ribs with costal
+cartilage, sternum, clavicles, scapulae, liver, stomach with gas, and an optional scanner table.
+Per case: body size, fat, position, rotation, heart size and place, diaphragm height, contrast
+timing and vessel branching all vary.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+PHANTOM_VERSION = 1
+
+LABELS = {
+    0: "background",
+    1: "soft_tissue",
+    2: "lung",
+    3: "bone",
+    4: "vessel",
+    5: "heart",
+    6: "fat",
+    7: "air",  # air inside the body: trachea, bronchi, stomach gas
+    8: "table",
+}
+SOFT, LUNG, BONE, VESSEL, HEART, FAT, AIR, TABLE = 1, 2, 3, 4, 5, 6, 7, 8
+
+
+def _triple(v, name: str) -> tuple:
+    if isinstance(v, (int, float)):
+        return (v, v, v)
+    if len(v) != 3:
+        raise ValueError(f"{name}: expected one number or three (D, H, W), got {v!r}")
+    return tuple(v)
+
+
+class _Canvas:
+    """The HU volume, the label map and the patient coordinates of every voxel."""
+
+    def __init__(self, shape: tuple[int, int, int], volume_mm: tuple[float, float, float], rotation_deg: float,
+                 shift_mm: tuple[float, float, float]):
+        self.shape = shape
+        d, h, w = shape
+        self.size = volume_mm  # (x, y, z) mm
+        self.vox = (volume_mm[0] / w, volume_mm[1] / h, volume_mm[2] / d)
+        self.vmean = sum(self.vox) / 3
+        self.hu = torch.full(shape, -1000.0)
+        self.labels = torch.zeros(shape, dtype=torch.uint8)
+        self.wx = ((torch.arange(w) + 0.5) / w - 0.5) * volume_mm[0]  # world coordinates of voxel centres
+        self.wy = ((torch.arange(h) + 0.5) / h - 0.5) * volume_mm[1]
+        self.wz = ((torch.arange(d) + 0.5) / d - 0.5) * volume_mm[2]
+        th = math.radians(rotation_deg)
+        self.c, self.s = math.cos(th), math.sin(th)
+        self.shift = shift_mm
+
+    def coords(self, sl=(slice(None),) * 3):
+        """Patient coordinates (x [1, h, w], y [1, h, w], z [d, 1, 1]) of the voxels in a box."""
+        wx = self.wx[sl[2]][None, None, :] - self.shift[0]
+        wy = self.wy[sl[1]][None, :, None] - self.shift[1]
+        x = self.c * wx + self.s * wy
+        y = -self.s * wx + self.c * wy
+        z = (self.wz[sl[0]] - self.shift[2])[:, None, None]
+        return x, y, z
+
+    def world_point(self, p: Sequence[float]) -> tuple[float, float, float]:
+        """Patient -> world: a turn about z, then the shift."""
+        return (self.c * p[0] - self.s * p[1] + self.shift[0], self.s * p[0] + self.c * p[1] + self.shift[1],
+                p[2] + self.shift[2])
+
+    def box(self, lo: Sequence[float], hi: Sequence[float]):
+        """Index slices of the world box holding the patient box [lo, hi] (mm), or None when outside."""
+        corners = [self.world_point((x, y, lo[2])) for x in (lo[0], hi[0]) for y in (lo[1], hi[1])]
+        xs, ys = [c[0] for c in corners], [c[1] for c in corners]
+        zs = (lo[2] + self.shift[2], hi[2] + self.shift[2])
+        out = []
+        for vals, n, v, half in ((xs, self.shape[2], self.vox[0], self.size[0] / 2),
+                                 (ys, self.shape[1], self.vox[1], self.size[1] / 2),
+                                 (zs, self.shape[0], self.vox[2], self.size[2] / 2)):
+            a = max(int(math.floor((min(vals) + half) / v - 0.5)), 0)
+            b = min(int(math.ceil((max(vals) + half) / v - 0.5)) + 1, n)
+            if a >= b:
+                return None
+            out.append(slice(a, b))
+        return (out[2], out[1], out[0])
+
+    def cover(self, sd: torch.Tensor) -> torch.Tensor:
+        """Partial-volume coverage of a voxel from an (approximate) signed distance in mm (< 0 inside)."""
+        return (0.5 - sd / self.vmean).clamp(0.0, 1.0)
+
+    def paint(self, cov: torch.Tensor, value, label: int | None, sl=(slice(None),) * 3) -> None:
+        hu = self.hu[sl]
+        hu += cov * (value - hu)
+        if label is not None:
+            self.labels[sl][(cov > 0.5).expand_as(hu)] = label
+
+    def tube(self, points: Sequence[Sequence[float]], radii: Sequence[float], value, label: int | None,
+             min_radius: float = 0.0) -> None:
+        """A tapered tube along a polyline (patient mm); segments thinner than ``min_radius`` are skipped."""
+        pts = [tuple(float(c) for c in p) for p in points]
+        wpts = [self.world_point(p) for p in pts]
+        for i in range(len(pts) - 1):
+            r0, r1 = float(radii[i]), float(radii[i + 1])
+            if max(r0, r1) < min_radius:
+                continue
+            self._capsule(pts[i], pts[i + 1], wpts[i], wpts[i + 1], r0, r1, value, label)
+
+    def _capsule(self, a, b, wa, wb, r0, r1, value, label) -> None:
+        pad = max(r0, r1) + self.vmean
+        sl = self.box([min(p, q) - pad for p, q in zip(a, b)], [max(p, q) + pad for p, q in zip(a, b)])
+        if sl is None:
+            return
+        abx, aby, abz = wb[0] - wa[0], wb[1] - wa[1], wb[2] - wa[2]
+        ll = (abx * abx + aby * aby + abz * abz) or 1e-9
+        x = self.wx[sl[2]][None, None, :] - wa[0]
+        y = self.wy[sl[1]][None, :, None] - wa[1]
+        z = self.wz[sl[0]][:, None, None] - wa[2]
+        t = ((x * (abx / ll) + y * (aby / ll)) + z * (abz / ll)).clamp_(0.0, 1.0)
+        dist = ((x - t * abx).square_() + (y - t * aby).square_() + (z - t * abz).square_()).sqrt_()
+        self.paint(self.cover(dist - (r0 + t * (r1 - r0))), value, label, sl)
+
+
+def _ellipse_sd(x, y, ax, ay):
+    """Approximate signed distance to an axis-aligned ellipse (first order: f / |grad f|)."""
+    q = ((x / ax) ** 2 + (y / ay) ** 2).sqrt().clamp_min(1e-6)
+    grad = ((x / ax**2) ** 2 + (y / ay**2) ** 2).sqrt() / q
+    return (q - 1.0) / grad.clamp_min(1e-6)
+
+
+def _ellipsoid_sd(x, y, z, ax, ay, az):
+    q = ((x / ax) ** 2 + (y / ay) ** 2 + (z / az) ** 2).sqrt().clamp_min(1e-6)
+    grad = ((x / ax**2) ** 2 + (y / ay**2) ** 2 + (z / az**2) ** 2).sqrt() / q
+    return (q - 1.0) / grad.clamp_min(1e-6)
+
+
+def _smoothstep(e0: float, e1: float, v):
+    t = ((v - e0) / (e1 - e0)).clamp(0, 1) if isinstance(v, torch.Tensor) else min(max((v - e0) / (e1 - e0), 0), 1)
+    return t * t * (3 - 2 * t)
+
+
+def _rotate(vec, axis, angle):
+    """Rodrigues rotation of 3-vectors (tuples) about a unit axis."""
+    c, s = math.cos(angle), math.sin(angle)
+    kx, ky, kz = axis
+    vx, vy, vz = vec
+    dot = kx * vx + ky * vy + kz * vz
+    cx, cy, cz = ky * vz - kz * vy, kz * vx - kx * vz, kx * vy - ky * vx
+    return (vx * c + cx * s + kx * dot * (1 - c), vy * c + cy * s + ky * dot * (1 - c), vz * c + cz * s + kz * dot * (1 - c))
+
+
+def _unit(v):
+    n = math.sqrt(sum(c * c for c in v)) or 1.0
+    return tuple(c / n for c in v)
+
+
+class _Anatomy:
+    """The case's anatomy in patient millimetres, drawn from ``rng``; independent of the grid."""
+
+    def __init__(self, rng: random.Random):
+        u = rng.uniform
+        self.sx, self.sy = u(0.9, 1.08), u(0.88, 1.1)
+        self.yb = 10.0
+        self.ax = 150.0 * self.sx
+        self.ay_ant, self.ay_post = 100.0 * self.sy, 120.0 * self.sy
+        self.fat = u(7.0, 24.0)
+        self.cax = self.ax - self.fat - 18.0
+        self.cay_ant = self.ay_ant - self.fat - 14.0
+        self.cay_post = self.ay_post - self.fat - 30.0
+        self.apex = u(-135.0, -118.0)
+        self.dome_r = u(25.0, 55.0)
+        self.dome_l = self.dome_r + u(6.0, 20.0)
+        self.heart = (u(12.0, 28.0), u(-25.0, -10.0), self.dome_r + u(-30.0, -18.0))
+        self.heart_scale = u(0.9, 1.12)
+        self.heart_turn = math.radians(u(20.0, 38.0))
+        self.pa_hu = u(260.0, 480.0)  # contrast timing: pulmonary arterial phase
+        self.sys_hu = self.pa_hu * u(0.4, 0.7)  # left heart and aorta, later in the bolus
+        self.spine_y = self.yb + self.cay_post - 20.0
+        self.vert_h = u(17.0, 20.0)
+        self.disc_h = u(4.5, 6.5)
+        self.spine_top = u(-160.0, -145.0)
+        self.sternum_top = self.apex + u(5.0, 15.0)
+        self.rib_drop = u(40.0, 65.0)
+        self.tree_seed = rng.getrandbits(32)
+
+    # body cross-section (half-ellipse anterior / posterior), narrower toward the neck
+    def body_sd(self, x, y, z):
+        taper = 1.0 - 0.14 * _smoothstep(-100.0, -165.0, z)
+        yy = y - self.yb
+        ay = torch.where(yy < 0, torch.full_like(yy, self.ay_ant), torch.full_like(yy, self.ay_post))
+        return _ellipse_sd(x, yy, self.ax * taper, ay * (0.96 + 0.04 * taper))
+
+    def cavity_axes(self, z):
+        """Thoracic cavity semi-axes (x, y anterior, y posterior) at height z: a dome at the apex, widening below."""
+        tensor = isinstance(z, torch.Tensor)
+        t = ((z - self.apex) / 100.0).clamp(0, 1) if tensor else min(max((z - self.apex) / 100.0, 0.0), 1.0)
+        dome = (t * (2 - t)).sqrt() if tensor else (t * (2 - t)) ** 0.5
+        widen = 0.9 + 0.1 * _smoothstep(self.apex + 60.0, self.dome_r + 10.0, z)
+        return (self.cax * (0.15 + 0.85 * dome) * widen, self.cay_ant * (0.25 + 0.75 * dome),
+                self.cay_post * (0.45 + 0.55 * dome))
+
+    def dome(self, x, y, right: bool):
+        top = self.dome_r if right else self.dome_l
+        xc = -65.0 * self.sx if right else 70.0 * self.sx
+        # deeper laterally (costophrenic angles) and posteriorly (posterior recesses)
+        return top + ((x - xc) ** 2 + (0.8 * (y - self.yb)) ** 2) / 150.0 + 0.18 * (y - self.yb)
+
+    def heart_frame(self, x, y, z):
+        hx, hy, hz = self.heart
+        dx, dy, dz = x - hx, y - hy, z - hz
+        c, s = math.cos(self.heart_turn), math.sin(self.heart_turn)
+        # long axis from the base (right, posterior, superior) toward the apex (left, anterior, inferior)
+        u = c * dx - s * dy
+        v = s * dx + c * dy
+        ct, st = math.cos(0.5), math.sin(0.5)
+        return ct * u + st * dz, v, -st * u + ct * dz
+
+    def heart_sd(self, x, y, z, grow: float = 0.0):
+        u, v, w = self.heart_frame(x, y, z)
+        k = self.heart_scale
+        return _ellipsoid_sd(u, v, w, 60.0 * k + grow, 45.0 * k + grow, 38.0 * k + grow)
+
+    def lung_sd(self, x, y, z, right: bool):
+        """Signed distance (approximate, mm) to one lung."""
+        cx, cay_a, cay_p = self.cavity_axes(z)
+        yy = y - self.yb
+        ay = torch.where(yy < 0, cay_a if isinstance(cay_a, torch.Tensor) else torch.full_like(yy, cay_a),
+                         cay_p if isinstance(cay_p, torch.Tensor) else torch.full_like(yy, cay_p))
+        sd = _ellipse_sd(x, yy, cx, ay)
+        sd = torch.maximum(sd, self.apex - z)  # above the apex
+        sd = torch.maximum(sd, z - self.dome(x, y, right))  # below the diaphragm
+        mid = 4.0
+        side = (mid - x) if right else (x - mid)
+        width = 16.0 + 10.0 * _smoothstep(-40.0, 0.0, z)
+        sd = torch.maximum(sd, width - side)  # mediastinum
+        spine = _ellipse_sd(x - 4.0, y - self.spine_y, 42.0, 34.0)
+        sd = torch.maximum(sd, -spine)
+        sd = torch.maximum(sd, -self.heart_sd(x, y, z, grow=6.0))
+        return sd
+
+
+def _vessel_tree(canvas: _Canvas, anat: _Anatomy, rng: random.Random, start, direction, radius: float,
+                 value: float, right: bool, min_radius: float, max_depth: int = 14) -> int:
+    """Binary branching tree from ``start``; children follow Murray's law (r^3 = r_a^3 + r_b^3), taper
+    along each segment and turn back into the lung when they would cross the pleura.
+
+    Every branch draws from its own seed, so a finer grid adds smaller branches without changing
+    the larger ones.
+    """
+    centre = (-75.0 * anat.sx if right else 75.0 * anat.sx, anat.yb + 10.0, (anat.apex + anat.dome_r) / 2 + 10.0)
+
+    def depth_in_lung(p) -> float:
+        return -float(anat.lung_sd(torch.tensor([p[0]]), torch.tensor([p[1]]), torch.tensor([p[2]]), right)[0])
+
+    stack = [(start, _unit(direction), radius, 0, rng.getrandbits(32))]
+    count = 0
+    while stack:
+        p, d, r, depth, seed = stack.pop()
+        if r < min_radius or depth > max_depth:
+            continue
+        local = random.Random(seed)
+        length = r * local.uniform(3.0, 4.5) + 3.0
+        to_centre = _unit(tuple(ci - pi for ci, pi in zip(centre, p)))
+        end = None
+        for bend, scale in ((0.0, 1.0), (0.6, 0.8), (1.2, 0.55)):
+            dd = _unit(tuple(di + bend * ci for di, ci in zip(d, to_centre)))
+            cand = tuple(pi + scale * length * di for pi, di in zip(p, dd))
+            if depth == 0 or depth_in_lung(cand) > 0.6 * r + 1.0:
+                d, end = dd, cand
+                break
+        if end is None:
+            continue
+        r_end = r * 0.9
+        canvas.tube([p, end], [r, r_end], value, VESSEL, min_radius=min_radius)
+        count += 1
+        # two children in a random plane through d, split by an asymmetric angle
+        ref = (0.0, 0.0, 1.0) if abs(d[2]) < 0.9 else (1.0, 0.0, 0.0)
+        n = _unit((d[1] * ref[2] - d[2] * ref[1], d[2] * ref[0] - d[0] * ref[2], d[0] * ref[1] - d[1] * ref[0]))
+        n = _rotate(n, d, local.uniform(0, 2 * math.pi))
+        split = local.uniform(0.6, 0.95)
+        r_a = r_end * (1.0 / (1.0 + split**3)) ** (1 / 3)
+        r_b = r_a * split
+        ang_a, ang_b = math.radians(local.uniform(12, 30)), -math.radians(local.uniform(25, 48))
+        stack.append((end, _rotate(d, n, ang_a), r_a, depth + 1, local.getrandbits(32)))
+        stack.append((end, _rotate(d, n, ang_b), r_b, depth + 1, local.getrandbits(32)))
+    return count
+
+
+def _render(anat: _Anatomy, canvas: _Canvas, rng_noise: torch.Generator, table: bool, noise_hu: float) -> None:
+    cv = canvas
+    x, y, z = cv.coords()
+    v = cv.vmean
+    min_r = 0.4 * min(cv.vox)  # thinner vessels than this leave less than a fifth of a voxel
+
+    # body: fat under the skin, muscle and mediastinal soft tissue inside
+    body = anat.body_sd(x, y, z)
+    cv.paint(cv.cover(body), -95.0, FAT)
+    cv.paint(cv.cover(body + anat.fat), 45.0, SOFT)
+    # liver under the right dome, stomach under the left one
+    below_r = z - anat.dome(x, y, True) - 6.0
+    liver = torch.maximum(torch.maximum(body + anat.fat + 8.0, -below_r), x - (25.0 + 0.3 * (z - anat.dome_r)))
+    cv.paint(cv.cover(liver), 62.0, SOFT)
+    sz = anat.dome_l + 48.0
+    stomach = _ellipsoid_sd(x - 72.0 * anat.sx, y + 5.0, z - sz, 42.0, 38.0, 46.0)
+    cv.paint(cv.cover(stomach), 25.0, SOFT)
+    cv.paint(cv.cover(torch.maximum(stomach + 4.0, z - (sz - 16.0))), -1000.0, AIR)
+    # mediastinal fat in front of the great vessels
+    medfat = _ellipsoid_sd(x - 2.0, y + 35.0, z + 55.0, 28.0, 22.0, 55.0)
+    cv.paint(cv.cover(medfat), -90.0, FAT)
+
+    # lungs with parenchymal texture
+    d, h, w = cv.shape
+    coarse = torch.randn((1, 1, max(2, d // 6), max(2, h // 6), max(2, w // 6)), generator=rng_noise)
+    texture = F.interpolate(coarse, size=cv.shape, mode="trilinear", align_corners=False)[0, 0]
+    for right in (True, False):
+        lung = anat.lung_sd(x, y, z, right)
+        cv.paint(cv.cover(lung), -855.0 + 35.0 * texture, LUNG)
+
+    # heart: epicardial fat, myocardium, right (anterior) and left chambers with contrast
+    hsl = cv.box([anat.heart[0] - 95, anat.heart[1] - 95, anat.heart[2] - 95],
+                 [anat.heart[0] + 95, anat.heart[1] + 95, anat.heart[2] + 95])
+    if hsl is not None:
+        hx, hy, hz = cv.coords(hsl)
+        cv.paint(cv.cover(anat.heart_sd(hx, hy, hz, grow=4.0)), -90.0, FAT, hsl)
+        cv.paint(cv.cover(anat.heart_sd(hx, hy, hz)), 50.0, HEART, hsl)
+        inner = anat.heart_sd(hx, hy, hz, grow=-9.0 * anat.heart_scale)
+        _, vv, _ = anat.heart_frame(hx, hy, hz)
+        right_side = vv + 4.0  # septum: a plane along the long axis, the right heart anterior
+        cv.paint(cv.cover(torch.maximum(inner, right_side)), anat.pa_hu * 0.92, HEART, hsl)
+        cv.paint(cv.cover(torch.maximum(inner, 8.0 - vv)), anat.sys_hu, HEART, hsl)
+
+    hx, hy, hz = anat.heart
+    sy = anat.spine_y
+    top = -cv.size[2] / 2 - 10.0
+    bottom = cv.size[2] / 2 + 10.0
+    # great vessels
+    root = (hx - 12.0, hy + 5.0, hz - 28.0)
+    aorta = [root, (hx - 30.0, hy - 8.0, hz - 62.0), (hx - 26.0, hy - 6.0, hz - 95.0), (2.0, hy + 12.0, hz - 118.0),
+             (18.0, sy - 30.0, hz - 112.0), (22.0, sy - 12.0, hz - 85.0), (20.0, sy - 10.0, hz - 20.0),
+             (12.0, sy - 14.0, bottom)]
+    cv.tube(aorta, [14.0, 15.0, 14.0, 13.0, 12.0, 11.5, 11.0, 10.5], anat.sys_hu, VESSEL)
+    arch_top = (2.0, hy + 12.0, hz - 118.0)
+    for dx, r in ((-14.0, 6.5), (0.0, 4.5), (12.0, 5.0)):  # brachiocephalic, left carotid, left subclavian
+        cv.tube([(arch_top[0] + dx, arch_top[1], arch_top[2] + 4.0), (arch_top[0] + 1.8 * dx, arch_top[1] - 4.0, top)],
+                [r, r * 0.9], anat.sys_hu, VESSEL)
+    cv.tube([(hx - 52.0, hy - 2.0, top), (hx - 50.0, hy + 2.0, hz - 60.0), (hx - 45.0, hy + 6.0, hz - 25.0)],
+            [10.0, 10.5, 11.0], anat.pa_hu * 1.25, VESSEL)  # superior vena cava
+    cv.tube([(hx - 40.0, hy + 25.0, hz + 30.0), (hx - 35.0, sy - 25.0, hz + 60.0), (-20.0, sy - 25.0, bottom)],
+            [12.0, 12.0, 11.0], 110.0, VESSEL)  # inferior vena cava
+    valve = (hx - 2.0, hy - 28.0, hz - 40.0)
+    bif = (hx - 10.0, hy + 2.0, hz - 72.0)
+    cv.tube([valve, (hx - 4.0, hy - 20.0, hz - 60.0), bif], [13.0, 13.5, 13.0], anat.pa_hu, VESSEL)
+    r_hilum = (-58.0 * anat.sx, hy + 22.0, hz - 62.0)
+    l_hilum = (56.0 * anat.sx, hy + 28.0, hz - 72.0)
+    cv.tube([bif, (bif[0] - 25.0, bif[1] + 10.0, bif[2] + 4.0), r_hilum], [11.0, 10.5, 9.5], anat.pa_hu, VESSEL)
+    cv.tube([bif, (bif[0] + 22.0, bif[1] + 14.0, bif[2] - 8.0), l_hilum], [10.5, 10.0, 9.0], anat.pa_hu, VESSEL)
+
+    # pulmonary arterial and venous trees
+    tree_rng = random.Random(anat.tree_seed)
+    lobes = {True: [(-0.45, 0.15, -0.9), (-0.5, -0.8, 0.25), (-0.35, 0.55, 0.75), (-0.8, 0.2, 0.5)],
+             False: [(0.45, 0.1, -0.9), (0.5, -0.8, 0.3), (0.35, 0.55, 0.75), (0.8, 0.25, 0.45)]}
+    for right, hilum in ((True, r_hilum), (False, l_hilum)):
+        for direction in lobes[right]:
+            jitter = tuple(c + tree_rng.uniform(-0.15, 0.15) for c in direction)
+            _vessel_tree(cv, anat, tree_rng, hilum, jitter, 6.5, anat.pa_hu, right, min_r)
+    la = (hx - 2.0, hy + 42.0, hz - 30.0)
+    for right in (True, False):
+        sign = -1.0 if right else 1.0
+        for dz in (-14.0, 14.0):
+            ostium = (la[0] + sign * 26.0, la[1] + 4.0, la[2] + dz)
+            direction = (sign * 0.8, 0.25, 0.55 * math.copysign(1.0, dz))
+            _vessel_tree(cv, anat, tree_rng, ostium, direction, 6.0, anat.sys_hu, right, 1.6 * min_r)
+
+    # airways: trachea, main and lobar bronchi (wall, then lumen)
+    carina = (2.0, sy - 38.0, hz - 88.0)
+    trachea = [(0.0, sy - 45.0, top), (1.0, sy - 42.0, hz - 130.0), carina]
+    rb = [carina, (-22.0, sy - 36.0, hz - 78.0), (-45.0 * anat.sx, sy - 32.0, hz - 70.0)]
+    lb = [carina, (25.0, sy - 34.0, hz - 80.0), (50.0 * anat.sx, sy - 30.0, hz - 66.0)]
+    for path, radii in ((trachea, [9.0, 9.0, 8.0]), (rb, [7.0, 6.5, 5.5]), (lb, [6.0, 5.8, 5.0])):
+        cv.tube(path, [r + 2.0 for r in radii], 40.0, SOFT)
+    for path, radii in ((trachea, [9.0, 9.0, 8.0]), (rb, [7.0, 6.5, 5.5]), (lb, [6.0, 5.8, 5.0])):
+        cv.tube(path, radii, -1000.0, AIR)
+    for end, dirs in ((rb[-1], [(-0.4, 0.1, -0.9), (-0.6, 0.3, 0.7)]), (lb[-1], [(0.4, 0.1, -0.9), (0.6, 0.3, 0.7)])):
+        for dvec in dirs:
+            tip = tuple(e + 22.0 * c for e, c in zip(end, _unit(dvec)))
+            cv.tube([end, tip], [5.5, 4.0], 40.0, SOFT, min_radius=0.5 * min_r)
+            cv.tube([end, tip], [3.5, 2.5], -1000.0, AIR, min_radius=min_r)
+
+    # spine: vertebral bodies (cortex + cancellous), discs, arches, spinous and transverse processes
+    level = anat.vert_h + anat.disc_h
+    zc = anat.spine_top
+    k = 0
+    while zc < bottom + level:
+        growth = min(1.0, max(0.0, (zc + 160.0) / 320.0))
+        rx, ry = 15.0 + 8.0 * growth, 12.0 + 6.0 * growth
+        ys = sy + 6.0 * math.cos(math.pi * zc / 320.0)
+        sl = cv.box([-rx - 40, ys - ry - 5, zc - level / 2 - 2], [rx + 40, ys + ry + 70, zc + level / 2 + 2])
+        if sl is not None:
+            bx, by, bz = cv.coords(sl)
+            body = torch.maximum(_ellipse_sd(bx, by - ys, rx, ry).expand(bz.shape[0], -1, -1),
+                                 (bz - zc).abs() - anat.vert_h / 2)
+            cv.paint(cv.cover(body), 1050.0, BONE, sl)
+            cv.paint(cv.cover(body + 2.2), 240.0, BONE, sl)
+            disc = torch.maximum(_ellipse_sd(bx, by - ys, rx - 0.5, ry - 0.5).expand(bz.shape[0], -1, -1),
+                                 (bz - zc - level / 2).abs() - anat.disc_h / 2)
+            cv.paint(cv.cover(disc), 90.0, SOFT, sl)
+            canal_y = ys + ry + 9.0
+            rho = ((bx**2 + (by - canal_y) ** 2).sqrt()).expand(bz.shape[0], -1, -1)
+            ring = torch.maximum(torch.maximum(rho - 14.5, 8.0 - rho), (ys + ry - 3.0) - by)
+            ring = torch.maximum(ring, (bz - zc + 1.0).abs() - (anat.vert_h / 2 - 2.0))
+            cv.paint(cv.cover(ring), 700.0, BONE, sl)
+            cv.paint(cv.cover(torch.maximum(rho - 7.5, (bz - zc).abs() - level / 2)), 15.0, SOFT, sl)
+        canal_y = ys + ry + 9.0
+        cv.tube([(0.0, canal_y + 12.0, zc), (0.0, canal_y + 40.0, zc + 16.0)], [5.0, 3.0], 650.0, BONE)
+        for side in (-1.0, 1.0):
+            tip = (side * 34.0, canal_y + 4.0, zc - 3.0)
+            cv.tube([(side * 10.0, canal_y - 2.0, zc - 2.0), tip], [5.0, 4.0], 650.0, BONE)
+            if 0 <= k < 12 and zc > anat.apex - 25.0:
+                _rib(cv, anat, k, tip, zc, side)
+        zc += level
+        k += 1
+
+    # sternum (manubrium, body, xiphoid) and clavicles
+    st_top = anat.sternum_top
+    st_bot = st_top + 165.0
+    ssl = cv.box([-40, -anat.ay_ant - 10, st_top - 5], [40, anat.yb - anat.ay_ant + 60, st_bot + 25])
+    if ssl is not None:
+        sx_, sy_, sz_ = cv.coords(ssl)
+        front = anat.yb - anat.ay_ant + anat.fat + 9.0
+        width = 18.0 + 9.0 * (1 - _smoothstep(st_top + 35.0, st_top + 55.0, sz_)) - 9.0 * _smoothstep(st_bot - 10, st_bot + 10, sz_)
+        thick = 6.0 - 2.0 * _smoothstep(st_bot - 10, st_bot + 10, sz_)
+        st = torch.maximum(_ellipse_sd(sx_, sy_ - front, width, thick), torch.maximum(st_top - sz_, sz_ - st_bot - 20.0))
+        cv.paint(cv.cover(st), 1000.0, BONE, ssl)
+        cv.paint(cv.cover(st + 1.8), 260.0, BONE, ssl)
+    front = anat.yb - anat.ay_ant + anat.fat + 9.0
+    for side in (-1.0, 1.0):
+        clav = [(side * 22.0, front, st_top + 4.0), (side * 60.0, front - 2.0, st_top - 8.0),
+                (side * 100.0 * anat.sx, front + 25.0, st_top - 14.0), (side * 125.0 * anat.sx, front + 60.0, st_top - 10.0)]
+        cv.tube(clav, [7.0, 6.5, 6.5, 7.0], 900.0, BONE)
+        cv.tube(clav, [4.0, 3.5, 3.5, 4.0], 300.0, BONE, min_radius=0.5 * min_r)
+    # scapulae: thin plates on the posterior chest wall, from near the spine out and forward
+    for side in (-1.0, 1.0):
+        medial = (side * 45.0 * anat.sx, anat.yb + anat.ay_post * 0.95 - anat.fat - 12.0)
+        lateral = (side * 125.0 * anat.sx, anat.yb + anat.ay_post * 0.5 - anat.fat - 8.0)
+        cxs, cys, czs = (medial[0] + lateral[0]) / 2, (medial[1] + lateral[1]) / 2, anat.apex + 75.0
+        ex, ey = _unit((lateral[0] - medial[0], lateral[1] - medial[1], 0.0))[:2]
+        half = math.hypot(lateral[0] - medial[0], lateral[1] - medial[1]) / 2
+        ssl = cv.box([cxs - half - 10, cys - half - 10, czs - 85], [cxs + half + 10, cys + half + 10, czs + 85])
+        if ssl is None:
+            continue
+        px, py, pz = cv.coords(ssl)
+        u_ = ex * (px - cxs) + ey * (py - cys)
+        v_ = -ey * (px - cxs) + ex * (py - cys)
+        bend = side * 0.004 * (u_**2 - half**2)  # bowed to follow the ribs
+        plate = _ellipsoid_sd(u_, v_ + bend, pz - czs, half, 3.5, 75.0)
+        cv.paint(cv.cover(plate), 800.0, BONE, ssl)
+
+    # scanner table under the back
+    if table:
+        back = anat.yb + anat.ay_post * 1.0 + 3.0
+        tx = cv.wx[None, None, :] - cv.shift[0]  # the table is level in the scanner, not turned with the patient
+        ty = cv.wy[None, :, None] - cv.shift[1]
+        plate = torch.maximum((ty - back - 12.0).abs() - 12.0, tx.abs() - 230.0)
+        cv.paint(cv.cover(plate), -950.0, TABLE)
+        cv.paint(cv.cover(torch.maximum(plate, 9.0 - (ty - back - 12.0).abs())), 220.0, TABLE)
+
+    if noise_hu > 0:
+        noise = torch.randn(cv.shape, generator=rng_noise) * noise_hu
+        cv.hu += noise * (cv.labels > 0)
+
+
+def _rib(cv: _Canvas, anat: _Anatomy, k: int, tip, zc: float, side: float) -> None:
+    """Rib k (0 = first) from the transverse process around the chest wall; costal cartilage to the sternum."""
+    true_rib = k < 7
+    end = math.radians(150.0 if true_rib else (125.0 if k < 10 else 95.0))
+    start = math.radians(22.0)
+    drop = anat.rib_drop * (0.6 if k == 0 else 1.0)
+    pts, radii = [tip], [4.5]
+    n = int(min(16, max(5, 200.0 / (2.5 * cv.vmean))))  # segments about 2.5 voxels long, 5 to 16
+    for i in range(1, n + 1):
+        phi = start + (end - start) * i / n
+        t = i / n
+        zz = zc - 6.0 * math.sin(math.pi * min(t * 3, 1.0)) + drop * t**1.6
+        cx, cay_a, cay_p = anat.cavity_axes(zz)
+        ay = cay_p if math.cos(phi) > 0 else cay_a
+        pts.append((side * (cx + 7.0) * math.sin(phi), anat.yb + (ay + 7.0) * math.cos(phi), zz))
+        radii.append(5.2 - 1.2 * t)
+    cv.tube(pts, radii, 1000.0, BONE)
+    cv.tube(pts, [max(r - 2.0, 0.5) for r in radii], 300.0, BONE)
+    if true_rib:
+        front = anat.yb - anat.ay_ant + anat.fat + 9.0
+        st_z = anat.sternum_top + 12.0 + 22.0 * k
+        cv.tube([pts[-1], (side * 20.0, front + 4.0, st_z)], [4.2, 4.0], 160.0, SOFT)
+
+
+def chest_phantom(resolution: int | Sequence[int] = 64, seed: int = 0, *, volume_mm: float | Sequence[float] = 320.0,
+                  table: bool = True, noise_hu: float = 8.0, cache_dir: str | Path | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One synthetic CTPA chest: ``(hu [D, H, W] float32, labels [D, H, W] uint8)``.
+
+    ``resolution`` is R (an R^3 grid) or (D, H, W); ``volume_mm`` the field of view, one size or
+    (x, y, z). HU values are rounded to integers as a scanner stores them. With ``cache_dir`` the
+    case is written there once (int16 HU + uint8 labels) and read back on later calls.
+    """
+    shape = tuple(int(s) for s in _triple(resolution, "resolution"))
+    if any(s < 2 for s in shape):
+        raise ValueError(f"resolution: expected at least 2 voxels per axis, got {shape}")
+    size = tuple(float(s) for s in _triple(volume_mm, "volume_mm"))  # (x, y, z)
+    path = None
+    if cache_dir is not None:
+        key = hashlib.sha1(repr((PHANTOM_VERSION, seed, shape, size, table, noise_hu)).encode()).hexdigest()[:12]
+        path = Path(cache_dir) / f"chest_{seed}_{shape[0]}x{shape[1]}x{shape[2]}_{key}.pt"
+        if path.is_file():
+            try:
+                data = torch.load(path, weights_only=True)
+                return data["hu"].float(), data["labels"]
+            except Exception:
+                path.unlink(missing_ok=True)  # a damaged cache file is rebuilt
+    rng = random.Random(f"x2ct-chest-{seed}")
+    anat = _Anatomy(rng)
+    pose = random.Random(f"x2ct-pose-{seed}")
+    canvas = _Canvas(shape, size, rotation_deg=pose.uniform(-5.0, 5.0),
+                     shift_mm=(pose.uniform(-8.0, 8.0), pose.uniform(-8.0, 6.0), pose.uniform(-10.0, 10.0)))
+    noise = torch.Generator().manual_seed(int(hashlib.sha1(f"noise-{seed}-{shape}".encode()).hexdigest()[:8], 16))
+    threads = torch.get_num_threads()
+    try:  # hundreds of medium-sized ops: one thread avoids the pool's synchronisation cost on a busy CPU
+        torch.set_num_threads(1)
+        _render(anat, canvas, noise, table, noise_hu)
+    finally:
+        torch.set_num_threads(threads)
+    hu = canvas.hu.round().clamp(-1024, 3071)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save({"hu": hu.to(torch.int16), "labels": canvas.labels}, tmp)
+        tmp.replace(path)
+    return hu, canvas.labels
