@@ -7,6 +7,7 @@ from torch.utils.data import default_collate
 from x2ct_framework.errors import RecipeError
 from x2ct_framework.plugins import get_plugin_manager
 from x2ct_framework.stage import Stage
+from x2ct_framework.testing import check_loss
 
 CONTEXT = {"hu_window": [-1000.0, 3000.0], "views": [0.0, 90.0], "resolution": 32}
 
@@ -56,6 +57,14 @@ def test_zero_on_identical_inputs_and_gradient_to_pred(name, options, batch):
     assert pred.grad is not None and torch.isfinite(pred.grad).all() and pred.grad.abs().sum() > 0
     # frozen networks inside a loss never collect gradients
     assert all(p.grad is None for p in loss.parameters())
+
+
+@pytest.mark.parametrize("name, options", CASES, ids=[f"{n}-{i}" for i, (n, _) in enumerate(CASES)])
+def test_builtin_losses_pass_the_plugin_author_kit(name, options):
+    """The checks third-party authors run (x2ct_framework.testing): batch of one, autocast, no in-place."""
+    # float16 convolutions are very slow on CPU: the conv-net losses are checked under bfloat16 only
+    dtypes = (torch.bfloat16,) if name in ("vgg", "lpips") else (torch.bfloat16, torch.float16)
+    check_loss(make(name, **options), identical="zero", autocast_dtypes=dtypes)
 
 
 def test_every_builtin_loss_comes_from_its_own_entry_point():

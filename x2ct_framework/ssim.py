@@ -138,6 +138,11 @@ def ssim(pred: torch.Tensor, target: torch.Tensor, *, data_range: float = 1.0, m
     """
     check_window(win_size, sigma, window)
     _check_inputs(pred, target, win_size, mode, data_range)
+    with torch.autocast(pred.device.type, enabled=False):  # E[x^2] - mu^2 needs float32 or better
+        return _ssim(pred, target, data_range, mode, win_size, sigma, window, k1, k2, sample_covariance, slice_axes)
+
+
+def _ssim(pred, target, data_range, mode, win_size, sigma, window, k1, k2, sample_covariance, slice_axes):
     dtype = torch.promote_types(torch.promote_types(pred.dtype, target.dtype), torch.float32)
     x, y = pred.to(dtype), target.to(dtype)
     taps = window_1d(win_size, sigma, window, dtype=dtype, device=x.device)
@@ -167,6 +172,11 @@ def ssim_map(pred: torch.Tensor, target: torch.Tensor, *, data_range: float = 1.
     """The 3D (or, for images, 2D) SSIM map over the valid region, ``[B, C, D-w+1, H-w+1, W-w+1]``."""
     check_window(win_size, sigma, window)
     _check_inputs(pred, target, win_size, "3d", data_range)
+    with torch.autocast(pred.device.type, enabled=False):
+        return _ssim_map(pred, target, data_range, win_size, sigma, window, k1, k2, sample_covariance)
+
+
+def _ssim_map(pred, target, data_range, win_size, sigma, window, k1, k2, sample_covariance):
     dtype = torch.promote_types(torch.promote_types(pred.dtype, target.dtype), torch.float32)
     x, y = pred.to(dtype), target.to(dtype)
     taps = window_1d(win_size, sigma, window, dtype=dtype, device=x.device)

@@ -13,8 +13,9 @@ Landmarks:
   centroid of ``R * exp(-(HU - mu_l)^2 / (2 tolerance_hu^2))``: where, near the labelled
   structure, the volume has that structure's density;
 - **otherwise** (no labels, or none of the ids present): the bone-density centroid of each of
-  ``slabs`` axial slabs, weight ``sigmoid((HU - threshold_hu) / softness_hu)``; slabs whose target
-  holds less than ``min_mass`` voxels of bone are skipped.
+  ``slabs`` axial slabs (along D), weighted by a linear ramp from 0 at ``threshold_hu - softness_hu``
+  to 1 at ``threshold_hu + softness_hu`` (exactly 0 for soft tissue, so a large body does not pull
+  the centroid); slabs whose target holds less than ``min_mass`` voxels of bone are skipped.
 
 Centroids are weighted means of voxel coordinates (differentiable in the prediction); distances are
 in millimetres using the batch's ``spacing`` ([B, 3] mm per voxel, order x, y, z; 1 mm when absent).
@@ -86,6 +87,10 @@ class LandmarkLoss(nn.Module):
         lo, hi = self.hu_window
         return ct01 * (hi - lo) + lo
 
+    def bone_weight(self, hu: torch.Tensor) -> torch.Tensor:
+        """Ramp from 0 at ``threshold - softness`` to 1 at ``threshold + softness`` HU."""
+        return ((hu - self.threshold_hu) / (2 * self.softness_hu) + 0.5).clamp(0, 1)
+
     def _structure_ids(self, labels: torch.Tensor) -> list[int]:
         present = set(torch.unique(labels).tolist())
         if self.landmark_labels:
@@ -122,8 +127,8 @@ class LandmarkLoss(nn.Module):
         else:
             d = pred.shape[2]
             bounds = [round(k * d / self.slabs) for k in range(self.slabs + 1)]
-            wp_all = torch.sigmoid((hp - self.threshold_hu) / self.softness_hu)
-            wt_all = torch.sigmoid((ht - self.threshold_hu) / self.softness_hu)
+            wp_all = self.bone_weight(hp)
+            wt_all = self.bone_weight(ht)
             for z0, z1 in zip(bounds[:-1], bounds[1:]):
                 if z1 <= z0:
                     continue

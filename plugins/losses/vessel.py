@@ -131,9 +131,10 @@ class VesselLoss(nn.Module):
     @torch.no_grad()
     def weight_map(self, target: torch.Tensor, batch: dict) -> torch.Tensor:
         if self.use_labels and batch.get("labels") is not None:
-            vmap = (batch["labels"] == self.label).to(target.dtype)
+            vmap = (batch["labels"] == self.label).float()
         else:
-            vmap = vesselness(target.float(), self.sigmas, self.alpha, self.beta, self.c).to(target.dtype)
+            with torch.autocast(target.device.type, enabled=False):  # second derivatives need float32
+                vmap = vesselness(target.float(), self.sigmas, self.alpha, self.beta, self.c)
         return self.base_weight + vmap
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor, batch: dict) -> torch.Tensor:

@@ -194,9 +194,10 @@ class VGGPerceptualLoss(nn.Module):
         dist = F.l1_loss if self.distance == "l1" else F.mse_loss
         total, n_axes = pred.new_zeros(()), 0
         for sp, st in zip(slices_25d(pred, self.counts), slices_25d(target, self.counts)):
-            n = sp.shape[0]
-            feats = self.feature_maps(torch.cat([sp, st.detach()]))
-            total = total + sum(w * dist(f[:n], f[n:]) for w, f in zip(self.layer_weights, feats))
+            with torch.no_grad():  # the target's features need no backward pass
+                ft = self.feature_maps(st)
+            fp = self.feature_maps(sp)
+            total = total + sum(w * dist(a, b) for w, a, b in zip(self.layer_weights, fp, ft))
             n_axes += 1
         return total / n_axes
 
