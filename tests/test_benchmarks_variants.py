@@ -1,0 +1,213 @@
+"""The quality matrix runner: intervals, the matrix file, a two-cell run, its tables and resume."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # benchmarks/ is a folder of the repository, not an installed package
+    sys.path.insert(0, str(REPO))
+
+from benchmarks import variants as V  # noqa: E402
+from x2ct_framework.errors import RecipeError  # noqa: E402
+
+BASE = """
+name = "tinybase"
+seed = 0
+
+[data]
+name = "synthetic_phantom"
+views = [0, 90]
+num_train = 4
+num_val = 2
+num_test = 2
+
+[model]
+name = "vit_cascade"
+tokens = 4
+dim = 16
+depth = 1
+heads = 2
+channels = 4
+encoder = "test_efficientnet"
+
+[train]
+batch_size = 2
+
+[[stages]]
+name = "stage2"
+resolution = 16
+epochs = 50
+lr = 1e-3
+checkpoint_every = 20
+losses = { l1 = 1.0 }
+"""
+
+MATRIX = """
+name = "two"
+base = "base.toml"
+seeds = [0, 1]
+reference = "plain"
+notes = ["tiny sizes"]
+
+[budget]
+steps = 2
+epochs = 2
+
+[eval]
+metrics = ["psnr", "ssim", "bone_dice"]
+
+[[cells]]
+name = "plain"
+question = "L1 only"
+
+[[cells]]
+name = "grad"
+question = "gradient loss on"
+set = ["stages.stage2.losses.gradient=0.15"]
+note = "adds the gradient term"
+"""
+
+
+def write(tmp_path: Path, matrix: str = MATRIX, base: str = BASE) -> Path:
+    (tmp_path / "base.toml").write_text(textwrap.dedent(base))
+    path = tmp_path / "m.toml"
+    path.write_text(textwrap.dedent(matrix))
+    return path
+
+
+# ---- statistics -----------------------------------------------------------------------------------
+def test_interval_hand_computed():
+    # values 1, 2, 3, 4: mean 2.5, sample std sqrt(5/3) = 1.290994, standard error 0.645497,
+    # t(0.975, 3) = 3.182446, half-width 2.054254
+    s = V.interval([1.0, 2.0, 3.0, 4.0])
+    assert s["n"] == 4
+    assert s["mean"] == pytest.approx(2.5)
+    assert s["std"] == pytest.approx(1.290994, abs=1e-6)
+    assert s["ci_low"] == pytest.approx(0.445746, abs=1e-5)
+    assert s["ci_high"] == pytest.approx(4.554254, abs=1e-5)
+    # two seeds: 10 and 12 -> mean 11, std sqrt(2), half-width 12.706205 * 1 = 12.706205
+    s = V.interval([10.0, 12.0])
+    assert (s["ci_low"], s["ci_high"]) == (pytest.approx(-1.706205, abs=1e-5), pytest.approx(23.706205, abs=1e-5))
+
+
+def test_interval_edge_cases():
+    one = V.interval([3.0])
+    assert one["mean"] == 3.0 and one["n"] == 1 and math.isnan(one["ci_low"]) and math.isnan(one["std"])
+    assert V.interval([])["n"] == 0
+    skipped = V.interval([1.0, float("nan"), 3.0, None])
+    assert skipped["n"] == 2 and skipped["mean"] == 2.0
+    same = V.interval([5.0, 5.0, 5.0])
+    assert same["ci_low"] == same["ci_high"] == 5.0
+
+
+def test_t_quantiles_against_scipy():
+    stats = pytest.importorskip("scipy.stats")
+    for df in list(range(1, 41)) + [60, 120, 1000]:
+        assert V.t_quantile_975(df) == pytest.approx(stats.t.ppf(0.975, df), rel=2e-5), df
+    with pytest.raises(ValueError):
+        V.t_quantile_975(0)
+
+
+def test_paired_difference_and_verdict():
+    ref = [{"seed": s, "metrics": {"psnr": v}} for s, v in ((0, 20.0), (1, 21.0), (2, 22.0))]
+    up = [{"seed": s, "metrics": {"psnr": v}} for s, v in ((0, 21.0), (1, 22.2), (2, 22.8))]
+    d = V.paired(ref, up, "psnr")  # differences 1.0, 1.2, 0.8: mean 1.0, std 0.2
+    assert d["mean"] == pytest.approx(1.0)
+    assert d["ci_low"] == pytest.approx(1.0 - 4.302653 * 0.2 / math.sqrt(3), abs=1e-6)
+    assert V.verdict(d, higher_is_better=True) == "better"
+    assert V.verdict(d, higher_is_better=False) == "worse"
+    noisy = [{"seed": s, "metrics": {"psnr": v}} for s, v in ((0, 23.0), (1, 19.0), (2, 22.5))]
+    assert V.verdict(V.paired(ref, noisy, "psnr"), True) == "unclear"
+    # the two cells' own intervals overlap although the paired difference is clear
+    assert V.overlap(V.interval([20.0, 21.0, 22.0]), V.interval([21.0, 22.2, 22.8])) == "yes"
+    assert V.overlap(V.interval([1.0, 1.1]), V.interval([5.0, 5.1])) == "no"
+
+
+# ---- the matrix file -----------------------------------------------------------------------------
+def test_matrix_file_errors_are_reported_together(tmp_path):
+    bad = MATRIX.replace("seeds = [0, 1]", "seeds = [0, 0]\nbogus = 1").replace("steps = 2", "steps = 3")
+    bad = bad.replace('name = "grad"', 'name = "plain"')
+    with pytest.raises(RecipeError) as exc:
+        V.load_matrix(write(tmp_path, bad))
+    text = str(exc.value)
+    for fragment in ("bogus: unknown key", "seeds: expected a non-empty array of distinct integers",
+                     "budget -> steps: expected a positive multiple of budget.epochs (2), got 3",
+                     "cell names must be unique, repeated: plain"):
+        assert fragment in text, text
+    with pytest.raises(RecipeError, match="budget_scale: budget.epochs"):
+        V.load_matrix(write(tmp_path, MATRIX.replace('note = "adds', 'budget_scale = 0.3\nnote = "adds')))
+    with pytest.raises(RecipeError, match="exactly one of steps"):
+        V.load_matrix(write(tmp_path, MATRIX.replace("steps = 2", "steps = 2\nwall_s = 10")))
+
+
+def test_budget_overrides_win_and_hash_follows_definition(tmp_path):
+    m = V.load_matrix(write(tmp_path))
+    out = tmp_path / "out"
+    r = V.cell_recipe(m, m.cell("grad"), 1, out, 2)
+    stage = r["stages"][0]
+    assert (stage["epochs"], stage["checkpoint_every"], r["train"]["max_steps_per_epoch"]) == (2, 0, 1)
+    assert r["seed"] == 1 and r.name == "grad-s1" and "gradient" in stage["losses"]
+    assert r["train"]["trackers"] == [] and r["eval"]["report"] is False
+    h = V.run_hash(r, m)
+    assert h == V.run_hash(V.cell_recipe(m, m.cell("grad"), 1, tmp_path / "elsewhere", 2), m)  # not the folder
+    assert h != V.run_hash(V.cell_recipe(m, m.cell("grad"), 0, out, 2), m)
+    changed = V.load_matrix(write(tmp_path, MATRIX.replace("gradient=0.15", "gradient=0.3")))
+    assert h != V.run_hash(V.cell_recipe(changed, changed.cell("grad"), 1, out, 2), changed)
+    more = V.load_matrix(write(tmp_path, MATRIX.replace("steps = 2", "steps = 8")))
+    with pytest.raises(RecipeError, match="need 8 training cases"):
+        V.check_budget(V.cell_recipe(more, more.cell("grad"), 0, out, 8), 4)
+
+
+# ---- a two-cell matrix, end to end ---------------------------------------------------------------
+@pytest.mark.slow
+def test_two_cell_matrix_tables_and_resume(tmp_path):
+    m = V.load_matrix(write(tmp_path))
+    out = tmp_path / "out"
+    logs: list[str] = []
+    status = V.run_matrix(m, out, isolate=False, log=logs.append)
+    assert sorted(status["ran"]) == ["grad-s0", "grad-s1", "plain-s0", "plain-s1"] and not status["failed"]
+
+    # per-seed results: the fixed budget, the cost columns, the protocol's metrics
+    res = json.loads((out / "results" / "grad" / "seed1.json").read_text())
+    assert res["steps"] == 2 and res["epochs"] == 2 and res["params"] > 0 and res["time_per_step_s"] > 0
+    assert res["peak_mem_mib"] > 0 and {"psnr", "ssim", "bone_dice", "vessel_dice"} <= set(res["metrics"])
+
+    # the CSV summary is the interval over the per-seed values
+    per_seed = list(csv.DictReader((out / "per_seed.csv").open()))
+    summary = {r["cell"]: r for r in csv.DictReader((out / "matrix.csv").open())}
+    assert [r["cell"] for r in per_seed] == ["plain", "plain", "grad", "grad"]
+    for cell in ("plain", "grad"):
+        seeds = [json.loads((out / "results" / cell / f"seed{k}.json").read_text())["metrics"]["psnr"] for k in (0, 1)]
+        assert [float(r["psnr"]) for r in per_seed if r["cell"] == cell] == pytest.approx(seeds, rel=1e-5)
+        s = V.interval(seeds)
+        assert float(summary[cell]["psnr_mean"]) == pytest.approx(s["mean"], rel=1e-5)
+        assert float(summary[cell]["psnr_ci_low"]) == pytest.approx(s["ci_low"], rel=1e-5, abs=1e-6)
+        assert float(summary[cell]["psnr_ci_high"]) == pytest.approx(s["ci_high"], rel=1e-5, abs=1e-6)
+        assert summary[cell]["seeds"] == "2" and int(summary[cell]["params"]) > 0
+
+    md = (out / "matrix.md").read_text()
+    assert "| cell | psnr (dB) | ssim | bone_dice | s/step | peak MiB | params (M) | seeds |" in md
+    assert "`plain` (ref)" in md and "| `grad` | gradient loss on |" in md
+    assert "tiny sizes" in md and "adds the gradient term" in md
+    assert (out / "matrix.png").stat().st_size > 1000
+
+    # a rerun redoes nothing; losing one result redoes exactly that one
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "results").rglob("*.json")}
+    again = V.run_matrix(m, out, isolate=False, log=logs.append)
+    assert again["ran"] == [] and len(again["skipped"]) == 4
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    (out / "results" / "grad" / "seed1.json").unlink()
+    third = V.run_matrix(m, out, isolate=False, log=logs.append, plot=False)
+    assert third["ran"] == ["grad-s1"] and len(third["skipped"]) == 3
+    redone = json.loads((out / "results" / "grad" / "seed1.json").read_text())
+    assert redone["key"] == res["key"] and redone["metrics"]["psnr"] == pytest.approx(res["metrics"]["psnr"])
+    assert redone["time_per_step_s"] == pytest.approx(res["time_per_step_s"])  # kept from the finished training
+    assert "3 finished earlier, 1 to run" in logs[-2]
