@@ -166,6 +166,18 @@ def test_structure_scores_on_a_phantom_with_known_errors(with_labels):
     assert score("vessel", "dice") == pytest.approx(0.0)
 
 
+def test_a_scanner_table_is_not_part_of_the_body():
+    # body in air, a vessel inside it, and a table slab at 220 HU (the vessel range) below the back
+    hu = torch.full((20, 24, 20), -1000.0)
+    labels = torch.zeros(hu.shape, dtype=torch.uint8)
+    hu[2:18, 3:16, 3:17], labels[2:18, 3:16, 3:17] = 40.0, 1
+    hu[5:15, 8:11, 9:12], labels[5:15, 8:11, 9:12] = 250.0, 4
+    hu[:, 19:21, :], labels[:, 19:21, :] = 220.0, 8
+    t = _to01(hu)[None, None]
+    for batch in ({"labels": labels[None, None]}, {}):
+        assert StructureMetric(HU, structure="vessel", kind="dice")(t, t, batch).item() == pytest.approx(1.0)
+
+
 def test_structure_absent_from_a_case_is_nan_not_zero():
     t = torch.full((1, 1, 12, 12, 12), 0.25)  # water everywhere: no lung, bone or vessel
     labels = torch.ones(1, 1, 12, 12, 12, dtype=torch.uint8)

@@ -37,6 +37,7 @@ LABELS = {"lung": 2, "bone": 3, "vessel": 4}
 # cortical and dense trabecular bone; vessel: contrast-enhanced blood (CTPA) below bone density.
 THRESHOLDS = {"lung": (-1000.0, -400.0), "bone": (400.0, math.inf), "vessel": (150.0, 400.0)}
 BODY_HU = -500.0  # body outline threshold when no labels are given (lungs are filled in per slice)
+NOT_BODY_LABELS = (8,)  # label values outside the patient: 8 = scanner table (x2ct_framework.phantom)
 
 
 # ---- conversions and masks --------------------------------------------------------------------
@@ -72,9 +73,14 @@ def _spacing_zyx(batch: dict, b: int, device, default: float = 1.0) -> torch.Ten
     return sp.flip(-1)
 
 
-def _fill_holes_axial(mask: np.ndarray) -> np.ndarray:
-    from scipy.ndimage import binary_fill_holes
+def _body_from_threshold(mask: np.ndarray) -> np.ndarray:
+    """The largest connected component of ``mask`` [D, H, W] with holes filled per axial slice."""
+    from scipy.ndimage import binary_fill_holes, label
 
+    comp, n = label(mask)
+    if n > 1:
+        sizes = np.bincount(comp.ravel())[1:]
+        mask = comp == (int(np.argmax(sizes)) + 1)
     out = np.empty_like(mask)
     for z in range(mask.shape[0]):
         out[z] = binary_fill_holes(mask[z])
@@ -82,11 +88,18 @@ def _fill_holes_axial(mask: np.ndarray) -> np.ndarray:
 
 
 def body_mask(target_hu: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-    """Body region [B, 1, D, H, W]: labels > 0, else target > BODY_HU with holes filled per axial slice."""
+    """Body region [B, 1, D, H, W].
+
+    With labels: every labelled voxel except ``NOT_BODY_LABELS`` (the scanner table of the
+    framework's phantom). Without: the target above ``BODY_HU``, its largest connected component
+    (which drops a separate table and stray voxels), holes filled per axial slice (the lungs).
+    """
     if labels is not None:
-        return labels.reshape(target_hu.shape) > 0
+        labels = labels.reshape(target_hu.shape)
+        return (labels > 0) & ~torch.isin(labels, torch.tensor(NOT_BODY_LABELS, device=labels.device,
+                                                                dtype=labels.dtype))
     m = (target_hu > BODY_HU).cpu().numpy()
-    filled = np.stack([_fill_holes_axial(c[0])[None] for c in m])
+    filled = np.stack([_body_from_threshold(c[0])[None] for c in m])
     return torch.from_numpy(filled).to(target_hu.device)
 
 
