@@ -31,7 +31,7 @@ def _suffix(path: Path) -> str:
     return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower()
 
 
-def _is_dicom(path: Path) -> bool:
+def is_dicom(path: Path) -> bool:
     if _suffix(path) in DICOM_SUFFIXES:
         return True
     try:
@@ -72,7 +72,7 @@ def read_xray(path: str | Path, normalize: str = "auto") -> torch.Tensor:
         raise DataError(f"{path}: X-ray image not found (expected a PNG, JPEG, TIFF, DICOM, NIfTI or .npy file)")
     suffix = _suffix(path)
     try:
-        if _is_dicom(path):
+        if is_dicom(path):
             import pydicom
 
             ds = pydicom.dcmread(str(path))
@@ -118,6 +118,19 @@ def read_xray(path: str | Path, normalize: str = "auto") -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(_normalise(a, normalize, path)))[None]
 
 
+def _nifti_reader(path) -> tuple[torch.Tensor, np.ndarray]:
+    """NIfTI through nibabel, which refuses truncated files (SimpleITK fills the missing part with zeros)."""
+    import nibabel as nib
+
+    img = nib.load(str(path))
+    data = np.asanyarray(img.dataobj)
+    if data.ndim == 3:
+        data = data[None]
+    elif data.ndim == 4:
+        data = np.moveaxis(data, -1, 0)
+    return torch.from_numpy(np.ascontiguousarray(data)), img.affine
+
+
 def read_torchio(path: str | Path, label: bool = False, canonical: bool = True):
     """A CT (or label map with ``label=True``) as a loaded ``torchio`` image, reoriented to the canonical code."""
     import torchio as tio
@@ -129,7 +142,7 @@ def read_torchio(path: str | Path, label: bool = False, canonical: bool = True):
         raise DataError(f"{path}: empty folder (expected a DICOM series)")
     cls = tio.LabelMap if label else tio.ScalarImage
     try:
-        image = cls(path)
+        image = cls(path, reader=_nifti_reader) if _suffix(path) in NIFTI_SUFFIXES else cls(path)
         image.load()
     except Exception as exc:
         kind = "label map" if label else "CT volume"

@@ -1,0 +1,135 @@
+"""The synthetic chest phantom: determinism, anatomy in the right place, realistic HU, any resolution."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from x2ct_framework.phantom import LABELS, chest_phantom
+
+BACKGROUND, SOFT, LUNG, BONE, VESSEL, HEART, FAT, AIR, TABLE = range(9)
+
+
+@pytest.fixture(scope="module")
+def case32():
+    return chest_phantom(32, seed=5)
+
+
+def centroid(mask: torch.Tensor) -> torch.Tensor:
+    """(d, h, w) centre of a mask, as fractions of the grid (0 = first voxel edge, 1 = last)."""
+    idx = mask.nonzero().float() + 0.5
+    return idx.mean(0) / torch.tensor(mask.shape, dtype=torch.float32)
+
+
+def test_deterministic_and_seeded(case32):
+    hu, labels = case32
+    hu2, labels2 = chest_phantom(32, seed=5)
+    assert torch.equal(hu, hu2) and torch.equal(labels, labels2)
+    other, _ = chest_phantom(32, seed=6)
+    assert (other - hu).abs().mean() > 20.0
+    assert hu.dtype == torch.float32 and labels.dtype == torch.uint8
+    assert torch.equal(hu, hu.round())  # integer HU, as a scanner stores them
+
+
+def test_label_numbers_follow_the_framework_convention():
+    assert [LABELS[i] for i in range(5)] == ["background", "soft_tissue", "lung", "bone", "vessel"]
+
+
+@pytest.mark.parametrize("shape", [16, 24, (20, 16, 24)])
+def test_any_resolution(shape):
+    hu, labels = chest_phantom(shape, seed=1)
+    expect = (shape,) * 3 if isinstance(shape, int) else shape
+    assert hu.shape == expect and labels.shape == expect
+    assert {SOFT, LUNG, BONE} <= set(labels.unique().tolist())
+
+
+def test_realistic_hu_per_structure(case32):
+    hu, labels = case32
+    med = {k: float(hu[labels == k].median()) for k in (SOFT, LUNG, BONE, VESSEL, FAT)}
+    assert -900 < med[LUNG] < -750
+    assert -130 < med[FAT] < -50
+    assert 0 < med[SOFT] < 120
+    assert 150 < med[VESSEL] < 600  # contrast-filled (CTPA)
+    assert med[BONE] > 200
+    assert float(hu[labels == BACKGROUND].median()) == -1000.0
+    assert float(hu.min()) >= -1024 and float(hu.max()) <= 3071
+
+
+def test_anatomy_is_in_the_canonical_places(case32):
+    """D: head -> feet, H: anterior -> posterior, W: patient right -> left (x2ct_framework.io)."""
+    _, labels = case32
+    w = labels.shape[2]
+    lung = labels == LUNG
+    right, left = lung[:, :, : w // 2].sum(), lung[:, :, w // 2:].sum()
+    assert right > 0.3 * lung.sum() and left > 0.3 * lung.sum()  # two lungs
+    bone_h = centroid(labels == BONE)[1]
+    heart = centroid(labels == HEART)
+    assert heart[2] > 0.5  # heart to the patient's left
+    assert heart[1] < bone_h  # anterior of the spine and ribs' centre
+    assert centroid(lung)[0] < heart[0]  # lungs reach higher than the heart
+    spine = (labels == BONE)[:, :, w // 2 - 1: w // 2 + 1]
+    assert centroid(spine)[1] > 0.55  # the spine is posterior
+    assert (labels == TABLE).any() and centroid(labels == TABLE)[1] > 0.85  # table under the back
+
+
+def test_same_patient_at_every_resolution():
+    fine, lf = chest_phantom(48, seed=2, noise_hu=0.0)
+    coarse, lc = chest_phantom(24, seed=2, noise_hu=0.0)
+    pooled = F.avg_pool3d(fine[None, None], 2)[0, 0]
+    assert (pooled - coarse).abs().mean() < 60.0  # the same anatomy, partial volume aside
+    other, _ = chest_phantom(24, seed=3, noise_hu=0.0)
+    assert (other - coarse).abs().mean() > 1.5 * (pooled - coarse).abs().mean()
+    lung_fine = F.avg_pool3d((lf == LUNG).float()[None, None], 2)[0, 0] > 0.5
+    lung_coarse = lc == LUNG
+    dice = 2 * (lung_fine & lung_coarse).sum() / (lung_fine.sum() + lung_coarse.sum())
+    assert dice > 0.85
+
+
+def test_vessel_trees_reach_down_to_the_voxel_size():
+    """Finer grids add thinner branches: the vessel share inside the lungs grows and stays connected."""
+    shares = []
+    for res in (24, 48):
+        hu, labels = chest_phantom(res, seed=4, noise_hu=0.0)
+        thorax = (labels == LUNG) | (labels == VESSEL)
+        dense = thorax & (hu > -500)
+        shares.append(float(dense.sum()) / float(thorax.sum()))
+    assert shares[0] > 0.005 and shares[1] > 0.005
+    _, labels = chest_phantom(48, seed=4, noise_hu=0.0)
+    # vessels run inside the lungs (lung voxels next to vessel voxels)
+    vessel = (labels == VESSEL).float()[None, None]
+    near = F.max_pool3d(vessel, 3, stride=1, padding=1)[0, 0] > 0
+    assert int(((labels == LUNG) & near).sum()) > 100
+
+
+def test_per_case_variation():
+    bodies = []
+    for seed in range(4):
+        _, labels = chest_phantom(24, seed=seed)
+        body = (labels != BACKGROUND) & (labels != TABLE)
+        bodies.append((float(body.sum()), *centroid(labels == HEART).tolist()))
+    sizes = torch.tensor(bodies)
+    assert (sizes.std(0) > 0).all()
+
+
+def test_table_is_optional():
+    _, labels = chest_phantom(16, seed=0, table=False)
+    assert not (labels == TABLE).any()
+
+
+def test_disk_cache(tmp_path):
+    hu, labels = chest_phantom(16, seed=9, cache_dir=tmp_path)
+    files = list(tmp_path.glob("*.pt"))
+    assert len(files) == 1
+    hu2, labels2 = chest_phantom(16, seed=9, cache_dir=tmp_path)
+    assert torch.equal(hu, hu2) and torch.equal(labels, labels2)
+    files[0].write_bytes(b"damaged")
+    hu3, _ = chest_phantom(16, seed=9, cache_dir=tmp_path)  # a damaged file is rebuilt, not fatal
+    assert torch.equal(hu, hu3)
+
+
+def test_bad_resolution():
+    with pytest.raises(ValueError, match="resolution"):
+        chest_phantom((16, 16), seed=0)
+    with pytest.raises(ValueError, match="at least 2"):
+        chest_phantom(1, seed=0)
