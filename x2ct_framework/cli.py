@@ -11,6 +11,7 @@ from .run import add_run_arguments, report_errors, run
 def validate(args: argparse.Namespace) -> int:
     """Build every component of every stage without training."""
     from .build import (build_dataset, build_losses, build_metrics, build_model, load_recipe_plugins, stages)
+    from .model_info import describe_for_sample
     from .recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
@@ -20,11 +21,13 @@ def validate(args: argparse.Namespace) -> int:
     for stage in stages(recipe):
         model = build_model(recipe, stage)
         losses = build_losses(recipe, stage)
-        sizes = {split: len(build_dataset(recipe, stage, split)) for split in ("train", "val")}
+        datasets = {split: build_dataset(recipe, stage, split) for split in ("train", "val")}
+        sizes = {split: len(ds) for split, ds in datasets.items()}
         n_params = sum(p.numel() for p in model.parameters())
         terms = ", ".join(f"{t.name}x{t.weight:g}" for t in losses.terms)
         print(f"  {stage.name}: {stage.resolution}^3, model {recipe['model']['name']} ({n_params / 1e6:.2f} M params), "
               f"losses {terms or 'none'}, train {sizes['train']} / val {sizes['val']} cases")
+        print(f"    model: {describe_for_sample(model, datasets['train'][0])}")
     print("ok")
     return 0
 

@@ -1,94 +1,193 @@
-"""``vit_cascade``: X-ray views -> back-projected token grid -> 3D transformer -> CT volume."""
+"""``vit_cascade``: the hybrid ViT cascade that regresses a CT volume from any number of X-ray views.
+
+X-ray views -> shared timm 2D encoder -> each view's features back-projected along its rays into a
+G^3 token grid -> views fused (order-independent, with an angle embedding per view) -> 3D
+transformer over the G^3 tokens -> 3D decoder that grows a prediction from G^3 to R^3 through
+``decoder_levels`` levels, each adding a residual to the upsampled prediction of the level before,
+with skip features back-projected from the finer encoder levels.
+
+Parameter shapes depend neither on the output resolution R nor on G nor on the number of views, so
+stage k loads stage k-1's checkpoint strictly. Parameter-name prefixes (for a stage's ``freeze``):
+
+- ``encoder.``      the 2D encoder (``encoder.body.`` is the timm network);
+- ``lift.``         per-level projections into the token grid, the angle embedding, the view fusion;
+- ``transformer.``  positional encoding, blocks (``transformer.blocks.N.``) and final norm;
+- ``decoder.``      ``decoder.coarse_head`` and ``decoder.stem`` (at the token grid), then
+  ``decoder.levels.N.`` (N = 0 coarsest) with their skip projection, fusion, block and head.
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from einops import rearrange
-from timm.layers import Mlp
-from torch.utils.checkpoint import checkpoint
 
 from x2ct_framework.hookspecs import hookimpl
-from x2ct_framework.physics import backproject
+
+from .layers import (AngleEmbedding, Block, ConvBlock3d, FourierPositions, ViewEncoder, ViewFusion, check_inputs,
+                     level_sizes, lift, maybe_checkpoint, resize3d)
+
+TOKEN_PRESETS = {24: "the user's stage 2: 24^3 = 13,824 tokens, 128 / 24 = 5.3x downsampling",
+                 32: "future work: 32^3 = 32,768 tokens, 128 / 32 = 4x downsampling"}
 
 
-class Attention(nn.Module):
-    def __init__(self, dim: int, heads: int):
+class DecoderLevel(nn.Module):
+    """One decoder level at ``size^3``: skip features lifted from an encoder level, a 3D block, a residual head."""
+
+    def __init__(self, cin: int, cout: int, enc_channels: int, skip_channels: int, angle_dim: int, source: int):
         super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(dim, dim * 3)
-        self.proj = nn.Linear(dim, dim)
+        self.source = source
+        self.skip_proj = nn.Conv2d(enc_channels, skip_channels, 1)
+        self.fuse = ViewFusion(skip_channels, angle_dim)
+        self.block = ConvBlock3d(cin + skip_channels + 1, cout)
+        self.head = nn.Conv3d(cout, 1, 1)
+        nn.init.trunc_normal_(self.head.weight, std=0.02)
+        nn.init.zeros_(self.head.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
-        out = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(rearrange(out, "b h n d -> b n (h d)"))
-
-
-class Block(nn.Module):
-    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
-        self.attn = Attention(dim, heads)
-        self.norm2 = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+    def forward(self, h: torch.Tensor, base: torch.Tensor, skip2d: torch.Tensor, geometry: dict,
+                angle_emb: torch.Tensor, size: int, channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        b = skip2d.shape[0]
+        s = self.skip_proj(rearrange(skip2d, "b v c h w -> (b v) c h w"))
+        s = self.fuse(lift(rearrange(s, "(b v) c h w -> b v c h w", b=b), geometry, size), angle_emb)
+        x = torch.cat([resize3d(h, size), s, base], dim=1)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last_3d)
+        h = self.block(x)
+        return h, base + self.head(h)
 
 
 class ViTCascade(nn.Module):
-    """Hybrid ViT regressor: shared 2D encoder, geometric lifting, 3D transformer, 3D decoder."""
+    """Hybrid ViT cascade: ``model(xrays [B, V, 1, H, W], geometry, prev=None) -> [B, 1, R, R, R]``.
 
-    def __init__(self, *, resolution: int, tokens: int = 24, dim: int = 96, depth: int = 4, heads: int = 4,
-                 channels: int = 32, gradient_checkpointing: bool = False):
+    Options (recipe ``[model]``):
+        resolution: output size R (from the stage unless set).
+        tokens: token grid G (G^3 tokens); 24 and 32 are the named presets, any integer >= 2 works.
+        dim, depth, heads, mlp_ratio, drop_path: the 3D transformer (width, blocks, heads, MLP width
+            factor, stochastic depth rate reached linearly at the last block).
+        channels: decoder width at the finest level; each coarser level doubles it.
+        decoder_levels: decoder levels between the token grid and R (each with a skip and a head).
+        encoder: any timm model name that supports ``features_only`` (CNNs, and ViTs with
+            ``encoder_kwargs = { img_size = ... }``); shared by all views.
+        pretrained, pretrained_file: load the encoder's pretrained weights from timm's local cache or
+            from a file; default off.
+        encoder_kwargs: extra keyword arguments for ``timm.create_model``.
+        angle_frequencies: Fourier frequencies of the per-view angle embedding.
+        gradient_checkpointing: recompute each transformer block and decoder level in the backward
+            pass (from ``train.gradient_checkpointing`` unless set).
+        channels_last: run the 3D decoder in channels-last memory format (faster on CPU and GPU).
+    """
+
+    def __init__(self, *, resolution: int, tokens: int = 24, dim: int = 256, depth: int = 6, heads: int = 4,
+                 mlp_ratio: float = 4.0, drop_path: float = 0.0, channels: int = 16, decoder_levels: int = 3,
+                 encoder: str = "resnet18", pretrained: bool = False, pretrained_file: str = "",
+                 encoder_kwargs: dict | None = None, angle_frequencies: int = 4,
+                 gradient_checkpointing: bool = False, channels_last: bool = True):
         super().__init__()
-        if tokens < 2 or resolution < tokens:
-            raise ValueError(f"tokens must be >= 2 and <= resolution ({resolution}), got {tokens}")
+        for key, value, low in (("resolution", resolution, 1), ("tokens", tokens, 2), ("dim", dim, 1),
+                                ("depth", depth, 1), ("heads", heads, 1), ("channels", channels, 1),
+                                ("decoder_levels", decoder_levels, 1), ("angle_frequencies", angle_frequencies, 1)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"{key} must be an integer >= {low}, got {value!r}")
         if dim % heads:
             raise ValueError(f"dim ({dim}) must be divisible by heads ({heads})")
-        self.resolution, self.tokens = resolution, tokens
-        self.gradient_checkpointing = gradient_checkpointing
-        self.encoder = nn.Sequential(
-            nn.Conv2d(1, channels, 3, padding=1), nn.GELU(),
-            nn.Conv2d(channels, dim, 3, padding=1), nn.GELU(),
-        )
-        self.angle_embed = nn.Linear(2, dim)
-        self.pos = nn.Parameter(torch.zeros(1, tokens**3, dim))
-        nn.init.trunc_normal_(self.pos, std=0.02)
-        self.blocks = nn.ModuleList(Block(dim, heads) for _ in range(depth))
-        self.norm = nn.LayerNorm(dim)
-        self.decoder = nn.Sequential(
-            nn.Conv3d(dim + 1, channels, 3, padding=1), nn.GELU(),
-            nn.Conv3d(channels, channels, 3, padding=1), nn.GELU(),
-            nn.Conv3d(channels, 1, 1),
-        )
+        if not mlp_ratio > 0:
+            raise ValueError(f"mlp_ratio must be positive, got {mlp_ratio!r}")
+        if not 0.0 <= drop_path < 1.0:
+            raise ValueError(f"drop_path must be in [0, 1), got {drop_path!r}")
+        if encoder_kwargs is not None and not isinstance(encoder_kwargs, dict):
+            raise ValueError(f"encoder_kwargs must be a table of timm.create_model arguments, got {encoder_kwargs!r}")
+        self.resolution, self.tokens, self.dim = resolution, tokens, dim
+        self.gradient_checkpointing, self.channels_last = bool(gradient_checkpointing), bool(channels_last)
+        angle_dim = min(dim, 64)
+
+        self.encoder = ViewEncoder(encoder, pretrained, pretrained_file, encoder_kwargs)
+        self.lift = nn.Module()
+        self.lift.angles = AngleEmbedding(angle_dim, angle_frequencies)
+        self.lift.proj = nn.ModuleList(nn.Conv2d(c, dim, 1) for c in self.encoder.channels)
+        self.lift.fuse = ViewFusion(dim, angle_dim)
+
+        self.transformer = nn.Module()
+        self.transformer.pos = FourierPositions(dim)
+        rates = torch.linspace(0, drop_path, depth).tolist()
+        self.transformer.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio, r) for r in rates)
+        self.transformer.norm = nn.LayerNorm(dim)
+
+        widths = [channels * 2 ** (decoder_levels - i) for i in range(decoder_levels + 1)]
+        n_enc = len(self.encoder.channels)
+        self.decoder = nn.Module()
+        self.decoder.coarse_head = nn.Conv3d(dim, 1, 1)
+        self.decoder.stem = nn.Conv3d(dim, widths[0], 1)
+        levels = []
+        for i in range(decoder_levels):
+            source = min(decoder_levels - 1 - i, n_enc - 1)  # finest decoder level <- finest encoder level
+            levels.append(DecoderLevel(widths[i], widths[i + 1], self.encoder.channels[source],
+                                       max(widths[i + 1] // 2, 4), angle_dim, source))
+        self.decoder.levels = nn.ModuleList(levels)
+        for part in (self.lift, self.transformer, self.decoder):  # the encoder keeps timm's (or pretrained) init
+            part.apply(_init)
+
+    @property
+    def level_sizes(self) -> list[int]:
+        return level_sizes(self.tokens, self.resolution, len(self.decoder.levels))
+
+    def _checkpointing(self) -> bool:
+        return self.gradient_checkpointing and self.training
+
+    def encode(self, xrays: torch.Tensor, geometry: dict) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Per-view encoder features (finest first) and per-view angle embeddings ``[B, V, A]``."""
+        return self.encoder(xrays), self.lift.angles(geometry["angles"].to(xrays.device))
+
+    def lift_tokens(self, feats: list[torch.Tensor], geometry: dict, angle_emb: torch.Tensor) -> torch.Tensor:
+        """Project every encoder level to ``dim``, back-project into G^3 and fuse the views: ``[B, dim, G, G, G]``."""
+        g = self.tokens
+        b = feats[0].shape[0]
+        plane = 0
+        for proj, f in zip(self.lift.proj, feats):
+            f2 = proj(rearrange(f, "b v c h w -> (b v) c h w"))
+            if tuple(f2.shape[-2:]) != (g, g):
+                f2 = nn.functional.interpolate(f2, size=(g, g), mode="bilinear", align_corners=False,
+                                               antialias=g < min(f2.shape[-2:]))
+            plane = plane + f2
+        lifted = lift(rearrange(plane, "(b v) c h w -> b v c h w", b=b), geometry, g)
+        return self.lift.fuse(lifted, angle_emb)
+
+    def lift_views(self, xrays: torch.Tensor, geometry: dict) -> torch.Tensor:
+        """The fused token features ``[B, dim, G, G, G]`` before the transformer (independent of view order)."""
+        check_inputs("vit_cascade", xrays, geometry)
+        feats, emb = self.encode(xrays, geometry)
+        return self.lift_tokens(feats, geometry, emb)
+
+    def transform(self, grid: torch.Tensor) -> torch.Tensor:
+        g = self.tokens
+        x = rearrange(grid, "b c d h w -> b (d h w) c") + self.transformer.pos(g).to(grid.dtype)
+        for blk in self.transformer.blocks:
+            x = maybe_checkpoint(self._checkpointing(), blk, x)
+        return rearrange(self.transformer.norm(x), "b (d h w) c -> b c d h w", d=g, h=g, w=g)
+
+    def decode(self, x: torch.Tensor, feats: list[torch.Tensor], geometry: dict, angle_emb: torch.Tensor,
+               prev: torch.Tensor | None = None) -> torch.Tensor:
+        y = self.decoder.coarse_head(x)
+        h = self.decoder.stem(x)
+        sizes = self.level_sizes
+        for i, (level, size) in enumerate(zip(self.decoder.levels, sizes)):
+            last = i == len(sizes) - 1
+            base = resize3d(prev.to(y.dtype) if last and prev is not None else y, size)
+            h, y = maybe_checkpoint(self._checkpointing(), level, h, base, feats[level.source], geometry, angle_emb,
+                                    size, self.channels_last)
+        return y.contiguous()
 
     def forward(self, xrays: torch.Tensor, geometry: dict, prev: torch.Tensor | None = None) -> torch.Tensor:
-        b, v = xrays.shape[:2]
-        g = self.tokens
-        feats = self.encoder(rearrange(xrays, "b v c h w -> (b v) c h w"))
-        feats = F.adaptive_avg_pool2d(feats, (g, g))
-        feats = rearrange(feats, "(b v) c h w -> b v c h w", b=b)
-        lifted = backproject(feats, geometry, (g, g, g))  # [B, V, C, G, G, G]
-        theta = torch.deg2rad(geometry["angles"].to(xrays))
-        angle = self.angle_embed(torch.stack([torch.cos(theta), torch.sin(theta)], -1))  # [B, V, C]
-        lifted = lifted + angle[..., None, None, None]
-        fused = lifted.mean(dim=1)  # order-independent over views
-        x = rearrange(fused, "b c d h w -> b (d h w) c") + self.pos
-        for blk in self.blocks:
-            if self.gradient_checkpointing and self.training:
-                x = checkpoint(blk, x, use_reentrant=False)
-            else:
-                x = blk(x)
-        x = rearrange(self.norm(x), "b (d h w) c -> b c d h w", d=g, h=g, w=g)
-        r = self.resolution
-        x = F.interpolate(x, size=(r, r, r), mode="trilinear", align_corners=False)
-        base = (F.interpolate(prev, size=(r, r, r), mode="trilinear", align_corners=False)
-                if prev is not None else torch.zeros_like(x[:, :1]))
-        return base + self.decoder(torch.cat([x, base], dim=1))
+        check_inputs("vit_cascade", xrays, geometry, prev)
+        feats, emb = self.encode(xrays, geometry)
+        x = self.transform(self.lift_tokens(feats, geometry, emb))
+        return self.decode(x, feats, geometry, emb, prev)
+
+
+def _init(m: nn.Module) -> None:
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
 
 
 @hookimpl

@@ -1,0 +1,116 @@
+"""``cnn_baseline``: an X2CT-GAN-style convolutional generator, the reference the ViT cascade is compared with.
+
+As in X2CT-GAN (Ying et al., CVPR 2019): a 2D CNN encoder per view, every encoder level expanded
+from 2D to 3D by replicating it along the view's rays (here the geometry-aware back-projection, which
+for PA + lateral parallel beams is X2CT-GAN's repeat-and-permute), the views fused by averaging,
+and a 3D U-Net-like decoder that upsamples level by level with those fused skips. No attention.
+
+Parameter-name prefixes (for a stage's ``freeze``): ``encoders.N.`` (one per view, or ``encoders.0.``
+when shared), ``lift.N.`` (2D projections before the expansion, N = 0 finest), ``decoder.``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from einops import rearrange, reduce
+
+from x2ct_framework.hookspecs import hookimpl
+
+from .layers import ConvBlock3d, check_inputs, lift, maybe_checkpoint, resize3d
+
+
+class Encoder2d(nn.Module):
+    """Plain 2D CNN: a stem, then ``levels`` stride-2 residual stages; returns all levels finest first."""
+
+    def __init__(self, widths: list[int]):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, widths[0], 3, padding=1, bias=False),
+                                  nn.InstanceNorm2d(widths[0], affine=True), nn.ReLU(inplace=True))
+        self.stages = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False),
+                          nn.InstanceNorm2d(cout, affine=True), nn.ReLU(inplace=True),
+                          nn.Conv2d(cout, cout, 3, padding=1, bias=False),
+                          nn.InstanceNorm2d(cout, affine=True), nn.ReLU(inplace=True))
+            for cin, cout in zip(widths[:-1], widths[1:]))
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        feats = [self.stem(x)]
+        for stage in self.stages:
+            feats.append(stage(feats[-1]))
+        return feats
+
+
+class CNNBaseline(nn.Module):
+    """X2CT-GAN-style generator: ``model(xrays [B, V, 1, H, W], geometry, prev=None) -> [B, 1, R, R, R]``.
+
+    Options: ``channels`` (encoder width at full image resolution, doubled per level), ``levels``
+    (stride-2 encoder stages = decoder upsampling steps), ``share_encoder`` (one encoder for all
+    views, which then accepts any number of views in any order; otherwise one encoder per view of
+    ``views``, as in X2CT-GAN, and the view count is fixed), ``gradient_checkpointing``,
+    ``channels_last``. ``prev``, when given, is upsampled and the network predicts a residual over it.
+    """
+
+    def __init__(self, *, resolution: int, views: list[float] = (0.0, 90.0), channels: int = 32, levels: int = 4,
+                 share_encoder: bool = False, gradient_checkpointing: bool = False, channels_last: bool = True):
+        super().__init__()
+        for key, value, low in (("resolution", resolution, 1), ("channels", channels, 1), ("levels", levels, 1)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"{key} must be an integer >= {low}, got {value!r}")
+        if not isinstance(views, (list, tuple)) or len(views) < 1:
+            raise ValueError(f"views must list at least one gantry angle, got {views!r}")
+        self.resolution, self.levels = resolution, levels
+        self.num_views = None if share_encoder else len(views)
+        self.gradient_checkpointing, self.channels_last = bool(gradient_checkpointing), bool(channels_last)
+        enc = [channels * 2 ** min(i, 3) for i in range(levels + 1)]  # widths stop doubling after 3 levels
+        dec = [max(c // 2, 4) for c in enc]
+        self.encoders = nn.ModuleList(Encoder2d(enc) for _ in range(1 if share_encoder else len(views)))
+        self.lift = nn.ModuleList(nn.Conv2d(ce, cd, 1) for ce, cd in zip(enc, dec))
+        self.decoder = nn.Module()
+        self.decoder.bottleneck = ConvBlock3d(dec[-1], dec[-1])
+        self.decoder.blocks = nn.ModuleList(ConvBlock3d(dec[i + 1] + dec[i], dec[i]) for i in range(levels))
+        self.decoder.head = nn.Conv3d(dec[0], 1, 1)
+
+    @property
+    def level_sizes(self) -> list[int]:
+        """3D grid size per encoder level, finest (= R) first."""
+        return [max(1, round(self.resolution / 2 ** i)) for i in range(self.levels + 1)]
+
+    def encode(self, xrays: torch.Tensor) -> list[torch.Tensor]:
+        """Per-view features ``[B, V, C_l, h_l, w_l]`` for every level, finest first."""
+        b, v = xrays.shape[:2]
+        if len(self.encoders) == 1:
+            feats = self.encoders[0](rearrange(xrays, "b v c h w -> (b v) c h w"))
+            return [rearrange(f, "(b v) c h w -> b v c h w", b=b) for f in feats]
+        per_view = [enc(xrays[:, i]) for i, enc in enumerate(self.encoders)]
+        return [torch.stack(level, dim=1) for level in zip(*per_view)]
+
+    def _expand(self, level: int, feats: torch.Tensor, geometry: dict) -> torch.Tensor:
+        """2D -> 3D for one level: project, back-project along the rays, average the views."""
+        b = feats.shape[0]
+        f = self.lift[level](rearrange(feats, "b v c h w -> (b v) c h w"))
+        lifted = lift(rearrange(f, "(b v) c h w -> b v c h w", b=b), geometry, self.level_sizes[level])
+        return reduce(lifted, "b v c d h w -> b c d h w", "mean")
+
+    def _up(self, level: int, z: torch.Tensor, feats: torch.Tensor, geometry: dict) -> torch.Tensor:
+        x = torch.cat([resize3d(z, self.level_sizes[level]), self._expand(level, feats, geometry)], dim=1)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last_3d)
+        return self.decoder.blocks[level](x)
+
+    def forward(self, xrays: torch.Tensor, geometry: dict, prev: torch.Tensor | None = None) -> torch.Tensor:
+        check_inputs("cnn_baseline", xrays, geometry, prev, views=self.num_views)
+        feats = self.encode(xrays)
+        ckpt = self.gradient_checkpointing and self.training
+        z = self.decoder.bottleneck(self._expand(self.levels, feats[-1], geometry))
+        for level in reversed(range(self.levels)):
+            z = maybe_checkpoint(ckpt, self._up, level, z, feats[level], geometry)
+        out = self.decoder.head(z).contiguous()
+        if prev is not None:
+            out = out + resize3d(prev.to(out.dtype), self.resolution)
+        return out
+
+
+@hookimpl
+def register_models(register):
+    register("cnn_baseline", CNNBaseline)
