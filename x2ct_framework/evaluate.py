@@ -118,26 +118,31 @@ def resolve_target(path: str | Path, recipe_path: str | Path | None = None, over
     return Target(recipe, chosen, ckpt, run_dir)
 
 
+def data_options_with_defaults(recipe: Recipe, stage: Stage) -> dict[str, Any]:
+    """The stage's data options, completed with the dataset plugin's own keyword defaults, so what
+    the data used is known even for options the recipe left out (views, geometry, hu_window, ...)."""
+    import inspect
+
+    from .plugins import get_plugin_manager
+
+    opts = data_options(recipe, stage)
+    reg = get_plugin_manager().registry("dataset")
+    if opts.get("name") not in reg:
+        return opts
+    factory = reg.get(opts["name"]).factory
+    try:
+        params = inspect.signature(factory.__init__ if inspect.isclass(factory) else factory).parameters
+    except (TypeError, ValueError):
+        return opts
+    out = {k: p.default for k, p in params.items()
+           if k not in ("self", "split", "stage") and p.default is not inspect.Parameter.empty}
+    out.update(opts)
+    return out
+
+
 def hu_window_of(recipe: Recipe, stage: Stage) -> tuple[float, float]:
     """The HU window that scales the stage's data to [0, 1]: the recipe's, else the dataset's default."""
-    opts = data_options(recipe, stage)
-    hw = opts.get("hu_window")
-    if hw is None:
-        import inspect
-
-        from .plugins import get_plugin_manager
-
-        reg = get_plugin_manager().registry("dataset")
-        if opts.get("name") in reg:
-            factory = reg.get(opts["name"]).factory
-            target = factory.__init__ if inspect.isclass(factory) else factory
-            try:
-                param = inspect.signature(target).parameters.get("hu_window")
-            except (TypeError, ValueError):
-                param = None
-            if param is not None and param.default is not inspect.Parameter.empty:
-                hw = param.default
-    hw = hw if hw is not None else DEFAULT_HU_WINDOW
+    hw = data_options_with_defaults(recipe, stage).get("hu_window") or DEFAULT_HU_WINDOW
     return float(hw[0]), float(hw[1])
 
 
@@ -370,7 +375,7 @@ def write_outputs(ev: Evaluation, out_dir: str | Path) -> dict[str, Path]:
         w = csv.writer(f)
         w.writerow(["case_id", *keys])
         for i, cid in enumerate(ev.case_ids):
-            w.writerow([cid, *[("" if not np.isfinite(ev.values[k][i]) else f"{ev.values[k][i]:.6g}") for k in keys]])
+            w.writerow([cid, *[("" if not np.isfinite(ev.values[k][i]) else f"{ev.values[k][i]:.9g}") for k in keys]])
     (out / "summary.json").write_text(json.dumps(summary_json(ev), indent=2))
     (out / "summary.md").write_text(markdown(ev, out))
     ev.files = {"per_case": out / "per_case.csv", "summary_json": out / "summary.json", "summary_md": out / "summary.md"}

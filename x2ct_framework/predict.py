@@ -35,9 +35,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .build import data_options
 from .errors import DataError, X2CTError
-from .evaluate import Target, hu_window_of, load_model, pick_device, resolve_target
+from .evaluate import Target, data_options_with_defaults, hu_window_of, load_model, pick_device, resolve_target
 
 log = logging.getLogger("x2ct_framework.predict")
 
@@ -116,8 +115,8 @@ def read_geometry_file(path: Path) -> dict[str, Any]:
 
 
 def recipe_geometry_spec(target: Target) -> dict[str, Any]:
-    """The geometry the model was trained with, as a spec built from the recipe's data options."""
-    opts = data_options(target.recipe, target.stage)
+    """The geometry the model was trained with, from the recipe's data options (and the dataset's defaults)."""
+    opts = data_options_with_defaults(target.recipe, target.stage)
     params = _make_geometry_params()
     spec: dict[str, Any] = {"views": list(opts.get("views", []))}
     if not spec["views"]:
@@ -160,7 +159,7 @@ def training_inputs(target: Target) -> Training:
                         hu, res, geo, "a validation case of the training data")
     except Exception as exc:  # the data may live on another machine; the recipe still tells views
         log.info("training data not readable here (%s); taking views from the recipe", exc)
-    opts = data_options(target.recipe, target.stage)
+    opts = data_options_with_defaults(target.recipe, target.stage)
     views = [float(a) for a in opts.get("views", [])]
     size = opts.get("image_size") or None
     shape = (int(size), int(size)) if isinstance(size, int) and size > 0 else None
