@@ -380,3 +380,21 @@ def test_paired_xray_bad_input(tmp_path):
         create("paired_xray", root=str(tmp_path / "c"), split_fractions=[1, 0, 0])
     with pytest.raises(DataError, match="X-ray folder not found"):
         create("paired_xray", root=str(tmp_path / "zzz"))
+
+
+# ---- the batch contract (x2ct_framework.testing.check_dataset) ------------------------------------
+def test_every_dataset_meets_the_batch_contract(ct_root, h5_root, tmp_path):
+    from x2ct_framework.testing import check_dataset
+
+    hu, _ = chest_phantom(16, seed=3)
+    for i in range(2):
+        write_xray_case(tmp_path / "pairs" / f"p{i}", [0, 90], with_ct=hu)
+    datasets = [
+        create("synthetic_phantom", num_train=2, views=[0, 45, 90, 135]),
+        create("ct_folder", root=str(ct_root), label_suffix="_seg", split_fractions=[1, 0, 0]),
+        create("x2ctgan_h5", root=str(h5_root), resolution=12),
+        create("paired_xray", root=str(tmp_path / "pairs"), split_fractions=[1, 0, 0]),
+    ]
+    resolutions = [16, 16, 12, 16]
+    for ds, r in zip(datasets, resolutions):
+        assert check_dataset(ds, resolution=r)

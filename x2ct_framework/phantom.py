@@ -551,3 +551,59 @@ def chest_phantom(resolution: int | Sequence[int] = 64, seed: int = 0, *, volume
         torch.save({"hu": hu.to(torch.int16), "labels": canvas.labels}, tmp)
         tmp.replace(path)
     return hu, canvas.labels
+
+
+def save_figure(path: str | Path, resolution: int = 128, seed: int = 0, geometry: str = "x2ctgan",
+                image_size: int = 256) -> Path:
+    """A picture of one phantom: axial, coronal and sagittal slices, its label map, PA and lateral DRRs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .physics import drr, make_geometry
+
+    hu, labels = chest_phantom(resolution, seed)
+    window = (-1000.0, 3000.0)
+    ct01 = ((hu.clamp(*window) - window[0]) / (window[1] - window[0]))[None, None]
+    g = make_geometry([0.0, 90.0], geometry, volume_mm=320.0)
+    views = drr(ct01, g, window, det_shape=(image_size, image_size))[0, :, 0]
+    d, h, w = hu.shape
+    cuts = {"axial": (hu[int(0.42 * d)], labels[int(0.42 * d)]),
+            "coronal": (hu[:, int(0.45 * h)], labels[:, int(0.45 * h)]),
+            "sagittal": (hu[:, :, int(0.36 * w)], labels[:, :, int(0.36 * w)])}
+    fig, axes = plt.subplots(2, 4, figsize=(13, 6.6))
+    cmap = matplotlib.colors.ListedColormap(["black", "#c8a078", "#4a90d9", "white", "#d33030", "#e07ab0",
+                                             "#f0d050", "#40d0d0", "#808080"])
+    for j, (name, (img, lab)) in enumerate(cuts.items()):
+        axes[0, j].imshow(img, cmap="gray", vmin=-1000, vmax=500, interpolation="nearest")
+        axes[0, j].set_title(f"{name} (HU -1000..500)", fontsize=9)
+        axes[1, j].imshow(lab, cmap=cmap, vmin=-0.5, vmax=8.5, interpolation="nearest")
+        axes[1, j].set_title(f"{name} labels", fontsize=9)
+    axes[0, 3].imshow(views[0], cmap="gray", vmin=0, vmax=1)
+    axes[0, 3].set_title(f"PA DRR ({geometry})", fontsize=9)
+    axes[1, 3].imshow(views[1], cmap="gray", vmin=0, vmax=1)
+    axes[1, 3].set_title(f"lateral DRR ({geometry})", fontsize=9)
+    for ax in axes.flat:
+        ax.axis("off")
+    names = ", ".join(f"{k} {v}" for k, v in LABELS.items())
+    fig.suptitle(f"synthetic CTPA chest phantom, seed {seed}, {resolution}^3 over 320 mm; labels: {names}",
+                 fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Draw a phantom with its DRRs.")
+    parser.add_argument("png", help="output picture")
+    parser.add_argument("--resolution", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--geometry", default="x2ctgan")
+    args = parser.parse_args()
+    print(save_figure(args.png, args.resolution, args.seed, args.geometry))

@@ -82,26 +82,26 @@ def _rays(g: Mapping[str, torch.Tensor], det_shape: tuple[int, int]) -> tuple[to
 
 
 class _Group(NamedTuple):
-    """Views of a projection plan that share one slicing axis (0: slices normal to x, 1: normal to y)."""
+    """Views of one case that share a slicing axis (0: slices normal to x, 1: normal to y)."""
 
     axis: int
     views: list[int]
-    grid_a: torch.Tensor  # [B, n, h, w, 2]: normalised slice coordinates = grid_a + s * grid_k
+    grid_a: torch.Tensor  # [n, h, w, 2]: normalised slice coordinates = grid_a + s * grid_k
     grid_k: torch.Tensor
-    weight: torch.Tensor  # [B, n, 1, h, w]: path length of each ray through one slice
+    weight: torch.Tensor  # [n, 1, h, w]: path length of each ray through one slice
     s: torch.Tensor  # [T] slice positions in mm
+    grid: torch.Tensor | None  # [T, n * h, w, 2] precomputed when small enough, else built per chunk
 
 
 _PLANS: OrderedDict = OrderedDict()
-_PLAN_CACHE_SIZE = 16
+_PLAN_CACHE_SIZE = 8
+GRID_CACHE_ELEMS = 1 << 23  # precompute a group's sampling grid up to this many numbers (32 MB in float32)
 
 
 def _plan(g: Mapping[str, torch.Tensor], det_shape: tuple[int, int], shape: tuple[int, int, int],
-          vox: torch.Tensor, centre: torch.Tensor) -> list[_Group] | None:
-    """Per-ray slice coordinates for every view, cached like an FFT plan (geometry rarely changes).
-
-    Returns None when cases of the batch slice their views along different axes.
-    """
+          vox: torch.Tensor, centre: torch.Tensor) -> list[_Group]:
+    """Per-ray slice coordinates of one case's views (``g`` batched for one case), cached like an FFT
+    plan: training projects with the same geometry at every step."""
     dev, dt = g["angles"].device, g["angles"].dtype
     key = (tuple((k, tuple(t.shape), tuple(t.flatten().tolist())) for k, t in sorted(g.items())), det_shape, shape,
            tuple(vox.tolist()), tuple(centre.tolist()), str(dev), dt)
@@ -109,58 +109,69 @@ def _plan(g: Mapping[str, torch.Tensor], det_shape: tuple[int, int], shape: tupl
         _PLANS.move_to_end(key)
         return _PLANS[key]
     d, hh, ww = shape
-    ray = view_frames(g)["ray"]
-    axis = (ray[..., 1].abs() >= ray[..., 0].abs()).long()  # [B, V]
-    if not bool((axis == axis[:1]).all()):
-        return None
+    h, w = det_shape
+    ray = view_frames(g)["ray"][0]
+    axis = (ray[:, 1].abs() >= ray[:, 0].abs()).long()  # [V]
     origin, direction = _rays(g, det_shape)
+    origin, direction = origin[0], direction[0]
     ext = vox * torch.tensor([ww, hh, d], dtype=vox.dtype)
     groups = []
     for a in (0, 1):
-        views = axis[0].eq(a).nonzero().flatten().tolist()
+        views = axis.eq(a).nonzero().flatten().tolist()
         if not views:
             continue
         other = 1 - a
-        org, dirn = origin[:, views], direction[:, views]
+        org, dirn = origin[views], direction[views]
         ra = dirn[..., a]
         k = torch.stack([dirn[..., other], dirn[..., 2]], -1) / ra[..., None]
         a0 = torch.stack([org[..., other], org[..., 2]], -1) - org[..., a:a + 1] * k
         half = torch.tensor([float(ext[other]) / 2, float(ext[2]) / 2], device=dev, dtype=dt)
         ctr = torch.tensor([float(centre[other]), float(centre[2])], device=dev, dtype=dt)
-        weight = (float(vox[a]) * dirn.norm(dim=-1) / ra.abs())[:, :, None]
+        weight = (float(vox[a]) * dirn.norm(dim=-1) / ra.abs())[:, None]
         t_count = ww if a == 0 else hh
         s = (torch.arange(t_count, device=dev, dtype=dt) + 0.5 - t_count / 2) * float(vox[a]) + float(centre[a])
-        groups.append(_Group(a, views, (a0 - ctr) / half, k / half, weight, s))
+        grid_a, grid_k = (a0 - ctr) / half, k / half
+        grid = None
+        if t_count * len(views) * h * w * 2 <= GRID_CACHE_ELEMS:
+            grid = _grid(grid_a, grid_k, s)
+        groups.append(_Group(a, views, grid_a, grid_k, weight, s, grid))
+    groups.sort(key=lambda grp: grp.views[0])  # PA before lateral: the views often come out in order
     _PLANS[key] = groups
     while len(_PLANS) > _PLAN_CACHE_SIZE:
         _PLANS.popitem(last=False)
     return groups
 
 
+def _grid(grid_a: torch.Tensor, grid_k: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """Sampling grid ``[T, n * h, w, 2]`` of the slices at positions ``s`` for rays ``[n, h, w]``."""
+    n, h, w, _ = grid_a.shape
+    grid = torch.addcmul(grid_a[None], s[:, None, None, None, None], grid_k[None])
+    return grid.view(s.shape[0], n * h, w, 2)
+
+
 def _project_group(mu: torch.Tensor, grp: _Group, chunk_elems: int) -> torch.Tensor:
-    """Project ``mu`` [B, C, D, H, W] for one group of views: ``[B, n, C, h, w]``."""
+    """Project ``mu`` [B, C, D, H, W] (every case in the same geometry) for one group: ``[B, n, C, h, w]``.
+
+    The cases and channels share the slices' sampling grid, so they ride along as channels of one
+    ``grid_sample`` call whose batch is the slices.
+    """
     b, c = mu.shape[:2]
-    _, n, h, w, _ = grp.grid_a.shape
-    if grp.axis == 0:
-        slabs = rearrange(mu, "b c d h w -> (b w) c d h").contiguous()
-    else:
-        slabs = rearrange(mu, "b c d h w -> (b h) c d w").contiguous()
+    n, h, w, _ = grp.grid_a.shape
+    pattern = "b c d h w -> w (b c) d h" if grp.axis == 0 else "b c d h w -> h (b c) d w"
+    slabs = rearrange(mu, pattern).contiguous()
     t_count = grp.s.shape[0]
-    chunk = max(1, min(t_count, chunk_elems // max(1, b * n * h * w * 2)))
-    total = None
-    for t0 in range(0, t_count, chunk):
-        st = grp.s[t0:t0 + chunk]
-        t = st.shape[0]
-        grid = torch.addcmul(grp.grid_a[:, None], st[None, :, None, None, None, None], grp.grid_k[:, None])
-        grid = grid.view(b * t, n * h, w, 2)
-        if chunk == t_count:
-            part = slabs
-        else:
-            part = slabs.view(b, t_count, *slabs.shape[1:])[:, t0:t0 + t].reshape(b * t, *slabs.shape[1:])
-        res = F.grid_sample(part, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-        res = res.view(b, t, c, n, h, w).sum(1)
-        total = res if total is None else total + res
-    return rearrange(total, "b c n h w -> b n c h w") * grp.weight
+    if grp.grid is not None:
+        res = F.grid_sample(slabs, grp.grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        total = res.sum(0)
+    else:
+        chunk = max(1, min(t_count, chunk_elems // max(1, n * h * w * 2)))
+        total = None
+        for t0 in range(0, t_count, chunk):
+            grid = _grid(grp.grid_a, grp.grid_k, grp.s[t0:t0 + chunk])
+            res = F.grid_sample(slabs[t0:t0 + chunk], grid, mode="bilinear", padding_mode="zeros",
+                                align_corners=False).sum(0)
+            total = res if total is None else total + res
+    return rearrange(total, "(b c) (n h) w -> b n c h w", b=b, n=n) * grp.weight
 
 
 def project(mu: torch.Tensor, geometry: Mapping[str, torch.Tensor], det_shape: tuple[int, int] | int | None = None,
@@ -169,7 +180,7 @@ def project(mu: torch.Tensor, geometry: Mapping[str, torch.Tensor], det_shape: t
 
     ``det_shape`` is the detector's (rows, columns); by default the geometry's ``detector_px``.
     ``prefilter`` area-averages the volume to the detector footprint (``oversample`` > 1 keeps a
-    finer sampling). Differentiable in ``mu``.
+    finer sampling). Differentiable in ``mu``. Cases with different geometries are projected one by one.
     """
     if mu.dim() != 5:
         raise ValueError(f"project expects a volume [B, C, D, H, W], got shape {tuple(mu.shape)}")
@@ -177,23 +188,25 @@ def project(mu: torch.Tensor, geometry: Mapping[str, torch.Tensor], det_shape: t
     g = batched(geometry, b, mu.device, mu.dtype)
     det_shape = _det_shape(g, det_shape)
     vol_mm = g["volume_mm"]
-    kw = {"prefilter": prefilter, "oversample": oversample, "chunk_elems": chunk_elems}
-    per_case = b > 1 and not torch.equal(vol_mm, vol_mm[:1].expand_as(vol_mm))
     if not torch.equal(vol_mm, vol_mm[:, :1].expand_as(vol_mm)):
         raise ValueError("all views of a case must share one volume_mm")
+    if b > 1 and not all(torch.equal(t, t[:1].expand_as(t)) for t in g.values()):
+        kw = {"prefilter": prefilter, "oversample": oversample, "chunk_elems": chunk_elems}
+        return torch.cat([project(mu[i:i + 1], {k: t[i:i + 1] for k, t in g.items()}, det_shape, **kw)
+                          for i in range(b)])
+    g = {k: t[:1] for k, t in g.items()}
     d, hh, ww = mu.shape[-3:]
     vox = vol_mm[0, 0].detach().cpu().double() / torch.tensor([ww, hh, d], dtype=torch.float64)
     centre = torch.zeros(3, dtype=torch.float64)
-    if not per_case and prefilter:
+    if prefilter:
         mu, vox, centre = _prefilter(mu, g, det_shape, vox, oversample)
-    plan = None if per_case else _plan(g, det_shape, tuple(mu.shape[-3:]), vox, centre)
-    if plan is None:
-        return torch.cat([project(mu[i:i + 1], {k: t[i:i + 1] for k, t in g.items()}, det_shape, **kw)
-                          for i in range(b)])
+    plan = _plan(g, det_shape, tuple(mu.shape[-3:]), vox, centre)
     parts = [_project_group(mu, grp, chunk_elems) for grp in plan]
     if len(parts) == 1:
         return parts[0]
     order = [v for grp in plan for v in grp.views]
+    if order == sorted(order):
+        return torch.cat(parts, 1)
     inverse = torch.empty(len(order), dtype=torch.long)
     inverse[torch.tensor(order)] = torch.arange(len(order))
     return torch.cat(parts, 1)[:, inverse.to(mu.device)]
