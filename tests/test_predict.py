@@ -117,6 +117,24 @@ def test_predicted_nifti_has_the_canonical_orientation_spacing_and_anatomy(echo_
     assert meta["orientation"].startswith("LPI") and meta["spacing_mm_xyz"] == pytest.approx([spacing] * 3)
 
 
+def test_dicom_and_nifti_views_reach_the_model_in_the_given_order(echo_run, tmp_path):
+    from test_io import write_dicom_slice
+
+    from x2ct_framework.io import read_xray
+
+    case = tmp_path / "mixed"
+    case.mkdir()
+    rng = np.random.default_rng(1)
+    write_dicom_slice(case / "pa.dcm", rng.integers(0, 3000, size=(16, 16)))
+    nib.save(nib.Nifti1Image(rng.random((16, 16)).astype(np.float32), np.eye(4)), str(case / "lat.nii.gz"))
+    files = [case / "pa.dcm", case / "lat.nii.gz"]
+    res = predict(resolve_target(echo_run), files, tmp_path / "out", geometry="recipe", progress=False)
+    assert res[0].case_id == "mixed" and res[0].path == tmp_path / "out" / "mixed.nii.gz"
+    seen = _echo().CALLS[-1]["xrays"][0]
+    for i, f in enumerate(files):
+        assert torch.allclose(seen[i], read_xray(f))
+
+
 def test_canonical_affine_and_int16_output(tmp_path):
     a = canonical_affine((0.5, 0.75, 2.0), (4, 6, 8))
     assert nib.aff2axcodes(a) == ("L", "P", "I")

@@ -198,7 +198,8 @@ def collect_cases(inputs: list[str | Path], shared: dict[str, Any] | None, share
     if missing:
         raise DataError(f"input not found: {', '.join(map(str, missing))}")
     if all(p.is_file() for p in paths):
-        stem = paths[0].name.split(".")[0]
+        parents = {p.resolve().parent for p in paths}
+        stem = parents.pop().name if len(parents) == 1 else paths[0].name.split(".")[0]
         spec = shared
         if spec is None:
             for name in GEOMETRY_FILES:
