@@ -32,6 +32,8 @@ WEIGHTS = "model.safetensors"
 STATE = "state.json"
 TRAINER_TENSORS = "trainer.safetensors"
 TRAINER_JSON = "trainer.json"
+# Flush each file to disk before the rename (survives power loss, not only a killed process).
+FSYNC = os.environ.get("X2CT_CHECKPOINT_FSYNC", "1") not in ("0", "false", "no")
 
 
 # ---- encoding nested state without pickle ---------------------------------------------------------
@@ -118,8 +120,9 @@ def save_checkpoint(folder: str | Path, model: torch.nn.Module | dict[str, torch
         files += [tmp / TRAINER_TENSORS, tmp / TRAINER_JSON]
     (tmp / STATE).write_text(json.dumps(state, indent=2, default=str))
     files.append(tmp / STATE)
-    for f in files:
-        _fsync(f)
+    if FSYNC:
+        for f in files:
+            _fsync(f)
     old = folder.with_name(folder.name + ".old")
     if folder.exists():
         if old.exists():

@@ -182,6 +182,7 @@ class Trainer:
         train = recipe["train"]
         self.run_dir = Path(recipe["output_dir"]) / recipe.name
         trackers = [t for t in train["trackers"] if t != "none"]
+        _allow_new_precision(train["mixed_precision"])
         # cpu=True when no GPU is visible makes torchrun-started processes use gloo (MULTI_CPU).
         self.accelerator = accelerator or Accelerator(
             gradient_accumulation_steps=train["grad_accum"], mixed_precision=train["mixed_precision"],
@@ -644,6 +645,16 @@ class Trainer:
         set_rng_state(rngs[acc.process_index] if acc.process_index < len(rngs) else rngs[0])
         pos.update({k: v for k, v in ts["position"].items() if k in pos})
         return state.get("metrics", {})
+
+
+def _allow_new_precision(mixed_precision: str) -> None:
+    """Accelerate keeps one state per process; a second recipe in the same single process may change precision."""
+    from accelerate.state import AcceleratorState, PartialState
+
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision", mixed_precision) != mixed_precision \
+            and PartialState().distributed_type == DistributedType.NO:
+        AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def _shown(path: Path) -> str:
