@@ -344,3 +344,22 @@ def test_the_documented_metric_example_runs_and_every_builtin_metric_is_document
     for name in BUILTIN:
         assert f"`{name}`" in doc or f"`{name.split('_')[0]}_" in doc, name
     assert "`x2ctgan_*`" in doc
+
+
+def test_the_protocol_computes_the_body_once_and_scores_like_the_single_metrics(monkeypatch):
+    import x2ct_framework.metrics as M
+    import x2ct_framework.protocols as P
+
+    hu, labels = _phantom(20)
+    t = _to01(hu)[None, None].float()
+    p = _to01(torch.roll(hu, 1, dims=2) + 30.0)[None, None].float()
+    calls = []
+    real = M.body_mask
+    monkeypatch.setattr(P, "body_mask", lambda *a, **k: calls.append(1) or real(*a, **k))
+    out = build_protocol("default", HU, lpips=False)(p, t, {})
+    assert len(calls) == 1
+    for s in LABELS:
+        for kind in ("psnr", "mae", "dice"):
+            single = StructureMetric(HU, structure=s, kind=kind)(p, t, {}).item()
+            assert out[f"default/{s}_{kind}"].item() == pytest.approx(single, rel=1e-6, nan_ok=True)
+    assert out["default/landmark_mm"].item() == pytest.approx(LandmarkDistance(HU)(p, t, {}).item(), rel=1e-6)

@@ -114,11 +114,13 @@ def structure_masks(pred_hu: torch.Tensor, target_hu: torch.Tensor, batch: dict,
 
     The reference is ``labels == LABELS[structure]`` when the batch has labels, else the target's
     HU threshold; the prediction is always its HU threshold (restricted to the same body region).
+    A precomputed ``batch["body"]`` mask is used when present (protocols compute it once per batch).
     """
     labels = batch.get("labels") if isinstance(batch, dict) else None
     if labels is not None:
         labels = labels.to(target_hu.device).reshape(target_hu.shape)
-    body = body_mask(target_hu, labels)
+    body = batch.get("body") if isinstance(batch, dict) else None
+    body = body.reshape(target_hu.shape).bool() if body is not None else body_mask(target_hu, labels)
     pred_mask = threshold_mask(pred_hu, structure, thresholds) & body
     if labels is not None:
         ref = labels == LABELS[structure]
@@ -319,6 +321,7 @@ class StructureMetric(Metric):
                 raise ValueError(f"thresholds must be [low, high] HU with high > low, got {thresholds}")
             self.thresholds[structure] = (float(thresholds[0]), float(thresholds[1]))
         self.higher_is_better = kind != "mae"
+        self.uses_body = True
         self.unit = {"psnr": "dB", "mae": "HU", "dice": ""}[kind]
 
     def compute(self, pred, target, batch):
@@ -344,6 +347,7 @@ class LandmarkDistance(Metric):
 
     higher_is_better = False
     unit = "mm"
+    uses_body = True
 
     def __init__(self, hu_window: Sequence[float] = DEFAULT_HU_WINDOW, default_spacing: float = 1.0,
                  structures: list[str] = ("lung", "bone", "vessel")):

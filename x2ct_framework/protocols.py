@@ -18,7 +18,7 @@ import torch
 
 from .errors import PluginError, RecipeError, did_you_mean
 from .metrics import (DEFAULT_HU_WINDOW, LABELS, LPIPS, MAE, PSNR, RMSE, SSIM, LandmarkDistance, Metric,
-                      StructureMetric, _check_pair, psnr_slices)
+                      StructureMetric, _check_pair, body_mask, psnr_slices, to_hu)
 from .ssim import ssim as _ssim
 
 DEFAULT_CONVENTIONS = [
@@ -174,6 +174,11 @@ class Protocol:
 
     def __call__(self, pred: torch.Tensor, target: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
         """``{"<protocol>/<metric>": [B] float64 on the CPU}``; excluded cases are NaN."""
+        users = [fn for fn in self.metrics.values() if getattr(fn, "uses_body", False)]
+        if users and "body" not in batch:  # one body mask per batch for all structure metrics
+            labels = batch.get("labels")
+            target_hu = to_hu(target.detach(), users[0].hu_window)
+            batch = {**batch, "body": body_mask(target_hu, None if labels is None else labels.to(target.device))}
         out = {m: fn(pred, target, batch).detach().double().cpu() for m, fn in self.metrics.items()}
         if self.exclude is not None:
             drop = self.exclude(out)
