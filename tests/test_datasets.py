@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 
 from x2ct_framework.errors import DataError, RecipeError
 from x2ct_framework.phantom import chest_phantom
-from x2ct_framework.physics import drr, make_geometry
+from x2ct_framework.physics import drr
 from x2ct_framework.plugins import get_plugin_manager
 from x2ct_framework.stage import Stage
 

@@ -305,32 +305,46 @@ def _vessel_tree(canvas: _Canvas, anat: _Anatomy, rng: random.Random, start, dir
 def _render(anat: _Anatomy, canvas: _Canvas, rng_noise: torch.Generator, table: bool, noise_hu: float) -> None:
     cv = canvas
     x, y, z = cv.coords()
-    v = cv.vmean
     min_r = 0.4 * min(cv.vox)  # thinner vessels than this leave less than a fifth of a voxel
 
     # body: fat under the skin, muscle and mediastinal soft tissue inside
     body = anat.body_sd(x, y, z)
     cv.paint(cv.cover(body), -95.0, FAT)
     cv.paint(cv.cover(body + anat.fat), 45.0, SOFT)
-    # liver under the right dome, stomach under the left one
-    below_r = z - anat.dome(x, y, True) - 6.0
-    liver = torch.maximum(torch.maximum(body + anat.fat + 8.0, -below_r), x - (25.0 + 0.3 * (z - anat.dome_r)))
-    cv.paint(cv.cover(liver), 62.0, SOFT)
-    sz = anat.dome_l + 48.0
-    stomach = _ellipsoid_sd(x - 72.0 * anat.sx, y + 5.0, z - sz, 42.0, 38.0, 46.0)
-    cv.paint(cv.cover(stomach), 25.0, SOFT)
-    cv.paint(cv.cover(torch.maximum(stomach + 4.0, z - (sz - 16.0))), -1000.0, AIR)
+    # liver under the right dome, stomach under the left one (each evaluated in its bounding box)
+    bottom_z = cv.size[2] / 2 + 20.0
+    sl = cv.box([-anat.ax - 10, -anat.ay_ant - 20, anat.dome_r - 10], [90.0, anat.ay_post + 20, bottom_z])
+    if sl is not None:
+        bx, by, bz = cv.coords(sl)
+        below_r = bz - anat.dome(bx, by, True) - 6.0
+        liver = torch.maximum(torch.maximum(anat.body_sd(bx, by, bz) + anat.fat + 8.0, -below_r),
+                              bx - (25.0 + 0.3 * (bz - anat.dome_r)))
+        cv.paint(cv.cover(liver), 62.0, SOFT, sl)
+    sx_, sz = 72.0 * anat.sx, anat.dome_l + 48.0
+    sl = cv.box([sx_ - 50, -50, sz - 55], [sx_ + 50, 40, sz + 55])
+    if sl is not None:
+        bx, by, bz = cv.coords(sl)
+        stomach = _ellipsoid_sd(bx - sx_, by + 5.0, bz - sz, 42.0, 38.0, 46.0)
+        cv.paint(cv.cover(stomach), 25.0, SOFT, sl)
+        cv.paint(cv.cover(torch.maximum(stomach + 4.0, bz - (sz - 16.0))), -1000.0, AIR, sl)
     # mediastinal fat in front of the great vessels
-    medfat = _ellipsoid_sd(x - 2.0, y + 35.0, z + 55.0, 28.0, 22.0, 55.0)
-    cv.paint(cv.cover(medfat), -90.0, FAT)
+    sl = cv.box([-35, -75, -125], [40, 0, 15])
+    if sl is not None:
+        bx, by, bz = cv.coords(sl)
+        cv.paint(cv.cover(_ellipsoid_sd(bx - 2.0, by + 35.0, bz + 55.0, 28.0, 22.0, 55.0)), -90.0, FAT, sl)
 
     # lungs with parenchymal texture
     d, h, w = cv.shape
     coarse = torch.randn((1, 1, max(2, d // 6), max(2, h // 6), max(2, w // 6)), generator=rng_noise)
     texture = F.interpolate(coarse, size=cv.shape, mode="trilinear", align_corners=False)[0, 0]
+    lowest = max(anat.dome(sgn * anat.cax, anat.yb + anat.cay_post, sgn < 0) for sgn in (-1.0, 1.0)) + 10.0
     for right in (True, False):
-        lung = anat.lung_sd(x, y, z, right)
-        cv.paint(cv.cover(lung), -855.0 + 35.0 * texture, LUNG)
+        xr = (-anat.cax - 10.0, 10.0) if right else (-10.0, anat.cax + 10.0)
+        sl = cv.box([xr[0], anat.yb - anat.cay_ant - 10, anat.apex - 5], [xr[1], anat.yb + anat.cay_post + 10, lowest])
+        if sl is None:
+            continue
+        bx, by, bz = cv.coords(sl)
+        cv.paint(cv.cover(anat.lung_sd(bx, by, bz, right)), -855.0 + 35.0 * texture[sl], LUNG, sl)
 
     # heart: epicardial fat, myocardium, right (anterior) and left chambers with contrast
     hsl = cv.box([anat.heart[0] - 95, anat.heart[1] - 95, anat.heart[2] - 95],
@@ -569,7 +583,10 @@ def save_figure(path: str | Path, resolution: int = 128, seed: int = 0, geometry
     g = make_geometry([0.0, 90.0], geometry, volume_mm=320.0)
     views = drr(ct01, g, window, det_shape=(image_size, image_size))[0, :, 0]
     d, h, w = hu.shape
-    cuts = {"axial": (hu[int(0.42 * d)], labels[int(0.42 * d)]),
+    lo, hi = int(0.36 * d), int(0.46 * d)  # the axial slice through a vertebral body at mid-lung height
+    spine = (labels[lo:hi, h // 2:, w // 2 - 2: w // 2 + 2] == 3).flatten(1).sum(1)
+    ax_i = lo + int(spine.argmax())
+    cuts = {"axial": (hu[ax_i], labels[ax_i]),
             "coronal": (hu[:, int(0.45 * h)], labels[:, int(0.45 * h)]),
             "sagittal": (hu[:, :, int(0.36 * w)], labels[:, :, int(0.36 * w)])}
     fig, axes = plt.subplots(2, 4, figsize=(13, 6.6))

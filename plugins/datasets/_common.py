@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from x2ct_framework.errors import DataError, RecipeError
+from x2ct_framework.errors import DataError
 from x2ct_framework.physics import drr, geometry_fingerprint, make_geometry, resolve_preset
 
 log = logging.getLogger("x2ct_plugins.datasets")
@@ -181,7 +181,3 @@ def bad_case(policy: str, message: str) -> None:
     if policy == "error":
         raise DataError(message + ' (set on_bad_case = "skip" to skip such cases with a warning)')
     log.warning("skipping a bad case: %s", message)
-
-
-def geometry_option_error(where: str, exc: Exception) -> RecipeError:
-    return RecipeError([f"{where}: {exc}"])

@@ -96,6 +96,7 @@ class _Group(NamedTuple):
 _PLANS: OrderedDict = OrderedDict()
 _PLAN_CACHE_SIZE = 8
 GRID_CACHE_ELEMS = 1 << 23  # precompute a group's sampling grid up to this many numbers (32 MB in float32)
+PLAN_CACHE_ELEMS = 1 << 25  # and keep at most this many numbers of grids across cached plans
 
 
 def _plan(g: Mapping[str, torch.Tensor], det_shape: tuple[int, int], shape: tuple[int, int, int],
@@ -137,7 +138,11 @@ def _plan(g: Mapping[str, torch.Tensor], det_shape: tuple[int, int], shape: tupl
         groups.append(_Group(a, views, grid_a, grid_k, weight, s, grid))
     groups.sort(key=lambda grp: grp.views[0])  # PA before lateral: the views often come out in order
     _PLANS[key] = groups
-    while len(_PLANS) > _PLAN_CACHE_SIZE:
+
+    def cached() -> int:
+        return sum(grp.grid.numel() for plan in _PLANS.values() for grp in plan if grp.grid is not None)
+
+    while len(_PLANS) > 1 and (len(_PLANS) > _PLAN_CACHE_SIZE or cached() > PLAN_CACHE_ELEMS):
         _PLANS.popitem(last=False)
     return groups
 
