@@ -6,7 +6,7 @@ import torch
 from x2ct_framework.physics import drr
 from x2ct_framework.plugins import get_plugin_manager
 from x2ct_framework.testing import make_batch
-from x2ct_plugins.losses.vessel import eigvalsh3, vesselness
+from x2ct_plugins.losses.vessel import eigvalsh3, gaussian_blur3d, vesselness
 
 HU = (-1000.0, 3000.0)
 
@@ -66,6 +66,15 @@ def test_closed_form_eigenvalues_match_linalg():
     sym[:5] = torch.diag_embed(torch.tensor([2.0, 2.0, 2.0], dtype=torch.float64))  # repeated eigenvalues
     ours = eigvalsh3(sym[:, 0, 0], sym[:, 1, 1], sym[:, 2, 2], sym[:, 0, 1], sym[:, 0, 2], sym[:, 1, 2])
     assert torch.allclose(ours, torch.linalg.eigvalsh(sym), atol=1e-8)
+
+
+@pytest.mark.parametrize("sigma", [1.0, 1.5, 2.0])
+def test_gaussian_smoothing_matches_scipy(sigma):
+    from scipy.ndimage import gaussian_filter
+
+    x = torch.rand(1, 1, 14, 17, 15, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    ref = gaussian_filter(x[0, 0].numpy(), sigma, mode="nearest", truncate=3.0)
+    assert torch.allclose(gaussian_blur3d(x, sigma)[0, 0], torch.from_numpy(ref), atol=1e-12)
 
 
 def shapes(size=24):

@@ -40,12 +40,15 @@ from x2ct_framework.hookspecs import hookimpl
 FIRST_STRUCTURE_LABEL = 5  # 0 background, 1 soft tissue, 2 lung, 3 bone, 4 vessel
 
 
-def centroids_mm(weights: torch.Tensor, spacing: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weighted centroid (x, y, z in mm) and mass of ``weights`` [B, D, H, W]; spacing [B, 3] (x, y, z)."""
+def centroids_mm(weights: torch.Tensor, spacing: torch.Tensor, z0: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weighted centroid (x, y, z in mm) and mass of ``weights`` [B, D, H, W]; spacing [B, 3] (x, y, z).
+
+    ``z0`` is the index of the first slice when ``weights`` is a slab of a larger volume.
+    """
     b, d, h, w = weights.shape
     mass = weights.sum((1, 2, 3))
     dev, dt = weights.device, weights.dtype
-    cz = (weights.sum((2, 3)) * torch.arange(d, device=dev, dtype=dt)).sum(1)
+    cz = (weights.sum((2, 3)) * torch.arange(z0, z0 + d, device=dev, dtype=dt)).sum(1)
     cy = (weights.sum((1, 3)) * torch.arange(h, device=dev, dtype=dt)).sum(1)
     cx = (weights.sum((1, 2)) * torch.arange(w, device=dev, dtype=dt)).sum(1)
     centre = torch.stack([cx, cy, cz], dim=1) / mass.clamp_min(1e-12)[:, None]
@@ -132,10 +135,8 @@ class LandmarkLoss(nn.Module):
             for z0, z1 in zip(bounds[:-1], bounds[1:]):
                 if z1 <= z0:
                     continue
-                slab = torch.zeros_like(wp_all)
-                slab[:, z0:z1] = 1.0
-                p, _ = centroids_mm(wp_all * slab, spacing)
-                t, mass = centroids_mm(wt_all * slab, spacing)
+                p, _ = centroids_mm(wp_all[:, z0:z1], spacing, z0)
+                t, mass = centroids_mm(wt_all[:, z0:z1], spacing, z0)
                 cp.append(p), ct.append(t), valid.append(mass >= max(self.min_mass, 1e-6))
         return torch.stack(cp, 1), torch.stack(ct, 1), torch.stack(valid, 1)
 

@@ -29,22 +29,24 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from x2ct_framework.hookspecs import hookimpl
+from x2ct_framework.ssim import filter_valid
 
 VESSEL_LABEL = 4
 
 
 def gaussian_blur3d(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian smoothing of [B, 1, D, H, W], same size (edges replicated)."""
+    """Separable Gaussian smoothing of [B, 1, D, H, W], same size (edges replicated).
+
+    Each axis is filtered as a product with a banded matrix (``x2ct_framework.ssim.filter_valid``),
+    which is much faster on CPU than a one-voxel-wide ``conv3d``.
+    """
     radius = max(1, math.ceil(3 * sigma))
-    t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
-    g = torch.exp(-(t**2) / (2 * sigma**2))
-    g = g / g.sum()
-    for axis in range(3):
-        shape = [1, 1, 1, 1, 1]
-        shape[2 + axis] = g.numel()
-        pad = [0, 0, 0, 0, 0, 0]
-        pad[2 * (2 - axis)] = pad[2 * (2 - axis) + 1] = radius
-        x = F.conv3d(F.pad(x, pad, mode="replicate"), g.reshape(shape))
+    taps = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
+    taps = torch.exp(-(taps**2) / (2 * sigma**2))
+    taps = taps / taps.sum()
+    x = F.pad(x, [radius] * 6, mode="replicate")
+    for axis in (-1, -2, -3):
+        x = filter_valid(x, taps, axis)
     return x
 
 
