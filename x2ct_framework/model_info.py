@@ -4,7 +4,9 @@ FLOPs and activations are estimated by running one forward pass of batch 1 on fa
 only, no arithmetic and no memory), so a 256^3 stage is described in about a second:
 FLOPs are counted by ``torch.utils.flop_counter.FlopCounterMode`` (matrix products, convolutions and
 attention; element-wise work is not counted) and activation memory is the size of the tensors the
-forward pass saves for the backward pass, with and without the model's gradient checkpointing.
+forward pass saves for the backward pass, without and with the model's gradient checkpointing (then
+the tensors kept between the checkpointed units plus the largest unit's own, which its backward
+rebuilds; a model names those units with ``checkpointed_modules()``).
 """
 
 from __future__ import annotations
@@ -84,20 +86,41 @@ def _mib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
-def _saved_bytes(model: nn.Module, state: dict, args: tuple) -> int:
-    """Bytes of the distinct tensors one forward pass saves for backward (parameters and buffers excluded)."""
+def _saved_bytes(model: nn.Module, state: dict, args: tuple) -> tuple[int, int]:
+    """Bytes of the distinct tensors one forward pass saves for backward (parameters and buffers excluded),
+    and the largest share of them saved inside one of ``model.checkpointed_modules()``."""
     own = {t.untyped_storage()._cdata for t in state.values()}
     seen: dict[int, int] = {}
+    segments: dict[int, dict[int, int]] = {}
+    current: list[int] = []
 
     def pack(t: torch.Tensor):
         key = t.untyped_storage()._cdata
         if key not in own:
             seen[key] = t.untyped_storage().nbytes()
+            if current:
+                segments.setdefault(current[-1], {})[key] = seen[key]
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        functional_call(model, state, args)
-    return sum(seen.values())
+    handles = []
+    units = model.checkpointed_modules() if callable(getattr(model, "checkpointed_modules", None)) else []
+    def enter(i: int):
+        def hook(module, args):
+            current.append(i)
+        return hook
+
+    def leave(module, args, output):
+        current.pop()
+
+    for i, unit in enumerate(units):
+        handles += [unit.register_forward_pre_hook(enter(i)), unit.register_forward_hook(leave)]
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            functional_call(model, state, args)
+    finally:
+        for h in handles:
+            h.remove()
+    return sum(seen.values()), max((sum(s.values()) for s in segments.values()), default=0)
 
 
 def model_info(model: nn.Module, xrays: torch.Tensor, geometry: dict, prev: torch.Tensor | None = None) -> ModelInfo:
@@ -125,10 +148,11 @@ def model_info(model: nn.Module, xrays: torch.Tensor, geometry: dict, prev: torc
             info.forward_flops = float(counter.get_total_flops())
             if isinstance(flag, bool):
                 model.gradient_checkpointing = False
-            info.activation_bytes = _saved_bytes(model, state, args)
+            info.activation_bytes, largest_unit = _saved_bytes(model, state, args)
             if isinstance(flag, bool):
                 model.gradient_checkpointing = True
-                info.activation_bytes_checkpointed = _saved_bytes(model, state, args)
+                # kept between checkpointed units, plus the largest unit rebuilt during its own backward
+                info.activation_bytes_checkpointed = _saved_bytes(model, state, args)[0] + largest_unit
     except Exception as exc:  # a model whose forward pass needs real data cannot be estimated this way
         info.note = f"FLOPs and memory not estimated ({type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''})"
     finally:
@@ -142,3 +166,23 @@ def describe_for_sample(model: nn.Module, sample: dict) -> str:
     """One line for ``x2ct validate`` from one (unbatched) dataset item."""
     geometry = {k: (v[None] if isinstance(v, torch.Tensor) else v) for k, v in sample["geometry"].items()}
     return model_info(model, sample["xrays"][None], geometry).describe()
+
+
+def step_flops(model: nn.Module, xrays: torch.Tensor, geometry: dict, prev: torch.Tensor | None = None) -> float:
+    """FLOPs of one training step (forward + backward of a mean loss) for these input shapes, on fake tensors.
+
+    With the model's gradient checkpointing on, the recomputed forward passes are included.
+    """
+    was_training = model.training
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            fake = lambda t: mode.from_tensor(t) if isinstance(t, torch.Tensor) else t  # noqa: E731
+            state = {k: fake(v) for k, v in {**dict(model.named_parameters()), **dict(model.named_buffers())}.items()}
+            args = (fake(xrays), {k: fake(v) for k, v in geometry.items()}, fake(prev))
+            model.train()
+            counter = flop_counter()
+            with counter:
+                functional_call(model, state, args).float().mean().backward()
+            return float(counter.get_total_flops())
+    finally:
+        model.train(was_training)

@@ -6,7 +6,9 @@ for PA + lateral parallel beams is X2CT-GAN's repeat-and-permute), the views fus
 and a 3D U-Net-like decoder that upsamples level by level with those fused skips. No attention.
 
 Parameter-name prefixes (for a stage's ``freeze``): ``encoders.N.`` (one per view, or ``encoders.0.``
-when shared), ``lift.N.`` (2D projections before the expansion, N = 0 finest), ``decoder.``.
+when shared), ``decoder.bottleneck.`` (the coarsest level), ``decoder.levels.N.`` (N = 0 finest, each
+with ``expand.`` (the 2D projection before the expansion), ``join.`` and ``refine.`` (its residual 3D
+block)), ``decoder.head.``.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from einops import rearrange, reduce
 
 from x2ct_framework.hookspecs import hookimpl
 
-from .layers import ConvBlock3d, check_inputs, lift, maybe_checkpoint, resize3d
+from .layers import Join, Refine, check_inputs, lift, maybe_checkpoint, resize3d
 
 
 class Encoder2d(nn.Module):
@@ -39,6 +41,39 @@ class Encoder2d(nn.Module):
         for stage in self.stages:
             feats.append(stage(feats[-1]))
         return feats
+
+
+class Expand(nn.Module):
+    """2D -> 3D for one encoder level: a 1x1 projection, replication along each view's rays, the views' mean."""
+
+    def __init__(self, enc_channels: int, channels: int):
+        super().__init__()
+        self.proj = nn.Conv2d(enc_channels, channels, 1)
+
+    def forward(self, feats: torch.Tensor, geometry: dict, size: int) -> torch.Tensor:
+        b = feats.shape[0]
+        f = self.proj(rearrange(feats, "b v c h w -> (b v) c h w"))
+        return reduce(lift(rearrange(f, "(b v) c h w -> b v c h w", b=b), geometry, size), "b v c d h w -> b c d h w",
+                      "mean")
+
+
+class CNNLevel(nn.Module):
+    """One decoder level: the expanded encoder level joined with the upsampled coarser output, a residual 3D block."""
+
+    def __init__(self, enc_channels: int, coarse: int, cout: int):
+        super().__init__()
+        self.expand = Expand(enc_channels, cout)
+        self.join = Join(coarse, cout, 0, cout)
+        self.refine = Refine(cout)
+
+    def units(self) -> list[nn.Module]:
+        return [self.expand, self.join, self.refine]
+
+    def forward(self, z: torch.Tensor | None, feats: torch.Tensor, geometry: dict, size: int,
+                channels_last: bool = False, checkpointing: bool = False) -> torch.Tensor:
+        x = maybe_checkpoint(checkpointing, self.expand, feats, geometry, size)
+        y, shortcut = maybe_checkpoint(checkpointing, self.join, z, [x], size, channels_last)
+        return maybe_checkpoint(checkpointing, self.refine, y, shortcut)
 
 
 class CNNBaseline(nn.Module):
@@ -65,10 +100,9 @@ class CNNBaseline(nn.Module):
         enc = [channels * 2 ** min(i, 3) for i in range(levels + 1)]  # widths stop doubling after 3 levels
         dec = [max(c // 2, 4) for c in enc]
         self.encoders = nn.ModuleList(Encoder2d(enc) for _ in range(1 if share_encoder else len(views)))
-        self.lift = nn.ModuleList(nn.Conv2d(ce, cd, 1) for ce, cd in zip(enc, dec))
         self.decoder = nn.Module()
-        self.decoder.bottleneck = ConvBlock3d(dec[-1], dec[-1])
-        self.decoder.blocks = nn.ModuleList(ConvBlock3d(dec[i + 1] + dec[i], dec[i]) for i in range(levels))
+        self.decoder.bottleneck = CNNLevel(enc[-1], 0, dec[-1])
+        self.decoder.levels = nn.ModuleList(CNNLevel(enc[i], dec[i + 1], dec[i]) for i in range(levels))
         self.decoder.head = nn.Conv3d(dec[0], 1, 1)
 
     @property
@@ -85,26 +119,18 @@ class CNNBaseline(nn.Module):
         per_view = [enc(xrays[:, i]) for i, enc in enumerate(self.encoders)]
         return [torch.stack(level, dim=1) for level in zip(*per_view)]
 
-    def _expand(self, level: int, feats: torch.Tensor, geometry: dict) -> torch.Tensor:
-        """2D -> 3D for one level: project, back-project along the rays, average the views."""
-        b = feats.shape[0]
-        f = self.lift[level](rearrange(feats, "b v c h w -> (b v) c h w"))
-        lifted = lift(rearrange(f, "(b v) c h w -> b v c h w", b=b), geometry, self.level_sizes[level])
-        return reduce(lifted, "b v c d h w -> b c d h w", "mean")
-
-    def _up(self, level: int, z: torch.Tensor, feats: torch.Tensor, geometry: dict) -> torch.Tensor:
-        x = torch.cat([resize3d(z, self.level_sizes[level]), self._expand(level, feats, geometry)], dim=1)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last_3d)
-        return self.decoder.blocks[level](x)
+    def checkpointed_modules(self) -> list[nn.Module]:
+        """The units that gradient checkpointing recomputes (see ``x2ct_framework.model_info``)."""
+        return [u for level in self.decoder.levels for u in level.units()]
 
     def forward(self, xrays: torch.Tensor, geometry: dict, prev: torch.Tensor | None = None) -> torch.Tensor:
         check_inputs("cnn_baseline", xrays, geometry, prev, views=self.num_views)
         feats = self.encode(xrays)
         ckpt = self.gradient_checkpointing and self.training
-        z = self.decoder.bottleneck(self._expand(self.levels, feats[-1], geometry))
-        for level in reversed(range(self.levels)):
-            z = maybe_checkpoint(ckpt, self._up, level, z, feats[level], geometry)
+        sizes = self.level_sizes
+        z = self.decoder.bottleneck(None, feats[-1], geometry, sizes[-1])
+        for i in reversed(range(self.levels)):
+            z = self.decoder.levels[i](z, feats[i], geometry, sizes[i], self.channels_last, ckpt)
         out = self.decoder.head(z).contiguous()
         if prev is not None:
             out = out + resize3d(prev.to(out.dtype), self.resolution)

@@ -292,21 +292,41 @@ def _groups(channels: int) -> int:
     return 1
 
 
-class ConvBlock3d(nn.Module):
-    """Residual 3D block: conv-GN-GELU-conv-GN plus a 1x1x1 shortcut, then GELU."""
+class Join(nn.Module):
+    """First half of a residual 3D block on joined inputs: the coarser features (reduced by a 1x1x1
+    convolution, then upsampled), skip features and any extra channels; returns the activated first
+    convolution and the block's 1x1x1 shortcut. Split from ``Refine`` so that checkpointing can
+    recompute each half on its own (the finest level dominates the memory)."""
 
-    def __init__(self, cin: int, cout: int):
+    def __init__(self, coarse: int, skip: int, extra: int, cout: int):
         super().__init__()
-        self.conv1 = nn.Conv3d(cin, cout, 3, padding=1, bias=False)
-        self.norm1 = nn.GroupNorm(_groups(cout), cout)
-        self.conv2 = nn.Conv3d(cout, cout, 3, padding=1, bias=False)
-        self.norm2 = nn.GroupNorm(_groups(cout), cout)
-        self.shortcut = nn.Conv3d(cin, cout, 1, bias=False) if cin != cout else nn.Identity()
+        self.reduce = nn.Conv3d(coarse, cout, 1) if coarse else None
+        cin = (cout if coarse else 0) + skip + extra
+        self.conv = nn.Conv3d(cin, cout, 3, padding=1, bias=False)
+        self.norm = nn.GroupNorm(_groups(cout), cout)
+        self.shortcut = nn.Conv3d(cin, cout, 1, bias=False)
         self.act = nn.GELU()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.act(self.norm1(self.conv1(x)))
-        return self.act(self.norm2(self.conv2(y)) + self.shortcut(x))
+    def forward(self, coarse: torch.Tensor | None, rest: list[torch.Tensor], size: int,
+                channels_last: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        parts = ([resize3d(self.reduce(coarse), size)] if self.reduce is not None else []) + list(rest)
+        x = torch.cat(parts, dim=1)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last_3d)
+        return self.act(self.norm(self.conv(x))), self.shortcut(x)
+
+
+class Refine(nn.Module):
+    """Second half of the residual block: ``GELU(GN(conv(y)) + shortcut)``."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv3d(channels, channels, 3, padding=1, bias=False)
+        self.norm = nn.GroupNorm(_groups(channels), channels)
+        self.act = nn.GELU()
+
+    def forward(self, y: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
+        return self.act(self.norm(self.conv(y)) + shortcut)
 
 
 def level_sizes(start: int, end: int, levels: int) -> list[int]:

@@ -13,7 +13,8 @@ stage k loads stage k-1's checkpoint strictly. Parameter-name prefixes (for a st
 - ``lift.``         per-level projections into the token grid, the angle embedding, the view fusion;
 - ``transformer.``  positional encoding, blocks (``transformer.blocks.N.``) and final norm;
 - ``decoder.``      ``decoder.coarse_head`` and ``decoder.stem`` (at the token grid), then
-  ``decoder.levels.N.`` (N = 0 coarsest) with their skip projection, fusion, block and head.
+  ``decoder.levels.N.`` (N = 0 coarsest), each with ``skip.`` (projection and view fusion of the
+  back-projected skip), ``join.`` and ``refine.`` (the residual 3D block) and ``head.``.
 """
 
 from __future__ import annotations
@@ -24,35 +25,50 @@ from einops import rearrange
 
 from x2ct_framework.hookspecs import hookimpl
 
-from .layers import (AngleEmbedding, Block, ConvBlock3d, FourierPositions, ViewEncoder, ViewFusion, check_inputs,
+from .layers import (AngleEmbedding, Block, FourierPositions, Join, Refine, ViewEncoder, ViewFusion, check_inputs,
                      level_sizes, lift, maybe_checkpoint, resize3d)
 
 TOKEN_PRESETS = {24: "the user's stage 2: 24^3 = 13,824 tokens, 128 / 24 = 5.3x downsampling",
                  32: "future work: 32^3 = 32,768 tokens, 128 / 32 = 4x downsampling"}
 
 
+class SkipLift(nn.Module):
+    """Skip features of one encoder level: a 1x1 projection, back-projection into ``size^3``, view fusion."""
+
+    def __init__(self, enc_channels: int, channels: int, angle_dim: int):
+        super().__init__()
+        self.proj = nn.Conv2d(enc_channels, channels, 1)
+        self.fuse = ViewFusion(channels, angle_dim)
+
+    def forward(self, feats: torch.Tensor, geometry: dict, angle_emb: torch.Tensor, size: int) -> torch.Tensor:
+        b = feats.shape[0]
+        s = self.proj(rearrange(feats, "b v c h w -> (b v) c h w"))
+        return self.fuse(lift(rearrange(s, "(b v) c h w -> b v c h w", b=b), geometry, size), angle_emb)
+
+
 class DecoderLevel(nn.Module):
-    """One decoder level at ``size^3``: skip features lifted from an encoder level, a 3D block, a residual head."""
+    """One decoder level at ``size^3``: skip features lifted from an encoder level, a residual 3D block on
+    [upsampled coarser features, skip, running prediction], and a head adding a residual to the prediction."""
 
     def __init__(self, cin: int, cout: int, enc_channels: int, skip_channels: int, angle_dim: int, source: int):
         super().__init__()
         self.source = source
-        self.skip_proj = nn.Conv2d(enc_channels, skip_channels, 1)
-        self.fuse = ViewFusion(skip_channels, angle_dim)
-        self.block = ConvBlock3d(cin + skip_channels + 1, cout)
+        self.skip = SkipLift(enc_channels, skip_channels, angle_dim)
+        self.join = Join(cin, skip_channels, 1, cout)
+        self.refine = Refine(cout)
         self.head = nn.Conv3d(cout, 1, 1)
         nn.init.trunc_normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
 
+    def units(self) -> list[nn.Module]:
+        return [self.skip, self.join, self.refine]
+
     def forward(self, h: torch.Tensor, base: torch.Tensor, skip2d: torch.Tensor, geometry: dict,
-                angle_emb: torch.Tensor, size: int, channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        b = skip2d.shape[0]
-        s = self.skip_proj(rearrange(skip2d, "b v c h w -> (b v) c h w"))
-        s = self.fuse(lift(rearrange(s, "(b v) c h w -> b v c h w", b=b), geometry, size), angle_emb)
-        x = torch.cat([resize3d(h, size), s, base], dim=1)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last_3d)
-        h = self.block(x)
+                angle_emb: torch.Tensor, size: int, channels_last: bool = False,
+                checkpointing: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        s = maybe_checkpoint(checkpointing, self.skip, skip2d, geometry, angle_emb, size)
+        y, shortcut = maybe_checkpoint(checkpointing, self.join, h, [s, base], size, channels_last)
+        h = maybe_checkpoint(checkpointing, self.refine, y, shortcut)
         return h, base + self.head(h)
 
 
@@ -72,8 +88,9 @@ class ViTCascade(nn.Module):
             from a file; default off.
         encoder_kwargs: extra keyword arguments for ``timm.create_model``.
         angle_frequencies: Fourier frequencies of the per-view angle embedding.
-        gradient_checkpointing: recompute each transformer block and decoder level in the backward
-            pass (from ``train.gradient_checkpointing`` unless set).
+        gradient_checkpointing: recompute each transformer block, and each part of a decoder level
+            (skip lifting, first and second half of its block), in the backward pass (from
+            ``train.gradient_checkpointing`` unless set).
         channels_last: run the 3D decoder in channels-last memory format (faster on CPU and GPU).
     """
 
@@ -130,6 +147,10 @@ class ViTCascade(nn.Module):
     def level_sizes(self) -> list[int]:
         return level_sizes(self.tokens, self.resolution, len(self.decoder.levels))
 
+    def checkpointed_modules(self) -> list[nn.Module]:
+        """The units that gradient checkpointing recomputes (see ``x2ct_framework.model_info``)."""
+        return [*self.transformer.blocks, *(u for level in self.decoder.levels for u in level.units())]
+
     def _checkpointing(self) -> bool:
         return self.gradient_checkpointing and self.training
 
@@ -172,8 +193,8 @@ class ViTCascade(nn.Module):
         for i, (level, size) in enumerate(zip(self.decoder.levels, sizes)):
             last = i == len(sizes) - 1
             base = resize3d(prev.to(y.dtype) if last and prev is not None else y, size)
-            h, y = maybe_checkpoint(self._checkpointing(), level, h, base, feats[level.source], geometry, angle_emb,
-                                    size, self.channels_last)
+            h, y = level(h, base, feats[level.source], geometry, angle_emb, size, self.channels_last,
+                         self._checkpointing())
         return y.contiguous()
 
     def forward(self, xrays: torch.Tensor, geometry: dict, prev: torch.Tensor | None = None) -> torch.Tensor:

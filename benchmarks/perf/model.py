@@ -1,0 +1,174 @@
+"""Model step on CPU: the user's stage 2 (128^3 output, two 128^2 views) with 24^3 and 32^3 tokens.
+
+One training step (forward + backward of a mean loss) at batch 1 for ``vit_cascade`` at its default
+sizes, with and without gradient checkpointing, and for ``cnn_baseline`` beside it. Every
+configuration runs in its own subprocess, so that its peak memory is honest: ``peak_mib`` is the
+process's peak resident set (``ru_maxrss``) during the timed steps minus its resident set just
+before them (model, optimizer-free inputs and libraries excluded).
+
+Per row:
+- ``seconds``: median wall time of one step;
+- ``step_gflop``: FLOPs the step executes (counted on fake tensors by ``FlopCounterMode``: matrix
+  products, convolutions, attention; element-wise work is not counted), recomputation included;
+  ``model_gflop`` is the same without checkpointing's recomputation;
+- ``gflops``: ``step_gflop / seconds``, the achieved throughput; ``matmul_gflops``: a 4096^2 fp32
+  matrix product measured in the same process, right before and after the step (median of both);
+- ``ratio`` = ``gflops / matmul_gflops`` (target >= 0.25); ``mem_cut`` = peak without / peak with
+  gradient checkpointing (target >= 2).
+
+Run: ``python -m benchmarks.perf.model`` (``--quick``: a 32^3 model with 8^3 and 12^3 tokens on
+32^2 views, for CI; ``--repeat N`` sets the timed steps of every row).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.perf.common import machine, markdown_table
+
+REPO = Path(__file__).resolve().parents[2]
+COLUMNS = ["model", "tokens", "checkpointing", "steps", "seconds", "model_gflop", "step_gflop", "gflops",
+           "matmul_gflops", "ratio", "peak_mib", "mem_cut", "targets"]
+
+
+def configs(quick: bool, repeat: int | None) -> list[dict]:
+    if quick:
+        base = dict(resolution=32, image=32, views=2, options=dict(dim=64, depth=2, heads=2, channels=8))
+        grids, cnn = (8, 12), dict(channels=8, levels=3)
+    else:
+        base = dict(resolution=128, image=128, views=2, options={})
+        grids, cnn = (24, 32), {}
+    out = []
+    for g in grids:
+        steps = repeat or (2 if quick else 3 if g <= 24 else 1)
+        for ckpt in (False, True):
+            out.append({**base, "model": "vit_cascade", "tokens": g, "checkpointing": ckpt, "steps": steps,
+                        "options": {**base["options"], "tokens": g}})
+    for ckpt in (False, True):
+        out.append({**base, "model": "cnn_baseline", "tokens": None, "checkpointing": ckpt, "steps": repeat or (2 if quick else 3),
+                    "options": cnn})
+    return out
+
+
+def matmul_gflops(n: int = 4096, repeat: int = 3) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t0)
+    return 2 * n**3 / statistics.median(times) / 1e9
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def worker(cfg: dict) -> dict:
+    """Build one configuration, count its FLOPs, time ``steps`` training steps, report peak memory."""
+    from x2ct_framework.model_info import step_flops
+    from x2ct_framework.physics import make_geometry
+    from x2ct_framework.plugins import get_plugin_manager
+
+    torch.manual_seed(0)
+    angles = [i * 180.0 / cfg["views"] for i in range(cfg["views"])]
+    model = get_plugin_manager().registry("model").create(
+        cfg["model"], cfg["options"], context={"resolution": cfg["resolution"], "views": angles,
+                                               "gradient_checkpointing": cfg["checkpointing"]})
+    model.train()
+    geometry = {k: v[None] for k, v in make_geometry(angles).items()}
+    xrays = torch.rand(1, cfg["views"], 1, cfg["image"], cfg["image"])
+    executed = step_flops(model, xrays, geometry)
+    flag = model.gradient_checkpointing
+    model.gradient_checkpointing = False
+    algorithmic = step_flops(model, xrays, geometry)
+    model.gradient_checkpointing = flag
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        model(xrays, geometry).mean().backward()
+
+    ref = [matmul_gflops()]
+    if cfg.get("warmup"):
+        step()
+    model.zero_grad(set_to_none=True)
+    base = _rss_bytes()
+    times = []
+    for _ in range(cfg["steps"]):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    ref.append(matmul_gflops())
+    seconds = statistics.median(times)
+    return {"seconds": seconds, "model_gflop": algorithmic / 1e9, "step_gflop": executed / 1e9,
+            "gflops": executed / seconds / 1e9, "matmul_gflops": statistics.median(ref),
+            "peak_mib": max(0, peak - base) / 2**20, "times": times, "threads": torch.get_num_threads()}
+
+
+def run(quick: bool = False, repeat: int | None = None, log=print) -> list[dict]:
+    rows = []
+    threads = torch.get_num_threads()
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": os.pathsep.join(
+        [str(REPO)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))}
+    for cfg in configs(quick, repeat):
+        cfg["warmup"] = quick
+        label = f"{cfg['model']} tokens={cfg['tokens']} checkpointing={cfg['checkpointing']}"
+        log(f"[model] {label} ...", flush=True)
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.perf.model", "--worker", json.dumps(cfg)],
+                              cwd=REPO, env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{label} failed:\n{proc.stderr[-3000:]}")
+        res = json.loads(proc.stdout.strip().splitlines()[-1])
+        row = {"model": cfg["model"], "tokens": f"{cfg['tokens']}^3" if cfg["tokens"] else "-",
+               "checkpointing": cfg["checkpointing"], "steps": cfg["steps"],
+               **{k: res[k] for k in ("seconds", "model_gflop", "step_gflop", "gflops", "matmul_gflops", "peak_mib")}}
+        row["ratio"] = row["gflops"] / row["matmul_gflops"]
+        log(f"[model]   {row['seconds']:.1f} s, {row['gflops']:.1f} GFLOP/s ({row['ratio']:.2f} of matmul), "
+            f"peak {row['peak_mib']:.0f} MiB", flush=True)
+        rows.append(row)
+    for row in rows:  # memory cut and targets, pairing each checkpointed row with its plain twin
+        if row["checkpointing"]:
+            plain = next(r for r in rows if r["model"] == row["model"] and r["tokens"] == row["tokens"]
+                         and not r["checkpointing"])
+            row["mem_cut"] = plain["peak_mib"] / max(row["peak_mib"], 1e-9)
+            plain["mem_cut"] = row["mem_cut"]
+    for row in rows:
+        if quick:
+            row["targets"] = "not judged (quick sizes)"
+            continue
+        ok = [f"ratio {'ok' if row['ratio'] >= 0.25 else 'MISSED'}"]
+        if row["checkpointing"]:
+            ok.append(f"mem {'ok' if row['mem_cut'] >= 2 else 'MISSED'}")
+        row["targets"] = ", ".join(ok)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes for a CI-speed check")
+    parser.add_argument("--repeat", type=int, default=None, help="timed steps per row (median)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return
+    rows = run(quick=args.quick, repeat=args.repeat)
+    print(f"\nModel step, batch 1, CPU ({machine()})\n")
+    print(markdown_table(rows, COLUMNS))
+
+
+if __name__ == "__main__":
+    main()
