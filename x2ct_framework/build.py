@@ -8,6 +8,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from .errors import PluginError
 from .plugins import get_plugin_manager
 from .recipe import Recipe
 from .schema import LOSS_TERM_KEYS
@@ -62,7 +63,11 @@ def build_dataset(recipe: Recipe, stage: Stage, split: str) -> torch.utils.data.
     opts = data_options(recipe, stage)
     name = opts.pop("name")
     reg = get_plugin_manager().registry("dataset")
-    return reg.create(name, opts, where=recipe.where("data"), split=split, stage=stage)
+    dataset = reg.create(name, opts, where=recipe.where("data"), split=split, stage=stage)
+    if not (hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")):
+        raise PluginError(f"dataset {name!r} ({reg.get(name).source}) returned {type(dataset).__name__}, "
+                          f"expected a torch.utils.data.Dataset (with __len__ and __getitem__)")
+    return dataset
 
 
 def build_model(recipe: Recipe, stage: Stage) -> nn.Module:
@@ -70,7 +75,12 @@ def build_model(recipe: Recipe, stage: Stage) -> nn.Module:
     name = opts.pop("name")
     ctx = context(recipe, stage)
     ctx.pop("stage")
-    return get_plugin_manager().registry("model").create(name, opts, where=recipe.where("model"), context=ctx)
+    reg = get_plugin_manager().registry("model")
+    model = reg.create(name, opts, where=recipe.where("model"), context=ctx)
+    if not isinstance(model, nn.Module):
+        raise PluginError(f"model {name!r} ({reg.get(name).source}) returned {type(model).__name__}, "
+                          f"expected a torch.nn.Module")
+    return model
 
 
 class LossTerm(nn.Module):
@@ -94,11 +104,16 @@ class LossTerm(nn.Module):
 class LossSet(nn.Module):
     """The stage's loss: a weighted sum of terms, each term logged separately."""
 
-    def __init__(self, terms: list[LossTerm]):
+    def __init__(self, terms: list[LossTerm], model_name: str = "the model"):
         super().__init__()
         self.terms = nn.ModuleList(terms)
+        self.model_name = model_name
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor, batch: dict, epoch: int = 0):
+        if not isinstance(pred, torch.Tensor) or pred.shape != target.shape:
+            shape = tuple(pred.shape) if isinstance(pred, torch.Tensor) else type(pred).__name__
+            raise PluginError(f"model {self.model_name!r} returned {shape}, expected the target's shape "
+                              f"{tuple(target.shape)} ([B, 1, R, R, R] at the stage resolution)")
         total = pred.new_zeros(())
         parts: dict[str, torch.Tensor] = {}
         for term in self.terms:
@@ -106,6 +121,9 @@ class LossSet(nn.Module):
             if w == 0.0:
                 continue
             value = term.module(pred, target, batch)
+            if not isinstance(value, torch.Tensor) or value.ndim != 0:
+                got = f"shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+                raise PluginError(f"loss term {term.name!r} returned {got}, expected a scalar tensor")
             parts[term.name] = value.detach()
             total = total + w * value
         return total, parts
@@ -128,7 +146,7 @@ def build_losses(recipe: Recipe, stage: Stage) -> LossSet:
         if not isinstance(module, nn.Module):
             module = _Wrap(module)
         terms.append(LossTerm(term_name, module, **meta))
-    return LossSet(terms)
+    return LossSet(terms, model_options(recipe, stage).get("name", "the model"))
 
 
 class _Wrap(nn.Module):

@@ -22,7 +22,7 @@ from typing import Any
 import pluggy
 
 from . import hookspecs
-from .errors import PluginError
+from .errors import PluginError, X2CTError
 from .registry import Registry
 
 ENTRY_POINT_GROUP = "x2ct_framework"
@@ -47,7 +47,8 @@ class PluginManager:
 
     @property
     def hook(self):
-        return self.pm.hook
+        """``pm.hook.<name>(**kwargs)``; an exception inside a plugin's hook becomes a PluginError naming it."""
+        return _NamedHooks(self)
 
     # ---- loading -----------------------------------------------------------------------------
     def load_entry_points(self) -> None:
@@ -153,6 +154,36 @@ class PluginManager:
 
     def registry(self, kind: str) -> Registry:
         return self.registries()[kind]
+
+
+class _NamedHooks:
+    """pluggy's hook relay with the culprit named: a plugin raising inside a lifecycle hook stops the run
+    with ``plugin 'name' (distribution) raised inside on_epoch_end: ...`` rather than a bare traceback."""
+
+    def __init__(self, manager: PluginManager):
+        self._manager = manager
+
+    def __getattr__(self, hook_name: str):
+        caller = getattr(self._manager.pm.hook, hook_name)
+
+        def call(**kwargs):
+            try:
+                return caller(**kwargs)
+            except X2CTError:
+                raise
+            except Exception as exc:
+                codes = {impl.function.__code__: impl.plugin_name for impl in caller.get_hookimpls()}
+                tb, plugin = exc.__traceback__, None
+                while tb is not None and plugin is None:
+                    plugin = codes.get(tb.tb_frame.f_code)
+                    tb = tb.tb_next
+                if plugin is None:
+                    raise
+                dist = self._manager.distributions.get(plugin, "?")
+                raise PluginError(f"plugin {plugin!r} ({dist}) raised inside {hook_name}: "
+                                  f"{type(exc).__name__}: {exc}") from exc
+
+        return call
 
 
 def _distribution_of(module: ModuleType) -> str:

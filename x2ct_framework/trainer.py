@@ -192,6 +192,7 @@ class Trainer:
         self.pm = get_plugin_manager()
         load_recipe_plugins(recipe)
         self.model: torch.nn.Module | None = None  # the stage's unwrapped model, for hooks
+        self._info_written = False
 
     @property
     def is_main(self) -> bool:
@@ -202,6 +203,7 @@ class Trainer:
             print(*args, flush=True)
 
     def write_run_info(self) -> None:
+        self._info_written = True
         if not self.is_main:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -216,7 +218,11 @@ class Trainer:
     # ---- the run: stages in order --------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         recipe, train = self.recipe, self.recipe["train"]
-        self.write_run_info()
+        # recipe.toml describes the folder's checkpoints (evaluate rebuilds the model from it): over
+        # existing ones it is rewritten only with this run's first checkpoint, so a run that fails early
+        # leaves the folder as it was.
+        if not any(ckpt.exists(p) for p in self.run_dir.glob("*/last")):
+            self.write_run_info()
         if self.trackers:
             self.accelerator.init_trackers(recipe.name, config=flat_config(recipe.data))
         all_stages = stages(recipe)
@@ -576,6 +582,8 @@ class Trainer:
         rng = gather_object([rng_state()]) if acc.num_processes > 1 else [rng_state()]
         weights = ema.module.state_dict() if ema is not None else acc.get_state_dict(model)
         trainer_state = self._trainer_state(model, optimizer, scheduler, ema, loss_parts, pos, rng)
+        if not self._info_written:
+            self.write_run_info()
         if self.is_main:
             stage_dir = self.run_dir / stage.name
             state = {"stage": stage.name, "stage_index": stage.index, "recipe": self.recipe.name,
@@ -599,6 +607,8 @@ class Trainer:
             self.print(f"[{stage.name}] interrupted; no checkpoint written ({acc.distributed_type} needs all "
                        f"processes to save); --resume continues from the last epoch's checkpoint")
             return
+        if not self._info_written:
+            self.write_run_info()
         if not self.is_main:
             return
         pos = dict(pos, batch_in_epoch=at_sync["batch_in_epoch"])
