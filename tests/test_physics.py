@@ -187,6 +187,26 @@ def test_prefilter_preserves_integrals_and_matches_fine_projection():
     assert torch.allclose(pooled[0, :, 0], ref, atol=0.03 * float(ref.max()))
 
 
+def test_prefilter_equals_padding_with_air_then_averaging():
+    """Window averages over the footprint; a partial window at the far edge counts air for the missing voxels."""
+    import sys
+
+    prefilter = sys.modules["x2ct_framework.physics.drr"]._prefilter
+    torch.manual_seed(4)
+    for shape, vol_mm, det_mm, window in [((10, 31, 29), (29.0, 31.0, 40.0), (31.0, 40.0), (1, 3, 3)),  # thick slices
+                                          ((13, 11, 10), (20.0, 22.0, 26.0), (44.0, 52.0), (2, 2, 2))]:
+        mu = torch.rand(1, 1, *shape, dtype=torch.float64)
+        g = batched(make_geometry([0, 90], "parallel", volume_mm=vol_mm, detector_mm=det_mm, detector_px=(10, 10)),
+                    dtype=torch.float64)
+        vox = torch.tensor(vol_mm, dtype=torch.float64) / torch.tensor(shape[::-1], dtype=torch.float64)
+        pooled, new_vox, centre = prefilter(mu, g, (10, 10), vox, 1.0)
+        pads = [(-n) % k for n, k in zip(shape, window)]
+        ref = torch.nn.functional.avg_pool3d(torch.nn.functional.pad(mu, (0, pads[2], 0, pads[1], 0, pads[0])), window)
+        assert torch.allclose(pooled, ref, atol=1e-12)
+        assert torch.allclose(new_vox, vox * torch.tensor(window[::-1], dtype=torch.float64))
+        assert torch.allclose(centre, torch.tensor(pads[::-1], dtype=torch.float64) * vox / 2)
+
+
 def test_batch_and_collated_geometry_match_single_cases():
     torch.manual_seed(2)
     mu = torch.rand(2, 1, 12, 12, 12) * MU

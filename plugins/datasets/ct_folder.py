@@ -118,8 +118,8 @@ class CTFolderDataset(Dataset):
         self.pad_hu = float(pad_hu)
         self.mu_water, self.beer_lambert = float(mu_water), beer_lambert
         self.cache = DiskCache(Path(cache_dir).expanduser() if cache_dir else None)
-        self.augment = build_augment(augment or {}) if split in augment_splits else None
-        build_augment(augment or {})  # validate even when this split does not augment
+        transform = build_augment(augment or {})  # validated for every split
+        self.augment = transform if split in augment_splits else None
         self.labels_dir = Path(labels_dir).expanduser() if labels_dir else None
         if self.labels_dir is not None and not self.labels_dir.is_dir():
             raise DataError(f"{self.labels_dir}: label folder not found (data.labels_dir of ct_folder)")

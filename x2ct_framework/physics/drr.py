@@ -49,7 +49,12 @@ def _prefilter(mu: torch.Tensor, g: Mapping[str, torch.Tensor], det_shape: tuple
         return mu, vox, torch.zeros(3, dtype=vox.dtype)
     # ceil_mode averages a partial last window over its valid voxels; rescaling that window by
     # valid / k makes it the average of the volume padded with air, without copying the volume.
-    pooled = F.avg_pool3d(mu, kernel_size=k, stride=k, ceil_mode=True)
+    if k[0] == 1:  # in-plane only (thick slices): 2D pooling runs in parallel over the slices
+        b, c, d, hh, ww = mu.shape
+        pooled = F.avg_pool2d(mu.reshape(b * c * d, 1, hh, ww), kernel_size=k[1:], stride=k[1:], ceil_mode=True)
+        pooled = pooled.view(b, c, d, *pooled.shape[-2:])
+    else:
+        pooled = F.avg_pool3d(mu, kernel_size=k, stride=k, ceil_mode=True)
     centre = torch.zeros(3, dtype=vox.dtype)
     scale = None
     for axis, (n, kk) in enumerate(zip(mu.shape[-3:], k)):
