@@ -143,6 +143,16 @@ def test_gradient_checkpointing_same_loss_and_gradients(kind):
         torch.testing.assert_close(g1[name], g0[name], rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
 
 
+@pytest.mark.parametrize("kind", ["vit_cascade", "cnn_baseline"])
+def test_bf16_autocast_with_checkpointing(kind):
+    model = (vit if kind == "vit_cascade" else cnn)(gradient_checkpointing=True).train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(torch.rand(1, 2, 1, 16, 16), geometry([0, 90], batch=1, preset="x2ctgan"))
+    assert out.shape == (1, 1, 16, 16, 16) and torch.isfinite(out.float()).all()
+    out.float().mean().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
 def _create(name, options, resolution, views=(0, 90)):
     return get_plugin_manager().registry("model").create(
         name, options, where="r.toml: model", context={"resolution": resolution, "views": list(views),

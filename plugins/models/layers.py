@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Callable
 
 import torch
@@ -39,8 +40,8 @@ def check_inputs(name: str, xrays: torch.Tensor, geometry: dict, prev: torch.Ten
     if views is not None and v != views:
         raise ModelInputError(f"{name}: built for {views} views (one encoder per view), got {v} views; "
                               f"rebuild it with the recipe's data.views, or set share_encoder = true")
-    if not isinstance(geometry, dict) or "angles" not in geometry:
-        keys = sorted(geometry) if isinstance(geometry, dict) else type(geometry).__name__
+    if not isinstance(geometry, Mapping) or "angles" not in geometry:
+        keys = sorted(geometry) if isinstance(geometry, Mapping) else type(geometry).__name__
         raise ModelInputError(f"{name}: geometry must be a dict with 'angles' [B, V] in degrees, got {keys}")
     angles = geometry["angles"]
     if not isinstance(angles, torch.Tensor) or tuple(angles.shape) != (b, v):
@@ -216,18 +217,13 @@ class ViewFusion(nn.Module):
         return self.proj(pooled)
 
 
-def lift(feats: torch.Tensor, geometry: dict, size: int, detector: int | None = None) -> torch.Tensor:
+def lift(feats: torch.Tensor, geometry: dict, size: int) -> torch.Tensor:
     """Back-project per-view 2D features ``[B, V, C, h, w]`` along each view's rays into ``[B, V, C, S, S, S]``.
 
-    ``detector`` resizes the feature maps first (antialiased) so the grid samples them without aliasing.
+    Runs in float32 even under autocast: ray coordinates in bfloat16 would be off by a quarter voxel at 128^3.
     """
-    if detector is not None and tuple(feats.shape[-2:]) != (detector, detector):
-        b = feats.shape[0]
-        flat = rearrange(feats, "b v c h w -> (b v) c h w")
-        antialias = detector < min(flat.shape[-2:])
-        flat = F.interpolate(flat, size=(detector, detector), mode="bilinear", align_corners=False, antialias=antialias)
-        feats = rearrange(flat, "(b v) c h w -> b v c h w", b=b)
-    return backproject(feats, geometry, (size, size, size))
+    with torch.autocast(feats.device.type, enabled=False):
+        return backproject(feats.float(), geometry, (size, size, size))
 
 
 class FourierPositions(nn.Module):

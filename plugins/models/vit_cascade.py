@@ -164,7 +164,7 @@ class ViTCascade(nn.Module):
         b = feats[0].shape[0]
         plane = 0
         for proj, f in zip(self.lift.proj, feats):
-            f2 = proj(rearrange(f, "b v c h w -> (b v) c h w"))
+            f2 = proj(rearrange(f, "b v c h w -> (b v) c h w")).float()  # antialiased resize has no bf16 CPU kernel
             if tuple(f2.shape[-2:]) != (g, g):
                 f2 = nn.functional.interpolate(f2, size=(g, g), mode="bilinear", align_corners=False,
                                                antialias=g < min(f2.shape[-2:]))
