@@ -34,7 +34,8 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from . import checkpoint as ckpt
-from .build import build_dataset, build_losses, build_metrics, build_model, load_recipe_plugins, stages
+from .build import (build_dataset, build_losses, build_metrics, build_model, load_recipe_plugins, model_options,
+                    stages)
 from .errors import CheckpointError, RecipeError, X2CTError
 from .logbook import Logbook
 from .optim import Schedule, lr_at, lr_factor, make_optimizer
@@ -114,6 +115,45 @@ def flat_config(data: Any, prefix: str = "") -> dict[str, Any]:
     else:
         out[prefix] = str(data)
     return out
+
+
+class StopRequest:
+    """Ctrl-C (SIGINT) during training asks for a stop at the next consistent point instead of raising at once.
+
+    The loop then saves ``last`` and raises ``KeyboardInterrupt``; a second Ctrl-C raises at once. With
+    several processes the request is shared at every optimizer update so that all stop together.
+    """
+
+    def __init__(self):
+        import signal
+        import threading
+
+        self.requested = False
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+
+    def _handler(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nstopping at the next optimizer update (Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+
+    def now(self, acc: Accelerator) -> bool:
+        if acc.num_processes == 1:
+            return self.requested
+        if not acc.sync_gradients:
+            return False
+        flag = torch.tensor([float(self.requested)], device=acc.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def restore(self) -> None:
+        import signal
+
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
 
 
 class LossParts:
@@ -300,6 +340,12 @@ class Trainer:
         if init_from is not None and resume_from is None:
             report = ckpt.load_into(model, init_from, strict=False)
             skipped = report["missing"] + report["mismatched"]
+            total = len(model.state_dict())
+            if 2 * (total - len(skipped)) < total:
+                raise CheckpointError(
+                    f"{init_from} does not fit {stage.name}'s model {model_options(recipe, stage)['name']!r}: only "
+                    f"{total - len(skipped)} of its {total} tensors match ({len(report['unexpected'])} unexpected, "
+                    f"e.g. {'; '.join((report['unexpected'] + skipped)[:3])}); is it a checkpoint of another model?")
             self.print(f"[{stage.name}] initialised from {init_from}"
                        + (f" ({len(skipped)} tensors kept fresh: {'; '.join(skipped[:3])}"
                           f"{' ...' if len(skipped) > 3 else ''})" if skipped else ""))
@@ -344,6 +390,10 @@ class Trainer:
                "best": {"metric": metric, "mode": mode, "value": None, "epoch": None}}
         last_metrics: dict[str, float] = {}
         if resume_from is not None:
+            saved = ckpt.load_state(resume_from).get("resolution", stage.resolution)
+            if saved != stage.resolution:
+                raise CheckpointError(f"cannot resume {stage.name} from {resume_from}: it was trained at {saved}^3 and "
+                                      f"the recipe now says {stage.resolution}^3 ({where('resolution')})")
             last_metrics = self._restore(resume_from, model, optimizer, scheduler, ema, loss_parts, pos)
             self.print(f"[{stage.name}] resuming from {resume_from}: epoch {pos['epoch']} of {opts['epochs']}, "
                        f"step {pos['step']} of {total_steps}")
@@ -366,7 +416,8 @@ class Trainer:
         bar = tqdm(total=total_steps, initial=pos["step"], desc=stage.name, dynamic_ncols=True,
                    disable=not (self.is_main and train["progress"]))
         window = {"count": 0}  # sums of the logged quantities since the last log row
-        at_sync = {"rng": None, "batch_in_epoch": pos["batch_in_epoch"]}
+        at_sync = {"rng": None, "batch_in_epoch": pos["batch_in_epoch"], "consistent": True}
+        stop = StopRequest()
         try:
             for epoch in range(pos["epoch"], opts["epochs"]):
                 model.train()
@@ -389,6 +440,7 @@ class Trainer:
                         else:
                             bad_window = True
                         if acc.sync_gradients:
+                            at_sync["consistent"] = False  # weights change before the position does
                             lr_now = optimizer.param_groups[0]["lr"]
                             norm = acc.clip_grad_norm_(model.parameters(), train["max_grad_norm"] or math.inf) \
                                 if not bad_window else None
@@ -413,7 +465,9 @@ class Trainer:
                         if pos["step"] % train["log_every"] == 0 or pos["step"] == total_steps:
                             row = self._log_train(stage, log, window, loss_parts, epoch, pos["step"], lr_now)
                             bar.set_postfix(loss=f"{row.get('train/loss', float('nan')):.4f}")
-                        at_sync.update(rng=rng_state(), batch_in_epoch=pos["batch_in_epoch"])
+                        at_sync.update(rng=rng_state(), batch_in_epoch=pos["batch_in_epoch"], consistent=True)
+                    if stop.now(acc):
+                        raise KeyboardInterrupt
                 pos["epoch"], pos["batch_in_epoch"] = epoch + 1, 0
                 at_sync.update(rng=None, batch_in_epoch=0)
                 done = epoch + 1
@@ -429,10 +483,18 @@ class Trainer:
                            complete=done == opts["epochs"], best=improved,
                            periodic=bool(opts["checkpoint_every"]) and done % opts["checkpoint_every"] == 0)
                 self.pm.hook.on_epoch_end(trainer=self, stage=stage, epoch=epoch, metrics=last_metrics)
+                if stop.now(acc):
+                    raise KeyboardInterrupt
         except KeyboardInterrupt:
             bar.close()
-            self._save_interrupted(stage, model, optimizer, scheduler, ema, loss_parts, pos, at_sync, last_metrics)
+            stop.restore()
+            if at_sync["consistent"]:
+                self._save_interrupted(stage, model, optimizer, scheduler, ema, loss_parts, pos, at_sync, last_metrics)
+            else:
+                self.print(f"[{stage.name}] interrupted inside an optimizer update; the last checkpoint "
+                           f"({self.run_dir / stage.name / 'last'}) is kept; continue with --resume")
             raise
+        stop.restore()
         bar.close()
         acc.wait_for_everyone()
         if self.is_main:
@@ -587,7 +649,7 @@ class Trainer:
         if self.is_main:
             stage_dir = self.run_dir / stage.name
             state = {"stage": stage.name, "stage_index": stage.index, "recipe": self.recipe.name,
-                     "epoch": pos["epoch"], "step": pos["step"], "batch_in_epoch": pos["batch_in_epoch"],
+                     "resolution": stage.resolution, "epoch": pos["epoch"], "step": pos["step"], "batch_in_epoch": pos["batch_in_epoch"],
                      "metrics": metrics, "best": pos["best"], "complete": complete,
                      "weights": "ema" if ema is not None else "model"}
             path = ckpt.save_checkpoint(stage_dir / kind, weights, state, trainer_state)
@@ -617,7 +679,8 @@ class Trainer:
         state_t = self._trainer_state(model, optimizer, scheduler, ema, loss_parts, pos, rng)
         if ema is not None:
             state_t["model"] = acc.unwrap_model(model).state_dict()
-        state = {"stage": stage.name, "stage_index": stage.index, "recipe": self.recipe.name, "epoch": pos["epoch"],
+        state = {"stage": stage.name, "stage_index": stage.index, "recipe": self.recipe.name,
+                 "resolution": stage.resolution, "epoch": pos["epoch"],
                  "step": pos["step"], "batch_in_epoch": pos["batch_in_epoch"], "metrics": metrics,
                  "best": pos["best"], "complete": False, "interrupted": True,
                  "weights": "ema" if ema is not None else "model"}
