@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install bench clean
+.PHONY: demo test install bench bench-matrix clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.perf
+
+# The future-work quality matrix at CPU scale (about 30 min on 2 cores; rerun resumes).
+bench-matrix: $(STAMP)
+	$(PY) -m benchmarks.variants benchmarks/matrix/cpu.toml
 
 clean:
 	rm -rf runs .pytest_cache

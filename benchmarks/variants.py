@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import dataclasses
 import datetime as _dt
 import hashlib
 import json
@@ -100,6 +101,7 @@ class Cell:
     set: list[str] = field(default_factory=list)
     budget_scale: float = 1.0
     note: str = ""
+    recipe: Path | None = None  # the cell's own base recipe (default: the matrix's base)
 
 
 @dataclass
@@ -127,7 +129,7 @@ _TOP = {"name": str, "description": str, "base": str, "set": list, "seeds": list
         "budget": dict, "eval": dict, "notes": list, "cells": list}
 _BUDGET = {"steps": int, "wall_s": (int, float), "epochs": int, "calibration_steps": int}
 _EVAL = {"protocol": str, "split": str, "which": str, "metrics": list, "max_cases": int, "batch_size": int}
-_CELL = {"name": str, "question": str, "set": list, "budget_scale": (int, float), "note": str}
+_CELL = {"name": str, "question": str, "recipe": str, "set": list, "budget_scale": (int, float), "note": str}
 
 
 def _typecheck(table: dict, spec: dict, where: str, problems: list[str]) -> None:
@@ -221,9 +223,14 @@ def load_matrix(path: str | Path) -> Matrix:
                 if abs(e - round(e)) > 1e-9 or round(e) < 1:
                     p.append(f"{cw}budget_scale: budget.epochs ({budget['epochs']}) x {scale} = {e:g} must be a "
                              f"whole number of epochs >= 1")
+        own = None
+        if isinstance(c.get("recipe"), str):
+            own = (path.parent / c["recipe"]).resolve()
+            if not own.is_file():
+                p.append(f"{cw}recipe: recipe not found: {own}")
         cells.append(Cell(name=name, question=c.get("question", ""), set=list(c.get("set", [])),
                           budget_scale=float(scale) if isinstance(scale, (int, float)) else 1.0,
-                          note=c.get("note", "")))
+                          note=c.get("note", ""), recipe=own))
     names = [c.name for c in cells]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
@@ -249,7 +256,7 @@ def _trained_stages(recipe) -> list[int]:
 
 
 def cell_recipe(matrix: Matrix, cell: Cell, seed: int, out: Path, steps: int, extra: list[str] = ()):
-    """The resolved recipe of one (cell, seed): base + matrix set + cell set + --set + the budget.
+    """The resolved recipe of one (cell, seed): base (or the cell's recipe) + matrix set + cell set + --set + budget.
 
     The budget's overrides come last so no cell can escape it: every trained stage gets
     ``budget.epochs x budget_scale`` epochs of ``steps / budget.epochs`` optimizer steps each.
@@ -257,15 +264,16 @@ def cell_recipe(matrix: Matrix, cell: Cell, seed: int, out: Path, steps: int, ex
     from x2ct_framework.recipe import load_recipe
 
     overrides = [*matrix.set, *cell.set, *extra]
-    first = load_recipe(matrix.base, overrides)
+    base = cell.recipe or matrix.base
+    first = load_recipe(base, overrides)
     epochs = round(matrix.budget["epochs"] * cell.budget_scale)
     per_epoch = steps // matrix.budget["epochs"]
     fixed = [f"seed={seed}", f'output_dir="{out.as_posix()}"', f'name="{run_name(cell.name, seed)}"',
              f"train.max_steps_per_epoch={per_epoch}", "train.trackers=[]", "train.progress=false",
              "eval.preview=false", "eval.report=false"]
     for i in _trained_stages(first):
-        fixed += [f"stages.{i + 1}.epochs={epochs}", f"stages.{i + 1}.checkpoint_every=0", f"stages.{i + 1}.val_every=1"]
-    return load_recipe(matrix.base, [*overrides, *fixed])
+        fixed += [f"stages.{i + 1}.epochs={epochs}", f"stages.{i + 1}.checkpoint_every=0"]
+    return load_recipe(base, [*overrides, *fixed])
 
 
 def run_hash(recipe, matrix: Matrix) -> str:
@@ -468,7 +476,7 @@ def calibrate(matrix: Matrix, cell: Cell, out: Path, extra: list[str], isolate: 
     old = read_result(path)
     if old and old.get("key") == key:
         return int(old["steps"])
-    one = Cell(cell.name, cell.question, cell.set, 1.0 / matrix.budget["epochs"], cell.note)
+    one = dataclasses.replace(cell, budget_scale=1.0 / matrix.budget["epochs"])
     spec_steps = cal_steps * matrix.budget["epochs"]
     if isolate:
         res = _run_isolated(matrix, one, matrix.seeds[0], out / "calibration", spec_steps, extra, out / "logs")
@@ -521,7 +529,7 @@ def _run_one(spec_text: str) -> int:
     spec = json.loads(spec_text)
     matrix = load_matrix(spec["matrix"])
     base = matrix.cell(spec["cell"])
-    cell = Cell(base.name, base.question, base.set, spec["budget_scale"], base.note)
+    cell = dataclasses.replace(base, budget_scale=spec["budget_scale"])
     out = Path(spec["out"])
     if out.name == "calibration":
         res = run_cell_training_only(matrix, cell, spec["seed"], out, spec["steps"], spec["extra"])
@@ -865,7 +873,9 @@ def dry_run(matrix: Matrix, out: Path, extra: list[str], check: bool, log=print)
         recipe = cell_recipe(matrix, cell, matrix.seeds[0], out, steps, extra)
         load_recipe_plugins(recipe)
         st = stages(recipe)[-1]
-        line = (f"  {cell.name:<16} {recipe['model']['name']}, {st.resolution}^3, views "
+        tokens = recipe["model"].get("tokens")
+        line = (f"  {cell.name:<16} {recipe['model']['name']}{f' {tokens}^3 tokens' if tokens else ''}, "
+                f"{st.resolution}^3, views "
                 f"{recipe['data'].get('views', '?')}, losses {', '.join(f'{k}' for k, v in st.options['losses'].items() if v.get('weight', 1))}, "
                 f"{st.options['epochs']} epochs")
         if check:

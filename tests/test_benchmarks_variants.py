@@ -211,3 +211,29 @@ def test_two_cell_matrix_tables_and_resume(tmp_path):
     assert redone["key"] == res["key"] and redone["metrics"]["psnr"] == pytest.approx(res["metrics"]["psnr"])
     assert redone["time_per_step_s"] == pytest.approx(res["time_per_step_s"])  # kept from the finished training
     assert "3 finished earlier, 1 to run" in logs[-2]
+
+
+@pytest.mark.parametrize("preset", ["cpu", "gpu"])
+def test_shipped_matrices_resolve(preset, tmp_path):
+    """Every cell of the shipped matrices resolves to a valid recipe under the budget."""
+    m = V.load_matrix(REPO / "benchmarks" / "matrix" / f"{preset}.toml")
+    names = [c.name for c in m.cells]
+    assert names == ["baseline", "epochs20", "no_gradient", "tokens32", "views4", "views8", "anatomy", "reprojection",
+                     "adversarial", "cnn_baseline", "lpips"]
+    assert len(m.seeds) >= 3 and m.reference == "baseline"
+    steps = m.budget["steps"]
+    recipes = {c.name: V.cell_recipe(m, c, m.seeds[0], tmp_path, steps) for c in m.cells}
+    stage = {n: r["stages"][-1] for n, r in recipes.items()}
+    assert stage["epochs20"]["epochs"] * 5 == stage["baseline"]["epochs"] == m.budget["epochs"]
+    assert recipes["tokens32"]["model"]["tokens"] > recipes["baseline"]["model"]["tokens"]
+    assert [len(recipes[n]["data"]["views"]) for n in ("baseline", "views4", "views8")] == [2, 4, 8]
+    assert {"bone", "vessel", "landmark"} <= set(stage["anatomy"]["losses"])
+    assert "reprojection" in stage["reprojection"]["losses"] and "adversarial" in stage["adversarial"]["losses"]
+    assert recipes["cnn_baseline"]["model"]["name"] == "cnn_baseline"
+    assert "lpips" in stage["lpips"]["losses"] and "vgg" not in stage["lpips"]["losses"]
+    assert stage["no_gradient"]["losses"]["gradient"]["weight"] == 0.0
+    if preset == "cpu":  # the CPU preset's data holds its budget (the GPU one uses the user's CT folder)
+        V.check_budget(recipes["baseline"], steps // m.budget["epochs"])
+    # the token questions keep the seed's downsampling: 128 / 24 and 128 / 32
+    for cell, factor in (("baseline", 128 / 24), ("tokens32", 128 / 32)):
+        assert stage[cell]["resolution"] / recipes[cell]["model"]["tokens"] == pytest.approx(factor)
