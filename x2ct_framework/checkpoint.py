@@ -16,6 +16,7 @@ being replaced it briefly lives at ``<name>.old``; :func:`resolve` falls back to
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -118,6 +119,7 @@ def save_checkpoint(folder: str | Path, model: torch.nn.Module | dict[str, torch
         save_file(tensors, str(tmp / TRAINER_TENSORS))
         (tmp / TRAINER_JSON).write_text(json.dumps(structure))
         files += [tmp / TRAINER_TENSORS, tmp / TRAINER_JSON]
+    state = dict(state, sha256={f.name: _sha256(f) for f in files})
     (tmp / STATE).write_text(json.dumps(state, indent=2, default=str))
     files.append(tmp / STATE)
     if FSYNC:
@@ -168,10 +170,35 @@ def exists(folder: str | Path) -> bool:
     return (resolve(folder) / STATE).is_file()
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify(folder: str | Path, name: str) -> None:
+    """Refuse a checkpoint file whose content differs from the digest recorded when it was written.
+
+    The digests in ``state.json`` detect altered, truncated or swapped files; they are not a
+    signature (whoever can rewrite the folder can rewrite them too).
+    """
+    folder = resolve(folder)
+    try:
+        expected = json.loads((folder / STATE).read_text()).get("sha256", {}).get(name)
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return  # load_state reports a missing or damaged state.json
+    if expected is not None and _sha256(folder / name) != expected:
+        raise CheckpointError(f"checkpoint file {folder / name} was altered or damaged after it was written "
+                              f"(its sha256 differs from the one in {folder / STATE}); refusing to load it")
+
+
 def load_weights(folder: str | Path) -> dict[str, torch.Tensor]:
     path = resolve(folder) / WEIGHTS
     if not path.is_file():
         raise CheckpointError(f"checkpoint weights not found: {path}")
+    verify(folder, WEIGHTS)
     try:
         return load_file(str(path))
     except Exception as exc:
@@ -195,10 +222,12 @@ def load_trainer_state(folder: str | Path) -> dict[str, Any]:
     if not (tpath.is_file() and jpath.is_file()):
         raise CheckpointError(f"checkpoint {folder} has no trainer state ({TRAINER_TENSORS} and {TRAINER_JSON}); "
                               f"it holds weights only and cannot be resumed")
+    verify(folder, TRAINER_TENSORS)
+    verify(folder, TRAINER_JSON)
     try:
         tensors = load_file(str(tpath))
         return decode_state(json.loads(jpath.read_text()), tensors)
-    except (json.JSONDecodeError, KeyError, ValueError, OSError) as exc:
+    except Exception as exc:  # safetensors raises its own error type for a damaged header
         raise CheckpointError(f"trainer state in {folder} is damaged: {exc}") from exc
 
 
