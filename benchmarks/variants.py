@@ -603,23 +603,47 @@ def run_matrix(matrix: Matrix, out: Path | None = None, *, only: list[str] | Non
         log(f"  [{i + 1}/{len(todo)}] {name}: {time.perf_counter() - t0:.0f} s, {res.get('steps')} steps, "
             f"{res.get('time_per_step_s', float('nan')):.3f} s/step, psnr {m.get('psnr', float('nan')):.2f}, "
             f"ssim {m.get('ssim', float('nan')):.3f}; about {eta / 60:.1f} min left")
-    status["tables"] = write_tables(matrix, out, plot=plot)
+    status["tables"] = write_tables(matrix, out, plot=plot, extra=list(extra))
     status["out"] = out
     return status
 
 
 # ---- tables -----------------------------------------------------------------------------------
-def collect(matrix: Matrix, out: Path) -> dict[str, list[dict]]:
-    """The finished results of each cell that still match the current definition of the matrix."""
+def cell_steps(matrix: Matrix, cell: Cell, out: Path) -> int | None:
+    """The cell's optimizer-step budget: the matrix's, or its calibrated one under a wall-time budget."""
+    if "steps" in matrix.budget:
+        return matrix.budget["steps"]
+    cal = read_result(out / "calibration" / f"{cell.name}.json")
+    return int(cal["steps"]) if cal else None
+
+
+def expected_keys(matrix: Matrix, out: Path, extra: list[str] = ()) -> dict[tuple[str, int], str | None]:
+    """The hash every (cell, seed) result must carry to belong to the current definition of the matrix."""
+    keys: dict[tuple[str, int], str | None] = {}
+    for cell in matrix.cells:
+        steps = cell_steps(matrix, cell, out)
+        for seed in matrix.seeds:
+            keys[cell.name, seed] = (None if steps is None else
+                                     run_hash(cell_recipe(matrix, cell, seed, out, steps, list(extra)), matrix))
+    return keys
+
+
+def collect(matrix: Matrix, out: Path, keys: dict[tuple[str, int], str | None]) -> tuple[dict[str, list[dict]], list[str]]:
+    """The finished results of each cell that match the current definition; the names of stale ones."""
     found: dict[str, list[dict]] = {}
+    stale: list[str] = []
     for cell in matrix.cells:
         rows = []
         for seed in matrix.seeds:
             r = read_result(result_path(out, cell.name, seed))
-            if r is not None:
-                rows.append(r)
+            if r is None:
+                continue
+            if r.get("key") != keys.get((cell.name, seed)):
+                stale.append(run_name(cell.name, seed))
+                continue
+            rows.append(r)
         found[cell.name] = rows
-    return found
+    return found, stale
 
 
 def paired(ref: list[dict], other: list[dict], metric: str) -> dict[str, float]:
@@ -684,10 +708,13 @@ def summarize(matrix: Matrix, found: dict[str, list[dict]]) -> list[dict]:
     return rows
 
 
-def write_tables(matrix: Matrix, out: Path, plot: bool = True) -> dict[str, Path]:
-    """``matrix.md``, ``matrix.csv``, ``per_seed.csv`` and ``matrix.png`` from the result files."""
+def write_tables(matrix: Matrix, out: Path, plot: bool = True, extra: list[str] = ()) -> dict[str, Path]:
+    """``matrix.md``, ``matrix.csv``, ``per_seed.csv`` and ``matrix.png`` from the result files.
+
+    Only results of the current definition count (their hash matches); older ones are named as stale.
+    """
     out = Path(out)
-    found = collect(matrix, out)
+    found, stale = collect(matrix, out, expected_keys(matrix, out, extra))
     rows = summarize(matrix, found)
     by_name = {r["cell"]: r for r in rows}
     ref = by_name[matrix.reference]
@@ -720,7 +747,7 @@ def write_tables(matrix: Matrix, out: Path, plot: bool = True) -> dict[str, Path
                             _csv(r.get("peak_mem_mib")), r.get("params"),
                             *[_csv(r["metrics"].get(m)) for m in all_metrics]])
 
-    files["md"].write_text(markdown(matrix, rows, ref, shown, out))
+    files["md"].write_text(markdown(matrix, rows, ref, shown, found, stale))
     if plot and any(r["seeds"] for r in rows):
         files["png"] = plot_matrix(matrix, rows, found, shown, out / "matrix.png")
     return files
@@ -741,7 +768,8 @@ def budget_text(matrix: Matrix) -> str:
             f"{b['calibration_steps']}-step timed run, in {b['epochs']} epochs")
 
 
-def markdown(matrix: Matrix, rows: list[dict], ref: dict, shown: list[str], out: Path) -> str:
+def markdown(matrix: Matrix, rows: list[dict], ref: dict, shown: list[str], found: dict[str, list[dict]],
+             stale: list[str] = ()) -> str:
     proto = matrix.eval["protocol"]
     units = next((r["units"] for r in rows if r["units"]), {})
     hib = next((r["higher_is_better"] for r in rows if r["higher_is_better"]), {})
@@ -759,12 +787,12 @@ def markdown(matrix: Matrix, rows: list[dict], ref: dict, shown: list[str], out:
               "- cells show mean over seeds [95% Student-t interval over seeds]; time per step is the training loop "
               "only (data loading included; validation and checkpoint writing excluded)", ""]
     cols = ["cell", *[f"{m}{' (' + units[m] + ')' if units.get(m) else ''}{'' if hib.get(m, True) else ' ↓'}"
-                      for m in shown], "s/step", "peak MiB", "params (M)", "seeds"]
+                      for m in shown], "steps", "s/step", "peak MiB", "params (M)", "seeds"]
     lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         cells = [f"`{r['cell']}`" + (" (ref)" if r is ref else "")]
         cells += [_mean_ci(r["metrics"].get(m, interval([]))) for m in shown]
-        cells += [_f(r["time_per_step_s"]["mean"], 3), _f(r["peak_mem_mib"], 4),
+        cells += [_f(r["steps"]), _f(r["time_per_step_s"]["mean"], 3), _f(r["peak_mem_mib"], 4),
                   _f(r["params"] / 1e6, 3) if r["params"] else "n/a", str(len(r["seeds"]))]
         lines.append("| " + " | ".join(cells) + " |")
     mem_kind = next((r["mem_kind"] for r in rows if r["mem_kind"]), "")
@@ -779,18 +807,16 @@ def markdown(matrix: Matrix, rows: list[dict], ref: dict, shown: list[str], out:
               "(a stricter, more conservative reading).", ""]
     cols = ["cell", "question", *[f"Δ {m}" for m in key_metrics], *[f"{m}: verdict (overlap)" for m in key_metrics]]
     lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    found_by = {r["cell"]: r for r in rows}
     for r in rows:
         if r is ref:
             continue
         cells = [f"`{r['cell']}`", r["question"]]
         verdicts = []
         for m in key_metrics:
-            d = paired(_results_of(out, ref["cell"], matrix), _results_of(out, r["cell"], matrix), m)
+            d = paired(found.get(ref["cell"], []), found.get(r["cell"], []), m)
             cells.append(_signed(d))
             verdicts.append(f"{verdict(d, hib.get(m, True))} ({overlap(r['metrics'].get(m, interval([])), ref['metrics'].get(m, interval([])))})")
         lines.append("| " + " | ".join(cells + verdicts) + " |")
-    del found_by
     notes = list(matrix.notes) + [f"`{r['cell']}`: {r['note']}" for r in rows if r["note"]]
     proto_notes = sorted({n for r in rows for n in r["notes"]})
     if notes or proto_notes:
@@ -798,13 +824,12 @@ def markdown(matrix: Matrix, rows: list[dict], ref: dict, shown: list[str], out:
     missing = [r["cell"] for r in rows if len(r["seeds"]) < len(matrix.seeds)]
     if missing:
         lines += ["", f"Incomplete cells (fewer seeds than {len(matrix.seeds)}): {', '.join(missing)}."]
-    if (out / "matrix.png").is_file() or any(r["seeds"] for r in rows):
+    if stale:
+        lines += ["", f"Not counted (made by an earlier definition of their cell; the next run redoes them): "
+                      f"{', '.join(stale)}."]
+    if any(r["seeds"] for r in rows):
         lines += ["", "![matrix](matrix.png)"]
     return "\n".join(lines).rstrip() + "\n"
-
-
-def _results_of(out: Path, cell: str, matrix: Matrix) -> list[dict]:
-    return [r for s in matrix.seeds if (r := read_result(result_path(out, cell, s))) is not None]
 
 
 def _signed(d: dict) -> str:
@@ -933,7 +958,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             return dry_run(matrix, out, args.overrides, args.check)
         if args.tables_only:
-            files = write_tables(matrix, out, plot=args.plot)
+            files = write_tables(matrix, out, plot=args.plot, extra=args.overrides)
             print(f"tables: {files['md']}")
             return 0
         t0 = time.perf_counter()

@@ -194,7 +194,7 @@ def test_two_cell_matrix_tables_and_resume(tmp_path):
         assert summary[cell]["seeds"] == "2" and int(summary[cell]["params"]) > 0
 
     md = (out / "matrix.md").read_text()
-    assert "| cell | psnr (dB) | ssim | bone_dice | s/step | peak MiB | params (M) | seeds |" in md
+    assert "| cell | psnr (dB) | ssim | bone_dice | steps | s/step | peak MiB | params (M) | seeds |" in md
     assert "`plain` (ref)" in md and "| `grad` | gradient loss on |" in md
     assert "tiny sizes" in md and "adds the gradient term" in md
     assert (out / "matrix.png").stat().st_size > 1000
@@ -210,6 +210,13 @@ def test_two_cell_matrix_tables_and_resume(tmp_path):
     redone = json.loads((out / "results" / "grad" / "seed1.json").read_text())
     assert redone["key"] == res["key"] and redone["metrics"]["psnr"] == pytest.approx(res["metrics"]["psnr"])
     assert redone["time_per_step_s"] == pytest.approx(res["time_per_step_s"])  # kept from the finished training
+
+    # results of an earlier definition of a cell are not counted in the tables
+    changed = V.load_matrix(write(tmp_path, MATRIX.replace("gradient=0.15", "gradient=0.3")))
+    V.write_tables(changed, out, plot=False)
+    md = (out / "matrix.md").read_text()
+    assert "Not counted (made by an earlier definition of their cell; the next run redoes them): grad-s0, grad-s1." in md
+    assert list(csv.DictReader((out / "matrix.csv").open()))[1]["seeds"] == "0"
     assert "3 finished earlier, 1 to run" in logs[-2]
 
 
