@@ -65,7 +65,7 @@ class Logbook:
         rows = self.rows()
         train = [r for r in rows if r.get("kind") == "train"]
         val = [r for r in rows if r.get("kind") == "val"]
-        loss_keys = [k for k in _keys(train) if k.startswith("train/")]
+        loss_keys = [k for k in _keys(train) if k.startswith("train/") and k != "train/grad_norm"]
         val_keys = [k for k in _keys(val) if k.startswith("val/")]
         panels = 2 + len(val_keys)
         fig, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 3.4), squeeze=False)
@@ -73,7 +73,8 @@ class Logbook:
         for k in loss_keys:
             pts = [(r["step"], r[k]) for r in train if _finite(r.get(k))]
             if pts:
-                ax.plot(*zip(*pts), label=k.removeprefix("train/"), lw=1.2 if k == "train/loss" else 0.9)
+                ax.plot(*zip(*pts), label=k.removeprefix("train/"), lw=2.0 if k == "train/loss" else 1.0,
+                        ls="-" if k == "train/loss" else "--")
         if any(_finite(r.get(k)) and r[k] > 0 for r in train for k in loss_keys):
             ax.set_yscale("log")
         ax.set(xlabel="optimizer step", title="training loss and terms")
