@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -104,7 +105,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer repeats")
     args = parser.parse_args()
     rows = run(quick=args.quick)
-    print(f"machine: {machine()}\n")
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"machine: {machine()}; load average {load} (other processes share these cores)\n")
     print(markdown_table(rows))
 
 

@@ -37,36 +37,86 @@ def _det_shape(g: Mapping[str, torch.Tensor], det_shape) -> tuple[int, int]:
     return int(det_shape[0]), int(det_shape[1])
 
 
+_WORKSPACE: OrderedDict = OrderedDict()
+_WORKSPACE_SIZE = 4
+
+
+def _workspace(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """A reusable scratch tensor for intermediates that are never returned nor saved for backward.
+
+    Large fresh allocations are returned to the system on free, so each call would page-fault
+    through them again; reusing the memory saves that (a large share of the time on a busy machine).
+    """
+    key = (tuple(shape), like.dtype, like.device)
+    buf = _WORKSPACE.pop(key, None)
+    if buf is None:
+        buf = like.new_empty(shape)
+    _WORKSPACE[key] = buf
+    while len(_WORKSPACE) > _WORKSPACE_SIZE:
+        _WORKSPACE.popitem(last=False)
+    return buf
+
+
+class _BoxAverage(torch.autograd.Function):
+    """Average over k-voxel windows along the three spatial axes, a partial last window counting air
+    for its missing voxels. Forward: strided slice sums (vectorised, one pass per axis, the axis
+    with contiguous rows first); backward: the adjoint, each pooled gradient spread over its window."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, k: tuple[int, int, int]) -> torch.Tensor:
+        ctx.k, ctx.shape = k, x.shape
+        axes = [a for a in (3, 2, 4) if k[a - 2] > 1]  # H, D, W: the innermost (W) last, on the smallest array
+        for axis in axes:
+            kk = k[axis - 2]
+            n = x.shape[axis]
+            full = n // kk
+            shape = (*x.shape[:axis], -(-n // kk), *x.shape[axis + 1:])
+            out = x.new_empty(shape) if axis == axes[-1] else _workspace(shape, x)
+            body = out.narrow(axis, 0, full)
+            torch.add(x.narrow(axis, 0, full * kk)[_every(axis, kk, 0)],
+                      x.narrow(axis, 0, full * kk)[_every(axis, kk, 1)], out=body)
+            for j in range(2, kk):
+                body += x.narrow(axis, 0, full * kk)[_every(axis, kk, j)]
+            if n % kk:
+                torch.sum(x.narrow(axis, full * kk, n % kk), dim=axis, keepdim=True, out=out.narrow(axis, full, 1))
+            x = out
+        return x * (1.0 / (k[0] * k[1] * k[2]))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        k = ctx.k
+        b, c, m_d, m_h, m_w = grad.shape
+        grad = grad * (1.0 / (k[0] * k[1] * k[2]))
+        buf = grad.new_empty(b, c, m_d, k[0], m_h, k[1], m_w, k[2])
+        buf.copy_(grad[:, :, :, None, :, None, :, None].expand_as(buf))  # one pass over the full-size gradient
+        buf = buf.view(b, c, m_d * k[0], m_h * k[1], m_w * k[2])
+        d, h, w = ctx.shape[-3:]
+        return buf[:, :, :d, :h, :w], None
+
+
+def _every(axis: int, k: int, start: int) -> tuple:
+    return (slice(None),) * axis + (slice(start, None, k),)
+
+
 def _prefilter(mu: torch.Tensor, g: Mapping[str, torch.Tensor], det_shape: tuple[int, int], vox: torch.Tensor,
                oversample: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Area-average ``mu`` to the smallest detector footprint at the isocentre; returns (mu, voxel mm, centre mm)."""
+    """Area-average ``mu`` to the smallest detector footprint at the isocentre; returns (mu, voxel mm, centre mm).
+
+    A partial window at the far edge of an axis averages the volume padded with air, so the pooled
+    grid extends a little past the volume and its centre moves by half the padding (``centre``).
+    """
     mag = magnification(g)
     foot_u = float((g["detector_mm"][..., 0] / det_shape[1] / mag).min()) / oversample
     foot_v = float((g["detector_mm"][..., 1] / det_shape[0] / mag).min()) / oversample
     sx, sy, sz = vox.tolist()
-    k = [max(1, int(foot_v / sz + 1e-6)), max(1, int(foot_u / sy + 1e-6)), max(1, int(foot_u / sx + 1e-6))]
-    if k == [1, 1, 1]:
+    k = (max(1, int(foot_v / sz + 1e-6)), max(1, int(foot_u / sy + 1e-6)), max(1, int(foot_u / sx + 1e-6)))
+    if k == (1, 1, 1):
         return mu, vox, torch.zeros(3, dtype=vox.dtype)
-    # ceil_mode averages a partial last window over its valid voxels; rescaling that window by
-    # valid / k makes it the average of the volume padded with air, without copying the volume.
-    if k[0] == 1:  # in-plane only (thick slices): 2D pooling runs in parallel over the slices
-        b, c, d, hh, ww = mu.shape
-        pooled = F.avg_pool2d(mu.reshape(b * c * d, 1, hh, ww), kernel_size=k[1:], stride=k[1:], ceil_mode=True)
-        pooled = pooled.view(b, c, d, *pooled.shape[-2:])
-    else:
-        pooled = F.avg_pool3d(mu, kernel_size=k, stride=k, ceil_mode=True)
+    pooled = _BoxAverage.apply(mu, k)
     centre = torch.zeros(3, dtype=vox.dtype)
-    scale = None
     for axis, (n, kk) in enumerate(zip(mu.shape[-3:], k)):
-        r = n % kk
-        if r:
-            centre[2 - axis] = (kk - r) / 2 * vox[2 - axis]  # (x, y, z) order; the pad sits at the high end
-            wgt = torch.ones(pooled.shape[2 + axis], device=mu.device, dtype=mu.dtype)
-            wgt[-1] = r / kk
-            wgt = wgt.view([-1 if i == axis else 1 for i in range(3)])
-            scale = wgt if scale is None else scale * wgt
-    if scale is not None:
-        pooled = pooled * scale
+        if n % kk:
+            centre[2 - axis] = (kk - n % kk) / 2 * vox[2 - axis]  # (x, y, z) order
     return pooled, vox * torch.tensor([k[2], k[1], k[0]], dtype=vox.dtype), centre
 
 
@@ -168,7 +218,11 @@ def _project_group(mu: torch.Tensor, grp: _Group, chunk_elems: int) -> torch.Ten
     b, c = mu.shape[:2]
     n, h, w, _ = grp.grid_a.shape
     pattern = "b c d h w -> w (b c) d h" if grp.axis == 0 else "b c d h w -> h (b c) d w"
-    slabs = rearrange(mu, pattern).contiguous()
+    view = rearrange(mu, pattern)
+    if torch.is_grad_enabled() and mu.requires_grad:
+        slabs = view.contiguous()  # saved for backward: must not be reused
+    else:
+        slabs = _workspace(view.shape, mu).copy_(view)
     t_count = grp.s.shape[0]
     if grp.grid is not None:
         res = F.grid_sample(slabs, grp.grid, mode="bilinear", padding_mode="zeros", align_corners=False)
