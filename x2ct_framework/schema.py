@@ -312,6 +312,11 @@ def validate_recipe(recipe: Recipe) -> Recipe:
     if data["train"]["start_stage"] > len(data["stages"]):
         problems.append(f"{recipe.where('train', 'start_stage')}: the recipe has {len(data['stages'])} stage(s), "
                         f"got start_stage = {data['train']['start_stage']}")
+    # [data] hu_window is also handed to models, losses and metrics: check it here so that the error names it.
+    window = data["data"].get("hu_window")
+    if window is not None and not (isinstance(window, list) and len(window) == 2 and _KIND_CHECK["list[float]"](window)
+                                   and window[0] < window[1]):
+        problems.append(f"{recipe.where('data', 'hu_window')}: expected [low, high] in HU with low < high, got {window!r}")
     if problems:
         raise RecipeError(problems)
     recipe.data = data

@@ -325,6 +325,8 @@ def prepare_ct(path: Path, label_path: Path | None, resolution: int, volume_mm: 
     r = resolution
     subject = tio.Resample(volume_mm / r, antialias=True)(tio.Subject(**images))
     hu = crop_or_pad(torchio_to_canonical(subject["ct"]).float(), (r, r, r), pad_hu).round()
+    if not torch.isfinite(hu).all():
+        raise DataError(f"{path}: the volume holds NaN or infinite values")
     labels = None
     if label_path is not None:
         labels = crop_or_pad(torchio_to_canonical(subject["labels"]), (r, r, r), 0).to(torch.uint8)

@@ -124,6 +124,8 @@ class X2CTGANH5Dataset(Dataset):
             raise DataError(f"{path}: could not read the HDF5 file ({type(exc).__name__}: {exc})") from exc
         if out["ct"].ndim != 3:
             raise DataError(f"{path}: ct: expected a 3D volume, got shape {out['ct'].shape}")
+        if not np.isfinite(out["ct"]).all():
+            raise DataError(f"{path}: ct: the volume holds NaN or infinite values")
         for key in ("xray1", "xray2"):
             if np.squeeze(out[key]).ndim != 2:
                 raise DataError(f"{path}: {key}: expected a 2D image, got shape {out[key].shape}")
