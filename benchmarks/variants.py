@@ -872,7 +872,9 @@ def plot_matrix(matrix: Matrix, rows: list[dict], found: dict, shown: list[str],
                 lo = s["mean"] - s["ci_low"] if math.isfinite(s["ci_low"]) else 0
                 hi = s["ci_high"] - s["mean"] if math.isfinite(s["ci_high"]) else 0
                 ax.errorbar([s["mean"]], [y], xerr=[[lo], [hi]], fmt="s", ms=5, color=color, capsize=3, zorder=2)
-        ax.set_title("s / step" if m == "time_per_step_s" else m, fontsize=9)
+        lower = m == "time_per_step_s" or not next((r["higher_is_better"].get(m, True) for r in rows
+                                                     if r["higher_is_better"]), True)
+        ax.set_title(("s / step" if m == "time_per_step_s" else m) + (" (lower is better)" if lower else ""), fontsize=9)
         ax.grid(axis="x", alpha=0.3)
         ax.tick_params(labelsize=8)
     axes[0][0].set_yticks(range(n))

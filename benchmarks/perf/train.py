@@ -38,14 +38,14 @@ CPU_MATRIX = Path(__file__).resolve().parents[1] / "matrix" / "cpu.toml"
 COLUMNS = ["benchmark", "ours", "reference", "unit", "ratio", "share_pct", "note"]
 
 
-def cpu_stage2_recipe(out: Path, steps: int, matrix_path: Path = CPU_MATRIX):
+def cpu_stage2_recipe(out: Path, steps: int, matrix_path: Path = CPU_MATRIX, extra: list[str] = ()):
     """The CPU matrix's reference cell as a one-epoch recipe of ``steps`` optimizer steps."""
     from benchmarks.variants import cell_recipe, load_matrix
 
     matrix = load_matrix(matrix_path)
     matrix = dataclasses.replace(matrix, budget={**matrix.budget, "steps": steps, "epochs": 1})
     cell = dataclasses.replace(matrix.cell(matrix.reference), budget_scale=1.0)
-    return cell_recipe(matrix, cell, 0, out, steps)
+    return cell_recipe(matrix, cell, 0, out, steps, list(extra))
 
 
 def _parts(recipe):
@@ -204,7 +204,10 @@ def run(quick: bool = False, matrix_path: Path = CPU_MATRIX) -> list[dict]:
                      "ratio": ours / ref, "share_pct": "",
                      "note": f"{desc}; {steps} steps; trainer vs bare loop time per step (bare runs "
                              f"{', '.join(f'{b:.3f}' for b in bare)} s)"})
-        cold_s, warm_s, model_s, b = data_vs_model(recipe, steps, repeat)
+        # the data pass starts cold: no disk cache of phantoms and DRRs (every case made and rendered)
+        cold = (cpu_stage2_recipe(Path(tmp), steps, matrix_path, ['data.cache_dir=""'])
+                if recipe["data"].get("cache_dir") else recipe)
+        cold_s, warm_s, model_s, b = data_vs_model(cold, steps, repeat)
         workers = recipe["train"]["num_workers"]
         for name, data_s, what in (("data_cold_vs_model", cold_s, "first pass: every case made and rendered"),
                                    ("data_warm_vs_model", warm_s, "second pass: the dataset's cache")):
