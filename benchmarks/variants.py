@@ -342,6 +342,11 @@ def _timed_trainer_class():
     """The trainer with its validation and checkpoint writing timed, so time per step counts training only."""
     from x2ct_framework.trainer import Trainer
 
+    missing = [m for m in ("validate", "_save") if not callable(getattr(Trainer, m, None))]
+    if missing:  # the trainer changed: time per step would silently include validation or checkpointing
+        raise RuntimeError(f"benchmarks.variants times Trainer.validate and Trainer._save, which the trainer no "
+                           f"longer has ({', '.join(missing)}); update _timed_trainer_class")
+
     class TimedTrainer(Trainer):
         _bench_side = 0.0
 
