@@ -339,6 +339,7 @@ def damage(kind: str, file: str, how: str, *extra: str):
         folder = env.good_ckpt if kind == "init" else env.run_dir / "stage1" / kind
         path = folder / file
         data = path.read_bytes()
+        path.unlink()  # the run folder holds hard links to the good run: never write through them
         if how == "truncate":
             path.write_bytes(data[: len(data) // 2])
         elif how == "flip":  # one byte of tensor data: the header still parses
@@ -349,7 +350,7 @@ def damage(kind: str, file: str, how: str, *extra: str):
         elif how == "pickle":
             path.write_bytes(pickle.dumps(Payload(env.tmp / "pickle_payload_ran")))
         elif how == "delete":
-            path.unlink()
+            pass  # unlinked above
         argv = [str(env.recipe), *extra]
         if kind == "init":
             argv += ["--set", f"train.init_from={env.good_ckpt.as_posix()}"]
@@ -373,7 +374,7 @@ def other_model_checkpoint(env: Env) -> list[str]:
     from x2ct_framework.testing import create
 
     reset_plugin_manager()
-    model = create("model", "cnn_baseline", {}, resolution=16)
+    model = create("model", "cnn_baseline", {"channels": 4, "levels": 2}, resolution=16)
     folder = env.tmp / "cnn_ckpt"
     ckpt.save_checkpoint(folder, model, {"stage": "stage1", "epoch": 1})
     return [str(env.recipe), "--set", f"train.init_from={folder.as_posix()}"]
@@ -404,6 +405,8 @@ CHECKPOINTS = [
         ("last/model.safetensors",)),
     Bad("resume-truncated-trainer-state", damage("last", "trainer.safetensors", "truncate", "--resume"),
         ("trainer.safetensors",)),
+    Bad("resume-weights-deleted", damage("last", "model.safetensors", "delete", "--resume"),
+        ("checkpoint weights not found", "last/model.safetensors")),
     Bad("resume-damaged-trainer-json", damage("last", "trainer.json", "garbage", "--resume"), ("trainer.json",)),
     Bad("resume-damaged-state-json", damage("last", "state.json", "garbage", "--resume"), ("state.json",)),
     Bad("resume-tampered-trainer-state", damage("last", "trainer.safetensors", "flip", "--resume"),
@@ -422,10 +425,12 @@ CASES = RECIPES + PLUGINS + DATA_AND_CHECKPOINTS
 
 # ---- the good run every case starts from ---------------------------------------------------------------
 def tiny_text(out: Path) -> str:
-    """The conftest tiny recipe with two epochs (so an interrupted run has a stage to resume)."""
+    """The conftest tiny recipe with a 0.1 M-parameter model (timm's test encoder) and two epochs, so an
+    interrupted run has a stage to resume and its checkpoints are small enough to copy per case."""
     text = textwrap.dedent(TINY_RECIPE.format(out=out.as_posix()))
-    assert "epochs = 1" in text
-    return text.replace("epochs = 1", "epochs = 2")
+    assert "epochs = 1" in text and "channels = 4\n" in text
+    return text.replace("epochs = 1", "epochs = 2").replace(
+        "channels = 4\n", 'channels = 4\nencoder = "test_efficientnet"\ndecoder_levels = 1\n', 1)
 
 
 class StopAfterFirstEpoch:
@@ -455,7 +460,9 @@ def good_run(tmp_path_factory):
 
 @pytest.fixture
 def env(good_run, tmp_path) -> Env:
-    shutil.copytree(good_run / "runs", tmp_path / "runs")
+    # Hard links: cheap, and safe because checkpoints are replaced by rename, never rewritten in place
+    # (a command that did write into one would change the good run and fail every later case's hashes).
+    shutil.copytree(good_run / "runs", tmp_path / "runs", copy_function=os.link)
     recipe = tmp_path / "tiny.toml"
     recipe.write_text(tiny_text(tmp_path / "runs"))
     shutil.copytree(good_run / "runs" / "tiny" / "stage1" / "best", tmp_path / "good_ckpt")

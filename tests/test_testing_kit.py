@@ -102,7 +102,8 @@ def test_builtin_l1_keeps_the_loss_contract():
 
 
 def test_builtin_model_keeps_the_model_contract():
-    model = create("model", "vit_cascade", {"tokens": 4, "dim": 16, "depth": 1, "heads": 2, "channels": 4},
+    model = create("model", "vit_cascade", {"tokens": 4, "dim": 16, "depth": 1, "heads": 2, "channels": 4,
+                                            "encoder": "test_efficientnet", "decoder_levels": 1},
                    resolution=R)
     assert "gradients reach every trainable parameter" in check_model(model, resolution=R)
 
