@@ -2,9 +2,11 @@
 
 One training step (forward + backward of a mean loss) at batch 1 for ``vit_cascade`` at its default
 sizes, with and without gradient checkpointing, and for ``cnn_baseline`` beside it. Every
-configuration runs in its own subprocess, so that its peak memory is honest: ``peak_mib`` is the
-process's peak resident set (``ru_maxrss``) during the timed steps minus its resident set just
-before them (model, optimizer-free inputs and libraries excluded).
+configuration runs in its own subprocess, so that its peak memory is its own. Two peaks, both over
+the timed steps and above the level just before them (model, inputs and libraries excluded):
+``peak_mib``, the bytes malloc has handed out and not taken back (glibc ``mallinfo2``, sampled every
+millisecond: close to the live tensors), and ``rss_peak_mib``, the
+process's resident set (``ru_maxrss``), which also counts memory that glibc keeps after a free.
 
 Per row:
 - ``seconds``: median wall time of one step;
@@ -13,7 +15,7 @@ Per row:
   ``model_gflop`` is the same without checkpointing's recomputation;
 - ``gflops``: ``step_gflop / seconds``, the achieved throughput; ``matmul_gflops``: a 4096^2 fp32
   matrix product measured in the same process, right before and after the step (median of both);
-- ``ratio`` = ``gflops / matmul_gflops`` (target >= 0.25); ``mem_cut`` = peak without / peak with
+- ``ratio`` = ``gflops / matmul_gflops`` (target >= 0.25); ``mem_cut`` = ``peak_mib`` without / with
   gradient checkpointing (target >= 2).
 
 Run: ``python -m benchmarks.perf.model`` (``--quick``: a 32^3 model with 8^3 and 12^3 tokens on
@@ -38,7 +40,7 @@ from benchmarks.perf.common import machine, markdown_table
 
 REPO = Path(__file__).resolve().parents[2]
 COLUMNS = ["model", "tokens", "checkpointing", "steps", "seconds", "model_gflop", "step_gflop", "gflops",
-           "matmul_gflops", "ratio", "peak_mib", "mem_cut", "targets"]
+           "matmul_gflops", "ratio", "peak_mib", "rss_peak_mib", "mem_cut", "targets"]
 
 
 def configs(quick: bool, repeat: int | None) -> list[dict]:
@@ -76,6 +78,45 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+class LiveMemory:
+    """Peak of the bytes malloc has handed out and not taken back (glibc ``mallinfo2``: heap in use plus
+    mmapped blocks), sampled every millisecond by a thread. Unlike the resident set it does not count
+    memory the allocator keeps after a free, so it follows the tensors that are alive."""
+
+    def __init__(self, interval: float = 0.001):
+        import ctypes
+
+        class _Info(ctypes.Structure):
+            _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                        "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+        self._libc = ctypes.CDLL("libc.so.6")
+        self._libc.mallinfo2.restype = _Info
+        self.interval, self.peak, self._stop = interval, 0, False
+
+    def now(self) -> int:
+        info = self._libc.mallinfo2()
+        return info.uordblks + info.hblkhd
+
+    def _poll(self) -> None:
+        while not self._stop:
+            self.peak = max(self.peak, self.now())
+            time.sleep(self.interval)
+
+    def __enter__(self):
+        import threading
+
+        self.base = self.peak = self.now()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop = True
+        self._thread.join()
+        self.peak = max(self.peak, self.now())
+
+
 def worker(cfg: dict) -> dict:
     """Build one configuration, count its FLOPs, time ``steps`` training steps, report peak memory."""
     from x2ct_framework.model_info import step_flops
@@ -106,16 +147,18 @@ def worker(cfg: dict) -> dict:
     model.zero_grad(set_to_none=True)
     base = _rss_bytes()
     times = []
-    for _ in range(cfg["steps"]):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
+    with LiveMemory() as live:
+        for _ in range(cfg["steps"]):
+            t0 = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t0)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
     ref.append(matmul_gflops())
     seconds = statistics.median(times)
     return {"seconds": seconds, "model_gflop": algorithmic / 1e9, "step_gflop": executed / 1e9,
             "gflops": executed / seconds / 1e9, "matmul_gflops": statistics.median(ref),
-            "peak_mib": max(0, peak - base) / 2**20, "times": times, "threads": torch.get_num_threads()}
+            "peak_mib": (live.peak - live.base) / 2**20, "rss_peak_mib": max(0, peak - base) / 2**20,
+            "times": times, "threads": torch.get_num_threads()}
 
 
 def run(quick: bool = False, repeat: int | None = None, log=print) -> list[dict]:
@@ -134,10 +177,11 @@ def run(quick: bool = False, repeat: int | None = None, log=print) -> list[dict]
         res = json.loads(proc.stdout.strip().splitlines()[-1])
         row = {"model": cfg["model"], "tokens": f"{cfg['tokens']}^3" if cfg["tokens"] else "-",
                "checkpointing": cfg["checkpointing"], "steps": cfg["steps"],
-               **{k: res[k] for k in ("seconds", "model_gflop", "step_gflop", "gflops", "matmul_gflops", "peak_mib")}}
+               **{k: res[k] for k in ("seconds", "model_gflop", "step_gflop", "gflops", "matmul_gflops", "peak_mib",
+                                   "rss_peak_mib")}}
         row["ratio"] = row["gflops"] / row["matmul_gflops"]
         log(f"[model]   {row['seconds']:.1f} s, {row['gflops']:.1f} GFLOP/s ({row['ratio']:.2f} of matmul), "
-            f"peak {row['peak_mib']:.0f} MiB", flush=True)
+            f"peak {row['peak_mib']:.0f} MiB live, {row['rss_peak_mib']:.0f} MiB resident", flush=True)
         rows.append(row)
     for row in rows:  # memory cut and targets, pairing each checkpointed row with its plain twin
         if row["checkpointing"]:

@@ -19,7 +19,7 @@ from einops import rearrange, reduce
 
 from x2ct_framework.hookspecs import hookimpl
 
-from .layers import Join, Refine, check_inputs, lift, maybe_checkpoint, resize3d
+from .layers import Join, Refine, check_inputs, lift, maybe_checkpoint, residual_block, resize3d
 
 
 class Encoder2d(nn.Module):
@@ -72,8 +72,7 @@ class CNNLevel(nn.Module):
     def forward(self, z: torch.Tensor | None, feats: torch.Tensor, geometry: dict, size: int,
                 channels_last: bool = False, checkpointing: bool = False) -> torch.Tensor:
         x = maybe_checkpoint(checkpointing, self.expand, feats, geometry, size)
-        y, shortcut = maybe_checkpoint(checkpointing, self.join, z, [x], size, channels_last)
-        return maybe_checkpoint(checkpointing, self.refine, y, shortcut)
+        return residual_block(self.join, self.refine, z, [x], size, channels_last, checkpointing)
 
 
 class CNNBaseline(nn.Module):

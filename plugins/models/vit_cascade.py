@@ -14,7 +14,8 @@ stage k loads stage k-1's checkpoint strictly. Parameter-name prefixes (for a st
 - ``transformer.``  positional encoding, blocks (``transformer.blocks.N.``) and final norm;
 - ``decoder.``      ``decoder.coarse_head`` and ``decoder.stem`` (at the token grid), then
   ``decoder.levels.N.`` (N = 0 coarsest), each with ``skip.`` (projection and view fusion of the
-  back-projected skip), ``join.`` and ``refine.`` (the residual 3D block) and ``head.``.
+  back-projected skip), ``join.`` and ``refine.`` (the residual 3D block; ``refine.head`` predicts the
+  level's residual).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from einops import rearrange
 from x2ct_framework.hookspecs import hookimpl
 
 from .layers import (AngleEmbedding, Block, FourierPositions, Join, Refine, ViewEncoder, ViewFusion, check_inputs,
-                     level_sizes, lift, maybe_checkpoint, resize3d)
+                     level_sizes, lift, maybe_checkpoint, residual_block, resize3d)
 
 TOKEN_PRESETS = {24: "the user's stage 2: 24^3 = 13,824 tokens, 128 / 24 = 5.3x downsampling",
                  32: "future work: 32^3 = 32,768 tokens, 128 / 32 = 4x downsampling"}
@@ -55,10 +56,7 @@ class DecoderLevel(nn.Module):
         self.source = source
         self.skip = SkipLift(enc_channels, skip_channels, angle_dim)
         self.join = Join(cin, skip_channels, 1, cout)
-        self.refine = Refine(cout)
-        self.head = nn.Conv3d(cout, 1, 1)
-        nn.init.trunc_normal_(self.head.weight, std=0.02)
-        nn.init.zeros_(self.head.bias)
+        self.refine = Refine(cout, head=True)
 
     def units(self) -> list[nn.Module]:
         return [self.skip, self.join, self.refine]
@@ -67,9 +65,8 @@ class DecoderLevel(nn.Module):
                 angle_emb: torch.Tensor, size: int, channels_last: bool = False,
                 checkpointing: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         s = maybe_checkpoint(checkpointing, self.skip, skip2d, geometry, angle_emb, size)
-        y, shortcut = maybe_checkpoint(checkpointing, self.join, h, [s, base], size, channels_last)
-        h = maybe_checkpoint(checkpointing, self.refine, y, shortcut)
-        return h, base + self.head(h)
+        h, residual = residual_block(self.join, self.refine, h, [s, base], size, channels_last, checkpointing)
+        return h, base + residual
 
 
 class ViTCascade(nn.Module):
