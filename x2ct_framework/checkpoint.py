@@ -106,33 +106,55 @@ def save_checkpoint(folder: str | Path, model: torch.nn.Module | dict[str, torch
                     trainer_state: dict[str, Any] | None = None) -> Path:
     """Write a checkpoint folder atomically: ``model`` is a module or a state dict."""
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.with_name(folder.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    save_file(_weights(model), str(tmp / WEIGHTS))
-    files = [tmp / WEIGHTS]
-    if trainer_state is not None:
-        tensors: dict[str, torch.Tensor] = {}
-        structure = encode_state(trainer_state, tensors)
-        save_file(tensors, str(tmp / TRAINER_TENSORS))
-        (tmp / TRAINER_JSON).write_text(json.dumps(structure))
-        files += [tmp / TRAINER_TENSORS, tmp / TRAINER_JSON]
-    state = dict(state, sha256={f.name: _sha256(f) for f in files})
-    (tmp / STATE).write_text(json.dumps(state, indent=2, default=str))
-    files.append(tmp / STATE)
-    if FSYNC:
-        for f in files:
-            _fsync(f)
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        save_file(_weights(model), str(tmp / WEIGHTS))
+        files = [tmp / WEIGHTS]
+        if trainer_state is not None:
+            tensors: dict[str, torch.Tensor] = {}
+            structure = encode_state(trainer_state, tensors)
+            save_file(tensors, str(tmp / TRAINER_TENSORS))
+            (tmp / TRAINER_JSON).write_text(json.dumps(structure))
+            files += [tmp / TRAINER_TENSORS, tmp / TRAINER_JSON]
+        state = dict(state, sha256={f.name: _sha256(f) for f in files})
+        (tmp / STATE).write_text(json.dumps(state, indent=2, default=str))
+        files.append(tmp / STATE)
+        if FSYNC:
+            for f in files:
+                _fsync(f)
+    except OSError as exc:  # disk full, permissions: keep the previous checkpoint, say so
+        _write_failed(folder, tmp, exc)
+    return _install(tmp, folder)
+
+
+def _write_failed(folder: Path, tmp: Path, exc: OSError) -> None:
+    shutil.rmtree(tmp, ignore_errors=True)
+    kept = f"; the previous checkpoint {resolve(folder)} is intact" if exists(folder) else ""
+    raise CheckpointError(f"could not write checkpoint {folder}: {exc}{kept}") from exc
+
+
+def _install(tmp: Path, folder: Path) -> Path:
+    """Rename a finished ``tmp`` folder to ``folder``; the old one lives at ``.old`` for the instant between."""
     old = folder.with_name(folder.name + ".old")
-    if folder.exists():
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(folder, old)
-    os.replace(tmp, folder)
+    try:
+        if folder.exists():
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(folder, old)
+        os.replace(tmp, folder)
+    except OSError as exc:
+        if old.exists() and not folder.exists():
+            try:
+                os.replace(old, folder)
+            except OSError:
+                pass  # resolve() still finds it at .old
+        _write_failed(folder, tmp, exc)
     if old.exists():
-        shutil.rmtree(old)
+        shutil.rmtree(old, ignore_errors=True)
     return folder
 
 
@@ -140,18 +162,13 @@ def copy_checkpoint(src: str | Path, dst: str | Path) -> Path:
     """Copy a finished checkpoint folder to ``dst`` atomically (used for best and periodic copies)."""
     src, dst = Path(src), Path(dst)
     tmp = dst.with_name(dst.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    shutil.copytree(src, tmp)
-    old = dst.with_name(dst.name + ".old")
-    if dst.exists():
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(dst, old)
-    os.replace(tmp, dst)
-    if old.exists():
-        shutil.rmtree(old)
-    return dst
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        shutil.copytree(src, tmp)
+    except OSError as exc:  # shutil.Error is an OSError too
+        _write_failed(dst, tmp, exc)
+    return _install(tmp, dst)
 
 
 # ---- reading ---------------------------------------------------------------------------------------
