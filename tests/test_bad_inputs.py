@@ -419,6 +419,25 @@ CHECKPOINTS = [
         ("cannot resume stage1 from", "trained at 16^3", "now says 32^3")),
 ]
 
+def evaluate_best(*extra: str, flip: bool = False):
+    """``x2ct evaluate runs/tiny/stage1/best`` (optionally after altering one byte of its weights)."""
+
+    def setup(env: Env) -> list[str]:
+        best = env.run_dir / "stage1" / "best"
+        if flip:
+            damage("best", "model.safetensors", "flip")(env)
+        return [str(best), "--max-cases", "1", "--bootstrap", "10", "--no-progress", *extra]
+
+    return setup
+
+
+CHECKPOINTS += [
+    Bad("evaluate-tampered-checkpoint", evaluate_best(flip=True),
+        ("best/model.safetensors was altered or damaged after it was written",), command="evaluate"),
+    Bad("evaluate-with-another-model", evaluate_best("--set", "model.dim=32"),
+        ("best does not fit the model", "shape mismatch"), command="evaluate"),
+]
+
 DATA_AND_CHECKPOINTS = DATA + CHECKPOINTS
 CASES = RECIPES + PLUGINS + DATA_AND_CHECKPOINTS
 
@@ -498,7 +517,7 @@ def assert_run_folder_intact(env: Env, before: dict[str, str], pristine: dict[st
     recipe = load_recipe(env.recipe)
     model = build_model(recipe, stages(recipe)[0])
     intact = [kind for kind in ("last", "best") if kind not in damaged]
-    assert "best" in intact
+    assert intact, "every checkpoint was damaged by the case itself"
     for kind in intact:
         ckpt.load_into(model, env.run_dir / "stage1" / kind, strict=True)
     if "last" in intact:
@@ -554,3 +573,27 @@ def test_bad_input_in_a_subprocess(args, expect, env):
     assert out.returncode == 2, out.stderr
     assert expect in out.stderr and out.stderr.startswith("error:") and "Traceback" not in out.stderr
     assert_run_folder_intact(env, before, before)
+
+
+# ---- nothing the framework loads is unpickled -------------------------------------------------------------
+def test_no_code_path_unpickles_untrusted_files():
+    """Every torch.load in the framework and built-in plugins passes weights_only=True; no pickle.load(s)."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1]
+    offenders = []
+    for path in sorted([*(root / "x2ct_framework").rglob("*.py"), *(root / "plugins").rglob("*.py")]):
+        if path.name == "testing.py":  # pickles the author's own dataset to check worker-process support
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute):
+                continue
+            owner = getattr(node.func.value, "id", "")
+            if owner == "torch" and node.func.attr == "load":
+                safe = any(k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is True
+                           for k in node.keywords)
+                if not safe:
+                    offenders.append(f"{path.relative_to(root)}:{node.lineno} torch.load without weights_only=True")
+            if owner in ("pickle", "dill", "joblib") and node.func.attr in ("load", "loads"):
+                offenders.append(f"{path.relative_to(root)}:{node.lineno} {owner}.{node.func.attr}")
+    assert not offenders, offenders
