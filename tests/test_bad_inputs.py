@@ -381,9 +381,11 @@ def other_model_checkpoint(env: Env) -> list[str]:
 
 
 def two_stages(*extra: str):
+    """A two-stage variant writing to a fresh output folder; ``{tmp}`` in ``extra`` is the case's folder."""
+
     def setup(env: Env) -> list[str]:
         path = env.variant(append='\n[[stages]]\nname = "stage2"\nresolution = 16\nepochs = 1\nlosses = { l1 = 1.0 }\n')
-        return [str(path), *extra]
+        return [str(path), *(e.format(tmp=env.tmp.as_posix()) for e in extra)]
 
     return setup
 
@@ -399,7 +401,7 @@ CHECKPOINTS = [
     Bad("init-from-pickle-instead-of-safetensors", damage("init", "model.safetensors", "pickle"),
         ("model.safetensors",)),
     Bad("start-stage-without-previous-best", two_stages("--set", "train.start_stage=2",
-                                                        "--set", "output_dir=elsewhere_runs"),
+                                                        "--set", "output_dir={tmp}/elsewhere_runs"),
         ("stage2 (train.start_stage = 2) starts from", "which does not exist", "Train stage1 first")),
     Bad("resume-truncated-weights", damage("last", "model.safetensors", "truncate", "--resume"),
         ("last/model.safetensors",)),
