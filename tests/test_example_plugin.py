@@ -74,6 +74,8 @@ def test_trains_in_its_tiny_recipe(on_path, tmp_path, capsys):
     train = [r for r in rows if "train/charbonnier" in r]
     assert train and all(r["train/charbonnier"] > 0 for r in train)
     assert (stage / "last" / "model.safetensors").is_file()
+    env = json.loads((tmp_path / "example_plugin" / "environment.json").read_text())
+    assert env["plugins"]["example_plugin"] == "x2ct-example-plugin"
 
 
 @pytest.mark.slow
