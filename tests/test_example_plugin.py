@@ -68,7 +68,8 @@ def test_listed_by_x2ct_plugins(on_path, capsys):
 
 def test_trains_in_its_tiny_recipe(on_path, tmp_path, capsys):
     recipe = on_path[0] / "example.toml"
-    assert run_main([str(recipe), "--set", f"output_dir={tmp_path.as_posix()}", "--set", "stages.1.epochs=1"]) == 0
+    assert run_main([str(recipe), "--set", f"output_dir={tmp_path.as_posix()}", "--set", "stages.1.epochs=1",
+                     "--set", "eval.report=false", "--set", "eval.preview=false"]) == 0
     stage = tmp_path / "example_plugin" / "stage1"
     rows = [json.loads(line) for line in (stage / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if "train/charbonnier" in r]
