@@ -449,7 +449,9 @@ def run_cell(matrix: Matrix, cell: Cell, seed: int, out: Path, steps: int, extra
     run_dir.mkdir(parents=True, exist_ok=True)
     stamp.write_text(key + "\n")
     t0 = time.perf_counter()
+    load_before = os.getloadavg()[0]
     timing = train_and_time(recipe, resume=resume)
+    timing["load_avg"] = [load_before, os.getloadavg()[0]]  # other work on the machine slows s/step
     train_wall = time.perf_counter() - t0
     saved = read_result(run_dir / "timing.json")
     if timing["steps_timed"] == 0 and saved:  # training had finished before (the evaluation was cut short)
@@ -708,7 +710,8 @@ def summarize(matrix: Matrix, found: dict[str, list[dict]]) -> list[dict]:
                "mem_kind": next((r.get("mem_kind") for r in res), ""),
                "params": next((r.get("params") for r in res), None),
                "steps": next((r.get("steps") for r in res), None), "epochs": next((r.get("epochs") for r in res), None),
-               "notes": sorted({n for r in res for n in r.get("notes", [])})}
+               "notes": sorted({n for r in res for n in r.get("notes", [])}),
+               "load_avg": [x for r in res for x in r.get("load_avg", [])]}
         rows.append(row)
     return rows
 
@@ -801,9 +804,12 @@ def markdown(matrix: Matrix, rows: list[dict], ref: dict, shown: list[str], foun
                   _f(r["params"] / 1e6, 3) if r["params"] else "n/a", str(len(r["seeds"]))]
         lines.append("| " + " | ".join(cells) + " |")
     mem_kind = next((r["mem_kind"] for r in rows if r["mem_kind"]), "")
+    loads = [x for r in rows for x in r["load_avg"]]
+    load = (f" The machine's 1-minute load average around the runs was {min(loads):.1f} to {max(loads):.1f} on "
+            f"{os.cpu_count()} logical CPUs (above that count, other work slowed s/step)." if loads else "")
     lines += ["", f"↓ lower is better. Peak memory: {mem_kind or 'n/a'} (the whole process while training, "
               f"including Python and the libraries). Parameters: the model's (a loss's trainable parts, such as "
-              f"the adversarial critic, are not counted).", ""]
+              f"the adversarial critic, are not counted).{load}", ""]
     # comparison with the reference, seed by seed
     key_metrics = [m for m in ("psnr", "ssim") if m in shown] or shown[:2]
     lines += [f"## Against the reference `{ref['cell']}`", "",

@@ -13,6 +13,7 @@ import argparse
 import datetime as _dt
 import importlib
 import json
+import os
 import sys
 import time
 import traceback
@@ -39,7 +40,7 @@ def run_all(names: list[str], quick: bool, log=print) -> dict:
     results = {}
     for name in names:
         t0 = time.perf_counter()
-        entry = {"rows": [], "seconds": 0.0, "error": None}
+        entry = {"rows": [], "seconds": 0.0, "error": None, "load_avg": [os.getloadavg()[0]]}
         log(f"[perf] {name} ...", flush=True)
         try:
             module = importlib.import_module(f"benchmarks.perf.{name}")
@@ -54,6 +55,7 @@ def run_all(names: list[str], quick: bool, log=print) -> dict:
                 entry["error"] = f"{type(exc).__name__}: {exc}"
                 entry["traceback"] = traceback.format_exc()
         entry["seconds"] = time.perf_counter() - t0
+        entry["load_avg"].append(os.getloadavg()[0])
         log(f"[perf] {name}: {len(entry['rows'])} rows in {entry['seconds']:.1f} s"
             + (f"; ERROR {entry['error']}" if entry["error"] else ""), flush=True)
         results[name] = entry
@@ -66,7 +68,9 @@ def to_markdown(report: dict) -> str:
              "- every row carries its reference measured in the same process; `ratio` is defined per module "
              "(see each module's docstring)", ""]
     for name, entry in report["modules"].items():
-        lines += [f"## {TITLES.get(name, name)} (`benchmarks/perf/{name}.py`, {entry['seconds']:.0f} s)", ""]
+        load = entry.get("load_avg") or []
+        lines += [f"## {TITLES.get(name, name)} (`benchmarks/perf/{name}.py`, {entry['seconds']:.0f} s"
+                  + (f"; load average {load[0]:.1f} -> {load[-1]:.1f}" if load else "") + ")", ""]
         if entry["error"]:
             lines += [f"Not measured: {entry['error']}", ""]
         if entry["rows"]:
