@@ -258,6 +258,7 @@ VIT = ('model={ name = "vit_cascade", tokens = 4, dim = 16, depth = 1, heads = 2
        'encoder = "test_efficientnet", decoder_levels = 1 }')
 
 
+@pytest.mark.slow
 def test_stage2_starts_from_stage1_best(tiny, tmp_path, scripted):
     """With the real ViT cascade: stage 2 (a finer grid) starts from stage 1's best weights, every tensor."""
     scripted.reset(values=[2.0, 1.0, 0.5])  # stage 1's best is its first epoch, not its last
