@@ -6,6 +6,8 @@ view is the sum over slices of a 2D bilinear resampling of each slice (one ``gri
 all slices), times the ray's path length through one slice. Before projecting, the volume is
 area-averaged down to the detector's footprint at the isocentre (``prefilter``): a detector pixel
 integrates over that footprint, and averaging first removes aliasing and most of the work.
+The rays' slice coordinates depend only on the geometry, so they are kept in a small cache of
+plans (training projects with the same geometry at every step).
 """
 
 from __future__ import annotations
@@ -301,10 +303,9 @@ def project(mu: torch.Tensor, geometry: Mapping[str, torch.Tensor], det_shape: t
         parts = _project_merged(mu, plan)
     else:
         parts = [_project_group(mu, grp, chunk_elems) for grp in plan.groups]
-    plan = plan.groups
     if len(parts) == 1:
         return parts[0]
-    order = [v for grp in plan for v in grp.views]
+    order = [v for grp in plan.groups for v in grp.views]
     if order == sorted(order):
         return torch.cat(parts, 1)
     inverse = torch.empty(len(order), dtype=torch.long)
