@@ -46,6 +46,8 @@ dim = 16
 depth = 1
 heads = 2
 channels = 4
+encoder = "test_resnet"
+decoder_levels = 1
 
 [train]
 batch_size = 2
