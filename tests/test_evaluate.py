@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 import textwrap
 from pathlib import Path
 
@@ -17,7 +18,15 @@ from x2ct_framework.errors import CheckpointError, RecipeError
 from x2ct_framework.evaluate import aggregate, evaluate, resolve_target
 
 
-def make_run(tmp_path: Path, extra: str = "", name: str = "tiny", num_test: int = 3, **subs) -> Path:
+def with_model(text: str, model: str) -> str:
+    """The recipe ``text`` with its whole ``[model]`` table replaced by ``model`` (the table's body)."""
+    out, n = re.subn(r"(?ms)^\[model\]\n.*?(?=^\[)", "[model]\n" + model.strip() + "\n\n", text, count=1)
+    assert n == 1, "the recipe has no [model] table followed by another table"
+    return out
+
+
+def make_run(tmp_path: Path, extra: str = "", name: str = "tiny", num_test: int = 3, model: str | None = None,
+             **subs) -> Path:
     """A run folder with the resolved recipe and an (untrained) stage1 best/last checkpoint, in a second."""
     from x2ct_framework.build import build_model, load_recipe_plugins, stages
     from x2ct_framework.checkpoint import save_checkpoint
@@ -28,6 +37,8 @@ def make_run(tmp_path: Path, extra: str = "", name: str = "tiny", num_test: int 
     for old, new in subs.items():
         assert old in text, f"the tiny recipe no longer holds {old!r}"
         text = text.replace(old, new)
+    if model is not None:
+        text = with_model(text, model)
     path = tmp_path / f"{name}.toml"
     path.write_text(text + textwrap.dedent(extra))
     recipe = load_recipe(path)

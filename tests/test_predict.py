@@ -55,15 +55,14 @@ def register_models(register):
     register("echo_anatomy", Echo)
 '''
 
-ECHO_MODEL = {'name = "vit_cascade"\ntokens = 4\ndim = 16\ndepth = 1\nheads = 2\nchannels = 4':
-              'name = "echo_anatomy"'}
+ECHO_MODEL = 'name = "echo_anatomy"'
 
 
 @pytest.fixture
 def echo_run(tmp_path):
     (tmp_path / "echo_plugin.py").write_text(ECHO_PLUGIN)
     plugin = (tmp_path / "echo_plugin.py").as_posix()
-    run = make_run(tmp_path, name="echo", **{**ECHO_MODEL, 'seed = 0': f'seed = 0\nplugins = ["{plugin}"]'})
+    run = make_run(tmp_path, name="echo", model=ECHO_MODEL, **{'seed = 0': f'seed = 0\nplugins = ["{plugin}"]'})
     return run
 
 

@@ -6,7 +6,7 @@ import json
 import re
 from types import SimpleNamespace
 
-from test_evaluate import make_run
+from test_evaluate import make_run, with_model
 from test_predict import ECHO_MODEL, ECHO_PLUGIN
 from x2ct_framework import report
 from x2ct_framework.recipe import load_recipe
@@ -23,10 +23,7 @@ def test_a_run_ends_with_a_readable_report(tiny_recipe, tmp_path):
     # a one-parameter model keeps the run short; the report does not depend on the model
     plugin = tmp_path / "echo_plugin.py"
     plugin.write_text(ECHO_PLUGIN)
-    text = tiny_recipe.read_text()
-    for old, new in ECHO_MODEL.items():
-        assert old in text
-        text = text.replace(old, new)
+    text = with_model(tiny_recipe.read_text(), ECHO_MODEL)
     tiny_recipe.write_text(text.replace('seed = 0', f'seed = 0\nplugins = ["{plugin.as_posix()}"]'))
     assert run_main([str(tiny_recipe), "--set", "eval.worst_cases=1", "--set", "eval.bootstrap=100"]) == 0
     run = tmp_path / "runs" / "tiny"

@@ -206,7 +206,7 @@ def write_report(run_dir: str | Path, recipe=None, results: dict | None = None, 
     pics.mkdir(parents=True, exist_ok=True)
     ev_cfg = recipe["eval"]
     lines = [f"# Run report: {recipe.name}", "",
-             f"Written {time.strftime('%Y-%m-%d %H:%M:%S')} from `{run_dir}`. Every metric is named "
+             f"Written {time.strftime('%Y-%m-%d %H:%M:%S')} from `{run_dir.resolve()}`. Every metric is named "
              f"`<protocol>/<metric>`; the protocols' conventions are listed under each table.", ""]
     env_path = run_dir / "environment.json"
     if env_path.is_file():
