@@ -134,6 +134,18 @@ def test_dicom_and_nifti_views_reach_the_model_in_the_given_order(echo_run, tmp_
         assert torch.allclose(seen[i], read_xray(f))
 
 
+def test_geometry_file_orders_the_views_by_files(echo_run, tmp_path):
+    from x2ct_framework.io import read_xray
+
+    case = _case(tmp_path / "case", geometry='views = [0, 90]\nfiles = ["view1.png", "view0.png"]\n')
+    predict(resolve_target(echo_run), [case], tmp_path / "out", progress=False, allow_geometry_mismatch=False)
+    seen = _echo().CALLS[-1]["xrays"][0]
+    assert torch.allclose(seen[0], read_xray(case / "view1.png")) and torch.allclose(seen[1], read_xray(case / "view0.png"))
+    (case / "geometry.toml").write_text('views = [0, 90]\nfiles = ["view1.png", "pa.png"]\n')
+    with pytest.raises(DataError, match="files lists image.*pa.png"):
+        predict(resolve_target(echo_run), [case], tmp_path / "out2", progress=False)
+
+
 def test_canonical_affine_and_int16_output(tmp_path):
     a = canonical_affine((0.5, 0.75, 2.0), (4, 6, 8))
     assert nib.aff2axcodes(a) == ("L", "P", "I")

@@ -93,7 +93,7 @@ def geometry_from_spec(spec: dict[str, Any], where: str) -> dict[str, torch.Tens
 
 
 def read_geometry_file(path: Path) -> dict[str, Any]:
-    """Parse a geometry TOML/JSON file into a spec dict (``files`` made relative to its folder)."""
+    """Parse a geometry TOML/JSON file into a spec dict (``files``: image names within each case folder)."""
     if not path.is_file():
         raise DataError(f"{path}: geometry file not found")
     try:
@@ -110,7 +110,6 @@ def read_geometry_file(path: Path) -> dict[str, Any]:
         files = spec["files"]
         if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
             raise DataError(f"{path}: files: expected a list of image file names, got {files!r}")
-        spec["files"] = [str(path.parent / f) for f in files]
     return spec
 
 
@@ -182,8 +181,11 @@ def _case_from_folder(folder: Path, shared: dict[str, Any] | None, shared_src: s
         if (folder / name).is_file():
             spec, src = read_geometry_file(folder / name), str(folder / name)
             break
-    if spec is not None and spec.get("files"):
-        files = [Path(f) for f in spec["files"]]
+    if spec is not None and spec.get("files"):  # names relative to the case folder
+        files = [folder / f for f in spec["files"]]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise DataError(f"{src}: files lists image(s) not found in {folder}: {', '.join(missing)}")
     else:
         files = sorted(p for p in folder.iterdir() if _is_image(p))
     if not files:
