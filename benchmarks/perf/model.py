@@ -14,7 +14,7 @@ Per row:
   products, convolutions, attention; element-wise work is not counted), recomputation included;
   ``model_gflop`` is the same without checkpointing's recomputation;
 - ``gflops``: ``step_gflop / seconds``, the achieved throughput; ``matmul_gflops``: a 4096^2 fp32
-  matrix product measured in the same process, right before and after the step (median of both);
+  matrix product (2048^2 in quick mode) measured in the same process, right before and after the step (median of both);
 - ``ratio`` = ``gflops / matmul_gflops`` (target >= 0.25); ``mem_cut`` = ``peak_mib`` without / with
   gradient checkpointing (target >= 2).
 
@@ -141,7 +141,8 @@ def worker(cfg: dict) -> dict:
         model.zero_grad(set_to_none=True)
         model(xrays, geometry).mean().backward()
 
-    ref = [matmul_gflops()]
+    n = cfg.get("matmul", 4096)
+    ref = [matmul_gflops(n)]
     if cfg.get("warmup"):
         step()
     model.zero_grad(set_to_none=True)
@@ -153,7 +154,7 @@ def worker(cfg: dict) -> dict:
             step()
             times.append(time.perf_counter() - t0)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-    ref.append(matmul_gflops())
+    ref.append(matmul_gflops(n))
     seconds = statistics.median(times)
     return {"seconds": seconds, "model_gflop": algorithmic / 1e9, "step_gflop": executed / 1e9,
             "gflops": executed / seconds / 1e9, "matmul_gflops": statistics.median(ref),
@@ -167,7 +168,7 @@ def run(quick: bool = False, repeat: int | None = None, log=print) -> list[dict]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": os.pathsep.join(
         [str(REPO)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))}
     for cfg in configs(quick, repeat):
-        cfg["warmup"] = quick
+        cfg["warmup"], cfg["matmul"] = quick, 2048 if quick else 4096
         label = f"{cfg['model']} tokens={cfg['tokens']} checkpointing={cfg['checkpointing']}"
         log(f"[model] {label} ...", flush=True)
         proc = subprocess.run([sys.executable, "-m", "benchmarks.perf.model", "--worker", json.dumps(cfg)],
