@@ -588,6 +588,10 @@ def run_matrix(matrix: Matrix, out: Path | None = None, *, only: list[str] | Non
                 status["skipped"].append(run_name(cell.name, seed))
                 continue
             todo.append(Plan(cell, seed, steps))
+    # seed by seed across the cells: a change in machine load spreads over all cells instead of a few,
+    # and a cut-short matrix leaves complete seeds rather than complete cells
+    order = {c.name: i for i, c in enumerate(cells)}
+    todo.sort(key=lambda j: (seeds.index(j.seed), order[j.cell.name]))
     log(f"matrix {matrix.name}: {len(cells)} cells x {len(seeds)} seeds; {len(status['skipped'])} finished earlier, "
         f"{len(todo)} to run; output {out}")
     t_start = time.perf_counter()
