@@ -128,7 +128,9 @@ class Matrix:
 _TOP = {"name": str, "description": str, "base": str, "set": list, "seeds": list, "reference": str,
         "budget": dict, "eval": dict, "notes": list, "cells": list}
 _BUDGET = {"steps": int, "wall_s": (int, float), "epochs": int, "calibration_steps": int}
-_EVAL = {"protocol": str, "split": str, "which": str, "metrics": list, "max_cases": int, "batch_size": int}
+_EVAL = {"protocol": str, "split": str, "which": str, "metrics": list, "compare": list, "max_cases": int,
+         "batch_size": int}
+HASHED_EVAL = ("protocol", "split", "which", "max_cases", "batch_size")  # what changes a result (not its display)
 _CELL = {"name": str, "question": str, "recipe": str, "set": list, "budget_scale": (int, float), "note": str}
 
 
@@ -194,6 +196,7 @@ def load_matrix(path: str | Path) -> Matrix:
         ev.setdefault("split", "test")
         ev.setdefault("which", "best")
         ev.setdefault("metrics", list(DEFAULT_METRICS))
+        ev.setdefault("compare", ["psnr", "ssim"])
         ev.setdefault("max_cases", 0)
         ev.setdefault("batch_size", 0)
         if ev["split"] not in ("train", "val", "test"):
@@ -280,7 +283,7 @@ def run_hash(recipe, matrix: Matrix) -> str:
     """What determines a result: the resolved recipe (wherever it is written), the evaluation, the runner."""
     data = copy.deepcopy(recipe.data)
     data.pop("output_dir", None)
-    blob = json.dumps({"recipe": data, "eval": {k: v for k, v in matrix.eval.items() if k != "metrics"},
+    blob = json.dumps({"recipe": data, "eval": {k: matrix.eval[k] for k in HASHED_EVAL},
                        "runner": RUNNER_VERSION}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -710,6 +713,7 @@ def summarize(matrix: Matrix, found: dict[str, list[dict]]) -> list[dict]:
                "higher_is_better": next((r.get("higher_is_better", {}) for r in res), {}),
                "units": next((r.get("units", {}) for r in res), {}),
                "time_per_step_s": interval([r.get("time_per_step_s") for r in res]),
+               "median_step_s": _median([r.get("time_per_step_s") for r in res]),
                "peak_mem_mib": max((r.get("peak_mem_mib") or float("nan") for r in res), default=float("nan")),
                "mem_kind": next((r.get("mem_kind") for r in res), ""),
                "params": next((r.get("params") for r in res), None),
@@ -741,14 +745,14 @@ def write_tables(matrix: Matrix, out: Path, plot: bool = True, extra: list[str] 
         head = ["cell", "question", "seeds", "steps", "epochs"]
         for m in all_metrics:
             head += [f"{m}_mean", f"{m}_ci_low", f"{m}_ci_high", f"{m}_std"]
-        head += ["time_per_step_s", "peak_mem_mib", "mem_kind", "params"]
+        head += ["median_time_per_step_s", "peak_mem_mib", "mem_kind", "params"]
         w.writerow(head)
         for r in rows:
             line = [r["cell"], r["question"], len(r["seeds"]), r["steps"], r["epochs"]]
             for m in all_metrics:
                 s = r["metrics"].get(m, interval([]))
                 line += [_csv(s["mean"]), _csv(s["ci_low"]), _csv(s["ci_high"]), _csv(s["std"])]
-            line += [_csv(r["time_per_step_s"]["mean"]), _csv(r["peak_mem_mib"]), r["mem_kind"], r["params"]]
+            line += [_csv(r["median_step_s"]), _csv(r["peak_mem_mib"]), r["mem_kind"], r["params"]]
             w.writerow(line)
     with files["per_seed"].open("w", newline="") as f:
         w = csv.writer(f)
@@ -763,6 +767,13 @@ def write_tables(matrix: Matrix, out: Path, plot: bool = True, extra: list[str] 
     if plot and any(r["seeds"] for r in rows):
         files["png"] = plot_matrix(matrix, rows, found, shown, out / "matrix.png")
     return files
+
+
+def _median(values: list) -> float:
+    v = sorted(float(x) for x in values if x is not None and math.isfinite(float(x)))
+    if not v:
+        return float("nan")
+    return v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2
 
 
 def _csv(v: Any) -> str:
@@ -796,15 +807,16 @@ def markdown(matrix: Matrix, rows: list[dict], ref: dict, shown: list[str], foun
               f"- budget: {budget_text(matrix)}",
               f"- evaluation: protocol `{proto}` on the `{matrix.eval['split']}` split, the `{matrix.eval['which']}` "
               f"checkpoint of the last stage (by its `select_best`); each seed's value is the mean over cases",
-              "- cells show mean over seeds [95% Student-t interval over seeds]; time per step is the training loop "
-              "only (data loading included; validation and checkpoint writing excluded)", ""]
+              "- cells show mean over seeds [95% Student-t interval over seeds]; s/step is the median over seeds of "
+              "the training loop's time per optimizer step (data loading included, so the very first run also pays for "
+              "making the data when the dataset caches it; validation and checkpoint writing excluded)", ""]
     cols = ["cell", *[f"{m}{' (' + units[m] + ')' if units.get(m) else ''}{'' if hib.get(m, True) else ' ↓'}"
                       for m in shown], "steps", "s/step", "peak MiB", "params (M)", "seeds"]
     lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         cells = [f"`{r['cell']}`" + (" (ref)" if r is ref else "")]
         cells += [_mean_ci(r["metrics"].get(m, interval([]))) for m in shown]
-        cells += [_f(r["steps"]), _f(r["time_per_step_s"]["mean"], 3), _f(r["peak_mem_mib"], 4),
+        cells += [_f(r["steps"]), _f(r["median_step_s"], 3), _f(r["peak_mem_mib"], 4),
                   _f(r["params"] / 1e6, 3) if r["params"] else "n/a", str(len(r["seeds"]))]
         lines.append("| " + " | ".join(cells) + " |")
     mem_kind = next((r["mem_kind"] for r in rows if r["mem_kind"]), "")
@@ -815,23 +827,25 @@ def markdown(matrix: Matrix, rows: list[dict], ref: dict, shown: list[str], foun
               f"including Python and the libraries). Parameters: the model's (a loss's trainable parts, such as "
               f"the adversarial critic, are not counted).{load}", ""]
     # comparison with the reference, seed by seed
-    key_metrics = [m for m in ("psnr", "ssim") if m in shown] or shown[:2]
+    key_metrics = [m for m in matrix.eval["compare"] if any(m in r["metrics"] for r in rows)]
     lines += [f"## Against the reference `{ref['cell']}`", "",
-              "Per-seed difference (cell - reference; same seed) with its 95% t-interval. *better*/*worse*: the "
-              "interval excludes 0; *unclear*: it does not. *overlap*: whether the two cells' own intervals overlap "
-              "(a stricter, more conservative reading).", ""]
-    cols = ["cell", "question", *[f"Δ {m}" for m in key_metrics], *[f"{m}: verdict (overlap)" for m in key_metrics]]
+              "Per-seed difference (cell - reference; same seed) with its 95% t-interval, then the verdict: "
+              "**better** / **worse** when that interval excludes 0, *unclear* when it does not; *overlap* / "
+              "*apart*: whether the two cells' own intervals overlap (the stricter reading: *apart* is strong "
+              "evidence).", ""]
+    cols = ["cell", "question", *[f"Δ {m}" for m in key_metrics]]
     lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         if r is ref:
             continue
         cells = [f"`{r['cell']}`", r["question"]]
-        verdicts = []
         for m in key_metrics:
             d = paired(found.get(ref["cell"], []), found.get(r["cell"], []), m)
-            cells.append(_signed(d))
-            verdicts.append(f"{verdict(d, hib.get(m, True))} ({overlap(r['metrics'].get(m, interval([])), ref['metrics'].get(m, interval([])))})")
-        lines.append("| " + " | ".join(cells + verdicts) + " |")
+            v = verdict(d, hib.get(m, True))
+            o = overlap(r["metrics"].get(m, interval([])), ref["metrics"].get(m, interval([])))
+            shown_v = f"**{v}**" if v in ("better", "worse") else f"*{v}*"
+            cells.append(f"{_signed(d)} {shown_v}" + {"yes": ", overlap", "no": ", apart"}.get(o, ""))
+        lines.append("| " + " | ".join(cells) + " |")
     notes = list(matrix.notes) + [f"`{r['cell']}`: {r['note']}" for r in rows if r["note"]]
     proto_notes = sorted({n for r in rows for n in r["notes"]})
     if notes or proto_notes:
