@@ -141,12 +141,13 @@ def test_landmark_uses_labelled_structures_when_present():
     labels[labels == 3] = 7  # say, a vertebra with its own id
     pred = shift_x(target, 1, target[0, 0, 0, 0, 0].item())
     batch = {"labels": labels, "spacing": torch.tensor([[2.0, 2.0, 2.0]])}
-    loss = make("landmark", eps=1e-8, margin=3)
+    loss = make("landmark", eps=1e-8, margin=3, landmark_labels=[7])
     got = loss(pred, target, batch).item()
     assert got == pytest.approx(2.0, rel=0.05)
     pairs = loss.landmark_pairs(pred, target, batch)
     assert pairs[0].shape == (1, 1, 3) and bool(pairs[2].all())  # one structure: id 7
-    # without ids >= 5 (or with use_labels off) it falls back to bone slabs
+    # the default ids ([5], the heart) are absent from this map, and use_labels off: both fall back to bone slabs
+    assert make("landmark").landmark_pairs(pred, target, batch)[0].shape[1] == 8
     assert make("landmark", use_labels=False).landmark_pairs(pred, target, batch)[0].shape[1] == 8
     # an explicitly listed id that the map lacks is ignored
     assert make("landmark", landmark_labels=[9, 7]).landmark_pairs(pred, target, batch)[0].shape[1] == 1

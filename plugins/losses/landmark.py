@@ -6,8 +6,8 @@ landmarks in the prediction and in the target the same way and penalises how far
 
 Landmarks:
 - **from the label map** (when the batch has ``labels``): every structure id in
-  ``landmark_labels`` (default: every id >= 5 the map has, i.e. beyond the tissue classes 0-4 --
-  each labelled vertebra, the heart, the aortic arch, the carina, as a dataset numbers them). For
+  ``landmark_labels`` (default ``[5]``, the heart in the framework's label convention; list a
+  dataset's own ids for each labelled vertebra, the aortic arch, the carina...). For
   structure ``l``: the neighbourhood ``R`` is its label region dilated by ``margin`` voxels, and
   its tissue density ``mu_l`` the target's mean HU inside the label. A volume's landmark is the
   centroid of ``R * exp(-(HU - mu_l)^2 / (2 tolerance_hu^2))``: where, near the labelled
@@ -37,7 +37,9 @@ import torch.nn.functional as F
 
 from x2ct_framework.hookspecs import hookimpl
 
-FIRST_STRUCTURE_LABEL = 5  # 0 background, 1 soft tissue, 2 lung, 3 bone, 4 vessel
+# 0 background, 1 soft tissue, 2 lung, 3 bone, 4 vessel, 5 heart, 6 fat, 7 air, 8 table: of these only
+# the heart is a compact structure with a well-defined centre (fat, air and the table are tissue classes).
+DEFAULT_LANDMARK_LABELS = (5,)
 
 
 def centroids_mm(weights: torch.Tensor, spacing: torch.Tensor, z0: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,13 +60,13 @@ def centroids_mm(weights: torch.Tensor, spacing: torch.Tensor, z0: int = 0) -> t
 class LandmarkLoss(nn.Module):
     """Mean landmark distance in mm between prediction and target (see the module docstring).
 
-    Options: ``landmark_labels`` structure ids (empty: every id >= 5 present); ``margin`` voxels of
+    Options: ``landmark_labels`` structure ids (default [5], the heart); ``margin`` voxels of
     neighbourhood around a structure; ``tolerance_hu`` width of the density match; ``slabs``,
     ``threshold_hu``, ``softness_hu``, ``min_mass`` of the bone-slab fallback; ``use_labels`` false
     always uses the fallback; ``eps`` (mm^2) of the smooth distance; ``hu_window`` from the recipe.
     """
 
-    def __init__(self, landmark_labels: list[int] = (), margin: int = 3, tolerance_hu: float = 150.0,
+    def __init__(self, landmark_labels: list[int] = DEFAULT_LANDMARK_LABELS, margin: int = 3, tolerance_hu: float = 150.0,
                  slabs: int = 8, threshold_hu: float = 250.0, softness_hu: float = 50.0, min_mass: float = 1.0,
                  use_labels: bool = True, eps: float = 1e-4, hu_window: list[float] = (-1000.0, 3000.0)):
         super().__init__()
@@ -96,9 +98,7 @@ class LandmarkLoss(nn.Module):
 
     def _structure_ids(self, labels: torch.Tensor) -> list[int]:
         present = set(torch.unique(labels).tolist())
-        if self.landmark_labels:
-            return [i for i in self.landmark_labels if i in present]
-        return sorted(i for i in present if i >= FIRST_STRUCTURE_LABEL)
+        return [i for i in self.landmark_labels if i in present]
 
     def landmark_pairs(self, pred: torch.Tensor, target: torch.Tensor, batch: dict):
         """Predicted and target landmarks [B, L, 3] (mm) and which ones are valid [B, L]."""
