@@ -27,28 +27,37 @@ def _clean_plugins(monkeypatch):
     reset_plugin_manager()
 
 
+def tiny_tables(encoder: str = "test_resnet", num_train: int = 4, decoder_levels: int | None = 1) -> str:
+    """The ``[data]`` and ``[model]`` tables every tiny test recipe shares: phantoms at 16^3, a 4^3-token cascade."""
+    return textwrap.dedent(f"""
+        [data]
+        name = "synthetic_phantom"
+        views = [0, 90]
+        num_train = {num_train}
+        num_val = 2
+        num_test = 2
+
+        [model]
+        name = "vit_cascade"
+        tokens = 4
+        dim = 16
+        depth = 1
+        heads = 2
+        channels = 4
+        encoder = "{encoder}"
+        """) + (f"decoder_levels = {decoder_levels}\n" if decoder_levels is not None else "")
+
+
+def braces(text: str) -> str:
+    """``text`` escaped for ``str.format`` (the recipes below keep one ``{out}`` field)."""
+    return text.replace("{", "{{").replace("}", "}}")
+
+
 TINY_RECIPE = """
 name = "tiny"
 seed = 0
 output_dir = "{out}"
-
-[data]
-name = "synthetic_phantom"
-views = [0, 90]
-num_train = 4
-num_val = 2
-num_test = 2
-
-[model]
-name = "vit_cascade"
-tokens = 4
-dim = 16
-depth = 1
-heads = 2
-channels = 4
-encoder = "test_resnet"
-decoder_levels = 1
-
+""" + braces(tiny_tables()) + """
 [train]
 batch_size = 2
 progress = false

@@ -16,6 +16,7 @@ if str(REPO) not in sys.path:  # benchmarks/ is a folder of the repository, not 
     sys.path.insert(0, str(REPO))
 
 from benchmarks.perf import __main__ as suite  # noqa: E402
+from conftest import tiny_tables  # noqa: E402
 
 
 def test_suite_collects_rows_and_reports_broken_modules(monkeypatch, tmp_path):
@@ -55,21 +56,8 @@ def test_training_benchmark_rows(tmp_path):
     """``train.run`` on a tiny matrix: every row present, finite, and the overhead shares add up."""
     from benchmarks.perf import train
 
-    (tmp_path / "base.toml").write_text(textwrap.dedent("""
-        name = "tinybase"
-        [data]
-        name = "synthetic_phantom"
-        num_train = 8
-        num_val = 2
-        num_test = 2
-        [model]
-        name = "vit_cascade"
-        tokens = 4
-        dim = 16
-        depth = 1
-        heads = 2
-        channels = 4
-        encoder = "test_efficientnet"
+    (tmp_path / "base.toml").write_text('name = "tinybase"\n' + tiny_tables(encoder="test_efficientnet", num_train=8,
+                                                                           decoder_levels=None) + textwrap.dedent("""
         [train]
         batch_size = 2
         [[stages]]

@@ -16,28 +16,14 @@ if str(REPO) not in sys.path:  # benchmarks/ is a folder of the repository, not 
     sys.path.insert(0, str(REPO))
 
 from benchmarks import variants as V  # noqa: E402
+from conftest import tiny_tables  # noqa: E402
 from x2ct_framework.errors import RecipeError  # noqa: E402
 
 BASE = """
 name = "tinybase"
 seed = 0
 
-[data]
-name = "synthetic_phantom"
-views = [0, 90]
-num_train = 4
-num_val = 2
-num_test = 2
-
-[model]
-name = "vit_cascade"
-tokens = 4
-dim = 16
-depth = 1
-heads = 2
-channels = 4
-encoder = "test_efficientnet"
-
+""" + tiny_tables(encoder="test_efficientnet", decoder_levels=None) + """
 [train]
 batch_size = 2
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import PYTHON, run_env
+from conftest import PYTHON, braces, run_env, tiny_tables
 from x2ct_framework import checkpoint as ckpt
 from x2ct_framework.build import build_model, stages
 from x2ct_framework.plugins import reset_plugin_manager
@@ -36,23 +36,7 @@ name = "crash"
 seed = 3
 output_dir = "{out}"
 
-[data]
-name = "synthetic_phantom"
-views = [0, 90]
-num_train = 4
-num_val = 2
-num_test = 2
-
-[model]
-name = "vit_cascade"
-tokens = 4
-dim = 16
-depth = 1
-heads = 2
-channels = 4
-encoder = "test_efficientnet"
-decoder_levels = 1
-
+""" + braces(tiny_tables(encoder="test_efficientnet")) + """
 [train]
 batch_size = 2
 progress = false

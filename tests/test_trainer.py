@@ -6,13 +6,14 @@ import json
 import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 
 from x2ct_framework import checkpoint as ckpt
 from x2ct_framework.hookspecs import hookimpl
-from x2ct_framework.plugins import get_plugin_manager
+from x2ct_framework.plugins import get_plugin_manager, reset_plugin_manager
 from x2ct_framework.recipe import load_recipe
 from x2ct_framework.run import main as run_main
 from x2ct_framework.trainer import EpochSampler, Trainer, TrainingDiverged
@@ -395,3 +396,18 @@ def test_resume_skips_finished_stages(tiny, tmp_path, capsys):
     train(tiny, resume=True)
     assert "finished earlier" in capsys.readouterr().out
     assert same(before, weights(tmp_path / "runs/tiny/stage1/last"))
+
+
+def test_run_folder_recipe_finds_a_local_plugin_file_from_anywhere(tiny, tmp_path, monkeypatch):
+    """recipe.toml in the run folder names plugin files by absolute path: evaluate/predict load it from there."""
+    train(tiny)
+    kept = tmp_path / "runs/tiny/recipe.toml"
+    assert load_recipe(kept)["plugins"] == [str((tmp_path / "tinynet.py").resolve())]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    reset_plugin_manager()
+    from x2ct_framework.evaluate import evaluate, resolve_target
+    ev = evaluate(resolve_target(tmp_path / "runs/tiny"), split="val", protocols=["default"], n_boot=10, worst=0,
+                  progress=False)
+    assert len(ev.case_ids) == 2 and np.isfinite(ev.values["default/psnr"]).all()

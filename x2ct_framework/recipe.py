@@ -59,6 +59,15 @@ class Recipe:
     def to_toml(self) -> str:
         return dumps_toml(self.data)
 
+    def to_run_toml(self) -> str:
+        """The recipe as a run folder keeps it: plugin files as absolute paths, so that evaluating or
+        predicting from the run folder (recipe.toml there, not beside the original) still finds them."""
+        data = copy.deepcopy(self.data)
+        if data.get("plugins"):  # a file path (as PluginManager.load_module tells them apart) or a module name
+            data["plugins"] = [str((self.base_dir / p).resolve()) if p.endswith(".py") or "/" in p or "\\" in p
+                               else p for p in data["plugins"]]
+        return dumps_toml(data)
+
 
 def format_key(key: Key) -> str:
     return " -> ".join(str(k + 1) if isinstance(k, int) else str(k) for k in key)

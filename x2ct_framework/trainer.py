@@ -247,7 +247,7 @@ class Trainer:
         if not self.is_main:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "recipe.toml").write_text(self.recipe.to_toml())
+        (self.run_dir / "recipe.toml").write_text(self.recipe.to_run_toml())
         acc = self.accelerator
         self.pm.load_entry_points()  # loaded lazily: make sure "plugins" lists the installed ones too
         env = {"x2ct_framework": __version__, "python": sys.version.split()[0], "torch": torch.__version__,

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.utils.data import Dataset
 
 from x2ct_framework.errors import DataError
 from x2ct_framework.physics import drr, geometry_fingerprint, make_geometry, resolve_preset
@@ -181,3 +182,34 @@ def bad_case(policy: str, message: str) -> None:
     if policy == "error":
         raise DataError(message + ' (set on_bad_case = "skip" to skip such cases with a warning)')
     log.warning("skipping a bad case: %s", message)
+
+
+class CaseListDataset(Dataset):
+    """A dataset over ``self.cases`` read by ``self._item(j)``; an unreadable case is skipped (with a
+    warning, when ``on_bad_case = "skip"``) and the next readable one served in its place."""
+
+    cases: list
+    bad: set
+    on_bad_case: str
+    split: str
+    root: Path
+
+    def _item(self, j: int) -> dict:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return len(self.cases)
+
+    def __getitem__(self, i: int) -> dict:
+        if not 0 <= i < len(self.cases):
+            raise IndexError(f"case {i} of a {len(self.cases)}-case {self.split} split")
+        for step in range(len(self.cases)):
+            j = (i + step) % len(self.cases)
+            if j in self.bad:
+                continue
+            try:
+                return self._item(j)
+            except DataError as exc:
+                bad_case(self.on_bad_case, str(exc))
+                self.bad.add(j)
+        raise DataError(f"{self.root}: every case of the {self.split} split is unreadable")

@@ -14,14 +14,13 @@ import logging
 from pathlib import Path
 
 import torch
-from torch.utils.data import Dataset
 
 from x2ct_framework.errors import DataError
 from x2ct_framework.hookspecs import hookimpl
 from x2ct_framework.io import VOLUME_SUFFIXES, is_dicom, read_torchio, torchio_to_canonical
 from x2ct_framework.physics import MU_WATER
 from x2ct_framework.stage import Stage
-from x2ct_plugins.datasets._common import (DiskCache, bad_case, case_geometry, check_common, check_split, crop_or_pad,
+from x2ct_plugins.datasets._common import (CaseListDataset, DiskCache, bad_case, case_geometry, check_common, check_split, crop_or_pad,
                                            drr_key, empty_split_error, hu_to_unit, read_list_file, read_split_file,
                                            render_views, seeded_split)
 
@@ -85,7 +84,7 @@ def build_augment(augment: dict):
     return tio.Compose(parts) if parts else None
 
 
-class CTFolderDataset(Dataset):
+class CTFolderDataset(CaseListDataset):
     """CT volumes from ``root`` and their DRRs at ``views``.
 
     Splits: ``splits`` names a JSON/TOML file ``{train = [...], val = [...], test = [...]}``; else
@@ -205,22 +204,6 @@ class CTFolderDataset(Dataset):
         return name, path, label
 
     # ---- items ------------------------------------------------------------------------------
-    def __len__(self) -> int:
-        return len(self.cases)
-
-    def __getitem__(self, i: int) -> dict:
-        if not 0 <= i < len(self.cases):
-            raise IndexError(f"case {i} of a {len(self.cases)}-case {self.split} split")
-        for step in range(len(self.cases)):
-            j = (i + step) % len(self.cases)
-            if j in self.bad:
-                continue
-            try:
-                return self._item(j)
-            except DataError as exc:
-                bad_case(self.on_bad_case, str(exc))
-                self.bad.add(j)
-        raise DataError(f"{self.root}: every case of the {self.split} split is unreadable")
 
     def _volume(self, j: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """HU ``[R, R, R]`` (and labels) at the stage resolution over ``volume_mm``, from the cache when there."""

@@ -20,13 +20,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset
 
 from x2ct_framework.errors import DataError, RecipeError
 from x2ct_framework.hookspecs import hookimpl
 from x2ct_framework.physics import MU_WATER
 from x2ct_framework.stage import Stage
-from x2ct_plugins.datasets._common import (DiskCache, bad_case, case_geometry, check_common, check_split, drr_key,
+from x2ct_plugins.datasets._common import (CaseListDataset, DiskCache, bad_case, case_geometry, check_common, check_split, drr_key,
                                            empty_split_error, hu_to_unit, read_list_file, render_views, resize_volume)
 
 H5_NAME = "ct_xray_data.h5"
@@ -34,7 +33,7 @@ REQUIRED_KEYS = ("ct", "xray1", "xray2")
 AXES = {"z": 0, "y": 1, "x": 2}
 
 
-class X2CTGANH5Dataset(Dataset):
+class X2CTGANH5Dataset(CaseListDataset):
     """Cases of the X2CT-GAN LIDC HDF5 set.
 
     ``train_list``/``test_list`` (relative to ``root``) name the cases; ``val_list`` defaults to the
@@ -91,22 +90,6 @@ class X2CTGANH5Dataset(Dataset):
             raise empty_split_error(split, str(list_path))
         self.bad: set[int] = set()
 
-    def __len__(self) -> int:
-        return len(self.cases)
-
-    def __getitem__(self, i: int) -> dict:
-        if not 0 <= i < len(self.cases):
-            raise IndexError(f"case {i} of a {len(self.cases)}-case {self.split} split")
-        for step in range(len(self.cases)):
-            j = (i + step) % len(self.cases)
-            if j in self.bad:
-                continue
-            try:
-                return self._item(j)
-            except DataError as exc:
-                bad_case(self.on_bad_case, str(exc))
-                self.bad.add(j)
-        raise DataError(f"{self.root}: every case of the {self.split} split is unreadable")
 
     def _read(self, path: Path) -> dict[str, np.ndarray]:
         import h5py
