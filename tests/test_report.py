@@ -52,7 +52,7 @@ def test_a_run_ends_with_a_readable_report(tiny_recipe, tmp_path):
 
 def test_report_can_be_written_again_and_records_a_failed_evaluation(tmp_path, capsys):
     run = make_run(tmp_path, num_test=0)  # no test cases: the final evaluation cannot run
-    assert report.main([str(run), "--device", "cpu"]) == 0
+    assert report.main([str(run), "--device", "cpu"]) == 4  # written, but the final evaluation failed
     md = (run / "report.md").read_text()
     assert "# Run report: tiny" in md and "The final evaluation failed" in md and "num_test" in md
     assert "report: the final evaluation failed" in capsys.readouterr().err
@@ -77,3 +77,12 @@ def test_curves_are_drawn_when_the_trainer_did_not(tmp_path):
     (tmp_path / "m.jsonl").write_text('{"step": 1}\n{"step": 2, "cut by a cra')
     assert report.read_jsonl(tmp_path / "m.jsonl") == [{"step": 1}]
 
+
+
+def test_a_run_whose_final_evaluation_fails_keeps_its_checkpoints_and_exits_4(tiny_recipe, tmp_path, capsys):
+    code = run_main([str(tiny_recipe), "--set", "train.trackers=[]", "--set", "data.num_test=0"])
+    err = capsys.readouterr().err
+    run = tmp_path / "runs" / "tiny"
+    assert code == 4
+    assert (run / "stage1" / "best" / "model.safetensors").is_file() and (run / "report.md").is_file()
+    assert "training finished" in err and "python -m x2ct_framework.report" in err and "Traceback" not in err

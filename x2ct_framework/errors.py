@@ -36,6 +36,12 @@ class CheckpointError(X2CTError):
     """A checkpoint is missing, damaged or does not fit the model."""
 
 
+class FinalEvaluationError(X2CTError):
+    """Training finished and its checkpoints are saved, but the end-of-run evaluation could not run."""
+
+    exit_code = 4
+
+
 def did_you_mean(name: str, choices: Iterable[str]) -> str:
     """Return ' (did you mean "x"?)' for the closest choice, or '' when none is close."""
     close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1, cutoff=0.6)

@@ -24,7 +24,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from .errors import X2CTError  # noqa: E402
+from .errors import FinalEvaluationError, X2CTError  # noqa: E402
 from .hookspecs import hookimpl  # noqa: E402
 
 REPORT = "report.md"
@@ -193,8 +193,12 @@ def recipe_summary(recipe) -> list[str]:
 
 
 def write_report(run_dir: str | Path, recipe=None, results: dict | None = None, *, device: str | torch.device = "auto",
-                 evaluate_final: bool = True) -> Path:
-    """Write ``run_dir/report.md`` and its pictures from what the run folder holds."""
+                 evaluate_final: bool = True, failures: list[str] | None = None) -> Path:
+    """Write ``run_dir/report.md`` and its pictures from what the run folder holds.
+
+    A final evaluation that fails becomes a note in the report and, when ``failures`` is a list, an
+    entry there (the end-of-run hook turns it into exit status 4).
+    """
     from .build import load_recipe_plugins, stages
     from .recipe import load_recipe
 
@@ -260,12 +264,12 @@ def write_report(run_dir: str | Path, recipe=None, results: dict | None = None, 
 
     # final evaluation
     if evaluate_final and trained:
-        lines += final_evaluation(run_dir, recipe, trained[-1], pics, device)
+        lines += final_evaluation(run_dir, recipe, trained[-1], pics, device, failures)
     (run_dir / REPORT).write_text("\n".join(lines).rstrip() + "\n")
     return run_dir / REPORT
 
 
-def final_evaluation(run_dir: Path, recipe, stage, pics: Path, device) -> list[str]:
+def final_evaluation(run_dir: Path, recipe, stage, pics: Path, device, failures: list[str] | None = None) -> list[str]:
     """Score the last trained stage's best checkpoint and draw its gallery; problems become notes."""
     from . import evaluate as ev_mod
 
@@ -283,6 +287,8 @@ def final_evaluation(run_dir: Path, recipe, stage, pics: Path, device) -> list[s
                              out_dir=out, progress=False, lpips=cfg["lpips"])
     except (X2CTError, ValueError) as exc:
         print(f"report: the final evaluation failed: {exc}", file=sys.stderr)
+        if failures is not None:
+            failures.append(str(exc))
         return lines + [f"The final evaluation failed: {exc}", ""]
     lines += [f"{ev.info['cases']} cases, HU window {ev.info['hu_window']}; per-case values in "
               f"[{_rel(ev.files['per_case'], run_dir)}]({_rel(ev.files['per_case'], run_dir)}), aggregates in "
@@ -326,9 +332,16 @@ def on_run_end(trainer, results):
     if not recipe["eval"]["report"]:
         return
     device = getattr(getattr(trainer, "accelerator", None), "device", "auto")
-    path = write_report(trainer.run_dir, recipe, results, device=device)
+    failures: list[str] = []
+    path = write_report(trainer.run_dir, recipe, results, device=device, failures=failures)
     if hasattr(trainer, "print"):
         trainer.print(f"report: {path.resolve()}")
+    if failures:
+        run_dir = trainer.run_dir
+        raise FinalEvaluationError(
+            f"training finished and its checkpoints are saved in {run_dir}, but the final evaluation on the "
+            f"{recipe['eval']['split']} split failed: {failures[0]}\nFix that, then score the run and rewrite its "
+            f"report with:\n  python -m x2ct_framework.report {run_dir}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -346,8 +359,9 @@ def main(argv: list[str] | None = None) -> int:
             from .errors import DataError
 
             raise DataError(f"{a.run_dir}: not a run folder (no recipe.toml)")
-        print(write_report(a.run_dir, device=a.device))
-        return 0
+        failures: list[str] = []
+        print(write_report(a.run_dir, device=a.device, failures=failures))
+        return FinalEvaluationError.exit_code if failures else 0
 
     return report_errors(go, args)
 
