@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from .build import build_dataset, build_model, data_options, load_recipe_plugins, stages
+from .cascade import CascadeModel, previous_stages
 from .checkpoint import STATE, WEIGHTS, load_into, resolve
 from .errors import CheckpointError, DataError, RecipeError
 from .protocols import Protocol, build_protocol
@@ -161,6 +162,9 @@ def load_model(target: Target, device: torch.device) -> torch.nn.Module:
     """The stage's model with the checkpoint's weights, in eval mode on ``device``."""
     model = build_model(target.recipe, target.stage)
     load_into(model, target.checkpoint, strict=True)
+    previous = previous_stages(target.recipe, target.stage, target.run_dir)
+    if previous is not None:  # the checkpoint was trained with the earlier stages' prediction as prev
+        model = CascadeModel(previous, model)
     return model.to(device).eval()
 
 

@@ -102,6 +102,8 @@ STAGE = Table(
         "best_mode": Value("str", "auto", "max or min of select_best; auto = min for losses and errors "
                            "(loss, mae, mse, lpips), max otherwise", choices=("auto", "max", "min")),
         "freeze": Value("list[str]", [], "parameter-name prefixes that are not trained in this stage"),
+        "cascade": Value("bool", False, "feed the previous stage's prediction (its best model, frozen) to this "
+                         "stage's model as prev; otherwise stages are chained by weights only"),
         "losses": Losses("loss terms and weights"),
         "model": Table({}, "model options that override [model] for this stage", open=True),
         "data": Table({}, "data options that override [data] for this stage", open=True),

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from . import checkpoint as ckpt
+from .cascade import PreviousStages, previous_stages
 from .build import (build_dataset, build_losses, build_metrics, build_model, load_recipe_plugins, model_options,
                     stages)
 from .errors import CheckpointError, RecipeError, X2CTError
@@ -232,6 +233,7 @@ class Trainer:
         self.pm = get_plugin_manager()
         load_recipe_plugins(recipe)
         self.model: torch.nn.Module | None = None  # the stage's unwrapped model, for hooks
+        self.previous: PreviousStages | None = None  # the frozen earlier stages of a cascading stage
         self._info_written = False
 
     @property
@@ -350,6 +352,9 @@ class Trainer:
             self.print(f"[{stage.name}] initialised from {init_from}"
                        + (f" ({len(skipped)} tensors kept fresh: {'; '.join(skipped[:3])}"
                           f"{' ...' if len(skipped) > 3 else ''})" if skipped else ""))
+        self.previous = previous_stages(recipe, stage, self.run_dir, acc.device)
+        if self.previous is not None:
+            self.print(f"[{stage.name}] cascade: prev comes from {self.previous.describe()}, frozen")
         params = self._trainable(model, opts["freeze"], where("freeze"))
         losses = build_losses(recipe, stage).to(acc.device)
         metrics = build_metrics(recipe)
@@ -433,7 +438,7 @@ class Trainer:
                     with acc.accumulate(model):
                         for lp in loss_parts:
                             lp.freeze(True)  # the model's objective reaches the parts' input only
-                        pred = model(batch["xrays"], batch["geometry"])
+                        pred = self.forward(model, batch)
                         loss, terms = losses(pred, batch["ct"], batch, epoch=epoch)
                         if self._all_finite(loss):
                             acc.backward(loss)
@@ -593,6 +598,12 @@ class Trainer:
         return better
 
     # ---- validation ------------------------------------------------------------------------------
+    def forward(self, model, batch: dict) -> torch.Tensor:
+        """The stage's model on a batch; with ``cascade``, the earlier stages' prediction is its ``prev``."""
+        if self.previous is None:
+            return model(batch["xrays"], batch["geometry"])
+        return model(batch["xrays"], batch["geometry"], prev=self.previous(batch["xrays"], batch["geometry"]))
+
     @torch.no_grad()
     def validate(self, model, val_dl, metrics: dict, losses, stage: Stage, epoch: int,
                  batch_xrays: bool = True) -> dict[str, float]:
@@ -605,7 +616,7 @@ class Trainer:
         first = None
         for batch in val_dl:
             with acc.autocast():
-                pred = model(batch["xrays"], batch["geometry"]).float()
+                pred = self.forward(model, batch).float()
                 loss, _ = losses(pred, batch["ct"], batch, epoch=epoch - 1)
             n = pred.shape[0]
             loss_sum += loss.double() * n
