@@ -888,7 +888,10 @@ def plot_matrix(matrix: Matrix, rows: list[dict], found: dict, shown: list[str],
     fig, axes = plt.subplots(1, len(panels), figsize=(2.9 * len(panels) + 1.2, 0.38 * n + 1.6), sharey=True,
                              squeeze=False)
     names = [r["cell"] for r in rows]
+    clipped = False
     for ax, m in zip(axes[0], panels):
+        seen: list[float] = []  # seeds and means: the axis spans these, so one wide interval does not hide the rest
+        bars: list[tuple[int, float, float, str]] = []
         for y, r in enumerate(rows):
             s = r["time_per_step_s"] if m == "time_per_step_s" else r["metrics"].get(m, interval([]))
             pts = [x.get("time_per_step_s") if m == "time_per_step_s" else x["metrics"].get(m)
@@ -897,10 +900,24 @@ def plot_matrix(matrix: Matrix, rows: list[dict], found: dict, shown: list[str],
             color = "tab:red" if r["cell"] == matrix.reference else "tab:blue"
             if pts:
                 ax.plot(pts, [y] * len(pts), "o", ms=3, color="0.55", zorder=1)
+                seen += pts
             if s["n"] and math.isfinite(s["mean"]):
                 lo = s["mean"] - s["ci_low"] if math.isfinite(s["ci_low"]) else 0
                 hi = s["ci_high"] - s["mean"] if math.isfinite(s["ci_high"]) else 0
                 ax.errorbar([s["mean"]], [y], xerr=[[lo], [hi]], fmt="s", ms=5, color=color, capsize=3, zorder=2)
+                seen.append(s["mean"])
+                bars.append((y, s["mean"] - lo, s["mean"] + hi, color))
+        if seen:
+            span = (max(seen) - min(seen)) or abs(max(seen)) or 1.0
+            left, right = min(seen) - 0.08 * span, max(seen) + 0.08 * span
+            ax.set_xlim(left, right)
+            for y, a, b, color in bars:  # an interval wider than the axis ends in an arrow at the edge
+                if a < left:
+                    ax.plot([left], [y], "<", ms=6, color=color, clip_on=False, zorder=3)
+                    clipped = True
+                if b > right:
+                    ax.plot([right], [y], ">", ms=6, color=color, clip_on=False, zorder=3)
+                    clipped = True
         lower = m == "time_per_step_s" or not next((r["higher_is_better"].get(m, True) for r in rows
                                                      if r["higher_is_better"]), True)
         ax.set_title(("s / step" if m == "time_per_step_s" else m) + (" (lower is better)" if lower else ""), fontsize=9)
@@ -910,7 +927,7 @@ def plot_matrix(matrix: Matrix, rows: list[dict], found: dict, shown: list[str],
     axes[0][0].set_yticklabels(names, fontsize=8)
     axes[0][0].invert_yaxis()
     fig.suptitle(f"matrix {matrix.name}: mean and 95% interval over seeds {matrix.seeds} (dots: seeds; red: "
-                 f"reference)", fontsize=9)
+                 f"reference" + ("; arrows: the interval goes on beyond the axis" if clipped else "") + ")", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)

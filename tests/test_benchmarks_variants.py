@@ -211,8 +211,11 @@ def test_shipped_matrices_resolve(preset, tmp_path):
     """Every cell of the shipped matrices resolves to a valid recipe under the budget."""
     m = V.load_matrix(REPO / "benchmarks" / "matrix" / f"{preset}.toml")
     names = [c.name for c in m.cells]
-    assert names == ["baseline", "epochs20", "no_gradient", "tokens32", "views4", "views8", "anatomy", "reprojection",
-                     "adversarial", "cnn_baseline", "lpips"]
+    # the seed's questions, each a cell, in this order (the CPU preset adds the CNN at its own learning rate)
+    questions = ["baseline", "epochs20", "no_gradient", "tokens32", "views4", "views8", "bone_vessel", "landmark",
+                 "reprojection", "adversarial", "cnn_baseline", "lpips"]
+    assert [n for n in names if n in questions] == questions
+    assert set(names) - set(questions) <= {"cnn_lr3e-4"}
     assert len(m.seeds) >= 3 and m.reference == "baseline"
     steps = m.budget["steps"]
     recipes = {c.name: V.cell_recipe(m, c, m.seeds[0], tmp_path, steps) for c in m.cells}
@@ -220,7 +223,8 @@ def test_shipped_matrices_resolve(preset, tmp_path):
     assert stage["epochs20"]["epochs"] * 5 == stage["baseline"]["epochs"] == m.budget["epochs"]
     assert recipes["tokens32"]["model"]["tokens"] > recipes["baseline"]["model"]["tokens"]
     assert [len(recipes[n]["data"]["views"]) for n in ("baseline", "views4", "views8")] == [2, 4, 8]
-    assert {"bone", "vessel", "landmark"} <= set(stage["anatomy"]["losses"])
+    assert {"bone", "vessel"} <= set(stage["bone_vessel"]["losses"]) and "landmark" not in stage["bone_vessel"]["losses"]
+    assert "landmark" in stage["landmark"]["losses"] and "bone" not in stage["landmark"]["losses"]
     assert "reprojection" in stage["reprojection"]["losses"] and "adversarial" in stage["adversarial"]["losses"]
     assert recipes["cnn_baseline"]["model"]["name"] == "cnn_baseline"
     assert "lpips" in stage["lpips"]["losses"] and "vgg" not in stage["lpips"]["losses"]
