@@ -25,7 +25,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m benchmarks.perf
 
-# The future-work quality matrix at CPU scale (about 30 min on 2 cores; rerun resumes).
+# The future-work quality matrix at CPU scale (13 cells x 3 seeds, 35-45 min on 2 cores; rerun resumes).
 bench-matrix: $(STAMP)
 	$(PY) -m benchmarks.variants benchmarks/matrix/cpu.toml
 

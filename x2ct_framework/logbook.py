@@ -91,14 +91,9 @@ class Logbook:
             if pts:
                 ax.plot(*zip(*pts), marker="o", ms=3)
             ax.set(xlabel="epoch", title=k)
-        if title:
-            fig.suptitle(title, fontsize=10)
-        fig.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=90)
-        plt.close(fig)
-        return path
+        from .viz import save_figure
+
+        return save_figure(fig, path, dpi=90, title=title, title_size=10)
 
 
 def _keys(rows: list[dict]) -> list[str]:

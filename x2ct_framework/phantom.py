@@ -576,6 +576,7 @@ def save_figure(path: str | Path, resolution: int = 128, seed: int = 0, geometry
     import matplotlib.pyplot as plt
 
     from .physics import drr, make_geometry
+    from .viz import save_figure as write_figure
 
     hu, labels = chest_phantom(resolution, seed)
     window = (-1000.0, 3000.0)
@@ -604,14 +605,8 @@ def save_figure(path: str | Path, resolution: int = 128, seed: int = 0, geometry
     for ax in axes.flat:
         ax.axis("off")
     names = ", ".join(f"{k} {v}" for k, v in LABELS.items())
-    fig.suptitle(f"synthetic CTPA chest phantom, seed {seed}, {resolution}^3 over 320 mm; labels: {names}",
-                 fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return write_figure(fig, path, dpi=90,
+                        title=f"synthetic CTPA chest phantom, seed {seed}, {resolution}^3 over 320 mm; labels: {names}")
 
 
 if __name__ == "__main__":

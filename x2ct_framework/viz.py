@@ -14,6 +14,18 @@ import torch  # noqa: E402
 PLANES = ("axial", "coronal", "sagittal")
 
 
+def save_figure(fig, path: str | Path, dpi: int = 90, title: str = "", title_size: int = 9) -> Path:
+    """Give ``fig`` its title, lay it out, write it to ``path`` (folders made) and close it."""
+    if title:
+        fig.suptitle(title, fontsize=title_size)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 def orthogonal_slices(volume: torch.Tensor | np.ndarray) -> list[np.ndarray]:
     """Central axial, coronal and sagittal slices of a [D, H, W] volume (z up in the coronal/sagittal)."""
     v = volume.detach().float().cpu().numpy() if isinstance(volume, torch.Tensor) else np.asarray(volume)
@@ -50,11 +62,4 @@ def save_preview(path: str | Path, pred: torch.Tensor, target: torch.Tensor | No
             if j < 3:
                 ax.imshow(slices[j], cmap=kw.get("cmap", "gray"), vmin=kw["vmin"], vmax=kw["vmax"])
                 ax.set_title(f"{label} {PLANES[j]}", fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=80, title=title)
