@@ -590,6 +590,8 @@ def run_matrix(matrix: Matrix, out: Path | None = None, *, only: list[str] | Non
             if old and old.get("key") == key and cell.name not in rerun:
                 status["skipped"].append(run_name(cell.name, seed))
                 continue
+            if cell.name in rerun:  # train again from scratch (a finished run folder would only be re-scored)
+                shutil.rmtree(out / run_name(cell.name, seed), ignore_errors=True)
             todo.append(Plan(cell, seed, steps))
     # seed by seed across the cells: a change in machine load spreads over all cells instead of a few,
     # and a cut-short matrix leaves complete seeds rather than complete cells

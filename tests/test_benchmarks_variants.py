@@ -205,6 +205,12 @@ def test_two_cell_matrix_tables_and_resume(tmp_path):
     assert list(csv.DictReader((out / "matrix.csv").open()))[1]["seeds"] == "0"
     assert "3 finished earlier, 1 to run" in logs[-2]
 
+    # --rerun trains a cell again from scratch, not only re-scores its finished run folder
+    before = (out / "grad-s0" / "timing.json").stat().st_mtime_ns
+    fourth = V.run_matrix(m, out, isolate=False, log=logs.append, plot=False, rerun=["grad"])
+    assert sorted(fourth["ran"]) == ["grad-s0", "grad-s1"] and len(fourth["skipped"]) == 2
+    assert (out / "grad-s0" / "timing.json").stat().st_mtime_ns != before
+
 
 @pytest.mark.parametrize("preset", ["cpu", "gpu"])
 def test_shipped_matrices_resolve(preset, tmp_path):
