@@ -104,7 +104,7 @@ class CNNBaseline(nn.Module):
         self.decoder.levels = nn.ModuleList(CNNLevel(enc[i], dec[i + 1], dec[i]) for i in range(levels))
         self.decoder.head = nn.Conv3d(dec[0], 1, 1)
         # The head starts at 1/100 of PyTorch's default scale and no bias: the first output is close to
-        # 0 (or to prev). At the default scale its first output had 2-5x the CT's spread, and one seed
+        # 0 (or to prev). At the default scale its first output had 1.5-5x the CT's spread, and one seed
         # in three of the CPU matrix settled on a contrast-inverted volume (benchmarks/RESULTS.md).
         with torch.no_grad():
             self.decoder.head.weight.mul_(0.01)
