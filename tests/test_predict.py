@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import sys
-import textwrap
 from pathlib import Path
 
 import nibabel as nib

@@ -16,7 +16,7 @@ from x2ct_framework.hookspecs import hookimpl
 from x2ct_framework.plugins import get_plugin_manager, reset_plugin_manager
 from x2ct_framework.recipe import load_recipe
 from x2ct_framework.run import main as run_main
-from x2ct_framework.trainer import EpochSampler, Trainer, TrainingDiverged
+from x2ct_framework.trainer import EpochSampler, Trainer
 
 
 @pytest.fixture(autouse=True)

@@ -208,7 +208,6 @@ def write_report(run_dir: str | Path, recipe=None, results: dict | None = None, 
         load_recipe_plugins(recipe)
     pics = run_dir / PICTURES
     pics.mkdir(parents=True, exist_ok=True)
-    ev_cfg = recipe["eval"]
     lines = [f"# Run report: {recipe.name}", "",
              f"Written {time.strftime('%Y-%m-%d %H:%M:%S')} from `{run_dir.resolve()}`. Every metric is named "
              f"`<protocol>/<metric>`; the protocols' conventions are listed under each table.", ""]

@@ -8,7 +8,7 @@ written to the run folder holds every value the run used.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from .errors import RecipeError, did_you_mean
