@@ -7,6 +7,7 @@ import textwrap
 
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
 from conftest import tiny_tables
 from x2ct_framework import cascade
@@ -72,10 +73,7 @@ def write(tmp_path, text: str, name: str = "casc"):
 
 
 def first_batch(recipe, stage):
-    data = build_dataset(recipe, stage, "val")
-    items = [data[0], data[1]]
-    return {"xrays": torch.stack([i["xrays"] for i in items]),
-            "geometry": {k: torch.stack([torch.as_tensor(i["geometry"][k]) for i in items]) for k in items[0]["geometry"]}}
+    return next(iter(DataLoader(build_dataset(recipe, stage, "val"), batch_size=2)))
 
 
 def test_a_cascading_stage_trains_and_is_scored_with_the_previous_stage_prediction(tmp_path, spy, capsys):

@@ -13,6 +13,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from .viz import save_figure  # noqa: E402
+
 
 class Logbook:
     """``metrics.jsonl`` and ``metrics.csv`` of one stage; rows carry ``epoch`` (1-based) and ``step``."""
@@ -91,8 +93,6 @@ class Logbook:
             if pts:
                 ax.plot(*zip(*pts), marker="o", ms=3)
             ax.set(xlabel="epoch", title=k)
-        from .viz import save_figure
-
         return save_figure(fig, path, dpi=90, title=title, title_size=10)
 
 

@@ -30,6 +30,16 @@ KINDS = {"model": "register_models", "loss": "register_losses", "dataset": "regi
          "metric": "register_metrics"}
 
 
+def plugin_file(spec: str, base_dir: str | Path | None = None) -> Path | None:
+    """The absolute path a recipe's ``plugins`` entry names (relative to ``base_dir``), or ``None``
+    when the entry is a dotted module name."""
+    if not (spec.endswith(".py") or os.sep in spec or "/" in spec):
+        return None
+    path = Path(spec)
+    if not path.is_absolute() and base_dir is not None:
+        path = Path(base_dir) / path
+    return path.resolve()
+
 class PluginLoadWarning(UserWarning):
     """A plugin failed to load and was skipped."""
 
@@ -72,11 +82,8 @@ class PluginManager:
 
     def load_module(self, spec: str, base_dir: str | Path | None = None) -> str:
         """Load a plugin named in a recipe: a dotted module name or a path to a ``.py`` file."""
-        if spec.endswith(".py") or os.sep in spec or "/" in spec:
-            path = Path(spec)
-            if not path.is_absolute() and base_dir is not None:
-                path = Path(base_dir) / path
-            path = path.resolve()
+        path = plugin_file(spec, base_dir)
+        if path is not None:
             name = f"x2ct_local_plugin_{path.stem}"
             if self.pm.has_plugin(str(path)):
                 return str(path)

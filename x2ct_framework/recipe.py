@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import RecipeError, did_you_mean
+from .plugins import plugin_file
 
 Key = tuple  # a path into the recipe: strings for table keys, ints (0-based) for array items
 
@@ -63,9 +64,8 @@ class Recipe:
         """The recipe as a run folder keeps it: plugin files as absolute paths, so that evaluating or
         predicting from the run folder (recipe.toml there, not beside the original) still finds them."""
         data = copy.deepcopy(self.data)
-        if data.get("plugins"):  # a file path (as PluginManager.load_module tells them apart) or a module name
-            data["plugins"] = [str((self.base_dir / p).resolve()) if p.endswith(".py") or "/" in p or "\\" in p
-                               else p for p in data["plugins"]]
+        if data.get("plugins"):
+            data["plugins"] = [str(plugin_file(p, self.base_dir) or p) for p in data["plugins"]]
         return dumps_toml(data)
 
 

@@ -34,9 +34,9 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from . import checkpoint as ckpt
-from .cascade import PreviousStages, previous_stages
 from .build import (build_dataset, build_losses, build_metrics, build_model, load_recipe_plugins, model_options,
                     stages)
+from .cascade import PreviousStages, previous_stages
 from .errors import CheckpointError, RecipeError, X2CTError
 from .logbook import Logbook
 from .optim import Schedule, lr_at, lr_factor, make_optimizer

@@ -20,9 +20,9 @@ from x2ct_framework.hookspecs import hookimpl
 from x2ct_framework.io import VOLUME_SUFFIXES, is_dicom, read_torchio, torchio_to_canonical
 from x2ct_framework.physics import MU_WATER
 from x2ct_framework.stage import Stage
-from x2ct_plugins.datasets._common import (CaseListDataset, DiskCache, bad_case, case_geometry, check_common, check_split, crop_or_pad,
-                                           drr_key, empty_split_error, hu_to_unit, read_list_file, read_split_file,
-                                           render_views, seeded_split)
+from x2ct_plugins.datasets._common import (CaseListDataset, DiskCache, bad_case, case_geometry, check_common,
+                                           check_split, crop_or_pad, drr_key, empty_split_error, hu_to_unit,
+                                           read_list_file, read_split_file, render_views, seeded_split)
 
 log = logging.getLogger("x2ct_plugins.datasets.ct_folder")
 
@@ -203,8 +203,7 @@ class CTFolderDataset(CaseListDataset):
             return None
         return name, path, label
 
-    # ---- items ------------------------------------------------------------------------------
-
+    # ---- items (served by CaseListDataset.__getitem__, which skips bad cases) ----------------
     def _volume(self, j: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """HU ``[R, R, R]`` (and labels) at the stage resolution over ``volume_mm``, from the cache when there."""
         name, path, label_path = self.cases[j]

@@ -25,8 +25,9 @@ from x2ct_framework.errors import DataError, RecipeError
 from x2ct_framework.hookspecs import hookimpl
 from x2ct_framework.physics import MU_WATER
 from x2ct_framework.stage import Stage
-from x2ct_plugins.datasets._common import (CaseListDataset, DiskCache, bad_case, case_geometry, check_common, check_split, drr_key,
-                                           empty_split_error, hu_to_unit, read_list_file, render_views, resize_volume)
+from x2ct_plugins.datasets._common import (CaseListDataset, DiskCache, bad_case, case_geometry, check_common,
+                                           check_split, drr_key, empty_split_error, hu_to_unit, read_list_file,
+                                           render_views, resize_volume)
 
 H5_NAME = "ct_xray_data.h5"
 REQUIRED_KEYS = ("ct", "xray1", "xray2")
@@ -89,7 +90,6 @@ class X2CTGANH5Dataset(CaseListDataset):
         if not self.cases:
             raise empty_split_error(split, str(list_path))
         self.bad: set[int] = set()
-
 
     def _read(self, path: Path) -> dict[str, np.ndarray]:
         import h5py

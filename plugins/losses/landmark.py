@@ -66,9 +66,9 @@ class LandmarkLoss(nn.Module):
     always uses the fallback; ``eps`` (mm^2) of the smooth distance; ``hu_window`` from the recipe.
     """
 
-    def __init__(self, landmark_labels: list[int] = DEFAULT_LANDMARK_LABELS, margin: int = 3, tolerance_hu: float = 150.0,
-                 slabs: int = 8, threshold_hu: float = 250.0, softness_hu: float = 50.0, min_mass: float = 1.0,
-                 use_labels: bool = True, eps: float = 1e-4, hu_window: list[float] = (-1000.0, 3000.0)):
+    def __init__(self, landmark_labels: list[int] = DEFAULT_LANDMARK_LABELS, margin: int = 3,
+                 tolerance_hu: float = 150.0, slabs: int = 8, threshold_hu: float = 250.0, softness_hu: float = 50.0,
+                 min_mass: float = 1.0, use_labels: bool = True, eps: float = 1e-4, hu_window: list[float] = (-1000.0, 3000.0)):
         super().__init__()
         labels = list(landmark_labels)
         if any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in labels):
