@@ -264,7 +264,7 @@ def cell_recipe(matrix: Matrix, cell: Cell, seed: int, out: Path, steps: int, ex
     The budget's overrides come last so no cell can escape it: every trained stage gets
     ``budget.epochs x budget_scale`` epochs of ``steps / budget.epochs`` optimizer steps each.
     """
-    from x2ct_framework.recipe import load_recipe
+    from x2ct_framework.config.recipe import load_recipe
 
     overrides = [*matrix.set, *cell.set, *extra]
     base = cell.recipe or matrix.base
@@ -290,7 +290,7 @@ def run_hash(recipe, matrix: Matrix) -> str:
 
 def check_budget(recipe, steps_per_epoch: int) -> None:
     """The data must hold enough cases for ``steps_per_epoch`` full optimizer steps in every trained stage."""
-    from x2ct_framework.build import build_dataset, stages
+    from x2ct_framework.config.build import build_dataset, stages
     from x2ct_framework.errors import RecipeError
 
     train = recipe["train"]
@@ -343,7 +343,7 @@ def _make_clock():
 
 def _timed_trainer_class():
     """The trainer with its validation and checkpoint writing timed, so time per step counts training only."""
-    from x2ct_framework.trainer import Trainer
+    from x2ct_framework.training.trainer import Trainer
 
     missing = [m for m in ("validate", "_save") if not callable(getattr(Trainer, m, None))]
     if missing:  # the trainer changed: time per step would silently include validation or checkpointing
@@ -404,7 +404,7 @@ def train_and_time(recipe, resume: bool) -> dict[str, Any]:
 
 def evaluate_run(recipe, matrix: Matrix) -> dict[str, Any]:
     """Score the run's last stage (its ``eval.which`` checkpoint) with the matrix's protocol."""
-    from x2ct_framework.evaluate import evaluate, resolve_target
+    from x2ct_framework.evaluation.evaluate import evaluate, resolve_target
 
     run_dir = Path(recipe["output_dir"]) / recipe.name
     last = recipe["stages"][-1]["name"]
@@ -437,7 +437,7 @@ def read_result(path: Path) -> dict | None:
 
 def run_cell(matrix: Matrix, cell: Cell, seed: int, out: Path, steps: int, extra: list[str] = ()) -> dict:
     """Train and score one (cell, seed) in this process and write its result file atomically."""
-    from x2ct_framework.build import load_recipe_plugins
+    from x2ct_framework.config.build import load_recipe_plugins
 
     out = Path(out)
     recipe = cell_recipe(matrix, cell, seed, out, steps, extra)
@@ -463,7 +463,7 @@ def run_cell(matrix: Matrix, cell: Cell, seed: int, out: Path, steps: int, extra
         _atomic_json(run_dir / "timing.json", timing)
     scores = evaluate_run(recipe, matrix)
     if timing["params"] is None:  # every stage had finished before: count the model's parameters here
-        from x2ct_framework.build import build_model, stages
+        from x2ct_framework.config.build import build_model, stages
 
         timing["params"] = sum(p.numel() for p in build_model(recipe, stages(recipe)[-1]).parameters())
     stage = recipe["stages"][-1]
@@ -940,7 +940,7 @@ def plot_matrix(matrix: Matrix, rows: list[dict], found: dict, shown: list[str],
 # ---- command line -----------------------------------------------------------------------------
 def dry_run(matrix: Matrix, out: Path, extra: list[str], check: bool, log=print) -> int:
     """Resolve (and with ``check`` build) every cell's recipe without training."""
-    from x2ct_framework.build import build_losses, build_model, load_recipe_plugins, stages
+    from x2ct_framework.config.build import build_losses, build_model, load_recipe_plugins, stages
 
     steps = matrix.budget.get("steps") or matrix.budget["epochs"] * matrix.budget["calibration_steps"]
     log(f"matrix {matrix.name}: base {matrix.base}, seeds {matrix.seeds}, budget: {budget_text(matrix)}")

@@ -23,10 +23,10 @@ import pytest
 
 from conftest import PYTHON, TINY_RECIPE, run_env
 from x2ct_framework import checkpoint as ckpt
-from x2ct_framework.build import build_model, stages
+from x2ct_framework.config.build import build_model, stages
 from x2ct_framework.cli import main as x2ct_main
 from x2ct_framework.plugins import reset_plugin_manager
-from x2ct_framework.recipe import load_recipe
+from x2ct_framework.config.recipe import load_recipe
 from x2ct_framework.hookspecs import hookimpl
 from x2ct_framework.run import main as run_main
 from x2ct_framework.testing import registered

@@ -10,14 +10,14 @@ import torch
 from torch.utils.data import DataLoader
 
 from conftest import tiny_tables
-from x2ct_framework import cascade
+from x2ct_framework.training import cascade
 from x2ct_framework import checkpoint as ckpt
-from x2ct_framework.build import build_dataset, build_model, stages
+from x2ct_framework.config.build import build_dataset, build_model, stages
 from x2ct_framework.errors import RecipeError
-from x2ct_framework.evaluate import load_model, resolve_target
-from x2ct_framework.recipe import load_recipe
+from x2ct_framework.evaluation.evaluate import load_model, resolve_target
+from x2ct_framework.config.recipe import load_recipe
 from x2ct_framework.run import main as run_main
-from x2ct_framework.trainer import Trainer
+from x2ct_framework.training.trainer import Trainer
 
 TWO_STAGES = """
 name = "{name}"

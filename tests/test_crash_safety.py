@@ -24,9 +24,9 @@ import torch
 
 from conftest import PYTHON, braces, run_env, tiny_tables
 from x2ct_framework import checkpoint as ckpt
-from x2ct_framework.build import build_model, stages
+from x2ct_framework.config.build import build_model, stages
 from x2ct_framework.plugins import reset_plugin_manager
-from x2ct_framework.recipe import load_recipe
+from x2ct_framework.config.recipe import load_recipe
 from x2ct_framework.run import main as run_main
 
 pytestmark = pytest.mark.slow

@@ -15,7 +15,7 @@ import pytest
 from conftest import TINY_RECIPE
 from x2ct_framework.cli import main as x2ct_main
 from x2ct_framework.errors import CheckpointError, RecipeError
-from x2ct_framework.evaluate import aggregate, evaluate, resolve_target
+from x2ct_framework.evaluation.evaluate import aggregate, evaluate, resolve_target
 
 
 def with_model(text: str, model: str) -> str:
@@ -28,9 +28,9 @@ def with_model(text: str, model: str) -> str:
 def make_run(tmp_path: Path, extra: str = "", name: str = "tiny", num_test: int = 3, model: str | None = None,
              **subs) -> Path:
     """A run folder with the resolved recipe and an (untrained) stage1 best/last checkpoint, in a second."""
-    from x2ct_framework.build import build_model, load_recipe_plugins, stages
+    from x2ct_framework.config.build import build_model, load_recipe_plugins, stages
     from x2ct_framework.checkpoint import save_checkpoint
-    from x2ct_framework.recipe import load_recipe
+    from x2ct_framework.config.recipe import load_recipe
 
     text = textwrap.dedent(TINY_RECIPE.format(out=(tmp_path / "runs").as_posix()))
     text = text.replace('name = "tiny"', f'name = "{name}"').replace("num_test = 2", f"num_test = {num_test}")

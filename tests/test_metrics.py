@@ -10,10 +10,10 @@ import torch
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from x2ct_framework.errors import DataError, PluginError, RecipeError
-from x2ct_framework.metrics import (LABELS, LPIPS, MAE, PSNR, RMSE, SSIM, Cosine, LandmarkDistance, StructureMetric,
+from x2ct_framework.evaluation.metrics import (LABELS, LPIPS, MAE, PSNR, RMSE, SSIM, Cosine, LandmarkDistance, StructureMetric,
                                     load_lpips, to_hu)
 from x2ct_framework.plugins import get_plugin_manager
-from x2ct_framework.protocols import (PROTOCOL_NAMES, X2CTGANMetric, build_protocol, check_names, to_x2ctgan01,
+from x2ct_framework.evaluation.protocols import (PROTOCOL_NAMES, X2CTGANMetric, build_protocol, check_names, to_x2ctgan01,
                                       x2ctgan_integers)
 
 HU = (-1000.0, 3000.0)
@@ -339,7 +339,7 @@ def test_the_documented_metric_example_runs_and_every_builtin_metric_is_document
     exec(re.findall(r"```python\n(.*?)```", doc, re.S)[0], ns)
     t = torch.full((2, 1, 8, 8, 8), 0.25)  # 0 HU
     assert ns["SoftTissueMAE"](list(HU))(t + 0.01, t, {}).tolist() == pytest.approx([40.0, 40.0])
-    from x2ct_framework.metrics import BUILTIN
+    from x2ct_framework.evaluation.builtin_metrics import BUILTIN
 
     for name in BUILTIN:
         assert f"`{name}`" in doc or f"`{name.split('_')[0]}_" in doc, name
@@ -347,8 +347,8 @@ def test_the_documented_metric_example_runs_and_every_builtin_metric_is_document
 
 
 def test_the_protocol_computes_the_body_once_and_scores_like_the_single_metrics(monkeypatch):
-    import x2ct_framework.metrics as M
-    import x2ct_framework.protocols as P
+    import x2ct_framework.evaluation.metrics as M
+    import x2ct_framework.evaluation.protocols as P
 
     hu, labels = _phantom(20)
     t = _to01(hu)[None, None].float()

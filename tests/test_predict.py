@@ -15,8 +15,8 @@ import torch
 from test_evaluate import make_run
 from x2ct_framework.cli import main as x2ct_main
 from x2ct_framework.errors import DataError
-from x2ct_framework.evaluate import resolve_target
-from x2ct_framework.predict import canonical_affine, predict, save_nifti
+from x2ct_framework.evaluation.evaluate import resolve_target
+from x2ct_framework.evaluation.predict import canonical_affine, predict, save_nifti
 
 # A model plugin that ignores its input and returns a fixed, asymmetric "anatomy" in canonical
 # orientation [D, H, W] = superior->inferior, anterior->posterior, right->left. It records its inputs.
@@ -160,7 +160,7 @@ def test_batch_mode_with_per_case_geometry_files_and_a_logged_resize(echo_run, t
     root = tmp_path / "cases"
     _case(root / "a", geometry="views = [0, 90]\npreset = \"parallel\"\n")
     _case(root / "b", h=40, w=32, geometry="views = [0, 90]\n")
-    with caplog.at_level(logging.INFO, logger="x2ct_framework.predict"):
+    with caplog.at_level(logging.INFO, logger="x2ct_framework.evaluation.predict"):
         res = predict(resolve_target(echo_run), [root], tmp_path / "out", batch_size=2, progress=False)
     assert sorted(r.case_id for r in res) == ["a", "b"]
     assert all(r.path.is_file() and r.path.name.endswith(".nii.gz") for r in res)

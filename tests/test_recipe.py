@@ -5,8 +5,8 @@ import textwrap
 import pytest
 
 from x2ct_framework.errors import RecipeError
-from x2ct_framework.recipe import load_recipe, parse_override
-from x2ct_framework.schema import describe
+from x2ct_framework.config.recipe import load_recipe, parse_override
+from x2ct_framework.config.schema import describe
 
 BASE = """
 name = "base"

@@ -10,7 +10,7 @@ import pytest
 from conftest import REPO
 from x2ct_framework.cli import main as x2ct_main
 from x2ct_framework.plugins import get_plugin_manager
-from x2ct_framework.recipe import load_recipe
+from x2ct_framework.config.recipe import load_recipe
 
 RECIPES = sorted((REPO / "recipes").glob("*.toml")) + sorted((REPO / "recipes" / "variants").glob("*.toml"))
 # Files without a name are fragments that recipes extend (base.toml), not recipes.

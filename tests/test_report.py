@@ -8,8 +8,8 @@ from types import SimpleNamespace
 
 from test_evaluate import make_run, with_model
 from test_predict import ECHO_MODEL, ECHO_PLUGIN
-from x2ct_framework import report
-from x2ct_framework.recipe import load_recipe
+from x2ct_framework.evaluation import report
+from x2ct_framework.config.recipe import load_recipe
 from x2ct_framework.run import main as run_main
 
 LINK = re.compile(r"!\[[^\]]*\]\(([^)]+)\)|\]\(([^)]+\.(?:csv|json))\)")
@@ -85,4 +85,4 @@ def test_a_run_whose_final_evaluation_fails_keeps_its_checkpoints_and_exits_4(ti
     run = tmp_path / "runs" / "tiny"
     assert code == 4
     assert (run / "stage1" / "best" / "model.safetensors").is_file() and (run / "report.md").is_file()
-    assert "training finished" in err and "python -m x2ct_framework.report" in err and "Traceback" not in err
+    assert "training finished" in err and "python -m x2ct_framework.evaluation.report" in err and "Traceback" not in err

@@ -14,9 +14,9 @@ import torch.nn as nn
 from x2ct_framework import checkpoint as ckpt
 from x2ct_framework.hookspecs import hookimpl
 from x2ct_framework.plugins import get_plugin_manager, reset_plugin_manager
-from x2ct_framework.recipe import load_recipe
+from x2ct_framework.config.recipe import load_recipe
 from x2ct_framework.run import main as run_main
-from x2ct_framework.trainer import EpochSampler, Trainer
+from x2ct_framework.training.trainer import EpochSampler, Trainer
 
 
 @pytest.fixture(autouse=True)
@@ -242,7 +242,7 @@ def test_best_in_min_mode_and_validation_every_n_epochs(tiny, tmp_path, scripted
 
 
 def test_best_mode_is_inferred_from_the_metric_name():
-    from x2ct_framework.trainer import best_mode
+    from x2ct_framework.training.trainer import best_mode
 
     assert best_mode("val/psnr", "auto") == "max" and best_mode("val/ssim", "auto") == "max"
     assert best_mode("val/loss", "auto") == "min" and best_mode("val/mae_hu", "auto") == "min"
@@ -295,7 +295,7 @@ def test_init_from_a_missing_folder_names_the_recipe_that_makes_it(tiny, tmp_pat
 def test_freeze_keeps_parameters_and_rejects_unknown_prefixes(tiny, tmp_path, capsys):
     train(tiny, "stages.1.freeze=[\"encoder\"]", "stages.1.epochs=1")
     recipe = load_recipe(tiny, QUIET)
-    from x2ct_framework.build import build_model, stages
+    from x2ct_framework.config.build import build_model, stages
 
     torch.manual_seed(recipe["seed"] + 1)
     fresh = dict(build_model(recipe, stages(recipe)[0]).named_parameters())
@@ -407,7 +407,7 @@ def test_run_folder_recipe_finds_a_local_plugin_file_from_anywhere(tiny, tmp_pat
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
     reset_plugin_manager()
-    from x2ct_framework.evaluate import evaluate, resolve_target
+    from x2ct_framework.evaluation.evaluate import evaluate, resolve_target
     ev = evaluate(resolve_target(tmp_path / "runs/tiny"), split="val", protocols=["default"], n_boot=10, worst=0,
                   progress=False)
     assert len(ev.case_ids) == 2 and np.isfinite(ev.values["default/psnr"]).all()

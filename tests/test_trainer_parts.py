@@ -13,8 +13,8 @@ from test_trainer import cli, same, tiny  # noqa: F401 (tiny is a fixture)
 from x2ct_framework.checkpoint import load_state, load_trainer_state, load_weights
 from x2ct_framework.hookspecs import hookimpl
 from x2ct_framework.plugins import get_plugin_manager
-from x2ct_framework.recipe import load_recipe
-from x2ct_framework.trainer import Trainer
+from x2ct_framework.config.recipe import load_recipe
+from x2ct_framework.training.trainer import Trainer
 
 
 class CriticLoss(nn.Module):

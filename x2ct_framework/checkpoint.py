@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .errors import CheckpointError
+from x2ct_framework.errors import CheckpointError
 
 WEIGHTS = "model.safetensors"
 STATE = "state.json"

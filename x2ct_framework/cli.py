@@ -5,14 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .run import add_run_arguments, report_errors, run
+from x2ct_framework.run import add_run_arguments, report_errors, run
 
 
 def validate(args: argparse.Namespace) -> int:
     """Build every component of every stage without training."""
-    from .build import (build_dataset, build_losses, build_metrics, build_model, load_recipe_plugins, stages)
-    from .model_info import describe_for_sample
-    from .recipe import load_recipe
+    from x2ct_framework.config.build import (build_dataset, build_losses, build_metrics, build_model, load_recipe_plugins, stages)
+    from x2ct_framework.model_info import describe_for_sample
+    from x2ct_framework.config.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
     load_recipe_plugins(recipe)
@@ -33,12 +33,12 @@ def validate(args: argparse.Namespace) -> int:
 
 
 def plugins(args: argparse.Namespace) -> int:
-    from .plugins import get_plugin_manager
+    from x2ct_framework.plugins import get_plugin_manager
 
     pm = get_plugin_manager()
     if getattr(args, "recipe", None):
-        from .build import load_recipe_plugins
-        from .recipe import load_recipe
+        from x2ct_framework.config.build import load_recipe_plugins
+        from x2ct_framework.config.recipe import load_recipe
 
         load_recipe_plugins(load_recipe(args.recipe))
     for kind, reg in pm.registries().items():
@@ -96,15 +96,15 @@ def add_predict_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def evaluate(args: argparse.Namespace) -> int:
-    """Score a checkpoint under named protocols (see x2ct_framework.evaluate)."""
-    from .evaluate import main as evaluate_main
+    """Score a checkpoint under named protocols (see x2ct_framework.evaluation.evaluate)."""
+    from x2ct_framework.evaluation.evaluate import main as evaluate_main
 
     return evaluate_main(args)
 
 
 def predict(args: argparse.Namespace) -> int:
-    """Reconstruct CT volumes from X-ray images (see x2ct_framework.predict)."""
-    from .predict import main as predict_main
+    """Reconstruct CT volumes from X-ray images (see x2ct_framework.evaluation.predict)."""
+    from x2ct_framework.evaluation.predict import main as predict_main
 
     return predict_main(args)
 

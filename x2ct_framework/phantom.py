@@ -30,18 +30,8 @@ import torch.nn.functional as F
 
 PHANTOM_VERSION = 1
 
-LABELS = {
-    0: "background",
-    1: "soft_tissue",
-    2: "lung",
-    3: "bone",
-    4: "vessel",
-    5: "heart",
-    6: "fat",
-    7: "air",  # air inside the body: trachea, bronchi, stomach gas
-    8: "table",
-}
-SOFT, LUNG, BONE, VESSEL, HEART, FAT, AIR, TABLE = 1, 2, 3, 4, 5, 6, 7, 8
+from x2ct_framework.conventions import AIR, BONE, FAT, HEART, LUNG, SOFT, TABLE, VESSEL  # noqa: E402,F401
+from x2ct_framework.conventions import LABEL_NAMES as LABELS  # noqa: E402
 
 
 def _triple(v, name: str) -> tuple:
@@ -575,8 +565,8 @@ def save_figure(path: str | Path, resolution: int = 128, seed: int = 0, geometry
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .physics import drr, make_geometry
-    from .viz import save_figure as write_figure
+    from x2ct_framework.physics import drr, make_geometry
+    from x2ct_framework.viz import save_figure as write_figure
 
     hu, labels = chest_phantom(resolution, seed)
     window = (-1000.0, 3000.0)

@@ -21,9 +21,9 @@ from typing import Any
 
 import pluggy
 
-from . import hookspecs
-from .errors import PluginError, X2CTError
-from .registry import Registry
+from x2ct_framework import hookspecs
+from x2ct_framework.errors import PluginError, X2CTError
+from x2ct_framework.registry import Registry
 
 ENTRY_POINT_GROUP = "x2ct_framework"
 KINDS = {"model": "register_models", "loss": "register_losses", "dataset": "register_datasets",

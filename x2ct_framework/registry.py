@@ -15,7 +15,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .errors import PluginError, RecipeError, did_you_mean
+from x2ct_framework.errors import PluginError, RecipeError, did_you_mean
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .errors import X2CTError
+from x2ct_framework.errors import X2CTError
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,8 +22,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .recipe import load_recipe
-    from .trainer import Trainer
+    from x2ct_framework.config.recipe import load_recipe
+    from x2ct_framework.training.trainer import Trainer
 
     recipe = load_recipe(args.recipe, args.overrides)
     Trainer(recipe, resume=getattr(args, "resume", False)).run()

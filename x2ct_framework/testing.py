@@ -27,10 +27,10 @@ from typing import Any, Callable
 import torch
 from torch.utils.data import DataLoader, default_collate
 
-from . import plugins as _plugins
-from .hookspecs import hookimpl
-from .plugins import KINDS, PluginManager, get_plugin_manager
-from .stage import Stage
+from x2ct_framework import plugins as _plugins
+from x2ct_framework.hookspecs import hookimpl
+from x2ct_framework.plugins import KINDS, PluginManager, get_plugin_manager
+from x2ct_framework.stage import Stage
 
 __all__ = [
     "ContractError",
@@ -136,7 +136,7 @@ def make_case(index: int = 0, *, views: Sequence[float] = (0.0, 90.0), resolutio
               image_size: int | None = None, hu_window: Sequence[float] = (-1000.0, 3000.0),
               geometry: str = "parallel", seed: int = 0) -> dict:
     """One dataset item: a seeded chest-like volume (body, lungs, spine, vessel) and its DRR views."""
-    from .physics import drr, make_geometry
+    from x2ct_framework.physics import drr, make_geometry
 
     g = torch.Generator().manual_seed(seed * 7919 + index)
     jitter = lambda: float(torch.empty(()).uniform_(-0.06, 0.06, generator=g))  # noqa: E731

@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-PLANES = ("axial", "coronal", "sagittal")
+from x2ct_framework.conventions import PLANES  # noqa: E402
 
 
 def save_figure(fig, path: str | Path, dpi: int = 90, title: str = "", title_size: int = 9) -> Path:

@@ -3,7 +3,7 @@
 ``python -m benchmarks.perf.evaluation [--quick]`` (full: 128^3, the seed's stage-2 resolution;
 quick: 48^3 and fewer repeats). Each row is the median wall time of scoring one case:
 
-- ``x2ctgan_protocol``: ours (``x2ct_framework.protocols``, torch) against a NumPy + scikit-image
+- ``x2ctgan_protocol``: ours (``x2ct_framework.evaluation.protocols``, torch) against a NumPy + scikit-image
   transcription of X2CT-GAN's ``metrics_np.py`` (float64 MAE/MSE/cosine, per-slice SSIM over three
   axes, slice and 3D PSNR on truncated integers with a peak of 4095); ``value_diff`` = the largest
   |ours - reference| over the eight numbers;
@@ -97,8 +97,8 @@ def run(quick: bool = False) -> list[dict]:
 
 
 def _rows(size: int, repeat: int) -> list[dict]:
-    from x2ct_framework.metrics import MAE, PSNR, SSIM
-    from x2ct_framework.protocols import build_protocol
+    from x2ct_framework.evaluation.metrics import MAE, PSNR, SSIM
+    from x2ct_framework.evaluation.protocols import build_protocol
 
     pred, target, batch = make_case(size)
     pn, tn = pred[0, 0].numpy(), target[0, 0].numpy()

@@ -4,7 +4,7 @@ The recipe is the stage-2 recipe at CPU scale exactly as the CPU quality matrix 
 recipe, its overrides and its reference cell, ``benchmarks/matrix/cpu.toml``). Each row carries
 its reference, measured in the same process:
 
-- ``train_e2e``: samples/s of the trainer's loop (``x2ct_framework.trainer.Trainer``; data loading
+- ``train_e2e``: samples/s of the trainer's loop (``x2ct_framework.training.trainer.Trainer``; data loading
   included, validation and checkpoint writing excluded) against a bare PyTorch loop over the same
   model, data loader, loss modules, AdamW and gradient clipping (``ratio`` = trainer / bare time
   per step, so 1.0 means no cost over hand-written code).
@@ -49,7 +49,7 @@ def cpu_stage2_recipe(out: Path, steps: int, matrix_path: Path = CPU_MATRIX, ext
 
 
 def _parts(recipe):
-    from x2ct_framework.build import build_dataset, build_losses, build_model, load_recipe_plugins, stages
+    from x2ct_framework.config.build import build_dataset, build_losses, build_model, load_recipe_plugins, stages
 
     load_recipe_plugins(recipe)
     stage = stages(recipe)[-1]
@@ -127,10 +127,10 @@ class _Const(torch.nn.Module):
 
 def overhead(recipe, model_step_s: float, steps_per_epoch: int, total_steps: int, repeat: int) -> list[dict]:
     """The framework's own per-step costs as shares of ``model_step_s``."""
-    from x2ct_framework.build import LossSet, LossTerm
+    from x2ct_framework.config.build import LossSet, LossTerm
     from x2ct_framework.plugins import get_plugin_manager
     from x2ct_framework.registry import Registry
-    from x2ct_framework.trainer import Trainer
+    from x2ct_framework.training.trainer import Trainer
 
     stage, model, losses, data, batch = _parts(recipe)
     pred = torch.rand(batch, 1, *(stage.resolution,) * 3, requires_grad=True)

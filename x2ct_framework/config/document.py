@@ -1,4 +1,4 @@
-"""TOML recipes: ``extends``, ``--set`` overrides, strict validation and the resolved recipe.
+"""The recipe document: TOML reading with ``extends``, ``--set`` overrides, strict validation and the resolved recipe.
 
 A recipe is one TOML file (plus the files it extends) that describes a whole experiment.
 ``extends = "base.toml"`` is resolved relative to the file; tables deep-merge, arrays replace,
@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import RecipeError, did_you_mean
-from .plugins import plugin_file
+from x2ct_framework.errors import RecipeError, did_you_mean
+from x2ct_framework.plugins import plugin_file
 
 Key = tuple  # a path into the recipe: strings for table keys, ints (0-based) for array items
 
@@ -201,27 +201,6 @@ def _list_index(node: list, part: str, text: str, key: Key = ()) -> int:
         return names.index(part)
     raise RecipeError([f"--set {text}: no item named {part!r}{did_you_mean(part, [n for n in names if n])}"
                        f" (use a 1-based position or one of: {', '.join(str(n) for n in names)})"])
-
-
-def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), validate: bool = True) -> Recipe:
-    """Load, merge, override and validate a recipe file."""
-    path = Path(path)
-    data, origins = _read_toml(path, [])
-    problems = []
-    for text in overrides:
-        try:
-            parts, value = parse_override(text)
-            apply_override(data, origins, parts, value, text)
-        except RecipeError as exc:
-            problems.extend(exc.problems)
-    if problems:
-        raise RecipeError(problems)
-    recipe = Recipe(data=data, path=path.resolve(), origins=origins)
-    if validate:
-        from .schema import validate_recipe
-
-        validate_recipe(recipe)
-    return recipe
 
 
 # ---- writing -------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .viz import save_figure  # noqa: E402
+from x2ct_framework.viz import save_figure  # noqa: E402
 
 
 class Logbook:

@@ -25,19 +25,16 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from .errors import DataError, PluginError
-from .hookspecs import hookimpl
-from .ssim import ssim as _ssim
+from x2ct_framework.errors import DataError, PluginError
+from x2ct_framework.ssim import ssim as _ssim
 
-DEFAULT_HU_WINDOW = (-1000.0, 3000.0)
-PLANES = ("axial", "coronal", "sagittal")  # slicing along D, H, W of a [D, H, W] volume
-LABELS = {"lung": 2, "bone": 3, "vessel": 4}
+from x2ct_framework.conventions import DEFAULT_HU_WINDOW, NOT_BODY_LABELS, PLANES  # noqa: E402,F401
+from x2ct_framework.conventions import STRUCTURE_LABELS as LABELS  # noqa: E402
 # HU ranges [low, high) that define a structure when the data has no labels, and that define the
 # predicted structure for Dice and landmarks. Lung: aerated parenchyma inside the body; bone:
 # cortical and dense trabecular bone; vessel: contrast-enhanced blood (CTPA) below bone density.
 THRESHOLDS = {"lung": (-1000.0, -400.0), "bone": (400.0, math.inf), "vessel": (150.0, 400.0)}
 BODY_HU = -500.0  # body outline threshold when no labels are given (lungs are filled in per slice)
-NOT_BODY_LABELS = (8,)  # label values outside the patient: 8 = scanner table (x2ct_framework.phantom)
 
 
 # ---- conversions and masks --------------------------------------------------------------------
@@ -255,7 +252,7 @@ class SSIM(Metric):
         self.mode, self.win_size, self.sigma = mode, int(win_size), float(sigma)
         self.window_kind, self.sample_covariance = window_kind, bool(sample_covariance)
         self.axes = tuple(PLANES.index(a) for a in axes)
-        from .ssim import check_window
+        from x2ct_framework.ssim import check_window
 
         check_window(self.win_size, self.sigma, window_kind)
 
@@ -473,51 +470,3 @@ class LPIPS(Metric):
         vals = torch.cat([self.model(p[i:i + self.chunk], t[i:i + self.chunk]).flatten()
                           for i in range(0, p.shape[0], self.chunk)])
         return rearrange(vals, "(b k) -> b k", b=b).mean(1)
-
-
-# ---- registration -----------------------------------------------------------------------------
-def _structure_factory(structure: str, kind: str):
-    def factory(hu_window: Sequence[float] = DEFAULT_HU_WINDOW, thresholds: list[float] | None = None):
-        return StructureMetric(hu_window, structure=structure, kind=kind, thresholds=thresholds)
-
-    factory.__name__ = f"{structure}_{kind}"
-    factory.__doc__ = f"{kind} inside the {structure} region (see StructureMetric)."
-    return factory
-
-
-def _ssim2d(hu_window: Sequence[float] = DEFAULT_HU_WINDOW, window: list[float] | None = None,
-            win_size: int = 11, sigma: float = 1.5, window_kind: str = "gaussian",
-            sample_covariance: bool = False, axes: list[str] = ("axial", "coronal", "sagittal")) -> SSIM:
-    """SSIM of 2D slices averaged over the three axes."""
-    return SSIM(hu_window, mode="2d", window=window, win_size=win_size, sigma=sigma, window_kind=window_kind,
-                sample_covariance=sample_covariance, axes=axes)
-
-
-def _psnr_slices(hu_window: Sequence[float] = DEFAULT_HU_WINDOW, window: list[float] | None = None,
-                 peak: float | None = None) -> PSNR:
-    """PSNR of 2D slices averaged over the three axes."""
-    return PSNR(hu_window, window=window, peak=peak, slices=True)
-
-
-BUILTIN = {
-    "psnr": PSNR,
-    "psnr_slices": _psnr_slices,
-    "ssim": SSIM,
-    "ssim2d": _ssim2d,
-    "mae_hu": MAE,
-    "rmse_hu": RMSE,
-    "cosine": Cosine,
-    "lpips": LPIPS,
-    "landmark_mm": LandmarkDistance,
-    **{f"{s}_{k}": _structure_factory(s, k) for s in LABELS for k in ("psnr", "mae", "dice")},
-}
-
-
-@hookimpl
-def register_metrics(register):
-    for name, factory in BUILTIN.items():
-        register(name, factory)
-    from .protocols import X2CTGAN_METRICS
-
-    for name, factory in X2CTGAN_METRICS.items():
-        register(name, factory)

@@ -8,7 +8,7 @@ from typing import Any, Iterable
 
 import torch
 
-from .errors import RecipeError, did_you_mean
+from x2ct_framework.errors import RecipeError, did_you_mean
 
 # Every torch.optim optimizer that steps without a closure, by lower-case name (adamw, adam, sgd, radam, ...).
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {

@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .errors import RecipeError, did_you_mean
-from .recipe import Key, Recipe, format_key
+from x2ct_framework.errors import RecipeError, did_you_mean
+from x2ct_framework.config.document import Key, Recipe, format_key
 
 REQUIRED = object()
 
@@ -68,7 +68,7 @@ def at_least_one(v: Any) -> str | None:
 
 
 def optimizer_name(v: Any) -> str | None:
-    from .optim import OPTIMIZERS
+    from x2ct_framework.config.optim import OPTIMIZERS
 
     if v.lower() in OPTIMIZERS:
         return None
@@ -77,6 +77,13 @@ def optimizer_name(v: Any) -> str | None:
 
 def metric_key(v: Any) -> str | None:
     return None if v.startswith("val/") else 'expected a validation metric such as "val/psnr" or "val/loss"'
+
+
+def protocol_names(v: Any) -> str | None:
+    """Names of metric protocols; the list of known ones is the evaluation package's."""
+    from x2ct_framework.evaluation.protocols import check_names
+
+    return check_names(v)
 
 
 STAGE = Table(
@@ -161,8 +168,7 @@ SCHEMA = Table(
                 "preview": Value("bool", True, "write slice previews at each validation"),
                 "protocols": Value("list[str]", ["default", "x2ctgan"],
                                    "metric protocols of the final evaluation and report (default, x2ctgan)",
-                                   check=lambda v: __import__("x2ct_framework.protocols",
-                                                              fromlist=["check_names"]).check_names(v)),
+                                   check=protocol_names),
                 "split": Value("str", "test", "split scored at the end of a run", choices=("train", "val", "test")),
                 "report": Value("bool", True, "evaluate the last stage's best checkpoint and write report.md "
                                               "at the end of a run"),

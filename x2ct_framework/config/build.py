@@ -8,11 +8,11 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .errors import PluginError
-from .plugins import get_plugin_manager
-from .recipe import Recipe
-from .schema import LOSS_TERM_KEYS
-from .stage import Stage
+from x2ct_framework.errors import PluginError
+from x2ct_framework.plugins import get_plugin_manager
+from x2ct_framework.config.recipe import Recipe
+from x2ct_framework.config.schema import LOSS_TERM_KEYS
+from x2ct_framework.stage import Stage
 
 
 def load_recipe_plugins(recipe: Recipe) -> None:

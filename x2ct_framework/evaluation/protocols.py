@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import PluginError, RecipeError, did_you_mean
-from .metrics import (DEFAULT_HU_WINDOW, LABELS, LPIPS, MAE, PSNR, RMSE, SSIM, LandmarkDistance, Metric,
+from x2ct_framework.errors import PluginError, RecipeError, did_you_mean
+from x2ct_framework.evaluation.metrics import (DEFAULT_HU_WINDOW, LABELS, LPIPS, MAE, PSNR, RMSE, SSIM, LandmarkDistance, Metric,
                       StructureMetric, _check_pair, body_mask, psnr_slices, to_hu)
-from .ssim import ssim as _ssim
+from x2ct_framework.ssim import ssim as _ssim
 
 DEFAULT_CONVENTIONS = [
     "intensity: the recipe's HU window (default [-1000, 3000] HU) scaled to [0, 1]; the prediction is "

@@ -2,10 +2,10 @@
 
 A built-in plugin (entry point ``report``) implementing ``on_run_end``. The report holds the recipe
 summary, per-stage training curves, the final model's metrics under every protocol of
-``eval.protocols`` (scored on ``eval.split`` by ``x2ct_framework.evaluate``), per-structure scores, a
+``eval.protocols`` (scored on ``eval.split`` by ``x2ct_framework.evaluation.evaluate``), per-structure scores, a
 slice gallery, structure overlays and the worst cases, as markdown plus PNG files, readable without
 any other tool. ``eval.report = false`` turns it off. It reads everything from the run folder, so
-``python -m x2ct_framework.report runs/<name>`` writes it again for a finished run.
+``python -m x2ct_framework.evaluation.report runs/<name>`` writes it again for a finished run.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from .errors import FinalEvaluationError, X2CTError  # noqa: E402
-from .hookspecs import hookimpl  # noqa: E402
+from x2ct_framework.errors import FinalEvaluationError, X2CTError  # noqa: E402
+from x2ct_framework.hookspecs import hookimpl  # noqa: E402
 
 REPORT = "report.md"
 PICTURES = "report"
@@ -122,7 +122,7 @@ def plot_gallery(cases: list[tuple[str, torch.Tensor, torch.Tensor]], hu_window,
 def plot_structures(cid: str, pred: torch.Tensor, target: torch.Tensor, batch: dict, hu_window, path: Path) -> Path:
     """Per structure (rows) and plane (columns): the target with its reference region (green) and the
     prediction's thresholded structure (red) outlined."""
-    from .metrics import LABELS, structure_masks, to_hu
+    from x2ct_framework.evaluation.metrics import LABELS, structure_masks, to_hu
 
     lo, hi = hu_window
     p, t = to_hu(pred[None].cpu(), hu_window), to_hu(target[None].cpu(), hu_window)
@@ -199,8 +199,8 @@ def write_report(run_dir: str | Path, recipe=None, results: dict | None = None, 
     A final evaluation that fails becomes a note in the report and, when ``failures`` is a list, an
     entry there (the end-of-run hook turns it into exit status 4).
     """
-    from .build import load_recipe_plugins, stages
-    from .recipe import load_recipe
+    from x2ct_framework.config.build import load_recipe_plugins, stages
+    from x2ct_framework.config.recipe import load_recipe
 
     run_dir = Path(run_dir)
     if recipe is None:
@@ -270,7 +270,7 @@ def write_report(run_dir: str | Path, recipe=None, results: dict | None = None, 
 
 def final_evaluation(run_dir: Path, recipe, stage, pics: Path, device, failures: list[str] | None = None) -> list[str]:
     """Score the last trained stage's best checkpoint and draw its gallery; problems become notes."""
-    from . import evaluate as ev_mod
+    from x2ct_framework.evaluation import evaluate as ev_mod
 
     cfg = recipe["eval"]
     split = cfg["split"]
@@ -340,22 +340,22 @@ def on_run_end(trainer, results):
         raise FinalEvaluationError(
             f"training finished and its checkpoints are saved in {run_dir}, but the final evaluation on the "
             f"{recipe['eval']['split']} split failed: {failures[0]}\nFix that, then score the run and rewrite its "
-            f"report with:\n  python -m x2ct_framework.report {run_dir}")
+            f"report with:\n  python -m x2ct_framework.evaluation.report {run_dir}")
 
 
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    from .run import report_errors
+    from x2ct_framework.run import report_errors
 
-    p = argparse.ArgumentParser(prog="python -m x2ct_framework.report", description="write runs/<name>/report.md again")
+    p = argparse.ArgumentParser(prog="python -m x2ct_framework.evaluation.report", description="write runs/<name>/report.md again")
     p.add_argument("run_dir")
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
 
     def go(a):
         if not (Path(a.run_dir) / "recipe.toml").is_file():
-            from .errors import DataError
+            from x2ct_framework.errors import DataError
 
             raise DataError(f"{a.run_dir}: not a run folder (no recipe.toml)")
         failures: list[str] = []

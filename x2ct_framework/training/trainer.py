@@ -32,18 +32,18 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
-from . import __version__
-from . import checkpoint as ckpt
-from .build import (build_dataset, build_losses, build_metrics, build_model, load_recipe_plugins, model_options,
+from x2ct_framework import __version__
+from x2ct_framework import checkpoint as ckpt
+from x2ct_framework.config.build import (build_dataset, build_losses, build_metrics, build_model, load_recipe_plugins, model_options,
                     stages)
-from .cascade import PreviousStages, previous_stages
-from .errors import CheckpointError, RecipeError, X2CTError
-from .logbook import Logbook
-from .optim import Schedule, lr_at, lr_factor, make_optimizer
-from .plugins import get_plugin_manager
-from .recipe import Recipe
-from .stage import Stage
-from .viz import save_preview
+from x2ct_framework.training.cascade import PreviousStages, previous_stages
+from x2ct_framework.errors import CheckpointError, RecipeError, X2CTError
+from x2ct_framework.training.logbook import Logbook
+from x2ct_framework.config.optim import Schedule, lr_at, lr_factor, make_optimizer
+from x2ct_framework.plugins import get_plugin_manager
+from x2ct_framework.config.recipe import Recipe
+from x2ct_framework.stage import Stage
+from x2ct_framework.viz import save_preview
 
 LOWER_IS_BETTER = ("loss", "mae", "mse", "rmse", "lpips", "error", "nmse")
 
@@ -55,7 +55,7 @@ class TrainingDiverged(X2CTError):
 
 
 def cosine_lr(step: int, total: int, lr: float, min_lr: float, warmup: int = 0) -> float:
-    """Learning rate of optimizer update ``step`` (see :func:`x2ct_framework.optim.lr_at`)."""
+    """Learning rate of optimizer update ``step`` (see :func:`x2ct_framework.config.optim.lr_at`)."""
     return lr_at(step, total, lr, min_lr, warmup)
 
 

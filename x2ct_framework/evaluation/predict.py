@@ -35,10 +35,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import DataError, X2CTError
-from .evaluate import Target, data_options_with_defaults, hu_window_of, load_model, pick_device, resolve_target
+from x2ct_framework.errors import DataError, X2CTError
+from x2ct_framework.loading import load_model, pick_device
+from x2ct_framework.runs import Target, data_options_with_defaults, hu_window_of, resolve_target
 
-log = logging.getLogger("x2ct_framework.predict")
+log = logging.getLogger("x2ct_framework.evaluation.predict")
 
 GEOMETRY_FILES = ("geometry.toml", "geometry.json")
 # Beam geometry the model's back-projection depends on: another value is refused unless allowed.
@@ -47,7 +48,7 @@ STRICT_GEOMETRY = ("cone", "sid", "sdd", "detector_mm", "detector_offset_mm")
 
 
 def _image_suffixes() -> tuple[str, ...]:
-    from .io import DICOM_SUFFIXES, IMAGE_SUFFIXES, NIFTI_SUFFIXES
+    from x2ct_framework.io import DICOM_SUFFIXES, IMAGE_SUFFIXES, NIFTI_SUFFIXES
 
     return IMAGE_SUFFIXES + DICOM_SUFFIXES + NIFTI_SUFFIXES + (".npy",)
 
@@ -60,14 +61,14 @@ def _is_image(path: Path) -> bool:
 
 # ---- geometry ---------------------------------------------------------------------------------
 def _make_geometry_params() -> dict[str, inspect.Parameter]:
-    from .physics import make_geometry
+    from x2ct_framework.physics import make_geometry
 
     return dict(inspect.signature(make_geometry).parameters)
 
 
 def geometry_from_spec(spec: dict[str, Any], where: str) -> dict[str, torch.Tensor]:
     """A per-case geometry dict from ``{"views": [...], "preset": ..., <make_geometry options>}``."""
-    from .physics import make_geometry
+    from x2ct_framework.physics import make_geometry
 
     spec = dict(spec)
     spec.pop("files", None)
@@ -146,7 +147,7 @@ class Training:
 def training_inputs(target: Target) -> Training:
     """Read one case of the training data (validation split) to learn the input format; fall back to
     the recipe's data options when the dataset cannot be built here (its files are elsewhere)."""
-    from .build import build_dataset
+    from x2ct_framework.config.build import build_dataset
 
     hu = hu_window_of(target.recipe, target.stage)
     res = target.stage.resolution
@@ -295,7 +296,7 @@ def _short(t: torch.Tensor) -> str:
 def prepare(case: Case, training: Training, resize: str, normalize: str,
             allow_mismatch: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(xrays [V, 1, H, W] in [0, 1], geometry) of one case, checked against the training inputs."""
-    from .io import read_xray
+    from x2ct_framework.io import read_xray
 
     if case.spec is None:
         raise DataError(f"case {case.case_id}: no geometry; pass --geometry recipe (the training geometry), "

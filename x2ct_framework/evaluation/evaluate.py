@@ -22,151 +22,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from .build import build_dataset, build_model, data_options, load_recipe_plugins, stages
-from .cascade import CascadeModel, previous_stages
-from .checkpoint import STATE, WEIGHTS, load_into, resolve
-from .errors import CheckpointError, DataError, RecipeError
-from .protocols import Protocol, build_protocol
-from .recipe import Recipe, load_recipe
-from .stage import Stage
-
-DEFAULT_HU_WINDOW = (-1000.0, 3000.0)
-
-
-# ---- finding the checkpoint, recipe and stage -------------------------------------------------
-@dataclass
-class Target:
-    """What to evaluate: a recipe, one of its stages, and the checkpoint folder of that stage."""
-
-    recipe: Recipe
-    stage: Stage
-    checkpoint: Path
-    run_dir: Path | None
-
-
-def _is_checkpoint(path: Path) -> bool:
-    """A checkpoint folder (or its ``.old`` copy left by a crash during the atomic replace)."""
-    return (resolve(path) / WEIGHTS).is_file()
-
-
-def _stage_named(recipe: Recipe, name: str, where: str) -> Stage:
-    all_stages = stages(recipe)
-    for s in all_stages:
-        if s.name == name:
-            return s
-    raise RecipeError([f"{where}: stage {name!r} is not in recipe {recipe.path} "
-                       f"(its stages: {', '.join(s.name for s in all_stages)})"])
-
-
-def resolve_target(path: str | Path, recipe_path: str | Path | None = None, overrides: list[str] = (),
-                   stage: str | None = None, which: str = "best") -> Target:
-    """Find the recipe, stage and checkpoint folder from a checkpoint folder or a run folder.
-
-    A run folder (``runs/<name>``, holding ``recipe.toml``) evaluates ``<stage>/<which>`` of its last
-    stage that has one (or ``stage``). A checkpoint folder (holding ``model.safetensors``) takes its
-    stage from ``state.json`` or its parent folder's name, and its recipe from ``--recipe`` or the run
-    folder above it.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such checkpoint or run folder")
-    if path.is_file():
-        if path.name == WEIGHTS:
-            path = path.parent
-        else:
-            raise CheckpointError(f"{path}: expected a checkpoint folder (holding {WEIGHTS}) or a run folder "
-                                  f"(holding recipe.toml), got a file")
-    run_dir: Path | None
-    ckpt: Path | None = None
-    stage_name = stage
-    if _is_checkpoint(path):
-        path = ckpt = resolve(path)
-        run_dir = path.parent.parent if (path.parent.parent / "recipe.toml").is_file() else None
-        if stage_name is None:
-            try:
-                stage_name = json.loads((path / STATE).read_text()).get("stage")
-            except (OSError, json.JSONDecodeError):
-                stage_name = None
-            stage_name = stage_name or path.parent.name
-    elif (path / "recipe.toml").is_file():
-        run_dir = path
-    else:
-        raise CheckpointError(f"{path}: neither a checkpoint folder (no {WEIGHTS}) nor a run folder (no recipe.toml)")
-    if recipe_path is None:
-        if run_dir is None:
-            raise RecipeError([f"{path}: the checkpoint is not inside a run folder with recipe.toml; "
-                               f"pass the recipe that built it with --recipe"])
-        recipe_path = run_dir / "recipe.toml"
-    recipe = load_recipe(recipe_path, list(overrides))
-    load_recipe_plugins(recipe)
-    all_stages = stages(recipe)
-    if ckpt is None:
-        assert run_dir is not None
-        if stage_name is not None:
-            chosen = _stage_named(recipe, stage_name, "--stage")
-        else:
-            done = [s for s in all_stages if _is_checkpoint(run_dir / s.name / which)]
-            if not done:
-                raise CheckpointError(f"{run_dir}: no stage has a {which!r} checkpoint yet "
-                                      f"(looked for {run_dir}/<stage>/{which}/{WEIGHTS})")
-            chosen = done[-1]
-        ckpt = resolve(run_dir / chosen.name / which)
-        if not _is_checkpoint(ckpt):
-            raise CheckpointError(f"{ckpt}: checkpoint not found ({WEIGHTS} missing); train stage {chosen.name} first")
-    else:
-        names = [s.name for s in all_stages]
-        chosen = _stage_named(recipe, stage_name, str(ckpt)) if stage_name in names or stage else all_stages[-1]
-    return Target(recipe, chosen, ckpt, run_dir)
-
-
-def data_options_with_defaults(recipe: Recipe, stage: Stage) -> dict[str, Any]:
-    """The stage's data options, completed with the dataset plugin's own keyword defaults, so what
-    the data used is known even for options the recipe left out (views, geometry, hu_window, ...)."""
-    import inspect
-
-    from .plugins import get_plugin_manager
-
-    opts = data_options(recipe, stage)
-    reg = get_plugin_manager().registry("dataset")
-    if opts.get("name") not in reg:
-        return opts
-    factory = reg.get(opts["name"]).factory
-    try:
-        params = inspect.signature(factory.__init__ if inspect.isclass(factory) else factory).parameters
-    except (TypeError, ValueError):
-        return opts
-    out = {k: p.default for k, p in params.items()
-           if k not in ("self", "split", "stage") and p.default is not inspect.Parameter.empty}
-    out.update(opts)
-    return out
-
-
-def hu_window_of(recipe: Recipe, stage: Stage) -> tuple[float, float]:
-    """The HU window that scales the stage's data to [0, 1]: the recipe's, else the dataset's default."""
-    hw = data_options_with_defaults(recipe, stage).get("hu_window") or DEFAULT_HU_WINDOW
-    return float(hw[0]), float(hw[1])
-
-
-def pick_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise DataError(f"--device {device}: no CUDA device is visible on this machine (use --device cpu)")
-    try:
-        return torch.device(device)
-    except RuntimeError as exc:
-        raise DataError(f"--device {device!r}: not a device name (expected auto, cpu, cuda or cuda:N)") from exc
-
-
-def load_model(target: Target, device: torch.device) -> torch.nn.Module:
-    """The stage's model with the checkpoint's weights, in eval mode on ``device``."""
-    model = build_model(target.recipe, target.stage)
-    load_into(model, target.checkpoint, strict=True)
-    previous = previous_stages(target.recipe, target.stage, target.run_dir)
-    if previous is not None:  # the checkpoint was trained with the earlier stages' prediction as prev
-        model = CascadeModel(previous, model)
-    return model.to(device).eval()
-
+from x2ct_framework.config.build import build_dataset
+from x2ct_framework.loading import load_model, pick_device  # noqa: F401 (re-exported for callers)
+from x2ct_framework.runs import Target, data_options_with_defaults, hu_window_of, resolve_target  # noqa: F401
+from x2ct_framework.checkpoint import STATE, WEIGHTS, load_into, resolve
+from x2ct_framework.errors import CheckpointError, DataError, RecipeError
+from x2ct_framework.evaluation.protocols import Protocol, build_protocol
+from x2ct_framework.config.recipe import Recipe, load_recipe
+from x2ct_framework.stage import Stage
 
 def _to(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, torch.Tensor):
@@ -333,7 +196,7 @@ def evaluate(target: Target, split: str = "test", protocols: list[str] = ("defau
 
 def save_worst(ev: Evaluation, folder: Path, k: int) -> list[dict[str, Any]]:
     """Slice pictures (prediction, target, error; axial/coronal/sagittal) of the ``k`` worst cases."""
-    from .viz import save_preview
+    from x2ct_framework.viz import save_preview
 
     proto, metric = ev.ranking_key()
     key = proto.key(metric)

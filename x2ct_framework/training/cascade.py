@@ -26,11 +26,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import checkpoint as ckpt
-from .build import build_model, data_options, stages
-from .errors import CheckpointError, RecipeError
-from .recipe import Recipe
-from .stage import Stage
+from x2ct_framework import checkpoint as ckpt
+from x2ct_framework.config.build import build_model, data_options, stages
+from x2ct_framework.errors import CheckpointError, RecipeError
+from x2ct_framework.config.recipe import Recipe
+from x2ct_framework.runs import resolve_target
+from x2ct_framework.stage import Stage
 
 
 def image_size(recipe: Recipe, stage: Stage) -> int:
@@ -85,7 +86,6 @@ def _link_before(recipe: Recipe, stage: Stage, run_dir: Path | None) -> tuple[Re
     training starts right after it). Before a recipe's first stage it is ``train.init_from``, a best
     checkpoint inside the run folder that made it (whose ``recipe.toml`` builds its model).
     """
-    from .evaluate import resolve_target  # evaluate imports this module
 
     train = recipe["train"]
     where = _stage_where(recipe, stage)

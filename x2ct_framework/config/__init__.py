@@ -1,0 +1,1 @@
+"""Configuration: the recipe document, its schema, building components from it, optimizers."""

@@ -1,0 +1,33 @@
+"""Load a recipe: read and merge its files, apply ``--set`` overrides, validate against the schema.
+
+The document model (``Recipe``, TOML reading and writing, overrides) is
+:mod:`x2ct_framework.config.document`; the schema is :mod:`x2ct_framework.config.schema`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from x2ct_framework.config.document import (Key, Recipe, _read_toml, apply_override, dumps_toml,  # noqa: F401
+                                            format_key, parse_override)
+from x2ct_framework.config.schema import validate_recipe
+from x2ct_framework.errors import RecipeError
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), validate: bool = True) -> Recipe:
+    """Load, merge, override and validate a recipe file."""
+    path = Path(path)
+    data, origins = _read_toml(path, [])
+    problems = []
+    for text in overrides:
+        try:
+            parts, value = parse_override(text)
+            apply_override(data, origins, parts, value, text)
+        except RecipeError as exc:
+            problems.extend(exc.problems)
+    if problems:
+        raise RecipeError(problems)
+    recipe = Recipe(data=data, path=path.resolve(), origins=origins)
+    if validate:
+        validate_recipe(recipe)
+    return recipe

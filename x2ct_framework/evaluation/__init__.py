@@ -1,0 +1,1 @@
+"""Evaluation: metrics, named protocols, scoring, reports and prediction."""

@@ -1,0 +1,1 @@
+"""Training: the progressive trainer, the cascade of stages, the run folder's logbook."""
