@@ -15,6 +15,13 @@ REPO = Path(__file__).resolve().parents[1]
 torch.set_num_threads(2)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _cache_in_tmp(tmp_path_factory):
+    """The datasets' default cache (``~/.cache/x2ct``) points into the test session's temporary folder."""
+    os.environ["X2CT_CACHE_DIR"] = str(tmp_path_factory.mktemp("x2ct-cache"))
+    yield
+
+
 @pytest.fixture(autouse=True)
 def _clean_plugins(monkeypatch):
     """Each test starts with a fresh plugin manager and no plugin-selection variables."""

@@ -163,8 +163,11 @@ def test_ct_folder_splits(ct_root, tmp_path):
     assert [len(v) for v in seeded.values()] == [2, 1, 1]
     assert sorted(sum(seeded.values(), [])) == [f"case{i}" for i in range(4)]
     assert seeded["train"] == names("train", 3)
-    with pytest.raises(DataError, match="the val split is empty"):  # 4 cases: 80 % / 10 % / 10 % leaves val empty
-        create("ct_folder", root=str(ct_root / "by_dir"), split="val")
+    # 4 cases at 80 % / 10 % / 10 %: the small-set rule gives val and test one case each (issue 17; it was an error)
+    small = {s: [c.name for c in create("ct_folder", root=str(ct_root / "by_dir"), split=s).cases]
+             for s in ("train", "val", "test")}
+    assert [len(v) for v in small.values()] == [2, 1, 1]
+    assert sorted(sum(small.values(), [])) == [f"case{i}" for i in range(4)]
     split_file = tmp_path / "splits.json"
     split_file.write_text(json.dumps({"train": ["case2", "case0"], "val": ["case1"], "test": ["case3"]}))
     ds = create("ct_folder", root=str(ct_root / "by_dir"), splits=str(split_file), split="train")
@@ -195,9 +198,10 @@ def test_ct_folder_disk_cache(ct_root, tmp_path, monkeypatch):
     import x2ct_plugins.datasets.ct_folder as mod
 
     first = create("ct_folder", root=str(ct_root / "by_dir"), split_fractions=[1, 0, 0], cache_dir=str(tmp_path))[0]
-    assert list((tmp_path / "drr").glob("*.pt")) and list((tmp_path / "volume").glob("*.pt"))
+    assert list((tmp_path / "drr").glob("*/*/hu.npy")) == [] and list((tmp_path / "drr").glob("*/*/xrays.npy"))
+    assert list((tmp_path / "volume").glob("*/*/hu.npy"))
     monkeypatch.setattr(mod, "render_views", lambda *a, **k: pytest.fail("rendered again despite the cache"))
-    monkeypatch.setattr(mod, "prepare_ct", lambda *a, **k: pytest.fail("resampled again despite the cache"))
+    monkeypatch.setattr(mod, "load_grid_ct", lambda *a, **k: pytest.fail("resampled again despite the cache"))
     again = create("ct_folder", root=str(ct_root / "by_dir"), split_fractions=[1, 0, 0], cache_dir=str(tmp_path))[0]
     assert torch.equal(first["xrays"], again["xrays"]) and torch.equal(first["ct"], again["ct"])
 

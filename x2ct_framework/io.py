@@ -131,19 +131,37 @@ def _nifti_reader(path) -> tuple[torch.Tensor, np.ndarray]:
     return torch.from_numpy(np.ascontiguousarray(data)), img.affine
 
 
-def read_torchio(path: str | Path, label: bool = False, canonical: bool = True):
-    """A CT (or label map with ``label=True``) as a loaded ``torchio`` image, reoriented to the canonical code."""
+def read_torchio(path: str | Path, label: bool = False, canonical: bool = True, files: list[Path] | None = None,
+                 series: str = ""):
+    """A CT (or label map with ``label=True``) as a loaded ``torchio`` image, reoriented to the canonical code.
+
+    A folder is a DICOM case at any depth: its CT series is found and checked by
+    ``x2ct_framework.dicom`` (``series`` chooses among several); ``files`` gives the series' files
+    (in slice order) when they are known already.
+    """
     import torchio as tio
 
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: volume not found (expected a NIfTI, NRRD, MHA file or a DICOM series folder)")
-    if path.is_dir() and not any(p.is_file() for p in path.iterdir()):
-        raise DataError(f"{path}: empty folder (expected a DICOM series)")
+    if path.is_dir() and files is None:
+        if not any(path.iterdir()):
+            raise DataError(f"{path}: empty folder (expected a DICOM series)")
+        from x2ct_framework.dicom import find_ct_series
+
+        files = find_ct_series(path, path.name, series).files
     cls = tio.LabelMap if label else tio.ScalarImage
     try:
-        image = cls(path, reader=_nifti_reader) if _suffix(path) in NIFTI_SUFFIXES else cls(path)
+        if files is not None:
+            from x2ct_framework.dicom import read_series
+
+            data, affine = tio.io.sitk_to_nib(read_series(list(files), str(path)))
+            image = cls(tensor=torch.as_tensor(np.ascontiguousarray(data)), affine=affine)
+        else:
+            image = cls(path, reader=_nifti_reader) if _suffix(path) in NIFTI_SUFFIXES else cls(path)
         image.load()
+    except DataError:
+        raise
     except Exception as exc:
         kind = "label map" if label else "CT volume"
         raise DataError(f"{path}: could not read the {kind} ({type(exc).__name__}: {exc}); expected a readable "
@@ -156,6 +174,43 @@ def read_torchio(path: str | Path, label: bool = False, canonical: bool = True):
     if canonical:
         image = tio.ToOrientation(CANONICAL_ORIENTATION)(image)
     return image
+
+
+def obliquity_deg(affine) -> float:
+    """The largest angle (degrees) between a voxel axis of ``affine`` and the world axis nearest to it."""
+    m = np.asarray(affine, dtype=np.float64)[:3, :3]
+    cols = m / np.maximum(np.linalg.norm(m, axis=0, keepdims=True), 1e-12)
+    return float(np.degrees(np.arccos(np.clip(np.abs(cols).max(axis=0), -1.0, 1.0))).max())
+
+
+# Air is -1000 HU. A CT whose darkest tenth is far above that was stored another way.
+AIR_HU = -1000.0
+
+
+def check_hu_storage(hu, where: str) -> None:
+    """Refuse a CT that is not in Hounsfield units (air near -1000), with the fix in the message.
+
+    A CT stored as unsigned ``HU + 1024`` has its air near +24; one stored in attenuation or
+    normalised units has almost no spread. The check looks at the 1st percentile (air around and
+    inside the patient) of a strided sample of voxels.
+    """
+    t = torch.as_tensor(hu)
+    sample = t.reshape(-1)[:: max(1, t.numel() // 200_000)].float()
+    sample = sample[sample > -1500.0]  # below air: the scanner's padding outside the reconstructed circle
+    if sample.numel() == 0:
+        raise DataError(f"{where}: every voxel is below -1500 HU; expected a CT in Hounsfield units")
+    low = float(torch.quantile(sample, 0.01))
+    high = float(torch.quantile(sample, 0.99))
+    if -1300.0 <= low <= -700.0:
+        return
+    if -100.0 <= low <= 300.0 and high > 900.0:
+        raise DataError(f"{where}: the CT does not look like Hounsfield units: its darkest voxels are near "
+                        f"{low:.0f} where air should be -1000; it seems stored as unsigned HU + 1024. Set "
+                        f"data.hu_offset = -1024 (added to every voxel), or rewrite the file with "
+                        f"RescaleIntercept -1024 / scl_inter = -1024")
+    raise DataError(f"{where}: the CT does not look like Hounsfield units: 1st percentile {low:.4g}, 99th "
+                    f"{high:.4g}, where air should be near -1000. Convert it to HU (set data.hu_offset if it "
+                    f"is shifted), or set data.check_hu = false if the values are right")
 
 
 def torchio_to_canonical(image) -> torch.Tensor:
@@ -177,3 +232,130 @@ def read_volume(path: str | Path, label: bool = False) -> tuple[torch.Tensor, to
     if not label and not torch.isfinite(vol).all():
         raise DataError(f"{path}: the volume holds NaN or infinite values")
     return vol, spacing, affine
+
+
+# ---- a CT on the framework's grid ---------------------------------------------------------------
+CROPS = ("centre", "body", "lung")
+
+
+class GridCT:
+    """A CT resampled to the stage grid: HU ``[R, R, R]``, source labels (or None), the grid's affine
+    (index ``(w, h, d, 1)`` -> RAS+ mm, so the grid overlays the source CT), and notes."""
+
+    def __init__(self, hu, labels, affine, notes, body_cut: float, obliquity: float):
+        self.hu, self.labels, self.affine, self.notes = hu, labels, affine, notes
+        self.body_cut, self.obliquity = body_cut, obliquity
+
+
+def _window_start(n: int, target: int, centre: float | None) -> int:
+    """First index of a ``target``-long window over ``n`` voxels (negative or past the end means padding)."""
+    if centre is None:
+        return (n - target) // 2 if n > target else -((target - n) // 2)
+    start = int(round(centre - (target - 1) / 2))
+    if n >= target:
+        return min(max(start, 0), n - target)  # keep the window inside the scan when the scan is large enough
+    return start
+
+
+def _crop_centre(hu: torch.Tensor, labels: torch.Tensor | None, crop: str) -> tuple[float, ...] | None:
+    """The (d, h, w) index the crop window centres on, for ``crop`` = body or lung."""
+    if crop == "centre":
+        return None
+    body = hu > -500.0
+    if crop == "lung":
+        import scipy.ndimage as ndi
+
+        filled = torch.from_numpy(ndi.binary_fill_holes(body.numpy()))
+        for d in range(body.shape[0]):  # lungs open to the airway: fill each axial slice as well
+            filled[d] |= torch.from_numpy(ndi.binary_fill_holes(body[d].numpy()))
+        mask = filled & (hu < -400.0)
+        if not mask.any():
+            return _crop_centre(hu, labels, "body")
+    else:
+        mask = body
+    if not mask.any():
+        return None
+    idx = mask.nonzero()
+    return tuple(float((idx[:, a].min() + idx[:, a].max()) / 2) for a in range(3))
+
+
+def load_grid_ct(path: str | Path, label_path: str | Path | None, resolution: int, volume_mm: float,
+                 pad_hu: float = -1024.0, crop: str = "centre", hu_offset: float = 0.0, check_hu: bool = True,
+                 files: list[Path] | None = None, series: str = "") -> GridCT:
+    """Read a CT (and its label map), resample to isotropic ``volume_mm / resolution`` mm voxels
+    (anti-aliased), and crop/pad to ``resolution^3`` around the scan centre, the body or the lungs.
+
+    HU are rounded to integers after ``hu_offset`` is added; ``check_hu`` refuses a CT whose air is
+    not near -1000 HU. ``body_cut`` is the share of the body (HU above -500) the crop leaves out.
+    """
+    import torchio as tio
+
+    if crop not in CROPS:
+        raise ValueError(f"crop must be one of {list(CROPS)}, got {crop!r}")
+    path = Path(path)
+    ct = read_torchio(path, files=files, series=series)
+    notes = []
+    if hu_offset:
+        ct.set_data(ct.data.float() + float(hu_offset))
+    if check_hu:
+        check_hu_storage(ct.data, str(path))
+    oblique = obliquity_deg(ct.affine)
+    if oblique > 1.0:
+        notes.append(f"{path}: oblique voxel axes ({oblique:.1f} degrees from the patient axes); resampled onto "
+                     f"the nearest patient axes")
+    images = {"ct": ct}
+    if label_path is not None:
+        lab = read_torchio(label_path, label=True)
+        if tuple(lab.spatial_shape) != tuple(ct.spatial_shape) or not np.allclose(
+                np.asarray(lab.affine), np.asarray(ct.affine), atol=1e-2):
+            raise DataError(f"{label_path}: the label map is on another grid than its CT {path} (shape "
+                            f"{tuple(lab.spatial_shape)} vs {tuple(ct.spatial_shape)}, spacing "
+                            f"{tuple(round(s, 3) for s in lab.spacing)} vs {tuple(round(s, 3) for s in ct.spacing)}); "
+                            f"expected the same voxel grid")
+        images["labels"] = lab
+    r = int(resolution)
+    subject = tio.Resample(volume_mm / r, antialias=True)(tio.Subject(**images))
+    full = torchio_to_canonical(subject["ct"]).float()
+    full_labels = torchio_to_canonical(subject["labels"]) if label_path is not None else None
+    centre = _crop_centre(full, full_labels, crop)
+    starts = [_window_start(n, r, None if centre is None else centre[a]) for a, n in enumerate(full.shape)]
+    hu = _take(full, starts, r, pad_hu).round()
+    if not torch.isfinite(hu).all():
+        raise DataError(f"{path}: the volume holds NaN or infinite values")
+    labels = _take(full_labels, starts, r, 0) if full_labels is not None else None
+    body = full > -500.0
+    n_body = int(body.sum())
+    kept = int(_take(body.to(torch.uint8), starts, r, 0).sum()) if n_body else 0
+    body_cut = 1.0 - kept / n_body if n_body else 0.0
+    shift = np.eye(4)
+    shift[:3, 3] = [starts[2], starts[1], starts[0]]  # (w, h, d)
+    affine = np.asarray(subject["ct"].affine, dtype=np.float64) @ shift
+    return GridCT(hu, labels, affine, notes, body_cut, oblique)
+
+
+def _take(vol: torch.Tensor, starts: list[int], size: int, value: float) -> torch.Tensor:
+    """``vol[s:s+size]`` along each of the three axes, padded with ``value`` where the window leaves it."""
+    import torch.nn.functional as F
+
+    out = vol
+    for axis, s in enumerate(starts):
+        n = out.shape[axis]
+        lo, hi = max(s, 0), min(s + size, n)
+        out = out.narrow(axis, lo, max(hi - lo, 0))
+        before, after = max(-s, 0), max(s + size - n, 0)
+        if before or after:
+            pads = [0, 0] * 3
+            k = 2 - axis
+            pads[2 * k], pads[2 * k + 1] = before, after
+            out = F.pad(out.float(), pads, value=value).to(vol.dtype)
+    return out
+
+
+def grid_frame(affine) -> dict:
+    """The world frame of a canonical grid, as a sidecar records it (ITK's origin/direction, LPS mm)."""
+    a = np.asarray(affine, dtype=np.float64)
+    lps = np.diag([-1.0, -1.0, 1.0])
+    spacing = np.linalg.norm(a[:3, :3], axis=0)
+    direction = lps @ (a[:3, :3] / spacing)
+    return {"affine_ras": a.tolist(), "origin_lps": (lps @ a[:3, 3]).tolist(), "direction_lps": direction.tolist(),
+            "spacing_mm": spacing.tolist()}

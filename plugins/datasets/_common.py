@@ -1,4 +1,9 @@
-"""Pieces shared by the dataset plugins: splits, HU windows, cropping, DRR rendering and a disk cache."""
+"""Pieces shared by the dataset plugins: splits, HU windows, cropping, DRR rendering and the caches.
+
+Cached entries are content-addressed: the key covers the source file's identity
+(:func:`file_identity`: size, modification time and a hash of its content) and every option that
+changes the result, so a CT replaced at the same path is never served from an old entry.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +12,15 @@ import json
 import logging
 import os
 import random
+import shutil
 import tomllib
+import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import numpy as np
 from torch.utils.data import Dataset
 
 from x2ct_framework.errors import DataError
@@ -132,24 +140,191 @@ class DiskCache:
 
 
 def drr_key(case: str, geometry: Mapping[str, torch.Tensor], resolution: int, image_size: int,
-            hu_window: Sequence[float], mu_water: float, beer_lambert: bool) -> str:
-    return DiskCache.key("drr", case, geometry_fingerprint(geometry), resolution, image_size,
+            hu_window: Sequence[float], mu_water: float, beer_lambert: bool, source: str = "") -> str:
+    """Key of a case's DRRs; ``source`` is the identity of what they were rendered from (when ``case``
+    names an existing file and no ``source`` is given, that file's :func:`file_identity`)."""
+    if not source and os.path.isfile(case):
+        source = file_identity(case)
+    return DiskCache.key("drr", case, source, geometry_fingerprint(geometry), resolution, image_size,
                          [float(h) for h in hu_window], mu_water, beer_lambert)
 
 
+# ---- file identity ----------------------------------------------------------------------------
+FULL_HASH_BYTES = 8 << 20   # files up to this size are hashed whole
+CHUNK_BYTES = 1 << 20       # else the first, middle and last chunk of this size
+_identities: dict[tuple, str] = {}
+
+
+def file_identity(path: str | Path) -> str:
+    """``size:mtime_ns:sha1`` of a file; the hash covers the whole file up to 8 MiB, else three 1 MiB
+    chunks (start, middle, end). Memoised per process by (path, size, mtime)."""
+    path = Path(path)
+    st = path.stat()
+    memo = (str(path), st.st_size, st.st_mtime_ns)
+    if memo in _identities:
+        return _identities[memo]
+    h = hashlib.sha1()
+    with path.open("rb") as f:
+        if st.st_size <= FULL_HASH_BYTES:
+            h.update(f.read())
+        else:
+            for offset in (0, st.st_size // 2 - CHUNK_BYTES // 2, st.st_size - CHUNK_BYTES):
+                f.seek(offset)
+                h.update(f.read(CHUNK_BYTES))
+    ident = f"{st.st_size}:{st.st_mtime_ns}:{h.hexdigest()[:16]}"
+    _identities[memo] = ident
+    return ident
+
+
+def series_identity(files: Sequence[Path]) -> str:
+    """Identity of a DICOM series: every file's name, size and time, plus the content of three of them."""
+    h = hashlib.sha1()
+    for f in files:
+        st = Path(f).stat()
+        h.update(f"{Path(f).name}:{st.st_size}:{st.st_mtime_ns};".encode())
+    for f in {files[0], files[len(files) // 2], files[-1]}:
+        h.update(file_identity(f).encode())
+    return f"series:{len(files)}:{h.hexdigest()[:16]}"
+
+
+# ---- the array cache --------------------------------------------------------------------------
+CACHE_ENV = "X2CT_CACHE_DIR"
+
+
+def default_cache_dir() -> Path:
+    """``$X2CT_CACHE_DIR``, else ``$XDG_CACHE_HOME/x2ct``, else ``~/.cache/x2ct``."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base).expanduser() / "x2ct"
+
+
+def resolve_cache_dir(cache_dir: str, cache: bool) -> Path | None:
+    if not cache:
+        return None
+    return Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+
+
+def hu_storage(hu: torch.Tensor) -> np.ndarray:
+    """Integer HU as int16 when they fit, else int32 (never wrapped)."""
+    a = hu.numpy() if isinstance(hu, torch.Tensor) else np.asarray(hu)
+    if a.size and (a.min() < -32768 or a.max() > 32767):
+        return a.astype(np.int32)
+    return a.astype(np.int16)
+
+
+class ArrayCache:
+    """Content-addressed entries ``<folder>/<kind>/<key>/`` of ``.npy`` arrays (opened memory-mapped)
+    and a ``meta.json``. An entry is written in a private folder and renamed into place, so readers
+    never see half an entry and concurrent writers (workers, ranks, nodes) need no lock: the first
+    rename wins, the others drop their copy. A damaged entry is removed and rebuilt."""
+
+    def __init__(self, folder: str | Path | None):
+        self.folder = Path(folder) if folder else None
+
+    def entry(self, kind: str, key: str) -> Path:
+        return self.folder / kind / key[:2] / key
+
+    def has(self, kind: str, key: str) -> bool:
+        return self.folder is not None and (self.entry(kind, key) / "meta.json").is_file()
+
+    def get(self, kind: str, key: str) -> tuple[dict[str, np.ndarray], dict] | None:
+        if self.folder is None:
+            return None
+        folder = self.entry(kind, key)
+        meta_path = folder / "meta.json"
+        if not meta_path.is_file():
+            return None
+        try:
+            meta = json.loads(meta_path.read_text())
+            arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in meta["arrays"]}
+        except Exception as exc:
+            log.warning("damaged cache entry %s (%s); rebuilding it", folder, exc)
+            shutil.rmtree(folder, ignore_errors=True)
+            return None
+        return arrays, meta
+
+    def put(self, kind: str, key: str, arrays: Mapping[str, np.ndarray], meta: dict | None = None) -> None:
+        if self.folder is None:
+            return
+        final = self.entry(kind, key)
+        if (final / "meta.json").is_file():
+            return
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.parent / f".{key}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+        tmp.mkdir()
+        try:
+            for name, a in arrays.items():
+                np.save(tmp / f"{name}.npy", np.ascontiguousarray(a))
+            (tmp / "meta.json").write_text(json.dumps({**(meta or {}), "arrays": list(arrays)}))
+            try:
+                os.rename(tmp, final)
+            except OSError:  # another writer was first (the folder exists and is not empty)
+                pass
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_json_atomic(path: Path, data) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
 def seeded_split(names: Sequence[str], fractions: Sequence[float], seed: int) -> dict[str, list[str]]:
-    """Shuffle ``names`` with ``seed`` and cut them by ``fractions`` (train, val, test)."""
+    """Shuffle ``names`` with ``seed`` and cut them by ``fractions`` (train, val, test).
+
+    Small sets stay usable, by a fixed rule: every split with a positive fraction gets at least one
+    case while train keeps at least one (so 3 cases give 1/1/1, 4 give 2/1/1, 5 give 3/1/1); with
+    fewer cases than such splits (1 or 2 cases), an empty val or test split reuses the last case of
+    the split before it (val reuses train's, test reuses val's) and :func:`split_reuse` says so.
+    """
     if len(fractions) != 3 or any(f < 0 for f in fractions) or sum(fractions) <= 0:
         raise ValueError(f"split_fractions: expected three non-negative numbers (train, val, test), got {list(fractions)}")
     order = sorted(names)
     random.Random(seed).shuffle(order)
     total = float(sum(fractions))
     n = len(order)
-    n_train = int(round(n * fractions[0] / total))
-    n_val = int(round(n * fractions[1] / total))
-    if fractions[1] > 0 and n_val == 0 and n - n_train > 1:
-        n_val = 1
-    return {"train": order[:n_train], "val": order[n_train:n_train + n_val], "test": order[n_train + n_val:]}
+    counts = [int(round(n * f / total)) for f in fractions]
+    counts[0] = n - counts[1] - counts[2]
+    for k in (1, 2):  # a positive fraction gets a case, taken from train while train keeps one
+        if fractions[k] > 0 and counts[k] == 0 and counts[0] > 1:
+            counts[k], counts[0] = 1, counts[0] - 1
+    while counts[0] < 1 and n > 0:  # rounding gave train nothing
+        k = 1 if counts[1] >= counts[2] else 2
+        counts[k], counts[0] = counts[k] - 1, counts[0] + 1
+    out = {"train": order[:counts[0]], "val": order[counts[0]:counts[0] + counts[1]],
+           "test": order[counts[0] + counts[1]:]}
+    for k, (split, before) in enumerate((("val", "train"), ("test", "val")), start=1):
+        if fractions[k] > 0 and not out[split] and out[before]:
+            out[split] = [out[before][-1]]
+    return out
+
+
+def split_reuse(splits: Mapping[str, Sequence[str]]) -> list[str]:
+    """Warnings for cases that sit in more than one split of a seeded split (tiny sets only)."""
+    notes = []
+    for a, b in (("train", "val"), ("val", "test"), ("train", "test")):
+        both = sorted(set(splits.get(a, [])) & set(splits.get(b, [])))
+        if both:
+            notes.append(f"{', '.join(both)} in both the {a} and {b} splits (too few cases to hold one out): "
+                         f"scores on {b} are not held-out scores")
+    return notes
+
+
+def check_split_overlap(table: Mapping[str, Sequence[str]], source: str) -> None:
+    """A split file that puts a case in two splits is an error (it inflates the test scores)."""
+    for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
+        both = sorted(set(table.get(a, [])) & set(table.get(b, [])))
+        if both:
+            raise DataError(f"{source}: {len(both)} case(s) in both the {a} and {b} splits: "
+                            f"{', '.join(both[:5])}{' ...' if len(both) > 5 else ''}; a case belongs to one split")
+    for split, names in table.items():
+        dup = sorted({n for n in names if list(names).count(n) > 1})
+        if dup:
+            raise DataError(f"{source}: case(s) listed twice in the {split} split: {', '.join(dup[:5])}")
 
 
 def read_split_file(path: Path) -> dict[str, list[str]]:
@@ -163,7 +338,9 @@ def read_split_file(path: Path) -> dict[str, list[str]]:
     if not isinstance(data, dict) or not set(data) <= set(SPLITS) or not all(
             isinstance(v, list) and all(isinstance(n, str) for n in v) for v in data.values()):
         raise DataError(f"{path}: expected a table with keys among {', '.join(SPLITS)}, each a list of case names")
-    return {k: list(v) for k, v in data.items()}
+    table = {k: list(v) for k, v in data.items()}
+    check_split_overlap(table, str(path))
+    return table
 
 
 def read_list_file(path: Path) -> list[str]:

@@ -1,32 +1,48 @@
-"""``ct_folder``: a folder of CT volumes (NIfTI, NRRD, MHA/MHD, DICOM series) with DRRs rendered on the fly.
+"""``ct_folder``: a folder of CT volumes (NIfTI, NRRD, MHA/MHD, DICOM series at any depth) and their DRRs.
 
-Each case is read with torchio, reoriented to the canonical orientation (``x2ct_framework.io``),
-resampled to isotropic voxels of ``volume_mm / resolution`` (anti-aliased), centre-cropped or padded
-with air to the stage resolution, optionally augmented (torchio, on the CT and its labels together,
-before rendering, so views and target stay consistent), windowed to ``hu_window`` and projected.
-Resampled volumes and un-augmented DRRs are cached on disk when ``cache_dir`` is set, keyed by the
-file (path, size, time), the resolution, the field of view and the geometry.
+Each case is a volume file or a folder (a TCIA ``patient/study/series/*.dcm`` tree: its CT series is
+found and checked by ``x2ct_framework.dicom``). It is read, reoriented to the canonical orientation
+(``x2ct_framework.io``), resampled to isotropic voxels of ``volume_mm / resolution`` (anti-aliased),
+cropped or padded with air to the stage resolution around the scan centre, the body or the lungs
+(``crop``), optionally augmented (torchio, on the CT and its labels together, before rendering, so
+views and target stay consistent), windowed to ``hu_window`` and projected.
+
+What discovery found is kept in a manifest, and resampled volumes and un-augmented DRRs in a
+content-addressed cache (``x2ct_plugins.datasets._common.ArrayCache``), both under ``cache_dir``
+(default ``~/.cache/x2ct``, see ``default_cache_dir``; ``cache = false`` turns it off). ``x2ct
+prepare`` fills both ahead of training.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from x2ct_framework.errors import DataError
 from x2ct_framework.hookspecs import hookimpl
-from x2ct_framework.io import VOLUME_SUFFIXES, is_dicom, read_torchio, torchio_to_canonical
+from x2ct_framework.io import CROPS, VOLUME_SUFFIXES, load_grid_ct, torchio_to_canonical
+from x2ct_framework.labels import MIN_COVERAGE, coverage, label_mapping
 from x2ct_framework.physics import MU_WATER
 from x2ct_framework.stage import Stage
-from x2ct_plugins.datasets._common import (CaseListDataset, DiskCache, bad_case, case_geometry, check_common,
-                                           check_split, crop_or_pad, drr_key, empty_split_error, hu_to_unit,
-                                           read_list_file, read_split_file, render_views, seeded_split)
+from x2ct_plugins.datasets._common import (ArrayCache, CaseListDataset, DiskCache, bad_case, case_geometry,
+                                           check_common, check_split, check_split_overlap, empty_split_error,
+                                           file_identity, hu_storage, hu_to_unit, read_list_file, read_split_file,
+                                           render_views, resolve_cache_dir, seeded_split, series_identity,
+                                           split_reuse, write_json_atomic)
 
 log = logging.getLogger("x2ct_plugins.datasets.ct_folder")
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
+MANIFEST_VERSION = 1
+# File names that mark a label map, not a CT (matched on the case name's words).
+LABEL_WORDS = ("seg", "label", "labels", "mask", "segmentation", "labelmap")
 AUGMENTS = {
     "affine": "torchio.RandomAffine: degrees, scales, translation (mm), p",
     "elastic": "torchio.RandomElasticDeformation: num_control_points, max_displacement (mm), p",
@@ -50,8 +66,24 @@ def _is_volume_file(path: Path) -> bool:
             and not name.endswith(".dcm"))
 
 
-def _is_dicom_folder(path: Path) -> bool:
-    return path.is_dir() and any(p.is_file() and is_dicom(p) for p in path.iterdir())
+def looks_like_label_name(name: str) -> bool:
+    words = [w for w in name.lower().replace("-", "_").replace(".", "_").split("_") if w]
+    return any(w in LABEL_WORDS for w in words) or any(name.lower().endswith(w) for w in ("seg", "mask", "label"))
+
+
+@dataclass
+class CaseSource:
+    """Where a case's CT (and label map) lives: a file, or a DICOM series' files in slice order."""
+
+    name: str
+    path: Path
+    label: Path | None = None
+    files: list[Path] | None = None
+    series_uid: str = ""
+
+    def identity(self) -> list[str]:
+        ct = series_identity(self.files) if self.files else file_identity(self.path)
+        return [ct] + ([file_identity(self.label)] if self.label is not None and self.label.is_file() else [])
 
 
 def build_augment(augment: dict):
@@ -87,23 +119,33 @@ def build_augment(augment: dict):
 class CTFolderDataset(CaseListDataset):
     """CT volumes from ``root`` and their DRRs at ``views``.
 
-    Splits: ``splits`` names a JSON/TOML file ``{train = [...], val = [...], test = [...]}``; else
-    ``train.txt``/``val.txt``/``test.txt`` in ``root`` are used when present; else the cases are split
-    by ``split_fractions`` with ``seed``. Label maps are matched by case name, in ``labels_dir`` or
-    beside the CTs as ``<name><label_suffix>.<ext>``. ``on_bad_case = "skip"`` skips an unreadable or
-    malformed case with a warning instead of stopping.
+    Splits: ``splits`` names a JSON/TOML file ``{train = [...], val = [...], test = [...]}`` (a case in
+    two splits is an error); else ``train.txt``/``val.txt``/``test.txt`` in ``root`` are used when
+    present; else the cases are split by ``split_fractions`` with ``seed`` (small sets by the rule of
+    ``seeded_split``). Label maps are matched by case name, in ``labels_dir`` or beside the CTs as
+    ``<name><label_suffix>.<ext>``, and remapped to the framework's codes by ``labels`` (a preset
+    such as ``"totalsegmentator"`` or a table, see ``x2ct_framework.labels``). Files that look like
+    label maps (names with seg/label/mask, 8-bit integer data) are not taken as CTs. ``series``
+    chooses among several CT series of a DICOM case (``"largest"`` or a SeriesInstanceUID).
+    ``hu_offset`` is added to every voxel (``-1024`` for CTs stored as unsigned HU + 1024);
+    ``check_hu`` refuses CTs whose air is not near -1000 HU. ``on_bad_case = "skip"`` skips an
+    unreadable or malformed case with a warning instead of stopping.
     """
 
     def __init__(self, *, split: str, stage: Stage, root: str, views: list[float] = (0.0, 90.0),
                  geometry: str | dict = "x2ctgan", hu_window: list[float] = (-1000.0, 3000.0), image_size: int = 0,
-                 volume_mm: float = 320.0, labels_dir: str = "", label_suffix: str = "", splits: str = "",
-                 split_fractions: list[float] = (0.8, 0.1, 0.1), seed: int = 0, augment: dict | None = None,
-                 augment_splits: list[str] = ("train",), cache_dir: str = "", on_bad_case: str = "error",
-                 pad_hu: float = -1024.0, mu_water: float = MU_WATER, beer_lambert: bool = False):
+                 volume_mm: float = 320.0, labels_dir: str = "", label_suffix: str = "", labels: str | dict = "",
+                 splits: str = "", split_fractions: list[float] = (0.8, 0.1, 0.1), seed: int = 0,
+                 augment: dict | None = None, augment_splits: list[str] = ("train",), cache_dir: str = "",
+                 cache: bool = True, series: str = "", crop: str = "centre", hu_offset: float = 0.0,
+                 check_hu: bool = True, on_bad_case: str = "error", pad_hu: float = -1024.0,
+                 mu_water: float = MU_WATER, beer_lambert: bool = False):
         check_split(split)
         check_common(views, hu_window, geometry, on_bad_case)
         if volume_mm <= 0:
             raise ValueError(f"volume_mm must be positive, got {volume_mm}")
+        if crop not in CROPS:
+            raise ValueError(f"crop must be one of {list(CROPS)}, got {crop!r}")
         self.split, self.stage = split, stage
         self.root = Path(root).expanduser()
         if not self.root.is_dir():
@@ -116,7 +158,10 @@ class CTFolderDataset(CaseListDataset):
         self.on_bad_case = on_bad_case
         self.pad_hu = float(pad_hu)
         self.mu_water, self.beer_lambert = float(mu_water), beer_lambert
-        self.cache = DiskCache(Path(cache_dir).expanduser() if cache_dir else None)
+        self.series, self.crop = str(series), crop
+        self.hu_offset, self.check_hu = float(hu_offset), bool(check_hu)
+        self.cache = ArrayCache(resolve_cache_dir(cache_dir, cache))
+        self.mapping = label_mapping(labels)
         transform = build_augment(augment or {})  # validated for every split
         self.augment = transform if split in augment_splits else None
         self.labels_dir = Path(labels_dir).expanduser() if labels_dir else None
@@ -126,54 +171,136 @@ class CTFolderDataset(CaseListDataset):
         self.with_labels = self.labels_dir is not None or bool(label_suffix)
         case_geometry(self.views, geometry, self.volume_mm)  # fail early on a bad geometry
 
-        found = self._discover()
-        names, source = self._split_names(found, splits, split_fractions, seed)
-        missing = [n for n in names if n not in found]
+        manifest = self.manifest()
+        found = manifest["cases"]
+        for name, why in manifest["skipped"].items():
+            log.warning("%s: not taken as a CT case: %s", name, why)
+        names, source = self._split_names(list(found) + list(manifest["bad"]), splits, split_fractions, seed)
+        missing = [n for n in names if n not in found and n not in manifest["bad"]]
         if missing:
             raise DataError(f"{source}: {len(missing)} case(s) of the {split} split are not in {self.root}: "
                             f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
-        self.cases: list[tuple[str, Path, Path | None]] = []
+        self.cases: list[CaseSource] = []
         for name in names:
-            entry = self._check_case(name, found[name])
-            if entry is not None:
-                self.cases.append(entry)
+            if name in manifest["bad"]:
+                bad_case(self.on_bad_case, manifest["bad"][name])
+                continue
+            self.cases.append(self._source(name, found[name]))
         if not self.cases:
             raise empty_split_error(split, source)
         self.bad: set[int] = set()
+        self._warned: set[str] = set()
 
-    # ---- discovery --------------------------------------------------------------------------
-    def _discover(self) -> dict[str, Path]:
-        skip = {p.resolve() for p in (self.labels_dir, self.cache.folder) if p is not None}
-        found: dict[str, Path] = {}
-        for path in sorted(self.root.iterdir()):
-            if path.resolve() in skip or path.name.startswith("."):
+    # ---- discovery and its manifest ----------------------------------------------------------
+    def _signature(self) -> str:
+        """Cheap freshness check: the names and times of the top-level entries of root (and labels_dir)."""
+        h = hashlib.sha1()
+        for folder in (self.root, self.labels_dir):
+            if folder is None:
                 continue
+            with os.scandir(folder) as it:
+                for e in sorted(it, key=lambda e: e.name):
+                    h.update(f"{e.name}:{e.stat().st_mtime_ns};".encode())
+        return h.hexdigest()[:20]
+
+    def manifest_path(self) -> Path | None:
+        if self.cache.folder is None:
+            return None
+        key = DiskCache.key("manifest", MANIFEST_VERSION, str(self.root.resolve()), self.series, self.label_suffix,
+                            str(self.labels_dir.resolve()) if self.labels_dir else "")
+        return self.cache.folder / "manifests" / f"{key}.json"
+
+    def manifest(self, rescan: bool = False) -> dict:
+        """What discovery found (cases, their files, skipped and bad ones), from the cache when fresh."""
+        path = self.manifest_path()
+        signature = self._signature()
+        if path is not None and path.is_file() and not rescan:
+            try:
+                data = json.loads(path.read_text())
+                if data.get("version") == MANIFEST_VERSION and data.get("signature") == signature:
+                    return data
+            except (OSError, json.JSONDecodeError):
+                pass
+        data = {"version": MANIFEST_VERSION, "root": str(self.root.resolve()), "signature": signature,
+                **self._discover()}
+        if path is not None:
+            write_json_atomic(path, data)
+        return data
+
+    def _source(self, name: str, entry: dict) -> CaseSource:
+        files = [self.root / f for f in entry["files"]] if entry.get("files") else None
+        label = Path(entry["label"]) if entry.get("label") else None
+        return CaseSource(name, self.root / entry["path"], label, files, entry.get("series_uid", ""))
+
+    def _discover(self) -> dict:
+        from x2ct_framework.dicom import find_ct_series, has_dicom
+
+        skip = {p.resolve() for p in (self.labels_dir, self.cache.folder) if p is not None}
+        found: dict[str, dict] = {}
+        skipped: dict[str, str] = {}
+        bad: dict[str, str] = {}
+        for path in sorted(self.root.iterdir()):
+            if path.resolve() in skip or path.name.startswith(".") or path.suffix == ".txt":
+                continue
+            entry: dict = {"path": path.name}
             if _is_volume_file(path):
                 name = case_name(path)
                 if self.label_suffix and name.endswith(self.label_suffix):
                     continue
-            elif _is_dicom_folder(path):
+                if looks_like_label_name(name):
+                    skipped[name] = (f"{path} looks like a label map (its name); put label maps in labels_dir or "
+                                     f"name them <case>{self.label_suffix or '_seg'} with label_suffix set")
+                    continue
+            elif path.is_dir() and has_dicom(path):
                 name = path.name
+                try:
+                    chosen = find_ct_series(path, name, self.series)
+                except DataError as exc:
+                    bad[name] = f"{path}: {exc}"
+                    continue
+                entry.update(files=[str(f.relative_to(self.root)) for f in chosen.files], series_uid=chosen.uid)
             else:
                 continue
-            if name in found:
-                raise DataError(f"{self.root}: two volumes for case {name!r}: {found[name].name} and {path.name}")
-            found[name] = path
-        if not found:
-            raise DataError(f"{self.root}: no CT volumes found (expected NIfTI, NRRD, MHA/MHD files or DICOM "
-                            f"series folders)")
-        return found
+            if name in found or name in bad:
+                raise DataError(f"{self.root}: two volumes for case {name!r}: {found[name]['path']} and {path.name}")
+            try:
+                if "files" not in entry:
+                    why = _check_header(path)
+                    if why:
+                        skipped[name] = why
+                        continue
+                if self.with_labels:
+                    label = self._label_path(name)
+                    if label is None:
+                        where = self.labels_dir or self.root
+                        raise DataError(f"{path}: no label map for case {name!r} in {where} "
+                                        f"(expected {name}{self.label_suffix} with a volume suffix)")
+                    _check_header(label, label=True)
+                    entry["label"] = str(label)
+            except DataError as exc:
+                bad[name] = str(exc)
+                continue
+            found[name] = entry
+        if not found and not bad:
+            raise DataError(f"{self.root}: no CT volumes found (expected NIfTI, NRRD, MHA/MHD files or folders "
+                            f"holding a DICOM CT series at any depth, such as TCIA's patient/study/series)"
+                            + (f"; skipped: {'; '.join(skipped.values())}" if skipped else ""))
+        return {"cases": found, "skipped": skipped, "bad": bad}
 
-    def _split_names(self, found: dict[str, Path], splits: str, fractions, seed: int) -> tuple[list[str], str]:
+    def _split_names(self, found: list[str], splits: str, fractions, seed: int) -> tuple[list[str], str]:
         if splits:
             path = Path(splits).expanduser()
             table = read_split_file(path)
             return table.get(self.split, []), str(path)
         lists = {s: self.root / f"{s}.txt" for s in ("train", "val", "test")}
         if any(p.is_file() for p in lists.values()):
-            path = lists[self.split]
-            return (read_list_file(path) if path.is_file() else []), str(path)
-        return seeded_split(list(found), fractions, seed)[self.split], f"{self.root} (seeded split {list(fractions)})"
+            table = {s: read_list_file(p) for s, p in lists.items() if p.is_file()}
+            check_split_overlap(table, f"{self.root}/{{train,val,test}}.txt")
+            return table.get(self.split, []), str(lists[self.split])
+        table = seeded_split(sorted(found), fractions, seed)
+        for note in split_reuse(table):
+            log.warning("%s: %s", self.root, note)
+        return table[self.split], f"{self.root} (seeded split {list(fractions)})"
 
     def _label_path(self, name: str) -> Path | None:
         folder = self.labels_dir or self.root
@@ -186,40 +313,66 @@ class CTFolderDataset(CaseListDataset):
             return folder / stem
         return None
 
-    def _check_case(self, name: str, path: Path) -> tuple[str, Path, Path | None] | None:
-        """Header-level check (cheap): readable, 3D, label map present. None when skipped."""
-        label = None
-        try:
-            _check_header(path)
-            if self.with_labels:
-                label = self._label_path(name)
-                if label is None:
-                    where = self.labels_dir or self.root
-                    raise DataError(f"{path}: no label map for case {name!r} in {where} "
-                                    f"(expected {name}{self.label_suffix} with a volume suffix)")
-                _check_header(label)
-        except DataError as exc:
-            bad_case(self.on_bad_case, str(exc))
+    # ---- the label source, for evaluation and reports -------------------------------------------
+    @property
+    def label_source(self) -> dict | None:
+        """Where the label maps come from and how they are mapped (None without label maps)."""
+        if not self.with_labels:
             return None
-        return name, path, label
+        where = str(self.labels_dir) if self.labels_dir else f"<case>{self.label_suffix} beside the CTs in {self.root}"
+        return {"maps": where, **self.mapping.summary()}
 
     # ---- items (served by CaseListDataset.__getitem__, which skips bad cases) ----------------
-    def _volume(self, j: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """HU ``[R, R, R]`` (and labels) at the stage resolution over ``volume_mm``, from the cache when there."""
-        name, path, label_path = self.cases[j]
-        r = self.stage.resolution
-        stats = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in (path, label_path) if p is not None
-                 and p.is_file()]
-        key = DiskCache.key("volume", CACHE_VERSION, str(path.resolve()), stats, r, self.volume_mm, self.pad_hu)
-        cached = self.cache.get("volume", key)
-        if cached is not None:
-            return cached["hu"].float(), cached.get("labels")
-        hu, labels = prepare_ct(path, label_path, r, self.volume_mm, self.pad_hu)
-        value = {"hu": hu.to(torch.int16)}
+    def _volume_key(self, case: CaseSource) -> str:
+        return DiskCache.key("volume", CACHE_VERSION, case.identity(), self.stage.resolution, self.volume_mm,
+                             self.pad_hu, self.crop, self.hu_offset, self.check_hu, self.series,
+                             self.mapping.summary() if case.label is not None else None)
+
+    def _warn_once(self, case: str, message: str) -> None:
+        if (case, message) not in self._warned:
+            self._warned.add((case, message))
+            log.warning(message)
+
+    def _volume(self, j: int) -> tuple[torch.Tensor, torch.Tensor | None, np.ndarray, str]:
+        """HU ``[R, R, R]``, labels (framework codes), the grid's affine and the entry key, cached."""
+        case = self.cases[j]
+        key = self._volume_key(case)
+        hit = self.cache.get("volume", key)
+        if hit is not None:
+            arrays, meta = hit
+            hu = torch.from_numpy(np.asarray(arrays["hu"], dtype=np.float32))
+            labels = torch.from_numpy(np.array(arrays["labels"])) if "labels" in arrays else None
+            for note in meta.get("warnings", []):
+                self._warn_once(case.name, note)
+            return hu, labels, np.asarray(meta["affine"]), key
+        grid = load_grid_ct(case.path, case.label, self.stage.resolution, self.volume_mm, self.pad_hu, self.crop,
+                            self.hu_offset, self.check_hu, case.files, self.series)
+        warnings = list(grid.notes)
+        if grid.body_cut > 0.02:
+            warnings.append(f"{case.path}: the {self.crop} crop to {self.volume_mm:g} mm leaves {100 * grid.body_cut:.0f}"
+                            f" % of the body out (the scan is larger than the field of view); crop = \"lung\" centres "
+                            f"on the lungs, a larger volume_mm keeps more")
+        labels = None
+        cover = None
+        if grid.labels is not None:
+            cover = coverage(grid.labels, grid.hu)
+            if cover < MIN_COVERAGE:
+                warnings.append(f"{case.label}: the label map covers {100 * cover:.0f} % of the body (HU > -500); "
+                                f"per-structure scores rest on few labelled voxels")
+            try:
+                labels = self.mapping.apply(grid.labels, grid.hu)
+            except ValueError as exc:
+                raise DataError(f"{case.label}: {exc}") from exc
+        for note in warnings:
+            self._warn_once(case.name, note)
+        arrays = {"hu": hu_storage(grid.hu)}
         if labels is not None:
-            value["labels"] = labels
-        self.cache.put("volume", key, value)
-        return hu, labels
+            arrays["labels"] = labels.numpy().astype(np.uint8)
+        self.cache.put("volume", key, arrays, {"case": case.name, "source": str(case.path), "affine":
+                                               grid.affine.tolist(), "warnings": warnings, "label_coverage": cover,
+                                               "body_cut": grid.body_cut, "obliquity_deg": grid.obliquity,
+                                               "series_uid": case.series_uid})
+        return grid.hu, labels, grid.affine, key
 
     def _augment(self, hu: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         import torchio as tio
@@ -234,32 +387,54 @@ class CTFolderDataset(CaseListDataset):
         labels = torchio_to_canonical(out["labels"]).to(torch.uint8) if labels is not None else None
         return hu, labels
 
+    def _drr_key(self, volume_key: str, geometry) -> str:
+        from x2ct_framework.physics import geometry_fingerprint
+
+        return DiskCache.key("drr", CACHE_VERSION, volume_key, geometry_fingerprint(geometry), self.image_size,
+                             list(self.hu_window), self.mu_water, self.beer_lambert)
+
+    def prepare_case(self, j: int) -> bool:
+        """Fill the cache for case ``j`` (volume and un-augmented DRRs); False when it was there already."""
+        case = self.cases[j]
+        volume_key = self._volume_key(case)
+        geometry = case_geometry(self.views, self.geometry_option, self.volume_mm)
+        if self.cache.has("volume", volume_key) and self.cache.has("drr", self._drr_key(volume_key, geometry)):
+            return False
+        hu, _, _, key = self._volume(j)
+        self._xrays(hu_to_unit(hu, self.hu_window)[None], geometry, key)
+        return True
+
+    def _xrays(self, ct: torch.Tensor, geometry, volume_key: str) -> torch.Tensor:
+        key = self._drr_key(volume_key, geometry)
+        hit = self.cache.get("drr", key)
+        if hit is not None:
+            return torch.from_numpy(np.array(hit[0]["xrays"]))
+        xrays = render_views(ct, geometry, self.hu_window, self.image_size, self.mu_water, self.beer_lambert)
+        self.cache.put("drr", key, {"xrays": xrays.numpy()}, {"views": self.views})
+        return xrays
+
     def _item(self, j: int) -> dict:
-        name, path, _ = self.cases[j]
-        hu, labels = self._volume(j)
+        case = self.cases[j]
+        hu, labels, affine, volume_key = self._volume(j)
         if self.augment is not None:
             hu, labels = self._augment(hu, labels)
         ct = hu_to_unit(hu, self.hu_window)[None]
         geometry = case_geometry(self.views, self.geometry_option, self.volume_mm)
-        xrays = None
         if self.augment is None:
-            key = drr_key(str(path.resolve()), geometry, self.stage.resolution, self.image_size, self.hu_window,
-                          self.mu_water, self.beer_lambert)
-            cached = self.cache.get("drr", key)
-            xrays = cached["xrays"] if cached is not None else None
-        if xrays is None:
+            xrays = self._xrays(ct, geometry, volume_key)
+        else:
             xrays = render_views(ct, geometry, self.hu_window, self.image_size, self.mu_water, self.beer_lambert)
-            if self.augment is None:
-                self.cache.put("drr", key, {"xrays": xrays})
         item = {"xrays": xrays, "geometry": geometry, "ct": ct,
-                "spacing": torch.full((3,), self.volume_mm / self.stage.resolution), "case_id": name}
+                "spacing": torch.full((3,), self.volume_mm / self.stage.resolution), "case_id": case.name,
+                "affine": torch.as_tensor(affine, dtype=torch.float64)}
         if labels is not None:
             item["labels"] = labels[None]
         return item
 
 
-def _check_header(path: Path) -> None:
-    """Read only the header: the file must open and hold a single-channel 3D image."""
+def _check_header(path: Path, label: bool = False) -> str:
+    """Read only the header: the file must open and hold a single-channel 3D image. Returns why a CT
+    candidate looks like a label map (8-bit integer data), else ""."""
     import SimpleITK as sitk
 
     if not path.exists():
@@ -272,7 +447,7 @@ def _check_header(path: Path) -> None:
             files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), ids[0])
             if len(files) < 2:
                 raise DataError(f"{path}: the DICOM series has {len(files)} slice(s); expected a 3D series")
-            return
+            return ""
         reader = sitk.ImageFileReader()
         reader.SetFileName(str(path))
         reader.ReadImageInformation()
@@ -285,34 +460,20 @@ def _check_header(path: Path) -> None:
     if len(size) != 3 or reader.GetNumberOfComponents() != 1:
         raise DataError(f"{path}: expected a single-channel 3D volume, got size {reader.GetSize()} with "
                         f"{reader.GetNumberOfComponents()} component(s)")
+    pixel = reader.GetPixelID()
+    if not label and pixel in (sitk.sitkUInt8, sitk.sitkInt8):
+        return (f"{path} looks like a label map (8-bit integer data, "
+                f"{sitk.GetPixelIDValueAsString(pixel)}); CTs need 16-bit or wider values")
+    return ""
 
 
 def prepare_ct(path: Path, label_path: Path | None, resolution: int, volume_mm: float,
                pad_hu: float = -1024.0) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Read a CT (and its label map), resample to ``volume_mm / resolution`` mm voxels (anti-aliased)
     and centre crop/pad to ``resolution^3``: ``(HU rounded to integers, labels uint8 or None)``."""
-    import torchio as tio
-
-    ct = read_torchio(path)
-    images = {"ct": ct}
-    if label_path is not None:
-        lab = read_torchio(label_path, label=True)
-        if tuple(lab.spatial_shape) != tuple(ct.spatial_shape) or not torch.allclose(
-                torch.as_tensor(lab.affine), torch.as_tensor(ct.affine), atol=1e-2):
-            raise DataError(f"{label_path}: the label map is on another grid than its CT {path} (shape "
-                            f"{tuple(lab.spatial_shape)} vs {tuple(ct.spatial_shape)}, spacing "
-                            f"{tuple(round(s, 3) for s in lab.spacing)} vs {tuple(round(s, 3) for s in ct.spacing)}); "
-                            f"expected the same voxel grid")
-        images["labels"] = lab
-    r = resolution
-    subject = tio.Resample(volume_mm / r, antialias=True)(tio.Subject(**images))
-    hu = crop_or_pad(torchio_to_canonical(subject["ct"]).float(), (r, r, r), pad_hu).round()
-    if not torch.isfinite(hu).all():
-        raise DataError(f"{path}: the volume holds NaN or infinite values")
-    labels = None
-    if label_path is not None:
-        labels = crop_or_pad(torchio_to_canonical(subject["labels"]), (r, r, r), 0).to(torch.uint8)
-    return hu, labels
+    grid = load_grid_ct(path, label_path, resolution, volume_mm, pad_hu)
+    labels = grid.labels.to(torch.uint8) if grid.labels is not None else None
+    return grid.hu, labels
 
 
 @hookimpl
