@@ -1,0 +1,150 @@
+"""Real data at scale (issue 17): TCIA-like DICOM trees, cache identity, label presets, frames, messy folders."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from x2ct_framework.errors import DataError
+from x2ct_framework.phantom import chest_phantom
+from x2ct_framework.plugins import get_plugin_manager
+from x2ct_framework.stage import Stage
+
+
+def create(name: str, split: str = "train", resolution: int = 16, **options):
+    reg = get_plugin_manager().registry("dataset")
+    return reg.create(name, options, split=split, stage=Stage("s", 1, resolution, {}))
+
+
+def write_series(folder, vol_zyx: np.ndarray, uid: str, *, spacing=(20.0, 20.0, 20.0), modality="CT", skip=(),
+                 origin=(0.0, 0.0, 0.0)):
+    """A DICOM series written slice by slice (z toward the head), leaving out the slice indices in ``skip``."""
+    import pydicom
+    from test_io import write_dicom_slice
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for k, plane in enumerate(vol_zyx):
+        if k in skip:
+            continue
+        path = folder / f"{k:03d}.dcm"
+        write_dicom_slice(path, plane + 1024, position=(origin[0], origin[1], origin[2] + k * spacing[2]),
+                          spacing=spacing[:2], thickness=spacing[2], intercept=-1024.0, instance=k + 1,
+                          series_uid=uid)
+        if modality != "CT":
+            ds = pydicom.dcmread(str(path))
+            ds.Modality = modality
+            ds.save_as(str(path))
+
+
+@pytest.fixture(scope="module")
+def phantom8():
+    """An 8-slice 16x16 CT (a phantom's middle, HU) as DICOM z-order."""
+    hu, _ = chest_phantom(16, seed=3)
+    return hu[4:12].flip(0).numpy().astype(np.int16)
+
+
+# ---- DICOM discovery --------------------------------------------------------------------------
+def test_tcia_nested_layout_picks_the_ct_series(tmp_path, phantom8):
+    from x2ct_framework.dicom import find_ct_series
+
+    root = tmp_path / "LIDC-IDRI"
+    for p in ("LIDC-0001", "LIDC-0002"):
+        write_series(root / p / "01-01-2000-NA-CT CHEST-1" / "3000566.000000-NA-03192", phantom8, f"1.2.{p[-1]}.1")
+    # a non-CT series (segmentation) beside the CT of the first patient, and an XML annotation file
+    write_series(root / "LIDC-0001" / "01-01-2000-NA-CT CHEST-1" / "300.000000-SEG-1", phantom8[:2], "1.2.1.9",
+                 modality="SEG")
+    (root / "LIDC-0001" / "01-01-2000-NA-CT CHEST-1" / "3000566.000000-NA-03192" / "069.xml").write_text("<x/>")
+    series = find_ct_series(root / "LIDC-0001")
+    assert series.uid == "1.2.1.1" and series.slices == 8 and series.slice_step == pytest.approx(20.0)
+    ds = create("ct_folder", root=str(root), split_fractions=[1, 0, 0], cache=False)
+    assert sorted(c.name for c in ds.cases) == ["LIDC-0001", "LIDC-0002"]
+    item = ds[0]
+    assert item["ct"].shape == (1, 16, 16, 16)
+    # the 8 slices (160 mm) sit in the middle of the 320 mm field of view, padded with air above and below
+    hu = item["ct"][0] * 4000 - 1000
+    assert torch.allclose(hu[4:12], torch.from_numpy(phantom8.astype(np.float32)).flip(0), atol=1.0)
+    assert (hu[:4] < -990).all()
+
+
+def test_missing_slice_and_two_series_are_errors_naming_case_and_series(tmp_path, phantom8, caplog):
+    root = tmp_path / "cts"
+    write_series(root / "gap" / "study" / "s1", phantom8, "9.9.1", skip=(3,))
+    write_series(root / "two" / "study" / "s1", phantom8, "9.9.2")
+    write_series(root / "two" / "study" / "s2", phantom8[:6], "9.9.3")
+    write_series(root / "onlyseg" / "s", phantom8, "9.9.4", modality="SEG")
+    with pytest.raises(DataError) as exc:
+        create("ct_folder", root=str(root), split_fractions=[1, 0, 0], cache=False)
+    msg = str(exc.value)
+    assert "'gap'" in msg and "9.9.1" in msg and "missing slice" in msg and "40.00 mm" in msg
+    write_series(root / "fine" / "s", phantom8, "9.9.5")
+    with caplog.at_level(logging.WARNING):
+        ds = create("ct_folder", root=str(root), split_fractions=[1, 0, 0], cache=False, on_bad_case="skip")
+    assert [c.name for c in ds.cases] == ["fine"]
+    text = caplog.text
+    assert "'two'" in text and "9.9.2" in text and "9.9.3" in text and 'series = "largest"' in text
+    assert "'onlyseg'" in text and "no CT series" in text and "SEG" in text
+
+
+def test_series_choice_largest_or_uid(tmp_path, phantom8):
+    root = tmp_path / "cts"
+    write_series(root / "two" / "a", phantom8, "9.9.2")
+    write_series(root / "two" / "b", phantom8[:6], "9.9.3")
+    largest = create("ct_folder", root=str(root), split_fractions=[1, 0, 0], cache=False, series="largest")
+    assert largest.cases[0].series_uid == "9.9.2" and len(largest.cases[0].files) == 8
+    by_uid = create("ct_folder", root=str(root), split_fractions=[1, 0, 0], cache=False, series="9.9.3")
+    assert len(by_uid.cases[0].files) == 6
+    with pytest.raises(DataError, match="no series with SeriesInstanceUID 1.2.3"):
+        create("ct_folder", root=str(root), split_fractions=[1, 0, 0], cache=False, series="1.2.3")
+
+
+# ---- the cache ----------------------------------------------------------------------------------
+def save(path, vol: torch.Tensor, spacing: float = 20.0, dtype=np.int16, origin=None):
+    """A canonical [D, H, W] volume as NIfTI ([W, H, D] toward Left, Posterior, Inferior), its corner voxel at ``origin``."""
+    import nibabel as nib
+
+    affine = np.diag([-spacing, -spacing, -spacing, 1.0])
+    if origin is not None:
+        affine[:3, 3] = origin
+    nib.save(nib.Nifti1Image(vol.permute(2, 1, 0).numpy().astype(dtype), affine), str(path))
+
+
+def test_replaced_ct_behind_a_warm_cache_is_read_again(tmp_path):
+    root, cache = tmp_path / "cts", tmp_path / "cache"
+    root.mkdir()
+    first, _ = chest_phantom(16, seed=1)
+    second, _ = chest_phantom(16, seed=2)
+    save(root / "a.nii.gz", first)
+    opts = dict(root=str(root), split_fractions=[1, 0, 0], cache_dir=str(cache), geometry="parallel")
+    old = create("ct_folder", **opts)[0]
+    assert torch.allclose(old["ct"][0] * 4000 - 1000, first, atol=0.5)
+    save(root / "a.nii.gz", second)  # the same path, another CT
+    new = create("ct_folder", **opts)[0]
+    assert torch.allclose(new["ct"][0] * 4000 - 1000, second, atol=0.5)
+    from x2ct_framework.physics import drr, make_geometry
+
+    ref = drr(new["ct"][None], {k: v[None] for k, v in make_geometry([0, 90], "parallel").items()},
+              (-1000.0, 3000.0), det_shape=(16, 16))[0]
+    assert torch.allclose(new["xrays"], ref, atol=1e-5)  # the X-rays are the new CT's, not the cached old ones
+    assert not torch.allclose(new["xrays"], old["xrays"], atol=1e-3)
+    assert len(list((cache / "volume").glob("*/*/meta.json"))) == 2
+
+
+def test_values_beyond_int16_survive_the_cache(tmp_path):
+    root, cache = tmp_path / "cts", tmp_path / "cache"
+    root.mkdir()
+    hu, _ = chest_phantom(16, seed=1)
+    hu[8, 8, 6:9] = 40000.0  # metal
+    save(root / "metal.nii.gz", hu, dtype=np.int32)
+    opts = dict(root=str(root), split_fractions=[1, 0, 0], cache_dir=str(cache), hu_window=[-1000, 41000])
+    cold = create("ct_folder", **opts)[0]
+    warm = create("ct_folder", **opts)[0]
+    for item in (cold, warm):
+        assert float(item["ct"][0, 8, 8, 7]) * 42000 - 1000 == pytest.approx(40000.0, abs=1.0)
+    assert torch.equal(cold["ct"], warm["ct"])
+    stored = np.load(next((cache / "volume").glob("*/*/hu.npy")), mmap_mode="r")
+    assert stored.dtype == np.int32 and int(stored.max()) == 40000
