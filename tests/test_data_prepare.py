@@ -148,3 +148,73 @@ def test_values_beyond_int16_survive_the_cache(tmp_path):
     assert torch.equal(cold["ct"], warm["ct"])
     stored = np.load(next((cache / "volume").glob("*/*/hu.npy")), mmap_mode="r")
     assert stored.dtype == np.int32 and int(stored.max()) == 40000
+
+
+# ---- x2ct prepare -------------------------------------------------------------------------------
+PREPARE_RECIPE = """
+name = "prep"
+seed = 0
+output_dir = "{out}"
+
+[data]
+name = "ct_folder"
+root = "{root}"
+cache_dir = "{cache}"
+views = [0, 90]
+geometry = "parallel"
+
+[model]
+name = "vit_cascade"
+tokens = 4
+dim = 16
+depth = 1
+heads = 2
+channels = 4
+encoder = "test_resnet"
+
+[[stages]]
+name = "stage1"
+resolution = 8
+epochs = 1
+losses = {{ l1 = 1.0 }}
+
+[[stages]]
+name = "stage2"
+resolution = 16
+epochs = 1
+losses = {{ l1 = 1.0 }}
+"""
+
+
+def test_prepare_fills_the_cache_resumes_and_datasets_read_the_manifest(tmp_path, monkeypatch, capsys):
+    import x2ct_plugins.datasets.ct_folder as mod
+    from x2ct_framework.cli import main
+
+    root, cache = tmp_path / "cts", tmp_path / "cache"
+    root.mkdir()
+    for i in range(3):
+        save(root / f"case{i}.nii.gz", chest_phantom(16, seed=20 + i)[0])
+    recipe = tmp_path / "prep.toml"
+    recipe.write_text(PREPARE_RECIPE.format(out=tmp_path / "runs", root=root, cache=cache))
+    assert main(["prepare", str(recipe), "--workers", "2", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "prepared 6, already cached 0, failed 0" in out and "cases/min per worker" in out  # 3 cases x 2 stages
+    assert len(list((cache / "volume").glob("*/*/meta.json"))) == 6
+    assert len(list((cache / "drr").glob("*/*/xrays.npy"))) == 6
+    assert len(list((cache / "manifests").glob("*.json"))) == 1
+    assert main(["prepare", str(recipe), "--workers", "0", "--no-progress"]) == 0
+    assert "prepared 0, already cached 6" in capsys.readouterr().out  # resumable: nothing done twice
+    # datasets read the manifest (no discovery) and the prepared entries (no reading, no rendering)
+    monkeypatch.setattr(mod.CTFolderDataset, "_discover", lambda self: pytest.fail("discovered again"))
+    monkeypatch.setattr(mod, "load_grid_ct", lambda *a, **k: pytest.fail("resampled again"))
+    monkeypatch.setattr(mod, "render_views", lambda *a, **k: pytest.fail("rendered again"))
+    for resolution in (8, 16):
+        ds = create("ct_folder", root=str(root), cache_dir=str(cache), views=[0, 90], geometry="parallel",
+                    resolution=resolution)
+        item = ds[0]
+        assert item["ct"].shape == (1,) + (resolution,) * 3 and item["xrays"].shape == (2, 1, resolution, resolution)
+    # a bad case is reported with its name and the exit status 2
+    (root / "case0.nii.gz").write_bytes(b"not a volume")
+    monkeypatch.undo()
+    assert main(["prepare", str(recipe), "--workers", "0", "--no-progress"]) == 2
+    assert "case0" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""The ``x2ct`` command: run, validate, evaluate, predict, plugins."""
+"""The ``x2ct`` command: run, prepare, validate, evaluate, predict, plugins."""
 
 from __future__ import annotations
 
@@ -21,12 +21,12 @@ def validate(args: argparse.Namespace) -> int:
     for stage in stages(recipe):
         model = build_model(recipe, stage)
         losses = build_losses(recipe, stage)
-        datasets = {split: build_dataset(recipe, stage, split) for split in ("train", "val")}
+        datasets = {split: build_dataset(recipe, stage, split) for split in ("train", "val", "test")}
         sizes = {split: len(ds) for split, ds in datasets.items()}
         n_params = sum(p.numel() for p in model.parameters())
         terms = ", ".join(f"{t.name}x{t.weight:g}" for t in losses.terms)
         print(f"  {stage.name}: {stage.resolution}^3, model {recipe['model']['name']} ({n_params / 1e6:.2f} M params), "
-              f"losses {terms or 'none'}, train {sizes['train']} / val {sizes['val']} cases")
+              f"losses {terms or 'none'}, train {sizes['train']} / val {sizes['val']} / test {sizes['test']} cases")
         print(f"    model: {describe_for_sample(model, datasets['train'][0])}")
     print("ok")
     return 0
@@ -109,12 +109,24 @@ def predict(args: argparse.Namespace) -> int:
     return predict_main(args)
 
 
+def prepare(args: argparse.Namespace) -> int:
+    """Discover, resample and render every case into the dataset cache (see x2ct_framework.prepare)."""
+    from x2ct_framework.prepare import main as prepare_main
+
+    return prepare_main(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="x2ct", description="x2ct-framework: CT from X-ray views")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("run", help="train a recipe")
     add_run_arguments(p)
     p.set_defaults(fn=run)
+    p = sub.add_parser("prepare", help="discover, resample and render every case into the dataset cache")
+    from x2ct_framework.prepare import add_prepare_arguments
+
+    add_prepare_arguments(p)
+    p.set_defaults(fn=prepare)
     p = sub.add_parser("validate", help="build every component of a recipe without training")
     p.add_argument("recipe")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")

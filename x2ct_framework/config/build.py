@@ -70,6 +70,16 @@ def build_dataset(recipe: Recipe, stage: Stage, split: str) -> torch.utils.data.
     return dataset
 
 
+def loader_options(num_workers: int) -> dict[str, Any]:
+    """DataLoader options for ``num_workers``: workers stay alive across epochs (their in-memory caches
+    and open memory maps with them), and batches are pinned for fast copies when a GPU is present."""
+    workers = int(num_workers)
+    opts: dict[str, Any] = {"num_workers": workers, "pin_memory": torch.cuda.is_available()}
+    if workers > 0:
+        opts["persistent_workers"] = True
+    return opts
+
+
 def build_model(recipe: Recipe, stage: Stage) -> nn.Module:
     opts = model_options(recipe, stage)
     name = opts.pop("name")

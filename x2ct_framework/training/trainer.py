@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from x2ct_framework import __version__
 from x2ct_framework import checkpoint as ckpt
 from x2ct_framework.config.build import (build_dataset, build_losses, build_metrics, build_model, load_recipe_plugins, model_options,
-                    stages)
+                    loader_options, stages)
 from x2ct_framework.training.cascade import PreviousStages, previous_stages
 from x2ct_framework.errors import CheckpointError, RecipeError, X2CTError
 from x2ct_framework.training.logbook import Logbook
@@ -367,9 +367,9 @@ class Trainer:
         cap = train["max_steps_per_epoch"] * accum * batch_size * acc.num_processes
         sampler = EpochSampler(len(train_set), seed, limit=cap)
         workers_seed = torch.Generator()  # reseeded each epoch: worker seeds follow (seed, epoch) too
-        train_dl = DataLoader(train_set, batch_size=batch_size, sampler=sampler, num_workers=train["num_workers"],
+        train_dl = DataLoader(train_set, batch_size=batch_size, sampler=sampler, **loader_options(train["num_workers"]),
                               generator=workers_seed)
-        val_dl = DataLoader(val_set, batch_size=batch_size, shuffle=False, num_workers=train["num_workers"])
+        val_dl = DataLoader(val_set, batch_size=batch_size, shuffle=False, **loader_options(train["num_workers"]))
         optimizer = make_optimizer(opts["optimizer"], params, lr, opts["weight_decay"], opts["optimizer_options"],
                                    where("optimizer"))
         ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(train["ema"]["decay"]), use_buffers=True)
