@@ -218,3 +218,46 @@ def test_prepare_fills_the_cache_resumes_and_datasets_read_the_manifest(tmp_path
     monkeypatch.undo()
     assert main(["prepare", str(recipe), "--workers", "0", "--no-progress"]) == 2
     assert "case0" in capsys.readouterr().err
+
+
+# ---- label maps ---------------------------------------------------------------------------------
+def test_totalsegmentator_label_map_is_remapped_to_the_framework_codes(tmp_path, caplog):
+    from x2ct_framework.conventions import BONE, FAT, HEART, LUNG, SOFT, VESSEL
+    from x2ct_framework.evaluation.evaluate import structures_from
+
+    hu, codes = chest_phantom(16, seed=5)
+    # the same anatomy coded as TotalSegmentator v2 ("total") would: lobes, ribs, aorta, heart; fat and skin unlabelled
+    ts = torch.zeros_like(codes, dtype=torch.int16)
+    ts[codes == LUNG] = 12          # lung_upper_lobe_right
+    ts[codes == BONE] = 95          # rib_left_4
+    ts[codes == VESSEL] = 52        # aorta
+    ts[codes == HEART] = 51         # heart
+    ts[codes == SOFT] = 5           # liver
+    ts[0, 0, 0] = 2                 # kidney_right: soft tissue, not lung (as label 2 would read unmapped)
+    root = tmp_path / "cts"
+    (root / "seg").mkdir(parents=True)
+    save(root / "p1.nii.gz", hu)
+    save(root / "seg" / "p1.nii.gz", ts, dtype=np.uint8)
+    opts = dict(root=str(root), labels_dir=str(root / "seg"), split_fractions=[1, 0, 0], cache=False)
+    with pytest.raises(DataError, match="not a framework code"):  # read unmapped, refused rather than misread
+        create("ct_folder", **opts)[0]
+    ds = create("ct_folder", labels="totalsegmentator", **opts)
+    got = ds[0]["labels"][0]
+    for code in (LUNG, BONE, VESSEL, HEART):
+        assert torch.equal(got == code, codes == code)
+    assert got[0, 0, 0] != LUNG
+    fat = (codes == FAT) & (hu >= -190) & (hu <= -30)
+    assert (got[fat] == FAT).all()  # unlabelled body voxels filled by HU (TotalSegmentator labels no fat)
+    source = ds.label_source
+    assert source["name"] == "totalsegmentator" and source["groups"]["lung"] == "10-14"
+    text = structures_from(source, True)
+    assert "totalsegmentator" in text and "lung <- 10-14" in text and "heart <- 51, 61" in text
+    assert "HU thresholds" in structures_from(None, False)
+    # a custom table, and a map that covers too little of the body
+    sparse = torch.zeros_like(ts)
+    sparse[codes == BONE] = 7
+    save(root / "seg" / "p1.nii.gz", sparse, dtype=np.uint8)
+    with caplog.at_level(logging.WARNING):
+        item = create("ct_folder", labels={"map": {"7": "bone"}, "other": "background"}, **opts)[0]
+    assert torch.equal(item["labels"][0] == BONE, codes == BONE)
+    assert "covers" in caplog.text and "% of the body" in caplog.text

@@ -151,7 +151,9 @@ def evaluate(target: Target, split: str = "test", protocols: list[str] = ("defau
     worst_pool: list[tuple[float, int]] = []  # (badness, index) of the cases kept as worst
     from tqdm.auto import tqdm
 
+    with_labels = 0
     for batch in tqdm(loader, desc=f"evaluate {stage.name}/{split}", disable=not progress, dynamic_ncols=True):
+        with_labels += int("labels" in batch)
         if "ct" not in batch:
             raise DataError(f"split {split!r} of dataset {recipe['data']['name']!r} has no target CT ('ct') to score against")
         batch = _to(batch, dev)
@@ -185,7 +187,8 @@ def evaluate(target: Target, split: str = "test", protocols: list[str] = ("defau
     summary = {k: aggregate(v, n_boot, seed=recipe["seed"]) for k, v in values.items()}
     info = {"recipe": str(recipe.path), "name": recipe.name, "stage": stage.name, "resolution": stage.resolution,
             "checkpoint": str(target.checkpoint), "split": split, "cases": len(case_ids), "hu_window": list(hu_window),
-            "device": str(dev), "bootstrap": n_boot}
+            "device": str(dev), "bootstrap": n_boot,
+            "structures_from": structures_from(getattr(dataset, "label_source", None), with_labels > 0)}
     ev = Evaluation(case_ids, values, summary, protos, info, kept=kept)
     if out_dir is not None:
         if worst:
@@ -282,6 +285,20 @@ def structure_table(ev: Evaluation, proto: Protocol) -> str:
     return head + "\n" + "\n".join(rows)
 
 
+def structures_from(label_source: dict | None, had_labels: bool) -> str:
+    """Where the per-structure reference regions came from, in words: the label maps and their mapping, or HU."""
+    if not had_labels:
+        return "HU thresholds of the target CT (the data carries no label maps)"
+    if not label_source:
+        return "the dataset's label maps (in the framework's codes)"
+    groups = "; ".join(f"{k} <- {v}" for k, v in label_source.get("groups", {}).items())
+    text = f"label maps {label_source.get('maps', '')}, mapping {label_source.get('name', '')!r}"
+    if label_source.get("identity"):
+        return text + " (already in the framework's codes)"
+    return text + (f" ({groups}; other ids -> {label_source.get('other')}"
+                   + ("; unlabelled body voxels -> soft tissue/fat" if label_source.get("fill_body") else "") + ")")
+
+
 def markdown(ev: Evaluation, out_dir: Path | None = None) -> str:
     i = ev.info
     lines = [f"# Evaluation: {i.get('name', '')} {i.get('stage', '')} on the {i.get('split', '')} split", "",
@@ -293,7 +310,8 @@ def markdown(ev: Evaluation, out_dir: Path | None = None) -> str:
         lines += [f"## Protocol `{proto.name}`", "", metric_table(ev, proto, ("global", "landmark")), ""]
         st = structure_table(ev, proto) if any(g == "structure" for g in proto.groups.values()) else ""
         if st:
-            lines += ["Per-structure scores (labels when the data has them, else HU thresholds):", "", st, ""]
+            lines += [f"Per-structure scores; reference regions from {i.get('structures_from', 'labels or HU thresholds')}:",
+                      "", st, ""]
         lines += ["Conventions:", ""] + [f"- {c}" for c in proto.conventions] + [""]
         if proto.notes:
             lines += ["Notes:", ""] + [f"- {n}" for n in proto.notes] + [""]
