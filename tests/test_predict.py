@@ -257,3 +257,42 @@ def test_round_trip_through_ct_folder_places_anatomy_where_it_was(echo_run, tmp_
     assert tuple(ct_hu.shape) == (16, 16, 16)
     assert float((ct_hu - anatomy).abs().max()) < 1.0
     assert item["spacing"].tolist() == pytest.approx([20.0, 20.0, 20.0])
+
+
+def _centre(img) -> np.ndarray:
+    return np.array(img.TransformContinuousIndexToPhysicalPoint([(s - 1) / 2 for s in img.GetSize()]))
+
+
+def test_predict_like_ct_overlays_the_reference_ct(echo_run, tmp_path):
+    """The output opens in the reference CT's frame: SimpleITK puts both centres at the same point."""
+    import SimpleITK as sitk
+
+    from x2ct_framework.phantom import chest_phantom
+
+    hu, _ = chest_phantom(32, seed=4)  # 10 mm voxels; 24 slices: a 320 x 320 x 240 mm scan
+    affine = np.diag([-10.0, -10.0, -10.0, 1.0])
+    centre = np.array([-13.7, -8.0, -175.0])  # RAS mm, as a real chest CT's centre
+    affine[:3, 3] = centre - affine[:3, :3] @ np.array([15.5, 15.5, 11.5])
+    ct = tmp_path / "ct.nii.gz"
+    nib.save(nib.Nifti1Image(hu[4:28].permute(2, 1, 0).numpy().astype(np.int16), affine), str(ct))
+    case = _case(tmp_path / "case1")
+    out = tmp_path / "out" / "pred.nii.gz"
+    assert x2ct_main(["predict", str(echo_run), str(case), "--geometry", "recipe", "--out", str(out), "--like",
+                      str(ct), "--device", "cpu", "--no-progress"]) == 0
+    src, pred = sitk.ReadImage(str(ct)), sitk.ReadImage(str(out))
+    assert pred.GetSpacing() == pytest.approx((20.0,) * 3)  # the model's 16^3 grid over 320 mm
+    assert np.abs(_centre(pred) - _centre(src)).max() < 20.0  # same physical centre within a voxel
+    assert np.allclose(np.array(pred.GetDirection()).reshape(3, 3), np.array(src.GetDirection()).reshape(3, 3))
+    meta = json.loads(out.with_name("pred.json").read_text())
+    assert meta["frame"]["like"] == str(ct)
+    assert np.allclose(meta["frame"]["origin_lps"], pred.GetOrigin())
+    # without --like the isocentre sits at the origin, and the sidecar says so
+    plain = tmp_path / "out" / "plain.nii.gz"
+    predict(resolve_target(echo_run), [case], plain, geometry="recipe", progress=False)
+    assert np.abs(_centre(sitk.ReadImage(str(plain)))).max() < 1e-6
+    assert "origin" in json.loads(plain.with_name("plain.json").read_text())["frame"]["placed"]
+    # a case folder naming its CT (the paired_xray layout) is placed in that CT's frame without --like
+    paired = _case(tmp_path / "paired", geometry='views = [0, 90]\nct = "ct.nii.gz"\n')
+    (paired / "ct.nii.gz").write_bytes(ct.read_bytes())
+    res = predict(resolve_target(echo_run), [paired], tmp_path / "out2", progress=False)
+    assert np.abs(_centre(sitk.ReadImage(str(res[0].path))) - _centre(src)).max() < 20.0

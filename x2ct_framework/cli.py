@@ -92,6 +92,8 @@ def add_predict_arguments(p: argparse.ArgumentParser) -> None:
                    help="use view angles or geometry other than the training ones (logged)")
     p.add_argument("--spacing", type=float, nargs="+", metavar="MM", help="output voxel size (x y z or one value)")
     p.add_argument("--dtype", default="float32", choices=("float32", "int16"))
+    p.add_argument("--like", metavar="CT", help="write the volume in this CT's world frame (the framework's crop of "
+                                                "it), so it overlays the CT; default: isocentre at the origin")
     p.add_argument("--no-progress", dest="progress", action="store_false")
 
 

@@ -17,8 +17,14 @@ number of views; other angles unless ``--allow-geometry-mismatch``) or adapted w
 (image size: resized, after padding to the training aspect ratio; ``--resize off`` refuses instead).
 
 Output: one ``<case>.nii.gz`` per case in HU (float32), in the framework's canonical orientation
-(array axes toward patient Left, Posterior, Inferior; affine with the voxel spacing and the isocentre
-at the origin), plus ``<case>.json`` recording inputs, geometry, checkpoint and every adaptation.
+(array axes toward patient Left, Posterior, Inferior), plus ``<case>.json`` recording inputs,
+geometry, checkpoint, every adaptation and the world frame. The frame (the affine's origin) is
+
+- the reference CT's, with ``--like CT`` or when the case's geometry file names its CT (``ct =
+  "ct.nii.gz"``, the ``paired_xray`` layout): the grid the framework cuts from that CT (resampled to
+  the output spacing and cropped as the recipe's ``crop`` says), so the prediction overlays the CT
+  in 3D Slicer or ITK-SNAP;
+- else the isocentre at the world origin.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from x2ct_framework.errors import DataError, X2CTError
+from x2ct_framework.io import grid_frame
 from x2ct_framework.loading import load_model, pick_device
 from x2ct_framework.runs import Target, data_options_with_defaults, hu_window_of, resolve_target
 
@@ -72,6 +79,7 @@ def geometry_from_spec(spec: dict[str, Any], where: str) -> dict[str, torch.Tens
 
     spec = dict(spec)
     spec.pop("files", None)
+    spec.pop("ct", None)  # the case's CT (paired_xray layout): the output frame, not geometry
     views = spec.pop("views", None)
     if views is None:
         views = spec.pop("angles", None)
@@ -174,6 +182,7 @@ class Case:
     spec: dict[str, Any] | None
     spec_source: str = ""
     notes: list[str] = field(default_factory=list)
+    like: Path | None = None
 
 
 def _case_from_folder(folder: Path, shared: dict[str, Any] | None, shared_src: str) -> Case:
@@ -188,10 +197,14 @@ def _case_from_folder(folder: Path, shared: dict[str, Any] | None, shared_src: s
         if missing:
             raise DataError(f"{src}: files lists image(s) not found in {folder}: {', '.join(missing)}")
     else:
-        files = sorted(p for p in folder.iterdir() if _is_image(p))
+        ct_name = (spec or {}).get("ct")
+        files = sorted(p for p in folder.iterdir() if _is_image(p) and p.name != ct_name)
     if not files:
         raise DataError(f"{folder}: no X-ray images found (expected {', '.join(_image_suffixes())} files)")
-    return Case(folder.name, files, spec, src)
+    like = folder / spec["ct"] if spec is not None and isinstance(spec.get("ct"), str) else None
+    if like is not None and not like.exists():
+        raise DataError(f"{src}: ct = {spec['ct']!r} not found in {folder}")
+    return Case(folder.name, files, spec, src, like=like)
 
 
 def collect_cases(inputs: list[str | Path], shared: dict[str, Any] | None, shared_src: str) -> list[Case]:
@@ -335,8 +348,10 @@ def canonical_affine(spacing_xyz: tuple[float, float, float], shape_dhw: tuple[i
     return a
 
 
-def save_nifti(path: str | Path, volume_hu: torch.Tensor, spacing_xyz, dtype: str = "float32") -> Path:
-    """Write a canonical ``[D, H, W]`` HU volume as NIfTI with its affine and spacing."""
+def save_nifti(path: str | Path, volume_hu: torch.Tensor, spacing_xyz, dtype: str = "float32",
+               affine: np.ndarray | None = None) -> Path:
+    """Write a canonical ``[D, H, W]`` HU volume as NIfTI with its affine (default: the isocentre at the
+    origin, see :func:`canonical_affine`) and spacing."""
     import nibabel as nib
 
     vol = volume_hu.detach().float().cpu().reshape(volume_hu.shape[-3:])
@@ -345,7 +360,8 @@ def save_nifti(path: str | Path, volume_hu: torch.Tensor, spacing_xyz, dtype: st
         data = np.clip(np.rint(data), -32768, 32767).astype(np.int16)
     else:
         data = data.astype(np.float32)
-    affine = canonical_affine(tuple(spacing_xyz), tuple(vol.shape))
+    if affine is None:
+        affine = canonical_affine(tuple(spacing_xyz), tuple(vol.shape))
     img = nib.Nifti1Image(data, affine)
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
@@ -374,6 +390,20 @@ def output_spacing(geo: dict[str, torch.Tensor], resolution: int, spacing: list[
     raise DataError("the geometry does not give the volume's physical size; pass --spacing MM")
 
 
+def like_frame(ct: Path, target: Target, resolution: int, spacing: tuple[float, float, float]) -> np.ndarray:
+    """The affine of the grid the framework cuts from the CT ``ct`` (resampled to ``spacing``, cropped
+    as the recipe's data options say), so a prediction written with it overlays that CT."""
+    from x2ct_framework.io import load_grid_ct
+
+    if max(spacing) - min(spacing) > 1e-6:
+        raise DataError(f"--like {ct}: the output voxels are not isotropic ({spacing}); the framework's grid is")
+    opts = data_options_with_defaults(target.recipe, target.stage)
+    grid = load_grid_ct(ct, None, resolution, spacing[0] * resolution, float(opts.get("pad_hu", -1024.0)),
+                        str(opts.get("crop", "centre")), float(opts.get("hu_offset", 0.0)), check_hu=False,
+                        series=str(opts.get("series", "")))
+    return grid.affine
+
+
 # ---- running ----------------------------------------------------------------------------------
 @dataclass
 class Prediction:
@@ -386,9 +416,13 @@ class Prediction:
 def predict(target: Target, inputs: list[str | Path], out: str | Path, *, geometry: str | None = None,
             views: list[float] | None = None, device: str = "auto", batch_size: int = 1, resize: str = "auto",
             normalize: str = "auto", allow_geometry_mismatch: bool = False, spacing: list[float] | None = None,
-            dtype: str = "float32", progress: bool = True) -> list[Prediction]:
+            dtype: str = "float32", progress: bool = True, like: str | Path | None = None) -> list[Prediction]:
     """Reconstruct every case of ``inputs`` and write ``<out>/<case>.nii.gz`` (or ``out`` itself for one
-    case when it ends in .nii/.nii.gz)."""
+    case when it ends in .nii/.nii.gz); ``like`` places every output in that CT's frame."""
+    if like is not None and not Path(like).exists():
+        raise DataError(f"--like {like}: reference CT not found (a NIfTI/NRRD/MHA file or a DICOM folder)")
+    if like is not None and spacing:
+        raise DataError("--like and --spacing: the reference CT's grid sets the frame; give one of them")
     shared, shared_src = None, ""
     if geometry is not None:
         gpath = Path(geometry)
@@ -437,12 +471,18 @@ def predict(target: Target, inputs: list[str | Path], out: str | Path, *, geomet
         for (case, _, g), vol in zip(group, vols):
             sp = output_spacing(g, vol.shape[-1], spacing, None)
             path = out if single_file else out / f"{case.case_id}.nii.gz"
-            save_nifti(path, vol * (hi - lo) + lo, sp, dtype)
+            ref = Path(like) if like is not None else case.like
+            affine = like_frame(ref, target, vol.shape[-1], sp) if ref is not None else None
+            path = save_nifti(path, vol * (hi - lo) + lo, sp, dtype, affine=affine)
+            frame = grid_frame(affine if affine is not None else canonical_affine(sp, tuple(vol.shape[-3:])))
+            frame["like"] = str(ref) if ref is not None else None
+            frame["placed"] = ("in the reference CT's frame (the framework's crop of it)" if ref is not None
+                               else "isocentre at the world origin (no reference CT; pass --like CT)")
             meta = {"case_id": case.case_id, "inputs": [str(f) for f in case.files], "geometry_from": case.spec_source,
                     "geometry": {k: torch.as_tensor(v).tolist() for k, v in g.items()},
                     "checkpoint": str(target.checkpoint), "recipe": str(target.recipe.path), "stage": target.stage.name,
                     "hu_window": [lo, hi], "spacing_mm_xyz": list(sp), "orientation": "LPI (array axes x, y, z)",
-                    "notes": case.notes}
+                    "frame": frame, "notes": case.notes}
             side = path.with_name(path.name.replace(".nii.gz", "").replace(".nii", "") + ".json")
             side.write_text(json.dumps(meta, indent=2))
             results.append(Prediction(case.case_id, path, sp, case.notes))
@@ -458,7 +498,7 @@ def main(args) -> int:
     results = predict(target, args.inputs, args.out, geometry=args.geometry, views=args.views, device=args.device,
                       batch_size=args.batch_size, resize=args.resize, normalize=args.normalize,
                       allow_geometry_mismatch=args.allow_geometry_mismatch, spacing=args.spacing, dtype=args.dtype,
-                      progress=args.progress)
+                      progress=args.progress, like=getattr(args, "like", None))
     for r in results:
         print(f"{r.case_id}: {r.path} (spacing {', '.join(f'{s:.3g}' for s in r.spacing)} mm)")
     return 0
