@@ -261,3 +261,75 @@ def test_totalsegmentator_label_map_is_remapped_to_the_framework_codes(tmp_path,
         item = create("ct_folder", labels={"map": {"7": "bone"}, "other": "background"}, **opts)[0]
     assert torch.equal(item["labels"][0] == BONE, codes == BONE)
     assert "covers" in caplog.text and "% of the body" in caplog.text
+
+
+# ---- messy folders ------------------------------------------------------------------------------
+def test_messy_folders_label_files_hu_storage_split_overlap_and_small_sets(tmp_path, caplog):
+    root = tmp_path / "cts"
+    root.mkdir()
+    hu, labels = chest_phantom(16, seed=8)
+    for name in ("a", "b", "c"):
+        save(root / f"{name}.nii.gz", hu)
+    save(root / "a_mask.nii.gz", labels.to(torch.int16))  # a label map by its name
+    save(root / "organs.nii.gz", labels, dtype=np.uint8)   # a label map by its 8-bit data
+    opts = dict(root=str(root), cache=False)
+    with caplog.at_level(logging.WARNING):
+        splits = {s: [c.name for c in create("ct_folder", split=s, **opts).cases] for s in ("train", "val", "test")}
+    assert sorted(sum(splits.values(), [])) == ["a", "b", "c"] and all(len(v) == 1 for v in splits.values())
+    assert "a_mask" in caplog.text and "organs" in caplog.text and "looks like a label map" in caplog.text
+    # one or two cases still give three splits; the reuse is announced
+    two = tmp_path / "two"
+    two.mkdir()
+    save(two / "x.nii.gz", hu)
+    save(two / "y.nii.gz", hu)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        got = {s: [c.name for c in create("ct_folder", root=str(two), cache=False, split=s).cases]
+               for s in ("train", "val", "test")}
+    assert len(got["train"]) == 1 and len(got["val"]) == 1 and got["test"] == got["val"]
+    assert "not held-out" in caplog.text
+    # a split file with a case in two splits
+    split_file = tmp_path / "splits.json"
+    split_file.write_text(json.dumps({"train": ["a", "b"], "val": ["c"], "test": ["b"]}))
+    with pytest.raises(DataError, match="in both the train and test splits: b"):
+        create("ct_folder", splits=str(split_file), **opts)
+    # unsigned HU + 1024: refused with the fix, read right with hu_offset
+    shifted = tmp_path / "shifted"
+    shifted.mkdir()
+    save(shifted / "u.nii.gz", hu + 1024, dtype=np.uint16)
+    with pytest.raises(DataError, match="hu_offset = -1024"):
+        create("ct_folder", root=str(shifted), cache=False, split_fractions=[1, 0, 0])[0]
+    fixed = create("ct_folder", root=str(shifted), cache=False, split_fractions=[1, 0, 0], hu_offset=-1024)[0]
+    assert torch.allclose(fixed["ct"][0] * 4000 - 1000, hu.clamp(-1000, 3000), atol=0.5)
+
+
+def test_body_and_lung_crops_warn_when_the_body_is_cut_and_keep_the_frame(tmp_path, caplog):
+    from x2ct_framework.io import load_grid_ct, obliquity_deg
+
+    hu, _ = chest_phantom(16, seed=2)
+    tall = torch.full((40, 16, 16), -1000.0)
+    tall[:16] = hu  # the chest at the top of a long scan, then abdomen and pelvis (soft tissue, no lung)
+    tall[16:] = torch.where(hu[8] > -950, 40.0, -1000.0).expand(24, -1, -1)
+    root = tmp_path / "cts"
+    root.mkdir()
+    save(root / "cap.nii.gz", tall, origin=(150.0, 150.0, 400.0))  # slice 0 (the top) at z = 400 mm
+    centre = load_grid_ct(root / "cap.nii.gz", None, 16, 320.0)
+    lung = load_grid_ct(root / "cap.nii.gz", None, 16, 320.0, crop="lung")
+    assert centre.body_cut > 0.3  # the centre crop of 40 slices leaves out the top of the chest and the pelvis
+    starts = {}
+    for name, grid in (("centre", centre), ("lung", lung)):
+        start = (400.0 - grid.affine[2, 3]) / 20.0  # the source slice at the grid's first slice, from its affine
+        assert start == int(start) and 0 <= start <= 24
+        starts[name] = int(start)
+        assert torch.equal(grid.hu, tall[int(start):int(start) + 16])  # the affine tells where the voxels came from
+        assert grid.affine[0, 3] == 150.0 and grid.affine[1, 3] == 150.0
+    assert starts["centre"] == 12 and starts["lung"] < 6  # the lung crop keeps the chest
+    ds = create("ct_folder", root=str(root), cache=False, split_fractions=[1, 0, 0])
+    with caplog.at_level(logging.WARNING):
+        item = ds[0]
+    assert "of the body out" in caplog.text and 'crop = "lung"' in caplog.text
+    assert torch.allclose(item["affine"], torch.as_tensor(centre.affine))
+    oblique = np.diag([-20.0, -20.0, -20.0, 1.0])
+    c, s = np.cos(np.radians(10)), np.sin(np.radians(10))
+    oblique[:3, :3] = oblique[:3, :3] @ np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]])
+    assert obliquity_deg(oblique) == pytest.approx(10.0, abs=1e-6) and obliquity_deg(np.eye(4)) == 0.0

@@ -36,6 +36,7 @@ class PrepareReport:
     prepared: int = 0
     cached: int = 0
     failed: dict[str, str] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
     workers: int = 1
     skipped_datasets: list[str] = field(default_factory=list)
@@ -71,12 +72,12 @@ def _dataset(stage_index: int, split: str):
     return _worker[key]
 
 
-def _prepare_one(job: tuple[int, str, int]) -> tuple[tuple[int, str, int], str, str]:
-    """(job, "prepared" | "cached" | "failed", message)."""
+def _prepare_one(job: tuple[int, str, int]) -> tuple[tuple[int, str, int], str, str | list[str]]:
+    """(job, "prepared" | "cached" | "failed", the case's warnings or the failure's message)."""
     stage_index, split, index = job
     try:
-        done = _dataset(stage_index, split).prepare_case(index)
-        return job, ("prepared" if done else "cached"), ""
+        warnings = _dataset(stage_index, split).prepare_case(index)
+        return job, ("cached" if warnings is None else "prepared"), list(warnings or [])
     except X2CTError as exc:
         return job, "failed", str(exc)
     except Exception as exc:  # a damaged file can raise anything in a reader
@@ -129,6 +130,10 @@ def prepare(recipe_path: str, overrides: list[str] = (), *, workers: int = 0, sp
         job, status, message = result
         if status == "prepared":
             report.prepared += 1
+            for w in message:
+                if w not in report.warnings:
+                    report.warnings.append(w)
+                    bar.write(f"warning: {w}")
         elif status == "cached":
             report.cached += 1
         else:
@@ -137,11 +142,18 @@ def prepare(recipe_path: str, overrides: list[str] = (), *, workers: int = 0, sp
         bar.set_postfix(prepared=report.prepared, cached=report.cached, failed=len(report.failed))
 
     if workers <= 1:
-        _init_worker(str(recipe.path), list(overrides), threads_per_worker or 1)
-        _worker["recipe"], _worker["stages"] = recipe, all_stages
-        logging.getLogger("x2ct_plugins").setLevel(logging.NOTSET)
-        for job in jobs:
-            record(_prepare_one(job))
+        import torch
+
+        level, threads = logging.getLogger("x2ct_plugins").level, torch.get_num_threads()
+        try:
+            _init_worker(str(recipe.path), list(overrides), threads_per_worker or threads)
+            _worker["recipe"], _worker["stages"] = recipe, all_stages
+            for job in jobs:
+                record(_prepare_one(job))
+        finally:
+            logging.getLogger("x2ct_plugins").setLevel(level)
+            torch.set_num_threads(threads)
+            _worker.clear()
     else:
         method = "fork" if sys.platform.startswith("linux") else "spawn"
         ctx = mp.get_context(method)

@@ -393,16 +393,18 @@ class CTFolderDataset(CaseListDataset):
         return DiskCache.key("drr", CACHE_VERSION, volume_key, geometry_fingerprint(geometry), self.image_size,
                              list(self.hu_window), self.mu_water, self.beer_lambert)
 
-    def prepare_case(self, j: int) -> bool:
-        """Fill the cache for case ``j`` (volume and un-augmented DRRs); False when it was there already."""
+    def prepare_case(self, j: int) -> list[str] | None:
+        """Fill the cache for case ``j`` (volume and un-augmented DRRs): its warnings (crop, obliquity,
+        label coverage), or None when both were cached already."""
         case = self.cases[j]
         volume_key = self._volume_key(case)
         geometry = case_geometry(self.views, self.geometry_option, self.volume_mm)
         if self.cache.has("volume", volume_key) and self.cache.has("drr", self._drr_key(volume_key, geometry)):
-            return False
+            return None
         hu, _, _, key = self._volume(j)
         self._xrays(hu_to_unit(hu, self.hu_window)[None], geometry, key)
-        return True
+        hit = self.cache.get("volume", key)
+        return list(hit[1].get("warnings", [])) if hit is not None else []
 
     def _xrays(self, ct: torch.Tensor, geometry, volume_key: str) -> torch.Tensor:
         key = self._drr_key(volume_key, geometry)
