@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 
 import numpy as np
 import pytest
@@ -104,7 +103,7 @@ def test_series_choice_largest_or_uid(tmp_path, phantom8):
 
 # ---- the cache ----------------------------------------------------------------------------------
 def save(path, vol: torch.Tensor, spacing: float = 20.0, dtype=np.int16, origin=None):
-    """A canonical [D, H, W] volume as NIfTI ([W, H, D] toward Left, Posterior, Inferior), its corner voxel at ``origin``."""
+    """A canonical [D, H, W] volume as NIfTI ([W, H, D] toward Left, Posterior, Inferior), voxel 0 at ``origin``."""
     import nibabel as nib
 
     affine = np.diag([-spacing, -spacing, -spacing, 1.0])

@@ -164,8 +164,9 @@ def _check(uid: str, members: list[tuple[Path, object]]) -> DicomSeries:
     if len(gaps):
         where = ", ".join(f"{z[i]:.1f} -> {z[i + 1]:.1f} mm" for i in gaps[:3])
         missing = int(sum(round(steps[i] / step) - 1 for i in gaps))
-        series.problems.append(f"about {missing} missing slice(s): gaps of {', '.join(f'{steps[i]:.2f}' for i in gaps[:3])}"
-                               f" mm between slice positions {where} where the step is {step:.2f} mm")
+        sizes = ", ".join(f"{steps[i]:.2f}" for i in gaps[:3])
+        series.problems.append(f"about {missing} missing slice(s): gaps of {sizes} mm between slice positions "
+                               f"{where} where the step is {step:.2f} mm")
     elif np.abs(steps - step).max() > STEP_TOLERANCE * step:
         series.problems.append(f"irregular slice spacing ({steps.min():.2f} to {steps.max():.2f} mm)")
     return series
@@ -212,4 +213,5 @@ def read_series(files: list[Path], where: str = ""):
     try:
         return reader.Execute()
     except RuntimeError as exc:
-        raise DataError(f"{where or files[0].parent}: could not read the DICOM series ({str(exc).strip()[:200]})") from exc
+        raise DataError(f"{where or files[0].parent}: could not read the DICOM series "
+                        f"({str(exc).strip()[:200]})") from exc

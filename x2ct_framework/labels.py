@@ -91,8 +91,9 @@ class LabelMapping:
         groups: dict[str, list[int]] = {}
         for src, code in sorted(self.table.items()):
             groups.setdefault(LABEL_NAMES[code], []).append(src)
-        return {"name": self.name, "description": self.description, "groups": {k: _ranges(v) for k, v in groups.items()},
-                "other": LABEL_NAMES[self.other], "fill_body": self.fill_body, "identity": self.identity}
+        return {"name": self.name, "description": self.description,
+                "groups": {k: _ranges(v) for k, v in groups.items()}, "other": LABEL_NAMES[self.other],
+                "fill_body": self.fill_body, "identity": self.identity}
 
 
 def _ranges(ids: list[int]) -> str:

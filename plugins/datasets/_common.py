@@ -282,7 +282,8 @@ def seeded_split(names: Sequence[str], fractions: Sequence[float], seed: int) ->
     the split before it (val reuses train's, test reuses val's) and :func:`split_reuse` says so.
     """
     if len(fractions) != 3 or any(f < 0 for f in fractions) or sum(fractions) <= 0:
-        raise ValueError(f"split_fractions: expected three non-negative numbers (train, val, test), got {list(fractions)}")
+        raise ValueError(f"split_fractions: expected three non-negative numbers (train, val, test), "
+                         f"got {list(fractions)}")
     order = sorted(names)
     random.Random(seed).shuffle(order)
     total = float(sum(fractions))

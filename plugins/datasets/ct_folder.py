@@ -349,9 +349,9 @@ class CTFolderDataset(CaseListDataset):
                             self.hu_offset, self.check_hu, case.files, self.series)
         warnings = list(grid.notes)
         if grid.body_cut > 0.02:
-            warnings.append(f"{case.path}: the {self.crop} crop to {self.volume_mm:g} mm leaves {100 * grid.body_cut:.0f}"
-                            f" % of the body out (the scan is larger than the field of view); crop = \"lung\" centres "
-                            f"on the lungs, a larger volume_mm keeps more")
+            warnings.append(f"{case.path}: the {self.crop} crop to {self.volume_mm:g} mm leaves "
+                            f"{100 * grid.body_cut:.0f} % of the body out (the scan is larger than the field of "
+                            f"view); crop = \"lung\" centres on the lungs, a larger volume_mm keeps more")
         labels = None
         cover = None
         if grid.labels is not None:
