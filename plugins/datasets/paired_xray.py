@@ -9,7 +9,9 @@ one. A ``geometry.toml`` in ``root`` itself applies to every case that has none.
 
 Images are resized to ``image_size`` (the detector's physical size stays ``detector_mm``, so the
 projector and the model see the same rays). With CTs the items carry ``ct`` for training and
-evaluation; without, they are inputs for inference only.
+evaluation (and ``affine``, the world frame of the CT's grid: ``x2ct predict`` writes such a case
+in it); without, they are inputs for inference only. ``crop``, ``hu_offset`` and ``check_hu`` as in
+``ct_folder``.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from x2ct_framework.physics import make_geometry
 from x2ct_framework.stage import Stage
 from x2ct_plugins.datasets._common import (SPLITS, bad_case, check_split, empty_split_error, hu_to_unit,
                                            read_list_file, read_split_file, seeded_split)
-from x2ct_plugins.datasets.ct_folder import prepare_ct
+from x2ct_framework.io import CROPS, load_grid_ct
 
 GEOMETRY_FILES = ("geometry.toml", "geometry.json")
 IMAGE_TYPES = IMAGE_SUFFIXES + DICOM_SUFFIXES + NIFTI_SUFFIXES + (".npy",)
@@ -67,7 +69,8 @@ class PairedXrayDataset(Dataset):
                  hu_window: list[float] = (-1000.0, 3000.0), image_size: int = 0, volume_mm: float = 320.0,
                  normalize: str = "auto", require_ct: bool = False, splits: str = "",
                  split_fractions: list[float] = (0.8, 0.1, 0.1), seed: int = 0, angle_tolerance: float = 1.0,
-                 on_bad_case: str = "error", pad_hu: float = -1024.0):
+                 on_bad_case: str = "error", pad_hu: float = -1024.0, crop: str = "centre", hu_offset: float = 0.0,
+                 check_hu: bool = True):
         check_split(split)
         if on_bad_case not in ("error", "skip"):
             raise ValueError(f"on_bad_case must be 'error' or 'skip', got {on_bad_case!r}")
@@ -86,6 +89,9 @@ class PairedXrayDataset(Dataset):
         self.on_bad_case = on_bad_case
         self.pad_hu = float(pad_hu)
         self.tolerance = float(angle_tolerance)
+        if crop not in CROPS:
+            raise ValueError(f"crop must be one of {list(CROPS)}, got {crop!r}")
+        self.crop, self.hu_offset, self.check_hu = crop, float(hu_offset), bool(check_hu)
         shared = next((self.root / n for n in GEOMETRY_FILES if (self.root / n).is_file()), None)
         self.shared_spec = _read_spec(shared) if shared is not None else None
         self.shared_source = str(shared) if shared is not None else ""
@@ -182,8 +188,9 @@ class PairedXrayDataset(Dataset):
         item = {"xrays": torch.stack(images), "geometry": case["geometry"],
                 "spacing": torch.full((3,), volume_mm / r), "case_id": case["name"]}
         if case["ct"] is not None:
-            hu, _ = prepare_ct(case["ct"], None, r, volume_mm, self.pad_hu)
-            item["ct"] = hu_to_unit(hu, self.hu_window)[None]
+            grid = load_grid_ct(case["ct"], None, r, volume_mm, self.pad_hu, self.crop, self.hu_offset, self.check_hu)
+            item["ct"] = hu_to_unit(grid.hu, self.hu_window)[None]
+            item["affine"] = torch.as_tensor(grid.affine, dtype=torch.float64)  # the CT's world frame
         return item
 
 
