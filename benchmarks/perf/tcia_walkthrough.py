@@ -35,7 +35,6 @@ cache_dir = "{cache}"
 views = [0, 90]
 geometry = "x2ctgan"
 crop = "lung"
-split_fractions = [0.5, 0.5, 0.0]
 
 [model]
 name = "vit_cascade"
