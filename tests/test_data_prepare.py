@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 
 import numpy as np
 import pytest
@@ -332,3 +333,18 @@ def test_body_and_lung_crops_warn_when_the_body_is_cut_and_keep_the_frame(tmp_pa
     c, s = np.cos(np.radians(10)), np.sin(np.radians(10))
     oblique[:3, :3] = oblique[:3, :3] @ np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]])
     assert obliquity_deg(oblique) == pytest.approx(10.0, abs=1e-6) and obliquity_deg(np.eye(4)) == 0.0
+
+
+def test_a_dicom_series_has_the_same_cache_identity_in_every_process(tmp_path, phantom8):
+    import subprocess
+    import sys
+
+    from x2ct_plugins.datasets._common import series_identity
+
+    write_series(tmp_path / "s", phantom8, "7.7.7")
+    files = sorted((tmp_path / "s").glob("*.dcm"))
+    code = ("import sys; from pathlib import Path; from x2ct_plugins.datasets._common import series_identity; "
+            "print(series_identity([Path(p) for p in sys.argv[1:]]))")
+    other = subprocess.run([sys.executable, "-c", code, *map(str, files)], capture_output=True, text=True,
+                           env={**os.environ, "PYTHONHASHSEED": "12345"}, check=True).stdout.strip()
+    assert other == series_identity(files)

@@ -182,7 +182,7 @@ def series_identity(files: Sequence[Path]) -> str:
     for f in files:
         st = Path(f).stat()
         h.update(f"{Path(f).name}:{st.st_size}:{st.st_mtime_ns};".encode())
-    for f in {files[0], files[len(files) // 2], files[-1]}:
+    for f in dict.fromkeys([files[0], files[len(files) // 2], files[-1]]):  # ordered: the same key in every process
         h.update(file_identity(f).encode())
     return f"series:{len(files)}:{h.hexdigest()[:16]}"
 
