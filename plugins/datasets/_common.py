@@ -257,6 +257,8 @@ class ArrayCache:
             for name, a in arrays.items():
                 np.save(tmp / f"{name}.npy", np.ascontiguousarray(a))
             (tmp / "meta.json").write_text(json.dumps({**(meta or {}), "arrays": list(arrays)}))
+            if final.exists() and not (final / "meta.json").is_file():  # a damaged entry left by a crash
+                shutil.rmtree(final, ignore_errors=True)
             try:
                 os.rename(tmp, final)
             except OSError:  # another writer was first (the folder exists and is not empty)
