@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from x2ct_framework.plugins import add_trust_arguments
 from x2ct_framework.run import add_run_arguments, report_errors, run
 
 
@@ -69,6 +70,7 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lpips", default="auto", choices=("auto", "on", "off"),
                    help="LPIPS in the default protocol: auto = when its weights are present")
     p.add_argument("--no-progress", dest="progress", action="store_false")
+    add_trust_arguments(p)
 
 
 def add_predict_arguments(p: argparse.ArgumentParser) -> None:
@@ -93,6 +95,7 @@ def add_predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--spacing", type=float, nargs="+", metavar="MM", help="output voxel size (x y z or one value)")
     p.add_argument("--dtype", default="float32", choices=("float32", "int16"))
     p.add_argument("--no-progress", dest="progress", action="store_false")
+    add_trust_arguments(p)
 
 
 def evaluate(args: argparse.Namespace) -> int:

@@ -54,6 +54,11 @@ class PluginManager:
         self.failed: dict[str, str] = {}
         self._entry_points_loaded = False
         self._registries: dict[str, Registry] | None = None
+        # Run folders are data: the plugins their recipe.toml names are imported only when the user named
+        # them too (their own recipe, --plugins: keys are resolved file paths or module names), when they
+        # are modules of installed distributions, or when the user passed --trust-run-plugins.
+        self.user_plugins: set[str] = set()
+        self.trust_run_plugins = False
 
     @property
     def hook(self):
@@ -107,6 +112,34 @@ class PluginManager:
             raise PluginError(f"plugin module {spec!r} failed to import: {type(exc).__name__}: {exc}") from exc
         self._register(module, spec, _distribution_of(module))
         return spec
+
+    def load_user_plugins(self, specs: list[str] | tuple[str, ...], base_dir: str | Path | None = None) -> None:
+        """Load plugins the user names on the command line (``--plugins``), relative to ``base_dir``."""
+        for spec in specs:
+            self.load_module(spec, base_dir)
+            self.user_plugins.add(plugin_key(spec, base_dir))
+
+    def allows_run_plugin(self, spec: str, base_dir: str | Path, run_dir: str | Path) -> bool | None:
+        """Whether a plugin named by a run folder's recipe may be imported: True (import it), None (the user
+        named a file of the same name, which is loaded already: skip this one); raises PluginError otherwise."""
+        key = plugin_key(spec, base_dir)
+        if self.trust_run_plugins or key in self.user_plugins:
+            return True
+        path = plugin_file(spec, base_dir)
+        if path is not None:
+            if any(Path(k).name == path.name for k in self.user_plugins if k.endswith(".py")):
+                return None
+            what = (f"the file {path}" + (", inside the run folder" if _inside(path, run_dir) else "")
+                    + ", which is not an installed distribution")
+        elif _installed_module(spec, run_dir):
+            return True
+        else:
+            what = f"the module {spec!r}, which is not part of an installed distribution"
+        raise PluginError(
+            f"{Path(run_dir) / 'recipe.toml'} names the plugin {spec!r} ({what}). A run folder is data, not "
+            f"code: the plugins its recipe names are not imported. If you trust it, name it yourself with "
+            f"--plugins {path if path is not None else spec} (or install it as a package), or pass "
+            f"--trust-run-plugins to import every plugin the run folder names.")
 
     def register_object(self, obj: Any, name: str, distribution: str = "in-process") -> None:
         """Register an already-imported plugin object (tests and notebooks)."""
@@ -193,6 +226,35 @@ class _NamedHooks:
         return call
 
 
+def plugin_key(spec: str, base_dir: str | Path | None = None) -> str:
+    """How a plugin entry is remembered: its resolved file path, or its module name."""
+    path = plugin_file(spec, base_dir)
+    return str(path) if path is not None else spec
+
+
+def _inside(path: Path, folder: str | Path) -> bool:
+    try:
+        return Path(path).resolve().is_relative_to(Path(folder).resolve())
+    except OSError:
+        return False
+
+
+def _installed_module(spec: str, run_dir: str | Path) -> bool:
+    """A dotted module name whose top-level package belongs to an installed distribution (and is not a
+    folder inside the run folder)."""
+    top = spec.split(".")[0]
+    if not top.isidentifier() or top not in importlib.metadata.packages_distributions():
+        return False
+    try:
+        found = importlib.util.find_spec(top)
+    except (ImportError, ValueError):
+        return False
+    origin = getattr(found, "origin", None) or next(iter(getattr(found, "submodule_search_locations", None) or []), None)
+    if origin is None:
+        return False
+    return not _inside(Path(origin), run_dir)
+
+
 def _distribution_of(module: ModuleType) -> str:
     top = module.__name__.split(".")[0]
     dists = importlib.metadata.packages_distributions().get(top)
@@ -214,6 +276,23 @@ def reset_plugin_manager() -> None:
     """Forget every loaded plugin (tests)."""
     global _MANAGER
     _MANAGER = None
+
+
+def add_trust_arguments(parser) -> None:
+    """``--plugins`` and ``--trust-run-plugins`` for commands that read run folders."""
+    parser.add_argument("--plugins", nargs="+", default=[], metavar="MODULE_OR_FILE",
+                        help="plugin modules or .py files to load (relative to the working directory); also "
+                             "allows a run folder's recipe to name them")
+    parser.add_argument("--trust-run-plugins", action="store_true",
+                        help="import the plugins a run folder's recipe.toml names (a run folder is data: "
+                             "by default they are not imported)")
+
+
+def apply_trust_arguments(args) -> None:
+    """Apply ``--plugins`` / ``--trust-run-plugins`` to the process-wide plugin manager."""
+    pm = get_plugin_manager()
+    pm.trust_run_plugins = bool(getattr(args, "trust_run_plugins", False))
+    pm.load_user_plugins(list(getattr(args, "plugins", None) or []), Path.cwd())
 
 
 def registry(kind: str) -> Registry:

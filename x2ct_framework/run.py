@@ -19,12 +19,18 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true",
                         help="skip finished stages and continue the interrupted one from its last checkpoint "
                              "(same data order, same final weights)")
+    from x2ct_framework.plugins import add_trust_arguments
+
+    add_trust_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     from x2ct_framework.config.recipe import load_recipe
     from x2ct_framework.training.trainer import Trainer
 
+    from x2ct_framework.plugins import apply_trust_arguments
+
+    apply_trust_arguments(args)
     recipe = load_recipe(args.recipe, args.overrides)
     Trainer(recipe, resume=getattr(args, "resume", False)).run()
     return 0

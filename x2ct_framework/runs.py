@@ -80,12 +80,15 @@ def resolve_target(path: str | Path, recipe_path: str | Path | None = None, over
         run_dir = path
     else:
         raise CheckpointError(f"{path}: neither a checkpoint folder (no {WEIGHTS}) nor a run folder (no recipe.toml)")
+    from_run_folder = recipe_path is None
     if recipe_path is None:
         if run_dir is None:
             raise RecipeError([f"{path}: the checkpoint is not inside a run folder with recipe.toml; "
                                f"pass the recipe that built it with --recipe"])
         recipe_path = run_dir / "recipe.toml"
     recipe = load_recipe(recipe_path, list(overrides))
+    if from_run_folder:
+        recipe.run_folder = run_dir  # its plugins are data: imported only when allowed (see load_recipe_plugins)
     load_recipe_plugins(recipe)
     all_stages = stages(recipe)
     if ckpt is None:

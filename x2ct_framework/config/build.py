@@ -16,9 +16,28 @@ from x2ct_framework.stage import Stage
 
 
 def load_recipe_plugins(recipe: Recipe) -> None:
+    """Import the plugins a recipe names (paths relative to the file that declares them).
+
+    A recipe the user named is trusted and its plugins are remembered as the user's; a run folder's
+    ``recipe.toml`` (``recipe.run_folder`` set) is data: each of its plugins must be allowed by
+    :meth:`~x2ct_framework.plugins.PluginManager.allows_run_plugin` first, so none is imported unless
+    the user named it too, it is installed, or the user passed ``--trust-run-plugins``.
+    """
+    from x2ct_framework.plugins import plugin_key
+
     pm = get_plugin_manager()
+    base = recipe.plugins_dir
+    allowed = []
     for spec in recipe["plugins"]:
-        pm.load_module(spec, recipe.base_dir)
+        if recipe.run_folder is not None:
+            verdict = pm.allows_run_plugin(spec, base, recipe.run_folder)
+            if verdict is None:
+                continue
+        allowed.append(spec)
+    for spec in allowed:
+        pm.load_module(spec, base)
+        if recipe.run_folder is None:
+            pm.user_plugins.add(plugin_key(spec, base))
 
 
 def stages(recipe: Recipe) -> list[Stage]:

@@ -8,7 +8,9 @@ written to the run folder holds every value the run used.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from pathlib import PurePosixPath, PureWindowsPath
 from typing import Any, Callable
 
 from x2ct_framework.errors import RecipeError, did_you_mean
@@ -56,11 +58,28 @@ class Losses:
 
 
 def positive(v: Any) -> str | None:
-    return None if v > 0 else "expected a positive number"
+    return None if v > 0 and math.isfinite(v) else "expected a positive number"
 
 
 def non_negative(v: Any) -> str | None:
-    return None if v >= 0 else "expected a number >= 0"
+    return None if v >= 0 and math.isfinite(v) else "expected a number >= 0"
+
+
+def run_name(v: Any) -> str | None:
+    """The run folder is output_dir/name: a non-empty relative path that stays below output_dir."""
+    if not v.strip():
+        return "expected a non-empty name (the run folder is output_dir/name)"
+    if "\0" in v or any(ord(c) < 0x20 for c in v):
+        return "expected a name without control characters"
+    if PurePosixPath(v).is_absolute() or PureWindowsPath(v).is_absolute() or PureWindowsPath(v).drive \
+            or v.startswith("~"):
+        return "expected a relative name (the run folder is output_dir/name), not an absolute path"
+    parts = [p for p in v.replace("\\", "/").split("/") if p not in ("", ".")]
+    if ".." in parts:
+        return "expected a name below output_dir, without '..'"
+    if not parts:
+        return "expected a name that names a folder below output_dir"
+    return None
 
 
 def at_least_one(v: Any) -> str | None:
@@ -119,7 +138,8 @@ STAGE = Table(
 
 SCHEMA = Table(
     {
-        "name": Value("str", REQUIRED, "experiment name; the run folder is output_dir/name"),
+        "name": Value("str", REQUIRED, "experiment name; the run folder is output_dir/name (a relative path "
+                      "below output_dir, no '..')", check=run_name),
         "description": Value("str", "", "free text"),
         "seed": Value("int", 0, "global random seed"),
         "output_dir": Value("str", "runs", "parent folder of run folders (relative to the working directory)"),
@@ -292,7 +312,8 @@ def _check_losses(value: Any, key: Key, recipe: Recipe, problems: list[str]) -> 
             continue
         term = dict(term)
         weight = term.setdefault("weight", 1.0)
-        if not isinstance(weight, (int, float)) or isinstance(weight, bool) or weight < 0:
+        if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not weight >= 0 \
+                or not math.isfinite(weight):
             problems.append(f"{recipe.where(*key, name, 'weight')}: expected a number >= 0, got {weight!r}")
         schedule = term.setdefault("schedule", "constant")
         if schedule not in ("constant", "linear"):
@@ -302,9 +323,25 @@ def _check_losses(value: Any, key: Key, recipe: Recipe, problems: list[str]) -> 
     return out
 
 
+def _non_finite(data: Any, key: Key = ()) -> list[Key]:
+    """Keys holding nan or inf anywhere in the recipe (component options included)."""
+    if isinstance(data, float):
+        return [] if math.isfinite(data) else [key]
+    if isinstance(data, dict):
+        return [k for name, v in data.items() for k in _non_finite(v, key + (name,))]
+    if isinstance(data, list):
+        return [k for i, v in enumerate(data) for k in _non_finite(v, key + (i,))]
+    return []
+
+
 def validate_recipe(recipe: Recipe) -> Recipe:
     """Check the whole recipe against the schema, fill defaults in place, report all problems."""
     problems: list[str] = []
+    # Every number of a recipe is meant to be finite: nan passes ">= 0" and inf passes "positive".
+    for key in _non_finite(recipe.data):
+        problems.append(f"{recipe.where(*key)}: expected a finite number, got {_get(recipe.data, key)!r}")
+    if problems:
+        raise RecipeError(problems)
     data = _check(SCHEMA, recipe.data, (), recipe, problems)
     if problems:
         raise RecipeError(problems)
@@ -329,6 +366,12 @@ def validate_recipe(recipe: Recipe) -> Recipe:
         raise RecipeError(problems)
     recipe.data = data
     return recipe
+
+
+def _get(data: Any, key: Key) -> Any:
+    for k in key:
+        data = data[k]
+    return data
 
 
 def describe(spec: Any = SCHEMA, prefix: str = "") -> list[tuple[str, str, str, str]]:
