@@ -15,12 +15,16 @@ def validate(args: argparse.Namespace) -> int:
     from x2ct_framework.model_info import describe_for_sample
     from x2ct_framework.config.recipe import load_recipe
 
+    from x2ct_framework.config.checks import check_freeze, check_recipe
+
     recipe = load_recipe(args.recipe, args.overrides)
     load_recipe_plugins(recipe)
     build_metrics(recipe)
+    check_recipe(recipe)
     print(f"recipe {recipe.path}: {recipe.name}")
     for stage in stages(recipe):
         model = build_model(recipe, stage)
+        check_freeze(model, stage.options["freeze"], recipe.where("stages", stage.index - 1, "freeze"))
         losses = build_losses(recipe, stage)
         datasets = {split: build_dataset(recipe, stage, split) for split in ("train", "val")}
         sizes = {split: len(ds) for split, ds in datasets.items()}
@@ -51,6 +55,22 @@ def plugins(args: argparse.Namespace) -> int:
     return 0
 
 
+def count(minimum: int):
+    """An argparse type: an integer >= ``minimum`` (a bad value is a usage error, exit status 2)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
 def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="checkpoint folder (runs/<name>/<stage>/best) or run folder (runs/<name>)")
     p.add_argument("--recipe", help="recipe that built the checkpoint (default: the run folder's recipe.toml)")
@@ -62,11 +82,11 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stage", help="stage to evaluate (run folder: default its last trained stage)")
     p.add_argument("--which", default="best", help="checkpoint of the stage in a run folder: best, last, epochNNNN")
     p.add_argument("--out", help="output folder (default <run>/eval/<stage>-<split>)")
-    p.add_argument("--batch-size", type=int, default=0)
+    p.add_argument("--batch-size", type=count(0), default=0, help="cases per batch (0 = the recipe's batch size)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--max-cases", type=int, default=0, help="evaluate only the first N cases (0 = all)")
-    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% interval")
-    p.add_argument("--worst", type=int, default=3, help="slice pictures of the N worst cases")
+    p.add_argument("--max-cases", type=count(0), default=0, help="evaluate only the first N cases (0 = all)")
+    p.add_argument("--bootstrap", type=count(0), default=1000, help="bootstrap resamples for the 95%% interval")
+    p.add_argument("--worst", type=count(0), default=3, help="slice pictures of the N worst cases")
     p.add_argument("--lpips", default="auto", choices=("auto", "on", "off"),
                    help="LPIPS in the default protocol: auto = when its weights are present")
     p.add_argument("--no-progress", dest="progress", action="store_false")
@@ -85,7 +105,7 @@ def add_predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stage", help="stage whose model to use (run folder: default its last trained stage)")
     p.add_argument("--which", default="best", help="checkpoint of the stage in a run folder: best, last, ...")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--batch-size", type=count(1), default=1)
     p.add_argument("--resize", default="auto", choices=("auto", "off"),
                    help="auto: resize (and pad) images to the training size, logged; off: refuse other sizes")
     p.add_argument("--normalize", default="auto", choices=("auto", "dtype", "minmax", "none"),

@@ -106,9 +106,9 @@ class LossTerm(nn.Module):
     """One weighted term; the weight may ramp linearly between two epochs."""
 
     def __init__(self, name: str, module: nn.Module, weight: float, schedule: str = "constant",
-                 start_epoch: int = 0, end_epoch: int = 0):
+                 start_epoch: int = 0, end_epoch: int = 0, source: str = ""):
         super().__init__()
-        self.name, self.module = name, module
+        self.name, self.module, self.source = name, module, source
         self.weight, self.schedule = float(weight), schedule
         self.start_epoch, self.end_epoch = int(start_epoch), int(end_epoch)
 
@@ -145,6 +145,11 @@ class LossSet(nn.Module):
                 raise PluginError(f"loss term {term.name!r} returned {got}, expected a scalar tensor")
             parts[term.name] = value.detach()
             total = total + w * value
+        if parts and torch.is_grad_enabled() and pred.requires_grad and not total.requires_grad:
+            names = ", ".join(f"{t.name!r} ({t.source or 'unknown plugin'})" for t in self.terms if t.name in parts)
+            raise PluginError(f"loss term(s) {names} returned a tensor that does not depend on the prediction "
+                              f"(no gradient flows back: detached, computed under torch.no_grad, or built from "
+                              f"the target only); nothing would train")
         return total, parts
 
     def trainable(self) -> list[LossTerm]:
@@ -164,7 +169,7 @@ def build_losses(recipe: Recipe, stage: Stage) -> LossSet:
         module = reg.create(plugin, table, where=where, context=ctx)
         if not isinstance(module, nn.Module):
             module = _Wrap(module)
-        terms.append(LossTerm(term_name, module, **meta))
+        terms.append(LossTerm(term_name, module, **meta, source=f"loss {plugin!r} from {reg.get(plugin).source}"))
     return LossSet(terms, model_options(recipe, stage).get("name", "the model"))
 
 

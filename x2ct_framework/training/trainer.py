@@ -39,6 +39,8 @@ from x2ct_framework.config.build import (build_dataset, build_losses, build_metr
 from x2ct_framework.training.cascade import PreviousStages, previous_stages
 from x2ct_framework.errors import CheckpointError, RecipeError, X2CTError
 from x2ct_framework.training.logbook import Logbook
+from x2ct_framework.training.runfolder import RunFolder
+from x2ct_framework.training.scaleout import check_distributed
 from x2ct_framework.config.optim import Schedule, lr_at, lr_factor, make_optimizer
 from x2ct_framework.plugins import get_plugin_manager
 from x2ct_framework.config.recipe import Recipe
@@ -218,10 +220,12 @@ class LossParts:
 class Trainer:
     """Runs the recipe's stages in order; each stage starts from the previous stage's best."""
 
-    def __init__(self, recipe: Recipe, accelerator: Accelerator | None = None, resume: bool = False):
+    def __init__(self, recipe: Recipe, accelerator: Accelerator | None = None, resume: bool = False,
+                 overwrite: bool = False):
         self.recipe, self.resume = recipe, resume
         train = recipe["train"]
         self.run_dir = Path(recipe["output_dir"]) / recipe.name
+        self.folder = RunFolder(self.run_dir, Path(recipe["output_dir"]), resume=resume, overwrite=overwrite)
         trackers = [t for t in train["trackers"] if t != "none"]
         _allow_new_precision(train["mixed_precision"])
         # cpu=True when no GPU is visible makes torchrun-started processes use gloo (MULTI_CPU).
@@ -229,6 +233,7 @@ class Trainer:
             gradient_accumulation_steps=train["grad_accum"], mixed_precision=train["mixed_precision"],
             cpu=not torch.cuda.is_available(), log_with=trackers or None, rng_types=[],
             project_config=ProjectConfiguration(project_dir=str(self.run_dir), logging_dir=str(self.run_dir / "logs")))
+        check_distributed(self.accelerator)  # FSDP / DeepSpeed are refused (see training/scaleout.py)
         self.trackers = bool(trackers) and accelerator is None
         self.pm = get_plugin_manager()
         load_recipe_plugins(recipe)
@@ -260,11 +265,18 @@ class Trainer:
 
     # ---- the run: stages in order --------------------------------------------------------------
     def run(self) -> dict[str, Any]:
+        self.folder.open(self.accelerator)  # checked, locked, surveyed (see training/runfolder.py)
+        try:
+            return self._run()
+        finally:
+            self.folder.close()
+
+    def _run(self) -> dict[str, Any]:
         recipe, train = self.recipe, self.recipe["train"]
         # recipe.toml describes the folder's checkpoints (evaluate rebuilds the model from it): over
         # existing ones it is rewritten only with this run's first checkpoint, so a run that fails early
         # leaves the folder as it was.
-        if not any(ckpt.exists(p) for p in self.run_dir.glob("*/last")):
+        if not self.folder.occupied:
             self.write_run_info()
         if self.trackers:
             self.accelerator.init_trackers(recipe.name, config=flat_config(recipe.data))
@@ -395,6 +407,8 @@ class Trainer:
         pos = {"epoch": 0, "step": 0, "batch_in_epoch": 0, "nonfinite": 0,
                "best": {"metric": metric, "mode": mode, "value": None, "epoch": None}}
         last_metrics: dict[str, float] = {}
+        if resume_from is None:
+            self.folder.before_fresh_stage(stage.name)  # never over checkpoints this run did not write
         if resume_from is not None:
             saved = ckpt.load_state(resume_from).get("resolution", stage.resolution)
             if saved != stage.resolution:
