@@ -415,9 +415,12 @@ CHECKPOINTS = [
         ("trainer.safetensors was altered or damaged",)),
     Bad("resume-pickle-trainer-state", damage("last", "trainer.safetensors", "pickle", "--resume"),
         ("trainer.safetensors",)),
-    Bad("resume-another-model", lambda env: [str(env.recipe), "--resume", "--set", "model.dim=32"],
+    # --allow-change lets these past the recipe comparison (test_run_safety.py), to the checkpoint's own checks
+    Bad("resume-another-model", lambda env: [str(env.recipe), "--resume", "--set", "model.dim=32",
+                                             "--allow-change", "model.dim"],
         ("cannot resume from", "do not fit this stage's model")),
-    Bad("resume-another-resolution", lambda env: [str(env.recipe), "--resume", "--set", "stages.1.resolution=32"],
+    Bad("resume-another-resolution", lambda env: [str(env.recipe), "--resume", "--set", "stages.1.resolution=32",
+                                                  "--allow-change", "stages.1.resolution"],
         ("cannot resume stage1 from", "trained at 16^3", "now says 32^3")),
 ]
 

@@ -194,7 +194,7 @@ def test_plugin_paths_are_relative_to_the_recipe_that_names_them(tmp_path):
 
 # ---- an occupied run folder, the lock, the run name --------------------------------------------------
 def occupied(tmp: Path) -> Path:
-    make_run(tmp)  # runs/tiny with stage1 best and last
+    make_run(tmp, num_test=2)  # runs/tiny with stage1 best and last, from the tiny recipe itself
     reset_plugin_manager()
     return tiny(tmp)
 
@@ -267,6 +267,10 @@ FOLDERS = [
 
 @pytest.mark.parametrize("case", FOLDERS, ids=lambda c: c.id)
 def test_run_folder_safety(case, tmp_path, capsys):
+    run_case(case, tmp_path, capsys)
+
+
+def run_case(case: Case, tmp_path: Path, capsys) -> str:
     argv = case.setup(tmp_path)
     if (tmp_path / "runs" / "tiny").is_dir():
         BEFORE[tmp_path] = digest(tmp_path / "runs" / "tiny")
@@ -284,6 +288,7 @@ def test_run_folder_safety(case, tmp_path, capsys):
     if case.check is not None:
         case.check(tmp_path)
     assert not any(p.name == "escaped" for p in tmp_path.rglob("escaped")), "a run was written outside output_dir"
+    return err
 
 
 def test_good_run_names_stay_below_output_dir(tmp_path):
@@ -524,3 +529,55 @@ def test_requires_python_matches_the_standard_library_the_code_uses():
     meta = tomllib.loads((root / "pyproject.toml").read_text())["project"]
     uses_tomllib = any("import tomllib" in p.read_text() for p in (root / "x2ct_framework").rglob("*.py"))
     assert uses_tomllib and meta["requires-python"].startswith(">=3.11")
+
+
+# ---- --resume compares the recipe with the run folder's ---------------------------------------------
+def resume_args(*sets: str, allow: tuple[str, ...] = ()):
+    def setup(tmp: Path) -> list[str]:
+        argv = [str(occupied(tmp)), "--resume", *QUIET]
+        for s in sets:
+            argv += ["--set", s]
+        for a in allow:
+            argv += ["--allow-change", a]
+        return argv
+
+    return setup
+
+
+RESUMES = [
+    Case("resume-changed-lr", resume_args("stages.1.lr=0.1"), ("stages.1.lr: 0.001 -> 0.1", "--allow-change stages.1.lr"),
+         "run", check=unchanged_run),
+    Case("resume-changed-batch-size", resume_args("train.batch_size=4"), ("train.batch_size: 2 -> 4",), "run",
+         check=unchanged_run),
+    Case("resume-fewer-epochs", resume_args("stages.1.epochs=0"), ("stages.1.epochs: 1 -> 0",), "run",
+         check=unchanged_run),
+    Case("resume-changed-loss", resume_args("stages.1.losses.l1=0.5"), ("stages.1.losses.l1.weight: 1.0 -> 0.5",),
+         "run", check=unchanged_run),
+    Case("resume-changed-model", resume_args("model.depth=2"), ("model.depth: 1 -> 2",), "run", check=unchanged_run),
+    Case("resume-changed-data", resume_args("data.views=[0, 45]"), ("data.views: [0, 90] -> [0, 45]",), "run",
+         check=unchanged_run),
+    Case("resume-one-of-two-allowed", resume_args("stages.1.lr=0.1", "seed=5", allow=("stages.stage1.lr",)),
+         ("seed: 0 -> 5",), "run", check=unchanged_run),
+]
+
+
+@pytest.mark.parametrize("case", RESUMES, ids=lambda c: c.id)
+def test_resume_refuses_a_recipe_that_trains_differently(case, tmp_path, capsys):
+    err = run_case(case, tmp_path, capsys)
+    assert "the recipe differs from the one" in err and "Traceback" not in err
+    if case.id == "resume-one-of-two-allowed":
+        assert "stages.1.lr" not in err
+
+
+def test_which_changes_a_resume_accepts(tmp_path):
+    from x2ct_framework.training.recipe_diff import check_resume
+
+    recipe_path = occupied(tmp_path)
+    run = tmp_path / "runs" / "tiny"
+    assert (run / "recipe.toml").is_file()
+    for reporting in (["eval.bootstrap=5", "train.progress=true", 'description="x"', "train.log_every=3"], []):
+        assert check_resume(load_recipe(recipe_path, reporting), run) == []
+    allowed = check_resume(load_recipe(recipe_path, ["stages.1.lr=0.1"]), run, ["stages.1"])
+    assert allowed == ["  stages.1.lr: 0.001 -> 0.1"]
+    two = TWO_STAGES.replace("epochs = 1", "epochs = 3")
+    assert check_resume(load_recipe(tiny(tmp_path, extra=two)), run) == []  # a stage nothing was trained for yet

@@ -20,6 +20,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true",
                         help="skip finished stages and continue the interrupted one from its last checkpoint "
                              "(same data order, same final weights)")
+    parser.add_argument("--allow-change", dest="allow_changes", action="append", default=[], metavar="KEY",
+                        help="with --resume: accept this change of a training key (dotted, e.g. stages.1.lr; a table "
+                             "allows every key under it) against the run folder's recipe.toml")
     parser.add_argument("--overwrite", action="store_true",
                         help="start again in a run folder that holds checkpoints: the old folder is moved aside to "
                              "<name>.replaced-<time> (nothing is deleted)")
@@ -39,7 +42,8 @@ def run(args: argparse.Namespace) -> int:
     from x2ct_framework.config.checks import check_recipe
 
     check_recipe(recipe)  # every stage's select_best and the trackers, before anything trains
-    Trainer(recipe, resume=getattr(args, "resume", False), overwrite=getattr(args, "overwrite", False)).run()
+    Trainer(recipe, resume=getattr(args, "resume", False), overwrite=getattr(args, "overwrite", False),
+            allow_changes=getattr(args, "allow_changes", [])).run()
     return 0
 
 

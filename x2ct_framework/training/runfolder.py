@@ -157,9 +157,12 @@ def aside_name(run_dir: Path) -> Path:
 class RunFolder:
     """The run folder of one training run (see the module docstring)."""
 
-    def __init__(self, run_dir: Path, output_dir: Path, *, resume: bool = False, overwrite: bool = False):
+    def __init__(self, run_dir: Path, output_dir: Path, *, resume: bool = False, overwrite: bool = False,
+                 recipe=None, allow_changes: list[str] | tuple[str, ...] = ()):
         self.path, self.output_dir = Path(run_dir), Path(output_dir)
         self.resume, self.overwrite = resume, overwrite
+        self.recipe, self.allow_changes = recipe, list(allow_changes)
+        self.allowed_changes: list[str] = []  # changes of a resumed recipe that the user allowed
         self.lock: Path | None = None
         self.occupied: list[str] = []  # stages holding checkpoints when the run started
         self.moved_to: Path | None = None
@@ -186,6 +189,17 @@ class RunFolder:
         for note in notes:  # only the main process has notes
             print(note, file=sys.stderr, flush=True)
         self.occupied = stages_with_checkpoints(self.path)
+        if self.resume and self.recipe is not None and self.occupied:
+            from x2ct_framework.training.recipe_diff import check_resume
+
+            try:
+                self.allowed_changes = check_resume(self.recipe, self.path, self.allow_changes)
+            except X2CTError:
+                self.close()
+                raise
+            if self.allowed_changes and main:
+                print("--resume with changes allowed by --allow-change (recipe.toml is rewritten with them):\n"
+                      + "\n".join(self.allowed_changes), file=sys.stderr, flush=True)
         return self
 
     def _open_main(self) -> list[str]:

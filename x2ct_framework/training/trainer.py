@@ -221,11 +221,12 @@ class Trainer:
     """Runs the recipe's stages in order; each stage starts from the previous stage's best."""
 
     def __init__(self, recipe: Recipe, accelerator: Accelerator | None = None, resume: bool = False,
-                 overwrite: bool = False):
+                 overwrite: bool = False, allow_changes: list[str] | tuple[str, ...] = ()):
         self.recipe, self.resume = recipe, resume
         train = recipe["train"]
         self.run_dir = Path(recipe["output_dir"]) / recipe.name
-        self.folder = RunFolder(self.run_dir, Path(recipe["output_dir"]), resume=resume, overwrite=overwrite)
+        self.folder = RunFolder(self.run_dir, Path(recipe["output_dir"]), resume=resume, overwrite=overwrite,
+                                recipe=recipe, allow_changes=allow_changes)
         trackers = [t for t in train["trackers"] if t != "none"]
         _allow_new_precision(train["mixed_precision"])
         # cpu=True when no GPU is visible makes torchrun-started processes use gloo (MULTI_CPU).
@@ -237,6 +238,7 @@ class Trainer:
         self.trackers = bool(trackers) and accelerator is None
         self.pm = get_plugin_manager()
         load_recipe_plugins(recipe)
+        self.pm.load_entry_points()  # the end-of-run hooks (report) also when every stage is skipped on --resume
         self.model: torch.nn.Module | None = None  # the stage's unwrapped model, for hooks
         self.previous: PreviousStages | None = None  # the frozen earlier stages of a cascading stage
         self._info_written = False
