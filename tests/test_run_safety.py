@@ -9,6 +9,7 @@ traceback) and what is, and is not, on disk afterwards.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 import random
@@ -84,6 +85,8 @@ class Case:
 
 
 def dispatch(command: str, argv: list[str]) -> int:
+    if command == "open":
+        return open_folder(argv)
     if command == "run":
         return run_main(argv)
     if command == "report":
@@ -218,6 +221,42 @@ def dead_lock(tmp: Path) -> list[str]:
     return [str(recipe), *QUIET]
 
 
+def old_lock(argv: list[str], tmp: Path) -> list[str]:
+    """The lock of ``argv``'s run folder, last renewed 11 minutes ago."""
+    lock = tmp / "runs" / "tiny" / ".lock"
+    os.utime(lock, (lock.stat().st_atime - 660, lock.stat().st_mtime - 660))
+    return argv
+
+
+def garbage_lock(tmp: Path) -> list[str]:
+    lock = tmp / "runs" / "tiny" / ".lock"
+    lock.parent.mkdir(parents=True)
+    lock.write_text('{"pid": 12')  # cut short
+    return [str(tiny(tmp)), *QUIET]
+
+
+def locked_by_us(tmp: Path) -> None:
+    info = json.loads((tmp / "runs" / "tiny" / ".lock").read_text())
+    assert (info["pid"], info["host"]) == (os.getpid(), socket.gethostname())
+    OPENED.pop().close()
+    assert not (tmp / "runs" / "tiny" / ".lock").exists(), "close() leaves the lock behind"
+
+
+OPENED: list = []
+
+
+def open_folder(argv: list[str]) -> int:
+    """What ``x2ct run`` does first: check, lock and survey the run folder (no training)."""
+    from x2ct_framework.run import report_errors
+    from x2ct_framework.training.runfolder import RunFolder
+
+    recipe = load_recipe(argv[0], [a for a in argv[1:] if "=" in a])
+    folder = RunFolder(Path(recipe["output_dir"]) / recipe.name, Path(recipe["output_dir"]))
+    code = report_errors(folder.open)
+    OPENED.append(folder)
+    return code if isinstance(code, int) else 0
+
+
 LIVE: list[subprocess.Popen] = []
 
 
@@ -251,7 +290,12 @@ FOLDERS = [
     Case("lock-held-by-live-process", live_lock, ("is in use by process", "on host", ".lock"), "run"),
     Case("lock-held-on-another-host", lambda tmp: live_lock(tmp, host="elsewhere-node-7"),
          ("is in use by process", "on host elsewhere-node-7", "delete"), "run"),
-    Case("stale-lock-taken-over", dead_lock, ("taking over the lock", "no longer runs"), "run", code=0, check=trained),
+    Case("stale-lock-taken-over", dead_lock, ("taking over the lock", "no longer runs"), "open", code=0,
+         check=locked_by_us),
+    Case("abandoned-lock-of-another-host", lambda tmp: old_lock(live_lock(tmp, host="dead-node-3"), tmp),
+         ("taking over the lock", "dead-node-3"), "open", code=0, check=locked_by_us),
+    Case("garbage-lock-file", lambda tmp: old_lock(garbage_lock(tmp), tmp), ("taking over the lock", "unreadable"),
+         "open", code=0, check=locked_by_us),
     Case("output-dir-is-a-file", lambda tmp: [str(tiny(tmp)), "--set", f"output_dir={(tmp / 'afile').as_posix()}",
                                               *QUIET] if (tmp / "afile").write_text("x") else [],
          ("afile: output_dir exists and is not a folder",), "run"),

@@ -5,9 +5,11 @@
   asked for ``--overwrite`` (to ``<name>.replaced-<UTC time>``, never deleted), takes the lock, and
   notes which stages already hold checkpoints.
 - The lock is a file ``.lock`` in the run folder holding the PID, host and start time of the
-  process that writes there. A second run on the same folder stops with exit status 2 naming the
-  holder; a lock left by a process that no longer exists (killed, machine rebooted) is taken over
-  with a message. A lock from another host is never taken over: delete the file when sure.
+  process that writes there; the holder touches it every ``HEARTBEAT`` seconds. A second run on the
+  same folder stops with exit status 2 naming the holder; a lock left by a process that no longer
+  exists on this host is taken over with a message, and so is a lock from another host that has not
+  been touched for ``X2CT_LOCK_TIMEOUT`` seconds (default 600: a node that died or a job killed with
+  SIGKILL, then requeued elsewhere).
 - :meth:`RunFolder.before_fresh_stage` is called before a stage starts from scratch: a stage whose
   folder held checkpoints when the run started is refused (exit 2) with the three ways on
   (``--resume``, a new ``name``, ``--overwrite``), so a finished run is never overwritten by
@@ -31,6 +33,15 @@ from x2ct_framework import checkpoint as ckpt
 from x2ct_framework.errors import DataError, X2CTError
 
 LOCK = ".lock"
+HEARTBEAT = 30.0  # seconds between touches of a held lock
+
+
+def lock_timeout() -> float:
+    """Seconds after which a lock from another host that nobody touches counts as abandoned."""
+    try:
+        return float(os.environ.get("X2CT_LOCK_TIMEOUT", "600"))
+    except ValueError:
+        return 600.0
 
 
 class RunFolderError(X2CTError):
@@ -77,7 +88,10 @@ def is_stale(info: dict[str, Any] | None, lock: Path) -> bool:
         except OSError:
             return True
     if info.get("host") != socket.gethostname():
-        return False
+        try:
+            return time.time() - lock.stat().st_mtime > lock_timeout()
+        except OSError:
+            return True
     pid = info.get("pid")
     if not isinstance(pid, int) or not _alive(pid):
         return True
@@ -106,8 +120,9 @@ def acquire(folder: Path) -> tuple[Path, str | None]:
                 holder = describe_holder(info) if info else "another process (the lock file is being written)"
                 raise RunFolderError(
                     f"run folder {folder} is in use by {holder}: its lock {lock} is held. Wait for that run to end, "
-                    f"or choose another name (--set name=...). If you are sure no run writes there (for example "
-                    f"it ran on a machine that is gone), delete {lock}.") from None
+                    f"or choose another name (--set name=...). A lock from another host that is not renewed for "
+                    f"{lock_timeout():g} s (X2CT_LOCK_TIMEOUT) is taken over; if you are sure no run writes there, "
+                    f"delete {lock}.") from None
             note = (f"run folder {folder}: taking over the lock left by "
                     f"{describe_holder(info) if info else 'an unreadable lock file'}, which no longer runs")
             try:
@@ -226,7 +241,23 @@ class RunFolder:
         self.lock, note = acquire(self.path)
         if note:
             notes.append(note)
+        self._start_heartbeat()
         return notes
+
+    def _start_heartbeat(self) -> None:
+        import threading
+
+        self._stop = threading.Event()
+        lock = self.lock
+
+        def beat() -> None:
+            while not self._stop.wait(HEARTBEAT):
+                try:
+                    os.utime(lock)
+                except OSError:
+                    pass
+
+        threading.Thread(target=beat, name="x2ct-run-folder-lock", daemon=True).start()
 
     def before_fresh_stage(self, stage_name: str) -> None:
         """Refuse to start ``stage_name`` from scratch over checkpoints this run did not write."""
@@ -242,5 +273,8 @@ class RunFolder:
             f"{self.path.name}.replaced-<time>; nothing is deleted).")
 
     def close(self) -> None:
+        stop = getattr(self, "_stop", None)
+        if stop is not None:
+            stop.set()
         release(self.lock)
         self.lock = None
