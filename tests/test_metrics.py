@@ -27,7 +27,7 @@ def _pair(shape=(2, 1, 16, 18, 20), seed=0):
 
 
 def _phantom(n=24, seed=3):
-    from x2ct_plugins.datasets.synthetic_phantom import phantom_hu
+    from x2ct_framework.phantom import toy_chest as phantom_hu
 
     hu, labels = phantom_hu(n, seed)
     return hu, labels

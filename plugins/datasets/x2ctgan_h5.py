@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from x2ct_framework.conventions import DEFAULT_HU_WINDOW
 from x2ct_framework.errors import DataError, RecipeError
 from x2ct_framework.hookspecs import hookimpl
 from x2ct_framework.physics import MU_WATER
@@ -43,7 +44,7 @@ class X2CTGANH5Dataset(CaseListDataset):
     """
 
     def __init__(self, *, split: str, stage: Stage, root: str, views: list[float] = (0.0, 90.0),
-                 geometry: str | dict = "x2ctgan", hu_window: list[float] = (-1000.0, 3000.0), image_size: int = 0,
+                 geometry: str | dict = "x2ctgan", hu_window: list[float] = DEFAULT_HU_WINDOW, image_size: int = 0,
                  xrays: str = "stored", train_list: str = "train.txt", test_list: str = "test.txt",
                  val_list: str = "", hu_offset: float = 1024.0, volume_mm: float = 320.0, flip: list[str] = ("z",),
                  cache_dir: str = "", on_bad_case: str = "error", mu_water: float = MU_WATER,

@@ -25,9 +25,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from x2ct_framework.conventions import BONE, DEFAULT_HU_WINDOW, unit_to_hu
 from x2ct_framework.hookspecs import hookimpl
-
-BONE_LABEL = 3
 
 
 def check_hu_window(hu_window) -> tuple[float, float]:
@@ -39,8 +38,7 @@ def check_hu_window(hu_window) -> tuple[float, float]:
 
 def soft_mask(ct01: torch.Tensor, hu_window: tuple[float, float], threshold_hu: float, softness_hu: float) -> torch.Tensor:
     """Soft membership ``sigmoid((HU - threshold) / softness)`` of a [0, 1] volume."""
-    lo, hi = hu_window
-    return torch.sigmoid((ct01 * (hi - lo) + lo - threshold_hu) / softness_hu)
+    return torch.sigmoid((unit_to_hu(ct01, hu_window) - threshold_hu) / softness_hu)
 
 
 def soft_dice(p: torch.Tensor, t: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -57,9 +55,9 @@ class BoneLoss(nn.Module):
     ``hu_window`` comes from the recipe's data section.
     """
 
-    def __init__(self, threshold_hu: float = 250.0, softness_hu: float = 50.0, label: int = BONE_LABEL,
+    def __init__(self, threshold_hu: float = 250.0, softness_hu: float = 50.0, label: int = BONE,
                  use_labels: bool = True, l1_weight: float = 1.0, dice_weight: float = 1.0,
-                 hu_window: list[float] = (-1000.0, 3000.0)):
+                 hu_window: list[float] = DEFAULT_HU_WINDOW):
         super().__init__()
         if not softness_hu > 0:
             raise ValueError(f"softness_hu must be > 0, got {softness_hu!r}")

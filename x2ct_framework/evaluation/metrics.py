@@ -28,8 +28,8 @@ from einops import rearrange
 from x2ct_framework.errors import DataError, PluginError
 from x2ct_framework.ssim import ssim as _ssim
 
-from x2ct_framework.conventions import DEFAULT_HU_WINDOW, NOT_BODY_LABELS, PLANES  # noqa: E402,F401
-from x2ct_framework.conventions import STRUCTURE_LABELS as LABELS  # noqa: E402
+from x2ct_framework.conventions import DEFAULT_HU_WINDOW, NOT_BODY_LABELS, PLANES, hu_to_unit, unit_to_hu
+from x2ct_framework.conventions import STRUCTURE_LABELS as LABELS
 # HU ranges [low, high) that define a structure when the data has no labels, and that define the
 # predicted structure for Dice and landmarks. Lung: aerated parenchyma inside the body; bone:
 # cortical and dense trabecular bone; vessel: contrast-enhanced blood (CTPA) below bone density.
@@ -40,9 +40,8 @@ BODY_HU = -500.0  # body outline threshold when no labels are given (lungs are f
 # ---- conversions and masks --------------------------------------------------------------------
 def to_hu(x01: torch.Tensor, hu_window: Sequence[float] = DEFAULT_HU_WINDOW) -> torch.Tensor:
     """[0, 1] after the HU window -> HU (float32, or float64 for float64 input)."""
-    lo, hi = float(hu_window[0]), float(hu_window[1])
     x = x01 if x01.dtype == torch.float64 else x01.float()
-    return x * (hi - lo) + lo
+    return unit_to_hu(x, hu_window)
 
 
 def _check_pair(pred: torch.Tensor, target: torch.Tensor) -> None:
@@ -241,7 +240,7 @@ class SSIM(Metric):
     def __init__(self, hu_window: Sequence[float] = DEFAULT_HU_WINDOW, mode: str = "3d",
                  window: list[float] | None = None, win_size: int = 11, sigma: float = 1.5,
                  window_kind: str = "gaussian", sample_covariance: bool = False,
-                 axes: list[str] = ("axial", "coronal", "sagittal")):
+                 axes: list[str] = PLANES):
         super().__init__(hu_window)
         if mode not in ("3d", "2d"):
             raise ValueError(f'mode must be "3d" or "2d", got {mode!r}')
@@ -257,9 +256,8 @@ class SSIM(Metric):
         check_window(self.win_size, self.sigma, window_kind)
 
     def compute(self, pred, target, batch):
-        lo, hi = self.window
-        p = (self._in_window(pred, self.window) - lo) / (hi - lo)
-        t = (self._in_window(target, self.window) - lo) / (hi - lo)
+        p = hu_to_unit(to_hu(pred, self.hu_window), self.window)
+        t = hu_to_unit(to_hu(target, self.hu_window), self.window)
         if min(p.shape[-3:]) < self.win_size:
             raise DataError(f"SSIM window of {self.win_size} voxels does not fit volume {tuple(p.shape[-3:])}")
         return _ssim(p, t, data_range=1.0, mode=self.mode, win_size=self.win_size, sigma=self.sigma,
