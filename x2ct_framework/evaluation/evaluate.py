@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -297,15 +298,21 @@ def markdown(ev: Evaluation, out_dir: Path | None = None) -> str:
         lines += ["Conventions:", ""] + [f"- {c}" for c in proto.conventions] + [""]
         if proto.notes:
             lines += ["Notes:", ""] + [f"- {n}" for n in proto.notes] + [""]
-    if ev.worst:
-        proto, metric = ev.ranking_key()
-        lines += [f"## Worst cases by `{proto.key(metric)}`", ""]
-        for w in ev.worst:
-            pic = Path(w["picture"])
-            rel = pic.relative_to(out_dir) if out_dir is not None and pic.is_relative_to(out_dir) else pic
-            lines += [f"{w['rank']}. {w['case_id']}: {_fmt(w[proto.key(metric)])} {proto.unit(metric)}", "",
-                      f"   ![{w['case_id']}]({rel.as_posix()})", ""]
+    lines += worst_cases_lines(ev, lambda pic: (pic.relative_to(out_dir) if out_dir is not None
+                                                and pic.is_relative_to(out_dir) else pic).as_posix())
     return "\n".join(lines).rstrip() + "\n"
+
+
+def worst_cases_lines(ev: Evaluation, link: Callable[[Path], str]) -> list[str]:
+    """The worst-cases section in markdown (``link`` turns a picture's path into the link written)."""
+    if not ev.worst:
+        return []
+    proto, metric = ev.ranking_key()
+    lines = [f"## Worst cases by `{proto.key(metric)}`", ""]
+    for w in ev.worst:
+        lines += [f"{w['rank']}. {w['case_id']}: {_fmt(w[proto.key(metric)])} {proto.unit(metric)}", "",
+                  f"   ![{w['case_id']}]({link(Path(w['picture']))})", ""]
+    return lines
 
 
 def default_out_dir(target: Target, split: str) -> Path:
