@@ -1,6 +1,6 @@
 """``bone``: bone-aware term, L1 inside bone plus a soft Dice of the bone masks.
 
-The seed's future-work "bone segmentation loss": bone occupies a few percent of a chest CT, so the
+The user's plan's future-work "bone segmentation loss": bone occupies a few percent of a chest CT, so the
 global L1 barely notices a blurred vertebra. This term looks at bone only:
 
 - **where bone is**: the batch's label map (``labels == label``, 3 = bone in the project's label

@@ -1,6 +1,6 @@
 """``landmark``: anatomical landmark constraints, the distance in mm between differentiable centroids.
 
-The seed's future-work "anatomical landmark constraints": a reconstruction can score well on
+The user's plan's future-work "anatomical landmark constraints": a reconstruction can score well on
 intensity metrics while a vertebra or the heart sits a few millimetres off. This term locates
 landmarks in the prediction and in the target the same way and penalises how far apart they are.
 

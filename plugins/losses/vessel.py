@@ -1,4 +1,4 @@
-"""``vessel``: L1 emphasised on thin bright tubes, the seed's "vessel enhancement loss".
+"""``vessel``: L1 emphasised on thin bright tubes, the user's plan's "vessel enhancement loss".
 
 Contrast-filled pulmonary arteries (CTPA) are a few voxels wide and vanish in a blurred
 reconstruction while barely moving the global L1. This term weights the L1 by a vessel map of the

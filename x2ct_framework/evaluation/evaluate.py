@@ -84,9 +84,6 @@ class Evaluation:
     files: dict[str, Path] = field(default_factory=dict)
     kept: dict[int, dict[str, Any]] = field(default_factory=dict)
 
-    def protocol(self, name: str) -> Protocol:
-        return next(p for p in self.protocols if p.name == name)
-
     def ranking_key(self) -> tuple[Protocol, str]:
         return ranking(self.protocols)
 
