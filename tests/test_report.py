@@ -39,7 +39,8 @@ def test_a_run_ends_with_a_readable_report(tiny_recipe, tmp_path):
     for proto, body in summary["protocols"].items():
         for metric, s in body["metrics"].items():
             if s["group"] != "structure":
-                assert f"| `{proto}/{metric}` | {s['mean']:.4g} |" in md or f"| `{proto}/{metric}` | {s['mean']:.1f} |" in md
+                assert (f"| `{proto}/{metric}` | {s['mean']:.4g} |" in md
+                        or f"| `{proto}/{metric}` | {s['mean']:.1f} |" in md)
     assert "| lung |" in md and "`default/*_dice`" in md
     # the pictures and files it links exist, as PNGs, relative to the run folder
     links = _links(md)

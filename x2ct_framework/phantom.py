@@ -153,7 +153,8 @@ def _rotate(vec, axis, angle):
     vx, vy, vz = vec
     dot = kx * vx + ky * vy + kz * vz
     cx, cy, cz = ky * vz - kz * vy, kz * vx - kx * vz, kx * vy - ky * vx
-    return (vx * c + cx * s + kx * dot * (1 - c), vy * c + cy * s + ky * dot * (1 - c), vz * c + cz * s + kz * dot * (1 - c))
+    return (vx * c + cx * s + kx * dot * (1 - c), vy * c + cy * s + ky * dot * (1 - c),
+            vz * c + cz * s + kz * dot * (1 - c))
 
 
 def _unit(v):
@@ -448,15 +449,18 @@ def _render(anat: _Anatomy, canvas: _Canvas, rng_noise: torch.Generator, table: 
     if ssl is not None:
         sx_, sy_, sz_ = cv.coords(ssl)
         front = anat.yb - anat.ay_ant + anat.fat + 9.0
-        width = 18.0 + 9.0 * (1 - _smoothstep(st_top + 35.0, st_top + 55.0, sz_)) - 9.0 * _smoothstep(st_bot - 10, st_bot + 10, sz_)
+        width = (18.0 + 9.0 * (1 - _smoothstep(st_top + 35.0, st_top + 55.0, sz_))
+                 - 9.0 * _smoothstep(st_bot - 10, st_bot + 10, sz_))
         thick = 6.0 - 2.0 * _smoothstep(st_bot - 10, st_bot + 10, sz_)
-        st = torch.maximum(_ellipse_sd(sx_, sy_ - front, width, thick), torch.maximum(st_top - sz_, sz_ - st_bot - 20.0))
+        st = torch.maximum(_ellipse_sd(sx_, sy_ - front, width, thick),
+                           torch.maximum(st_top - sz_, sz_ - st_bot - 20.0))
         cv.paint(cv.cover(st), 1000.0, BONE, ssl)
         cv.paint(cv.cover(st + 1.8), 260.0, BONE, ssl)
     front = anat.yb - anat.ay_ant + anat.fat + 9.0
     for side in (-1.0, 1.0):
         clav = [(side * 22.0, front, st_top + 4.0), (side * 60.0, front - 2.0, st_top - 8.0),
-                (side * 100.0 * anat.sx, front + 25.0, st_top - 14.0), (side * 125.0 * anat.sx, front + 60.0, st_top - 10.0)]
+                (side * 100.0 * anat.sx, front + 25.0, st_top - 14.0),
+                (side * 125.0 * anat.sx, front + 60.0, st_top - 10.0)]
         cv.tube(clav, [7.0, 6.5, 6.5, 7.0], 900.0, BONE)
         cv.tube(clav, [4.0, 3.5, 3.5, 4.0], 300.0, BONE, min_radius=0.5 * min_r)
     # scapulae: thin plates on the posterior chest wall, from near the spine out and forward

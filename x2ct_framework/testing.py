@@ -368,7 +368,8 @@ def check_model(model: torch.nn.Module, *, resolution: int, views: Sequence[floa
             p = torch.rand(batch_size, 1, low, low, low, generator=torch.Generator().manual_seed(3))
             with torch.no_grad():
                 cascade = model(xrays, geom, prev=p)
-            _expect(tuple(cascade.shape) == shape, f"with prev at {low}^3: expected {shape}, got {tuple(cascade.shape)}")
+            _expect(tuple(cascade.shape) == shape,
+                    f"with prev at {low}^3: expected {shape}, got {tuple(cascade.shape)}")
             _expect(_finite(cascade), "with prev: the output has NaN or infinite values")
     with c.check("deterministic in eval mode"):
         model.eval()
@@ -421,14 +422,16 @@ def _check_item(item: Any, i: int, c: _Contract, resolution: int | None, views: 
     if "ct" in item:
         with c.check(f"item {i}: ct"):
             ct = item["ct"]
-            _expect(isinstance(ct, torch.Tensor) and ct.is_floating_point(), f"expected a float tensor, got {_kind(ct)}")
+            _expect(isinstance(ct, torch.Tensor) and ct.is_floating_point(),
+                    f"expected a float tensor, got {_kind(ct)}")
             _expect(ct.ndim == 4 and ct.shape[0] == 1 and ct.shape[1] == ct.shape[2] == ct.shape[3],
                     f"expected [1, D, D, D], got {tuple(ct.shape)}")
             if resolution is not None:
-                _expect(ct.shape[-1] == resolution, f"expected D = {resolution} (the stage resolution), got {ct.shape[-1]}")
+                _expect(ct.shape[-1] == resolution,
+                        f"expected D = {resolution} (the stage resolution), got {ct.shape[-1]}")
             _expect(_finite(ct), "NaN or infinite values")
-            _expect(ct.min() >= 0 and ct.max() <= 1, f"values outside [0, 1]: {ct.min().item():.4g}..{ct.max().item():.4g}"
-                                                     " (apply the HU window)")
+            _expect(ct.min() >= 0 and ct.max() <= 1,
+                    f"values outside [0, 1]: {ct.min().item():.4g}..{ct.max().item():.4g} (apply the HU window)")
     if "labels" in item:
         with c.check(f"item {i}: labels"):
             lab = item["labels"]

@@ -135,7 +135,8 @@ def drr_key(case: str, geometry: Mapping[str, torch.Tensor], resolution: int, im
 def seeded_split(names: Sequence[str], fractions: Sequence[float], seed: int) -> dict[str, list[str]]:
     """Shuffle ``names`` with ``seed`` and cut them by ``fractions`` (train, val, test)."""
     if len(fractions) != 3 or any(f < 0 for f in fractions) or sum(fractions) <= 0:
-        raise ValueError(f"split_fractions: expected three non-negative numbers (train, val, test), got {list(fractions)}")
+        raise ValueError(f"split_fractions: expected three non-negative numbers (train, val, test), "
+                         f"got {list(fractions)}")
     order = sorted(names)
     random.Random(seed).shuffle(order)
     total = float(sum(fractions))

@@ -54,7 +54,8 @@ def _read_spec(path: Path) -> dict:
 
 def _is_image(path: Path) -> bool:
     name = path.name.lower()
-    return path.is_file() and not name.startswith(".") and (name.endswith(".nii.gz") or path.suffix.lower() in IMAGE_TYPES)
+    return path.is_file() and not name.startswith(".") and (name.endswith(".nii.gz")
+                                                             or path.suffix.lower() in IMAGE_TYPES)
 
 
 class PairedXrayDataset(Dataset):
@@ -64,7 +65,8 @@ class PairedXrayDataset(Dataset):
     ``geometry`` is the preset used when a geometry file names none. Splits as in ``ct_folder``.
     """
 
-    def __init__(self, *, split: str, stage: Stage, root: str, views: list[float] = (), geometry: str | dict = "parallel",
+    def __init__(self, *, split: str, stage: Stage, root: str, views: list[float] = (),
+                 geometry: str | dict = "parallel",
                  hu_window: list[float] = DEFAULT_HU_WINDOW, image_size: int = 0, volume_mm: float = 320.0,
                  normalize: str = "auto", require_ct: bool = False, splits: str = "",
                  split_fractions: list[float] = (0.8, 0.1, 0.1), seed: int = 0, angle_tolerance: float = 1.0,

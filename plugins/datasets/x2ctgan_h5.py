@@ -129,7 +129,8 @@ class X2CTGANH5Dataset(CaseListDataset):
             images = []
             for key in ("xray1", "xray2"):
                 img = torch.from_numpy(np.squeeze(data[key]).astype(np.float32))
-                img = img / 255.0 if data[key].dtype == np.uint8 else (img - img.min()) / (img.max() - img.min() + 1e-12)
+                img = (img / 255.0 if data[key].dtype == np.uint8
+                       else (img - img.min()) / (img.max() - img.min() + 1e-12))
                 img = F.interpolate(img[None, None], size=(self.image_size, self.image_size), mode="area"
                                     if img.shape[-1] >= self.image_size else "bilinear")[0]
                 images.append(img.clamp(0, 1))

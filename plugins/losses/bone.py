@@ -36,7 +36,8 @@ def check_hu_window(hu_window) -> tuple[float, float]:
     return lo, hi
 
 
-def soft_mask(ct01: torch.Tensor, hu_window: tuple[float, float], threshold_hu: float, softness_hu: float) -> torch.Tensor:
+def soft_mask(ct01: torch.Tensor, hu_window: tuple[float, float], threshold_hu: float,
+              softness_hu: float) -> torch.Tensor:
     """Soft membership ``sigmoid((HU - threshold) / softness)`` of a [0, 1] volume."""
     return torch.sigmoid((unit_to_hu(ct01, hu_window) - threshold_hu) / softness_hu)
 
@@ -62,7 +63,8 @@ class BoneLoss(nn.Module):
         if not softness_hu > 0:
             raise ValueError(f"softness_hu must be > 0, got {softness_hu!r}")
         if l1_weight < 0 or dice_weight < 0 or l1_weight + dice_weight == 0:
-            raise ValueError(f"l1_weight and dice_weight must be >= 0 and not both 0, got {l1_weight!r} and {dice_weight!r}")
+            raise ValueError(f"l1_weight and dice_weight must be >= 0 and not both 0, "
+                             f"got {l1_weight!r} and {dice_weight!r}")
         if isinstance(label, bool) or not isinstance(label, int) or label < 0:
             raise ValueError(f"label must be an integer >= 0, got {label!r}")
         self.hu_window = check_hu_window(hu_window)

@@ -69,7 +69,8 @@ class LandmarkLoss(nn.Module):
 
     def __init__(self, landmark_labels: list[int] = DEFAULT_LANDMARK_LABELS, margin: int = 3,
                  tolerance_hu: float = 150.0, slabs: int = 8, threshold_hu: float = 250.0, softness_hu: float = 50.0,
-                 min_mass: float = 1.0, use_labels: bool = True, eps: float = 1e-4, hu_window: list[float] = DEFAULT_HU_WINDOW):
+                 min_mass: float = 1.0, use_labels: bool = True, eps: float = 1e-4,
+                 hu_window: list[float] = DEFAULT_HU_WINDOW):
         super().__init__()
         labels = list(landmark_labels)
         if any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in labels):

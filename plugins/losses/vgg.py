@@ -75,7 +75,8 @@ def slices_25d(volume: torch.Tensor, counts: tuple[int, int, int]) -> list[torch
     return out
 
 
-def load_torchvision_state(weights: str, url: str, what: str, option: str = "weights") -> dict[str, torch.Tensor] | None:
+def load_torchvision_state(weights: str, url: str, what: str,
+                           option: str = "weights") -> dict[str, torch.Tensor] | None:
     """State dict for ``weights``: "random" -> None, "imagenet" -> torchvision's cache, else a file path.
 
     "imagenet" reads ``<torch hub dir>/checkpoints/<file name of url>``, downloading it when absent

@@ -154,7 +154,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
-        if raw and all(c.isalnum() or c in "_-./:+" for c in raw) and not raw[0] in "[{\"'":
+        if raw and all(c.isalnum() or c in "_-./:+" for c in raw) and raw[0] not in "[{\"'":
             value = raw  # a bare word such as a name or a path
         else:
             raise RecipeError([f"--set {text}: the value {raw!r} is not a TOML value "

@@ -192,7 +192,8 @@ _KIND_CHECK = {
     "bool": lambda v: isinstance(v, bool),
     "list": lambda v: isinstance(v, list),
     "list[int]": lambda v: isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in v),
-    "list[float]": lambda v: isinstance(v, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v),
+    "list[float]": lambda v: isinstance(v, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                                         for x in v),
     "list[str]": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
     "any": lambda v: True,
 }
@@ -324,7 +325,8 @@ def validate_recipe(recipe: Recipe) -> Recipe:
     hu_window = data["data"].get("hu_window")
     if hu_window is not None and not (isinstance(hu_window, list) and len(hu_window) == 2
                                       and _KIND_CHECK["list[float]"](hu_window) and hu_window[0] < hu_window[1]):
-        problems.append(f"{recipe.where('data', 'hu_window')}: expected [low, high] in HU with low < high, got {hu_window!r}")
+        problems.append(f"{recipe.where('data', 'hu_window')}: expected [low, high] in HU with low < high, "
+                        f"got {hu_window!r}")
     if problems:
         raise RecipeError(problems)
     recipe.data = data

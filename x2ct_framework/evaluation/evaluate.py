@@ -26,11 +26,9 @@ from torch.utils.data import DataLoader
 from x2ct_framework.config.build import build_dataset
 from x2ct_framework.loading import load_model, pick_device  # noqa: F401 (re-exported for callers)
 from x2ct_framework.runs import Target, data_options_with_defaults, hu_window_of, resolve_target  # noqa: F401
-from x2ct_framework.checkpoint import STATE, WEIGHTS, load_into, resolve
-from x2ct_framework.errors import CheckpointError, DataError, RecipeError
+from x2ct_framework.errors import DataError
 from x2ct_framework.evaluation.protocols import Protocol, build_protocol
-from x2ct_framework.config.recipe import Recipe, load_recipe
-from x2ct_framework.stage import Stage
+
 
 def _to(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, torch.Tensor):
@@ -151,7 +149,8 @@ def evaluate(target: Target, split: str = "test", protocols: list[str] = ("defau
 
     for batch in tqdm(loader, desc=f"evaluate {stage.name}/{split}", disable=not progress, dynamic_ncols=True):
         if "ct" not in batch:
-            raise DataError(f"split {split!r} of dataset {recipe['data']['name']!r} has no target CT ('ct') to score against")
+            raise DataError(f"split {split!r} of dataset {recipe['data']['name']!r} has no target CT ('ct') "
+                            f"to score against")
         batch = _to(batch, dev)
         pred = infer(model, batch)
         target_ct = batch["ct"].float()
@@ -243,7 +242,8 @@ def write_outputs(ev: Evaluation, out_dir: str | Path) -> dict[str, Path]:
             w.writerow([cid, *[("" if not np.isfinite(ev.values[k][i]) else f"{ev.values[k][i]:.9g}") for k in keys]])
     (out / "summary.json").write_text(json.dumps(summary_json(ev), indent=2))
     (out / "summary.md").write_text(markdown(ev, out))
-    ev.files = {"per_case": out / "per_case.csv", "summary_json": out / "summary.json", "summary_md": out / "summary.md"}
+    ev.files = {"per_case": out / "per_case.csv", "summary_json": out / "summary.json",
+                "summary_md": out / "summary.md"}
     return ev.files
 
 

@@ -80,7 +80,8 @@ def plot_structures(cid: str, pred: torch.Tensor, target: torch.Tensor, batch: d
 
     lo, hi = hu_window
     p, t = to_hu(pred[None].cpu(), hu_window), to_hu(target[None].cpu(), hu_window)
-    b = {k: (v[None].cpu() if isinstance(v, torch.Tensor) else v) for k, v in batch.items() if k in ("labels", "spacing")}
+    b = {k: (v[None].cpu() if isinstance(v, torch.Tensor) else v) for k, v in batch.items()
+         if k in ("labels", "spacing")}
     disp = (max(lo, -1000.0), min(hi, 1500.0))
     tv = t.reshape(t.shape[-3:]).numpy()
     fig, axes = plt.subplots(len(LABELS), 3, figsize=(7.2, 2.5 * len(LABELS)), squeeze=False)
@@ -93,7 +94,8 @@ def plot_structures(cid: str, pred: torch.Tensor, target: torch.Tensor, batch: d
             cz, cy, cx = (int(round(float(np.mean(ix)))) for ix in np.nonzero(ref))
         else:
             cz, cy, cx = d // 2, h // 2, w // 2
-        sl = [(tv[cz], ref[cz], pm[cz]), (tv[:, cy], ref[:, cy], pm[:, cy]), (tv[:, :, cx], ref[:, :, cx], pm[:, :, cx])]
+        sl = [(tv[cz], ref[cz], pm[cz]), (tv[:, cy], ref[:, cy], pm[:, cy]),
+              (tv[:, :, cx], ref[:, :, cx], pm[:, :, cx])]
         for j, (img, rm, prm) in enumerate(sl):
             ax = axes[r, j]
             ax.imshow(img, cmap="gray", vmin=disp[0], vmax=disp[1])
@@ -292,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from x2ct_framework.run import report_errors
 
-    p = argparse.ArgumentParser(prog="python -m x2ct_framework.evaluation.report", description="write runs/<name>/report.md again")
+    p = argparse.ArgumentParser(prog="python -m x2ct_framework.evaluation.report",
+                                description="write runs/<name>/report.md again")
     p.add_argument("run_dir")
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
