@@ -7,7 +7,7 @@ everything else is the framework's own and may change:
 - ``errors``: the error types and their exit statuses (``RecipeError``, ``DataError``, ...);
 - ``stage``: ``Stage``, what a factory learns about the stage it builds for;
 - ``physics``: geometry presets, the differentiable DRR projector and its back-projection;
-- ``io``: reading and writing volumes and X-ray images in the canonical orientation;
+- ``io``: reading CT volumes and X-ray images in the canonical orientation;
 - ``ssim``: the shared SSIM (2D/3D, Gaussian or uniform window);
 - ``phantom``: the synthetic chest phantom and the toy chests for tests;
 - ``testing``: the contract kit that checks a plugin against the framework's expectations;

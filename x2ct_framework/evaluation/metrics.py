@@ -1,4 +1,4 @@
-"""Built-in metrics, registered through the ``register_metrics`` hook like any other plugin.
+"""The metric library: metric classes and functions (registered by :mod:`.builtin_metrics`).
 
 Every metric is built as ``factory(**options)`` and called as ``metric(pred, target, batch) -> [B]``
 (one value per case). ``pred`` and ``target`` are ``[B, 1, D, H, W]`` in [0, 1] after the recipe's HU
