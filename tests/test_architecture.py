@@ -164,3 +164,12 @@ def test_the_package_names_its_plugin_api_and_imports_cheaply():
     code = "import sys, x2ct_framework; print('torch' in sys.modules, 'x2ct_framework.physics' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
+
+
+def test_docs_architecture_names_every_module():
+    text = (Path(__file__).resolve().parents[1] / "docs" / "architecture.md").read_text()
+    files = module_files(PACKAGE_ROOT, "x2ct_framework").values()
+    missing = [f.relative_to(PACKAGE_ROOT).as_posix() for f in files if f.name != "__init__.py" and f.name not in text]
+    missing += [f"{f.parent.name}/" for f in files
+                if f.name == "__init__.py" and f.parent != PACKAGE_ROOT and f"{f.parent.name}/" not in text]
+    assert not missing, f"docs/architecture.md does not name {missing}"
