@@ -15,7 +15,6 @@ from pathlib import Path
 
 import torch
 
-from x2ct_framework.conventions import DEFAULT_HU_WINDOW
 from x2ct_framework.errors import DataError
 from x2ct_framework.hookspecs import hookimpl
 from x2ct_framework.io import VOLUME_SUFFIXES, is_dicom, read_torchio, torchio_to_canonical
@@ -96,7 +95,7 @@ class CTFolderDataset(CaseListDataset):
     """
 
     def __init__(self, *, split: str, stage: Stage, root: str, views: list[float] = (0.0, 90.0),
-                 geometry: str | dict = "x2ctgan", hu_window: list[float] = DEFAULT_HU_WINDOW, image_size: int = 0,
+                 geometry: str | dict = "x2ctgan", hu_window: list[float] = (-1000.0, 3000.0), image_size: int = 0,
                  volume_mm: float = 320.0, labels_dir: str = "", label_suffix: str = "", splits: str = "",
                  split_fractions: list[float] = (0.8, 0.1, 0.1), seed: int = 0, augment: dict | None = None,
                  augment_splits: list[str] = ("train",), cache_dir: str = "", on_bad_case: str = "error",

@@ -115,7 +115,7 @@ class LossSet(nn.Module):
             raise PluginError(f"model {self.model_name!r} returned {shape}, expected the target's shape "
                               f"{tuple(target.shape)} ([B, 1, R, R, R] at the stage resolution)")
         total = pred.new_zeros(())
-        term_values: dict[str, torch.Tensor] = {}
+        parts: dict[str, torch.Tensor] = {}
         for term in self.terms:
             w = term.weight_at(epoch)
             if w == 0.0:
@@ -124,9 +124,9 @@ class LossSet(nn.Module):
             if not isinstance(value, torch.Tensor) or value.ndim != 0:
                 got = f"shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
                 raise PluginError(f"loss term {term.name!r} returned {got}, expected a scalar tensor")
-            term_values[term.name] = value.detach()
+            parts[term.name] = value.detach()
             total = total + w * value
-        return total, term_values
+        return total, parts
 
     def trainable(self) -> list[LossTerm]:
         """Terms whose loss owns trainable parts (``trainable_parts`` / ``configure_optimizer`` / ``parts_loss``)."""

@@ -242,8 +242,7 @@ def write_outputs(ev: Evaluation, out_dir: str | Path) -> dict[str, Path]:
             w.writerow([cid, *[("" if not np.isfinite(ev.values[k][i]) else f"{ev.values[k][i]:.9g}") for k in keys]])
     (out / "summary.json").write_text(json.dumps(summary_json(ev), indent=2))
     (out / "summary.md").write_text(markdown(ev, out))
-    ev.files = {"per_case": out / "per_case.csv", "summary_json": out / "summary.json",
-                "summary_md": out / "summary.md"}
+    ev.files = {"per_case": out / "per_case.csv", "summary_json": out / "summary.json", "summary_md": out / "summary.md"}
     return ev.files
 
 

@@ -35,7 +35,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from x2ct_framework.conventions import unit_to_hu
 from x2ct_framework.errors import DataError, X2CTError
 from x2ct_framework.loading import load_model, pick_device
 from x2ct_framework.runs import Target, data_options_with_defaults, hu_window_of, resolve_target
@@ -438,7 +437,7 @@ def predict(target: Target, inputs: list[str | Path], out: str | Path, *, geomet
         for (case, _, g), vol in zip(group, vols):
             sp = output_spacing(g, vol.shape[-1], spacing, None)
             path = out if single_file else out / f"{case.case_id}.nii.gz"
-            save_nifti(path, unit_to_hu(vol, (lo, hi)), sp, dtype)
+            save_nifti(path, vol * (hi - lo) + lo, sp, dtype)
             meta = {"case_id": case.case_id, "inputs": [str(f) for f in case.files], "geometry_from": case.spec_source,
                     "geometry": {k: torch.as_tensor(v).tolist() for k, v in g.items()},
                     "checkpoint": str(target.checkpoint), "recipe": str(target.recipe.path), "stage": target.stage.name,
