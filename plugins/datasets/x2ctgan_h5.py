@@ -21,7 +21,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from x2ct_framework.conventions import DEFAULT_HU_WINDOW
 from x2ct_framework.errors import DataError, RecipeError
 from x2ct_framework.hookspecs import hookimpl
 from x2ct_framework.physics import MU_WATER
@@ -44,7 +43,7 @@ class X2CTGANH5Dataset(CaseListDataset):
     """
 
     def __init__(self, *, split: str, stage: Stage, root: str, views: list[float] = (0.0, 90.0),
-                 geometry: str | dict = "x2ctgan", hu_window: list[float] = DEFAULT_HU_WINDOW, image_size: int = 0,
+                 geometry: str | dict = "x2ctgan", hu_window: list[float] = (-1000.0, 3000.0), image_size: int = 0,
                  xrays: str = "stored", train_list: str = "train.txt", test_list: str = "test.txt",
                  val_list: str = "", hu_offset: float = 1024.0, volume_mm: float = 320.0, flip: list[str] = ("z",),
                  cache_dir: str = "", on_bad_case: str = "error", mu_water: float = MU_WATER,
@@ -129,8 +128,7 @@ class X2CTGANH5Dataset(CaseListDataset):
             images = []
             for key in ("xray1", "xray2"):
                 img = torch.from_numpy(np.squeeze(data[key]).astype(np.float32))
-                img = (img / 255.0 if data[key].dtype == np.uint8
-                       else (img - img.min()) / (img.max() - img.min() + 1e-12))
+                img = img / 255.0 if data[key].dtype == np.uint8 else (img - img.min()) / (img.max() - img.min() + 1e-12)
                 img = F.interpolate(img[None, None], size=(self.image_size, self.image_size), mode="area"
                                     if img.shape[-1] >= self.image_size else "bilinear")[0]
                 images.append(img.clamp(0, 1))

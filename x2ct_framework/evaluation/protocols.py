@@ -17,9 +17,8 @@ from dataclasses import dataclass, field
 import torch
 
 from x2ct_framework.errors import PluginError, RecipeError, did_you_mean
-from x2ct_framework.conventions import DEFAULT_HU_WINDOW, unit_to_hu
-from x2ct_framework.evaluation.metrics import (LABELS, LPIPS, MAE, PSNR, RMSE, SSIM, LandmarkDistance, Metric,
-                                               StructureMetric, _check_pair, body_mask, psnr_slices, to_hu)
+from x2ct_framework.evaluation.metrics import (DEFAULT_HU_WINDOW, LABELS, LPIPS, MAE, PSNR, RMSE, SSIM, LandmarkDistance, Metric,
+                      StructureMetric, _check_pair, body_mask, psnr_slices, to_hu)
 from x2ct_framework.ssim import ssim as _ssim
 
 DEFAULT_CONVENTIONS = [
@@ -62,7 +61,7 @@ X2CTGAN_CONVENTIONS = [
 def to_x2ctgan01(x01: torch.Tensor, hu_window: Sequence[float], hu_offset: float = X2CTGAN_HU_OFFSET,
                  ct_range: Sequence[float] = X2CTGAN_CT_RANGE) -> torch.Tensor:
     """[0, 1] of ``hu_window`` -> X2CT-GAN's [0, 1] (HU + offset clipped to ``ct_range``), float32 [B, D, H, W]."""
-    hu = unit_to_hu(x01.double(), hu_window)
+    hu = to_hu(x01.double(), hu_window)  # float64 in, float64 out
     a, b = float(ct_range[0]), float(ct_range[1])
     v = ((hu + hu_offset).clamp(a, b) - a) / (b - a)
     return v.reshape(v.shape[0], *v.shape[-3:]).float()
