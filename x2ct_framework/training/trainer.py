@@ -218,25 +218,13 @@ class Trainer:
         with StopRequest() as stop:
             try:
                 for _ in range(st.epoch, opts["epochs"]):
-                    st.model.train()
-                    st.clock.reset()
-                    st.sync_point = SyncPoint(batch_in_epoch=st.batch_in_epoch)
-                    st.skip_update = False
-                    with st.clock.timing("train"):
-                        for batch in st.data.epoch(acc, st.epoch, skip=st.batch_in_epoch):
-                            self.train_step(st, batch)
-                            if stop.agreed(acc):
-                                raise KeyboardInterrupt
+                    self.train_epoch(st, stop)
                     self.end_epoch(st)
                     if stop.agreed(acc):
                         raise KeyboardInterrupt
             except KeyboardInterrupt:
                 st.bar.close()
-                if st.sync_point.consistent:
-                    self.save_interrupted(st)
-                else:
-                    self.print(f"[{stage.name}] interrupted inside an optimizer update; the last checkpoint "
-                               f"({self.run_dir / stage.name / 'last'}) is kept; continue with --resume")
+                self.save_interrupted(st)
                 raise
         st.bar.close()
         acc.wait_for_everyone()
@@ -249,6 +237,19 @@ class Trainer:
                    + (f"; best {best.metric} {best.value:.4f} at epoch {best.epoch}" if best.value is not None
                       else ""))
         return st.validation
+
+    def train_epoch(self, st: StageState, stop: StopRequest) -> None:
+        """The batches of epoch ``st.epoch``, after the first ``st.batch_in_epoch`` when resuming mid-epoch."""
+        acc = self.accelerator
+        st.model.train()
+        st.clock.reset()
+        st.sync_point = SyncPoint(batch_in_epoch=st.batch_in_epoch)
+        st.skip_update = False
+        with st.clock.timing("train"):
+            for batch in st.data.epoch(acc, st.epoch, skip=st.batch_in_epoch):
+                self.train_step(st, batch)
+                if stop.agreed(acc):
+                    raise KeyboardInterrupt
 
     def train_step(self, st: StageState, batch: dict) -> None:
         """One micro-batch: predict -> objective -> backward; every ``grad_accum`` of them, an update."""
@@ -506,6 +507,10 @@ class Trainer:
     def save_interrupted(self, st: StageState) -> None:
         """Ctrl-C: save ``last`` at the last finished optimizer update, without collectives, then stop."""
         acc, stage = self.accelerator, st.stage
+        if not st.sync_point.consistent:
+            self.print(f"[{stage.name}] interrupted inside an optimizer update; the last checkpoint "
+                       f"({self.run_dir / stage.name / 'last'}) is kept; continue with --resume")
+            return
         if acc.distributed_type not in (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU):
             self.print(f"[{stage.name}] interrupted; no checkpoint written ({acc.distributed_type} needs all "
                        f"processes to save); --resume continues from the last epoch's checkpoint")
