@@ -18,7 +18,7 @@ import subprocess
 import sys
 import textwrap
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -118,7 +118,8 @@ def cascade_from_received(*extra: str):
     def setup(tmp: Path) -> list[str]:
         run = received(tmp)
         recipe = tiny(tmp, "mine")
-        text = recipe.read_text().replace("[train]\n", f'[train]\ninit_from = "{(run / "stage1" / "best").as_posix()}"\n')
+        best = (run / "stage1" / "best").as_posix()
+        text = recipe.read_text().replace("[train]\n", f'[train]\ninit_from = "{best}"\n')
         recipe.write_text(text.replace("losses = { l1 = 1.0 }", "losses = { l1 = 1.0 }\ncascade = true\nepochs = 0")
                           .replace("epochs = 1\n", ""))
         return [str(recipe), *QUIET, *extra]
@@ -368,7 +369,8 @@ def odd_text(rng: random.Random) -> str:
 
 
 def odd_value(rng: random.Random, depth: int = 0):
-    kind = rng.choice(["str", "int", "float", "bool", "list", "table", "tables"] if depth < 2 else ["str", "int", "float"])
+    kinds = ["str", "int", "float", "bool", "list", "table", "tables"] if depth < 2 else ["str", "int", "float"]
+    kind = rng.choice(kinds)
     if kind == "str":
         return odd_text(rng)
     if kind == "int":
@@ -381,7 +383,8 @@ def odd_value(rng: random.Random, depth: int = 0):
         return [odd_value(rng, depth + 1) for _ in range(rng.randint(0, 3))]
     if kind == "table":
         return {odd_text(rng): odd_value(rng, depth + 1) for _ in range(rng.randint(0, 3))}
-    return [{odd_text(rng): odd_value(rng, depth + 1) for _ in range(rng.randint(1, 2))} for _ in range(rng.randint(1, 2))]
+    return [{odd_text(rng): odd_value(rng, depth + 1) for _ in range(rng.randint(1, 2))}
+            for _ in range(rng.randint(1, 2))]
 
 
 def test_recipe_toml_round_trips_odd_keys_and_strings():
@@ -503,8 +506,10 @@ def test_bad_command_line_numbers_are_usage_errors(argv, expect, capsys):
     assert info.value.code == 2 and expect in err and "Traceback" not in err
 
 
-NO_GRAD_LOSS = ("import torch\nfrom x2ct_framework.hookspecs import hookimpl\n@hookimpl\ndef register_losses(register):\n"
-                "    register('detached_l1', lambda: (lambda pred, target, batch: (pred.detach() - target).abs().mean()))\n")
+NO_GRAD_LOSS = ("import torch\nfrom x2ct_framework.hookspecs import hookimpl\n@hookimpl\n"
+                "def register_losses(register):\n"
+                "    register('detached_l1',\n"
+                "             lambda: (lambda pred, target, batch: (pred.detach() - target).abs().mean()))\n")
 
 
 @pytest.mark.parametrize("case", ["loss-without-grad", "x2ct-debug-shows-traceback"])
@@ -589,7 +594,8 @@ def resume_args(*sets: str, allow: tuple[str, ...] = ()):
 
 
 RESUMES = [
-    Case("resume-changed-lr", resume_args("stages.1.lr=0.1"), ("stages.1.lr: 0.001 -> 0.1", "--allow-change stages.1.lr"),
+    Case("resume-changed-lr", resume_args("stages.1.lr=0.1"),
+         ("stages.1.lr: 0.001 -> 0.1", "--allow-change stages.1.lr"),
          "run", check=unchanged_run),
     Case("resume-changed-batch-size", resume_args("train.batch_size=4"), ("train.batch_size: 2 -> 4",), "run",
          check=unchanged_run),

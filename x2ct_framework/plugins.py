@@ -249,7 +249,8 @@ def _installed_module(spec: str, run_dir: str | Path) -> bool:
         found = importlib.util.find_spec(top)
     except (ImportError, ValueError):
         return False
-    origin = getattr(found, "origin", None) or next(iter(getattr(found, "submodule_search_locations", None) or []), None)
+    locations = list(getattr(found, "submodule_search_locations", None) or [])
+    origin = getattr(found, "origin", None) or (locations[0] if locations else None)
     if origin is None:
         return False
     return not _inside(Path(origin), run_dir)

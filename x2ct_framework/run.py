@@ -58,6 +58,10 @@ def report_errors(fn, *args) -> int:
     An ``OSError`` that escapes (a full disk or a permission problem while writing an output) is reported
     the same way, with exit status 2. ``X2CT_DEBUG=1`` re-raises, so the traceback is shown.
     """
+    from x2ct_framework.training.interrupt import install_terminate_handler, reset_received
+
+    reset_received()
+    previous = install_terminate_handler()
     try:
         return fn(*args)
     except X2CTError as exc:
@@ -73,8 +77,16 @@ def report_errors(fn, *args) -> int:
               file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        from x2ct_framework.training.interrupt import exit_status
+
+        code = exit_status()
+        print("terminated (SIGTERM)" if code == 143 else "interrupted", file=sys.stderr)
+        return code
+    finally:
+        if previous is not None:
+            import signal
+
+            signal.signal(signal.SIGTERM, previous)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,8 +12,10 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable
 
+from x2ct_framework import checkpoint as ckpt
 from x2ct_framework.errors import DataError, X2CTError
 
 REQUIRED_KEYS = ("xrays", "geometry", "ct")
@@ -26,15 +28,26 @@ class TrainingDiverged(X2CTError):
     exit_code = 3
 
 
-def check_batch(batch: Any, dataset: str, split: str) -> None:
-    """The batch holds what training needs; otherwise a DataError naming the dataset and what it gave."""
+def check_batch(batch: Any, dataset: str | Callable[[], str], split: str) -> None:
+    """The batch holds what training needs; otherwise a DataError naming the dataset (or ``dataset()``)."""
     if isinstance(batch, dict) and all(k in batch for k in REQUIRED_KEYS):
         return
+    dataset = dataset() if callable(dataset) else dataset
     got = f"keys {', '.join(map(repr, batch))}" if isinstance(batch, dict) else type(batch).__name__
     missing = [k for k in REQUIRED_KEYS if not isinstance(batch, dict) or k not in batch]
     raise DataError(f"dataset {dataset!r} ({split} split) gave items without {', '.join(map(repr, missing))} "
                     f"(it gave {got}); training needs 'xrays', 'geometry' and the target CT 'ct' "
                     f"(see docs/plugins.md, dataset contract)")
+
+
+def last_good(last: Path) -> str:
+    """A sentence naming the last good checkpoint of a stage (or saying there is none yet)."""
+    if ckpt.exists(last):
+        try:
+            return f"The last good checkpoint is {last} (epoch {ckpt.load_state(last).get('epoch')})"
+        except X2CTError:
+            pass
+    return "No checkpoint of this stage was written yet"
 
 
 def updates_done(pos: dict) -> int:

@@ -79,8 +79,8 @@ def stage_status(run_dir: Path, stage_names: list[str]) -> dict[str, str]:
 def recipe_changes(saved: dict, now: dict) -> list[tuple[tuple, Any, Any]]:
     """(key, saved value, new value) for every leaf that differs."""
     a, b = flatten(saved), flatten(now)
-    return [(k, a.get(k, _MISSING), b.get(k, _MISSING)) for k in sorted(set(a) | set(b), key=lambda k: tuple(map(str, k)))
-            if a.get(k, _MISSING) != b.get(k, _MISSING)]
+    keys = sorted(set(a) | set(b), key=lambda k: tuple(map(str, k)))
+    return [(k, a.get(k, _MISSING), b.get(k, _MISSING)) for k in keys if a.get(k, _MISSING) != b.get(k, _MISSING)]
 
 
 def _show(v: Any) -> str:
@@ -124,3 +124,35 @@ def check_resume(recipe: Recipe, run_dir: Path, allowed: list[str] | tuple[str, 
               f"Resume with the recipe as it was, start a new run beside it (--set name=...), start again "
               f"(--overwrite), or, if you mean it, allow the change: {keys}"])
     return accepted
+
+
+def optimizer_settings(optimizer) -> list[dict[str, Any]]:
+    """The hyper-parameters of each param group (lr, weight decay, betas, ...), without the parameters."""
+    return [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+
+
+def keep_current_settings(optimizer, scheduler, settings: list[dict[str, Any]], schedule) -> None:
+    """After a resume, use the recipe's optimizer settings and schedule, not the checkpoint's.
+
+    ``optimizer.load_state_dict`` restores the saved param-group settings and ``LambdaLR.load_state_dict``
+    the saved ``base_lrs`` and schedule; with an unchanged recipe they are equal to the current ones and
+    nothing changes. With a change allowed by ``--allow-change`` (say ``stages.1.lr``) the run then
+    trains with what it logs and writes into recipe.toml. ``schedule`` is a fresh schedule object (the
+    scheduler's own was overwritten by the checkpoint's values).
+    """
+    groups = optimizer.param_groups
+    if len(settings) != len(groups):
+        return
+    same = all(all(g.get(k) == v for k, v in s.items() if k not in ("lr", "initial_lr"))
+               for g, s in zip(groups, settings))
+    base = [s.get("initial_lr", s["lr"]) for s in settings]
+    old_schedule = getattr(scheduler, "lr_lambdas", [None])[0]
+    if same and list(scheduler.base_lrs) == base and vars(old_schedule) == vars(schedule):
+        return
+    for g, s in zip(groups, settings):
+        g.update({k: v for k, v in s.items() if k != "lr"})
+    scheduler.base_lrs = base
+    scheduler.lr_lambdas = [schedule for _ in groups]
+    for g, b in zip(groups, base):
+        g["lr"] = b * schedule(scheduler.last_epoch)
+    scheduler._last_lr = [g["lr"] for g in groups]

@@ -26,7 +26,8 @@ class UnsupportedDistribution(X2CTError):
 
 def check_distributed(accelerator) -> None:
     """Refuse FSDP, DeepSpeed and Megatron-LM before anything trains, saying why and what works."""
-    kind = getattr(getattr(accelerator, "distributed_type", None), "name", str(getattr(accelerator, "distributed_type", "")))
+    dist = getattr(accelerator, "distributed_type", None)
+    kind = getattr(dist, "name", str(dist))
     if kind in UNSUPPORTED:
         raise UnsupportedDistribution(
             f"accelerate is configured for {kind}, which this trainer does not support: {UNSUPPORTED[kind]}. "
