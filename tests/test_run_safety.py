@@ -13,6 +13,7 @@ import json
 import math
 import os
 import random
+import signal
 import socket
 import subprocess
 import sys
@@ -33,7 +34,9 @@ from x2ct_framework.config.document import dumps_toml
 from x2ct_framework.config.recipe import load_recipe
 from x2ct_framework.errors import CheckpointError, PluginError, RecipeError
 from x2ct_framework.plugins import get_plugin_manager, reset_plugin_manager
+from x2ct_framework.hookspecs import hookimpl
 from x2ct_framework.run import main as run_main
+from x2ct_framework.testing import registered
 
 QUIET = ["--set", "train.trackers=[]", "--set", "eval.report=false", "--set", "eval.preview=false"]
 MARKER = "helper_ran"
@@ -631,3 +634,170 @@ def test_which_changes_a_resume_accepts(tmp_path):
     assert allowed == ["  stages.1.lr: 0.001 -> 0.1"]
     two = TWO_STAGES.replace("epochs = 1", "epochs = 3")
     assert check_resume(load_recipe(tiny(tmp_path, extra=two)), run) == []  # a stage nothing was trained for yet
+
+
+# ---- the training loop: SIGTERM, training that did nothing, honest resume -----------------------------
+NAN_PLUGINS = '''
+import torch
+from x2ct_framework.hookspecs import hookimpl
+
+
+class PhantomWithoutCT(torch.utils.data.Dataset):
+    def __init__(self, split, stage):
+        self.n = 2
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return {"xrays": torch.zeros(2, 1, 16, 16), "geometry": {"angles": torch.zeros(2)}}
+
+
+@hookimpl
+def register_losses(register):
+    register("always_nan", lambda: (lambda pred, target, batch: (pred - target).abs().mean() * float("nan")))
+    # finite while training, NaN in validation (run under torch.no_grad)
+    register("nan_in_validation", lambda: (lambda pred, target, batch: (pred - target).abs().mean()
+                                           if torch.is_grad_enabled() else pred.sum() * float("nan")))
+
+
+@hookimpl
+def register_datasets(register):
+    register("no_ct", PhantomWithoutCT)
+'''
+
+
+def with_nan_plugins(tmp: Path, *sets: str) -> list[str]:
+    (tmp / "nan_plugins.py").write_text(NAN_PLUGINS)
+    recipe = tiny(tmp)
+    recipe.write_text('plugins = ["nan_plugins.py"]\n' + recipe.read_text())
+    argv = [str(recipe), *QUIET]
+    for s in sets:
+        argv += ["--set", s]
+    return argv
+
+
+def nothing_written(tmp: Path) -> None:
+    stage = tmp / "runs" / "tiny" / "stage1"
+    assert not ckpt.exists(stage / "best") and not ckpt.exists(stage / "last"), "a checkpoint of a failed stage"
+
+
+LOOP = [
+    Case("every-update-skipped", lambda tmp: with_nan_plugins(tmp, "stages.1.losses={always_nan=1.0}",
+                                                              "train.max_nonfinite_steps=100"),
+         ("stage1: every one of its 2 optimizer updates so far was skipped", "'best' is not taken from it"),
+         "run", code=3, check=nothing_written),
+    Case("validation-not-finite", lambda tmp: with_nan_plugins(tmp, "stages.1.losses={nan_in_validation=1.0}"),
+         ("stage1: validation is not finite (val/loss = nan)", "nothing of this epoch is written"),
+         "run", code=3, check=nothing_written),
+    Case("dataset-item-without-ct", lambda tmp: with_nan_plugins(tmp, 'data={name="no_ct"}'),
+         ("dataset 'no_ct' (train split) gave items without 'ct'", "keys 'xrays', 'geometry'"), "run"),
+]
+
+
+@pytest.mark.parametrize("case", LOOP, ids=lambda c: c.id)
+def test_a_stage_that_did_not_train_does_not_end_done(case, tmp_path, capsys):
+    run_case(case, tmp_path, capsys)
+
+
+class StopAtFirstEpoch:
+    """A two-epoch run stopped after its first epoch's checkpoint (like Ctrl-C there)."""
+
+    @staticmethod
+    @hookimpl
+    def on_epoch_end(trainer, stage, epoch, metrics):
+        if epoch == 0:
+            raise KeyboardInterrupt
+
+
+class TermAtFirstStep:
+    """The scheduler's SIGTERM, arriving during the first optimizer update."""
+
+    @staticmethod
+    @hookimpl
+    def on_train_step_end(trainer, stage, step, metrics):
+        if step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+@pytest.fixture(scope="module")
+def interrupted(tmp_path_factory):
+    """A tiny two-epoch run stopped after epoch 1 (last and best written); tests get hard-linked copies."""
+    root = tmp_path_factory.mktemp("interrupted")
+    recipe = tiny(root)
+    recipe.write_text(recipe.read_text().replace("epochs = 1", "epochs = 2"))
+    reset_plugin_manager()
+    with registered(StopAtFirstEpoch, "stop_at_first_epoch"):
+        assert run_main([str(recipe), *QUIET]) == 130
+    reset_plugin_manager()
+    return root
+
+
+@pytest.fixture
+def copy(interrupted, tmp_path) -> Path:
+    import shutil
+
+    shutil.copytree(interrupted / "runs", tmp_path / "runs", copy_function=os.link)
+    recipe = tiny(tmp_path)
+    recipe.write_text(recipe.read_text().replace("epochs = 1", "epochs = 2"))
+    return recipe
+
+
+def test_sigterm_saves_last_and_exits_143(copy, tmp_path, capsys):
+    with registered(TermAtFirstStep, "term_at_first_step"):
+        code = run_main([str(copy), "--overwrite", *QUIET])
+    err = capsys.readouterr().err
+    assert code == 143, err
+    assert "SIGTERM" in err and "Continue with the same command and --resume" in err
+    state = ckpt.load_state(tmp_path / "runs" / "tiny" / "stage1" / "last")
+    assert state["interrupted"] and state["step"] == 1 and not state["complete"]
+    assert not (tmp_path / "runs" / "tiny" / ".lock").exists()
+    assert signal.getsignal(signal.SIGTERM) is not None
+
+
+def lrs(run: Path) -> list[tuple[int, float]]:
+    rows = [json.loads(line) for line in (run / "stage1" / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["lr"]) for r in rows if r["kind"] == "train"]
+
+
+def test_an_allowed_lr_change_on_resume_is_the_lr_used_and_written(copy, tmp_path, capsys):
+    from x2ct_framework.config.optim import lr_at
+
+    run = tmp_path / "runs" / "tiny"
+    assert run_main([str(copy), "--resume", "--set", "stages.1.lr=0.1", "--allow-change", "stages.1.lr", *QUIET]) == 0
+    err = capsys.readouterr()
+    assert "stages.1.lr: 0.001 -> 0.1" in err.err and "adamw lr 0.1 -> 1e-06" in err.out
+    after = [(s, lr) for s, lr in lrs(run) if s > 2]
+    assert after and all(lr == pytest.approx(lr_at(s - 1, 4, 0.1, 1e-6, 0, "cosine")) for s, lr in after), after
+    assert tomllib.loads((run / "recipe.toml").read_text())["stages"][0]["lr"] == 0.1
+    assert ckpt.load_state(run / "stage1" / "last")["complete"]
+
+
+def test_resume_with_fewer_epochs_completes_the_stage(copy, tmp_path):
+    run = tmp_path / "runs" / "tiny"
+    before = digest(run / "stage1" / "best")
+    assert run_main([str(copy), "--resume", "--set", "stages.1.epochs=1", "--allow-change", "stages.1.epochs",
+                     *QUIET]) == 0
+    assert ckpt.load_state(run / "stage1" / "last")["complete"] and digest(run / "stage1" / "best") == before
+
+
+def test_resume_finishes_an_interrupted_final_evaluation_and_report(copy, tmp_path, monkeypatch, capsys):
+    from x2ct_framework.evaluation import report
+
+    run = tmp_path / "runs" / "tiny"
+    args = [str(copy), "--resume", "--set", "train.trackers=[]", "--set", "eval.preview=false",
+            "--set", "eval.bootstrap=0", "--set", "eval.max_cases=1", "--set", "eval.gallery=0",
+            "--set", "eval.worst_cases=0"]
+    real = report.final_evaluation
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report, "final_evaluation", killed)
+    assert run_main(args) == 130  # stage trained to the end, then the final evaluation was cut short
+    assert ckpt.load_state(run / "stage1" / "last")["complete"] and not (run / "report.md").exists()
+    monkeypatch.setattr(report, "final_evaluation", real)
+    assert run_main(args) == 0
+    assert "finished earlier" in capsys.readouterr().out
+    assert "## Final metrics: stage1 best checkpoint" in (run / "report.md").read_text()
+    assert (run / "eval" / "stage1-test" / "summary.json").is_file()

@@ -34,7 +34,7 @@ from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
-from x2ct_framework import __version__
+from x2ct_framework import __version__, atomic
 from x2ct_framework import checkpoint as ckpt
 from x2ct_framework.config.build import (build_dataset, build_losses, build_metrics, build_model, data_options,
                                          load_recipe_plugins, model_options, stages)
@@ -132,14 +132,14 @@ class Trainer:
         if not self.is_main:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "recipe.toml").write_text(self.recipe.to_run_toml())
+        atomic.write_text(self.run_dir / "recipe.toml", self.recipe.to_run_toml())  # temporary name, then rename
         acc = self.accelerator
         self.pm.load_entry_points()  # loaded lazily: make sure "plugins" lists the installed ones too
         env = {"x2ct_framework": __version__, "python": sys.version.split()[0], "torch": torch.__version__,
                "platform": platform.platform(), "processes": acc.num_processes,
                "distributed": str(acc.distributed_type), "device": str(acc.device),
                "mixed_precision": acc.mixed_precision, "plugins": dict(self.pm.distributions)}
-        (self.run_dir / "environment.json").write_text(json.dumps(env, indent=2))
+        atomic.write_text(self.run_dir / "environment.json", json.dumps(env, indent=2))
 
     # ---- the run: stages in order --------------------------------------------------------------
     def run(self) -> dict[str, Any]:
