@@ -4,8 +4,19 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+
+from x2ct_framework.errors import X2CTError
 
 from x2ct_framework.run import add_run_arguments, report_errors, run
+
+
+def format_count(n: int) -> str:
+    """A parameter count readable at every size: 812, 12.3 k, 4.56 M, 1.20 G."""
+    for div, unit in ((1e9, " G"), (1e6, " M"), (1e3, " k")):
+        if n >= div:
+            return f"{n / div:.3g}{unit}"
+    return str(n)
 
 
 def validate(args: argparse.Namespace) -> int:
@@ -23,9 +34,9 @@ def validate(args: argparse.Namespace) -> int:
         losses = build_losses(recipe, stage)
         datasets = {split: build_dataset(recipe, stage, split) for split in ("train", "val")}
         sizes = {split: len(ds) for split, ds in datasets.items()}
-        n_params = sum(p.numel() for p in model.parameters())
+        n_params = format_count(sum(p.numel() for p in model.parameters()))
         terms = ", ".join(f"{t.name}x{t.weight:g}" for t in losses.terms)
-        print(f"  {stage.name}: {stage.resolution}^3, model {recipe['model']['name']} ({n_params / 1e6:.2f} M params), "
+        print(f"  {stage.name}: {stage.resolution}^3, model {recipe['model']['name']} ({n_params} params), "
               f"losses {terms or 'none'}, train {sizes['train']} / val {sizes['val']} cases")
         print(f"    model: {describe_for_sample(model, datasets['train'][0])}")
     print("ok")
@@ -33,18 +44,41 @@ def validate(args: argparse.Namespace) -> int:
 
 
 def plugins(args: argparse.Namespace) -> int:
-    from x2ct_framework.plugins import get_plugin_manager
+    """Every registered component with its plugin, every hook-only plugin with its hooks, and every failure.
+
+    A plugin that fails to load or register is listed under ``failed:`` and the rest is still shown
+    (``X2CT_STRICT_PLUGINS=1`` makes it an error)."""
+    from x2ct_framework.plugins import PLURALS, get_plugin_manager
 
     pm = get_plugin_manager()
+    pm.tolerant = True
     if getattr(args, "recipe", None):
-        from x2ct_framework.config.build import load_recipe_plugins
-        from x2ct_framework.config.recipe import load_recipe
+        from x2ct_framework.config.document import Recipe, _read_toml
 
-        load_recipe_plugins(load_recipe(args.recipe))
-    for kind, reg in pm.registries().items():
-        print(f"{kind}s:")
+        # The plugins only: a recipe that does not validate must not hide what is installed.
+        data, origins = _read_toml(Path(args.recipe), [])
+        recipe = Recipe(data=data, path=Path(args.recipe).resolve(), origins=origins)
+        for spec in data.get("plugins", []) if isinstance(data.get("plugins"), list) else []:
+            try:
+                pm.load_module(str(spec), recipe.base_dir)
+            except X2CTError as exc:
+                pm.failed[str(spec)] = str(exc)
+    registries = pm.registries()
+    givers: set[str] = set()
+    for kind, reg in registries.items():
+        print(f"{PLURALS[kind]}:")
         for e in reg.entries():
+            givers.add(e.plugin)
             print(f"  {e.name:<22} plugin {e.plugin} ({e.distribution})")
+    lifecycle = []
+    for name, _ in pm.pm.list_name_plugin():
+        hooks = [h for h in pm.hooks_of(name) if not h.startswith("register_")]
+        if hooks or name not in givers:
+            lifecycle.append((name, hooks))
+    if lifecycle:
+        print("hooks:")
+        for name, hooks in lifecycle:
+            print(f"  {name:<22} {', '.join(hooks) or 'none'} ({pm.distributions.get(name, '?')})")
     for name, msg in pm.failed.items():
         print(f"failed: {msg}")
     return 0
@@ -110,7 +144,10 @@ def predict(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from x2ct_framework import __version__
+
     parser = argparse.ArgumentParser(prog="x2ct", description="x2ct-framework: CT from X-ray views")
+    parser.add_argument("--version", action="version", version=f"x2ct-framework {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("run", help="train a recipe")
     add_run_arguments(p)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from x2ct_framework.errors import RecipeError, did_you_mean
+from x2ct_framework.errors import RecipeError, X2CTError, did_you_mean
 from x2ct_framework.config.document import Key, Recipe, format_key
 
 REQUIRED = object()
@@ -68,11 +68,30 @@ def at_least_one(v: Any) -> str | None:
 
 
 def optimizer_name(v: Any) -> str | None:
-    from x2ct_framework.config.optim import OPTIMIZERS
+    """An optimizer of the registry (torch.optim's by lower-case name, and plugins' ``register_optimizers``)."""
+    from x2ct_framework.config.optim import optimizer_names
 
-    if v.lower() in OPTIMIZERS:
+    names = optimizer_names()
+    if v in names or v.lower() in names:
         return None
-    return f"unknown optimizer{did_you_mean(v.lower(), OPTIMIZERS)} (known: {', '.join(sorted(OPTIMIZERS))})"
+    return f"unknown optimizer{did_you_mean(v.lower(), names)} (known: {', '.join(names)})"
+
+
+def scheduler_spec(v: Any) -> str | None:
+    """A schedule of the registry by name, or a table ``{ name = "...", <its options> }`` checked against it."""
+    from x2ct_framework.config.optim import build_schedule, schedule_names
+
+    if not (isinstance(v, str) or (isinstance(v, dict) and isinstance(v.get("name"), str))):
+        return 'expected a schedule name or a table { name = "step", every = 1000, gamma = 0.5 }'
+    name = v if isinstance(v, str) else v["name"]
+    names = schedule_names()
+    if name not in names:
+        return f"unknown schedule {name!r}{did_you_mean(name, names)} (known: {', '.join(names)})"
+    try:
+        build_schedule(v, 100, 1.0, 0.0, 0)
+    except X2CTError as exc:
+        return str(exc).replace("scheduler: ", "", 1)
+    return None
 
 
 def metric_key(v: Any) -> str | None:
@@ -95,12 +114,14 @@ STAGE = Table(
                     check=positive),
         "min_lr": Value("number", 1e-6, "final learning rate of the cosine schedule", check=non_negative),
         "warmup_steps": Value("int", 0, "linear warm-up in optimizer steps", check=non_negative),
-        "optimizer": Value("str", "adamw", "torch.optim optimizer by name (adamw, adam, sgd, radam, ...)",
-                           check=optimizer_name),
+        "optimizer": Value("str", "adamw", "optimizer by registry name: torch.optim's (adamw, adam, sgd, radam, "
+                           "...) or a plugin's (register_optimizers)", check=optimizer_name),
         "optimizer_options": Table({}, "extra optimizer arguments, e.g. betas = [0.9, 0.95]", open=True),
         "weight_decay": Value("number", 0.01, "weight decay", check=non_negative),
-        "scheduler": Value("str", "cosine", "learning-rate schedule per optimizer step: cosine lr -> min_lr, "
-                           "or constant (both after the warm-up)", choices=("cosine", "constant")),
+        "scheduler": Value("any", "cosine", "learning-rate schedule per optimizer step, after the warm-up, by "
+                           "registry name (cosine lr -> min_lr, constant, linear lr -> min_lr, linear_decay, step, "
+                           "or a plugin's) or a table { name = \"step\", every = 1000, gamma = 0.5 } with its options",
+                           check=scheduler_spec),
         "batch_size": Value("int", 0, "per-device batch size; 0 takes train.batch_size", check=non_negative),
         "grad_accum": Value("int", 0, "gradient accumulation steps; 0 takes train.grad_accum", check=non_negative),
         "checkpoint_every": Value("int", 0, "periodic checkpoint every N epochs; 0 = off", check=non_negative),
@@ -167,7 +188,8 @@ SCHEMA = Table(
                 "metrics": Value("list[str]", ["psnr", "ssim"], "validation metrics (registry names)"),
                 "preview": Value("bool", True, "write slice previews at each validation"),
                 "protocols": Value("list[str]", ["default", "x2ctgan"],
-                                   "metric protocols of the final evaluation and report (default, x2ctgan)",
+                                   "metric protocols of the final evaluation and report (registry names: "
+                                   "default, x2ctgan, or a plugin's register_protocols)",
                                    check=protocol_names),
                 "split": Value("str", "test", "split scored at the end of a run", choices=("train", "val", "test")),
                 "report": Value("bool", True, "evaluate the last stage's best checkpoint and write report.md "
@@ -302,9 +324,23 @@ def _check_losses(value: Any, key: Key, recipe: Recipe, problems: list[str]) -> 
     return out
 
 
+def _load_plugins(recipe: Recipe) -> None:
+    """Load the recipe's ``plugins`` first, so that names checked against a registry (protocols,
+    optimizers, schedules) include the ones they register. A malformed list is left to the schema check."""
+    specs = recipe.data.get("plugins")
+    if not (isinstance(specs, list) and all(isinstance(p, str) for p in specs)):
+        return
+    from x2ct_framework.plugins import get_plugin_manager
+
+    pm = get_plugin_manager()
+    for spec in specs:
+        pm.load_module(spec, recipe.base_dir)
+
+
 def validate_recipe(recipe: Recipe) -> Recipe:
     """Check the whole recipe against the schema, fill defaults in place, report all problems."""
     problems: list[str] = []
+    _load_plugins(recipe)
     data = _check(SCHEMA, recipe.data, (), recipe, problems)
     if problems:
         raise RecipeError(problems)
