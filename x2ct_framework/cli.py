@@ -21,7 +21,8 @@ def format_count(n: int) -> str:
 
 def validate(args: argparse.Namespace) -> int:
     """Build every component of every stage without training."""
-    from x2ct_framework.config.build import (build_dataset, build_losses, build_metrics, build_model, load_recipe_plugins, stages)
+    from x2ct_framework.config.build import (build_dataset, build_losses, build_metrics, build_model,
+                                             load_recipe_plugins, stages)
     from x2ct_framework.model_info import describe_for_sample
     from x2ct_framework.config.recipe import load_recipe
 

@@ -233,10 +233,14 @@ class PluginManager:
                                                  f"{type(exc).__name__}: {exc}")
                     broken[plugin].__cause__ = exc
         order = {name: i for i, (name, _) in enumerate(self.pm.list_name_plugin())}
-        # Installed plugins first (so a plugin the user names is the one blamed for a duplicate), then in
-        # registration order.
-        user_named = (lambda p: p not in self.installed and self.distributions.get(p) != CORE_DISTRIBUTION)
-        for plugin, items in sorted(collected.items(), key=lambda kv: (user_named(kv[0]), order.get(kv[0], 0))):
+        # The framework's own plugins first, then other installed ones, then the ones the user named, each in
+        # registration order: of two plugins registering one name, the later one is blamed and left out.
+        def rank(plugin: str) -> tuple[int, int]:
+            own = self.distributions.get(plugin) == CORE_DISTRIBUTION
+            group = 0 if own else 1 if plugin in self.installed else 2
+            return group, order.get(plugin, 0)
+
+        for plugin, items in sorted(collected.items(), key=lambda kv: rank(kv[0])):
             dist = self.distributions.get(plugin, "?")
             error = broken.get(plugin)
             if error is None:

@@ -111,7 +111,8 @@ def linear_decay(total: int, lr: float, min_lr: float, warmup: int, constant_fra
     return fn
 
 
-def step(total: int, lr: float, min_lr: float, warmup: int, every: int = 1000, gamma: float = 0.1) -> Callable[[int], float]:
+def step(total: int, lr: float, min_lr: float, warmup: int, every: int = 1000,
+         gamma: float = 0.1) -> Callable[[int], float]:
     """``lr`` multiplied by ``gamma`` every ``every`` updates after the warm-up, never below ``min_lr``."""
     if every < 1:
         raise ValueError(f"every must be >= 1 (optimizer updates), got {every}")

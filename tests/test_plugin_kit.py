@@ -1,0 +1,264 @@
+"""The plugin kit: protocols, optimizers and schedules from plugins, and plugin loading that fails clearly."""
+
+from __future__ import annotations
+
+import csv
+import math
+import textwrap
+import warnings
+
+import pytest
+import torch
+
+from test_evaluate import make_run
+from test_plugins import make_distribution
+from x2ct_framework.cli import format_count, main as x2ct_main
+from x2ct_framework.config.optim import Schedule, build_schedule, make_optimizer
+from x2ct_framework.errors import PluginError, RecipeError
+from x2ct_framework.plugins import PluginLoadWarning, get_plugin_manager
+
+MYLAB = """
+    import torch
+    from x2ct_framework.hookspecs import hookimpl
+
+
+    class Mae01:
+        higher_is_better = False
+        unit = ""
+
+        def __call__(self, pred, target, batch):
+            return (pred.float() - target.float()).abs().flatten(1).mean(1)
+
+
+    def mylab(hu_window, scale: float = 1.0):
+        # a plain dict of metrics becomes a protocol named after its registration
+        return {"mae01": Mae01(), "mae_hu": lambda p, t, b: Mae01()(p, t, b) * (hu_window[1] - hu_window[0]) * scale}
+
+
+    class Flat(torch.nn.Module):
+        # a tiny model for fast tests: every voxel is a learned multiple of the views mean intensity
+
+        def __init__(self, resolution):
+            super().__init__()
+            self.r = resolution
+            self.w = torch.nn.Parameter(torch.tensor([0.5]))
+
+        def forward(self, xrays, geometry, prev=None):
+            v = xrays.float().mean(dim=(2, 3, 4))  # [B, V]
+            return (self.w * v.mean(1))[:, None, None, None, None].expand(-1, 1, self.r, self.r, self.r)
+
+
+    @hookimpl
+    def register_protocols(register):
+        register("mylab", mylab)
+
+
+    @hookimpl
+    def register_models(register):
+        register("kit_flat", Flat)
+"""
+
+
+def _plugin(tmp_path, name="mylab_protocol.py", source=MYLAB):
+    (tmp_path / name).write_text(textwrap.dedent(source))
+    return name
+
+
+# ---- protocols --------------------------------------------------------------------------------------
+def test_a_plugin_protocol_reaches_the_recipe_evaluate_per_case_csv_and_the_report(tmp_path, capsys):
+    from x2ct_framework.config.build import stages
+    from x2ct_framework.config.recipe import load_recipe
+    from x2ct_framework.evaluation.report import final_evaluation
+
+    plugin = _plugin(tmp_path)
+    run = make_run(tmp_path, num_test=2, model='name = "kit_flat"',
+                   **{"seed = 0": f'seed = 0\nplugins = ["{(tmp_path / plugin).as_posix()}"]'},
+                   extra='\n[eval]\nprotocols = ["default", "mylab"]\nbootstrap = 0\nworst_cases = 0\ngallery = 0\n'
+                         'lpips = "off"\nmax_cases = 1\n')
+    assert x2ct_main(["evaluate", str(run), "--protocol", "default", "mylab", "--bootstrap", "0", "--worst", "0",
+                      "--lpips", "off", "--no-progress"]) == 0
+    assert "`mylab/mae01`" in capsys.readouterr().out
+    with (run / "eval" / "stage1-test" / "per_case.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2
+    for r in rows:  # the plugin's MAE on [0, 1] times the window width is the default protocol's MAE in HU
+        assert float(r["mylab/mae_hu"]) == pytest.approx(float(r["default/mae_hu"]), rel=1e-5)
+        assert float(r["mylab/mae01"]) * 4000.0 == pytest.approx(float(r["default/mae_hu"]), rel=1e-5)
+    recipe = load_recipe(run / "recipe.toml")
+    lines = final_evaluation(run, recipe, stages(recipe)[0], tmp_path / "pics", torch.device("cpu"))
+    assert "### Protocol `mylab`" in lines and any("`mylab/mae01`" in line for line in lines)
+
+
+def test_an_unknown_protocol_in_a_recipe_lists_the_plugin_ones(tmp_path):
+    from x2ct_framework.config.recipe import load_recipe
+    from conftest import TINY_RECIPE
+
+    plugin = _plugin(tmp_path)
+    path = tmp_path / "r.toml"
+    path.write_text(TINY_RECIPE.format(out=tmp_path.as_posix()).replace("seed = 0", f'seed = 0\nplugins = ["{plugin}"]')
+                    + '\n[eval]\nprotocols = ["mylb"]\n')
+    with pytest.raises(RecipeError, match=r"eval -> protocols: unknown protocol\(s\) 'mylb'; did you mean \"mylab\"\?"
+                                          r".*default, x2ctgan, mylab"):
+        load_recipe(path)
+
+
+def test_a_protocol_factory_returning_something_else_is_named():
+    from x2ct_framework.evaluation.protocols import build_protocol
+    from x2ct_framework.testing import registered_component
+
+    with registered_component("protocol", "broken", lambda hu_window: 42):
+        with pytest.raises(PluginError, match="protocol 'broken' .* returned int, expected a Protocol"):
+            build_protocol("broken")
+
+
+# ---- loading ----------------------------------------------------------------------------------------
+HUBER = """
+    import torch
+    from x2ct_framework.hookspecs import hookimpl
+
+    @hookimpl
+    def register_losses(register):
+        register("kit_huber", lambda delta=0.1: (lambda p, t, b: torch.nn.functional.huber_loss(p, t, delta=delta)))
+"""
+
+
+@pytest.fixture
+def installed(tmp_path, monkeypatch):
+    """An installed distribution with a good plugin, one raising inside register_losses and one colliding."""
+    import importlib
+
+    raising = "from x2ct_framework.hookspecs import hookimpl\n@hookimpl\ndef register_losses(register):\n" \
+              "    raise RuntimeError('boom')\n"
+    colliding = "from x2ct_framework.hookspecs import hookimpl\n@hookimpl\ndef register_losses(register):\n" \
+                "    register('l1', lambda: None)\n"
+    make_distribution(tmp_path, "x2ct-kit", {"kit_huber": HUBER, "kit_raising": raising, "kit_colliding": colliding},
+                      {"kit_huber": "kit_huber", "kit_raising": "kit_raising", "kit_colliding": "kit_colliding"})
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.invalidate_caches()
+    return tmp_path
+
+
+def test_a_recipe_module_that_is_also_installed_loads_once(installed):
+    pm = get_plugin_manager()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PluginLoadWarning)
+        assert pm.load_module("kit_huber") == "kit_huber"  # the entry point's name, not a second registration
+        assert pm.load_module("kit_huber") == "kit_huber"
+        entry = pm.registry("loss").get("kit_huber")
+    assert (entry.plugin, entry.distribution) == ("kit_huber", "x2ct-kit")
+
+
+def test_failed_registrations_are_reported_like_failed_imports(installed, capsys, monkeypatch):
+    with pytest.warns(PluginLoadWarning) as caught:
+        reg = get_plugin_manager().registry("loss")
+    assert "kit_huber" in reg and "l1" in reg and reg.get("l1").plugin == "l1"  # the rest still loads
+    text = "\n".join(str(w.message) for w in caught)
+    assert "'kit_raising' from x2ct-kit failed to register and was skipped" in text and "RuntimeError: boom" in text
+    assert "'kit_colliding' from x2ct-kit failed to register" in text and "duplicate loss name 'l1'" in text
+    from x2ct_framework.plugins import reset_plugin_manager
+
+    reset_plugin_manager()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PluginLoadWarning)
+        assert x2ct_main(["plugins"]) == 0
+    out = capsys.readouterr().out
+    assert "losses:" in out and "losss" not in out and "kit_huber" in out
+    assert "failed: plugin 'kit_raising'" in out and "failed: plugin 'kit_colliding'" in out
+    reset_plugin_manager()
+    monkeypatch.setenv("X2CT_STRICT_PLUGINS", "1")
+    with pytest.raises(PluginError, match="kit_colliding.*X2CT_STRICT_PLUGINS|duplicate loss name 'l1'.*X2CT_STRICT"):
+        get_plugin_manager().registries()
+
+
+def test_a_misspelt_hook_is_an_error_naming_the_plugin_and_the_closest_hook(tmp_path):
+    _plugin(tmp_path, "typo.py", "from x2ct_framework.hookspecs import hookimpl\n@hookimpl\n"
+                                 "def on_epoch_ended(trainer, stage, epoch, metrics):\n    pass\n")
+    with pytest.raises(PluginError, match=r"typo.py.*implements 'on_epoch_ended', which is not a hook of "
+                                          r"x2ct_framework; did you mean \"on_epoch_end\"\?"):
+        get_plugin_manager().load_module("typo.py", tmp_path)
+
+
+def test_a_hook_without_its_marker_warns(tmp_path):
+    _plugin(tmp_path, "nomark.py", "def register_losses(register):\n    register('x', lambda: None)\n")
+    with pytest.warns(PluginLoadWarning, match=r"nomark.py.*defines register_losses\(\) without the @hookimpl marker"):
+        get_plugin_manager().load_module("nomark.py", tmp_path)
+    assert "x" not in get_plugin_manager().registry("loss")
+
+
+def test_hook_only_plugins_are_listed_with_their_hooks(tmp_path, capsys):
+    from conftest import TINY_RECIPE
+
+    _plugin(tmp_path, "notify.py", "from x2ct_framework.hookspecs import hookimpl\n@hookimpl\n"
+                                   "def on_stage_end(trainer, stage, metrics):\n    pass\n")
+    recipe = tmp_path / "r.toml"
+    text = TINY_RECIPE.format(out=tmp_path.as_posix())
+    recipe.write_text(text.replace("seed = 0", 'seed = 0\nplugins = ["notify.py"]'))
+    assert x2ct_main(["plugins", "--recipe", str(recipe)]) == 0
+    out = capsys.readouterr().out.split("hooks:")[1]
+    assert "report" in out and "on_run_end" in out
+    assert "notify.py" in out and "on_stage_end (local file)" in out
+
+
+def test_version_and_parameter_counts(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        x2ct_main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.startswith("x2ct-framework 0.")
+    assert [format_count(n) for n in (812, 12_345, 4_560_000, 1_200_000_000)] == ["812", "12.3 k", "4.56 M", "1.2 G"]
+
+
+# ---- optimizers and schedules -----------------------------------------------------------------------
+@pytest.mark.parametrize("spec, expected", [
+    # total 11 updates, lr 1.0, min_lr 0.1, warm-up 2: steps 0..1 rise, then the schedule
+    ("cosine", lambda s: 0.1 + 0.45 * (1 + math.cos(math.pi * (s - 2) / 8))),
+    ("constant", lambda s: 1.0),
+    ("linear", lambda s: 1.0 - 0.9 * (s - 2) / 8),
+    ({"name": "step", "every": 3, "gamma": 0.5}, lambda s: max(0.1, 0.5 ** ((s - 2) // 3))),
+    ({"name": "linear_decay", "constant_steps": 6}, lambda s: 1.0 if s < 6 else 1.0 - (s - 6) / 4),
+    ({"name": "linear_decay", "constant_fraction": 0.5}, lambda s: 1.0 if s < 6 else 1.0 - (s - 6) / 4),
+])
+def test_built_in_schedules_with_warm_up(spec, expected):
+    fn = build_schedule(spec, total=11, lr=1.0, min_lr=0.1, warmup=2)
+    assert [fn(s) for s in (0, 1)] == pytest.approx([0.5, 1.0])
+    assert [fn(s) for s in range(2, 11)] == pytest.approx([expected(s) for s in range(2, 11)])
+    sched = Schedule(11, 1.0, 0.1, 2, spec)
+    assert all(isinstance(v, (int, float, str, dict)) for v in vars(sched).values())  # storable in a checkpoint
+
+
+def test_schedule_and_optimizer_plugins():
+    from x2ct_framework.testing import registered_component
+
+    def halving(total, lr, min_lr, warmup, every: int = 2):
+        return lambda s: lr / 2 ** (s // every)
+
+    def plain_sgd(params, lr, weight_decay, nesterov: bool = False):
+        return torch.optim.SGD(params, lr=lr, momentum=0.9 if nesterov else 0.0, nesterov=nesterov,
+                               weight_decay=weight_decay)
+
+    with registered_component("schedule", "halving", halving), registered_component("optimizer", "plain", plain_sgd):
+        halves = build_schedule({"name": "halving", "every": 1}, 4, 0.8, 0.0)
+        assert [halves(s) for s in range(4)] == [0.8, 0.4, 0.2, 0.1]
+        with pytest.raises(RecipeError, match=r"sched -> evry: unknown option for schedule 'halving'"):
+            build_schedule({"name": "halving", "evry": 1}, 4, 0.8, 0.0, where="sched")
+        opt = make_optimizer("plain", [torch.nn.Parameter(torch.zeros(2))], 0.1, 0.0, {"nesterov": True})
+        assert opt.param_groups[0]["nesterov"] is True
+        with pytest.raises(RecipeError, match=r"optimizer_options -> momentm: unknown option for optimizer 'plain'"):
+            make_optimizer("plain", [torch.nn.Parameter(torch.zeros(2))], 0.1, 0.0, {"momentm": 1})
+    with pytest.raises(RecipeError, match=r'unknown optimizer .adamww.; did you mean "adamw"'):
+        make_optimizer("adamww", [torch.nn.Parameter(torch.zeros(2))], 0.1, 0.0, {})
+
+
+def test_a_recipe_checks_the_schedule_table(tmp_path):
+    from conftest import TINY_RECIPE
+    from x2ct_framework.config.recipe import load_recipe
+
+    path = tmp_path / "r.toml"
+    path.write_text(TINY_RECIPE.format(out=tmp_path.as_posix()))
+    recipe = load_recipe(path, ['stages.1.scheduler={ name = "step", every = 5, gamma = 0.5 }'])
+    assert recipe["stages"][0]["scheduler"] == {"name": "step", "every": 5, "gamma": 0.5}
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path, ['stages.1.scheduler="cosin"', 'stages.1.optimizer="sgdd"'])
+    msg = str(err.value)
+    assert 'stages -> 1 -> scheduler: unknown schedule \'cosin\'; did you mean "cosine"' in msg
+    assert 'stages -> 1 -> optimizer: unknown optimizer; did you mean "sgd"' in msg
+    with pytest.raises(RecipeError, match=r"scheduler: .*gamma must be in \(0, 1\]"):
+        load_recipe(path, ['stages.1.scheduler={ name = "step", gamma = 2.0 }'])
