@@ -16,6 +16,7 @@ from x2ct_framework.cli import format_count, main as x2ct_main
 from x2ct_framework.config.optim import Schedule, build_schedule, make_optimizer
 from x2ct_framework.errors import PluginError, RecipeError
 from x2ct_framework.plugins import PluginLoadWarning, get_plugin_manager
+from x2ct_framework.testing import check_model
 
 MYLAB = """
     import torch
@@ -262,3 +263,85 @@ def test_a_recipe_checks_the_schedule_table(tmp_path):
     assert 'stages -> 1 -> optimizer: unknown optimizer; did you mean "sgd"' in msg
     with pytest.raises(RecipeError, match=r"scheduler: .*gamma must be in \(0, 1\]"):
         load_recipe(path, ['stages.1.scheduler={ name = "step", gamma = 2.0 }'])
+
+
+# ---- check_model: four real mistakes ----------------------------------------------------------------
+class ViewMixer(torch.nn.Module):
+    """A small model that uses every view, the geometry and prev; ``mistake`` breaks one of them."""
+
+    uses_prev = True
+
+    def __init__(self, resolution=8, mistake=""):
+        super().__init__()
+        self.r, self.mistake = resolution, mistake
+        self.mix = torch.nn.Linear(2, 1)
+
+    def forward(self, xrays, geometry, prev=None):
+        from x2ct_framework.physics import make_geometry
+
+        b, v = xrays.shape[:2]
+        x = xrays.detach() if self.mistake == "detached" else xrays
+        if self.mistake == "drops_view":
+            x = x[:, :2]
+        if self.mistake == "fixed_geometry":
+            geometry = {k: t[None].expand(b, *t.shape) for k, t in make_geometry([0.0, 90.0, 45.0]).items()}
+        angles = torch.deg2rad(geometry["angles"].float())  # [B, V]
+        weights = torch.cos(angles[:, : x.shape[1]])[:, :, None, None, None] + 1.5
+        feats = torch.stack([(x * weights).mean(dim=(1, 2, 3, 4)), x.amax(dim=(1, 2, 3, 4))], dim=1)
+        vol = self.mix(feats)[:, :, None, None, None].expand(b, 1, self.r, self.r, self.r)
+        if prev is not None and self.mistake != "ignores_prev":
+            vol = vol + torch.nn.functional.interpolate(prev, size=(self.r,) * 3, mode="trilinear")
+        return vol
+
+
+VIEWS3 = (0.0, 90.0, 45.0)
+
+
+def test_check_model_passes_a_model_that_uses_everything():
+    passed = check_model(ViewMixer(), resolution=8, views=VIEWS3, autocast_dtypes=())
+    assert {"gradient reaches the X-rays", "the output depends on every view", "the output depends on the geometry",
+            "the output depends on prev"} <= set(passed)
+
+
+@pytest.mark.parametrize("mistake, message", [
+    ("detached", "gradient reaches the X-rays: the loss has no gradient w.r.t. the input X-rays"),
+    ("drops_view", "the output depends on every view: changing view(s) [2] of 3 (angles [0.0, 90.0, 45.0]) leaves"),
+    ("ignores_prev", "the output depends on prev: the model declares uses_prev = True but two different prev"),
+    ("fixed_geometry", "the output depends on the geometry: the views' angles moved by 37 degrees and the output is "
+                       "unchanged"),
+])
+def test_check_model_catches_four_real_mistakes(mistake, message):
+    from x2ct_framework.testing import ContractError
+
+    with pytest.raises(ContractError) as err:
+        check_model(ViewMixer(mistake=mistake), resolution=8, views=VIEWS3, autocast_dtypes=())
+    assert message in str(err.value)
+    assert len(err.value.failures) == 1, err.value.failures  # only the mistake, nothing else
+
+
+# ---- hooks without training -------------------------------------------------------------------------
+def test_run_hooks_drives_a_hook_plugin_in_the_trainer_order(tmp_path):
+    from x2ct_framework.hookspecs import hookimpl
+    from x2ct_framework.testing import FakeTrainer, make_stage, registered, run_hooks
+
+    seen = []
+
+    class Recorder:
+        @staticmethod
+        @hookimpl
+        def on_epoch_end(trainer, stage, epoch, metrics):
+            seen.append((stage.name, epoch, metrics["val/psnr"]))
+
+        @staticmethod
+        @hookimpl
+        def on_run_end(trainer, results):
+            (trainer.run_dir / "done.txt").write_text(",".join(results))
+
+    with registered(Recorder, "recorder"):
+        trainer = run_hooks(FakeTrainer(run_dir=tmp_path), stages=[make_stage(8), make_stage(16, "stage2", 2)],
+                            epochs=2)
+    assert seen == [("stage1", 0, 20.0), ("stage1", 1, 21.0), ("stage2", 0, 20.0), ("stage2", 1, 21.0)]
+    assert (tmp_path / "done.txt").read_text() == "stage1,stage2"
+    names = [h for h, _ in trainer.calls]
+    assert names[0] == "on_stage_start" and names[-1] == "on_run_end" and names.count("on_stage_end") == 2
+    assert names.index("on_checkpoint_saved") < names.index("on_epoch_end")
