@@ -345,3 +345,41 @@ def test_run_hooks_drives_a_hook_plugin_in_the_trainer_order(tmp_path):
     names = [h for h, _ in trainer.calls]
     assert names[0] == "on_stage_start" and names[-1] == "on_run_end" and names.count("on_stage_end") == 2
     assert names.index("on_checkpoint_saved") < names.index("on_epoch_end")
+
+
+# ---- context ----------------------------------------------------------------------------------------
+def test_context_reaches_every_factory_that_declares_it(tmp_path):
+    from conftest import TINY_RECIPE
+    from x2ct_framework.config.build import build_dataset, build_losses, build_metrics, stages
+    from x2ct_framework.config.recipe import load_recipe
+    from x2ct_framework.conventions import DEFAULT_HU_WINDOW
+    from x2ct_framework.testing import registered_component
+
+    got = {}
+
+    def data(split, stage, resolution, hu_window, size: int = 3):
+        got["data"] = (resolution, hu_window)
+        return [0] * size
+
+    class Loss(torch.nn.Module):
+        def __init__(self, hu_window, seed, resolution):
+            super().__init__()
+            got["loss"] = (hu_window, seed, resolution)
+
+    def metric(hu_window, seed):
+        got["metric"] = (hu_window, seed)
+        return lambda p, t, b: (p - t).abs().flatten(1).mean(1)
+
+    path = tmp_path / "r.toml"
+    path.write_text(TINY_RECIPE.format(out=tmp_path.as_posix()).replace("seed = 0", "seed = 7"))
+    with registered_component("dataset", "ctx_data", data), registered_component("loss", "ctx_loss", Loss), \
+            registered_component("metric", "ctx_metric", metric):
+        recipe = load_recipe(path, ['data={name="ctx_data"}', "stages.1.losses={ctx_loss=1.0}",
+                                    'eval.metrics=["ctx_metric"]'])
+        stage = stages(recipe)[0]
+        assert len(build_dataset(recipe, stage, "train")) == 3
+        build_losses(recipe, stage)
+        build_metrics(recipe)
+    assert got["data"] == (16, list(DEFAULT_HU_WINDOW))  # the default window when [data] omits it
+    assert got["loss"] == (list(DEFAULT_HU_WINDOW), 7, 16)
+    assert got["metric"] == (list(DEFAULT_HU_WINDOW), 7)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import copy
+import inspect
 from typing import Any
 
 import torch
 import torch.nn as nn
 
+from x2ct_framework.conventions import DEFAULT_HU_WINDOW
 from x2ct_framework.errors import PluginError
 from x2ct_framework.plugins import get_plugin_manager
 from x2ct_framework.config.recipe import Recipe
@@ -44,14 +46,49 @@ def model_options(recipe: Recipe, stage: Stage) -> dict:
     return _merged(recipe["model"], stage.options.get("model", {}))
 
 
+def dataset_default(recipe: Recipe, stage: Stage, key: str) -> Any:
+    """The stage's ``[data]`` value of ``key``, else the dataset factory's own default, else ``None``."""
+    data = data_options(recipe, stage)
+    if key in data:
+        return data[key]
+    reg = get_plugin_manager().registry("dataset")
+    if data.get("name") not in reg:
+        return None
+    factory = reg.get(data["name"]).factory
+    try:
+        param = inspect.signature(factory.__init__ if inspect.isclass(factory) else factory).parameters.get(key)
+    except (TypeError, ValueError):
+        return None
+    if param is None or param.default is inspect.Parameter.empty:
+        return None
+    return list(param.default) if isinstance(param.default, tuple) else param.default
+
+
 def context(recipe: Recipe, stage: Stage) -> dict[str, Any]:
-    """Values a component may ask for by naming them as parameters (unless its recipe sets them)."""
+    """Values a component may ask for by naming them as parameters (unless its recipe sets them).
+
+    ``hu_window`` is always offered: ``[data] hu_window``, else the dataset's default, else
+    ``DEFAULT_HU_WINDOW``, so every component scales intensities as the data does.
+    """
     data = data_options(recipe, stage)
     ctx = {"resolution": stage.resolution, "stage": stage, "seed": recipe["seed"],
            "gradient_checkpointing": recipe["train"]["gradient_checkpointing"]}
-    for key in ("views", "hu_window", "geometry"):
+    for key in ("views", "geometry"):
         if key in data:
             ctx[key] = data[key]
+    window = dataset_default(recipe, stage, "hu_window")
+    ctx["hu_window"] = list(window) if window is not None else list(DEFAULT_HU_WINDOW)
+    return ctx
+
+
+def dataset_context(recipe: Recipe, stage: Stage) -> dict[str, Any]:
+    """What a dataset factory may declare besides its options: ``resolution`` (the stage's), ``hu_window``
+    (the recipe's, else ``DEFAULT_HU_WINDOW`` when the dataset has no default of its own) and
+    ``gradient_checkpointing``. The recipe's training ``seed`` is not offered: a dataset's ``seed``
+    fixes its split and content, which must not change with the training seed; set it in ``[data]``."""
+    ctx = {"resolution": stage.resolution, "gradient_checkpointing": recipe["train"]["gradient_checkpointing"]}
+    if dataset_default(recipe, stage, "hu_window") is None:
+        ctx["hu_window"] = list(DEFAULT_HU_WINDOW)
     return ctx
 
 
@@ -63,7 +100,8 @@ def build_dataset(recipe: Recipe, stage: Stage, split: str) -> torch.utils.data.
     opts = data_options(recipe, stage)
     name = opts.pop("name")
     reg = get_plugin_manager().registry("dataset")
-    dataset = reg.create(name, opts, where=recipe.where("data"), split=split, stage=stage)
+    dataset = reg.create(name, opts, where=recipe.where("data"), split=split, stage=stage,
+                         context=dataset_context(recipe, stage))
     if not (hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")):
         raise PluginError(f"dataset {name!r} ({reg.get(name).source}) returned {type(dataset).__name__}, "
                           f"expected a torch.utils.data.Dataset (with __len__ and __getitem__)")
@@ -160,7 +198,9 @@ class _Wrap(nn.Module):
 
 def build_metrics(recipe: Recipe) -> dict[str, Any]:
     reg = get_plugin_manager().registry("metric")
-    ctx = {"hu_window": recipe["data"]["hu_window"]} if "hu_window" in recipe["data"] else {}
+    first = stages(recipe)[0]
+    window = dataset_default(recipe, first, "hu_window")
+    ctx = {"hu_window": list(window) if window is not None else list(DEFAULT_HU_WINDOW), "seed": recipe["seed"]}
     out = {}
     for i, name in enumerate(recipe["eval"]["metrics"]):
         out[name] = reg.create(name, {}, where=recipe.where("eval", "metrics", i), context=ctx)
