@@ -6,3 +6,13 @@ The core is small: hook specifications (`hookspecs`), the plugin manager and reg
 """
 
 __version__ = "0.1.0"
+
+
+def load_pretrained(path, device="cpu"):
+    """The model of an exported folder (``x2ct export``), ready for inference; see :mod:`x2ct_framework.export`."""
+    from x2ct_framework.export import load_pretrained as _load
+
+    return _load(path, device)
+
+
+__all__ = ["__version__", "load_pretrained"]

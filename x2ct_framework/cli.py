@@ -1,4 +1,4 @@
-"""The ``x2ct`` command: run, validate, evaluate, predict, plugins."""
+"""The ``x2ct`` command: run, validate, evaluate, predict, export, plugins."""
 
 from __future__ import annotations
 
@@ -144,6 +144,13 @@ def predict(args: argparse.Namespace) -> int:
     return predict_main(args)
 
 
+def export(args: argparse.Namespace) -> int:
+    """Write an exported model folder (see x2ct_framework.export)."""
+    from x2ct_framework.export import main as export_main
+
+    return export_main(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     from x2ct_framework import __version__
 
@@ -163,6 +170,19 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("predict", help="X-ray images -> CT volume (NIfTI, HU) with a trained checkpoint")
     add_predict_arguments(p)
     p.set_defaults(fn=predict)
+    p = sub.add_parser("export", help="write a trained model as a shareable folder (weights, config.json, model "
+                                      "card) that load_pretrained, predict and evaluate accept")
+    p.add_argument("source", help="run folder (runs/<name>) or checkpoint folder (runs/<name>/<stage>/best)")
+    p.add_argument("out", help="output folder")
+    p.add_argument("--recipe", help="recipe that built the checkpoint (default: the run folder's recipe.toml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--stage", help="stage to export (run folder: default its last trained stage)")
+    p.add_argument("--which", default="best", help="checkpoint of the stage in a run folder: best, last, epochNNNN")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    p.add_argument("--push-to-hub", metavar="REPO_ID", help="also upload the folder to the Hugging Face Hub "
+                                                           "(needs huggingface_hub and a network)")
+    p.add_argument("--private", action="store_true", help="with --push-to-hub: create a private repository")
+    p.set_defaults(fn=export)
     p = sub.add_parser("plugins", help="list registered components and where they came from")
     p.add_argument("--recipe", help="also load the plugins this recipe names")
     p.set_defaults(fn=plugins)

@@ -58,6 +58,10 @@ def resolve_target(path: str | Path, recipe_path: str | Path | None = None, over
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint or run folder")
+    from x2ct_framework.export import export_target, is_export
+
+    if is_export(path):  # an exported model carries its own recipe
+        return export_target(path, list(overrides))
     if path.is_file():
         if path.name == WEIGHTS:
             path = path.parent
