@@ -20,26 +20,37 @@ def format_count(n: int) -> str:
 
 
 def validate(args: argparse.Namespace) -> int:
-    """Build every component of every stage without training."""
+    """Build every component of every stage and run the contract checks on them, without training."""
     from x2ct_framework.config.build import (build_dataset, build_losses, build_metrics, build_model,
                                              load_recipe_plugins, stages)
-    from x2ct_framework.model_info import describe_for_sample
     from x2ct_framework.config.recipe import load_recipe
+    from x2ct_framework.model_info import describe_for_sample
+    from x2ct_framework.validate import check_stage, raise_problems
 
     recipe = load_recipe(args.recipe, args.overrides)
     load_recipe_plugins(recipe)
-    build_metrics(recipe)
+    metrics = build_metrics(recipe)
     print(f"recipe {recipe.path}: {recipe.name}")
+    problems: list[str] = []
     for stage in stages(recipe):
         model = build_model(recipe, stage)
         losses = build_losses(recipe, stage)
         datasets = {split: build_dataset(recipe, stage, split) for split in ("train", "val")}
-        sizes = {split: len(ds) for split, ds in datasets.items()}
+        try:
+            datasets["test"] = build_dataset(recipe, stage, "test")
+        except X2CTError:  # a dataset may have no test split; the final evaluation reports it
+            datasets["test"] = None
+        sizes = {split: len(ds) for split, ds in datasets.items() if ds is not None}
         n_params = format_count(sum(p.numel() for p in model.parameters()))
         terms = ", ".join(f"{t.name}x{t.weight:g}" for t in losses.terms)
         print(f"  {stage.name}: {stage.resolution}^3, model {recipe['model']['name']} ({n_params} params), "
-              f"losses {terms or 'none'}, train {sizes['train']} / val {sizes['val']} cases")
-        print(f"    model: {describe_for_sample(model, datasets['train'][0])}")
+              f"losses {terms or 'none'}, " + " / ".join(f"{k} {v}" for k, v in sizes.items()) + " cases")
+        found = check_stage(recipe, stage, datasets, model, losses, metrics, recipe["train"]["batch_size"])
+        problems += found
+        if not found and args.describe:
+            print(f"    model: {describe_for_sample(model, datasets['train'][0])}")
+        print(f"    contract: {'ok' if not found else f'{len(found)} problem(s)'}")
+    raise_problems(problems)
     print("ok")
     return 0
 
@@ -160,8 +171,11 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("run", help="train a recipe")
     add_run_arguments(p)
     p.set_defaults(fn=run)
-    p = sub.add_parser("validate", help="build every component of a recipe without training")
+    p = sub.add_parser("validate", help="build every component of a recipe and check their contracts, without "
+                                        "training")
     p.add_argument("recipe")
+    p.add_argument("--no-describe", dest="describe", action="store_false",
+                   help="skip the model's size, FLOPs and memory line")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(fn=validate)
     p = sub.add_parser("evaluate", help="score a checkpoint on a dataset split under named metric protocols")

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from x2ct_framework.conventions import DEFAULT_HU_WINDOW
-from x2ct_framework.errors import PluginError
+from x2ct_framework.errors import PluginError, X2CTError
 from x2ct_framework.plugins import get_plugin_manager
 from x2ct_framework.config.recipe import Recipe
 from x2ct_framework.config.schema import LOSS_TERM_KEYS
@@ -158,10 +158,24 @@ class LossSet(nn.Module):
             w = term.weight_at(epoch)
             if w == 0.0:
                 continue
-            value = term.module(pred, target, batch)
+            source = getattr(term, "source", "")
+            named = f"loss term {term.name!r}" + (f" ({source})" if source else "")
+            try:
+                value = term.module(pred, target, batch)
+            except X2CTError:
+                raise
+            except KeyError as exc:
+                raise PluginError(f"{named} needs batch key {exc}, which the dataset does not give (it gives "
+                                  f"{', '.join(map(str, batch))})") from exc
+            except Exception as exc:
+                raise PluginError(f"{named} raised {type(exc).__name__}: {exc}") from exc
             if not isinstance(value, torch.Tensor) or value.ndim != 0:
                 got = f"shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
-                raise PluginError(f"loss term {term.name!r} returned {got}, expected a scalar tensor")
+                raise PluginError(f"{named} returned {got}, expected a scalar tensor")
+            # A constant 0 (nothing to score in this batch) is harmless; another detached value trains nothing.
+            if pred.requires_grad and torch.is_grad_enabled() and not value.requires_grad and float(value) != 0.0:
+                raise PluginError(f"{named} does not depend differentiably on the prediction (detached?), so it "
+                                  f"would train nothing; fix the loss or remove the term")
             parts[term.name] = value.detach()
             total = total + w * value
         return total, parts
@@ -183,7 +197,9 @@ def build_losses(recipe: Recipe, stage: Stage) -> LossSet:
         module = reg.create(plugin, table, where=where, context=ctx)
         if not isinstance(module, nn.Module):
             module = _Wrap(module)
-        terms.append(LossTerm(term_name, module, **meta))
+        term = LossTerm(term_name, module, **meta)
+        term.source = reg.get(plugin).source
+        terms.append(term)
     return LossSet(terms, model_options(recipe, stage).get("name", "the model"))
 
 
