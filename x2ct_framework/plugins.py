@@ -198,6 +198,18 @@ class PluginManager:
         self.failed[name] = msg
         warnings.warn(msg, PluginLoadWarning, stacklevel=3)
 
+    def find_plugin(self, name: str) -> tuple[str, Any] | None:
+        """The plugin a recipe calls ``name``: its registered name, a recipe file's stem or a module's last part."""
+        self.load_entry_points()
+        pairs = self.pm.list_name_plugin()
+        for known, plugin in pairs:
+            if known == name:
+                return known, plugin
+        for known, plugin in pairs:
+            if Path(known).stem == name or known.rsplit(".", 1)[-1] == name:
+                return known, plugin
+        return None
+
     def hooks_of(self, name: str) -> list[str]:
         """The hooks plugin ``name`` implements."""
         plugin = self.pm.get_plugin(name)
@@ -344,3 +356,36 @@ def reset_plugin_manager() -> None:
 
 def registry(kind: str) -> Registry:
     return get_plugin_manager().registry(kind)
+
+
+OPTIONS_DECLARATION = "x2ct_options"
+
+
+def declared_options(plugin: Any) -> dict[str, Any] | None:
+    """The options a plugin declares with ``def x2ct_options(name: type = default, ...)`` and their defaults
+    (``None`` when it declares none)."""
+    declare = getattr(plugin, OPTIONS_DECLARATION, None)
+    if not callable(declare):
+        return None
+    out = {}
+    for p in inspect.signature(declare).parameters.values():
+        if p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
+            continue
+        default = None if p.default is p.empty else p.default
+        out[p.name] = list(default) if isinstance(default, tuple) else default
+    return out
+
+
+def plugin_options(recipe: Any, name: str) -> dict[str, Any]:
+    """A hook plugin's options: the recipe's ``[plugin_options.<name>]`` table (checked and completed with the
+    defaults when the recipe was loaded), else the defaults the plugin declares."""
+    try:
+        tables = recipe["plugin_options"]
+    except (KeyError, TypeError):
+        tables = {}
+    table = tables.get(name)
+    if table is not None:
+        return dict(table)
+    found = get_plugin_manager().find_plugin(name)
+    declared = declared_options(found[1]) if found is not None else None
+    return dict(declared or {})

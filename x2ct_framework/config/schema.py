@@ -145,6 +145,8 @@ SCHEMA = Table(
         "seed": Value("int", 0, "global random seed"),
         "output_dir": Value("str", "runs", "parent folder of run folders (relative to the working directory)"),
         "plugins": Value("list[str]", [], "extra plugin modules or .py files (relative to the recipe)"),
+        "plugin_options": Table({}, "options of hook plugins, one table per plugin ([plugin_options.<name>]), "
+                                "checked against the options the plugin declares (x2ct_options)", open=True),
         "data": Component("dataset plugin and its options"),
         "model": Component("model plugin and its options"),
         "train": Table(
@@ -337,6 +339,47 @@ def _load_plugins(recipe: Recipe) -> None:
         pm.load_module(spec, recipe.base_dir)
 
 
+def _check_plugin_options(data: dict, recipe: Recipe, problems: list[str]) -> None:
+    """``[plugin_options.<name>]``: each table checked against the plugin's ``x2ct_options`` parameters (same
+    messages as component options) and completed with its defaults."""
+    import inspect
+
+    from x2ct_framework.plugins import OPTIONS_DECLARATION, get_plugin_manager
+    from x2ct_framework.registry import Entry, check_options
+
+    pm = get_plugin_manager()
+    for name, table in data["plugin_options"].items():
+        where = recipe.where("plugin_options", name)
+        if not isinstance(table, dict):
+            problems.append(f"{where}: expected a table of the plugin's options, got {table!r}")
+            continue
+        found = pm.find_plugin(name)
+        if found is None:
+            loaded = [n for n, _ in pm.pm.list_name_plugin()]
+            problems.append(f"{where}: no loaded plugin is called {name!r}{did_you_mean(name, loaded)} (loaded: "
+                            f"{', '.join(loaded) or 'none'}); name it in plugins or install it")
+            continue
+        known, plugin = found
+        declare = getattr(plugin, OPTIONS_DECLARATION, None)
+        if not callable(declare):
+            problems.append(f"{where}: plugin {known!r} declares no options (it has no {OPTIONS_DECLARATION}() "
+                            f"function), so this table would be ignored")
+            continue
+        entry = Entry(name, declare, known, pm.distributions.get(known, "?"))
+        try:
+            check_options(entry, table, where, "plugin")
+        except RecipeError as exc:
+            problems.extend(exc.problems)
+            continue
+        for p in inspect.signature(declare).parameters.values():
+            if p.name not in table and p.default is not p.empty and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
+                table[p.name] = list(p.default) if isinstance(p.default, tuple) else _default(p.default)
+        try:
+            declare(**table)  # the plugin's own checks of the values
+        except (ValueError, TypeError) as exc:
+            problems.append(f"{where}: plugin {known!r} rejected its options: {exc}")
+
+
 def validate_recipe(recipe: Recipe) -> Recipe:
     """Check the whole recipe against the schema, fill defaults in place, report all problems."""
     problems: list[str] = []
@@ -356,6 +399,7 @@ def validate_recipe(recipe: Recipe) -> Recipe:
     if data["train"]["start_stage"] > len(data["stages"]):
         problems.append(f"{recipe.where('train', 'start_stage')}: the recipe has {len(data['stages'])} stage(s), "
                         f"got start_stage = {data['train']['start_stage']}")
+    _check_plugin_options(data, recipe, problems)
     # [data] hu_window is also handed to models, losses and metrics: check it here so that the error names it.
     window = data["data"].get("hu_window")
     if window is not None and not (isinstance(window, list) and len(window) == 2 and _KIND_CHECK["list[float]"](window)
