@@ -51,7 +51,8 @@ def test_the_hook_writes_every_nth_epoch_with_recipe_options(lab_plugins, tmp_pa
                                                                 "keys": ["val/psnr"]}}}
     run_hooks(FakeTrainer(recipe, tmp_path), stages=[make_stage(8, epochs=3)], epochs=3)
     rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
-    assert rows == [{"stage": "stage1", "epoch": 2, "val/psnr": 21.0}, {"stage": "stage1", "epoch": 3, "val/psnr": 22.0}]
+    assert rows == [{"stage": "stage1", "epoch": 2, "val/psnr": 21.0},
+                    {"stage": "stage1", "epoch": 3, "val/psnr": 22.0}]
 
 
 def test_recipe_options_are_checked_against_the_declaration(lab_plugins, tmp_path):
