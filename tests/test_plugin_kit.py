@@ -383,3 +383,26 @@ def test_context_reaches_every_factory_that_declares_it(tmp_path):
     assert got["data"] == (16, list(DEFAULT_HU_WINDOW))  # the default window when [data] omits it
     assert got["loss"] == (list(DEFAULT_HU_WINDOW), 7, 16)
     assert got["metric"] == (list(DEFAULT_HU_WINDOW), 7)
+
+
+# ---- tracker options --------------------------------------------------------------------------------
+def test_tracker_options_reach_the_tracker(tmp_path):
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    from conftest import TINY_RECIPE
+    from x2ct_framework.config.build import tracker_init_kwargs
+    from x2ct_framework.config.recipe import load_recipe
+
+    path = tmp_path / "r.toml"
+    path.write_text(TINY_RECIPE.format(out=tmp_path.as_posix()))
+    recipe = load_recipe(path, ["train.trackers=['tensorboard']", "train.tracker_options.tensorboard={flush_secs=7}"])
+    kwargs = tracker_init_kwargs(recipe)
+    assert kwargs == {"tensorboard": {"flush_secs": 7}}
+    acc = Accelerator(cpu=True, log_with=["tensorboard"],
+                      project_config=ProjectConfiguration(project_dir=str(tmp_path), logging_dir=str(tmp_path / "logs")))
+    acc.init_trackers("tiny", init_kwargs=kwargs)
+    assert acc.get_tracker("tensorboard", unwrap=True).flush_secs == 7  # what the trainer's init_trackers passes
+    acc.end_training()
+    with pytest.raises(RecipeError, match=r"train -> tracker_options -> wandb: 'wandb' is not one of train.trackers"):
+        load_recipe(path, ["train.trackers=['tensorboard']", "train.tracker_options.wandb={entity='lab'}"])

@@ -23,6 +23,12 @@ def load_recipe_plugins(recipe: Recipe) -> None:
         pm.load_module(spec, recipe.base_dir)
 
 
+def tracker_init_kwargs(recipe: Recipe) -> dict[str, dict]:
+    """``train.tracker_options`` as Accelerate's ``init_trackers(..., init_kwargs=...)``: per tracker name, the
+    keyword arguments of its initialisation (wandb: entity, tags, name, ...; tensorboard: SummaryWriter's)."""
+    return {name: dict(opts) for name, opts in recipe["train"]["tracker_options"].items()}
+
+
 def stages(recipe: Recipe) -> list[Stage]:
     return [Stage(name=s["name"], index=i + 1, resolution=s["resolution"], options=s)
             for i, s in enumerate(recipe["stages"])]

@@ -182,6 +182,9 @@ SCHEMA = Table(
                                              check=non_negative),
                 "trackers": Value("list[str]", ["tensorboard"], "Accelerate trackers (tensorboard, wandb, mlflow, "
                                   "...); [] or [\"none\"] for none"),
+                "tracker_options": Table({}, "per tracker of train.trackers, the keyword arguments its "
+                                         "initialisation takes (Accelerate's init_kwargs), e.g. "
+                                         "[train.tracker_options.wandb] entity, tags, name", open=True),
                 "progress": Value("bool", True, "show a progress bar on the main process"),
             }
         ),
@@ -400,6 +403,14 @@ def validate_recipe(recipe: Recipe) -> Recipe:
         problems.append(f"{recipe.where('train', 'start_stage')}: the recipe has {len(data['stages'])} stage(s), "
                         f"got start_stage = {data['train']['start_stage']}")
     _check_plugin_options(data, recipe, problems)
+    trackers = [t for t in data["train"]["trackers"] if t != "none"]
+    for name, table in data["train"]["tracker_options"].items():
+        where = recipe.where("train", "tracker_options", name)
+        if name not in trackers:
+            problems.append(f"{where}: {name!r} is not one of train.trackers ({', '.join(trackers) or 'none'})"
+                            f"{did_you_mean(name, trackers)}; add it there or remove these options")
+        elif not isinstance(table, dict):
+            problems.append(f"{where}: expected a table of the tracker's keyword arguments, got {table!r}")
     # [data] hu_window is also handed to models, losses and metrics: check it here so that the error names it.
     window = data["data"].get("hu_window")
     if window is not None and not (isinstance(window, list) and len(window) == 2 and _KIND_CHECK["list[float]"](window)
