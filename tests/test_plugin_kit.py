@@ -399,8 +399,8 @@ def test_tracker_options_reach_the_tracker(tmp_path):
     recipe = load_recipe(path, ["train.trackers=['tensorboard']", "train.tracker_options.tensorboard={flush_secs=7}"])
     kwargs = tracker_init_kwargs(recipe)
     assert kwargs == {"tensorboard": {"flush_secs": 7}}
-    acc = Accelerator(cpu=True, log_with=["tensorboard"],
-                      project_config=ProjectConfiguration(project_dir=str(tmp_path), logging_dir=str(tmp_path / "logs")))
+    config = ProjectConfiguration(project_dir=str(tmp_path), logging_dir=str(tmp_path / "logs"))
+    acc = Accelerator(cpu=True, log_with=["tensorboard"], project_config=config)
     acc.init_trackers("tiny", init_kwargs=kwargs)
     assert acc.get_tracker("tensorboard", unwrap=True).flush_secs == 7  # what the trainer's init_trackers passes
     acc.end_training()
