@@ -103,3 +103,33 @@ def test_export_refuses_a_non_empty_folder_and_push_needs_huggingface_hub(export
     monkeypatch.setitem(sys.modules, "huggingface_hub", types.SimpleNamespace(HfApi=FakeApi))
     assert push_to_hub(out, "me/tiny") == "local://me/tiny"
     assert uploads[0] == ("create", "me/tiny") and "model.safetensors" in uploads[1][2]
+
+
+def test_a_cascade_exports_with_its_frozen_earlier_stage(tmp_path):
+    from x2ct_framework import load_pretrained
+    from x2ct_framework.checkpoint import save_checkpoint
+    from x2ct_framework.config.build import build_model, stages
+    from x2ct_framework.config.recipe import load_recipe
+    from x2ct_framework.loading import load_model
+    from x2ct_framework.runs import resolve_target
+    from x2ct_framework.testing import make_batch
+    from x2ct_framework.training.cascade import CascadeModel
+
+    run = make_run(tmp_path, name="casc", num_test=1,
+                   extra='\n[[stages]]\nname = "stage2"\nresolution = 16\nepochs = 1\ncascade = true\n')
+    recipe = load_recipe(run / "recipe.toml")
+    second = stages(recipe)[1]
+    torch.manual_seed(1)
+    save_checkpoint(run / "stage2" / "best", build_model(recipe, second), {"stage": "stage2", "epoch": 1, "step": 1})
+    out = tmp_path / "casc-export"
+    assert x2ct_main(["export", str(run), str(out)]) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["stage"]["name"] == "stage2" and [c["stage"] for c in cfg["cascade"]] == ["stage1"]
+    assert (out / cfg["cascade"][0]["recipe"]).is_file() and "cascade: stage1" in (out / "README.md").read_text()
+    model = load_pretrained(out)
+    assert isinstance(model, CascadeModel)
+    batch = make_batch(1, resolution=16)
+    with torch.no_grad():
+        ref = load_model(resolve_target(run), torch.device("cpu"))(batch["xrays"], batch["geometry"])
+        got = model(batch["xrays"], batch["geometry"])
+    assert torch.equal(ref, got)
