@@ -79,6 +79,7 @@ class PluginManager:
         self.installed: set[str] = set()  # plugins found through entry points (skipped, not fatal, on failure)
         self.tolerant = False  # True: a failing plugin the user named is reported and skipped too (x2ct plugins)
         self._entry_points_loaded = False
+        self._core_loaded = False
         self._registries: dict[str, Registry] | None = None
 
     @property
@@ -87,13 +88,20 @@ class PluginManager:
         return _NamedHooks(self)
 
     # ---- loading -----------------------------------------------------------------------------
-    def load_entry_points(self) -> None:
-        if self._entry_points_loaded:
+    def load_core(self) -> None:
+        """The core plugins (optimizers, schedules, protocols): always there, even in an isolated manager."""
+        if self._core_loaded:
             return
-        self._entry_points_loaded = True
+        self._core_loaded = True
         for name, module_name in CORE_PLUGINS.items():
             if not self.pm.has_plugin(name):
                 self._register(importlib.import_module(module_name), name, CORE_DISTRIBUTION)
+
+    def load_entry_points(self) -> None:
+        self.load_core()
+        if self._entry_points_loaded:
+            return
+        self._entry_points_loaded = True
         only = os.environ.get("X2CT_LOAD_PLUGINS")
         allowed = None if only is None else {n.strip() for n in only.split(",") if n.strip()}
         for ep in sorted(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):

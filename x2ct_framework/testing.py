@@ -67,7 +67,8 @@ class ContractError(AssertionError):
 def isolated_plugins(entry_points: bool = True) -> Iterator[PluginManager]:
     """A fresh process-wide plugin manager for the block; the previous one is restored afterwards.
 
-    ``entry_points=False`` skips installed plugins, so the block sees only what it registers.
+    ``entry_points=False`` skips installed plugins, so the block sees only what it registers plus the
+    core's optimizers, schedules and protocols.
     """
     saved = _plugins._MANAGER
     pm = PluginManager()
