@@ -345,10 +345,10 @@ def _timed_trainer_class():
     """The trainer with its validation and checkpoint writing timed, so time per step counts training only."""
     from x2ct_framework.training.trainer import Trainer
 
-    missing = [m for m in ("validate", "_save") if not callable(getattr(Trainer, m, None))]
+    missing = [m for m in ("validate", "save_checkpoints") if not callable(getattr(Trainer, m, None))]
     if missing:  # the trainer changed: time per step would silently include validation or checkpointing
-        raise RuntimeError(f"benchmarks.variants times Trainer.validate and Trainer._save, which the trainer no "
-                           f"longer has ({', '.join(missing)}); update _timed_trainer_class")
+        raise RuntimeError(f"benchmarks.variants times Trainer.validate and Trainer.save_checkpoints, which the "
+                           f"trainer no longer has ({', '.join(missing)}); update _timed_trainer_class")
 
     class TimedTrainer(Trainer):
         _bench_side = 0.0
@@ -360,10 +360,10 @@ def _timed_trainer_class():
             finally:
                 self._bench_side += time.perf_counter() - t0
 
-        def _save(self, *args, **kwargs):
+        def save_checkpoints(self, *args, **kwargs):
             t0 = time.perf_counter()
             try:
-                return super()._save(*args, **kwargs)
+                return super().save_checkpoints(*args, **kwargs)
             finally:
                 self._bench_side += time.perf_counter() - t0
 

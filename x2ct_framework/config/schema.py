@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from x2ct_framework.errors import RecipeError, X2CTError, did_you_mean
-from x2ct_framework.config.document import Key, Recipe, format_key
+from x2ct_framework.config.document import Key, Recipe
 
 REQUIRED = object()
 
@@ -127,8 +127,8 @@ STAGE = Table(
         "checkpoint_every": Value("int", 0, "periodic checkpoint every N epochs; 0 = off", check=non_negative),
         "val_every": Value("int", 1, "validate every N epochs (and after the last)", check=at_least_one),
         "select_best": Value("str", "val/psnr", "validation metric that picks the best checkpoint", check=metric_key),
-        "best_mode": Value("str", "auto", "max or min of select_best; auto = min for losses and errors "
-                           "(loss, mae, mse, lpips), max otherwise", choices=("auto", "max", "min")),
+        "best_mode": Value("str", "auto", "max or min of select_best; auto = the metric's higher_is_better "
+                           "(min for val/loss, mae, landmark_mm, lpips)", choices=("auto", "max", "min")),
         "freeze": Value("list[str]", [], "parameter-name prefixes that are not trained in this stage"),
         "cascade": Value("bool", False, "feed the previous stage's prediction (its best model, frozen) to this "
                          "stage's model as prev; otherwise stages are chained by weights only"),
@@ -219,7 +219,8 @@ _KIND_CHECK = {
     "bool": lambda v: isinstance(v, bool),
     "list": lambda v: isinstance(v, list),
     "list[int]": lambda v: isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in v),
-    "list[float]": lambda v: isinstance(v, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v),
+    "list[float]": lambda v: isinstance(v, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                                         for x in v),
     "list[str]": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
     "any": lambda v: True,
 }
@@ -412,10 +413,11 @@ def validate_recipe(recipe: Recipe) -> Recipe:
         elif not isinstance(table, dict):
             problems.append(f"{where}: expected a table of the tracker's keyword arguments, got {table!r}")
     # [data] hu_window is also handed to models, losses and metrics: check it here so that the error names it.
-    window = data["data"].get("hu_window")
-    if window is not None and not (isinstance(window, list) and len(window) == 2 and _KIND_CHECK["list[float]"](window)
-                                   and window[0] < window[1]):
-        problems.append(f"{recipe.where('data', 'hu_window')}: expected [low, high] in HU with low < high, got {window!r}")
+    hu_window = data["data"].get("hu_window")
+    if hu_window is not None and not (isinstance(hu_window, list) and len(hu_window) == 2
+                                      and _KIND_CHECK["list[float]"](hu_window) and hu_window[0] < hu_window[1]):
+        problems.append(f"{recipe.where('data', 'hu_window')}: expected [low, high] in HU with low < high, "
+                        f"got {hu_window!r}")
     if problems:
         raise RecipeError(problems)
     recipe.data = data
@@ -438,7 +440,3 @@ def describe(spec: Any = SCHEMA, prefix: str = "") -> list[tuple[str, str, str, 
             else:
                 rows.extend(describe(sub, dotted))
     return rows
-
-
-def format_where(recipe: Recipe, key: Key) -> str:
-    return f"{recipe.origin(key)}: {format_key(key)}"
