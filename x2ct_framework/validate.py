@@ -35,9 +35,12 @@ def check_stage(recipe, stage, datasets: dict[str, Any], model: torch.nn.Module,
                 batch_size: int = 2) -> list[str]:
     """Every broken contract of one stage's components, each a sentence naming the component and its plugin."""
     problems: list[str] = []
-    data_name = recipe["data"]["name"]
+    from x2ct_framework.config.build import data_options, model_options
+
+    data = data_options(recipe, stage)
+    data_name = data["name"]
     data_src = f"dataset {data_name!r} ({_source('dataset', data_name)})"
-    views = recipe["data"].get("views")
+    views = data.get("views")
     for split, ds in datasets.items():
         if ds is None:
             continue
@@ -62,7 +65,7 @@ def check_stage(recipe, stage, datasets: dict[str, Any], model: torch.nn.Module,
     except Exception as exc:
         return problems + [f"{stage.name}: {data_src}: {n} train items do not collate into a batch ({_error(exc)}); "
                            f"every item must have the same shapes (resize to the stage resolution)"]
-    model_name = recipe["model"]["name"]
+    model_name = model_options(recipe, stage)["name"]
     model_src = f"model {model_name!r} ({_source('model', model_name)})"
     target = batch["ct"].float()
     xrays = batch["xrays"].float().clone().requires_grad_(True)
