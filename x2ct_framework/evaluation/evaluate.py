@@ -129,9 +129,11 @@ def evaluate(target: Target, split: str = "test", protocols: list[str] = ("defau
     recipe, stage = target.recipe, target.stage
     hu_window = hu_window_of(recipe, stage)
     protos = []
+    # Offered to every protocol factory that declares them (the default protocol takes lpips).
+    offered = {"lpips": {"auto": "auto", "on": True, "off": False}[lpips], "resolution": stage.resolution,
+               "seed": recipe["seed"]}
     for name in dict.fromkeys(protocols):
-        opts = {"lpips": {"auto": "auto", "on": True, "off": False}[lpips]} if name == "default" else {}
-        protos.append(build_protocol(name, hu_window, where="--protocol", **opts))
+        protos.append(build_protocol(name, hu_window, where="--protocol", context=offered))
     rank_proto, rank_metric = ranking(protos)
     rank_key, rank_higher = rank_proto.key(rank_metric), rank_proto.higher_is_better(rank_metric)
     dataset = build_dataset(recipe, stage, split)

@@ -155,8 +155,7 @@ def write_report(run_dir: str | Path, recipe=None, results: dict | None = None, 
 
     run_dir = Path(run_dir)
     if recipe is None:
-        recipe = load_recipe(run_dir / "recipe.toml")
-        recipe.run_folder = run_dir  # data: its plugins are imported only when allowed
+        recipe = load_recipe(run_dir / "recipe.toml", run_folder=run_dir)  # data: plugins only when allowed
         load_recipe_plugins(recipe)
     pics = run_dir / PICTURES
     pics.mkdir(parents=True, exist_ok=True)

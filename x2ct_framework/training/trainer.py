@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from x2ct_framework import __version__, atomic
 from x2ct_framework import checkpoint as ckpt
 from x2ct_framework.config.build import (build_dataset, build_losses, build_metrics, build_model, data_options,
-                                         load_recipe_plugins, model_options, stages)
+                                         load_recipe_plugins, model_options, stages, tracker_init_kwargs)
 from x2ct_framework.config.optim import Schedule, lr_factor, make_optimizer
 from x2ct_framework.config.recipe import Recipe
 from x2ct_framework.errors import CheckpointError, RecipeError
@@ -157,7 +157,8 @@ class Trainer:
         if not self.folder.occupied:
             self.write_run_info()
         if self.trackers:
-            self.accelerator.init_trackers(recipe.name, config=flat_config(recipe.data))
+            self.accelerator.init_trackers(recipe.name, config=flat_config(recipe.data),
+                                           init_kwargs=tracker_init_kwargs(recipe))
         all_stages = stages(recipe)
         start = train["start_stage"]
         prev_best = self._first_init(all_stages, start)
