@@ -57,8 +57,8 @@ def configs(quick: bool, repeat: int | None) -> list[dict]:
             out.append({**base, "model": "vit_cascade", "tokens": g, "checkpointing": ckpt, "steps": steps,
                         "options": {**base["options"], "tokens": g}})
     for ckpt in (False, True):
-        out.append({**base, "model": "cnn_baseline", "tokens": None, "checkpointing": ckpt, "steps": repeat or (2 if quick else 3),
-                    "options": cnn})
+        out.append({**base, "model": "cnn_baseline", "tokens": None, "checkpointing": ckpt,
+                    "steps": repeat or (2 if quick else 3), "options": cnn})
     return out
 
 

@@ -17,15 +17,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import numpy as np
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from x2ct_framework.errors import FinalEvaluationError, X2CTError  # noqa: E402
-from x2ct_framework.hookspecs import hookimpl  # noqa: E402
+from x2ct_framework.errors import FinalEvaluationError, X2CTError
+from x2ct_framework.hookspecs import hookimpl
+from x2ct_framework.viz import plt
 
 REPORT = "report.md"
 PICTURES = "report"
