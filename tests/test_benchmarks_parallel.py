@@ -31,10 +31,12 @@ lr = 1e-3
 losses = { l1 = 1.0 }
 """
 
+# cnn_baseline needs no timm: each worker process starts with torch and the framework only
 MATRIX = """
 name = "four"
 base = "base.toml"
 seeds = [0]
+set = ['model = { name = "cnn_baseline", channels = 4, levels = 2 }']
 [budget]
 steps = 1
 epochs = 1
