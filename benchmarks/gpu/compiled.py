@@ -108,7 +108,7 @@ def worker(cfg: dict) -> dict:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     seconds = timed(step, sync, repeat=cfg["repeat"], warmup=1)
-    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else float("nan")
+    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
     ref = matmul_tflops(device, cfg["matmul"])
     row = {"seconds": seconds, "first_call_s": first, "peak_mib": peak, "matmul_bf16_tflops": ref,
            "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
