@@ -33,11 +33,10 @@ def launcher_precision(recipe_value: str, env: Mapping[str, str] | None = None,
                       f"wins over the recipe's {where} = {recipe_value!r}")
 
 
-def apply_launcher_precision(recipe, log=print) -> str:
-    """Set ``recipe['train']['mixed_precision']`` to the launcher's choice (see module doc); returns it."""
+def apply_launcher_precision(recipe) -> str | None:
+    """Set ``recipe['train']['mixed_precision']`` to the launcher's choice (see module doc); the message to
+    show when the launcher overrode the recipe, else None."""
     train = recipe["train"]
     value, message = launcher_precision(train["mixed_precision"], where=recipe.where("train", "mixed_precision"))
-    if message:
-        log(message)
-        train["mixed_precision"] = value
-    return value
+    train["mixed_precision"] = value
+    return message
