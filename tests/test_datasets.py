@@ -129,7 +129,8 @@ def test_ct_folder_reads_resamples_and_renders(ct_root):
                     split_fractions=[1, 0, 0])
     assert torch.equal(by_dir[0]["labels"], item["labels"])
     # another resolution: resampled to 10 mm voxels and centre-cropped to 24^3 (240 mm field of view)
-    fine = create("ct_folder", root=str(ct_root / "by_dir"), resolution=24, volume_mm=240.0, split_fractions=[1, 0, 0])[0]
+    fine = create("ct_folder", root=str(ct_root / "by_dir"), resolution=24, volume_mm=240.0,
+                  split_fractions=[1, 0, 0])[0]
     assert fine["ct"].shape == (1, 24, 24, 24) and fine["spacing"].tolist() == [10.0] * 3
     assert "labels" not in fine
 

@@ -10,7 +10,8 @@ from x2ct_framework.run import add_run_arguments, report_errors, run
 
 def validate(args: argparse.Namespace) -> int:
     """Build every component of every stage without training."""
-    from x2ct_framework.config.build import (build_dataset, build_losses, build_metrics, build_model, load_recipe_plugins, stages)
+    from x2ct_framework.config.build import (build_dataset, build_losses, build_metrics, build_model,
+                                             load_recipe_plugins, stages)
     from x2ct_framework.model_info import describe_for_sample
     from x2ct_framework.config.recipe import load_recipe
 

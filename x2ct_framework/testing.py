@@ -28,6 +28,7 @@ import torch
 from torch.utils.data import DataLoader, default_collate
 
 from x2ct_framework import plugins as _plugins
+from x2ct_framework.conventions import DEFAULT_HU_WINDOW, hu_to_unit
 from x2ct_framework.hookspecs import hookimpl
 from x2ct_framework.plugins import KINDS, PluginManager, get_plugin_manager
 from x2ct_framework.stage import Stage
@@ -128,34 +129,16 @@ def create(kind: str, name: str, options: dict | None = None, **context: Any) ->
 
 
 # ---- inputs ----------------------------------------------------------------------------------------
-def _ellipsoid(z, y, x, c, r):
-    return (((z - c[0]) / r[0]) ** 2 + ((y - c[1]) / r[1]) ** 2 + ((x - c[2]) / r[2]) ** 2) <= 1.0
-
-
 def make_case(index: int = 0, *, views: Sequence[float] = (0.0, 90.0), resolution: int = 16,
-              image_size: int | None = None, hu_window: Sequence[float] = (-1000.0, 3000.0),
+              image_size: int | None = None, hu_window: Sequence[float] = DEFAULT_HU_WINDOW,
               geometry: str = "parallel", seed: int = 0) -> dict:
     """One dataset item: a seeded chest-like volume (body, lungs, spine, vessel) and its DRR views."""
+    from x2ct_framework.phantom import kit_chest
     from x2ct_framework.physics import drr, make_geometry
 
-    g = torch.Generator().manual_seed(seed * 7919 + index)
-    jitter = lambda: float(torch.empty(()).uniform_(-0.06, 0.06, generator=g))  # noqa: E731
-    ax = torch.linspace(-1, 1, resolution)
-    z, y, x = torch.meshgrid(ax, ax, ax, indexing="ij")
-    hu = torch.full((resolution,) * 3, -1000.0)
-    labels = torch.zeros((resolution,) * 3, dtype=torch.uint8)
-    parts = [  # (centre, radii, HU, label)
-        ((0.0, jitter(), 0.0), (1.2, 0.65 + jitter(), 0.85 + jitter()), 40.0, 1),
-        ((jitter(), 0.0, -0.4), (0.8, 0.45, 0.28 + jitter() / 2), -850.0, 2),
-        ((jitter(), 0.0, 0.4), (0.8, 0.45, 0.28 + jitter() / 2), -850.0, 2),
-        ((0.0, 0.45, 0.0), (1.2, 0.12, 0.12), 700.0, 3),
-        ((0.0, 0.15, -0.08 + jitter()), (1.0, 0.08, 0.08), 350.0, 4),
-    ]
-    for centre, radii, value, label in parts:
-        inside = _ellipsoid(z, y, x, centre, radii)
-        hu[inside], labels[inside] = value, label
+    hu, labels = kit_chest(resolution, seed * 7919 + index)
     lo, hi = float(hu_window[0]), float(hu_window[1])
-    ct = ((hu.clamp(lo, hi) - lo) / (hi - lo))[None]
+    ct = hu_to_unit(hu, (lo, hi))[None]
     geom = make_geometry([float(v) for v in views], geometry)
     size = image_size or resolution
     xrays = drr(ct[None], {k: v[None] for k, v in geom.items()}, (lo, hi), det_shape=(size, size))[0]
@@ -164,7 +147,7 @@ def make_case(index: int = 0, *, views: Sequence[float] = (0.0, 90.0), resolutio
 
 
 def make_batch(batch_size: int = 2, *, views: Sequence[float] = (0.0, 90.0), resolution: int = 16,
-               image_size: int | None = None, hu_window: Sequence[float] = (-1000.0, 3000.0),
+               image_size: int | None = None, hu_window: Sequence[float] = DEFAULT_HU_WINDOW,
                geometry: str = "parallel", seed: int = 0) -> dict:
     """A batch as the trainer sees it: :func:`make_case` items collated by the default data loader."""
     return default_collate([make_case(i, views=views, resolution=resolution, image_size=image_size,
@@ -385,7 +368,8 @@ def check_model(model: torch.nn.Module, *, resolution: int, views: Sequence[floa
             p = torch.rand(batch_size, 1, low, low, low, generator=torch.Generator().manual_seed(3))
             with torch.no_grad():
                 cascade = model(xrays, geom, prev=p)
-            _expect(tuple(cascade.shape) == shape, f"with prev at {low}^3: expected {shape}, got {tuple(cascade.shape)}")
+            _expect(tuple(cascade.shape) == shape,
+                    f"with prev at {low}^3: expected {shape}, got {tuple(cascade.shape)}")
             _expect(_finite(cascade), "with prev: the output has NaN or infinite values")
     with c.check("deterministic in eval mode"):
         model.eval()
@@ -438,14 +422,16 @@ def _check_item(item: Any, i: int, c: _Contract, resolution: int | None, views: 
     if "ct" in item:
         with c.check(f"item {i}: ct"):
             ct = item["ct"]
-            _expect(isinstance(ct, torch.Tensor) and ct.is_floating_point(), f"expected a float tensor, got {_kind(ct)}")
+            _expect(isinstance(ct, torch.Tensor) and ct.is_floating_point(),
+                    f"expected a float tensor, got {_kind(ct)}")
             _expect(ct.ndim == 4 and ct.shape[0] == 1 and ct.shape[1] == ct.shape[2] == ct.shape[3],
                     f"expected [1, D, D, D], got {tuple(ct.shape)}")
             if resolution is not None:
-                _expect(ct.shape[-1] == resolution, f"expected D = {resolution} (the stage resolution), got {ct.shape[-1]}")
+                _expect(ct.shape[-1] == resolution,
+                        f"expected D = {resolution} (the stage resolution), got {ct.shape[-1]}")
             _expect(_finite(ct), "NaN or infinite values")
-            _expect(ct.min() >= 0 and ct.max() <= 1, f"values outside [0, 1]: {ct.min().item():.4g}..{ct.max().item():.4g}"
-                                                     " (apply the HU window)")
+            _expect(ct.min() >= 0 and ct.max() <= 1,
+                    f"values outside [0, 1]: {ct.min().item():.4g}..{ct.max().item():.4g} (apply the HU window)")
     if "labels" in item:
         with c.check(f"item {i}: labels"):
             lab = item["labels"]

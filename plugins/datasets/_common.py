@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from x2ct_framework.conventions import hu_to_unit  # noqa: F401 (the dataset plugins import it from here)
 from x2ct_framework.errors import DataError
 from x2ct_framework.physics import drr, geometry_fingerprint, make_geometry, resolve_preset
 
@@ -38,12 +39,6 @@ def check_common(views: Sequence[float], hu_window: Sequence[float], geometry, o
     resolve_preset(geometry)
     if on_bad_case is not None and on_bad_case not in BAD_CASE_POLICIES:
         raise ValueError(f"on_bad_case must be one of {list(BAD_CASE_POLICIES)}, got {on_bad_case!r}")
-
-
-def hu_to_unit(hu: torch.Tensor, hu_window: Sequence[float]) -> torch.Tensor:
-    """Clip HU to the window and scale to [0, 1]."""
-    lo, hi = float(hu_window[0]), float(hu_window[1])
-    return (hu.clamp(lo, hi) - lo) / (hi - lo)
 
 
 def crop_or_pad(vol: torch.Tensor, shape: Sequence[int], value: float) -> torch.Tensor:
@@ -140,7 +135,8 @@ def drr_key(case: str, geometry: Mapping[str, torch.Tensor], resolution: int, im
 def seeded_split(names: Sequence[str], fractions: Sequence[float], seed: int) -> dict[str, list[str]]:
     """Shuffle ``names`` with ``seed`` and cut them by ``fractions`` (train, val, test)."""
     if len(fractions) != 3 or any(f < 0 for f in fractions) or sum(fractions) <= 0:
-        raise ValueError(f"split_fractions: expected three non-negative numbers (train, val, test), got {list(fractions)}")
+        raise ValueError(f"split_fractions: expected three non-negative numbers (train, val, test), "
+                         f"got {list(fractions)}")
     order = sorted(names)
     random.Random(seed).shuffle(order)
     total = float(sum(fractions))

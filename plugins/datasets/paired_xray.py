@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from x2ct_framework.conventions import DEFAULT_HU_WINDOW
 from x2ct_framework.errors import DataError, X2CTError
 from x2ct_framework.hookspecs import hookimpl
 from x2ct_framework.io import DICOM_SUFFIXES, IMAGE_SUFFIXES, NIFTI_SUFFIXES, read_xray
@@ -53,7 +54,8 @@ def _read_spec(path: Path) -> dict:
 
 def _is_image(path: Path) -> bool:
     name = path.name.lower()
-    return path.is_file() and not name.startswith(".") and (name.endswith(".nii.gz") or path.suffix.lower() in IMAGE_TYPES)
+    return path.is_file() and not name.startswith(".") and (name.endswith(".nii.gz")
+                                                             or path.suffix.lower() in IMAGE_TYPES)
 
 
 class PairedXrayDataset(Dataset):
@@ -63,8 +65,9 @@ class PairedXrayDataset(Dataset):
     ``geometry`` is the preset used when a geometry file names none. Splits as in ``ct_folder``.
     """
 
-    def __init__(self, *, split: str, stage: Stage, root: str, views: list[float] = (), geometry: str | dict = "parallel",
-                 hu_window: list[float] = (-1000.0, 3000.0), image_size: int = 0, volume_mm: float = 320.0,
+    def __init__(self, *, split: str, stage: Stage, root: str, views: list[float] = (),
+                 geometry: str | dict = "parallel",
+                 hu_window: list[float] = DEFAULT_HU_WINDOW, image_size: int = 0, volume_mm: float = 320.0,
                  normalize: str = "auto", require_ct: bool = False, splits: str = "",
                  split_fractions: list[float] = (0.8, 0.1, 0.1), seed: int = 0, angle_tolerance: float = 1.0,
                  on_bad_case: str = "error", pad_hu: float = -1024.0):

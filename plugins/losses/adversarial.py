@@ -1,6 +1,6 @@
 """``adversarial``: a 3D PatchGAN discriminator that pushes predictions towards realistic texture.
 
-The seed's future-work item "add a discriminator for realistic texture (fine capillaries,
+The user's plan's future-work item "add a discriminator for realistic texture (fine capillaries,
 trabecular bone)". The loss owns trainable parts, which the trainer handles generically (see the
 "loss with trainable parts" contract in the design):
 

@@ -136,14 +136,16 @@ def create_encoder(encoder: str, pretrained: bool = False, pretrained_file: str 
         if cfg is None or not (cfg.hf_hub_id or cfg.url):
             raise CheckpointError(_missing_weights_message(encoder, cfg, "timm knows no pretrained weights for it"))
         if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-            raise CheckpointError(_missing_weights_message(encoder, cfg, "not in the local cache and HF_HUB_OFFLINE is set"))
+            raise CheckpointError(_missing_weights_message(encoder, cfg,
+                                                           "not in the local cache and HF_HUB_OFFLINE is set"))
         return timm.create_model(encoder, pretrained=True, **kwargs)
     except CheckpointError:
         raise
     except Exception as exc:  # network, file format or shape errors from timm's loader
         reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
         if path:
-            raise CheckpointError(f"pretrained weights {path} for encoder {encoder!r} could not be loaded ({reason})") from exc
+            raise CheckpointError(f"pretrained weights {path} for encoder {encoder!r} could not be loaded "
+                                  f"({reason})") from exc
         raise CheckpointError(_missing_weights_message(encoder, cfg, reason)) from exc
 
 

@@ -29,9 +29,6 @@ from x2ct_framework.hookspecs import hookimpl
 from .layers import (AngleEmbedding, Block, FourierPositions, Join, Refine, ViewEncoder, ViewFusion, check_inputs,
                      level_sizes, lift, maybe_checkpoint, residual_block, resize3d)
 
-TOKEN_PRESETS = {24: "the user's stage 2: 24^3 = 13,824 tokens, 128 / 24 = 5.3x downsampling",
-                 32: "future work: 32^3 = 32,768 tokens, 128 / 32 = 4x downsampling"}
-
 
 class SkipLift(nn.Module):
     """Skip features of one encoder level: a 1x1 projection, back-projection into ``size^3``, view fusion."""

@@ -147,26 +147,26 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise RecipeError([f"--set {text}: expected dotted.key=value"])
     key, raw = text.split("=", 1)
-    parts = [p.strip() for p in key.strip().split(".")]
-    if not key.strip() or any(not p for p in parts):
+    key_path = [p.strip() for p in key.strip().split(".")]
+    if not key.strip() or any(not p for p in key_path):
         raise RecipeError([f"--set {text}: expected dotted.key=value, got an empty key part"])
     raw = raw.strip()
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
-        if raw and all(c.isalnum() or c in "_-./:+" for c in raw) and not raw[0] in "[{\"'":
+        if raw and all(c.isalnum() or c in "_-./:+" for c in raw) and raw[0] not in "[{\"'":
             value = raw  # a bare word such as a name or a path
         else:
             raise RecipeError([f"--set {text}: the value {raw!r} is not a TOML value "
                                f"(strings with spaces need quotes: key=\"a b\")"]) from None
-    return parts, value
+    return key_path, value
 
 
-def apply_override(data: dict, origins: dict, parts: list[str], value: Any, text: str) -> None:
+def apply_override(data: dict, origins: dict, key_path: list[str], value: Any, text: str) -> None:
     node: Any = data
     key: Key = ()
-    for i, part in enumerate(parts):
-        last = i == len(parts) - 1
+    for i, part in enumerate(key_path):
+        last = i == len(key_path) - 1
         if isinstance(node, list):
             idx = _list_index(node, part, text, key)
             key += (idx,)

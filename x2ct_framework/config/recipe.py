@@ -21,8 +21,8 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), v
     problems = []
     for text in overrides:
         try:
-            parts, value = parse_override(text)
-            apply_override(data, origins, parts, value, text)
+            key_path, value = parse_override(text)
+            apply_override(data, origins, key_path, value, text)
         except RecipeError as exc:
             problems.extend(exc.problems)
     if problems:

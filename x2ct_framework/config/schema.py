@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from x2ct_framework.errors import RecipeError, did_you_mean
-from x2ct_framework.config.document import Key, Recipe, format_key
+from x2ct_framework.config.document import Key, Recipe
 
 REQUIRED = object()
 
@@ -201,7 +201,8 @@ _KIND_CHECK = {
     "bool": lambda v: isinstance(v, bool),
     "list": lambda v: isinstance(v, list),
     "list[int]": lambda v: isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in v),
-    "list[float]": lambda v: isinstance(v, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v),
+    "list[float]": lambda v: isinstance(v, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                                         for x in v),
     "list[str]": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
     "any": lambda v: True,
 }
@@ -330,10 +331,11 @@ def validate_recipe(recipe: Recipe) -> Recipe:
         problems.append(f"{recipe.where('train', 'start_stage')}: the recipe has {len(data['stages'])} stage(s), "
                         f"got start_stage = {data['train']['start_stage']}")
     # [data] hu_window is also handed to models, losses and metrics: check it here so that the error names it.
-    window = data["data"].get("hu_window")
-    if window is not None and not (isinstance(window, list) and len(window) == 2 and _KIND_CHECK["list[float]"](window)
-                                   and window[0] < window[1]):
-        problems.append(f"{recipe.where('data', 'hu_window')}: expected [low, high] in HU with low < high, got {window!r}")
+    hu_window = data["data"].get("hu_window")
+    if hu_window is not None and not (isinstance(hu_window, list) and len(hu_window) == 2
+                                      and _KIND_CHECK["list[float]"](hu_window) and hu_window[0] < hu_window[1]):
+        problems.append(f"{recipe.where('data', 'hu_window')}: expected [low, high] in HU with low < high, "
+                        f"got {hu_window!r}")
     if problems:
         raise RecipeError(problems)
     recipe.data = data
@@ -356,7 +358,3 @@ def describe(spec: Any = SCHEMA, prefix: str = "") -> list[tuple[str, str, str, 
             else:
                 rows.extend(describe(sub, dotted))
     return rows
-
-
-def format_where(recipe: Recipe, key: Key) -> str:
-    return f"{recipe.origin(key)}: {format_key(key)}"

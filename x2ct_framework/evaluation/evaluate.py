@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,11 +26,9 @@ from torch.utils.data import DataLoader
 from x2ct_framework.config.build import build_dataset
 from x2ct_framework.loading import load_model, pick_device  # noqa: F401 (re-exported for callers)
 from x2ct_framework.runs import Target, data_options_with_defaults, hu_window_of, resolve_target  # noqa: F401
-from x2ct_framework.checkpoint import STATE, WEIGHTS, load_into, resolve
-from x2ct_framework.errors import CheckpointError, DataError, RecipeError
+from x2ct_framework.errors import DataError
 from x2ct_framework.evaluation.protocols import Protocol, build_protocol
-from x2ct_framework.config.recipe import Recipe, load_recipe
-from x2ct_framework.stage import Stage
+
 
 def _to(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, torch.Tensor):
@@ -82,9 +81,6 @@ class Evaluation:
     worst: list[dict[str, Any]] = field(default_factory=list)
     files: dict[str, Path] = field(default_factory=dict)
     kept: dict[int, dict[str, Any]] = field(default_factory=dict)
-
-    def protocol(self, name: str) -> Protocol:
-        return next(p for p in self.protocols if p.name == name)
 
     def ranking_key(self) -> tuple[Protocol, str]:
         return ranking(self.protocols)
@@ -153,7 +149,8 @@ def evaluate(target: Target, split: str = "test", protocols: list[str] = ("defau
 
     for batch in tqdm(loader, desc=f"evaluate {stage.name}/{split}", disable=not progress, dynamic_ncols=True):
         if "ct" not in batch:
-            raise DataError(f"split {split!r} of dataset {recipe['data']['name']!r} has no target CT ('ct') to score against")
+            raise DataError(f"split {split!r} of dataset {recipe['data']['name']!r} has no target CT ('ct') "
+                            f"to score against")
         batch = _to(batch, dev)
         pred = infer(model, batch)
         target_ct = batch["ct"].float()
@@ -297,15 +294,21 @@ def markdown(ev: Evaluation, out_dir: Path | None = None) -> str:
         lines += ["Conventions:", ""] + [f"- {c}" for c in proto.conventions] + [""]
         if proto.notes:
             lines += ["Notes:", ""] + [f"- {n}" for n in proto.notes] + [""]
-    if ev.worst:
-        proto, metric = ev.ranking_key()
-        lines += [f"## Worst cases by `{proto.key(metric)}`", ""]
-        for w in ev.worst:
-            pic = Path(w["picture"])
-            rel = pic.relative_to(out_dir) if out_dir is not None and pic.is_relative_to(out_dir) else pic
-            lines += [f"{w['rank']}. {w['case_id']}: {_fmt(w[proto.key(metric)])} {proto.unit(metric)}", "",
-                      f"   ![{w['case_id']}]({rel.as_posix()})", ""]
+    lines += worst_cases_lines(ev, lambda pic: (pic.relative_to(out_dir) if out_dir is not None
+                                                and pic.is_relative_to(out_dir) else pic).as_posix())
     return "\n".join(lines).rstrip() + "\n"
+
+
+def worst_cases_lines(ev: Evaluation, link: Callable[[Path], str]) -> list[str]:
+    """The worst-cases section in markdown (``link`` turns a picture's path into the link written)."""
+    if not ev.worst:
+        return []
+    proto, metric = ev.ranking_key()
+    lines = [f"## Worst cases by `{proto.key(metric)}`", ""]
+    for w in ev.worst:
+        lines += [f"{w['rank']}. {w['case_id']}: {_fmt(w[proto.key(metric)])} {proto.unit(metric)}", "",
+                  f"   ![{w['case_id']}]({link(Path(w['picture']))})", ""]
+    return lines
 
 
 def default_out_dir(target: Target, split: str) -> Path:

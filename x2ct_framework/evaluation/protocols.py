@@ -61,8 +61,7 @@ X2CTGAN_CONVENTIONS = [
 def to_x2ctgan01(x01: torch.Tensor, hu_window: Sequence[float], hu_offset: float = X2CTGAN_HU_OFFSET,
                  ct_range: Sequence[float] = X2CTGAN_CT_RANGE) -> torch.Tensor:
     """[0, 1] of ``hu_window`` -> X2CT-GAN's [0, 1] (HU + offset clipped to ``ct_range``), float32 [B, D, H, W]."""
-    lo, hi = float(hu_window[0]), float(hu_window[1])
-    hu = x01.double() * (hi - lo) + lo
+    hu = to_hu(x01.double(), hu_window)  # float64 in, float64 out
     a, b = float(ct_range[0]), float(ct_range[1])
     v = ((hu + hu_offset).clamp(a, b) - a) / (b - a)
     return v.reshape(v.shape[0], *v.shape[-3:]).float()

@@ -93,7 +93,8 @@ def resolve_preset(preset: str | Mapping) -> dict:
     return spec
 
 
-def make_geometry(views: Sequence[float], preset: str | Mapping = "parallel", volume_mm: float | Sequence[float] = 320.0,
+def make_geometry(views: Sequence[float], preset: str | Mapping = "parallel",
+                  volume_mm: float | Sequence[float] = 320.0,
                   detector_mm: float | Sequence[float] | None = None, *, detector_px: int | Sequence[int] | None = None,
                   sid: float | None = None, sdd: float | None = None,
                   detector_offset_mm: float | Sequence[float] | None = None) -> dict[str, torch.Tensor]:
