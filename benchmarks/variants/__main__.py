@@ -99,20 +99,21 @@ def main(argv: list[str] | None = None) -> int:
     def go() -> int:
         matrix = load_matrix(args.matrix)
         out = Path(args.out).resolve() if args.out else default_out(matrix)
+        parallel = args.workers != 1 or args.per_device != 1
+        if parallel and args.in_process:
+            parser.error("--in-process runs one job at a time: drop it, or --workers")
+        slots = make_slots(args.workers, args.devices, args.per_device, args.threads_per_worker) if parallel else None
+        shard = parse_shard(args.shard)
         if args.dry_run:
             return dry_run(matrix, out, args.overrides, args.check)
         if args.tables_only:
             files = write_tables(matrix, out, plot=args.plot, extra=args.overrides)
             print(f"tables: {files['md']}")
             return 0
-        parallel = args.workers != 1 or args.per_device != 1
-        if parallel and args.in_process:
-            parser.error("--in-process runs one job at a time: drop it, or --workers")
-        slots = make_slots(args.workers, args.devices, args.per_device, args.threads_per_worker) if parallel else None
         t0 = time.perf_counter()
         status = run_matrix(matrix, out, only=args.only, seeds=args.seeds, extra=args.overrides,
                             isolate=not args.in_process, rerun=args.rerun, plot=args.plot, slots=slots,
-                            shard=parse_shard(args.shard))
+                            shard=shard)
         print(f"\n{files_line(status)}; {len(status['ran'])} runs in {(time.perf_counter() - t0) / 60:.1f} min, "
               f"{len(status['skipped'])} skipped (finished earlier), {len(status['failed'])} failed")
         print(f"machine: {machine_description()}")

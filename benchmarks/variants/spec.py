@@ -128,13 +128,14 @@ def load_matrix(path: str | Path) -> Matrix:
     if base is not None and not base.is_file():
         p.append(f"{doc.where('base')}: recipe not found: {base.resolve()}")
     budget = data.get("budget") if isinstance(data.get("budget"), dict) else {}
+    given = {k for k in ("steps", "wall_s") if budget.get(k) is not None}
     for key, kind in (("steps", "an integer"), ("wall_s", "a number")):
         v = budget.get(key)
         if v is not None and not (isinstance(v, int) and not isinstance(v, bool) if key == "steps" else _number(v)):
             p.append(f"{doc.where('budget', key)}: expected {kind}, got {v!r}")
             budget[key] = None
     budget = {k: v for k, v in budget.items() if v is not None}
-    if ("steps" in budget) == ("wall_s" in budget):
+    if len(given) != 1:
         p.append(f"{doc.where('budget')}: set exactly one of steps (optimizer steps per trained stage) or wall_s "
                  f"(seconds of training per trained stage)")
     epochs = budget.get("epochs", 1)
