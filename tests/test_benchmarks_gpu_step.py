@@ -82,3 +82,32 @@ def test_apply_launcher_precision_records_what_ran(tmp_path, monkeypatch):
     path.write_text(path.read_text().replace('"max-autotune"', '"fast"'))
     with pytest.raises(RecipeError, match="train -> compile: expected false, true or one of"):
         load_recipe(path)
+
+
+def test_trainer_compiles_the_model_and_takes_the_launcher_precision(tiny_recipe, monkeypatch, capsys):
+    """Wiring: train.compile reaches the prepared model (a stand-in compiler counts its calls); the
+    launcher's bf16 replaces the recipe's "no" and the run says so."""
+    from x2ct_framework.config.recipe import load_recipe
+    from x2ct_framework.training.trainer import Trainer
+
+    calls = []
+
+    def counting(fn, **kwargs):
+        def call(*a, **k):
+            calls.append(kwargs["mode"])
+            return fn(*a, **k)
+        return call
+
+    monkeypatch.setattr(torch, "compile", counting)
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    recipe = load_recipe(tiny_recipe, ['train.compile="reduce-overhead"', "train.trackers=[]", "eval.report=false",
+                                       "eval.preview=false", "train.max_steps_per_epoch=1"])
+    trainer = Trainer(recipe)
+    assert trainer.accelerator.mixed_precision == "bf16" and recipe["train"]["mixed_precision"] == "bf16"
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION")
+    trainer.run()
+    out = capsys.readouterr().out
+    assert "mixed precision bf16 from accelerate launch --mixed_precision" in out
+    assert calls and set(calls) == {"reduce-overhead"}  # training and validation went through the compiled call
+    assert trainer.model.compile_fallback is None
+    assert 'mixed_precision = "bf16"' in (trainer.run_dir / "recipe.toml").read_text()  # what ran is recorded

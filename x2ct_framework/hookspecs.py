@@ -56,6 +56,20 @@ def on_stage_start(trainer, stage):
 
 
 @hookspec
+def on_train_step_end(trainer, stage, step, metrics):
+    """Called on every process after each optimizer update; ``step`` counts the stage's updates (1-based).
+
+    ``metrics``: that update's scalars on this process (``lr``, ``train/loss``, ``train/<term>``,
+    ``train/grad_norm`` unless the update was skipped), averaged over its micro-batches.
+    """
+
+
+@hookspec
+def on_validation_end(trainer, stage, epoch, metrics):
+    """Called on every process after each validation; ``epoch`` is 0-based, ``metrics`` a dict of floats."""
+
+
+@hookspec
 def on_epoch_end(trainer, stage, epoch, metrics):
     """Called on every process after each epoch; ``metrics`` is a dict of floats."""
 

@@ -2,10 +2,10 @@
 
 The trainer writes ``time/train_s``, ``time/validate_s`` and ``time/save_s`` into each epoch row of a
 stage's ``metrics.jsonl``; time per step is the sum of ``time/train_s`` over the epochs this process
-trained, divided by their optimizer steps (validation and checkpoint writing excluded). Logbooks
-written before those columns existed are timed by a hook-level clock instead: the stage's wall time
-from ``on_stage_start`` to the last ``on_epoch_end`` minus the validation and checkpoint time measured
-around the trainer's ``validate`` and ``_save`` (the older trainer's only way to separate them).
+trained, divided by their optimizer steps (validation and checkpoint writing excluded). Nothing of
+the trainer is overridden. A logbook without those columns (a trainer older than them) is timed by
+the hooks alone, from ``on_stage_start`` to the last ``on_epoch_end``, validation and checkpoints
+included; ``timing_source`` in the result says which.
 """
 
 from __future__ import annotations
@@ -64,7 +64,6 @@ def _make_clock():
 
         def __init__(self) -> None:
             self.stages: list[dict[str, Any]] = []
-            self.side = 0.0  # validation and checkpoint seconds (older trainers only, see _side_timers)
 
         @hookimpl
         def on_stage_start(self, trainer, stage):
@@ -73,32 +72,13 @@ def _make_clock():
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
-            self.side = 0.0
             self.stages.append({"stage": stage.name, "t0": time.perf_counter(), "t1": None})
 
         @hookimpl
         def on_epoch_end(self, trainer, stage, epoch, metrics):
             self.stages[-1]["t1"] = time.perf_counter()
-            self.stages[-1]["side_s"] = self.side
 
     return Clock()
-
-
-def _side_timers(trainer, clock) -> None:
-    """Older trainers without time columns: time ``validate`` and ``_save`` on this instance (not the class)."""
-    for name in ("validate", "_save"):
-        inner = getattr(trainer, name, None)
-        if not callable(inner):
-            continue
-
-        def timed(*args, _inner=inner, **kwargs):
-            t0 = time.perf_counter()
-            try:
-                return _inner(*args, **kwargs)
-            finally:
-                clock.side += time.perf_counter() - t0
-
-        setattr(trainer, name, timed)
 
 
 def train_and_time(recipe, resume: bool) -> dict[str, Any]:
@@ -124,7 +104,6 @@ def train_and_time(recipe, resume: bool) -> dict[str, Any]:
     pm.register_object(clock, hook_name)
     try:
         trainer = Trainer(recipe, resume=resume)
-        _side_timers(trainer, clock)
         trainer.run()
         model = trainer.model
     finally:
@@ -137,8 +116,8 @@ def train_and_time(recipe, resume: bool) -> dict[str, Any]:
         loop_s = sum(s[TRAIN_S] for s in logged)
         source = "logged"
     else:
-        loop_s = sum(st["t1"] - st["t0"] - st.get("side_s", 0.0) for st in clock.stages if st["t1"] is not None)
-        source = "clock"
+        loop_s = sum(st["t1"] - st["t0"] for st in clock.stages if st["t1"] is not None)
+        source = "clock (validation and checkpoints included)"
     total = sum(s for _, s in after.values())
     return {"steps": total, "steps_timed": timed, "loop_s": loop_s, "timing_source": source,
             "peak_mem_mib": peak, "mem_kind": kind, "resumed": any(s for _, s in before.values()),

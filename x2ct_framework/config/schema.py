@@ -112,8 +112,8 @@ STAGE = Table(
         "checkpoint_every": Value("int", 0, "periodic checkpoint every N epochs; 0 = off", check=non_negative),
         "val_every": Value("int", 1, "validate every N epochs (and after the last)", check=at_least_one),
         "select_best": Value("str", "val/psnr", "validation metric that picks the best checkpoint", check=metric_key),
-        "best_mode": Value("str", "auto", "max or min of select_best; auto = min for losses and errors "
-                           "(loss, mae, mse, lpips), max otherwise", choices=("auto", "max", "min")),
+        "best_mode": Value("str", "auto", "max or min of select_best; auto = the metric's higher_is_better "
+                           "(min for val/loss, mae, landmark_mm, lpips)", choices=("auto", "max", "min")),
         "freeze": Value("list[str]", [], "parameter-name prefixes that are not trained in this stage"),
         "cascade": Value("bool", False, "feed the previous stage's prediction (its best model, frozen) to this "
                          "stage's model as prev; otherwise stages are chained by weights only"),
