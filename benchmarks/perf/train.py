@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import math
 import statistics
 import sys
 import tempfile
@@ -100,7 +99,8 @@ def trainer_loop(recipe) -> dict:
 
 
 def data_vs_model(recipe, batches: int, repeat: int) -> tuple[float, float, float, int]:
-    """Seconds per batch of the DataLoader (first pass: rendering; second: the dataset's cache) and of the model step."""
+    """Seconds per batch of the DataLoader (first pass: rendering; second: the dataset's cache) and of the model
+    step."""
     stage, model, losses, data, batch = _parts(recipe)
     dl = _loader(recipe, data, batch, batches)
     passes = []

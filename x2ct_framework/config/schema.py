@@ -113,6 +113,12 @@ def scheduler_spec(v: Any) -> str | None:
     return None
 
 
+def compile_setting(v: Any) -> str | None:
+    from x2ct_framework.training.compile import check_compile
+
+    return check_compile(v)
+
+
 def metric_key(v: Any) -> str | None:
     return None if v.startswith("val/") else 'expected a validation metric such as "val/psnr" or "val/loss"'
 
@@ -185,6 +191,9 @@ SCHEMA = Table(
                                          check=non_negative),
                 "mixed_precision": Value("str", "no", "Accelerate mixed precision", choices=("no", "fp16", "bf16")),
                 "gradient_checkpointing": Value("bool", False, "recompute activations in the backward pass"),
+                "compile": Value("any", False, "torch.compile the model: false, true (default mode), or a mode "
+                                 "(\"reduce-overhead\", \"max-autotune\", ...); falls back to eager with a message "
+                                 "when compiling fails", check=compile_setting),
                 "max_grad_norm": Value("number", 1.0, "gradient clipping; 0 = off", check=non_negative),
                 "max_nonfinite_steps": Value("int", 10, "optimizer steps skipped for a non-finite loss or gradient "
                                              "before a stage stops", check=non_negative),

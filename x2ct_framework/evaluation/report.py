@@ -17,18 +17,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import numpy as np
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from x2ct_framework.conventions import PLANES, unit_to_hu  # noqa: E402
-from x2ct_framework.errors import FinalEvaluationError, X2CTError  # noqa: E402
-from x2ct_framework.hookspecs import hookimpl  # noqa: E402
-from x2ct_framework.training.logbook import Logbook  # noqa: E402
-from x2ct_framework.viz import orthogonal_slices, save_figure  # noqa: E402
+from x2ct_framework.conventions import PLANES, unit_to_hu
+from x2ct_framework.errors import FinalEvaluationError, X2CTError
+from x2ct_framework.hookspecs import hookimpl
+from x2ct_framework.training.logbook import Logbook
+from x2ct_framework.viz import orthogonal_slices, plt, save_figure
 
 REPORT = "report.md"
 PICTURES = "report"

@@ -44,11 +44,13 @@ from x2ct_framework.errors import CheckpointError, RecipeError
 from x2ct_framework.plugins import get_plugin_manager
 from x2ct_framework.stage import Stage
 from x2ct_framework.training.cascade import PreviousStages, previous_stages
+from x2ct_framework.training.compile import compile_model
 from x2ct_framework.training.critics import Critics
 from x2ct_framework.training.guards import TrainingDiverged, check_batch, check_trained, check_validation, last_good
 from x2ct_framework.training.interrupt import StopRequest
 from x2ct_framework.training.logbook import Logbook
 from x2ct_framework.training.objective import Objective
+from x2ct_framework.training.precision import apply_launcher_precision
 from x2ct_framework.training.recipe_diff import keep_current_settings, optimizer_settings
 from x2ct_framework.training.runfolder import RunFolder
 from x2ct_framework.training.sampling import StageData, rng_state
@@ -103,6 +105,7 @@ class Trainer:
         self.folder = RunFolder(self.run_dir, Path(recipe["output_dir"]), resume=resume, overwrite=overwrite,
                                 recipe=recipe, allow_changes=allow_changes)
         trackers = [t for t in train["trackers"] if t != "none"]
+        launcher_note = apply_launcher_precision(recipe) if accelerator is None else None
         _allow_new_precision(train["mixed_precision"])
         # cpu=True when no GPU is visible makes torchrun-started processes use gloo (MULTI_CPU).
         self.accelerator = accelerator or Accelerator(
@@ -112,6 +115,8 @@ class Trainer:
         check_distributed(self.accelerator)  # FSDP / DeepSpeed are refused (see training/scaleout.py)
         self.trackers = bool(trackers) and accelerator is None
         self.pm = get_plugin_manager()
+        if launcher_note:
+            self.print(launcher_note)
         load_recipe_plugins(recipe)
         self.pm.load_entry_points()  # the end-of-run hooks (report) also when every stage is skipped on --resume
         self.model: torch.nn.Module | None = None  # the stage's unwrapped model, for hooks
@@ -374,6 +379,7 @@ class Trainer:
         ema = EMA(model, train["ema"]["decay"]) if train["ema"]["enabled"] else None
         # The scheduler is not handed to accelerate.prepare, which would step it once per process.
         model, optimizer, data.train, data.val = acc.prepare(model, optimizer, data.train, data.val)
+        compile_model(acc.unwrap_model(model), train["compile"], log=self.print)
         if ema is not None:
             ema.to(acc.device)
         critics = Critics(losses, acc)
