@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensor
 
 from x2ct_framework.errors import CheckpointError, DataError
 from x2ct_framework.hookspecs import hookimpl
@@ -270,7 +271,10 @@ class X2CTGAN(nn.Module):
     @staticmethod
     def _view_flips(geometry: dict, index: int) -> list[int]:
         """Image axes (of ``[B, 1, H, W]``) to reverse so that view ``index`` looks like X2CT-GAN's stored image."""
-        angles = torch.as_tensor(geometry["angles"])[:, index].detach().double().cpu() % 360.0
+        angles = torch.as_tensor(geometry["angles"])[:, index].detach()
+        if isinstance(angles, FakeTensor):  # shapes only (FLOP counting): flips do not change them
+            return [2] if index == 0 else [2, 3]
+        angles = angles.double().cpu() % 360.0
         if not torch.allclose(angles, angles[:1].expand_as(angles), atol=1e-3):
             raise ModelInputError(f"x2ctgan: view {index + 1} has different gantry angles across the batch "
                                   f"({angles.tolist()}); the network has one branch per fixed view")
