@@ -37,16 +37,26 @@ def make_optimizer(name: str, params: Iterable[torch.nn.Parameter], lr: float, w
         raise RecipeError([f"{where}_options: torch.optim.{cls.__name__} refused them: {exc}"]) from exc
 
 
-def lr_at(step: int, total: int, lr: float, min_lr: float, warmup: int = 0, kind: str = "cosine") -> float:
-    """Learning rate of optimizer update ``step`` (0-based) out of ``total``: linear warm-up, then cosine.
+def lr_at(step: int, total: int, lr: float, min_lr: float, warmup: int = 0, kind: str = "cosine",
+          constant_steps: int = 0) -> float:
+    """Learning rate of optimizer update ``step`` (0-based) out of ``total``: linear warm-up, then the schedule.
 
-    The warm-up rises to ``lr`` over ``warmup`` updates; the cosine then falls from ``lr`` at update
-    ``warmup`` to ``min_lr`` at update ``total - 1``, so the last update uses exactly ``min_lr``.
+    The warm-up rises to ``lr`` over ``warmup`` updates. ``cosine`` then falls from ``lr`` at update
+    ``warmup`` to ``min_lr`` at update ``total - 1``, so the last update uses exactly ``min_lr``;
+    ``constant`` stays at ``lr``; ``linear_decay`` (X2CT-GAN's, after CycleGAN: ``niter`` epochs
+    constant, ``niter_decay`` epochs linear) stays at ``lr`` for ``constant_steps`` updates, then falls
+    linearly to ``min_lr``, reached one update after the last (so the last update still learns).
     """
     if warmup and step < warmup:
         return lr * (step + 1) / warmup
     if kind == "constant":
         return lr
+    if kind == "linear_decay":
+        start = max(constant_steps, warmup)
+        if step < start:
+            return lr
+        span = max(1, total - start)
+        return lr - (lr - min_lr) * min(1.0, (step - start + 1) / (span + 1))
     span = max(1, total - 1 - warmup)
     t = min(1.0, max(0.0, (step - warmup) / span))
     return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * t))
@@ -55,11 +65,12 @@ def lr_at(step: int, total: int, lr: float, min_lr: float, warmup: int = 0, kind
 class Schedule:
     """``LambdaLR`` factor for :func:`lr_at` (the scheduler is stepped once per optimizer update)."""
 
-    def __init__(self, total: int, lr: float, min_lr: float, warmup: int, kind: str):
+    def __init__(self, total: int, lr: float, min_lr: float, warmup: int, kind: str, constant_steps: int = 0):
         self.total, self.lr, self.min_lr, self.warmup, self.kind = total, lr, min_lr, warmup, kind
+        self.constant_steps = constant_steps
 
     def __call__(self, step: int) -> float:
-        return lr_at(step, self.total, self.lr, self.min_lr, self.warmup, self.kind) / self.lr
+        return lr_at(step, self.total, self.lr, self.min_lr, self.warmup, self.kind, self.constant_steps) / self.lr
 
 
 def lr_factor(mode: str, global_batch: int, reference_batch: int) -> float:

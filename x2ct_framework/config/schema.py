@@ -100,7 +100,10 @@ STAGE = Table(
         "optimizer_options": Table({}, "extra optimizer arguments, e.g. betas = [0.9, 0.95]", open=True),
         "weight_decay": Value("number", 0.01, "weight decay", check=non_negative),
         "scheduler": Value("str", "cosine", "learning-rate schedule per optimizer step: cosine lr -> min_lr, "
-                           "or constant (both after the warm-up)", choices=("cosine", "constant")),
+                           "constant, or linear_decay (lr for constant_epochs, then linear to min_lr; all after "
+                           "the warm-up)", choices=("cosine", "constant", "linear_decay")),
+        "constant_epochs": Value("int", 0, "epochs at the full lr before linear_decay starts (X2CT-GAN: 50 of 100)",
+                                 check=non_negative),
         "batch_size": Value("int", 0, "per-device batch size; 0 takes train.batch_size", check=non_negative),
         "grad_accum": Value("int", 0, "gradient accumulation steps; 0 takes train.grad_accum", check=non_negative),
         "checkpoint_every": Value("int", 0, "periodic checkpoint every N epochs; 0 = off", check=non_negative),

@@ -382,7 +382,8 @@ class Trainer:
         steps_per_epoch = math.ceil(len(train_dl) / accum)
         total_steps = steps_per_epoch * opts["epochs"]
         scheduler = LambdaLR(optimizer.optimizer,
-                             Schedule(total_steps, lr, min_lr, opts["warmup_steps"], opts["scheduler"]))
+                             Schedule(total_steps, lr, min_lr, opts["warmup_steps"], opts["scheduler"],
+                                      steps_per_epoch * opts["constant_epochs"]))
         metric = opts["select_best"]
         mode = best_mode(metric, opts["best_mode"])
         known = [f"val/{m}" for m in metrics] + ["val/loss"]
