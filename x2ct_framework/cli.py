@@ -1,4 +1,4 @@
-"""The ``x2ct`` command: run, validate, evaluate, predict, plugins."""
+"""The ``x2ct`` command: run, validate, check-data, evaluate, predict, plugins."""
 
 from __future__ import annotations
 
@@ -30,6 +30,25 @@ def validate(args: argparse.Namespace) -> int:
         print(f"    model: {describe_for_sample(model, datasets['train'][0])}")
     print("ok")
     return 0
+
+
+def check_data(args: argparse.Namespace) -> int:
+    """The framework's DRRs of the first cases against the X-rays the dataset stores; 2 when they disagree."""
+    from x2ct_framework.datacheck import check_data as run_check
+
+    result, png = run_check(args.recipe, args.overrides, cases=args.cases, split=args.split,
+                            stage_index=args.stage, out=args.out)
+    print(result.table())
+    print(f"overlay: {png} (magenta: the framework's DRR of the CT, green: the stored view; white where they agree)")
+    if result.ok:
+        print("ok: the stored X-rays show the CT in the declared geometry")
+        return 0
+    for problem in result.problems:
+        print(f"error: {problem}", file=sys.stderr)
+    if result.fixes:
+        print("fix: set " + " and ".join(result.fixes) + " in the recipe's [data] table (or pass --set "
+              + " --set ".join(f.replace(" = ", "=").replace(", ", ",") for f in result.fixes) + ")", file=sys.stderr)
+    return 2
 
 
 def plugins(args: argparse.Namespace) -> int:
@@ -119,6 +138,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("recipe")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(fn=validate)
+    p = sub.add_parser("check-data", help="check that a dataset's stored X-rays show its CTs in the declared geometry")
+    p.add_argument("recipe")
+    p.add_argument("--cases", type=int, default=3, help="cases to check (the first N of the split)")
+    p.add_argument("--split", default="train", choices=("train", "val", "test"))
+    p.add_argument("--stage", type=int, default=1, help="stage whose resolution the data is read at (1-based)")
+    p.add_argument("--out", default="", help="folder for check_data.png (default: the run folder)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(fn=check_data)
     p = sub.add_parser("evaluate", help="score a checkpoint on a dataset split under named metric protocols")
     add_evaluate_arguments(p)
     p.set_defaults(fn=evaluate)
