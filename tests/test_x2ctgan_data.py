@@ -156,3 +156,20 @@ def test_validation_is_carved_from_train(lidc, caplog):
         val_on_test = create(lidc, split="val", val_list="test.txt")
     assert [c for c, _ in val_on_test.cases] == ["LIDC-IDRI-0004.2000"]
     assert "chosen on the test set" in caplog.text
+
+
+def test_training_refuses_data_whose_check_fails_unless_told_to_warn(lidc, caplog):
+    from x2ct_framework.datacheck import GeometryMismatch, guard_stored_geometry
+    from x2ct_framework.testing import ContractError, check_stored_geometry
+
+    assert guard_stored_geometry(create(lidc)).ok
+    assert check_stored_geometry(create(lidc), cases=1)
+    wrong = dict(orientation=["identity", "rot180"])
+    with pytest.raises(GeometryMismatch, match=r'data.orientation = \["flipud", "rot180"\]'):
+        guard_stored_geometry(create(lidc, **wrong))
+    with caplog.at_level(logging.WARNING, logger="x2ct_framework.datacheck"):
+        assert not guard_stored_geometry(create(lidc, check_geometry="warn", **wrong)).ok
+    assert "check_geometry" in caplog.text
+    assert guard_stored_geometry(create(lidc, check_geometry="off", **wrong)) is None
+    with pytest.raises(ContractError, match="data.orientation"):
+        check_stored_geometry(create(lidc, **wrong), cases=1)

@@ -175,6 +175,26 @@ def check_dataset_geometry(dataset, cases: int = 3, hu_window: Sequence[float] |
                        mu_water=getattr(dataset, "mu_water", None))
 
 
+def guard_stored_geometry(dataset, cases: int = 2) -> CheckResult | None:
+    """Before training: check a dataset that says it serves stored X-rays (``geometry_check`` attribute "error" or
+    "warn"; "off" or no attribute skips). "error" raises :class:`GeometryMismatch` naming the fix; "warn" logs it."""
+    policy = getattr(dataset, "geometry_check", "off")
+    if policy == "off" or not len(dataset):
+        return None
+    result = check_dataset_geometry(dataset, cases)
+    if result.ok:
+        return result
+    fix = f"; fix: set {' and '.join(result.fixes)}" if result.fixes else ""
+    message = ("the stored X-rays do not show the CT in the declared geometry (x2ct check-data RECIPE shows the "
+               "table and an overlay): " + "; ".join(result.problems) + fix)
+    if policy == "warn":
+        import logging
+
+        logging.getLogger("x2ct_framework.datacheck").warning("%s (data.check_geometry = \"warn\")", message)
+        return result
+    raise GeometryMismatch(message + '; data.check_geometry = "warn" trains anyway')
+
+
 def write_overlay(result: CheckResult, path: Path) -> Path:
     """One row per case, one tile per view: the framework's DRR in magenta, the stored view in green."""
     from PIL import Image

@@ -85,7 +85,9 @@ class X2CTGANH5Dataset(CaseListDataset):
     training list (seeded by ``seed``) is set aside for validation unless ``val_list`` names a list;
     ``hu_offset`` is subtracted from the stored values to get HU; ``volume_mm`` is the stored cube's
     size; ``views`` and ``orientation`` give the gantry angle and the stored orientation of ``xray1``
-    and ``xray2`` (stored mode); ``resize`` is "linear" (X2CT-GAN's order-1 zoom) or "area".
+    and ``xray2`` (stored mode); ``resize`` is "linear" (X2CT-GAN's order-1 zoom) or "area";
+    ``check_geometry`` ("error", "warn", "off"): what training does when the stored views do not fit
+    the CT's DRRs in the declared geometry.
     """
 
     def __init__(self, *, split: str, stage: Stage, root: str, views: list[float] = (0.0, 270.0),
@@ -94,7 +96,7 @@ class X2CTGANH5Dataset(CaseListDataset):
                  train_list: str = "train.txt", test_list: str = "test.txt", val_list: str = "",
                  val_fraction: float = 0.05, seed: int = 0, hu_offset: float = 1024.0, volume_mm: float = 320.0,
                  flip: list[str] = ("z",), cache_dir: str = "", on_bad_case: str = "error", mu_water: float = MU_WATER,
-                 beer_lambert: bool = False):
+                 beer_lambert: bool = False, check_geometry: str = "error"):
         check_split(split)
         check_common(views, hu_window, geometry, on_bad_case)
         if xrays not in ("stored", "render"):
@@ -111,6 +113,10 @@ class X2CTGANH5Dataset(CaseListDataset):
         if len(orientation) != 2:
             raise RecipeError([f"data.orientation: expected two orientations (xray1, xray2), got {list(orientation)}"])
         self.orientation = [check_orientation(o, f"data.orientation[{i}]") for i, o in enumerate(orientation)]
+        if check_geometry not in ("error", "warn", "off"):
+            raise ValueError(f"check_geometry must be 'error', 'warn' or 'off', got {check_geometry!r}")
+        # training checks the stored views against the CT first (x2ct_framework.datacheck)
+        self.geometry_check = check_geometry if xrays == "stored" else "off"
         self.resize = resize
         bad_axes = [a for a in flip if a not in AXES]
         if bad_axes:

@@ -36,6 +36,7 @@ from x2ct_framework import __version__
 from x2ct_framework import checkpoint as ckpt
 from x2ct_framework.config.build import (build_dataset, build_losses, build_metrics, build_model, load_recipe_plugins, model_options,
                     stages)
+from x2ct_framework.datacheck import guard_stored_geometry
 from x2ct_framework.training.cascade import PreviousStages, previous_stages
 from x2ct_framework.errors import CheckpointError, RecipeError, X2CTError
 from x2ct_framework.training.logbook import Logbook
@@ -363,6 +364,7 @@ class Trainer:
         scale = lr_factor(train["lr_scaling"], global_batch, train["reference_batch"])
         lr, min_lr = opts["lr"] * scale, opts["min_lr"] * scale
         train_set = build_dataset(recipe, stage, "train")
+        guard_stored_geometry(train_set)  # stored X-rays must show the CT in the declared geometry
         val_set = build_dataset(recipe, stage, "val")
         cap = train["max_steps_per_epoch"] * accum * batch_size * acc.num_processes
         sampler = EpochSampler(len(train_set), seed, limit=cap)
