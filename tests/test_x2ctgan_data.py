@@ -173,3 +173,31 @@ def test_training_refuses_data_whose_check_fails_unless_told_to_warn(lidc, caplo
     assert guard_stored_geometry(create(lidc, check_geometry="off", **wrong)) is None
     with pytest.raises(ContractError, match="data.orientation"):
         check_stored_geometry(create(lidc, **wrong), cases=1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["x2ctgan_lidc", "vit_cascade_lidc"])
+def test_benchmark_recipes_validate(lidc, name, capsys):
+    from conftest import REPO
+    from x2ct_framework.cli import main
+    from x2ct_framework.config.recipe import load_recipe
+
+    path = REPO / "recipes" / "benchmarks" / f"{name}.toml"
+    recipe = load_recipe(path)
+    assert recipe["data"]["train_list"] == "x2ctgan:train" and recipe["data"]["hu_window"] == [-1024, 1476]
+    assert recipe["data"]["resize"] == "linear" and recipe["eval"]["protocols"][0] == "x2ctgan"
+    sets = [f'data.root="{lidc.as_posix()}"', 'data.train_list="train.txt"', 'data.test_list="test.txt"',
+            "data.val_fraction=0.34", "stages.1.resolution=64"]
+    if name == "vit_cascade_lidc":
+        sets.append('stages.1.losses.vgg={ weight = 0.1, weights = "random" }')
+    assert main(["validate", str(path)] + [a for s in sets for a in ("--set", s)]) == 0, capsys.readouterr().err
+    assert capsys.readouterr().out.strip().endswith("ok")
+
+
+def test_shipped_case_lists_are_x2ctgans_split():
+    from x2ct_plugins.datasets._common import read_list_file
+    from x2ct_plugins.datasets.x2ctgan_h5 import SHIPPED_LISTS
+
+    train, test = (read_list_file(SHIPPED_LISTS[f"x2ctgan:{s}"]) for s in ("train", "test"))
+    assert (len(train), len(test)) == (916, 102) and not set(train) & set(test)
+    assert len(set(train)) == 916 and all(n.startswith("LIDC-IDRI-") for n in train + test)

@@ -22,7 +22,8 @@ averages blocks instead), then clipped to [0, 2500] stored = the HU window [-102
 by its width; X-rays are zoomed the same way and divided by 255. Integer arrays are rounded after
 resizing, as ``zoom`` writes into the input's integer type.
 
-Splits: ``train_list`` and ``test_list`` name the cases (X2CT-GAN ships 916 and 102). The validation
+Splits: ``train_list`` and ``test_list`` name the cases, relative to ``root``; ``"x2ctgan:train"`` and
+``"x2ctgan:test"`` are X2CT-GAN's own lists (916 and 102 cases), shipped with this plugin. The validation
 cases are carved from the training list (``val_fraction``, seeded, removed from training), never the
 test list unless ``val_list`` names it (X2CT-GAN's own code validates on its test list; a checkpoint
 chosen that way is chosen on the test set, so the dataset warns).
@@ -51,6 +52,8 @@ H5_NAME = "ct_xray_data.h5"
 REQUIRED_KEYS = ("ct", "xray1", "xray2")
 AXES = {"z": 0, "y": 1, "x": 2}
 RESIZES = ("linear", "area")
+# X2CT-GAN's own case lists (kylekma/X2CT, 3DGAN/data/train.txt and test.txt: 916 and 102 LIDC-IDRI cases)
+SHIPPED_LISTS = {f"x2ctgan:{s}": Path(__file__).with_name("lists") / f"x2ctgan_{s}.txt" for s in ("train", "test")}
 X2CTGAN_HU_WINDOW = (-1024.0, 1476.0)  # stored [0, 2500] minus the HU offset 1024
 log = logging.getLogger("x2ct_plugins.datasets")
 
@@ -139,6 +142,8 @@ class X2CTGANH5Dataset(CaseListDataset):
         case_geometry(self.views, geometry, self.volume_mm)
 
         def resolve(name: str) -> Path:
+            if name in SHIPPED_LISTS:
+                return SHIPPED_LISTS[name]
             path = Path(name).expanduser()
             return path if path.is_absolute() else self.root / path
 
