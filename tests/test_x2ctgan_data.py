@@ -201,3 +201,12 @@ def test_shipped_case_lists_are_x2ctgans_split():
     train, test = (read_list_file(SHIPPED_LISTS[f"x2ctgan:{s}"]) for s in ("train", "test"))
     assert (len(train), len(test)) == (916, 102) and not set(train) & set(test)
     assert len(set(train)) == 916 and all(n.startswith("LIDC-IDRI-") for n in train + test)
+
+
+def test_x2ctgan_protocol_names_every_departure_from_their_setting():
+    from x2ct_framework.evaluation.protocols import x2ctgan_setting_deviations
+
+    assert x2ctgan_setting_deviations([-1024, 1476], 128, "linear") == []
+    notes = x2ctgan_setting_deviations([-1000, 3000], 64, "area")
+    assert len(notes) == 3 and all(n.startswith("NOT X2CT-GAN's setting") for n in notes)
+    assert "[-1000, 3000]" in notes[0] and "64^3" in notes[1] and "'area'" in notes[2]

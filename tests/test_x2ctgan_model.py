@@ -122,6 +122,19 @@ def test_loads_their_checkpoint_file(tmp_path):
         torch.testing.assert_close(out, loaded(mirrored, {"angles": torch.tensor([[0.0, 90.0]])}))
 
 
+def test_converts_their_checkpoint_to_a_checkpoint_folder(tmp_path):
+    from x2ct_framework.checkpoint import load_into
+    from x2ct_plugins.models.x2ctgan import convert_checkpoint
+
+    source = X2CTGAN(**TINY)
+    torch.save({"iters": 1, "epoch": 90, "state_dict": source.state_dict(), "lr": 2e-4}, tmp_path / "90_net_G.pth")
+    folder = convert_checkpoint(tmp_path / "90_net_G.pth", tmp_path / "ckpt", **TINY)
+    target = X2CTGAN(**TINY)
+    assert not any(load_into(target, folder).values())
+    for key, value in source.state_dict().items():
+        torch.testing.assert_close(target.state_dict()[key], value)
+
+
 def test_checkpoint_errors(tmp_path):
     with pytest.raises(DataError, match="90_net_G.pth"):
         load_x2ctgan_checkpoint(tmp_path / "absent.pth")

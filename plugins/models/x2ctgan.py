@@ -376,6 +376,39 @@ def load_x2ctgan_checkpoint(path: str | Path, model: nn.Module | None = None) ->
     return state
 
 
+def convert_checkpoint(source: str | Path, folder: str | Path, stage: str = "x2ctgan", **model_options) -> Path:
+    """Write X2CT-GAN's generator checkpoint as a framework checkpoint folder (``model.safetensors``), so that
+    ``x2ct evaluate FOLDER --recipe recipes/benchmarks/x2ctgan_lidc.toml`` scores their published weights."""
+    from x2ct_framework.checkpoint import save_checkpoint
+
+    model = X2CTGAN(**{"resolution": 128, **model_options})  # the published sizes unless told otherwise
+    state = load_x2ctgan_checkpoint(source, model)
+    return save_checkpoint(folder, state, {"stage": stage, "source": str(source), "model": "x2ctgan"})
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from x2ct_framework.run import report_errors
+
+    p = argparse.ArgumentParser(prog="python -m x2ct_plugins.models.x2ctgan",
+                                description="X2CT-GAN's generator checkpoint (NN_net_G.pth) -> a checkpoint folder")
+    p.add_argument("source", help="their generator checkpoint, e.g. .../checkpoint/90/90_net_G.pth")
+    p.add_argument("folder", help="checkpoint folder to write (holding model.safetensors and state.json)")
+    p.add_argument("--stage", default="x2ctgan", help="the recipe's stage name (x2ctgan_lidc.toml: x2ctgan)")
+    args = p.parse_args(argv)
+
+    def convert(a) -> int:
+        print(convert_checkpoint(a.source, a.folder, a.stage))
+        return 0
+
+    return report_errors(convert, args)
+
+
 @hookimpl
 def register_models(register):
     register("x2ctgan", X2CTGAN)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
