@@ -210,3 +210,29 @@ def test_x2ctgan_protocol_names_every_departure_from_their_setting():
     notes = x2ctgan_setting_deviations([-1000, 3000], 64, "area")
     assert len(notes) == 3 and all(n.startswith("NOT X2CT-GAN's setting") for n in notes)
     assert "[-1000, 3000]" in notes[0] and "64^3" in notes[1] and "'area'" in notes[2]
+
+
+def test_validate_runs_the_geometry_check(lidc, tmp_path, capsys):
+    from x2ct_framework.cli import main
+
+    recipe = tmp_path / "lidc.toml"
+    recipe.write_text(f'''
+name = "lidc_validate"
+output_dir = "{(tmp_path / 'runs').as_posix()}"
+[data]
+name = "x2ctgan_h5"
+root = "{lidc.as_posix()}"
+val_fraction = 0.34
+[model]
+name = "cnn_baseline"
+channels = 4
+levels = 2
+[[stages]]
+resolution = {N}
+epochs = 1
+losses = {{ l1 = 1.0 }}
+''')
+    assert main(["validate", str(recipe)]) == 0
+    assert "stored X-rays agree with the CT" in capsys.readouterr().out
+    assert main(["validate", str(recipe), "--set", 'data.orientation=["flipud", "identity"]']) == 2
+    assert 'data.orientation = ["flipud", "rot180"]' in capsys.readouterr().err

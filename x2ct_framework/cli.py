@@ -11,6 +11,7 @@ from x2ct_framework.run import add_run_arguments, report_errors, run
 def validate(args: argparse.Namespace) -> int:
     """Build every component of every stage without training."""
     from x2ct_framework.config.build import (build_dataset, build_losses, build_metrics, build_model, load_recipe_plugins, stages)
+    from x2ct_framework.datacheck import guard_stored_geometry
     from x2ct_framework.model_info import describe_for_sample
     from x2ct_framework.config.recipe import load_recipe
 
@@ -22,6 +23,12 @@ def validate(args: argparse.Namespace) -> int:
         model = build_model(recipe, stage)
         losses = build_losses(recipe, stage)
         datasets = {split: build_dataset(recipe, stage, split) for split in ("train", "val")}
+        checked = guard_stored_geometry(datasets["train"])  # stored X-rays vs the CT's DRRs, as training does
+        if checked is not None:
+            print(f"  {stage.name}: stored X-rays agree with the CT ({len(checked.fits)} views checked; "
+                  f"x2ct check-data shows the table)" if checked.ok else
+                  f"  {stage.name}: stored X-rays DISAGREE with the CT (data.check_geometry = \"warn\"): "
+                  + "; ".join(checked.fixes or checked.problems))
         sizes = {split: len(ds) for split, ds in datasets.items()}
         n_params = sum(p.numel() for p in model.parameters())
         terms = ", ".join(f"{t.name}x{t.weight:g}" for t in losses.terms)
