@@ -236,3 +236,34 @@ losses = {{ l1 = 1.0 }}
     assert "stored X-rays agree with the CT" in capsys.readouterr().out
     assert main(["validate", str(recipe), "--set", 'data.orientation=["flipud", "identity"]']) == 2
     assert 'data.orientation = ["flipud", "rot180"]' in capsys.readouterr().err
+
+
+def test_paired_xray_with_a_ct_checks_its_geometry(tmp_path):
+    from PIL import Image
+
+    from test_datasets import save_canonical
+    from x2ct_framework.datacheck import check_dataset_geometry
+
+    for i in range(2):
+        folder = tmp_path / f"p{i}"
+        folder.mkdir()
+        hu, _ = chest_phantom(N, seed=500 + i)
+        pa = stored_drr(hu, 0.0, 40)
+        lateral = stored_drr(hu, 90.0, 40).flip(-1)  # a lateral stored mirrored left-right
+        for name, img in (("pa.png", pa), ("lat.png", lateral)):
+            Image.fromarray((img * 255).round().numpy().astype(np.uint8)).save(folder / name)
+        save_canonical(folder / "ct.nii.gz", hu.clamp(-1024, 3000), 320.0 / N)
+        (folder / "geometry.toml").write_text('views = [0.0, 90.0]\nfiles = ["pa.png", "lat.png"]\n'
+                                              'preset = "x2ctgan"\nct = "ct.nii.gz"\n')
+
+    def make(**options):
+        stage = Stage(name="s", index=1, resolution=N, options={})
+        return get_plugin_manager().registry("dataset").create(
+            "paired_xray", {"root": str(tmp_path), "split_fractions": [1, 0, 0], "hu_window": list(WINDOW),
+                            **options}, where="recipe.toml: data", split="train", stage=stage)
+
+    wrong = check_dataset_geometry(make(), cases=2)
+    assert not wrong.ok and wrong.fixes == ['data.orientation = ["identity", "fliplr"]'], wrong.table()
+    right = make(orientation=["identity", "fliplr"])
+    assert right.geometry_check == "warn"
+    assert check_dataset_geometry(right, cases=2).ok
