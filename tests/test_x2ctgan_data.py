@@ -212,6 +212,7 @@ def test_x2ctgan_protocol_names_every_departure_from_their_setting():
     assert "[-1000, 3000]" in notes[0] and "64^3" in notes[1] and "'area'" in notes[2]
 
 
+@pytest.mark.slow
 def test_validate_runs_the_geometry_check(lidc, tmp_path, capsys):
     from x2ct_framework.cli import main
 

@@ -112,14 +112,17 @@ def test_loads_their_checkpoint_file(tmp_path):
     loaded = X2CTGAN(**TINY, weights=str(path))
     for key, value in state.items():
         torch.testing.assert_close(loaded.state_dict()[key], value)
-    xrays, geometry = torch.rand(1, 2, 1, 64, 64), {"angles": torch.tensor([[0.0, 270.0]])}
+
+
+def test_lateral_at_90_is_the_mirror_of_270():
+    torch.manual_seed(0)
+    model = X2CTGAN(**TINY).eval()
+    xrays = torch.rand(1, 2, 1, 64, 64)
     mirrored = xrays.clone()
     mirrored[:, 1] = mirrored[:, 1].flip(-1)
     with torch.no_grad():
-        out = loaded.eval()(xrays, geometry)
-        torch.testing.assert_close(out, source.eval()(xrays, geometry))
-        # a lateral at 90 degrees is the mirror image of X2CT-GAN's lateral at 270
-        torch.testing.assert_close(out, loaded(mirrored, {"angles": torch.tensor([[0.0, 90.0]])}))
+        at270 = model(xrays, {"angles": torch.tensor([[0.0, 270.0]])})
+        torch.testing.assert_close(at270, model(mirrored, {"angles": torch.tensor([[0.0, 90.0]])}))
 
 
 def test_converts_their_checkpoint_to_a_checkpoint_folder(tmp_path):
