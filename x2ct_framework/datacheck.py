@@ -130,7 +130,7 @@ def check_items(items: Sequence[dict], hu_window: Sequence[float], declared: Seq
         images += [(case, v, renders[v], item["xrays"][v, 0].numpy()) for v in range(len(f))]
     n_views = max(f.view for f in fits) + 1
     problems, fixes = [], []
-    declared = list(declared) if declared else ["identity"] * n_views
+    declared = list(declared) if declared and len(declared) == n_views else ["identity"] * n_views
     new_orient, new_views = list(declared), [None] * n_views
     for v in range(n_views):
         per = [f for f in fits if f.view == v]

@@ -120,6 +120,8 @@ class X2CTGANH5Dataset(CaseListDataset):
             raise ValueError(f"check_geometry must be 'error', 'warn' or 'off', got {check_geometry!r}")
         # training checks the stored views against the CT first (x2ct_framework.datacheck)
         self.geometry_check = check_geometry if xrays == "stored" else "off"
+        if xrays == "render":  # rendered here, in the detector frame
+            self.orientation = ["identity"] * len(views)
         self.resize = resize
         bad_axes = [a for a in flip if a not in AXES]
         if bad_axes:
