@@ -1,4 +1,4 @@
-"""The ``x2ct`` command: run, validate, evaluate, predict, export, plugins."""
+"""The ``x2ct`` command: run, validate, check-data, evaluate, predict, export, plugins."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ def validate(args: argparse.Namespace) -> int:
     """Build every component of every stage and run the contract checks on them, without training."""
     from x2ct_framework.config.build import (build_dataset, build_losses, build_metrics, build_model,
                                              load_recipe_plugins, stages)
+    from x2ct_framework.datacheck import guard_stored_geometry
     from x2ct_framework.config.recipe import load_recipe
     from x2ct_framework.model_info import describe_for_sample
     from x2ct_framework.config.checks import check_freeze, check_recipe
@@ -40,6 +41,12 @@ def validate(args: argparse.Namespace) -> int:
         check_freeze(model, stage.options["freeze"], recipe.where("stages", stage.index - 1, "freeze"))
         losses = build_losses(recipe, stage)
         datasets = {split: build_dataset(recipe, stage, split) for split in ("train", "val")}
+        checked = guard_stored_geometry(datasets["train"])  # stored X-rays vs the CT's DRRs, as training does
+        if checked is not None:
+            print(f"  {stage.name}: stored X-rays agree with the CT ({len(checked.fits)} views checked; "
+                  f"x2ct check-data shows the table)" if checked.ok else
+                  f"  {stage.name}: stored X-rays DISAGREE with the CT (data.check_geometry = \"warn\"): "
+                  + "; ".join(checked.fixes or checked.problems))
         try:
             datasets["test"] = build_dataset(recipe, stage, "test")
         except X2CTError:  # a dataset may have no test split; the final evaluation reports it
@@ -57,6 +64,25 @@ def validate(args: argparse.Namespace) -> int:
     raise_problems(problems)
     print("ok")
     return 0
+
+
+def check_data(args: argparse.Namespace) -> int:
+    """The framework's DRRs of the first cases against the X-rays the dataset stores; 2 when they disagree."""
+    from x2ct_framework.datacheck import check_data as run_check
+
+    result, png = run_check(args.recipe, args.overrides, cases=args.cases, split=args.split,
+                            stage_index=args.stage, out=args.out)
+    print(result.table())
+    print(f"overlay: {png} (magenta: the framework's DRR of the CT, green: the stored view; white where they agree)")
+    if result.ok:
+        print("ok: the stored X-rays show the CT in the declared geometry")
+        return 0
+    for problem in result.problems:
+        print(f"error: {problem}", file=sys.stderr)
+    if result.fixes:
+        print("fix: set " + " and ".join(result.fixes) + " in the recipe's [data] table (or pass --set "
+              + " --set ".join(f.replace(" = ", "=").replace(", ", ",") for f in result.fixes) + ")", file=sys.stderr)
+    return 2
 
 
 def plugins(args: argparse.Namespace) -> int:
@@ -200,6 +226,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="skip the model's size, FLOPs and memory line")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(fn=validate)
+    p = sub.add_parser("check-data", help="check that a dataset's stored X-rays show its CTs in the declared geometry")
+    p.add_argument("recipe")
+    p.add_argument("--cases", type=int, default=3, help="cases to check (the first N of the split)")
+    p.add_argument("--split", default="train", choices=("train", "val", "test"))
+    p.add_argument("--stage", type=int, default=1, help="stage whose resolution the data is read at (1-based)")
+    p.add_argument("--out", default="", help="folder for check_data.png (default: the run folder)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(fn=check_data)
     p = sub.add_parser("evaluate", help="score a checkpoint on a dataset split under named metric protocols")
     add_evaluate_arguments(p)
     p.set_defaults(fn=evaluate)

@@ -46,6 +46,7 @@ __all__ = [
     "check_loss",
     "check_model",
     "check_dataset",
+    "check_stored_geometry",
     "check_metric",
     "FakeTrainer",
     "run_hooks",
@@ -560,6 +561,27 @@ def check_dataset(dataset: torch.utils.data.Dataset, *, resolution: int | None =
                 _expect(isinstance(b, dict) and "xrays" in b, "a worker returned something that is not a batch dict")
                 if k + 1 >= min(items, n):
                     break
+    return c.finish()
+
+
+def check_stored_geometry(dataset: torch.utils.data.Dataset, *, cases: int = 2,
+                          hu_window: Sequence[float] | None = None) -> list[str]:
+    """Check that a dataset's stored X-rays show its CTs in the geometry it declares (``x2ct check-data``).
+
+    For a dataset that hands out stored X-rays beside the CT: the framework's DRR of each of the first
+    ``cases`` CTs at each view's declared angle must fit the view better than every other flip/rotation
+    of the image and than the opposite angle (:mod:`x2ct_framework.datacheck`). The dataset's
+    ``hu_window`` and ``orientation`` attributes are used when present. A failure names the recipe
+    setting (``data.orientation`` / ``data.views``) that fixes it.
+    """
+    from x2ct_framework.datacheck import check_dataset_geometry
+
+    c = _Contract(f"dataset {_describe(dataset)}")
+    with c.check("stored X-rays agree with the CT"):
+        result = check_dataset_geometry(dataset, cases, hu_window)
+        if not result.ok:
+            fix = f"; fix: {' and '.join(result.fixes)}" if result.fixes else ""
+            raise _Fail("; ".join(result.problems) + fix + "\n" + result.table())
     return c.finish()
 
 

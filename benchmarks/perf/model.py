@@ -1,7 +1,8 @@
 """Model step on CPU: the user's stage 2 (128^3 output, two 128^2 views) with 24^3 and 32^3 tokens.
 
 One training step (forward + backward of a mean loss) at batch 1 for ``vit_cascade`` at its default
-sizes, with and without gradient checkpointing, and for ``cnn_baseline`` beside it. Every
+sizes, with and without gradient checkpointing, and for ``cnn_baseline`` and the faithful ``x2ctgan``
+(X2CT-GAN's 61.74 M generator, PA + lateral at 0/270 degrees, no checkpointing) beside it. Every
 configuration runs in its own subprocess, so that its peak memory is its own. Two peaks, both over
 the timed steps and above the level just before them (model, inputs and libraries excluded):
 ``peak_mib``, the bytes malloc has handed out and not taken back (glibc ``mallinfo2``, sampled every
@@ -15,8 +16,9 @@ Per row:
   ``model_gflop`` is the same without checkpointing's recomputation;
 - ``gflops``: ``step_gflop / seconds``, the achieved throughput; ``matmul_gflops``: a 4096^2 fp32
   matrix product (2048^2 in quick mode) measured in the same process, right before and after the step (median of both);
-- ``ratio`` = ``gflops / matmul_gflops`` (target >= 0.25); ``mem_cut`` = ``peak_mib`` without / with
-  gradient checkpointing (target >= 2).
+- ``ratio`` = ``gflops / matmul_gflops`` (target >= 0.25); ``vs_vit``: ``seconds`` over those of
+  ``vit_cascade`` at its first token grid without checkpointing, in the same run; ``mem_cut`` =
+  ``peak_mib`` without / with gradient checkpointing (target >= 2).
 
 With ``--compile [MODE]`` every row also times the same step with the model under ``torch.compile``
 (``x2ct_framework.training.compile``, the recipe's ``train.compile``): ``compiled_seconds``, the
@@ -45,7 +47,7 @@ import torch
 from benchmarks.perf.common import machine, markdown_table
 
 REPO = Path(__file__).resolve().parents[2]
-COLUMNS = ["model", "tokens", "checkpointing", "steps", "seconds", "model_gflop", "step_gflop", "gflops",
+COLUMNS = ["model", "tokens", "checkpointing", "steps", "seconds", "vs_vit", "model_gflop", "step_gflop", "gflops",
            "matmul_gflops", "ratio", "peak_mib", "rss_peak_mib", "mem_cut", "targets"]
 COMPILE_COLUMNS = ["compiled_seconds", "compile_s", "compile_speedup", "compile_note"]
 
@@ -54,9 +56,10 @@ def configs(quick: bool, repeat: int | None) -> list[dict]:
     if quick:
         base = dict(resolution=32, image=32, views=2, options=dict(dim=64, depth=2, heads=2, channels=8))
         grids, cnn = (8, 12), dict(channels=8, levels=3)
+        x2ctgan = dict(image_size=64, width_divisor=16, encoder_blocks=[1, 1, 1, 1, 1])
     else:
         base = dict(resolution=128, image=128, views=2, options={})
-        grids, cnn = (24, 32), {}
+        grids, cnn, x2ctgan = (24, 32), {}, {}
     out = []
     for g in grids:
         steps = repeat or (2 if quick else 3 if g <= 24 else 1)
@@ -66,6 +69,8 @@ def configs(quick: bool, repeat: int | None) -> list[dict]:
     for ckpt in (False, True):
         out.append({**base, "model": "cnn_baseline", "tokens": None, "checkpointing": ckpt,
                     "steps": repeat or (2 if quick else 3), "options": cnn})
+    out.append({**base, "model": "x2ctgan", "tokens": None, "checkpointing": False, "steps": repeat or 2,
+                "options": x2ctgan, "angles": [0.0, 270.0]})
     return out
 
 
@@ -131,18 +136,21 @@ def worker(cfg: dict) -> dict:
     from x2ct_framework.plugins import get_plugin_manager
 
     torch.manual_seed(0)
-    angles = [i * 180.0 / cfg["views"] for i in range(cfg["views"])]
+    angles = cfg.get("angles") or [i * 180.0 / cfg["views"] for i in range(cfg["views"])]
     model = get_plugin_manager().registry("model").create(
         cfg["model"], cfg["options"], context={"resolution": cfg["resolution"], "views": angles,
                                                "gradient_checkpointing": cfg["checkpointing"]})
     model.train()
-    geometry = {k: v[None] for k, v in make_geometry(angles).items()}
+    geometry = {k: v[None] for k, v in make_geometry(angles, cfg.get("geometry", "parallel")).items()}
     xrays = torch.rand(1, cfg["views"], 1, cfg["image"], cfg["image"])
     executed = step_flops(model, xrays, geometry)
-    flag = model.gradient_checkpointing
-    model.gradient_checkpointing = False
-    algorithmic = step_flops(model, xrays, geometry)
-    model.gradient_checkpointing = flag
+    flag = getattr(model, "gradient_checkpointing", False)
+    if flag:
+        model.gradient_checkpointing = False
+        algorithmic = step_flops(model, xrays, geometry)
+        model.gradient_checkpointing = flag
+    else:
+        algorithmic = executed
 
     def step():
         model.zero_grad(set_to_none=True)
@@ -220,6 +228,9 @@ def run(quick: bool = False, repeat: int | None = None, log=print, compile_mode:
         log(f"[model]   {row['seconds']:.1f} s, {row['gflops']:.1f} GFLOP/s ({row['ratio']:.2f} of matmul), "
             f"peak {row['peak_mib']:.0f} MiB live, {row['rss_peak_mib']:.0f} MiB resident", flush=True)
         rows.append(row)
+    vit = next((r for r in rows if r["model"] == "vit_cascade" and not r["checkpointing"]), None)
+    for row in rows:
+        row["vs_vit"] = row["seconds"] / vit["seconds"] if vit else float("nan")
     for row in rows:  # memory cut and targets, pairing each checkpointed row with its plain twin
         if row["checkpointing"]:
             plain = next(r for r in rows if r["model"] == row["model"] and r["tokens"] == row["tokens"]

@@ -91,24 +91,40 @@ def linear(total: int, lr: float, min_lr: float, warmup: int) -> Callable[[int],
 
 
 def linear_decay(total: int, lr: float, min_lr: float, warmup: int, constant_fraction: float = 0.5,
-                 constant_steps: int = 0, final_lr: float = 0.0) -> Callable[[int], float]:
-    """``lr`` for the first part of training, then a straight line to ``final_lr`` (default 0) at the last update.
+                 constant_steps: int = 0, final_lr: float = 0.0, rule: str = "to_last") -> Callable[[int], float]:
+    """``lr`` for the first part of training, then a straight line to ``final_lr`` (default 0).
 
     The constant part is ``constant_steps`` updates when set, else ``constant_fraction`` of them
     (constant for N of E epochs: ``constant_fraction = N / E``), as pix2pix-style trainers do.
+    ``rule = "to_last"`` reaches ``final_lr`` at the last update; ``rule = "cyclegan"`` is the rule of
+    X2CT-GAN's (CycleGAN's) trainer, ``1 - (s + 1 - constant) / (total - constant + 1)`` after the
+    constant part, which stops one step short of ``final_lr``.
     """
     if not 0.0 <= constant_fraction <= 1.0:
         raise ValueError(f"constant_fraction must be in [0, 1], got {constant_fraction}")
     if constant_steps < 0:
         raise ValueError(f"constant_steps must be >= 0, got {constant_steps}")
+    if rule not in ("to_last", "cyclegan"):
+        raise ValueError(f"rule must be 'to_last' or 'cyclegan', got {rule!r}")
     flat = max(warmup, constant_steps if constant_steps else warmup + round(constant_fraction * (total - warmup)))
 
     def fn(step: int) -> float:
         if step < flat:
             return lr
+        if rule == "cyclegan":
+            return lr + (final_lr - lr) * min(1.0, (step - flat + 1) / (total - flat + 1))
         return lr + (final_lr - lr) * _progress(step, total, flat)
 
     return fn
+
+
+def with_constant_epochs(kind: str | dict, constant_steps: int, min_lr: float) -> str | dict:
+    """A stage's ``constant_epochs`` (as updates) applied to ``scheduler = "linear_decay"``: X2CT-GAN's rule,
+    constant for those updates, then linear towards ``min_lr``. Other schedules are returned unchanged."""
+    if constant_steps and kind == "linear_decay":
+        return {"name": "linear_decay", "constant_steps": int(constant_steps), "final_lr": float(min_lr),
+                "rule": "cyclegan"}
+    return kind
 
 
 def step(total: int, lr: float, min_lr: float, warmup: int, every: int = 1000,
@@ -163,13 +179,17 @@ def build_schedule(kind: str | dict, total: int, lr: float, min_lr: float, warmu
     return with_warmup
 
 
-def lr_at(step: int, total: int, lr: float, min_lr: float, warmup: int = 0, kind: str | dict = "cosine") -> float:
+def lr_at(step: int, total: int, lr: float, min_lr: float, warmup: int = 0, kind: str | dict = "cosine",
+          constant_steps: int = 0) -> float:
     """Learning rate of optimizer update ``step`` (0-based) out of ``total``: linear warm-up, then the schedule.
 
-    The warm-up rises to ``lr`` over ``warmup`` updates; the cosine then falls from ``lr`` at update
-    ``warmup`` to ``min_lr`` at update ``total - 1``, so the last update uses exactly ``min_lr``.
+    The warm-up rises to ``lr`` over ``warmup`` updates. ``cosine`` then falls from ``lr`` at update
+    ``warmup`` to ``min_lr`` at update ``total - 1``, so the last update uses exactly ``min_lr``;
+    ``constant`` stays at ``lr``; ``linear_decay`` (X2CT-GAN's, after CycleGAN: ``niter`` epochs
+    constant, ``niter_decay`` epochs linear) stays at ``lr`` for ``constant_steps`` updates, then falls
+    linearly to ``min_lr``, reached one update after the last (so the last update still learns).
     """
-    return build_schedule(kind, total, lr, min_lr, warmup)(step)
+    return build_schedule(with_constant_epochs(kind, constant_steps, min_lr), total, lr, min_lr, warmup)(step)
 
 
 class Schedule:
@@ -178,7 +198,8 @@ class Schedule:
     Its attributes are plain values, so the scheduler's state stays storable in a checkpoint.
     """
 
-    def __init__(self, total: int, lr: float, min_lr: float, warmup: int, kind: str | dict):
+    def __init__(self, total: int, lr: float, min_lr: float, warmup: int, kind: str | dict, constant_steps: int = 0):
+        kind = with_constant_epochs(kind, constant_steps, min_lr)
         self.total, self.lr, self.min_lr, self.warmup, self.kind = total, lr, min_lr, warmup, kind
         build_schedule(kind, total, lr, min_lr, warmup)  # unknown names and bad options fail here
 

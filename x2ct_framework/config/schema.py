@@ -147,6 +147,8 @@ STAGE = Table(
                            "registry name (cosine lr -> min_lr, constant, linear lr -> min_lr, linear_decay, step, "
                            "or a plugin's) or a table { name = \"step\", every = 1000, gamma = 0.5 } with its options",
                            check=scheduler_spec),
+        "constant_epochs": Value("int", 0, "epochs at the full lr before linear_decay starts (X2CT-GAN: 50 of 100)",
+                                 check=non_negative),
         "batch_size": Value("int", 0, "per-device batch size; 0 takes train.batch_size", check=non_negative),
         "grad_accum": Value("int", 0, "gradient accumulation steps; 0 takes train.grad_accum", check=non_negative),
         "checkpoint_every": Value("int", 0, "periodic checkpoint every N epochs; 0 = off", check=non_negative),

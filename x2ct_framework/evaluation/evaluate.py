@@ -15,6 +15,8 @@ import csv
 import json
 import math
 from collections.abc import Callable
+import logging
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +30,10 @@ from x2ct_framework.config.build import build_dataset
 from x2ct_framework.loading import load_model, pick_device  # noqa: F401 (re-exported for callers)
 from x2ct_framework.runs import Target, data_options_with_defaults, hu_window_of, resolve_target  # noqa: F401
 from x2ct_framework.errors import DataError
-from x2ct_framework.evaluation.protocols import Protocol, build_protocol
+from x2ct_framework.evaluation.protocols import Protocol, build_protocol, x2ctgan_setting_deviations
+
+
+log = logging.getLogger("x2ct_framework.evaluation")
 
 
 def _to(batch: Any, device: torch.device) -> Any:
@@ -137,6 +142,11 @@ def evaluate(target: Target, split: str = "test", protocols: list[str] = ("defau
     rank_proto, rank_metric = ranking(protos)
     rank_key, rank_higher = rank_proto.key(rank_metric), rank_proto.higher_is_better(rank_metric)
     dataset = build_dataset(recipe, stage, split)
+    for proto in protos:  # the x2ctgan protocol outside X2CT-GAN's data setting: said loudly, kept in the results
+        if proto.name == "x2ctgan" and recipe["data"].get("name") == "x2ctgan_h5":
+            for note in x2ctgan_setting_deviations(hu_window, stage.resolution, getattr(dataset, "resize", None)):
+                log.warning("x2ctgan protocol: %s", note)
+                proto.notes.append(note)
     n = len(dataset) if not max_cases else min(max_cases, len(dataset))
     if n == 0:
         raise DataError(f"split {split!r} of {recipe.path} has no cases to evaluate")
@@ -359,7 +369,8 @@ def main(args) -> int:
                   progress=args.progress, lpips=args.lpips)
     for proto in ev.protocols:
         for note in proto.notes:
-            print(f"note ({proto.name}): {note}")
+            loud = note.startswith("NOT X2CT-GAN")
+            print(f"{'WARNING' if loud else 'note'} ({proto.name}): {note}", file=sys.stderr if loud else sys.stdout)
         print(f"\nprotocol {proto.name}:")
         print(metric_table(ev, proto))
     print(f"\n{ev.info['cases']} cases; results in {out}")

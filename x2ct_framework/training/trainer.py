@@ -39,6 +39,7 @@ from x2ct_framework import checkpoint as ckpt
 from x2ct_framework.config.build import (build_dataset, build_losses, build_metrics, build_model, data_options,
                                          load_recipe_plugins, model_options, stages, tracker_init_kwargs)
 from x2ct_framework.config.optim import Schedule, lr_factor, make_optimizer
+from x2ct_framework.datacheck import guard_stored_geometry
 from x2ct_framework.config.recipe import Recipe
 from x2ct_framework.errors import CheckpointError, RecipeError
 from x2ct_framework.plugins import get_plugin_manager
@@ -371,7 +372,9 @@ class Trainer:
         global_batch = batch_size * acc.num_processes * accum
         scale = lr_factor(train["lr_scaling"], global_batch, train["reference_batch"])
         lr, min_lr = opts["lr"] * scale, opts["min_lr"] * scale
-        data = StageData(build_dataset(recipe, stage, "train"), build_dataset(recipe, stage, "val"),
+        train_set = build_dataset(recipe, stage, "train")
+        guard_stored_geometry(train_set)  # stored X-rays must show the CT in the declared geometry
+        data = StageData(train_set, build_dataset(recipe, stage, "val"),
                          batch_size=batch_size, num_workers=train["num_workers"], seed=seed,
                          limit=train["max_steps_per_epoch"] * accum * batch_size * acc.num_processes)
         optimizer = make_optimizer(opts["optimizer"], params, lr, opts["weight_decay"], opts["optimizer_options"],
@@ -386,7 +389,8 @@ class Trainer:
         steps_per_epoch = math.ceil(len(data.train) / accum)
         total_steps = steps_per_epoch * opts["epochs"]
         scheduler = LambdaLR(optimizer.optimizer,
-                             Schedule(total_steps, lr, min_lr, opts["warmup_steps"], opts["scheduler"]))
+                             Schedule(total_steps, lr, min_lr, opts["warmup_steps"], opts["scheduler"],
+                                      steps_per_epoch * opts["constant_epochs"]))
         metric = opts["select_best"]
         known = [f"val/{m}" for m in metrics] + ["val/loss"]
         if metric not in known:
