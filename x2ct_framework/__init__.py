@@ -37,3 +37,13 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted({*globals(), *PLUGIN_API})
+
+
+def load_pretrained(path, device="cpu"):
+    """The model of an exported folder (``x2ct export``), ready for inference; see :mod:`x2ct_framework.export`.
+
+    Not in ``__all__`` (the plugin API's modules): it is the one function a model's user imports."""
+    from x2ct_framework.export import load_pretrained as _load
+
+    return _load(path, device)
+

@@ -51,6 +51,35 @@ def register_metrics(register):
 
 
 @hookspec
+def register_protocols(register):
+    """Register metric protocols (named sets of metrics with fixed conventions).
+
+    ``register(name, factory)``: ``factory(hu_window, **options)`` returns a
+    :class:`x2ct_framework.evaluation.protocols.Protocol` (or a dict ``{metric: callable}``, wrapped
+    into one); every number it gives is keyed ``<name>/<metric>``.
+    """
+
+
+@hookspec
+def register_optimizers(register):
+    """Register optimizers.
+
+    ``register(name, factory)``: ``factory(params, lr=..., weight_decay=..., **options)`` returns a
+    ``torch.optim.Optimizer``; ``options`` come from the stage's ``optimizer_options``.
+    """
+
+
+@hookspec
+def register_schedules(register):
+    """Register learning-rate schedules.
+
+    ``register(name, factory)``: ``factory(total, lr, min_lr, warmup, **options)`` returns a callable
+    ``lr(step) -> float`` for optimizer update ``step`` (0-based) of ``total``; ``options`` come from the
+    stage's ``scheduler_options``.
+    """
+
+
+@hookspec
 def on_stage_start(trainer, stage):
     """Called on every process before the first epoch of a stage."""
 

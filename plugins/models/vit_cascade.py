@@ -88,6 +88,8 @@ class ViTCascade(nn.Module):
         channels_last: run the 3D decoder in channels-last memory format (faster on CPU and GPU).
     """
 
+    uses_prev = True  # refines the previous stage's prediction (checked by testing.check_model)
+
     def __init__(self, *, resolution: int, tokens: int = 24, dim: int = 256, depth: int = 6, heads: int = 4,
                  mlp_ratio: float = 4.0, drop_path: float = 0.0, channels: int = 16, decoder_levels: int = 3,
                  encoder: str = "resnet18", pretrained: bool = False, pretrained_file: str = "",

@@ -14,8 +14,12 @@ from x2ct_framework.config.schema import validate_recipe
 from x2ct_framework.errors import RecipeError
 
 
-def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), validate: bool = True) -> Recipe:
-    """Load, merge, override and validate a recipe file."""
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), validate: bool = True,
+                run_folder: Path | None = None) -> Recipe:
+    """Load, merge, override and validate a recipe file.
+
+    ``run_folder``: the recipe is a run folder's ``recipe.toml`` (data: its plugins are imported only when
+    allowed, see :func:`x2ct_framework.config.build.load_recipe_plugins`)."""
     path = Path(path)
     data, origins = _read_toml(path, [])
     problems = []
@@ -28,6 +32,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), v
     if problems:
         raise RecipeError(problems)
     recipe = Recipe(data=data, path=path.resolve(), origins=origins)
+    recipe.run_folder = run_folder
     if validate:
         validate_recipe(recipe)
     return recipe

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from x2ct_framework.atomic import atomic_folder
 from x2ct_framework.config.build import build_dataset
 from x2ct_framework.loading import load_model, pick_device  # noqa: F401 (re-exported for callers)
 from x2ct_framework.runs import Target, data_options_with_defaults, hu_window_of, resolve_target  # noqa: F401
@@ -128,9 +129,11 @@ def evaluate(target: Target, split: str = "test", protocols: list[str] = ("defau
     recipe, stage = target.recipe, target.stage
     hu_window = hu_window_of(recipe, stage)
     protos = []
+    # Offered to every protocol factory that declares them (the default protocol takes lpips).
+    offered = {"lpips": {"auto": "auto", "on": True, "off": False}[lpips], "resolution": stage.resolution,
+               "seed": recipe["seed"]}
     for name in dict.fromkeys(protocols):
-        opts = {"lpips": {"auto": "auto", "on": True, "off": False}[lpips]} if name == "default" else {}
-        protos.append(build_protocol(name, hu_window, where="--protocol", **opts))
+        protos.append(build_protocol(name, hu_window, where="--protocol", context=offered))
     rank_proto, rank_metric = ranking(protos)
     rank_key, rank_higher = rank_proto.key(rank_metric), rank_proto.higher_is_better(rank_metric)
     dataset = build_dataset(recipe, stage, split)
@@ -185,10 +188,34 @@ def evaluate(target: Target, split: str = "test", protocols: list[str] = ("defau
             "device": str(dev), "bootstrap": n_boot}
     ev = Evaluation(case_ids, values, summary, protos, info, kept=kept)
     if out_dir is not None:
-        if worst:
-            save_worst(ev, Path(out_dir) / "worst", worst)
-        write_outputs(ev, out_dir)
+        write_results_folder(ev, Path(out_dir), worst)
     return ev
+
+
+RESULT_FILES = ("per_case.csv", "summary.json", "summary.md", "worst")
+
+
+def write_results_folder(ev: Evaluation, out: Path, worst: int) -> None:
+    """Write the tables and pictures into a temporary folder and swap it in whole for ``out``, so a
+    killed evaluation never leaves new tables beside old ones. A folder that holds anything else than
+    an earlier evaluation's results is refused rather than replaced."""
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out}: exists and is not a folder; choose a folder for the results")
+    if out.is_dir():
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in RESULT_FILES)
+        if foreign:
+            raise DataError(f"--out {out}: the folder holds other files than evaluation results "
+                            f"({', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}); the results folder is "
+                            f"replaced whole, so choose a new or empty folder")
+    try:
+        with atomic_folder(out) as tmp:
+            if worst:
+                save_worst(ev, tmp / "worst", worst)
+                for w in ev.worst:  # name the pictures where they will be
+                    w["picture"] = str(out / Path(w["picture"]).relative_to(tmp))
+            write_outputs(ev, tmp, final=out)
+    except OSError as exc:
+        raise DataError(f"could not write the evaluation results to {out}: {exc}; nothing there was changed") from exc
 
 
 def save_worst(ev: Evaluation, folder: Path, k: int) -> list[dict[str, Any]]:
@@ -231,9 +258,11 @@ def summary_json(ev: Evaluation) -> dict[str, Any]:
     return out
 
 
-def write_outputs(ev: Evaluation, out_dir: str | Path) -> dict[str, Path]:
+def write_outputs(ev: Evaluation, out_dir: str | Path, final: str | Path | None = None) -> dict[str, Path]:
+    """The tables into ``out_dir``; ``final`` is where the folder will live (for links and ``ev.files``)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    final = Path(final) if final is not None else out
     keys = list(ev.values)
     with (out / "per_case.csv").open("w", newline="") as f:
         w = csv.writer(f)
@@ -241,8 +270,9 @@ def write_outputs(ev: Evaluation, out_dir: str | Path) -> dict[str, Path]:
         for i, cid in enumerate(ev.case_ids):
             w.writerow([cid, *[("" if not np.isfinite(ev.values[k][i]) else f"{ev.values[k][i]:.9g}") for k in keys]])
     (out / "summary.json").write_text(json.dumps(summary_json(ev), indent=2))
-    (out / "summary.md").write_text(markdown(ev, out))
-    ev.files = {"per_case": out / "per_case.csv", "summary_json": out / "summary.json", "summary_md": out / "summary.md"}
+    (out / "summary.md").write_text(markdown(ev, final))
+    ev.files = {"per_case": final / "per_case.csv", "summary_json": final / "summary.json",
+                "summary_md": final / "summary.md"}
     return ev.files
 
 
@@ -319,6 +349,9 @@ def default_out_dir(target: Target, split: str) -> Path:
 
 # ---- command line -----------------------------------------------------------------------------
 def main(args) -> int:
+    from x2ct_framework.plugins import apply_trust_arguments
+
+    apply_trust_arguments(args)
     target = resolve_target(args.checkpoint, args.recipe, args.overrides, args.stage, args.which)
     out = Path(args.out) if args.out else default_out_dir(target, args.split)
     ev = evaluate(target, args.split, args.protocols, batch_size=args.batch_size, device=args.device,

@@ -151,7 +151,7 @@ def write_report(run_dir: str | Path, recipe=None, results: dict | None = None, 
 
     run_dir = Path(run_dir)
     if recipe is None:
-        recipe = load_recipe(run_dir / "recipe.toml")
+        recipe = load_recipe(run_dir / "recipe.toml", run_folder=run_dir)  # data: plugins only when allowed
         load_recipe_plugins(recipe)
     pics = run_dir / PICTURES
     pics.mkdir(parents=True, exist_ok=True)
@@ -212,7 +212,9 @@ def write_report(run_dir: str | Path, recipe=None, results: dict | None = None, 
     # final evaluation
     if evaluate_final and trained:
         lines += final_evaluation(run_dir, recipe, trained[-1], pics, device, failures)
-    (run_dir / REPORT).write_text("\n".join(lines).rstrip() + "\n")
+    from x2ct_framework.atomic import write_text
+
+    write_text(run_dir / REPORT, "\n".join(lines).rstrip() + "\n")
     return run_dir / REPORT
 
 
@@ -288,15 +290,18 @@ def on_run_end(trainer, results):
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
+    from x2ct_framework.plugins import add_trust_arguments, apply_trust_arguments
     from x2ct_framework.run import report_errors
 
     p = argparse.ArgumentParser(prog="python -m x2ct_framework.evaluation.report",
                                 description="write runs/<name>/report.md again")
     p.add_argument("run_dir")
     p.add_argument("--device", default="auto")
+    add_trust_arguments(p)
     args = p.parse_args(argv)
 
     def go(a):
+        apply_trust_arguments(a)
         if not (Path(a.run_dir) / "recipe.toml").is_file():
             from x2ct_framework.errors import DataError
 

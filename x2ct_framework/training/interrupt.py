@@ -1,9 +1,12 @@
 """Stop requests during training: the one place where signals reach the loop.
 
-A signal (Ctrl-C = SIGINT) does not raise inside the loop; it sets :attr:`StopRequest.requested`,
-and the loop stops at its next consistent point (after an optimizer update), saves ``last`` and
-raises ``KeyboardInterrupt``. A second signal raises at once. With several processes the request is
-shared at every optimizer update so that all stop together.
+A signal (Ctrl-C = SIGINT, or SIGTERM, which SLURM and other schedulers send before a preemption or
+at the time limit) does not raise inside the loop; it sets :attr:`StopRequest.requested`, and the
+loop stops at its next consistent point (after an optimizer update), saves ``last`` and raises
+``KeyboardInterrupt``. A second signal raises at once. With several processes the request (and
+which signal it was) is shared at every optimizer update so that all stop together. The command
+line exits with :func:`exit_status`: 130 after Ctrl-C, 143 after SIGTERM. Outside the loop,
+:func:`install_terminate_handler` turns SIGTERM into the same ``KeyboardInterrupt``.
 
 Another signal is handled by naming it in ``SIGNALS`` (with its message); the loop needs no change.
 """
@@ -17,7 +20,37 @@ import threading
 import torch
 from accelerate import Accelerator
 
-SIGNALS: dict[int, str] = {signal.SIGINT: "Ctrl-C"}
+SIGNALS: dict[int, str] = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
+_received: list[int] = []  # the signals that asked this process to stop, in order
+
+
+def received_signal() -> int | None:
+    """The last signal that asked the process to stop (itself or, with several processes, another one)."""
+    return _received[-1] if _received else None
+
+
+def exit_status() -> int:
+    """128 + the signal number: 143 after SIGTERM, 130 after Ctrl-C (and for a KeyboardInterrupt of other origin)."""
+    return 128 + signal.SIGTERM if received_signal() == signal.SIGTERM else 128 + signal.SIGINT
+
+
+def reset_received() -> None:
+    _received.clear()
+
+
+def _terminate(signum, frame) -> None:
+    _received.append(signum)
+    print("\nstopping (SIGTERM)", file=sys.stderr, flush=True)
+    raise KeyboardInterrupt
+
+
+def install_terminate_handler():
+    """Outside the training loop SIGTERM raises ``KeyboardInterrupt`` too (exit status 143), so the
+    command stops through the same clean-up as Ctrl-C (the run folder's lock is released). Returns the
+    previous handler (None when not in the main thread)."""
+    if threading.current_thread() is threading.main_thread():
+        return signal.signal(signal.SIGTERM, _terminate)
+    return None
 
 
 class StopRequest:
@@ -50,9 +83,11 @@ class StopRequest:
         self.uninstall()
 
     def _handler(self, signum, frame) -> None:
+        _received.append(signum)
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
+        self.signum = signum
         name = self.signals.get(signum, f"signal {signum}")
         print(f"\nstopping at the next optimizer update ({name} again to stop at once)", file=sys.stderr, flush=True)
 
@@ -62,6 +97,11 @@ class StopRequest:
             return self.requested
         if not acc.sync_gradients:
             return False
-        flag = torch.tensor([float(self.requested)], device=acc.device)
+        # the flag carries the signal number, so every process learns that it was SIGTERM (15 > 2)
+        flag = torch.tensor([float(getattr(self, "signum", signal.SIGINT) if self.requested else 0)],
+                            device=acc.device)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return bool(flag.item())
+        signum = int(flag.item())
+        if signum and not self.requested:
+            _received.append(signum)
+        return bool(signum)

@@ -34,31 +34,29 @@ from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
-from x2ct_framework import __version__
+from x2ct_framework import __version__, atomic
 from x2ct_framework import checkpoint as ckpt
-from x2ct_framework.config.build import (build_dataset, build_losses, build_metrics, build_model, load_recipe_plugins,
-                                         model_options, stages)
+from x2ct_framework.config.build import (build_dataset, build_losses, build_metrics, build_model, data_options,
+                                         load_recipe_plugins, model_options, stages, tracker_init_kwargs)
 from x2ct_framework.config.optim import Schedule, lr_factor, make_optimizer
 from x2ct_framework.config.recipe import Recipe
-from x2ct_framework.errors import CheckpointError, RecipeError, X2CTError
+from x2ct_framework.errors import CheckpointError, RecipeError
 from x2ct_framework.plugins import get_plugin_manager
 from x2ct_framework.stage import Stage
 from x2ct_framework.training.cascade import PreviousStages, previous_stages
 from x2ct_framework.training.compile import compile_model
 from x2ct_framework.training.critics import Critics
+from x2ct_framework.training.guards import TrainingDiverged, check_batch, check_trained, check_validation, last_good
 from x2ct_framework.training.interrupt import StopRequest
 from x2ct_framework.training.logbook import Logbook
 from x2ct_framework.training.objective import Objective
 from x2ct_framework.training.precision import apply_launcher_precision
+from x2ct_framework.training.recipe_diff import keep_current_settings, optimizer_settings
+from x2ct_framework.training.runfolder import RunFolder
 from x2ct_framework.training.sampling import StageData, rng_state
+from x2ct_framework.training.scaleout import check_distributed
 from x2ct_framework.training.state import EMA, Best, StageState, SyncPoint, best_mode
 from x2ct_framework.viz import save_preview
-
-
-class TrainingDiverged(X2CTError):
-    """Too many non-finite losses or gradients in a stage; the last good checkpoint is kept."""
-
-    exit_code = 3
 
 
 def flat_config(data: Any, prefix: str = "") -> dict[str, Any]:
@@ -99,10 +97,13 @@ def trainable_parameters(model: torch.nn.Module, prefixes: list[str], where: str
 class Trainer:
     """Runs the recipe's stages in order; each stage starts from the previous stage's best."""
 
-    def __init__(self, recipe: Recipe, accelerator: Accelerator | None = None, resume: bool = False):
+    def __init__(self, recipe: Recipe, accelerator: Accelerator | None = None, resume: bool = False,
+                 overwrite: bool = False, allow_changes: list[str] | tuple[str, ...] = ()):
         self.recipe, self.resume = recipe, resume
         train = recipe["train"]
         self.run_dir = Path(recipe["output_dir"]) / recipe.name
+        self.folder = RunFolder(self.run_dir, Path(recipe["output_dir"]), resume=resume, overwrite=overwrite,
+                                recipe=recipe, allow_changes=allow_changes)
         trackers = [t for t in train["trackers"] if t != "none"]
         launcher_note = apply_launcher_precision(recipe) if accelerator is None else None
         _allow_new_precision(train["mixed_precision"])
@@ -111,11 +112,13 @@ class Trainer:
             gradient_accumulation_steps=train["grad_accum"], mixed_precision=train["mixed_precision"],
             cpu=not torch.cuda.is_available(), log_with=trackers or None, rng_types=[],
             project_config=ProjectConfiguration(project_dir=str(self.run_dir), logging_dir=str(self.run_dir / "logs")))
+        check_distributed(self.accelerator)  # FSDP / DeepSpeed are refused (see training/scaleout.py)
         self.trackers = bool(trackers) and accelerator is None
         self.pm = get_plugin_manager()
         if launcher_note:
             self.print(launcher_note)
         load_recipe_plugins(recipe)
+        self.pm.load_entry_points()  # the end-of-run hooks (report) also when every stage is skipped on --resume
         self.model: torch.nn.Module | None = None  # the stage's unwrapped model, for hooks
         self.previous: PreviousStages | None = None  # the frozen earlier stages of a cascading stage
         self.state: StageState | None = None  # the stage in progress (model, optimizer, progress, ...)
@@ -134,25 +137,33 @@ class Trainer:
         if not self.is_main:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "recipe.toml").write_text(self.recipe.to_run_toml())
+        atomic.write_text(self.run_dir / "recipe.toml", self.recipe.to_run_toml())  # temporary name, then rename
         acc = self.accelerator
         self.pm.load_entry_points()  # loaded lazily: make sure "plugins" lists the installed ones too
         env = {"x2ct_framework": __version__, "python": sys.version.split()[0], "torch": torch.__version__,
                "platform": platform.platform(), "processes": acc.num_processes,
                "distributed": str(acc.distributed_type), "device": str(acc.device),
                "mixed_precision": acc.mixed_precision, "plugins": dict(self.pm.distributions)}
-        (self.run_dir / "environment.json").write_text(json.dumps(env, indent=2))
+        atomic.write_text(self.run_dir / "environment.json", json.dumps(env, indent=2))
 
     # ---- the run: stages in order --------------------------------------------------------------
     def run(self) -> dict[str, Any]:
+        self.folder.open(self.accelerator)  # checked, locked, surveyed (see training/runfolder.py)
+        try:
+            return self._run()
+        finally:
+            self.folder.close()
+
+    def _run(self) -> dict[str, Any]:
         recipe, train = self.recipe, self.recipe["train"]
         # recipe.toml describes the folder's checkpoints (evaluate rebuilds the model from it): over
         # existing ones it is rewritten only with this run's first checkpoint, so a run that fails early
         # leaves the folder as it was.
-        if not any(ckpt.exists(p) for p in self.run_dir.glob("*/last")):
+        if not self.folder.occupied:
             self.write_run_info()
         if self.trackers:
-            self.accelerator.init_trackers(recipe.name, config=flat_config(recipe.data))
+            self.accelerator.init_trackers(recipe.name, config=flat_config(recipe.data),
+                                           init_kwargs=tracker_init_kwargs(recipe))
         all_stages = stages(recipe)
         start = train["start_stage"]
         prev_best = self._first_init(all_stages, start)
@@ -232,6 +243,8 @@ class Trainer:
                 self.save_interrupted(st)
                 raise
         st.bar.close()
+        if st.epoch >= opts["epochs"] and resume_from is not None and not ckpt.load_state(resume_from).get("complete"):
+            self.save_checkpoints(st, complete=True, best=False, periodic=False)  # resumed with fewer epochs
         acc.wait_for_everyone()
         if self.is_main:
             st.logbook.write_csv()
@@ -259,6 +272,7 @@ class Trainer:
     def train_step(self, st: StageState, batch: dict) -> None:
         """One micro-batch: predict -> objective -> backward; every ``grad_accum`` of them, an update."""
         acc = self.accelerator
+        check_batch(batch, lambda: data_options(self.recipe, st.stage)["name"], "train")
         st.batch_in_epoch += 1
         with acc.accumulate(st.model):
             st.critics.freeze()  # the model's objective reaches the critics' input only
@@ -318,9 +332,12 @@ class Trainer:
         st.sync_point = SyncPoint()
         done = st.epoch
         improved = False
+        last = last_good(self.run_dir / stage.name / "last")
+        check_trained(stage.name, {"step": st.step, "nonfinite": st.nonfinite}, last)  # no best from an untrained model
         if done % opts["val_every"] == 0 or done == opts["epochs"]:
             with st.clock.timing("validate"):
                 st.validation = self.validate(st)
+            check_validation(stage.name, st.validation, st.best.metric, last)
             self.log(st, {"kind": "val", "stage": stage.name, "epoch": done, "step": st.step, **st.validation})
             self.pm.hook.on_validation_end(trainer=self, stage=stage, epoch=done - 1, metrics=st.validation)
             improved = st.best.improved(st.validation.get(st.best.metric), done)
@@ -382,12 +399,17 @@ class Trainer:
         st.logbook = Logbook(stage_dir)
         self.model, self.state = acc.unwrap_model(model), st
 
+        if resume_from is None:
+            self.folder.before_fresh_stage(stage.name)  # never over checkpoints this run did not write
         if resume_from is not None:
             saved = ckpt.load_state(resume_from).get("resolution", stage.resolution)
             if saved != stage.resolution:
                 raise CheckpointError(f"cannot resume {stage.name} from {resume_from}: it was trained at {saved}^3 and "
                                       f"the recipe now says {stage.resolution}^3 ({where('resolution')})")
+            settings = optimizer_settings(st.optimizer)
             st.restore(resume_from)
+            keep_current_settings(st.optimizer, st.scheduler, settings,  # what is logged is what is used
+                                  Schedule(total_steps, lr, min_lr, opts["warmup_steps"], opts["scheduler"]))
             self.print(f"[{stage.name}] resuming from {resume_from}: epoch {st.epoch} of {opts['epochs']}, "
                        f"step {st.step} of {total_steps}")
             if self.is_main:
@@ -469,6 +491,7 @@ class Trainer:
         loss_n = torch.zeros((), dtype=torch.float64, device=acc.device)
         first = None
         for batch in st.data.val:
+            check_batch(batch, lambda: data_options(self.recipe, st.stage)["name"], "val")
             with acc.autocast():
                 pred = self.predict(model, batch).float()
                 loss, _ = st.objective(pred, batch, epoch=epoch - 1)
