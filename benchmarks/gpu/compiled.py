@@ -40,7 +40,7 @@ MODELS = {
 }
 QUICK = {"vit_cascade": {"options": {"tokens": 4, "dim": 32, "depth": 1, "heads": 2, "channels": 4,
                                      "encoder": "test_resnet"}, "resolution": 16, "image": 16},
-         "x2ctgan": {"options": {}, "resolution": 16, "image": 16}}
+         "x2ctgan": {"options": {"image_size": 64}, "resolution": 16, "image": 16}}  # image_size >= 64
 
 
 def timed(fn, sync, repeat: int, warmup: int = 1) -> float:

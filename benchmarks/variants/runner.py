@@ -430,7 +430,12 @@ def run_matrix(matrix: Matrix, out: Path | None = None, *, only: list[str] | Non
                     job = jobs.get_nowait()
                 except queue.Empty:
                     return
-                one(job, slot)
+                try:
+                    one(job, slot)
+                except Exception as exc:  # noqa: BLE001 - a thread must not drop a job without a word
+                    with lock:
+                        status["failed"][job.name] = f"{type(exc).__name__}: {exc}"
+                        log(f"  {job.name}: FAILED in slot {slot.index}: {type(exc).__name__}: {exc}")
 
         threads = [threading.Thread(target=worker, args=(s,), name=f"matrix-slot-{s.index}") for s in slots]
         for t in threads:
