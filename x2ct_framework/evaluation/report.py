@@ -271,6 +271,8 @@ def final_evaluation(run_dir: Path, recipe, stage, pics: Path, device, failures:
 @hookimpl(trylast=True)
 def on_run_end(trainer, results):
     """Write runs/<name>/report.md after the last stage (main process only)."""
+    from x2ct_framework.plugins import plugin_file
+
     recipe = trainer.recipe
     if not recipe["eval"]["report"]:
         return
@@ -284,7 +286,9 @@ def on_run_end(trainer, results):
         raise FinalEvaluationError(
             f"training finished and its checkpoints are saved in {run_dir}, but the final evaluation on the "
             f"{recipe['eval']['split']} split failed: {failures[0]}\nFix that, then score the run and rewrite its "
-            f"report with:\n  python -m x2ct_framework.evaluation.report {run_dir}")
+            f"report with:\n  python -m x2ct_framework.evaluation.report {run_dir}"
+            + (" --plugins " + " ".join(str(plugin_file(p, recipe.plugins_dir) or p) for p in recipe["plugins"])
+               if recipe["plugins"] else ""))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -232,6 +232,7 @@ class Trainer:
         self.pm.hook.on_stage_start(trainer=self, stage=stage)
         st.bar = tqdm(total=st.total_steps, initial=st.step, desc=stage.name, dynamic_ncols=True,
                       disable=not (self.is_main and self.recipe["train"]["progress"]))
+        first_epoch = st.epoch
         with StopRequest() as stop:
             try:
                 for _ in range(st.epoch, opts["epochs"]):
@@ -244,8 +245,8 @@ class Trainer:
                 self.save_interrupted(st)
                 raise
         st.bar.close()
-        if st.epoch >= opts["epochs"] and resume_from is not None and not ckpt.load_state(resume_from).get("complete"):
-            self.save_checkpoints(st, complete=True, best=False, periodic=False)  # resumed with fewer epochs
+        if resume_from is not None and first_epoch >= opts["epochs"]:  # resumed with fewer epochs than were done:
+            self.save_checkpoints(st, complete=True, best=False, periodic=False)  # mark the stage complete
         acc.wait_for_everyone()
         if self.is_main:
             st.logbook.write_csv()
