@@ -1,6 +1,6 @@
 # Two commands do all the set-up on a fresh machine:
 #   make demo   - create .venv (when missing), install, run the CPU quick start
-#   make test   - create .venv (when missing), install, run the test suite
+#   make test   - create .venv (when missing), install, lint (ruff), run the test suite
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -20,6 +20,7 @@ demo: $(STAMP)
 	$(PY) -m x2ct_framework.run recipes/quickstart.toml
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest tests
 
 bench: $(STAMP)

@@ -201,7 +201,8 @@ def test_two_cell_matrix_tables_and_resume(tmp_path):
     changed = V.load_matrix(write(tmp_path, MATRIX.replace("gradient=0.15", "gradient=0.3")))
     V.write_tables(changed, out, plot=False)
     md = (out / "matrix.md").read_text()
-    assert "Not counted (made by an earlier definition of their cell; the next run redoes them): grad-s0, grad-s1." in md
+    assert ("Not counted (made by an earlier definition of their cell; the next run redoes them): "
+            "grad-s0, grad-s1.") in md
     assert list(csv.DictReader((out / "matrix.csv").open()))[1]["seeds"] == "0"
     assert "3 finished earlier, 1 to run" in logs[-2]
 
@@ -229,7 +230,8 @@ def test_shipped_matrices_resolve(preset, tmp_path):
     assert stage["epochs20"]["epochs"] * 5 == stage["baseline"]["epochs"] == m.budget["epochs"]
     assert recipes["tokens32"]["model"]["tokens"] > recipes["baseline"]["model"]["tokens"]
     assert [len(recipes[n]["data"]["views"]) for n in ("baseline", "views4", "views8")] == [2, 4, 8]
-    assert {"bone", "vessel"} <= set(stage["bone_vessel"]["losses"]) and "landmark" not in stage["bone_vessel"]["losses"]
+    assert {"bone", "vessel"} <= set(stage["bone_vessel"]["losses"])
+    assert "landmark" not in stage["bone_vessel"]["losses"]
     assert "landmark" in stage["landmark"]["losses"] and "bone" not in stage["landmark"]["losses"]
     assert "reprojection" in stage["reprojection"]["losses"] and "adversarial" in stage["adversarial"]["losses"]
     assert recipes["cnn_baseline"]["model"]["name"] == "cnn_baseline"

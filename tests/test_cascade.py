@@ -106,7 +106,7 @@ def test_a_cascading_stage_trains_and_is_scored_with_the_previous_stage_predicti
 
 
 def test_a_one_stage_recipe_cascades_from_the_run_that_made_its_init_checkpoint(tmp_path, spy):
-    """The seed's stage2_extended pattern: one stage, train.init_from = runs/stage1/stage1/best."""
+    """The user's plan's stage2_extended pattern: one stage, train.init_from = runs/stage1/stage1/best."""
     first = TWO_STAGES[:TWO_STAGES.index("[[stages]]\nname = \"stage2\"")]
     Trainer(load_recipe(write(tmp_path, first, "s1"))).run()
     second = TWO_STAGES.replace('[[stages]]\nname = "stage1"\nresolution = 8\nepochs = 1\nlr = 1e-3\n'

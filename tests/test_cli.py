@@ -78,7 +78,8 @@ def test_two_process_cpu_run_under_accelerate(tiny_recipe, tmp_path):
          "--set", "train.batch_size=1", "--set", "stages.1.epochs=2"],
         capture_output=True, text=True, env=run_env(), timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr
-    rows = [json.loads(line) for line in (tmp_path / "runs" / "tiny" / "stage1" / "metrics.jsonl").read_text().splitlines()]
+    log = tmp_path / "runs" / "tiny" / "stage1" / "metrics.jsonl"
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
     steps = [r["step"] for r in rows if "train/loss" in r]
     assert steps == [1, 2, 3, 4]
     assert "global batch 2" in out.stdout

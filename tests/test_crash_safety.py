@@ -54,7 +54,7 @@ lr = 1e-3
 losses = {{ l1 = 1.0 }}
 """
 EPOCHS, STEPS_PER_EPOCH = 4, 2
-ROWS = EPOCHS * (STEPS_PER_EPOCH + 1)  # metrics.jsonl: a row per step and one per validation
+ROWS = EPOCHS * (STEPS_PER_EPOCH + 2)  # metrics.jsonl: a row per step, one per validation, one per epoch (timing)
 
 # Runs the trainer in a child process that SIGKILLs itself at a chosen moment of a checkpoint write:
 #   weights-half-written: half of model.safetensors of the second `last` is on disk;

@@ -94,7 +94,8 @@ def test_nifti_and_npy_images(tmp_path):
 @pytest.mark.parametrize("make, words", [
     (lambda p: None, ["not found"]),
     (lambda p: p.write_bytes(b"\x89PNG\r\n\x1a\n broken"), ["could not read the X-ray image"]),
-    (lambda p: np.save(p.with_suffix(".npy"), np.zeros((3, 4, 5))), ["expected a 2D grey-level X-ray image", "(3, 4, 5)"]),
+    (lambda p: np.save(p.with_suffix(".npy"), np.zeros((3, 4, 5))),
+     ["expected a 2D grey-level X-ray image", "(3, 4, 5)"]),
 ])
 def test_bad_xray_files(tmp_path, make, words):
     path = tmp_path / "img.png"

@@ -112,7 +112,8 @@ def test_vessel_loss_weights_errors_on_vessels():
     labels = (tube * 4).to(torch.uint8)[None, None]
     labelled = make("vessel")
     assert labelled(on_plate, target, {"labels": labels}).item() == 0.0
-    assert labelled(on_tube, target, {"labels": labels}).item() == pytest.approx(0.05 * 16 / tube.sum().item(), rel=1e-4)
+    assert labelled(on_tube, target, {"labels": labels}).item() == pytest.approx(0.05 * 16 / tube.sum().item(),
+                                                                                 rel=1e-4)
     with_base = make("vessel", base_weight=1.0)
     assert 0 < with_base(on_plate, target, {"labels": labels}).item() < 0.05
 
@@ -132,7 +133,8 @@ def test_landmark_bone_slabs_measure_a_shift_in_millimetres():
     assert loss(pred, target, {"spacing": spacing}).item() == pytest.approx(3.0, rel=1e-3)  # 2 voxels x 1.5 mm
     assert loss(pred, target, {}).item() == pytest.approx(2.0, rel=1e-3)  # 1 mm when spacing is absent
     # slabs without bone in the target are skipped, not counted as zero
-    assert make("landmark", slabs=16, eps=1e-8)(pred, target, {"spacing": spacing}).item() == pytest.approx(3.0, rel=1e-3)
+    value = make("landmark", slabs=16, eps=1e-8)(pred, target, {"spacing": spacing}).item()
+    assert value == pytest.approx(3.0, rel=1e-3)
 
 
 def test_landmark_uses_labelled_structures_when_present():

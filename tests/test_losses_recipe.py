@@ -1,4 +1,4 @@
-"""Losses inside real runs: the seed's stage-2 loss end to end, recipe errors, and adversarial training."""
+"""Losses inside real runs: the stage-2 loss of the user's plan end to end, recipe errors, and adversarial training."""
 
 import json
 

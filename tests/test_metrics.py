@@ -10,11 +10,11 @@ import torch
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from x2ct_framework.errors import DataError, PluginError, RecipeError
-from x2ct_framework.evaluation.metrics import (LABELS, LPIPS, MAE, PSNR, RMSE, SSIM, Cosine, LandmarkDistance, StructureMetric,
-                                    load_lpips, to_hu)
+from x2ct_framework.evaluation.metrics import (LABELS, LPIPS, MAE, PSNR, RMSE, SSIM, Cosine, LandmarkDistance,
+                                               StructureMetric, load_lpips, to_hu)
 from x2ct_framework.plugins import get_plugin_manager
-from x2ct_framework.evaluation.protocols import (PROTOCOL_NAMES, X2CTGANMetric, build_protocol, check_names, to_x2ctgan01,
-                                      x2ctgan_integers)
+from x2ct_framework.evaluation.protocols import (PROTOCOL_NAMES, X2CTGANMetric, build_protocol, check_names,
+                                                 to_x2ctgan01, x2ctgan_integers)
 
 HU = (-1000.0, 3000.0)
 
@@ -27,7 +27,7 @@ def _pair(shape=(2, 1, 16, 18, 20), seed=0):
 
 
 def _phantom(n=24, seed=3):
-    from x2ct_plugins.datasets.synthetic_phantom import phantom_hu
+    from x2ct_framework.phantom import toy_chest as phantom_hu
 
     hu, labels = phantom_hu(n, seed)
     return hu, labels
@@ -324,7 +324,8 @@ def test_every_number_carries_the_protocol_name():
     hu, labels = _phantom(16)
     t = _to01(hu)[None, None].float()
     for name in PROTOCOL_NAMES:
-        out = build_protocol(name, HU, **({"lpips": False} if name == "default" else {}))(t, t, {"labels": labels[None, None]})
+        proto = build_protocol(name, HU, **({"lpips": False} if name == "default" else {}))
+        out = proto(t, t, {"labels": labels[None, None]})
         assert out and all(k.startswith(f"{name}/") for k in out)
     default = build_protocol("default", HU, lpips=False)(t, t, {"labels": labels[None, None]})
     assert set(f"default/{s}_{k}" for s in LABELS for k in ("psnr", "mae", "dice")) <= set(default)

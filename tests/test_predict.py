@@ -139,7 +139,8 @@ def test_geometry_file_orders_the_views_by_files(echo_run, tmp_path):
     case = _case(tmp_path / "case", geometry='views = [0, 90]\nfiles = ["view1.png", "view0.png"]\n')
     predict(resolve_target(echo_run), [case], tmp_path / "out", progress=False, allow_geometry_mismatch=False)
     seen = _echo().CALLS[-1]["xrays"][0]
-    assert torch.allclose(seen[0], read_xray(case / "view1.png")) and torch.allclose(seen[1], read_xray(case / "view0.png"))
+    assert torch.allclose(seen[0], read_xray(case / "view1.png"))
+    assert torch.allclose(seen[1], read_xray(case / "view0.png"))
     (case / "geometry.toml").write_text('views = [0, 90]\nfiles = ["view1.png", "pa.png"]\n')
     with pytest.raises(DataError, match="files lists image.*pa.png"):
         predict(resolve_target(echo_run), [case], tmp_path / "out2", progress=False)

@@ -81,7 +81,8 @@ def test_every_problem_is_reported_at_once_with_file_and_key(tmp_path):
     ('[eval]\npreview = "yes"', "eval -> preview: expected true or false, got 'yes'"),
     ("[[stages]]\nresolution = 16\nepochs = 1\nlr = -1.0", "stages -> 2 -> lr: expected a positive number"),
     ("[[stages]]\nepochs = 1", "stages -> 2 -> resolution: required key is missing"),
-    ("[[stages]]\nresolution = 8\nepochs = 1\nlosses = { l1 = -1 }", "stages -> 2 -> losses -> l1 -> weight: expected a number >= 0"),
+    ("[[stages]]\nresolution = 8\nepochs = 1\nlosses = { l1 = -1 }",
+     "stages -> 2 -> losses -> l1 -> weight: expected a number >= 0"),
     ('[[stages]]\nresolution = 8\nepochs = 1\nlosses = { l1 = "x" }', "stages -> 2 -> losses -> l1: expected a weight"),
 ])
 def test_wrong_values(tmp_path, text, expected):

@@ -1,4 +1,4 @@
-"""Every recipe in recipes/ and recipes/variants/ builds (``x2ct validate``), and the seed's numbers hold."""
+"""Every recipe in recipes/ and recipes/variants/ builds (``x2ct validate``); the user's plan's numbers hold."""
 
 from __future__ import annotations
 

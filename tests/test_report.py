@@ -11,6 +11,7 @@ from test_predict import ECHO_MODEL, ECHO_PLUGIN
 from x2ct_framework.evaluation import report
 from x2ct_framework.config.recipe import load_recipe
 from x2ct_framework.run import main as run_main
+from x2ct_framework.training.logbook import Logbook
 
 LINK = re.compile(r"!\[[^\]]*\]\(([^)]+)\)|\]\(([^)]+\.(?:csv|json))\)")
 
@@ -38,7 +39,8 @@ def test_a_run_ends_with_a_readable_report(tiny_recipe, tmp_path):
     for proto, body in summary["protocols"].items():
         for metric, s in body["metrics"].items():
             if s["group"] != "structure":
-                assert f"| `{proto}/{metric}` | {s['mean']:.4g} |" in md or f"| `{proto}/{metric}` | {s['mean']:.1f} |" in md
+                assert (f"| `{proto}/{metric}` | {s['mean']:.4g} |" in md
+                        or f"| `{proto}/{metric}` | {s['mean']:.1f} |" in md)
     assert "| lung |" in md and "`default/*_dice`" in md
     # the pictures and files it links exist, as PNGs, relative to the run folder
     links = _links(md)
@@ -70,12 +72,16 @@ def test_report_plugin_respects_eval_report_false(tmp_path):
 def test_curves_are_drawn_when_the_trainer_did_not(tmp_path):
     rows = [{"kind": "train", "epoch": 1, "step": s, "train/loss": 1.0 / s, "train/l1": 0.5 / s} for s in (1, 2, 3)]
     rows += [{"kind": "val", "epoch": e, "step": 3 * e, "val/psnr": 20.0 + e} for e in (1, 2)]
-    path = report.plot_curves(rows, tmp_path / "c.png", "stage1")
+    book = Logbook(tmp_path / "stage1")  # the report draws from the trainer's own log
+    for row in rows:
+        book.append(row)
+    path = report.plot_curves(book, tmp_path / "c.png", "stage1")
     assert path is not None and path.read_bytes()[:4] == b"\x89PNG"
-    assert report.plot_curves([], tmp_path / "d.png", "none") is None
-    assert report.read_jsonl(tmp_path / "missing.jsonl") == []
-    (tmp_path / "m.jsonl").write_text('{"step": 1}\n{"step": 2, "cut by a cra')
-    assert report.read_jsonl(tmp_path / "m.jsonl") == [{"step": 1}]
+    assert report.plot_curves(Logbook(tmp_path / "none"), tmp_path / "d.png", "none") is None
+    assert Logbook(tmp_path / "missing").rows() == []
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2, "cut by a cra')
+    assert Logbook(tmp_path / "m").rows() == [{"step": 1}]
 
 
 

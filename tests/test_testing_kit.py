@@ -191,6 +191,8 @@ def test_check_loss_reports_every_broken_check_at_once():
 
 # ---- broken models ----------------------------------------------------------------------------------------
 class TinyModel(nn.Module):
+    uses_geometry = False  # by design: the volume is a function of the mean image only
+
     def __init__(self, resolution=R, mode="ok"):
         super().__init__()
         self.r, self.mode = resolution, mode
@@ -227,7 +229,7 @@ def test_check_model_catches(mode, broken):
 
 def test_check_model_passes_the_tiny_model_and_restores_its_mode():
     model = TinyModel().eval()
-    assert len(check_model(model, resolution=R)) == 8
+    assert len(check_model(model, resolution=R)) == 10  # 8 + the X-ray gradient + every view
     assert not model.training and all(p.grad is None for p in model.parameters())
 
 

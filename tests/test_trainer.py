@@ -16,7 +16,8 @@ from x2ct_framework.hookspecs import hookimpl
 from x2ct_framework.plugins import get_plugin_manager, reset_plugin_manager
 from x2ct_framework.config.recipe import load_recipe
 from x2ct_framework.run import main as run_main
-from x2ct_framework.training.trainer import EpochSampler, Trainer
+from x2ct_framework.training.sampling import EpochSampler
+from x2ct_framework.training.trainer import Trainer
 
 
 @pytest.fixture(autouse=True)
@@ -241,12 +242,69 @@ def test_best_in_min_mode_and_validation_every_n_epochs(tiny, tmp_path, scripted
         ["epoch0002.png", "epoch0004.png", "epoch0005.png"]
 
 
-def test_best_mode_is_inferred_from_the_metric_name():
-    from x2ct_framework.training.trainer import best_mode
+def test_best_mode_auto_reads_the_metrics_direction():
+    from x2ct_framework.evaluation.metrics import LPIPS
+    from x2ct_framework.training.state import best_mode
 
-    assert best_mode("val/psnr", "auto") == "max" and best_mode("val/ssim", "auto") == "max"
-    assert best_mode("val/loss", "auto") == "min" and best_mode("val/mae_hu", "auto") == "min"
-    assert best_mode("val/lpips", "auto") == "min" and best_mode("val/loss", "max") == "max"
+    reg = get_plugin_manager().registry("metric")
+    metrics = {name: reg.create(name, {}, where="test") for name in ("psnr", "ssim", "mae_hu", "landmark_mm")}
+    metrics["lpips"] = LPIPS  # its class attribute: an instance would load a backbone
+    assert best_mode("val/psnr", "auto", metrics) == "max" and best_mode("val/ssim", "auto", metrics) == "max"
+    assert best_mode("val/loss", "auto", metrics) == "min" and best_mode("val/mae_hu", "auto", metrics) == "min"
+    assert best_mode("val/lpips", "auto", metrics) == "min" and best_mode("val/loss", "max", metrics) == "max"
+    assert best_mode("val/landmark_mm", "auto", metrics) == "min"
+
+    class ErrorBars:  # the direction comes from the metric, not from words in its name
+        higher_is_better = True
+
+    assert best_mode("val/error_bars", "auto", {"error_bars": ErrorBars()}) == "max"
+    assert best_mode("val/error_bars", "min", {"error_bars": ErrorBars()}) == "min"
+
+
+def test_select_best_landmark_mm_keeps_the_minimum(tiny_recipe, tmp_path):
+    """The contract: with best_mode = "auto", a lower-is-better metric's best checkpoint is its minimum."""
+    train(tiny_recipe, "stages.1.epochs=3", "train.max_steps_per_epoch=1", "eval.metrics=[\"landmark_mm\"]",
+          "eval.report=false", "eval.preview=false", "stages.1.select_best=\"val/landmark_mm\"")
+    values = {r["epoch"]: r["val/landmark_mm"] for r in rows(tmp_path / "runs/tiny") if r["kind"] == "val"}
+    assert len(values) == 3 and all(math.isfinite(v) for v in values.values())
+    assert len(set(values.values())) > 1, values  # otherwise min and max would pick the same epoch
+    best = ckpt.load_state(tmp_path / "runs/tiny/stage1/best")
+    assert best["best"]["mode"] == "min"
+    assert best["epoch"] == min(values, key=values.get) and best["best"]["value"] == min(values.values())
+
+
+def test_step_and_validation_hooks_and_the_epoch_timing_columns(tiny, tmp_path):
+    """2 updates an epoch (batch 1 x grad_accum 2 over 4 cases), 3 epochs, validation at epochs 2 and 3."""
+    class Recorder:
+        def __init__(self):
+            self.steps, self.validations = [], []
+
+        @hookimpl
+        def on_train_step_end(self, trainer, stage, step, metrics):
+            self.steps.append((stage.name, step, dict(metrics), trainer.state.step))
+
+        @hookimpl
+        def on_validation_end(self, trainer, stage, epoch, metrics):
+            self.validations.append((epoch, dict(metrics)))
+
+    rec = Recorder()
+    get_plugin_manager().register_object(rec, "recorder-test")
+    train(tiny, "stages.1.epochs=3", "stages.1.val_every=2", "train.batch_size=1", "train.grad_accum=2",
+          "train.log_every=2")
+    log = rows(tmp_path / "runs/tiny")
+    assert [(name, step, now) for name, step, _, now in rec.steps] == [("stage1", s, s) for s in range(1, 7)]
+    assert all({"lr", "train/loss", "train/l1", "train/grad_norm"} <= set(m) for _, _, m, _ in rec.steps)
+    for row in (r for r in log if r["kind"] == "train"):  # a row averages the updates since the previous one
+        updates = [m for _, step, m, _ in rec.steps if row["step"] - 2 < step <= row["step"]]
+        assert row["lr"] == updates[-1]["lr"]
+        assert row["train/loss"] == pytest.approx(sum(m["train/loss"] for m in updates) / 2, rel=1e-12)
+    val = [r for r in log if r["kind"] == "val"]
+    assert [e for e, _ in rec.validations] == [1, 2] and [r["epoch"] for r in val] == [2, 3]
+    assert [m for _, m in rec.validations] == [{k: v for k, v in r.items() if k.startswith("val/")} for r in val]
+    epochs = [r for r in log if r["kind"] == "epoch"]
+    assert [(r["epoch"], r["step"]) for r in epochs] == [(1, 2), (2, 4), (3, 6)]
+    assert all(r["time/train_s"] > 0 and r["time/save_s"] > 0 for r in epochs)
+    assert [r["time/validate_s"] > 0 for r in epochs] == [False, True, True]
 
 
 def test_select_best_must_be_measured(tiny, capsys):
@@ -407,6 +465,9 @@ def test_run_folder_recipe_finds_a_local_plugin_file_from_anywhere(tiny, tmp_pat
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
     reset_plugin_manager()
+    from x2ct_framework.plugins import get_plugin_manager
+
+    get_plugin_manager().trust_run_plugins = True  # a run folder's plugins load only when trusted (--trust-run-plugins)
     from x2ct_framework.evaluation.evaluate import evaluate, resolve_target
     ev = evaluate(resolve_target(tmp_path / "runs/tiny"), split="val", protocols=["default"], n_boot=10, worst=0,
                   progress=False)

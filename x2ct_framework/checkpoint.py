@@ -25,8 +25,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from x2ct_framework.atomic import follow_umask
 from x2ct_framework.errors import CheckpointError
 
 WEIGHTS = "model.safetensors"
@@ -112,6 +114,7 @@ def save_checkpoint(folder: str | Path, model: torch.nn.Module | dict[str, torch
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
+        follow_umask(tmp, 0o777)
         save_file(_weights(model), str(tmp / WEIGHTS))
         files = [tmp / WEIGHTS]
         if trainer_state is not None:
@@ -123,15 +126,17 @@ def save_checkpoint(folder: str | Path, model: torch.nn.Module | dict[str, torch
         state = dict(state, sha256={f.name: _sha256(f) for f in files})
         (tmp / STATE).write_text(json.dumps(state, indent=2, default=str))
         files.append(tmp / STATE)
+        for f in files:  # safetensors creates its files 0600: give every file the mode the umask says
+            follow_umask(f)
         if FSYNC:
             for f in files:
                 _fsync(f)
-    except OSError as exc:  # disk full, permissions: keep the previous checkpoint, say so
+    except (OSError, SafetensorError) as exc:  # disk full, permissions: keep the previous checkpoint, say so
         _write_failed(folder, tmp, exc)
     return _install(tmp, folder)
 
 
-def _write_failed(folder: Path, tmp: Path, exc: OSError) -> None:
+def _write_failed(folder: Path, tmp: Path, exc: Exception) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     kept = f"; the previous checkpoint {resolve(folder)} is intact" if exists(folder) else ""
     raise CheckpointError(f"could not write checkpoint {folder}: {exc}{kept}") from exc

@@ -51,8 +51,51 @@ def register_metrics(register):
 
 
 @hookspec
+def register_protocols(register):
+    """Register metric protocols (named sets of metrics with fixed conventions).
+
+    ``register(name, factory)``: ``factory(hu_window, **options)`` returns a
+    :class:`x2ct_framework.evaluation.protocols.Protocol` (or a dict ``{metric: callable}``, wrapped
+    into one); every number it gives is keyed ``<name>/<metric>``.
+    """
+
+
+@hookspec
+def register_optimizers(register):
+    """Register optimizers.
+
+    ``register(name, factory)``: ``factory(params, lr=..., weight_decay=..., **options)`` returns a
+    ``torch.optim.Optimizer``; ``options`` come from the stage's ``optimizer_options``.
+    """
+
+
+@hookspec
+def register_schedules(register):
+    """Register learning-rate schedules.
+
+    ``register(name, factory)``: ``factory(total, lr, min_lr, warmup, **options)`` returns a callable
+    ``lr(step) -> float`` for optimizer update ``step`` (0-based) of ``total``; ``options`` come from the
+    stage's ``scheduler_options``.
+    """
+
+
+@hookspec
 def on_stage_start(trainer, stage):
     """Called on every process before the first epoch of a stage."""
+
+
+@hookspec
+def on_train_step_end(trainer, stage, step, metrics):
+    """Called on every process after each optimizer update; ``step`` counts the stage's updates (1-based).
+
+    ``metrics``: that update's scalars on this process (``lr``, ``train/loss``, ``train/<term>``,
+    ``train/grad_norm`` unless the update was skipped), averaged over its micro-batches.
+    """
+
+
+@hookspec
+def on_validation_end(trainer, stage, epoch, metrics):
+    """Called on every process after each validation; ``epoch`` is 0-based, ``metrics`` a dict of floats."""
 
 
 @hookspec

@@ -24,6 +24,10 @@ def pick_device(device: str = "auto") -> torch.device:
 
 def load_model(target: Target, device: torch.device) -> torch.nn.Module:
     """The stage's model with the checkpoint's weights, in eval mode on ``device``."""
+    from x2ct_framework.export import is_export, load_pretrained
+
+    if is_export(target.checkpoint):  # the folder holds the whole chain and its description
+        return load_pretrained(target.checkpoint, device)
     model = build_model(target.recipe, target.stage)
     load_into(model, target.checkpoint, strict=True)
     previous = previous_stages(target.recipe, target.stage, target.run_dir)

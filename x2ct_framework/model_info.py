@@ -154,7 +154,8 @@ def model_info(model: nn.Module, xrays: torch.Tensor, geometry: dict, prev: torc
                 # kept between checkpointed units, plus the largest unit rebuilt during its own backward
                 info.activation_bytes_checkpointed = _saved_bytes(model, state, args)[0] + largest_unit
     except Exception as exc:  # a model whose forward pass needs real data cannot be estimated this way
-        info.note = f"FLOPs and memory not estimated ({type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''})"
+        first_line = str(exc).splitlines()[0][:160] if str(exc) else ""
+        info.note = f"FLOPs and memory not estimated ({type(exc).__name__}: {first_line})"
     finally:
         model.train(was_training)
         if isinstance(flag, bool):

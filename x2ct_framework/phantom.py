@@ -28,10 +28,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-PHANTOM_VERSION = 1
+from x2ct_framework.conventions import AIR, BONE, FAT, HEART, LUNG, SOFT, TABLE, VESSEL  # noqa: F401
+from x2ct_framework.conventions import LABEL_NAMES as LABELS
+from x2ct_framework.conventions import hu_to_unit
 
-from x2ct_framework.conventions import AIR, BONE, FAT, HEART, LUNG, SOFT, TABLE, VESSEL  # noqa: E402,F401
-from x2ct_framework.conventions import LABEL_NAMES as LABELS  # noqa: E402
+PHANTOM_VERSION = 1
 
 
 def _triple(v, name: str) -> tuple:
@@ -152,7 +153,8 @@ def _rotate(vec, axis, angle):
     vx, vy, vz = vec
     dot = kx * vx + ky * vy + kz * vz
     cx, cy, cz = ky * vz - kz * vy, kz * vx - kx * vz, kx * vy - ky * vx
-    return (vx * c + cx * s + kx * dot * (1 - c), vy * c + cy * s + ky * dot * (1 - c), vz * c + cz * s + kz * dot * (1 - c))
+    return (vx * c + cx * s + kx * dot * (1 - c), vy * c + cy * s + ky * dot * (1 - c),
+            vz * c + cz * s + kz * dot * (1 - c))
 
 
 def _unit(v):
@@ -447,15 +449,18 @@ def _render(anat: _Anatomy, canvas: _Canvas, rng_noise: torch.Generator, table: 
     if ssl is not None:
         sx_, sy_, sz_ = cv.coords(ssl)
         front = anat.yb - anat.ay_ant + anat.fat + 9.0
-        width = 18.0 + 9.0 * (1 - _smoothstep(st_top + 35.0, st_top + 55.0, sz_)) - 9.0 * _smoothstep(st_bot - 10, st_bot + 10, sz_)
+        width = (18.0 + 9.0 * (1 - _smoothstep(st_top + 35.0, st_top + 55.0, sz_))
+                 - 9.0 * _smoothstep(st_bot - 10, st_bot + 10, sz_))
         thick = 6.0 - 2.0 * _smoothstep(st_bot - 10, st_bot + 10, sz_)
-        st = torch.maximum(_ellipse_sd(sx_, sy_ - front, width, thick), torch.maximum(st_top - sz_, sz_ - st_bot - 20.0))
+        st = torch.maximum(_ellipse_sd(sx_, sy_ - front, width, thick),
+                           torch.maximum(st_top - sz_, sz_ - st_bot - 20.0))
         cv.paint(cv.cover(st), 1000.0, BONE, ssl)
         cv.paint(cv.cover(st + 1.8), 260.0, BONE, ssl)
     front = anat.yb - anat.ay_ant + anat.fat + 9.0
     for side in (-1.0, 1.0):
         clav = [(side * 22.0, front, st_top + 4.0), (side * 60.0, front - 2.0, st_top - 8.0),
-                (side * 100.0 * anat.sx, front + 25.0, st_top - 14.0), (side * 125.0 * anat.sx, front + 60.0, st_top - 10.0)]
+                (side * 100.0 * anat.sx, front + 25.0, st_top - 14.0),
+                (side * 125.0 * anat.sx, front + 60.0, st_top - 10.0)]
         cv.tube(clav, [7.0, 6.5, 6.5, 7.0], 900.0, BONE)
         cv.tube(clav, [4.0, 3.5, 3.5, 4.0], 300.0, BONE, min_radius=0.5 * min_r)
     # scapulae: thin plates on the posterior chest wall, from near the spine out and forward
@@ -557,6 +562,61 @@ def chest_phantom(resolution: int | Sequence[int] = 64, seed: int = 0, *, volume
     return hu, canvas.labels
 
 
+# ---- toy chests: nested ellipsoids with one HU value per class, for tests ------------------------
+def ellipsoid(z, y, x, centre, radii) -> torch.Tensor:
+    """Boolean mask of the ellipsoid with ``centre`` and ``radii`` (z, y, x) on the coordinate grids."""
+    c, r = centre, radii
+    return (((z - c[0]) / r[0]) ** 2 + ((y - c[1]) / r[1]) ** 2 + ((x - c[2]) / r[2]) ** 2) <= 1.0
+
+
+def _grid(resolution: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    ax = torch.linspace(-1, 1, resolution)
+    z, y, x = torch.meshgrid(ax, ax, ax, indexing="ij")
+    hu = torch.full((resolution,) * 3, -1000.0)
+    labels = torch.zeros((resolution,) * 3, dtype=torch.uint8)
+    return z, y, x, hu, labels
+
+
+def toy_chest(resolution: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A piecewise-constant toy chest (HU [D, H, W], labels) with exactly one HU value per class.
+
+    Soft tissue 40, lung -850, bone 700, vessel 350: for tests that need known class values (metric
+    and loss checks). The realistic phantom is :func:`chest_phantom`.
+    """
+    g = torch.Generator().manual_seed(seed)
+    r = lambda lo, hi: float(lo + (hi - lo) * torch.rand((), generator=g))  # noqa: E731
+    z, y, x, hu, labels = _grid(resolution)
+    body = ellipsoid(z, y, x, (0, r(-0.05, 0.05), 0), (1.3, r(0.6, 0.7), r(0.8, 0.9)))
+    hu[body], labels[body] = 40.0, SOFT
+    for side in (-1, 1):
+        lung = ellipsoid(z, y, x, (r(-0.1, 0.1), 0.0, side * r(0.35, 0.45)), (0.8, r(0.4, 0.5), r(0.25, 0.32)))
+        hu[lung], labels[lung] = -850.0, LUNG
+    spine = ((y - 0.45) ** 2 + x**2 <= r(0.08, 0.11) ** 2) & body
+    hu[spine], labels[spine] = 700.0, BONE
+    aorta = ((y - 0.2) ** 2 + (x + 0.08) ** 2 <= r(0.04, 0.06) ** 2) & body
+    hu[aorta], labels[aorta] = 350.0, VESSEL
+    return hu, labels
+
+
+def kit_chest(resolution: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The contract kit's chest (``testing.make_case``): body, lungs, spine and a vessel as ellipsoids
+    whose centres and radii jitter with ``seed``; HU [D, H, W] and labels, one HU value per class."""
+    g = torch.Generator().manual_seed(seed)
+    jitter = lambda: float(torch.empty(()).uniform_(-0.06, 0.06, generator=g))  # noqa: E731
+    z, y, x, hu, labels = _grid(resolution)
+    shapes = [  # (centre, radii, HU, label)
+        ((0.0, jitter(), 0.0), (1.2, 0.65 + jitter(), 0.85 + jitter()), 40.0, SOFT),
+        ((jitter(), 0.0, -0.4), (0.8, 0.45, 0.28 + jitter() / 2), -850.0, LUNG),
+        ((jitter(), 0.0, 0.4), (0.8, 0.45, 0.28 + jitter() / 2), -850.0, LUNG),
+        ((0.0, 0.45, 0.0), (1.2, 0.12, 0.12), 700.0, BONE),
+        ((0.0, 0.15, -0.08 + jitter()), (1.0, 0.08, 0.08), 350.0, VESSEL),
+    ]
+    for centre, radii, value, label in shapes:
+        inside = ellipsoid(z, y, x, centre, radii)
+        hu[inside], labels[inside] = value, label
+    return hu, labels
+
+
 def save_figure(path: str | Path, resolution: int = 128, seed: int = 0, geometry: str = "x2ctgan",
                 image_size: int = 256) -> Path:
     """A picture of one phantom: axial, coronal and sagittal slices, its label map, PA and lateral DRRs."""
@@ -569,13 +629,12 @@ def save_figure(path: str | Path, resolution: int = 128, seed: int = 0, geometry
     from x2ct_framework.viz import save_figure as write_figure
 
     hu, labels = chest_phantom(resolution, seed)
-    window = (-1000.0, 3000.0)
-    ct01 = ((hu.clamp(*window) - window[0]) / (window[1] - window[0]))[None, None]
+    ct01 = hu_to_unit(hu)[None, None]
     g = make_geometry([0.0, 90.0], geometry, volume_mm=320.0)
-    views = drr(ct01, g, window, det_shape=(image_size, image_size))[0, :, 0]
+    views = drr(ct01, g, det_shape=(image_size, image_size))[0, :, 0]
     d, h, w = hu.shape
     lo, hi = int(0.36 * d), int(0.46 * d)  # the axial slice through a vertebral body at mid-lung height
-    spine = (labels[lo:hi, h // 2:, w // 2 - 2: w // 2 + 2] == 3).flatten(1).sum(1)
+    spine = (labels[lo:hi, h // 2:, w // 2 - 2: w // 2 + 2] == BONE).flatten(1).sum(1)
     ax_i = lo + int(spine.argmax())
     cuts = {"axial": (hu[ax_i], labels[ax_i]),
             "coronal": (hu[:, int(0.45 * h)], labels[:, int(0.45 * h)]),

@@ -50,6 +50,11 @@ class Registry:
             )
         self._entries[name] = Entry(name, factory, plugin, distribution)
 
+    def copy(self) -> "Registry":
+        out = Registry(self.kind)
+        out._entries = dict(self._entries)
+        return out
+
     def __contains__(self, name: str) -> bool:
         return name in self._entries
 

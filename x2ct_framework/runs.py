@@ -58,6 +58,10 @@ def resolve_target(path: str | Path, recipe_path: str | Path | None = None, over
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint or run folder")
+    from x2ct_framework.export import export_target, is_export
+
+    if is_export(path):  # an exported model carries its own recipe
+        return export_target(path, list(overrides))
     if path.is_file():
         if path.name == WEIGHTS:
             path = path.parent
@@ -80,12 +84,14 @@ def resolve_target(path: str | Path, recipe_path: str | Path | None = None, over
         run_dir = path
     else:
         raise CheckpointError(f"{path}: neither a checkpoint folder (no {WEIGHTS}) nor a run folder (no recipe.toml)")
+    from_run_folder = recipe_path is None
     if recipe_path is None:
         if run_dir is None:
             raise RecipeError([f"{path}: the checkpoint is not inside a run folder with recipe.toml; "
                                f"pass the recipe that built it with --recipe"])
         recipe_path = run_dir / "recipe.toml"
-    recipe = load_recipe(recipe_path, list(overrides))
+    # A run folder's recipe is data: its plugins are imported only when allowed (see load_recipe_plugins).
+    recipe = load_recipe(recipe_path, list(overrides), run_folder=run_dir if from_run_folder else None)
     load_recipe_plugins(recipe)
     all_stages = stages(recipe)
     if ckpt is None:

@@ -22,12 +22,14 @@ import copy
 import pickle
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch.utils.data import DataLoader, default_collate
 
 from x2ct_framework import plugins as _plugins
+from x2ct_framework.conventions import DEFAULT_HU_WINDOW, hu_to_unit
 from x2ct_framework.hookspecs import hookimpl
 from x2ct_framework.plugins import KINDS, PluginManager, get_plugin_manager
 from x2ct_framework.stage import Stage
@@ -44,7 +46,10 @@ __all__ = [
     "check_loss",
     "check_model",
     "check_dataset",
+    "check_stored_geometry",
     "check_metric",
+    "FakeTrainer",
+    "run_hooks",
 ]
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -64,7 +69,8 @@ class ContractError(AssertionError):
 def isolated_plugins(entry_points: bool = True) -> Iterator[PluginManager]:
     """A fresh process-wide plugin manager for the block; the previous one is restored afterwards.
 
-    ``entry_points=False`` skips installed plugins, so the block sees only what it registers.
+    ``entry_points=False`` skips installed plugins, so the block sees only what it registers plus the
+    core's optimizers, schedules and protocols.
     """
     saved = _plugins._MANAGER
     pm = PluginManager()
@@ -128,34 +134,16 @@ def create(kind: str, name: str, options: dict | None = None, **context: Any) ->
 
 
 # ---- inputs ----------------------------------------------------------------------------------------
-def _ellipsoid(z, y, x, c, r):
-    return (((z - c[0]) / r[0]) ** 2 + ((y - c[1]) / r[1]) ** 2 + ((x - c[2]) / r[2]) ** 2) <= 1.0
-
-
 def make_case(index: int = 0, *, views: Sequence[float] = (0.0, 90.0), resolution: int = 16,
-              image_size: int | None = None, hu_window: Sequence[float] = (-1000.0, 3000.0),
+              image_size: int | None = None, hu_window: Sequence[float] = DEFAULT_HU_WINDOW,
               geometry: str = "parallel", seed: int = 0) -> dict:
     """One dataset item: a seeded chest-like volume (body, lungs, spine, vessel) and its DRR views."""
+    from x2ct_framework.phantom import kit_chest
     from x2ct_framework.physics import drr, make_geometry
 
-    g = torch.Generator().manual_seed(seed * 7919 + index)
-    jitter = lambda: float(torch.empty(()).uniform_(-0.06, 0.06, generator=g))  # noqa: E731
-    ax = torch.linspace(-1, 1, resolution)
-    z, y, x = torch.meshgrid(ax, ax, ax, indexing="ij")
-    hu = torch.full((resolution,) * 3, -1000.0)
-    labels = torch.zeros((resolution,) * 3, dtype=torch.uint8)
-    parts = [  # (centre, radii, HU, label)
-        ((0.0, jitter(), 0.0), (1.2, 0.65 + jitter(), 0.85 + jitter()), 40.0, 1),
-        ((jitter(), 0.0, -0.4), (0.8, 0.45, 0.28 + jitter() / 2), -850.0, 2),
-        ((jitter(), 0.0, 0.4), (0.8, 0.45, 0.28 + jitter() / 2), -850.0, 2),
-        ((0.0, 0.45, 0.0), (1.2, 0.12, 0.12), 700.0, 3),
-        ((0.0, 0.15, -0.08 + jitter()), (1.0, 0.08, 0.08), 350.0, 4),
-    ]
-    for centre, radii, value, label in parts:
-        inside = _ellipsoid(z, y, x, centre, radii)
-        hu[inside], labels[inside] = value, label
+    hu, labels = kit_chest(resolution, seed * 7919 + index)
     lo, hi = float(hu_window[0]), float(hu_window[1])
-    ct = ((hu.clamp(lo, hi) - lo) / (hi - lo))[None]
+    ct = hu_to_unit(hu, (lo, hi))[None]
     geom = make_geometry([float(v) for v in views], geometry)
     size = image_size or resolution
     xrays = drr(ct[None], {k: v[None] for k, v in geom.items()}, (lo, hi), det_shape=(size, size))[0]
@@ -164,7 +152,7 @@ def make_case(index: int = 0, *, views: Sequence[float] = (0.0, 90.0), resolutio
 
 
 def make_batch(batch_size: int = 2, *, views: Sequence[float] = (0.0, 90.0), resolution: int = 16,
-               image_size: int | None = None, hu_window: Sequence[float] = (-1000.0, 3000.0),
+               image_size: int | None = None, hu_window: Sequence[float] = DEFAULT_HU_WINDOW,
                geometry: str = "parallel", seed: int = 0) -> dict:
     """A batch as the trainer sees it: :func:`make_case` items collated by the default data loader."""
     return default_collate([make_case(i, views=views, resolution=resolution, image_size=image_size,
@@ -341,10 +329,15 @@ def check_model(model: torch.nn.Module, *, resolution: int, views: Sequence[floa
     """Check a model: ``model(xrays [B,V,1,H,W], geometry, prev=None) -> [B, 1, R, R, R]``.
 
     Checks: shape and floating dtype; finite output; every trainable parameter gets a finite
-    gradient and some gradient is non-zero; inputs are not modified; a batch of one works; a
-    previous stage's prediction at half the resolution is accepted as ``prev`` (``prev=False``
-    skips this); eval mode is deterministic; autocast in each of ``autocast_dtypes`` gives the
-    right shape and finite values.
+    gradient and some gradient is non-zero; the gradient reaches the X-rays (a detached encoder
+    fails); inputs are not modified; a batch of one works; a previous stage's prediction at half
+    the resolution is accepted as ``prev`` (``prev=False`` skips this); eval mode is deterministic;
+    the output changes when any one view changes (a model that drops a view fails); the output
+    changes when the geometry changes (a model that replaces the batch geometry with a fixed one
+    fails; a model that ignores geometry by design declares ``uses_geometry = False``); for a model
+    that declares ``uses_prev = True`` (it refines the previous stage's prediction), the output
+    changes when ``prev`` changes; autocast in each of ``autocast_dtypes`` gives the right shape
+    and finite values.
     """
     c = _Contract(f"model {_describe(model)}")
     batch = make_batch(batch_size, views=views, resolution=resolution, image_size=image_size, geometry=geometry)
@@ -355,8 +348,9 @@ def check_model(model: torch.nn.Module, *, resolution: int, views: Sequence[floa
     model.train()
     model.zero_grad(set_to_none=True)
     out = None
+    xrays_in = xrays.clone().requires_grad_(True)
     with c.check("output shape [B, 1, R, R, R]"):
-        out = model(xrays, geom)
+        out = model(xrays_in, geom)
         _expect(isinstance(out, torch.Tensor), f"the model returned {type(out).__name__}, expected a tensor")
         _expect(tuple(out.shape) == shape, f"expected {shape}, got {tuple(out.shape)}")
         _expect(out.is_floating_point(), f"expected a floating-point volume, got {out.dtype}")
@@ -373,6 +367,12 @@ def check_model(model: torch.nn.Module, *, resolution: int, views: Sequence[floa
         bad = [n for n, p in params if not _finite(p.grad)]
         _expect(not bad, f"non-finite gradients in: {', '.join(bad[:5])}")
         _expect(any(bool(p.grad.abs().sum() > 0) for _, p in params), "every gradient is zero")
+    with c.check("gradient reaches the X-rays"):
+        _expect(out is not None, "skipped: no output")
+        grad = xrays_in.grad
+        _expect(grad is not None and _finite(grad) and bool(grad.abs().sum() > 0),
+                "the loss has no gradient w.r.t. the input X-rays (a detach(), no_grad or integer op between "
+                "the images and the output?)")
     model.zero_grad(set_to_none=True)
     with c.check("inputs are not modified"):
         _expect(_same(before[0], xrays) and _same(before[1], geom), "xrays or geometry changed in place")
@@ -385,13 +385,49 @@ def check_model(model: torch.nn.Module, *, resolution: int, views: Sequence[floa
             p = torch.rand(batch_size, 1, low, low, low, generator=torch.Generator().manual_seed(3))
             with torch.no_grad():
                 cascade = model(xrays, geom, prev=p)
-            _expect(tuple(cascade.shape) == shape, f"with prev at {low}^3: expected {shape}, got {tuple(cascade.shape)}")
+            _expect(tuple(cascade.shape) == shape,
+                    f"with prev at {low}^3: expected {shape}, got {tuple(cascade.shape)}")
             _expect(_finite(cascade), "with prev: the output has NaN or infinite values")
     with c.check("deterministic in eval mode"):
         model.eval()
         with torch.no_grad():
             a, b = model(xrays, geom), model(xrays, geom)
         _expect(torch.equal(a, b), "two calls in eval mode gave different outputs (dropout or noise left on?)")
+    model.eval()
+    with torch.no_grad():
+        base = model(xrays, geom).float()
+    tol = 1e-6 * (1.0 + float(base.abs().max()))
+    with c.check("the output depends on every view"):
+        ignored = []
+        for v in range(xrays.shape[1]):
+            changed = xrays.clone()
+            changed[:, v] = 1.0 - changed[:, v]
+            with torch.no_grad():
+                if (model(changed, geom).float() - base).abs().max() <= tol:
+                    ignored.append(v)
+        _expect(not ignored, f"changing view(s) {ignored} of {xrays.shape[1]} (angles {list(views)}) leaves the "
+                             f"output unchanged: the model ignores them")
+    if getattr(model, "uses_geometry", True):
+        with c.check("the output depends on the geometry"):
+            from x2ct_framework.physics import make_geometry
+
+            other = make_geometry([float(v) + 37.0 for v in views], geometry)
+            other = {k: t[None].expand(batch_size, *t.shape).clone() for k, t in other.items()}
+            with torch.no_grad():
+                moved = model(xrays, other).float()
+            _expect((moved - base).abs().max() > tol,
+                    "the views' angles moved by 37 degrees and the output is unchanged: the model does not use the "
+                    "batch geometry (a fixed geometry inside the model?); a model that ignores geometry by design "
+                    "declares uses_geometry = False")
+    if prev and getattr(model, "uses_prev", False):
+        with c.check("the output depends on prev"):
+            low = max(1, resolution // 2)
+            g = torch.Generator().manual_seed(5)
+            p1, p2 = (torch.rand(batch_size, 1, low, low, low, generator=g) for _ in range(2))
+            with torch.no_grad():
+                d = (model(xrays, geom, prev=p1).float() - model(xrays, geom, prev=p2).float()).abs().max()
+            _expect(d > tol, "the model declares uses_prev = True but two different prev volumes give the same "
+                             "output")
     for dtype in autocast_dtypes:
         name = f"autocast {str(dtype).replace('torch.', '')}"
         with c.check(name):
@@ -438,14 +474,16 @@ def _check_item(item: Any, i: int, c: _Contract, resolution: int | None, views: 
     if "ct" in item:
         with c.check(f"item {i}: ct"):
             ct = item["ct"]
-            _expect(isinstance(ct, torch.Tensor) and ct.is_floating_point(), f"expected a float tensor, got {_kind(ct)}")
+            _expect(isinstance(ct, torch.Tensor) and ct.is_floating_point(),
+                    f"expected a float tensor, got {_kind(ct)}")
             _expect(ct.ndim == 4 and ct.shape[0] == 1 and ct.shape[1] == ct.shape[2] == ct.shape[3],
                     f"expected [1, D, D, D], got {tuple(ct.shape)}")
             if resolution is not None:
-                _expect(ct.shape[-1] == resolution, f"expected D = {resolution} (the stage resolution), got {ct.shape[-1]}")
+                _expect(ct.shape[-1] == resolution,
+                        f"expected D = {resolution} (the stage resolution), got {ct.shape[-1]}")
             _expect(_finite(ct), "NaN or infinite values")
-            _expect(ct.min() >= 0 and ct.max() <= 1, f"values outside [0, 1]: {ct.min().item():.4g}..{ct.max().item():.4g}"
-                                                     " (apply the HU window)")
+            _expect(ct.min() >= 0 and ct.max() <= 1,
+                    f"values outside [0, 1]: {ct.min().item():.4g}..{ct.max().item():.4g} (apply the HU window)")
     if "labels" in item:
         with c.check(f"item {i}: labels"):
             lab = item["labels"]
@@ -526,6 +564,27 @@ def check_dataset(dataset: torch.utils.data.Dataset, *, resolution: int | None =
     return c.finish()
 
 
+def check_stored_geometry(dataset: torch.utils.data.Dataset, *, cases: int = 2,
+                          hu_window: Sequence[float] | None = None) -> list[str]:
+    """Check that a dataset's stored X-rays show its CTs in the geometry it declares (``x2ct check-data``).
+
+    For a dataset that hands out stored X-rays beside the CT: the framework's DRR of each of the first
+    ``cases`` CTs at each view's declared angle must fit the view better than every other flip/rotation
+    of the image and than the opposite angle (:mod:`x2ct_framework.datacheck`). The dataset's
+    ``hu_window`` and ``orientation`` attributes are used when present. A failure names the recipe
+    setting (``data.orientation`` / ``data.views``) that fixes it.
+    """
+    from x2ct_framework.datacheck import check_dataset_geometry
+
+    c = _Contract(f"dataset {_describe(dataset)}")
+    with c.check("stored X-rays agree with the CT"):
+        result = check_dataset_geometry(dataset, cases, hu_window)
+        if not result.ok:
+            fix = f"; fix: {' and '.join(result.fixes)}" if result.fixes else ""
+            raise _Fail("; ".join(result.problems) + fix + "\n" + result.table())
+    return c.finish()
+
+
 def check_metric(metric: Callable[..., torch.Tensor], *, batch_size: int = 3, resolution: int = 16,
                  views: Sequence[float] = (0.0, 90.0), higher_is_better: bool | None = None) -> list[str]:
     """Check a metric: ``metric(pred, target, batch) -> tensor [B]``, one value per case.
@@ -567,3 +626,87 @@ def check_metric(metric: Callable[..., torch.Tensor], *, batch_size: int = 3, re
             _expect(bool(worse.all()), f"identical inputs score {best.tolist()}, perturbed ones {out.tolist()} "
                                        f"(higher_is_better={higher_is_better})")
     return c.finish()
+
+
+# ---- lifecycle hooks without training ------------------------------------------------------------------
+class FakeAccelerator:
+    """What a hook reads from ``trainer.accelerator`` on one process; ``log`` calls are kept in ``logged``."""
+
+    is_main_process = True
+    is_local_main_process = True
+    process_index = 0
+    num_processes = 1
+    device = torch.device("cpu")
+
+    def __init__(self) -> None:
+        self.logged: list[tuple[int | None, dict]] = []
+
+    def print(self, *args: Any, **kwargs: Any) -> None:
+        print(*args, **kwargs)
+
+    def log(self, values: dict, step: int | None = None, **kwargs: Any) -> None:
+        self.logged.append((step, dict(values)))
+
+    def wait_for_everyone(self) -> None:
+        pass
+
+
+class FakeTrainer:
+    """A stand-in for the trainer in hook tests: ``recipe``, ``run_dir``, ``accelerator``, ``pm``, ``print``.
+
+    ``calls`` records every hook called through :func:`run_hooks` as ``(hook name, kwargs)``.
+    """
+
+    def __init__(self, recipe: Any = None, run_dir: str | Path | None = None):
+        self.recipe = recipe if recipe is not None else {"name": "fake", "seed": 0}
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.accelerator = FakeAccelerator()
+        self.pm = get_plugin_manager()
+        self.calls: list[tuple[str, dict]] = []
+
+    def print(self, *args: Any, **kwargs: Any) -> None:
+        print(*args, **kwargs)
+
+    def call(self, hook: str, **kwargs: Any) -> None:
+        """Call ``hook`` on every registered plugin (skipped when the framework has no such hook)."""
+        if not hasattr(self.pm.pm.hook, hook):
+            return
+        self.calls.append((hook, kwargs))
+        getattr(self.pm.hook, hook)(trainer=self, **kwargs)
+
+
+def run_hooks(trainer: FakeTrainer | None = None, *, stages: Sequence[Stage] | None = None, epochs: int = 2,
+              steps_per_epoch: int = 2, val_every: int = 1,
+              metrics: Callable[[Stage, int], dict] | None = None) -> FakeTrainer:
+    """Call the lifecycle hooks in the order a run calls them, with made-up metrics, and no training.
+
+    Per stage: ``on_stage_start``; per epoch (``epoch`` 0-based) ``on_train_step_end`` after every
+    optimizer update, ``on_validation_end`` in validation epochs, ``on_checkpoint_saved`` (``last``,
+    then ``best``), ``on_epoch_end``; then ``on_stage_end``; finally ``on_run_end``. Hooks the framework
+    does not define are skipped. ``metrics(stage, epoch)`` gives the validation metrics
+    (default: a PSNR rising by one per epoch). Register the plugin under test first (:func:`registered`).
+    """
+    trainer = trainer or FakeTrainer()
+    stages = list(stages) if stages is not None else [make_stage()]
+    metrics = metrics or (lambda stage, epoch: {"val/loss": 1.0 / (epoch + 1), "val/psnr": 20.0 + epoch})
+    results: dict[str, dict] = {}
+    step = 0
+    for stage in stages:
+        trainer.call("on_stage_start", stage=stage)
+        last: dict = {}
+        for epoch in range(epochs):
+            for _ in range(steps_per_epoch):
+                step += 1
+                trainer.call("on_train_step_end", stage=stage, step=step,
+                             metrics={"train/loss": 1.0 / step, "train/lr": 1e-4})
+            if (epoch + 1) % val_every == 0 or epoch == epochs - 1:
+                last = dict(metrics(stage, epoch))
+                trainer.call("on_validation_end", stage=stage, epoch=epoch, metrics=last)
+            folder = (trainer.run_dir / stage.name) if trainer.run_dir is not None else Path(stage.name)
+            trainer.call("on_checkpoint_saved", stage=stage, path=folder / "last", kind="last")
+            trainer.call("on_checkpoint_saved", stage=stage, path=folder / "best", kind="best")
+            trainer.call("on_epoch_end", stage=stage, epoch=epoch, metrics=last)
+        trainer.call("on_stage_end", stage=stage, metrics=last)
+        results[stage.name] = last
+    trainer.call("on_run_end", results=results)
+    return trainer

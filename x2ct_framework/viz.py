@@ -4,14 +4,29 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+from x2ct_framework.conventions import PLANES
 
-from x2ct_framework.conventions import PLANES  # noqa: E402
+
+class _LazyPyplot:
+    """``matplotlib.pyplot`` on the Agg backend, imported at its first use: commands that draw nothing
+    (``x2ct plugins``, ``x2ct validate``) do not pay for it. ``from x2ct_framework.viz import plt``."""
+
+    def __getattr__(self, name: str):
+        module = self.__dict__.get("module")
+        if module is None:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as module
+
+            self.__dict__["module"] = module
+        return getattr(module, name)
+
+
+plt = _LazyPyplot()
 
 
 def save_figure(fig, path: str | Path, dpi: int = 90, title: str = "", title_size: int = 9) -> Path:

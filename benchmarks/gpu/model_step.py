@@ -82,7 +82,7 @@ def model_rows(tokens_list=(24, 32)) -> list[dict]:
                 if model_cpu_flops is not None:
                     row["step_gflop"] = model_cpu_flops / 1e9
                 rows.append(row)
-                del model
+                model = None  # frees the GPU memory before the next configuration
     flops = {r["tokens"]: r["step_gflop"] for r in rows if "step_gflop" in r}
     for r in rows:
         r["step_gflop"] = flops[r["tokens"]]

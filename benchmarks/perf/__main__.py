@@ -1,6 +1,6 @@
 """``python -m benchmarks.perf [--quick] [--only NAME ...] [--out DIR]``: every performance benchmark.
 
-Runs the modules of this package (``drr``, ``model``, ``losses``, ``evaluation``, ``train``, ``data``), each
+Runs the modules of this package (``drr``, ``model``, ``losses``, ``evaluation``, ``train``, ``startup``, ``data``), each
 ``run(quick) -> list[dict]`` with its reference measured in the same process, and writes one
 ``perf.json`` (rows, machine, date, command, seconds per module) and ``perf.md`` (one markdown
 table per module) into ``benchmarks/out/perf/`` unless ``--out``. A module that is missing or fails
@@ -21,10 +21,11 @@ from pathlib import Path
 
 from benchmarks.perf.common import markdown_table
 
-MODULES = ("drr", "model", "losses", "evaluation", "train", "data")
+MODULES = ("drr", "model", "losses", "evaluation", "train", "startup", "data")
 TITLES = {"drr": "DRR projector and data rendering", "model": "Model step", "losses": "Loss terms",
           "evaluation": "Evaluation protocols",
           "train": "Training at CPU scale (end to end, data vs model, framework overhead)",
+          "startup": "Command start-up (whole process) beside the torch import",
           "data": "Data at scale (prepare throughput, items/s from the prepared cache beside a model step)"}
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "out" / "perf"
 

@@ -132,7 +132,8 @@ def _rows(size: int, repeat: int) -> list[dict]:
     ours, ref = _interleaved(ours_fn, ref_fn, repeat)
     rows.append({"benchmark": "default_structures", "size": f"{size}^3", "ours": 1e3 * ours, "reference": 1e3 * ref,
                  "unit": "ms per case", "ratio": ours / ref, "value_diff": "",
-                 "note": f"{len(structural)} metrics (lung/bone/vessel psnr, mae, dice; landmark_mm); reference: our psnr"})
+                 "note": f"{len(structural)} metrics (lung/bone/vessel psnr, mae, dice; landmark_mm); "
+                         "reference: our psnr"})
     return rows
 
 

@@ -78,7 +78,7 @@ def ssim_rows(pred, target, repeat: int) -> list[dict]:
                                                                 win_sigma=1.5).item())
     return [{"benchmark": "ssim_3d", "ours": 1e3 * ours, "reference": 1e3 * ref, "unit": "ms fwd+bwd",
              "ratio": ours / ref, "value_diff": diff,
-             "note": f"reference pytorch_msssim.ssim (5D, win 11, sigma 1.5); target ratio <= 0.5, diff <= 1e-4"}]
+             "note": "reference pytorch_msssim.ssim (5D, win 11, sigma 1.5); target ratio <= 0.5, diff <= 1e-4"}]
 
 
 def run(quick: bool = False) -> list[dict]:

@@ -1,7 +1,8 @@
 """Model step on CPU: the user's stage 2 (128^3 output, two 128^2 views) with 24^3 and 32^3 tokens.
 
 One training step (forward + backward of a mean loss) at batch 1 for ``vit_cascade`` at its default
-sizes, with and without gradient checkpointing, and for ``cnn_baseline`` beside it. Every
+sizes, with and without gradient checkpointing, and for ``cnn_baseline`` and the faithful ``x2ctgan``
+(X2CT-GAN's 61.74 M generator, PA + lateral at 0/270 degrees, no checkpointing) beside it. Every
 configuration runs in its own subprocess, so that its peak memory is its own. Two peaks, both over
 the timed steps and above the level just before them (model, inputs and libraries excluded):
 ``peak_mib``, the bytes malloc has handed out and not taken back (glibc ``mallinfo2``, sampled every
@@ -15,11 +16,18 @@ Per row:
   ``model_gflop`` is the same without checkpointing's recomputation;
 - ``gflops``: ``step_gflop / seconds``, the achieved throughput; ``matmul_gflops``: a 4096^2 fp32
   matrix product (2048^2 in quick mode) measured in the same process, right before and after the step (median of both);
-- ``ratio`` = ``gflops / matmul_gflops`` (target >= 0.25); ``mem_cut`` = ``peak_mib`` without / with
-  gradient checkpointing (target >= 2).
+- ``ratio`` = ``gflops / matmul_gflops`` (target >= 0.25); ``vs_vit``: ``seconds`` over those of
+  ``vit_cascade`` at its first token grid without checkpointing, in the same run; ``mem_cut`` =
+  ``peak_mib`` without / with gradient checkpointing (target >= 2).
+
+With ``--compile [MODE]`` every row also times the same step with the model under ``torch.compile``
+(``x2ct_framework.training.compile``, the recipe's ``train.compile``): ``compiled_seconds``, the
+first call's ``compile_s`` and ``compile_speedup`` = eager / compiled seconds; a compile failure is
+recorded in ``compile_note`` and the row keeps its eager figures. Off by default: on a CPU, compiling
+the 128^3 models takes minutes.
 
 Run: ``python -m benchmarks.perf.model`` (``--quick``: a 32^3 model with 8^3 and 12^3 tokens on
-32^2 views, for CI; ``--repeat N`` sets the timed steps of every row).
+32^2 views, for CI; ``--repeat N`` sets the timed steps of every row; ``--compile``).
 """
 
 from __future__ import annotations
@@ -39,17 +47,19 @@ import torch
 from benchmarks.perf.common import machine, markdown_table
 
 REPO = Path(__file__).resolve().parents[2]
-COLUMNS = ["model", "tokens", "checkpointing", "steps", "seconds", "model_gflop", "step_gflop", "gflops",
+COLUMNS = ["model", "tokens", "checkpointing", "steps", "seconds", "vs_vit", "model_gflop", "step_gflop", "gflops",
            "matmul_gflops", "ratio", "peak_mib", "rss_peak_mib", "mem_cut", "targets"]
+COMPILE_COLUMNS = ["compiled_seconds", "compile_s", "compile_speedup", "compile_note"]
 
 
 def configs(quick: bool, repeat: int | None) -> list[dict]:
     if quick:
         base = dict(resolution=32, image=32, views=2, options=dict(dim=64, depth=2, heads=2, channels=8))
         grids, cnn = (8, 12), dict(channels=8, levels=3)
+        x2ctgan = dict(image_size=64, width_divisor=16, encoder_blocks=[1, 1, 1, 1, 1])
     else:
         base = dict(resolution=128, image=128, views=2, options={})
-        grids, cnn = (24, 32), {}
+        grids, cnn, x2ctgan = (24, 32), {}, {}
     out = []
     for g in grids:
         steps = repeat or (2 if quick else 3 if g <= 24 else 1)
@@ -57,8 +67,10 @@ def configs(quick: bool, repeat: int | None) -> list[dict]:
             out.append({**base, "model": "vit_cascade", "tokens": g, "checkpointing": ckpt, "steps": steps,
                         "options": {**base["options"], "tokens": g}})
     for ckpt in (False, True):
-        out.append({**base, "model": "cnn_baseline", "tokens": None, "checkpointing": ckpt, "steps": repeat or (2 if quick else 3),
-                    "options": cnn})
+        out.append({**base, "model": "cnn_baseline", "tokens": None, "checkpointing": ckpt,
+                    "steps": repeat or (2 if quick else 3), "options": cnn})
+    out.append({**base, "model": "x2ctgan", "tokens": None, "checkpointing": False, "steps": repeat or 2,
+                "options": x2ctgan, "angles": [0.0, 270.0]})
     return out
 
 
@@ -124,18 +136,21 @@ def worker(cfg: dict) -> dict:
     from x2ct_framework.plugins import get_plugin_manager
 
     torch.manual_seed(0)
-    angles = [i * 180.0 / cfg["views"] for i in range(cfg["views"])]
+    angles = cfg.get("angles") or [i * 180.0 / cfg["views"] for i in range(cfg["views"])]
     model = get_plugin_manager().registry("model").create(
         cfg["model"], cfg["options"], context={"resolution": cfg["resolution"], "views": angles,
                                                "gradient_checkpointing": cfg["checkpointing"]})
     model.train()
-    geometry = {k: v[None] for k, v in make_geometry(angles).items()}
+    geometry = {k: v[None] for k, v in make_geometry(angles, cfg.get("geometry", "parallel")).items()}
     xrays = torch.rand(1, cfg["views"], 1, cfg["image"], cfg["image"])
     executed = step_flops(model, xrays, geometry)
-    flag = model.gradient_checkpointing
-    model.gradient_checkpointing = False
-    algorithmic = step_flops(model, xrays, geometry)
-    model.gradient_checkpointing = flag
+    flag = getattr(model, "gradient_checkpointing", False)
+    if flag:
+        model.gradient_checkpointing = False
+        algorithmic = step_flops(model, xrays, geometry)
+        model.gradient_checkpointing = flag
+    else:
+        algorithmic = executed
 
     def step():
         model.zero_grad(set_to_none=True)
@@ -156,19 +171,44 @@ def worker(cfg: dict) -> dict:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
     ref.append(matmul_gflops(n))
     seconds = statistics.median(times)
-    return {"seconds": seconds, "model_gflop": algorithmic / 1e9, "step_gflop": executed / 1e9,
+    compiled = compiled_step(model, xrays, geometry, cfg["compile"], cfg["steps"]) if cfg.get("compile") else {}
+    return {**compiled, "seconds": seconds, "model_gflop": algorithmic / 1e9, "step_gflop": executed / 1e9,
             "gflops": executed / seconds / 1e9, "matmul_gflops": statistics.median(ref),
             "peak_mib": (live.peak - live.base) / 2**20, "rss_peak_mib": max(0, peak - base) / 2**20,
             "times": times, "threads": torch.get_num_threads()}
 
 
-def run(quick: bool = False, repeat: int | None = None, log=print) -> list[dict]:
+def compiled_step(model, xrays, geometry, mode: str, steps: int) -> dict:
+    """Median seconds of the same training step with ``model`` compiled (first call timed apart)."""
+    from x2ct_framework.training.compile import compile_model
+
+    notes: list[str] = []
+    compile_model(model, mode, log=notes.append)
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        model(xrays, geometry).mean().backward()
+
+    t0 = time.perf_counter()
+    step()
+    first = time.perf_counter() - t0
+    if model.compile_fallback:
+        return {"compile_note": notes[-1] if notes else model.compile_fallback}
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return {"compiled_seconds": statistics.median(times), "compile_s": first, "compile_note": f"mode {mode}"}
+
+
+def run(quick: bool = False, repeat: int | None = None, log=print, compile_mode: str | None = None) -> list[dict]:
     rows = []
     threads = torch.get_num_threads()
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": os.pathsep.join(
         [str(REPO)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))}
     for cfg in configs(quick, repeat):
-        cfg["warmup"], cfg["matmul"] = quick, 2048 if quick else 4096
+        cfg["warmup"], cfg["matmul"], cfg["compile"] = quick, 2048 if quick else 4096, compile_mode
         label = f"{cfg['model']} tokens={cfg['tokens']} checkpointing={cfg['checkpointing']}"
         log(f"[model] {label} ...", flush=True)
         proc = subprocess.run([sys.executable, "-m", "benchmarks.perf.model", "--worker", json.dumps(cfg)],
@@ -181,9 +221,16 @@ def run(quick: bool = False, repeat: int | None = None, log=print) -> list[dict]
                **{k: res[k] for k in ("seconds", "model_gflop", "step_gflop", "gflops", "matmul_gflops", "peak_mib",
                                    "rss_peak_mib")}}
         row["ratio"] = row["gflops"] / row["matmul_gflops"]
+        if compile_mode:
+            row.update({k: res[k] for k in ("compiled_seconds", "compile_s", "compile_note") if k in res})
+            if "compiled_seconds" in row:
+                row["compile_speedup"] = row["seconds"] / row["compiled_seconds"]
         log(f"[model]   {row['seconds']:.1f} s, {row['gflops']:.1f} GFLOP/s ({row['ratio']:.2f} of matmul), "
             f"peak {row['peak_mib']:.0f} MiB live, {row['rss_peak_mib']:.0f} MiB resident", flush=True)
         rows.append(row)
+    vit = next((r for r in rows if r["model"] == "vit_cascade" and not r["checkpointing"]), None)
+    for row in rows:
+        row["vs_vit"] = row["seconds"] / vit["seconds"] if vit else float("nan")
     for row in rows:  # memory cut and targets, pairing each checkpointed row with its plain twin
         if row["checkpointing"]:
             plain = next(r for r in rows if r["model"] == row["model"] and r["tokens"] == row["tokens"]
@@ -205,14 +252,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes for a CI-speed check")
     parser.add_argument("--repeat", type=int, default=None, help="timed steps per row (median)")
+    parser.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
+                        help="also time the step under torch.compile (default mode, or max-autotune, ...)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return
-    rows = run(quick=args.quick, repeat=args.repeat)
+    rows = run(quick=args.quick, repeat=args.repeat, compile_mode=args.compile)
     print(f"\nModel step, batch 1, CPU ({machine()})\n")
-    print(markdown_table(rows, COLUMNS))
+    print(markdown_table(rows, COLUMNS + (COMPILE_COLUMNS if args.compile else [])))
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 import numpy as np
 from torch.utils.data import Dataset
 
+from x2ct_framework.conventions import hu_to_unit  # noqa: F401 (the dataset plugins import it from here)
 from x2ct_framework.errors import DataError
 from x2ct_framework.physics import drr, geometry_fingerprint, make_geometry, resolve_preset
 
@@ -46,12 +47,6 @@ def check_common(views: Sequence[float], hu_window: Sequence[float], geometry, o
     resolve_preset(geometry)
     if on_bad_case is not None and on_bad_case not in BAD_CASE_POLICIES:
         raise ValueError(f"on_bad_case must be one of {list(BAD_CASE_POLICIES)}, got {on_bad_case!r}")
-
-
-def hu_to_unit(hu: torch.Tensor, hu_window: Sequence[float]) -> torch.Tensor:
-    """Clip HU to the window and scale to [0, 1]."""
-    lo, hi = float(hu_window[0]), float(hu_window[1])
-    return (hu.clamp(lo, hi) - lo) / (hi - lo)
 
 
 def crop_or_pad(vol: torch.Tensor, shape: Sequence[int], value: float) -> torch.Tensor:

@@ -24,10 +24,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from x2ct_framework.errors import DataError, X2CTError
+from x2ct_framework.conventions import DEFAULT_HU_WINDOW
+from x2ct_framework.errors import DataError, RecipeError, X2CTError
 from x2ct_framework.hookspecs import hookimpl
 from x2ct_framework.io import DICOM_SUFFIXES, IMAGE_SUFFIXES, NIFTI_SUFFIXES, read_xray
-from x2ct_framework.physics import make_geometry
+from x2ct_framework.physics import from_stored, make_geometry
+from x2ct_framework.physics.geometry import check_orientation
 from x2ct_framework.stage import Stage
 from x2ct_plugins.datasets._common import (SPLITS, bad_case, check_split, empty_split_error, hu_to_unit,
                                            read_list_file, read_split_file, seeded_split)
@@ -55,7 +57,8 @@ def _read_spec(path: Path) -> dict:
 
 def _is_image(path: Path) -> bool:
     name = path.name.lower()
-    return path.is_file() and not name.startswith(".") and (name.endswith(".nii.gz") or path.suffix.lower() in IMAGE_TYPES)
+    return path.is_file() and not name.startswith(".") and (name.endswith(".nii.gz")
+                                                             or path.suffix.lower() in IMAGE_TYPES)
 
 
 class PairedXrayDataset(Dataset):
@@ -63,15 +66,23 @@ class PairedXrayDataset(Dataset):
 
     ``views`` (when given) must match each case's angles (within ``angle_tolerance`` degrees);
     ``geometry`` is the preset used when a geometry file names none. Splits as in ``ct_folder``.
+    ``orientation`` (one code per view, see ``physics.ORIENTATIONS``) says how each stored image is
+    flipped or turned relative to the detector frame; it is undone when the image is read. With a CT
+    for every case, training first checks the images against the CT's DRRs (``check_geometry``:
+    "warn" by default for real radiographs, "error", "off"; ``x2ct check-data`` shows the table).
     """
 
-    def __init__(self, *, split: str, stage: Stage, root: str, views: list[float] = (), geometry: str | dict = "parallel",
-                 hu_window: list[float] = (-1000.0, 3000.0), image_size: int = 0, volume_mm: float = 320.0,
+    def __init__(self, *, split: str, stage: Stage, root: str, views: list[float] = (),
+                 geometry: str | dict = "parallel",
+                 hu_window: list[float] = DEFAULT_HU_WINDOW, image_size: int = 0, volume_mm: float = 320.0,
                  normalize: str = "auto", require_ct: bool = False, splits: str = "",
                  split_fractions: list[float] = (0.8, 0.1, 0.1), seed: int = 0, angle_tolerance: float = 1.0,
-                 on_bad_case: str = "error", pad_hu: float = -1024.0, crop: str = "centre", hu_offset: float = 0.0,
-                 check_hu: bool = True):
+                 on_bad_case: str = "error", pad_hu: float = -1024.0, orientation: list[str] = (),
+                 check_geometry: str = "warn", crop: str = "centre", hu_offset: float = 0.0, check_hu: bool = True):
         check_split(split)
+        self.orientation = [check_orientation(o, f"data.orientation[{i}]") for i, o in enumerate(orientation)]
+        if check_geometry not in ("error", "warn", "off"):
+            raise ValueError(f"check_geometry must be 'error', 'warn' or 'off', got {check_geometry!r}")
         if on_bad_case not in ("error", "skip"):
             raise ValueError(f"on_bad_case must be 'error' or 'skip', got {on_bad_case!r}")
         if len(hu_window) != 2 or not float(hu_window[0]) < float(hu_window[1]):
@@ -130,6 +141,11 @@ class PairedXrayDataset(Dataset):
         if len(counts) > 1:
             raise DataError(f"{self.root}: cases have different numbers of views ({sorted(counts)}); a batch needs "
                             f"the same number")
+        if self.orientation and len(self.orientation) != next(iter(counts)):
+            raise RecipeError([f"data.orientation: {len(self.orientation)} orientation(s) for {next(iter(counts))} "
+                               f"views; give one per view (identity, fliplr, flipud, rot180, ...)"])
+        # stored X-rays beside a CT: training checks them against the CT's DRRs first (x2ct_framework.datacheck)
+        self.geometry_check = check_geometry if all(c["ct"] is not None for c in self.cases) else "off"
 
     def _case(self, name: str, folder: Path) -> dict:
         spec_path = next((folder / n for n in GEOMETRY_FILES if (folder / n).is_file()), None)
@@ -179,8 +195,10 @@ class PairedXrayDataset(Dataset):
             raise IndexError(f"case {i} of a {len(self.cases)}-case {self.split} split")
         case = self.cases[i]
         images = []
-        for path in case["files"]:
+        for v, path in enumerate(case["files"]):
             img = read_xray(path, normalize=self.normalize)[None]
+            if self.orientation:  # the stored image's orientation undone: the detector frame
+                img = from_stored(img, self.orientation[v])
             mode = "area" if min(img.shape[-2:]) >= self.image_size else "bilinear"
             images.append(F.interpolate(img, size=(self.image_size, self.image_size), mode=mode)[0].clamp(0, 1))
         r = self.stage.resolution

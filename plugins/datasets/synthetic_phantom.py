@@ -12,7 +12,8 @@ import torch
 from torch.utils.data import Dataset
 
 from x2ct_framework.hookspecs import hookimpl
-from x2ct_framework.phantom import chest_phantom
+from x2ct_framework.conventions import DEFAULT_HU_WINDOW
+from x2ct_framework.phantom import chest_phantom, toy_chest
 from x2ct_framework.physics import MU_WATER
 from x2ct_framework.stage import Stage
 from x2ct_plugins.datasets._common import (DiskCache, case_geometry, check_common, check_split, drr_key,
@@ -34,7 +35,7 @@ class SyntheticPhantomDataset(Dataset):
     """
 
     def __init__(self, *, split: str, stage: Stage, views: list[float] = (0.0, 90.0), geometry: str | dict = "parallel",
-                 hu_window: list[float] = (-1000.0, 3000.0), num_train: int = 16, num_val: int = 4,
+                 hu_window: list[float] = DEFAULT_HU_WINDOW, num_train: int = 16, num_val: int = 4,
                  num_test: int = 4, seed: int = 0, image_size: int = 0, volume_mm: float = 320.0,
                  render_resolution: int = 0, view_jitter: float = 0.0, table: bool = True, noise_hu: float = 8.0,
                  mu_water: float = MU_WATER, beer_lambert: bool = False, cache_dir: str = "",
@@ -120,32 +121,7 @@ class SyntheticPhantomDataset(Dataset):
                 "case_id": f"phantom-{self.split}-{i:04d}"}
 
 
-def _ellipsoid(z, y, x, c, r):
-    return (((z - c[0]) / r[0]) ** 2 + ((y - c[1]) / r[1]) ** 2 + ((x - c[2]) / r[2]) ** 2) <= 1.0
-
-
-def phantom_hu(resolution: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A piecewise-constant toy chest (HU [D, H, W], labels) with exactly one HU value per class.
-
-    Soft tissue 40, lung -850, bone 700, vessel 350: for tests that need known class values (metric
-    and loss checks). The realistic phantom is ``x2ct_framework.phantom.chest_phantom``.
-    """
-    g = torch.Generator().manual_seed(seed)
-    r = lambda lo, hi: float(lo + (hi - lo) * torch.rand((), generator=g))  # noqa: E731
-    ax = torch.linspace(-1, 1, resolution)
-    z, y, x = torch.meshgrid(ax, ax, ax, indexing="ij")
-    hu = torch.full((resolution,) * 3, -1000.0)
-    labels = torch.zeros((resolution,) * 3, dtype=torch.uint8)
-    body = _ellipsoid(z, y, x, (0, r(-0.05, 0.05), 0), (1.3, r(0.6, 0.7), r(0.8, 0.9)))
-    hu[body], labels[body] = 40.0, 1
-    for side in (-1, 1):
-        lung = _ellipsoid(z, y, x, (r(-0.1, 0.1), 0.0, side * r(0.35, 0.45)), (0.8, r(0.4, 0.5), r(0.25, 0.32)))
-        hu[lung], labels[lung] = -850.0, 2
-    spine = ((y - 0.45) ** 2 + x**2 <= r(0.08, 0.11) ** 2) & body
-    hu[spine], labels[spine] = 700.0, 3
-    aorta = ((y - 0.2) ** 2 + (x + 0.08) ** 2 <= r(0.04, 0.06) ** 2) & body
-    hu[aorta], labels[aorta] = 350.0, 4
-    return hu, labels
+phantom_hu = toy_chest  # the toy chest's old name here, still imported by benchmarks/perf/evaluation.py
 
 
 @hookimpl

@@ -8,13 +8,31 @@ test cases (``train.txt``, ``test.txt``). The CT array is stored in SimpleITK or
 an LPS volume whose z runs toward the head; ``flip`` (default ``["z"]``) turns it into the canonical
 orientation (head at slice 0).
 
-``xrays = "stored"`` uses the published PA and lateral images (views must be [0, 90]);
-``xrays = "render"`` renders DRRs from the CT with this framework's projector, at any views and
-geometry (2, 4, 8 views).
+``xrays = "stored"`` uses the published PA and lateral images. Against this framework's DRRs of the
+head-first CT, X2CT-GAN's ``xray1`` is the PA view (0 degrees) upside down and ``xray2`` the view from
+270 degrees rotated by 180 degrees (the ``x2ctgan`` preset's ``stored_views``); the defaults
+``views = [0, 270]`` and ``orientation = ["flipud", "rot180"]`` say so, and each stored image is turned
+back into the detector frame when read, so the CT, the X-rays and the geometry agree (``x2ct
+check-data`` verifies it). ``xrays = "render"`` renders DRRs from the CT with this framework's
+projector, at any views and geometry (2, 4, 8 views).
+
+As X2CT-GAN prepares its data (``3DGAN/lib/dataset``, the ``multiview2500`` experiment): the stored
+volume is resized with ``scipy.ndimage.zoom(order=1)`` (``resize = "linear"``, the default; ``"area"``
+averages blocks instead), then clipped to [0, 2500] stored = the HU window [-1024, 1476] and divided
+by its width; X-rays are zoomed the same way and divided by 255. Integer arrays are rounded after
+resizing, as ``zoom`` writes into the input's integer type.
+
+Splits: ``train_list`` and ``test_list`` name the cases, relative to ``root``; ``"x2ctgan:train"`` and
+``"x2ctgan:test"`` are X2CT-GAN's own lists (916 and 102 cases), shipped with this plugin. The validation
+cases are carved from the training list (``val_fraction``, seeded, removed from training), never the
+test list unless ``val_list`` names it (X2CT-GAN's own code validates on its test list; a checkpoint
+chosen that way is chosen on the test set, so the dataset warns).
 """
 
 from __future__ import annotations
 
+import logging
+import random
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +41,8 @@ import torch.nn.functional as F
 
 from x2ct_framework.errors import DataError, RecipeError
 from x2ct_framework.hookspecs import hookimpl
-from x2ct_framework.physics import MU_WATER
+from x2ct_framework.physics import MU_WATER, from_stored
+from x2ct_framework.physics.geometry import check_orientation
 from x2ct_framework.stage import Stage
 from x2ct_plugins.datasets._common import (CaseListDataset, DiskCache, bad_case, case_geometry, check_common,
                                            check_split, drr_key, empty_split_error, hu_to_unit, read_list_file,
@@ -32,29 +51,78 @@ from x2ct_plugins.datasets._common import (CaseListDataset, DiskCache, bad_case,
 H5_NAME = "ct_xray_data.h5"
 REQUIRED_KEYS = ("ct", "xray1", "xray2")
 AXES = {"z": 0, "y": 1, "x": 2}
+RESIZES = ("linear", "area")
+# X2CT-GAN's own case lists (kylekma/X2CT, 3DGAN/data/train.txt and test.txt: 916 and 102 LIDC-IDRI cases)
+SHIPPED_LISTS = {f"x2ctgan:{s}": Path(__file__).with_name("lists") / f"x2ctgan_{s}.txt" for s in ("train", "test")}
+X2CTGAN_HU_WINDOW = (-1024.0, 1476.0)  # stored [0, 2500] minus the HU offset 1024
+log = logging.getLogger("x2ct_plugins.datasets")
+
+
+def zoom_linear(x: torch.Tensor, size: tuple[int, ...], integer: bool = False) -> torch.Tensor:
+    """``scipy.ndimage.zoom(x, size / shape, order=1)`` for a 2D or 3D array: (bi/tri)linear with the corner
+    samples kept (``align_corners``); ``integer`` rounds half away from zero, as zoom does into an integer array."""
+    if tuple(x.shape) == tuple(size):
+        return x.double() if integer else x
+    mode = "bilinear" if x.ndim == 2 else "trilinear"
+    out = F.interpolate(x[None, None].double(), size=tuple(size), mode=mode, align_corners=True)[0, 0]
+    if integer:
+        out = torch.sign(out) * torch.floor(out.abs() + 0.5)
+    return out
+
+
+def carve_validation(names: list[str], fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """(train, val): a seeded ``fraction`` of ``names`` (rounded; at least one case stays in train) set aside."""
+    if fraction <= 0:
+        return list(names), []
+    order = list(names)
+    random.Random(seed).shuffle(order)
+    k = min(len(order) - 1, round(fraction * len(order)))
+    val = set(order[:k])
+    return [n for n in names if n not in val], [n for n in names if n in val]
 
 
 class X2CTGANH5Dataset(CaseListDataset):
     """Cases of the X2CT-GAN LIDC HDF5 set.
 
-    ``train_list``/``test_list`` (relative to ``root``) name the cases; ``val_list`` defaults to the
-    test list (the X2CT-GAN code validates on its test cases); ``hu_offset`` is subtracted from the
-    stored values to get HU; ``volume_mm`` is the stored cube's size.
+    ``train_list``/``test_list`` (relative to ``root``) name the cases; ``val_fraction`` of the
+    training list (seeded by ``seed``) is set aside for validation unless ``val_list`` names a list;
+    ``hu_offset`` is subtracted from the stored values to get HU; ``volume_mm`` is the stored cube's
+    size; ``views`` and ``orientation`` give the gantry angle and the stored orientation of ``xray1``
+    and ``xray2`` (stored mode); ``resize`` is "linear" (X2CT-GAN's order-1 zoom) or "area";
+    ``check_geometry`` ("error", "warn", "off"): what training does when the stored views do not fit
+    the CT's DRRs in the declared geometry.
     """
 
-    def __init__(self, *, split: str, stage: Stage, root: str, views: list[float] = (0.0, 90.0),
-                 geometry: str | dict = "x2ctgan", hu_window: list[float] = (-1000.0, 3000.0), image_size: int = 0,
-                 xrays: str = "stored", train_list: str = "train.txt", test_list: str = "test.txt",
-                 val_list: str = "", hu_offset: float = 1024.0, volume_mm: float = 320.0, flip: list[str] = ("z",),
-                 cache_dir: str = "", on_bad_case: str = "error", mu_water: float = MU_WATER,
-                 beer_lambert: bool = False):
+    def __init__(self, *, split: str, stage: Stage, root: str, views: list[float] = (0.0, 270.0),
+                 geometry: str | dict = "x2ctgan", hu_window: list[float] = X2CTGAN_HU_WINDOW, image_size: int = 0,
+                 xrays: str = "stored", orientation: list[str] = ("flipud", "rot180"), resize: str = "linear",
+                 train_list: str = "train.txt", test_list: str = "test.txt", val_list: str = "",
+                 val_fraction: float = 0.05, seed: int = 0, hu_offset: float = 1024.0, volume_mm: float = 320.0,
+                 flip: list[str] = ("z",), cache_dir: str = "", on_bad_case: str = "error", mu_water: float = MU_WATER,
+                 beer_lambert: bool = False, check_geometry: str = "error"):
         check_split(split)
         check_common(views, hu_window, geometry, on_bad_case)
         if xrays not in ("stored", "render"):
             raise ValueError(f"xrays must be 'stored' (the published PA and lateral DRRs) or 'render', got {xrays!r}")
-        if xrays == "stored" and [float(v) for v in views] != [0.0, 90.0]:
-            raise RecipeError([f"data.views: the X2CT-GAN files hold only PA (0) and lateral (90) images, got "
-                               f"{list(views)}; use views = [0, 90] or xrays = \"render\" to render other views"])
+        if resize not in RESIZES:
+            raise ValueError(f"resize must be one of {list(RESIZES)} (linear = X2CT-GAN's zoom order 1), "
+                             f"got {resize!r}")
+        if not 0 <= float(val_fraction) < 1:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
+        if xrays == "stored" and len(views) != 2:
+            raise RecipeError([f"data.views: the X2CT-GAN files hold only PA (0) and lateral (90) images (xray1, "
+                               f"xray2; their lateral is the view from 270 degrees, mirrored), got {len(views)} views "
+                               f"{list(views)}; use views = [0, 270] or xrays = \"render\" to render other views"])
+        if len(orientation) != 2:
+            raise RecipeError([f"data.orientation: expected two orientations (xray1, xray2), got {list(orientation)}"])
+        self.orientation = [check_orientation(o, f"data.orientation[{i}]") for i, o in enumerate(orientation)]
+        if check_geometry not in ("error", "warn", "off"):
+            raise ValueError(f"check_geometry must be 'error', 'warn' or 'off', got {check_geometry!r}")
+        # training checks the stored views against the CT first (x2ct_framework.datacheck)
+        self.geometry_check = check_geometry if xrays == "stored" else "off"
+        if xrays == "render":  # rendered here, in the detector frame
+            self.orientation = ["identity"] * len(views)
+        self.resize = resize
         bad_axes = [a for a in flip if a not in AXES]
         if bad_axes:
             raise ValueError(f"flip: expected axis names among {list(AXES)}, got {bad_axes}")
@@ -75,11 +143,30 @@ class X2CTGANH5Dataset(CaseListDataset):
         self.cache = DiskCache(Path(cache_dir).expanduser() if cache_dir else None)
         case_geometry(self.views, geometry, self.volume_mm)
 
-        list_name = {"train": train_list, "val": val_list or test_list, "test": test_list}[split]
-        list_path = Path(list_name).expanduser()
-        if not list_path.is_absolute():
-            list_path = self.root / list_path
-        names = read_list_file(list_path)
+        def resolve(name: str) -> Path:
+            if name in SHIPPED_LISTS:
+                return SHIPPED_LISTS[name]
+            path = Path(name).expanduser()
+            return path if path.is_absolute() else self.root / path
+
+        if split == "val" and val_list:
+            list_path = resolve(val_list)
+            if list_path.resolve() == resolve(test_list).resolve():
+                log.warning("x2ctgan_h5: data.val_list is the test list (%s): the best checkpoint will be chosen on "
+                            "the test set, as X2CT-GAN's own code does; carve validation from train "
+                            "(val_fraction) to keep the test set unseen", list_path)
+            names = read_list_file(list_path)
+        elif split == "test":
+            list_path = resolve(test_list)
+            names = read_list_file(list_path)
+        else:
+            list_path = resolve(train_list)
+            train_names, val_names = carve_validation(read_list_file(list_path), 0.0 if val_list else val_fraction,
+                                                      seed)
+            names = train_names if split == "train" else val_names
+            if split == "val" and not names:
+                raise DataError(f"x2ctgan_h5: no validation cases: val_fraction = {val_fraction} of {list_path} "
+                                f"gives none; set data.val_fraction > 0 or data.val_list")
         self.cases: list[tuple[str, Path]] = []
         for name in names:
             path = self.root / name / H5_NAME
@@ -118,21 +205,20 @@ class X2CTGANH5Dataset(CaseListDataset):
         name, path = self.cases[j]
         r = self.stage.resolution
         data = self._read(path)
-        hu = torch.from_numpy(data["ct"].astype(np.float32)) - self.hu_offset
+        stored = data["ct"]
+        if self.resize == "linear":  # X2CT-GAN: zoom the stored values (order 1), then clip
+            raw = zoom_linear(torch.from_numpy(stored.astype(np.float64)), (r, r, r),
+                              integer=np.issubdtype(stored.dtype, np.integer))
+            hu = (raw - self.hu_offset).float()
+        else:
+            hu = resize_volume((torch.from_numpy(stored.astype(np.float32)) - self.hu_offset).contiguous(), r)
         if self.flip:
             hu = hu.flip(self.flip)
-        hu = resize_volume(hu.contiguous(), r)
-        ct = hu_to_unit(hu, self.hu_window)[None]
+        ct = hu_to_unit(hu.contiguous(), self.hu_window)[None]
         geometry = case_geometry(self.views, self.geometry_option, self.volume_mm)
         if self.mode == "stored":
-            images = []
-            for key in ("xray1", "xray2"):
-                img = torch.from_numpy(np.squeeze(data[key]).astype(np.float32))
-                img = img / 255.0 if data[key].dtype == np.uint8 else (img - img.min()) / (img.max() - img.min() + 1e-12)
-                img = F.interpolate(img[None, None], size=(self.image_size, self.image_size), mode="area"
-                                    if img.shape[-1] >= self.image_size else "bilinear")[0]
-                images.append(img.clamp(0, 1))
-            xrays = torch.stack(images)
+            xrays = torch.stack([self._stored_view(data[key], code)
+                                 for key, code in zip(("xray1", "xray2"), self.orientation)])
         else:
             key = drr_key(str(path.resolve()), geometry, r, self.image_size, self.hu_window, self.mu_water,
                           self.beer_lambert)
@@ -144,6 +230,21 @@ class X2CTGANH5Dataset(CaseListDataset):
                 self.cache.put("drr", key, {"xrays": xrays})
         return {"xrays": xrays, "geometry": geometry, "ct": ct, "spacing": torch.full((3,), self.volume_mm / r),
                 "case_id": name}
+
+
+    def _stored_view(self, array: np.ndarray, code: str) -> torch.Tensor:
+        """One stored X-ray as ``[1, S, S]`` in [0, 1] in the detector frame (its stored orientation undone)."""
+        a = np.squeeze(array)
+        size = (self.image_size, self.image_size)
+        if self.resize == "linear":
+            img = zoom_linear(torch.from_numpy(a.astype(np.float64)), size, integer=np.issubdtype(a.dtype, np.integer))
+            img = img.float()
+        else:
+            img = torch.from_numpy(a.astype(np.float32))
+            mode = "area" if img.shape[-1] >= size[-1] else "bilinear"
+            img = F.interpolate(img[None, None], size=size, mode=mode)[0, 0]
+        img = img / 255.0 if a.dtype == np.uint8 else (img - img.min()) / (img.max() - img.min() + 1e-12)
+        return from_stored(img, code)[None].clamp(0, 1).contiguous()
 
 
 @hookimpl

@@ -1,6 +1,6 @@
 """``adversarial``: a 3D PatchGAN discriminator that pushes predictions towards realistic texture.
 
-The seed's future-work item "add a discriminator for realistic texture (fine capillaries,
+The user's plan's future-work item "add a discriminator for realistic texture (fine capillaries,
 trabecular bone)". The loss owns trainable parts, which the trainer handles generically (see the
 "loss with trainable parts" contract in the design):
 
@@ -24,6 +24,19 @@ Recipe::
     lr = 2e-4
     update_every = 1
 
+X2CT-GAN's critic (``arch = "x2ctgan"``, ``condition = "xrays"``): their conditional 3D PatchGAN
+(``NLayer_3D_Discriminator``, 64 channels, 3 layers: 4^3 convolutions, stride 2, 2, 2, 1, 1, padding
+2, instance norm without affine parameters, no spectral norm; 11.06 M parameters with two views),
+which sees the volume beside both X-rays, each spread along its rays over the volume's grid (the
+framework's back-projection; for a parallel beam this is X2CT-GAN's replicate-and-permute); LSGAN,
+weight 0.1, Adam 2e-4 with betas (0.5, 0.99)::
+
+    [stages.losses.adversarial]
+    weight = 0.1
+    arch = "x2ctgan"
+    condition = "xrays"
+    betas = [0.5, 0.99]
+
 ``start_epoch`` belongs to the trainer's weight schedule (it never reaches this plugin), hence the
 separate ``disc_start_epoch``; set it earlier than ``start_epoch`` to warm the critic up first.
 """
@@ -36,8 +49,11 @@ import torch.nn.functional as F
 from torch.nn.utils.parametrizations import spectral_norm as _spectral_norm
 
 from x2ct_framework.hookspecs import hookimpl
+from x2ct_framework.physics import backproject
 
 OBJECTIVES = ("lsgan", "hinge")
+ARCHS = ("patch", "x2ctgan")
+CONDITIONS = ("none", "xrays")
 NORMS = ("instance", "none")
 OPTIMIZERS = ("adam", "adamw")
 
@@ -78,26 +94,62 @@ class PatchDiscriminator3D(nn.Module):
         return self.net(volume)
 
 
+class X2CTGANDiscriminator(nn.Module):
+    """X2CT-GAN's 3D PatchGAN (``basic3d``): ``layers`` stride-2 4^3 convolutions, one stride-1, then the logits.
+
+    Module names follow theirs (``model.N``), so their ``NN_net_D.pth`` state dicts load.
+    """
+
+    def __init__(self, in_channels: int = 3, channels: int = 64, layers: int = 3):
+        super().__init__()
+        mods: list[nn.Module] = [nn.Conv3d(in_channels, channels, 4, 2, 2), nn.LeakyReLU(0.2, inplace=True)]
+        mult = 1
+        for n in range(1, layers + 1):
+            prev, mult = mult, min(2 ** n, 8)
+            mods += [nn.Conv3d(channels * prev, channels * mult, 4, 2 if n < layers else 1, 2, bias=False),
+                     nn.InstanceNorm3d(channels * mult, affine=False, track_running_stats=True),
+                     nn.LeakyReLU(0.2, inplace=True)]
+        mods.append(nn.Conv3d(channels * mult, 1, 4, 1, 2))
+        self.model = nn.Sequential(*mods)
+        for m in self.modules():  # X2CT-GAN's init: N(0, 0.02), biases 0
+            if isinstance(m, nn.Conv3d):
+                nn.init.normal_(m.weight, 0.0, 0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        self.register_buffer("updates", torch.zeros((), dtype=torch.long))
+
+    def forward(self, volume: torch.Tensor) -> torch.Tensor:
+        return self.model(volume)
+
+
 class AdversarialLoss(nn.Module):
     """Generator-side adversarial term with a trainable 3D PatchGAN critic (see the module docstring).
 
-    Options: ``objective`` "lsgan" or "hinge"; discriminator ``channels``, ``layers``,
+    Options: ``objective`` "lsgan" or "hinge"; discriminator ``channels`` (0: 32, or 64 for "x2ctgan"), ``layers``,
     ``spectral_norm``, ``norm`` ("instance" or "none"); its ``optimizer`` ("adam"/"adamw"), ``lr``,
-    ``betas``, ``weight_decay``; ``update_every`` N generator steps; ``disc_start_epoch``.
+    ``betas``, ``weight_decay``; ``update_every`` N generator steps; ``disc_start_epoch``; ``arch``
+    ("patch" or "x2ctgan", X2CT-GAN's critic: ``channels``/``layers``/``norm``/``spectral_norm`` then
+    follow theirs unless set); ``condition`` ("none" or "xrays": the critic also sees the batch's
+    X-rays spread along their rays, ``views`` of them).
     """
 
-    def __init__(self, objective: str = "lsgan", channels: int = 32, layers: int = 3, spectral_norm: bool = True,
+    def __init__(self, objective: str = "lsgan", channels: int = 0, layers: int = 3, spectral_norm: bool = True,
                  norm: str = "instance", optimizer: str = "adam", lr: float = 2e-4,
                  betas: list[float] = (0.5, 0.999), weight_decay: float = 0.0, update_every: int = 1,
-                 disc_start_epoch: int = 0):
+                 disc_start_epoch: int = 0, arch: str = "patch", condition: str = "none",
+                 views: list[float] = (0.0, 90.0)):
         super().__init__()
+        if arch not in ARCHS:
+            raise ValueError(f"arch must be one of {', '.join(map(repr, ARCHS))}, got {arch!r}")
+        if condition not in CONDITIONS:
+            raise ValueError(f"condition must be one of {', '.join(map(repr, CONDITIONS))}, got {condition!r}")
         if objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {', '.join(map(repr, OBJECTIVES))}, got {objective!r}")
         if norm not in NORMS:
             raise ValueError(f"norm must be one of {', '.join(map(repr, NORMS))}, got {norm!r}")
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {', '.join(map(repr, OPTIMIZERS))}, got {optimizer!r}")
-        for key, value, low in (("channels", channels, 1), ("layers", layers, 1), ("update_every", update_every, 1),
+        for key, value, low in (("channels", channels, 0), ("layers", layers, 1), ("update_every", update_every, 1),
                                 ("disc_start_epoch", disc_start_epoch, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{key} must be an integer >= {low}, got {value!r}")
@@ -111,7 +163,29 @@ class AdversarialLoss(nn.Module):
         self.objective, self.optimizer_name = objective, optimizer
         self.lr, self.betas, self.weight_decay = float(lr), tuple(betas), float(weight_decay)
         self.update_every, self.disc_start_epoch = update_every, disc_start_epoch
-        self.discriminator = PatchDiscriminator3D(1, channels, layers, spectral_norm, norm)
+        self.condition = condition
+        self.cond_views = len(views) if condition == "xrays" else 0
+        if arch == "x2ctgan":
+            self.discriminator = X2CTGANDiscriminator(1 + self.cond_views, channels or 64, layers)
+        else:
+            self.discriminator = PatchDiscriminator3D(1 + self.cond_views, channels or 32, layers, spectral_norm, norm)
+
+    def critic_input(self, volume: torch.Tensor, batch: dict) -> torch.Tensor:
+        """The volume, after the X-rays spread over its grid when the critic is conditional (X2CT-GAN's order)."""
+        if self.condition == "none":
+            return volume
+        xrays = batch.get("xrays") if isinstance(batch, dict) else None
+        if xrays is None or "geometry" not in batch:
+            raise ValueError("adversarial: condition = \"xrays\" needs the batch's xrays and geometry")
+        b, v = xrays.shape[:2]
+        expected = self.cond_views
+        if v != expected:
+            raise ValueError(f"adversarial: the conditional critic was built for {expected} views (data.views), "
+                             f"the batch holds {v}")
+        with torch.autocast(volume.device.type, enabled=False):
+            spread = backproject(xrays.float(), batch["geometry"], tuple(volume.shape[2:]))  # [B, V, 1, D, H, W]
+        cond = spread.reshape(b, v, *volume.shape[2:]).to(volume.dtype).detach()
+        return torch.cat([cond, volume], 1)
 
     # ---- the trainable-parts contract -------------------------------------------------------
     def trainable_parts(self) -> nn.Module:
@@ -126,8 +200,8 @@ class AdversarialLoss(nn.Module):
         """Discriminator objective at this generator step, or None when the critic skips it."""
         if epoch < self.disc_start_epoch or step % self.update_every != 0:
             return None
-        d_real = self.discriminator(target)
-        d_fake = self.discriminator(pred_detached.detach())
+        d_real = self.discriminator(self.critic_input(target, batch))
+        d_fake = self.discriminator(self.critic_input(pred_detached.detach(), batch))
         if self.objective == "lsgan":
             loss = 0.5 * (((d_real - 1) ** 2).mean() + (d_fake**2).mean())
         else:
@@ -144,7 +218,7 @@ class AdversarialLoss(nn.Module):
         for p in params:  # gradients go to the prediction only, never into the critic
             p.requires_grad_(False)
         try:
-            logits = self.discriminator(pred)
+            logits = self.discriminator(self.critic_input(pred, batch))
         finally:
             for p, flag in zip(params, flags):
                 p.requires_grad_(flag)

@@ -1,6 +1,6 @@
 """``bone``: bone-aware term, L1 inside bone plus a soft Dice of the bone masks.
 
-The seed's future-work "bone segmentation loss": bone occupies a few percent of a chest CT, so the
+The user's plan's future-work "bone segmentation loss": bone occupies a few percent of a chest CT, so the
 global L1 barely notices a blurred vertebra. This term looks at bone only:
 
 - **where bone is**: the batch's label map (``labels == label``, 3 = bone in the project's label
@@ -25,9 +25,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from x2ct_framework.conventions import BONE, DEFAULT_HU_WINDOW, unit_to_hu
 from x2ct_framework.hookspecs import hookimpl
-
-BONE_LABEL = 3
 
 
 def check_hu_window(hu_window) -> tuple[float, float]:
@@ -37,10 +36,10 @@ def check_hu_window(hu_window) -> tuple[float, float]:
     return lo, hi
 
 
-def soft_mask(ct01: torch.Tensor, hu_window: tuple[float, float], threshold_hu: float, softness_hu: float) -> torch.Tensor:
+def soft_mask(ct01: torch.Tensor, hu_window: tuple[float, float], threshold_hu: float,
+              softness_hu: float) -> torch.Tensor:
     """Soft membership ``sigmoid((HU - threshold) / softness)`` of a [0, 1] volume."""
-    lo, hi = hu_window
-    return torch.sigmoid((ct01 * (hi - lo) + lo - threshold_hu) / softness_hu)
+    return torch.sigmoid((unit_to_hu(ct01, hu_window) - threshold_hu) / softness_hu)
 
 
 def soft_dice(p: torch.Tensor, t: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -57,14 +56,15 @@ class BoneLoss(nn.Module):
     ``hu_window`` comes from the recipe's data section.
     """
 
-    def __init__(self, threshold_hu: float = 250.0, softness_hu: float = 50.0, label: int = BONE_LABEL,
+    def __init__(self, threshold_hu: float = 250.0, softness_hu: float = 50.0, label: int = BONE,
                  use_labels: bool = True, l1_weight: float = 1.0, dice_weight: float = 1.0,
-                 hu_window: list[float] = (-1000.0, 3000.0)):
+                 hu_window: list[float] = DEFAULT_HU_WINDOW):
         super().__init__()
         if not softness_hu > 0:
             raise ValueError(f"softness_hu must be > 0, got {softness_hu!r}")
         if l1_weight < 0 or dice_weight < 0 or l1_weight + dice_weight == 0:
-            raise ValueError(f"l1_weight and dice_weight must be >= 0 and not both 0, got {l1_weight!r} and {dice_weight!r}")
+            raise ValueError(f"l1_weight and dice_weight must be >= 0 and not both 0, "
+                             f"got {l1_weight!r} and {dice_weight!r}")
         if isinstance(label, bool) or not isinstance(label, int) or label < 0:
             raise ValueError(f"label must be an integer >= 0, got {label!r}")
         self.hu_window = check_hu_window(hu_window)

@@ -1,4 +1,4 @@
-"""``gradient``: difference of 3D finite-difference gradients, the seed's "penalise blurry edges" term.
+"""``gradient``: difference of 3D finite-difference gradients, the user's plan's "penalise blurry edges" term.
 
 A blurred prediction has smaller intensity steps across bone and vessel walls than the target;
 comparing the gradients (not only the intensities) penalises that directly.

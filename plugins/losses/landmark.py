@@ -1,6 +1,6 @@
 """``landmark``: anatomical landmark constraints, the distance in mm between differentiable centroids.
 
-The seed's future-work "anatomical landmark constraints": a reconstruction can score well on
+The user's plan's future-work "anatomical landmark constraints": a reconstruction can score well on
 intensity metrics while a vertebra or the heart sits a few millimetres off. This term locates
 landmarks in the prediction and in the target the same way and penalises how far apart they are.
 
@@ -35,11 +35,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from x2ct_framework.conventions import DEFAULT_HU_WINDOW, HEART, unit_to_hu
 from x2ct_framework.hookspecs import hookimpl
 
 # 0 background, 1 soft tissue, 2 lung, 3 bone, 4 vessel, 5 heart, 6 fat, 7 air, 8 table: of these only
 # the heart is a compact structure with a well-defined centre (fat, air and the table are tissue classes).
-DEFAULT_LANDMARK_LABELS = (5,)
+DEFAULT_LANDMARK_LABELS = (HEART,)
 
 
 def centroids_mm(weights: torch.Tensor, spacing: torch.Tensor, z0: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,7 +69,8 @@ class LandmarkLoss(nn.Module):
 
     def __init__(self, landmark_labels: list[int] = DEFAULT_LANDMARK_LABELS, margin: int = 3,
                  tolerance_hu: float = 150.0, slabs: int = 8, threshold_hu: float = 250.0, softness_hu: float = 50.0,
-                 min_mass: float = 1.0, use_labels: bool = True, eps: float = 1e-4, hu_window: list[float] = (-1000.0, 3000.0)):
+                 min_mass: float = 1.0, use_labels: bool = True, eps: float = 1e-4,
+                 hu_window: list[float] = DEFAULT_HU_WINDOW):
         super().__init__()
         labels = list(landmark_labels)
         if any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in labels):
@@ -89,8 +91,7 @@ class LandmarkLoss(nn.Module):
         self.hu_window = (float(hu_window[0]), float(hu_window[1]))
 
     def _hu(self, ct01: torch.Tensor) -> torch.Tensor:
-        lo, hi = self.hu_window
-        return ct01 * (hi - lo) + lo
+        return unit_to_hu(ct01, self.hu_window)
 
     def bone_weight(self, hu: torch.Tensor) -> torch.Tensor:
         """Ramp from 0 at ``threshold - softness`` to 1 at ``threshold + softness`` HU."""

@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from x2ct_framework.conventions import DEFAULT_HU_WINDOW
 from x2ct_framework.hookspecs import hookimpl
 from x2ct_framework.physics import drr
 
@@ -37,7 +38,7 @@ class ReprojectionLoss(nn.Module):
     """
 
     def __init__(self, distance: str = "l1", drr_options: dict = {},  # noqa: B006 (never mutated)
-                 hu_window: list[float] = (-1000.0, 3000.0)):
+                 hu_window: list[float] = DEFAULT_HU_WINDOW):
         super().__init__()
         if distance not in DISTANCES:
             raise ValueError(f"distance must be one of {', '.join(map(repr, DISTANCES))}, got {distance!r}")

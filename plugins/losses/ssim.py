@@ -1,6 +1,6 @@
 """``ssim``: structural dissimilarity, ``1 - SSIM``, in 3D or 2D slice-wise.
 
-The seed's stage-2 term ``0.5 * SSIM`` ("better organ shapes"). The value is computed by
+The user's plan's stage-2 term ``0.5 * SSIM`` ("better organ shapes"). The value is computed by
 ``x2ct_framework.ssim`` (the same code as the ``ssim`` metric) and agrees with
 ``skimage.metrics.structural_similarity(gaussian_weights=True, sigma=1.5,
 use_sample_covariance=False, data_range=...)``, including scikit-image's cropped border.

@@ -1,4 +1,4 @@
-"""``vessel``: L1 emphasised on thin bright tubes, the seed's "vessel enhancement loss".
+"""``vessel``: L1 emphasised on thin bright tubes, the user's plan's "vessel enhancement loss".
 
 Contrast-filled pulmonary arteries (CTPA) are a few voxels wide and vanish in a blurred
 reconstruction while barely moving the global L1. This term weights the L1 by a vessel map of the
@@ -28,10 +28,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from x2ct_framework.conventions import VESSEL
 from x2ct_framework.hookspecs import hookimpl
 from x2ct_framework.ssim import filter_valid
 
-VESSEL_LABEL = 4
 
 
 def gaussian_blur3d(x: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -116,7 +116,7 @@ class VesselLoss(nn.Module):
     """
 
     def __init__(self, sigmas: list[float] = (1.0, 2.0), alpha: float = 0.5, beta: float = 0.5, c: float = 0.0,
-                 base_weight: float = 0.0, label: int = VESSEL_LABEL, use_labels: bool = True):
+                 base_weight: float = 0.0, label: int = VESSEL, use_labels: bool = True):
         super().__init__()
         sigmas = [float(s) for s in sigmas]
         if not sigmas or any(s <= 0 for s in sigmas):

@@ -1,6 +1,6 @@
 """``vgg``: 2.5D perceptual loss, distances between VGG16 features of CT slices.
 
-The seed's stage-2 term ``0.1 * VGG`` ("texture preservation"). VGG16 sees 2D RGB images, so the
+The user's plan's stage-2 term ``0.1 * VGG`` ("texture preservation"). VGG16 sees 2D RGB images, so the
 volumes are cut into a few slices along each of the three axes (2.5D); each grey slice is repeated
 to three channels, normalised with the ImageNet mean and std, and passed through VGG16's
 convolutional layers up to the deepest chosen layer. The loss is the mean over the chosen layers of
@@ -75,7 +75,8 @@ def slices_25d(volume: torch.Tensor, counts: tuple[int, int, int]) -> list[torch
     return out
 
 
-def load_torchvision_state(weights: str, url: str, what: str, option: str = "weights") -> dict[str, torch.Tensor] | None:
+def load_torchvision_state(weights: str, url: str, what: str,
+                           option: str = "weights") -> dict[str, torch.Tensor] | None:
     """State dict for ``weights``: "random" -> None, "imagenet" -> torchvision's cache, else a file path.
 
     "imagenet" reads ``<torch hub dir>/checkpoints/<file name of url>``, downloading it when absent

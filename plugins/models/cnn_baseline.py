@@ -85,6 +85,8 @@ class CNNBaseline(nn.Module):
     ``channels_last``. ``prev``, when given, is upsampled and the network predicts a residual over it.
     """
 
+    uses_prev = True  # refines the previous stage's prediction (checked by testing.check_model)
+
     def __init__(self, *, resolution: int, views: list[float] = (0.0, 90.0), channels: int = 32, levels: int = 4,
                  share_encoder: bool = False, gradient_checkpointing: bool = False, channels_last: bool = True):
         super().__init__()

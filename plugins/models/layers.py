@@ -16,7 +16,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange, reduce
-from timm.layers import DropPath, Mlp
 from torch.utils.checkpoint import checkpoint
 
 from x2ct_framework.errors import CheckpointError, DataError, did_you_mean
@@ -137,14 +136,16 @@ def create_encoder(encoder: str, pretrained: bool = False, pretrained_file: str 
         if cfg is None or not (cfg.hf_hub_id or cfg.url):
             raise CheckpointError(_missing_weights_message(encoder, cfg, "timm knows no pretrained weights for it"))
         if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-            raise CheckpointError(_missing_weights_message(encoder, cfg, "not in the local cache and HF_HUB_OFFLINE is set"))
+            raise CheckpointError(_missing_weights_message(encoder, cfg,
+                                                           "not in the local cache and HF_HUB_OFFLINE is set"))
         return timm.create_model(encoder, pretrained=True, **kwargs)
     except CheckpointError:
         raise
     except Exception as exc:  # network, file format or shape errors from timm's loader
         reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
         if path:
-            raise CheckpointError(f"pretrained weights {path} for encoder {encoder!r} could not be loaded ({reason})") from exc
+            raise CheckpointError(f"pretrained weights {path} for encoder {encoder!r} could not be loaded "
+                                  f"({reason})") from exc
         raise CheckpointError(_missing_weights_message(encoder, cfg, reason)) from exc
 
 
@@ -185,6 +186,8 @@ class AngleEmbedding(nn.Module):
     """Embeds gantry angles (degrees) with Fourier features of ``theta`` and an MLP: ``[B, V] -> [B, V, dim]``."""
 
     def __init__(self, dim: int, frequencies: int = 4):
+        from timm.layers import Mlp  # timm (and torchvision through it) load when a model is built, not listed
+
         super().__init__()
         self.register_buffer("freqs", torch.arange(1, frequencies + 1, dtype=torch.float32), persistent=False)
         self.mlp = Mlp(2 * frequencies, dim, dim)
@@ -267,6 +270,8 @@ class Block(nn.Module):
     """Pre-norm transformer block: ``x + DropPath(Attn(LN(x)))``, then ``x + DropPath(Mlp(LN(x)))``."""
 
     def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.0):
+        from timm.layers import DropPath, Mlp
+
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
         self.attn = Attention(dim, heads)

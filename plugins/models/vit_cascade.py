@@ -29,9 +29,6 @@ from x2ct_framework.hookspecs import hookimpl
 from .layers import (AngleEmbedding, Block, FourierPositions, Join, Refine, ViewEncoder, ViewFusion, check_inputs,
                      level_sizes, lift, maybe_checkpoint, residual_block, resize3d)
 
-TOKEN_PRESETS = {24: "the user's stage 2: 24^3 = 13,824 tokens, 128 / 24 = 5.3x downsampling",
-                 32: "future work: 32^3 = 32,768 tokens, 128 / 32 = 4x downsampling"}
-
 
 class SkipLift(nn.Module):
     """Skip features of one encoder level: a 1x1 projection, back-projection into ``size^3``, view fusion."""
@@ -90,6 +87,8 @@ class ViTCascade(nn.Module):
             ``train.gradient_checkpointing`` unless set).
         channels_last: run the 3D decoder in channels-last memory format (faster on CPU and GPU).
     """
+
+    uses_prev = True  # refines the previous stage's prediction (checked by testing.check_model)
 
     def __init__(self, *, resolution: int, tokens: int = 24, dim: int = 256, depth: int = 6, heads: int = 4,
                  mlp_ratio: float = 4.0, drop_path: float = 0.0, channels: int = 16, decoder_levels: int = 3,

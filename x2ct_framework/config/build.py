@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import copy
+import inspect
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-from x2ct_framework.errors import PluginError
+from x2ct_framework.conventions import DEFAULT_HU_WINDOW
+from x2ct_framework.errors import PluginError, X2CTError
 from x2ct_framework.plugins import get_plugin_manager
 from x2ct_framework.config.recipe import Recipe
 from x2ct_framework.config.schema import LOSS_TERM_KEYS
@@ -16,9 +18,34 @@ from x2ct_framework.stage import Stage
 
 
 def load_recipe_plugins(recipe: Recipe) -> None:
+    """Import the plugins a recipe names (paths relative to the file that declares them).
+
+    A recipe the user named is trusted and its plugins are remembered as the user's; a run folder's
+    ``recipe.toml`` (``recipe.run_folder`` set) is data: each of its plugins must be allowed by
+    :meth:`~x2ct_framework.plugins.PluginManager.allows_run_plugin` first, so none is imported unless
+    the user named it too, it is installed, or the user passed ``--trust-run-plugins``.
+    """
+    from x2ct_framework.plugins import plugin_key
+
     pm = get_plugin_manager()
+    base = recipe.plugins_dir
+    allowed = []
     for spec in recipe["plugins"]:
-        pm.load_module(spec, recipe.base_dir)
+        if recipe.run_folder is not None:
+            verdict = pm.allows_run_plugin(spec, base, recipe.run_folder)
+            if verdict is None:
+                continue
+        allowed.append(spec)
+    for spec in allowed:
+        pm.load_module(spec, base)
+        if recipe.run_folder is None:
+            pm.user_plugins.add(plugin_key(spec, base))
+
+
+def tracker_init_kwargs(recipe: Recipe) -> dict[str, dict]:
+    """``train.tracker_options`` as Accelerate's ``init_trackers(..., init_kwargs=...)``: per tracker name, the
+    keyword arguments of its initialisation (wandb: entity, tags, name, ...; tensorboard: SummaryWriter's)."""
+    return {name: dict(opts) for name, opts in recipe["train"]["tracker_options"].items()}
 
 
 def stages(recipe: Recipe) -> list[Stage]:
@@ -44,14 +71,49 @@ def model_options(recipe: Recipe, stage: Stage) -> dict:
     return _merged(recipe["model"], stage.options.get("model", {}))
 
 
+def dataset_default(recipe: Recipe, stage: Stage, key: str) -> Any:
+    """The stage's ``[data]`` value of ``key``, else the dataset factory's own default, else ``None``."""
+    data = data_options(recipe, stage)
+    if key in data:
+        return data[key]
+    reg = get_plugin_manager().registry("dataset")
+    if data.get("name") not in reg:
+        return None
+    factory = reg.get(data["name"]).factory
+    try:
+        param = inspect.signature(factory.__init__ if inspect.isclass(factory) else factory).parameters.get(key)
+    except (TypeError, ValueError):
+        return None
+    if param is None or param.default is inspect.Parameter.empty:
+        return None
+    return list(param.default) if isinstance(param.default, tuple) else param.default
+
+
 def context(recipe: Recipe, stage: Stage) -> dict[str, Any]:
-    """Values a component may ask for by naming them as parameters (unless its recipe sets them)."""
+    """Values a component may ask for by naming them as parameters (unless its recipe sets them).
+
+    ``hu_window`` is always offered: ``[data] hu_window``, else the dataset's default, else
+    ``DEFAULT_HU_WINDOW``, so every component scales intensities as the data does.
+    """
     data = data_options(recipe, stage)
     ctx = {"resolution": stage.resolution, "stage": stage, "seed": recipe["seed"],
            "gradient_checkpointing": recipe["train"]["gradient_checkpointing"]}
-    for key in ("views", "hu_window", "geometry"):
+    for key in ("views", "geometry"):
         if key in data:
             ctx[key] = data[key]
+    window = dataset_default(recipe, stage, "hu_window")
+    ctx["hu_window"] = list(window) if window is not None else list(DEFAULT_HU_WINDOW)
+    return ctx
+
+
+def dataset_context(recipe: Recipe, stage: Stage) -> dict[str, Any]:
+    """What a dataset factory may declare besides its options: ``resolution`` (the stage's), ``hu_window``
+    (the recipe's, else ``DEFAULT_HU_WINDOW`` when the dataset has no default of its own) and
+    ``gradient_checkpointing``. The recipe's training ``seed`` is not offered: a dataset's ``seed``
+    fixes its split and content, which must not change with the training seed; set it in ``[data]``."""
+    ctx = {"resolution": stage.resolution, "gradient_checkpointing": recipe["train"]["gradient_checkpointing"]}
+    if dataset_default(recipe, stage, "hu_window") is None:
+        ctx["hu_window"] = list(DEFAULT_HU_WINDOW)
     return ctx
 
 
@@ -63,7 +125,8 @@ def build_dataset(recipe: Recipe, stage: Stage, split: str) -> torch.utils.data.
     opts = data_options(recipe, stage)
     name = opts.pop("name")
     reg = get_plugin_manager().registry("dataset")
-    dataset = reg.create(name, opts, where=recipe.where("data"), split=split, stage=stage)
+    dataset = reg.create(name, opts, where=recipe.where("data"), split=split, stage=stage,
+                         context=dataset_context(recipe, stage))
     if not (hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")):
         raise PluginError(f"dataset {name!r} ({reg.get(name).source}) returned {type(dataset).__name__}, "
                           f"expected a torch.utils.data.Dataset (with __len__ and __getitem__)")
@@ -97,9 +160,9 @@ class LossTerm(nn.Module):
     """One weighted term; the weight may ramp linearly between two epochs."""
 
     def __init__(self, name: str, module: nn.Module, weight: float, schedule: str = "constant",
-                 start_epoch: int = 0, end_epoch: int = 0):
+                 start_epoch: int = 0, end_epoch: int = 0, source: str = ""):
         super().__init__()
-        self.name, self.module = name, module
+        self.name, self.module, self.source = name, module, source
         self.weight, self.schedule = float(weight), schedule
         self.start_epoch, self.end_epoch = int(start_epoch), int(end_epoch)
 
@@ -130,12 +193,31 @@ class LossSet(nn.Module):
             w = term.weight_at(epoch)
             if w == 0.0:
                 continue
-            value = term.module(pred, target, batch)
+            source = getattr(term, "source", "")
+            named = f"loss term {term.name!r}" + (f" ({source})" if source else "")
+            try:
+                value = term.module(pred, target, batch)
+            except X2CTError:
+                raise
+            except KeyError as exc:
+                raise PluginError(f"{named} needs batch key {exc}, which the dataset does not give (it gives "
+                                  f"{', '.join(map(str, batch))})") from exc
+            except Exception as exc:
+                raise PluginError(f"{named} raised {type(exc).__name__}: {exc}") from exc
             if not isinstance(value, torch.Tensor) or value.ndim != 0:
                 got = f"shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
-                raise PluginError(f"loss term {term.name!r} returned {got}, expected a scalar tensor")
+                raise PluginError(f"{named} returned {got}, expected a scalar tensor")
+            # A constant 0 (nothing to score in this batch) is harmless; another detached value trains nothing.
+            if pred.requires_grad and torch.is_grad_enabled() and not value.requires_grad and float(value) != 0.0:
+                raise PluginError(f"{named} does not depend differentiably on the prediction (detached?), so it "
+                                  f"would train nothing; fix the loss or remove the term")
             parts[term.name] = value.detach()
             total = total + w * value
+        if parts and torch.is_grad_enabled() and pred.requires_grad and not total.requires_grad:
+            names = ", ".join(f"{t.name!r} ({t.source or 'unknown plugin'})" for t in self.terms if t.name in parts)
+            raise PluginError(f"loss term(s) {names} returned a tensor that does not depend on the prediction "
+                              f"(no gradient flows back: detached, computed under torch.no_grad, or built from "
+                              f"the target only); nothing would train")
         return total, parts
 
     def trainable(self) -> list[LossTerm]:
@@ -155,7 +237,7 @@ def build_losses(recipe: Recipe, stage: Stage) -> LossSet:
         module = reg.create(plugin, table, where=where, context=ctx)
         if not isinstance(module, nn.Module):
             module = _Wrap(module)
-        terms.append(LossTerm(term_name, module, **meta))
+        terms.append(LossTerm(term_name, module, **meta, source=f"loss {plugin!r} from {reg.get(plugin).source}"))
     return LossSet(terms, model_options(recipe, stage).get("name", "the model"))
 
 
@@ -170,7 +252,9 @@ class _Wrap(nn.Module):
 
 def build_metrics(recipe: Recipe) -> dict[str, Any]:
     reg = get_plugin_manager().registry("metric")
-    ctx = {"hu_window": recipe["data"]["hu_window"]} if "hu_window" in recipe["data"] else {}
+    first = stages(recipe)[0]
+    window = dataset_default(recipe, first, "hu_window")
+    ctx = {"hu_window": list(window) if window is not None else list(DEFAULT_HU_WINDOW), "seed": recipe["seed"]}
     out = {}
     for i, name in enumerate(recipe["eval"]["metrics"]):
         out[name] = reg.create(name, {}, where=recipe.where("eval", "metrics", i), context=ctx)

@@ -11,6 +11,8 @@ cycles are an error. ``--set stages.2.epochs=5`` overrides a dotted key with a T
 from __future__ import annotations
 
 import copy
+import math
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +31,9 @@ class Recipe:
     data: dict
     path: Path
     origins: dict = field(default_factory=dict)
+    # The run folder whose recipe.toml this is, when it was read from one rather than named by the user:
+    # its plugins are then data, not code (see PluginManager.allows_run_plugin).
+    run_folder: Path | None = None
 
     def __getitem__(self, key: str) -> Any:
         return self.data[key]
@@ -43,6 +48,13 @@ class Recipe:
     @property
     def base_dir(self) -> Path:
         return self.path.parent
+
+    @property
+    def plugins_dir(self) -> Path:
+        """The folder ``plugins`` paths are relative to: that of the file that declares them (or the
+        working directory for ``--set plugins=[...]``)."""
+        origin = self.origin(("plugins",))
+        return Path.cwd() if origin == "--set" else Path(origin).parent
 
     def origin(self, key: Key) -> str:
         """The file (or ``--set``) that gave the value at ``key`` or its nearest parent."""
@@ -65,7 +77,7 @@ class Recipe:
         predicting from the run folder (recipe.toml there, not beside the original) still finds them."""
         data = copy.deepcopy(self.data)
         if data.get("plugins"):
-            data["plugins"] = [str(plugin_file(p, self.base_dir) or p) for p in data["plugins"]]
+            data["plugins"] = [str(plugin_file(p, self.plugins_dir) or p) for p in data["plugins"]]
         return dumps_toml(data)
 
 
@@ -147,26 +159,26 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise RecipeError([f"--set {text}: expected dotted.key=value"])
     key, raw = text.split("=", 1)
-    parts = [p.strip() for p in key.strip().split(".")]
-    if not key.strip() or any(not p for p in parts):
+    key_path = [p.strip() for p in key.strip().split(".")]
+    if not key.strip() or any(not p for p in key_path):
         raise RecipeError([f"--set {text}: expected dotted.key=value, got an empty key part"])
     raw = raw.strip()
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
-        if raw and all(c.isalnum() or c in "_-./:+" for c in raw) and not raw[0] in "[{\"'":
+        if raw and all(c.isalnum() or c in "_-./:+" for c in raw) and raw[0] not in "[{\"'":
             value = raw  # a bare word such as a name or a path
         else:
             raise RecipeError([f"--set {text}: the value {raw!r} is not a TOML value "
                                f"(strings with spaces need quotes: key=\"a b\")"]) from None
-    return parts, value
+    return key_path, value
 
 
-def apply_override(data: dict, origins: dict, parts: list[str], value: Any, text: str) -> None:
+def apply_override(data: dict, origins: dict, key_path: list[str], value: Any, text: str) -> None:
     node: Any = data
     key: Key = ()
-    for i, part in enumerate(parts):
-        last = i == len(parts) - 1
+    for i, part in enumerate(key_path):
+        last = i == len(key_path) - 1
         if isinstance(node, list):
             idx = _list_index(node, part, text, key)
             key += (idx,)
@@ -204,13 +216,36 @@ def _list_index(node: list, part: str, text: str, key: Key = ()) -> int:
 
 
 # ---- writing -------------------------------------------------------------------------------------
+_ESCAPES = {"\\": "\\\\", '"': '\\"', "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _toml_string(v: str) -> str:
+    """A TOML basic string: quotes, backslashes and every control character escaped."""
+    out = []
+    for c in v:
+        if c in _ESCAPES:
+            out.append(_ESCAPES[c])
+        elif ord(c) < 0x20 or ord(c) == 0x7F:
+            out.append(f"\\u{ord(c):04X}")
+        else:
+            out.append(c)
+    return '"' + "".join(out) + '"'
+
+
 def _toml_value(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
-    if isinstance(v, (int, float)):
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "nan"
+        if math.isinf(v):
+            return "inf" if v > 0 else "-inf"
         return repr(v)
     if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+        return _toml_string(v)
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     if isinstance(v, dict):
@@ -219,7 +254,8 @@ def _toml_value(v: Any) -> str:
 
 
 def _toml_key(k: str) -> str:
-    return k if k.replace("_", "").replace("-", "").isalnum() else _toml_value(k)
+    """A bare key when TOML allows one (ASCII letters, digits, ``_`` and ``-``), else a quoted key."""
+    return k if _BARE_KEY.fullmatch(k) else _toml_string(k)
 
 
 def dumps_toml(data: dict) -> str:

@@ -14,20 +14,25 @@ from x2ct_framework.config.schema import validate_recipe
 from x2ct_framework.errors import RecipeError
 
 
-def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), validate: bool = True) -> Recipe:
-    """Load, merge, override and validate a recipe file."""
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), validate: bool = True,
+                run_folder: Path | None = None) -> Recipe:
+    """Load, merge, override and validate a recipe file.
+
+    ``run_folder``: the recipe is a run folder's ``recipe.toml`` (data: its plugins are imported only when
+    allowed, see :func:`x2ct_framework.config.build.load_recipe_plugins`)."""
     path = Path(path)
     data, origins = _read_toml(path, [])
     problems = []
     for text in overrides:
         try:
-            parts, value = parse_override(text)
-            apply_override(data, origins, parts, value, text)
+            key_path, value = parse_override(text)
+            apply_override(data, origins, key_path, value, text)
         except RecipeError as exc:
             problems.extend(exc.problems)
     if problems:
         raise RecipeError(problems)
     recipe = Recipe(data=data, path=path.resolve(), origins=origins)
+    recipe.run_folder = run_folder
     if validate:
         validate_recipe(recipe)
     return recipe

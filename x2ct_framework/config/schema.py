@@ -8,11 +8,13 @@ written to the run folder holds every value the run used.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from pathlib import PurePosixPath, PureWindowsPath
 from typing import Any, Callable
 
-from x2ct_framework.errors import RecipeError, did_you_mean
-from x2ct_framework.config.document import Key, Recipe, format_key
+from x2ct_framework.errors import RecipeError, X2CTError, did_you_mean
+from x2ct_framework.config.document import Key, Recipe
 
 REQUIRED = object()
 
@@ -56,11 +58,28 @@ class Losses:
 
 
 def positive(v: Any) -> str | None:
-    return None if v > 0 else "expected a positive number"
+    return None if v > 0 and math.isfinite(v) else "expected a positive number"
 
 
 def non_negative(v: Any) -> str | None:
-    return None if v >= 0 else "expected a number >= 0"
+    return None if v >= 0 and math.isfinite(v) else "expected a number >= 0"
+
+
+def run_name(v: Any) -> str | None:
+    """The run folder is output_dir/name: a non-empty relative path that stays below output_dir."""
+    if not v.strip():
+        return "expected a non-empty name (the run folder is output_dir/name)"
+    if "\0" in v or any(ord(c) < 0x20 for c in v):
+        return "expected a name without control characters"
+    if PurePosixPath(v).is_absolute() or PureWindowsPath(v).is_absolute() or PureWindowsPath(v).drive \
+            or v.startswith("~"):
+        return "expected a relative name (the run folder is output_dir/name), not an absolute path"
+    parts = [p for p in v.replace("\\", "/").split("/") if p not in ("", ".")]
+    if ".." in parts:
+        return "expected a name below output_dir, without '..'"
+    if not parts:
+        return "expected a name that names a folder below output_dir"
+    return None
 
 
 def at_least_one(v: Any) -> str | None:
@@ -68,11 +87,36 @@ def at_least_one(v: Any) -> str | None:
 
 
 def optimizer_name(v: Any) -> str | None:
-    from x2ct_framework.config.optim import OPTIMIZERS
+    """An optimizer of the registry (torch.optim's by lower-case name, and plugins' ``register_optimizers``)."""
+    from x2ct_framework.config.optim import optimizer_names
 
-    if v.lower() in OPTIMIZERS:
+    names = optimizer_names()
+    if v in names or v.lower() in names:
         return None
-    return f"unknown optimizer{did_you_mean(v.lower(), OPTIMIZERS)} (known: {', '.join(sorted(OPTIMIZERS))})"
+    return f"unknown optimizer{did_you_mean(v.lower(), names)} (known: {', '.join(names)})"
+
+
+def scheduler_spec(v: Any) -> str | None:
+    """A schedule of the registry by name, or a table ``{ name = "...", <its options> }`` checked against it."""
+    from x2ct_framework.config.optim import build_schedule, schedule_names
+
+    if not (isinstance(v, str) or (isinstance(v, dict) and isinstance(v.get("name"), str))):
+        return 'expected a schedule name or a table { name = "step", every = 1000, gamma = 0.5 }'
+    name = v if isinstance(v, str) else v["name"]
+    names = schedule_names()
+    if name not in names:
+        return f"unknown schedule {name!r}{did_you_mean(name, names)} (known: {', '.join(names)})"
+    try:
+        build_schedule(v, 100, 1.0, 0.0, 0)
+    except X2CTError as exc:
+        return str(exc).replace("scheduler: ", "", 1)
+    return None
+
+
+def compile_setting(v: Any) -> str | None:
+    from x2ct_framework.training.compile import check_compile
+
+    return check_compile(v)
 
 
 def metric_key(v: Any) -> str | None:
@@ -95,19 +139,23 @@ STAGE = Table(
                     check=positive),
         "min_lr": Value("number", 1e-6, "final learning rate of the cosine schedule", check=non_negative),
         "warmup_steps": Value("int", 0, "linear warm-up in optimizer steps", check=non_negative),
-        "optimizer": Value("str", "adamw", "torch.optim optimizer by name (adamw, adam, sgd, radam, ...)",
-                           check=optimizer_name),
+        "optimizer": Value("str", "adamw", "optimizer by registry name: torch.optim's (adamw, adam, sgd, radam, "
+                           "...) or a plugin's (register_optimizers)", check=optimizer_name),
         "optimizer_options": Table({}, "extra optimizer arguments, e.g. betas = [0.9, 0.95]", open=True),
         "weight_decay": Value("number", 0.01, "weight decay", check=non_negative),
-        "scheduler": Value("str", "cosine", "learning-rate schedule per optimizer step: cosine lr -> min_lr, "
-                           "or constant (both after the warm-up)", choices=("cosine", "constant")),
+        "scheduler": Value("any", "cosine", "learning-rate schedule per optimizer step, after the warm-up, by "
+                           "registry name (cosine lr -> min_lr, constant, linear lr -> min_lr, linear_decay, step, "
+                           "or a plugin's) or a table { name = \"step\", every = 1000, gamma = 0.5 } with its options",
+                           check=scheduler_spec),
+        "constant_epochs": Value("int", 0, "epochs at the full lr before linear_decay starts (X2CT-GAN: 50 of 100)",
+                                 check=non_negative),
         "batch_size": Value("int", 0, "per-device batch size; 0 takes train.batch_size", check=non_negative),
         "grad_accum": Value("int", 0, "gradient accumulation steps; 0 takes train.grad_accum", check=non_negative),
         "checkpoint_every": Value("int", 0, "periodic checkpoint every N epochs; 0 = off", check=non_negative),
         "val_every": Value("int", 1, "validate every N epochs (and after the last)", check=at_least_one),
         "select_best": Value("str", "val/psnr", "validation metric that picks the best checkpoint", check=metric_key),
-        "best_mode": Value("str", "auto", "max or min of select_best; auto = min for losses and errors "
-                           "(loss, mae, mse, lpips), max otherwise", choices=("auto", "max", "min")),
+        "best_mode": Value("str", "auto", "max or min of select_best; auto = the metric's higher_is_better "
+                           "(min for val/loss, mae, landmark_mm, lpips)", choices=("auto", "max", "min")),
         "freeze": Value("list[str]", [], "parameter-name prefixes that are not trained in this stage"),
         "cascade": Value("bool", False, "feed the previous stage's prediction (its best model, frozen) to this "
                          "stage's model as prev; otherwise stages are chained by weights only"),
@@ -119,11 +167,14 @@ STAGE = Table(
 
 SCHEMA = Table(
     {
-        "name": Value("str", REQUIRED, "experiment name; the run folder is output_dir/name"),
+        "name": Value("str", REQUIRED, "experiment name; the run folder is output_dir/name (a relative path "
+                      "below output_dir, no '..')", check=run_name),
         "description": Value("str", "", "free text"),
         "seed": Value("int", 0, "global random seed"),
         "output_dir": Value("str", "runs", "parent folder of run folders (relative to the working directory)"),
         "plugins": Value("list[str]", [], "extra plugin modules or .py files (relative to the recipe)"),
+        "plugin_options": Table({}, "options of hook plugins, one table per plugin ([plugin_options.<name>]), "
+                                "checked against the options the plugin declares (x2ct_options)", open=True),
         "data": Component("dataset plugin and its options"),
         "model": Component("model plugin and its options"),
         "train": Table(
@@ -142,6 +193,9 @@ SCHEMA = Table(
                                          check=non_negative),
                 "mixed_precision": Value("str", "no", "Accelerate mixed precision", choices=("no", "fp16", "bf16")),
                 "gradient_checkpointing": Value("bool", False, "recompute activations in the backward pass"),
+                "compile": Value("any", False, "torch.compile the model: false, true (default mode), or a mode "
+                                 "(\"reduce-overhead\", \"max-autotune\", ...); falls back to eager with a message "
+                                 "when compiling fails", check=compile_setting),
                 "max_grad_norm": Value("number", 1.0, "gradient clipping; 0 = off", check=non_negative),
                 "max_nonfinite_steps": Value("int", 10, "optimizer steps skipped for a non-finite loss or gradient "
                                              "before a stage stops", check=non_negative),
@@ -159,6 +213,9 @@ SCHEMA = Table(
                                              check=non_negative),
                 "trackers": Value("list[str]", ["tensorboard"], "Accelerate trackers (tensorboard, wandb, mlflow, "
                                   "...); [] or [\"none\"] for none"),
+                "tracker_options": Table({}, "per tracker of train.trackers, the keyword arguments its "
+                                         "initialisation takes (Accelerate's init_kwargs), e.g. "
+                                         "[train.tracker_options.wandb] entity, tags, name", open=True),
                 "progress": Value("bool", True, "show a progress bar on the main process"),
             }
         ),
@@ -167,7 +224,8 @@ SCHEMA = Table(
                 "metrics": Value("list[str]", ["psnr", "ssim"], "validation metrics (registry names)"),
                 "preview": Value("bool", True, "write slice previews at each validation"),
                 "protocols": Value("list[str]", ["default", "x2ctgan"],
-                                   "metric protocols of the final evaluation and report (default, x2ctgan)",
+                                   "metric protocols of the final evaluation and report (registry names: "
+                                   "default, x2ctgan, or a plugin's register_protocols)",
                                    check=protocol_names),
                 "split": Value("str", "test", "split scored at the end of a run", choices=("train", "val", "test")),
                 "report": Value("bool", True, "evaluate the last stage's best checkpoint and write report.md "
@@ -192,7 +250,8 @@ _KIND_CHECK = {
     "bool": lambda v: isinstance(v, bool),
     "list": lambda v: isinstance(v, list),
     "list[int]": lambda v: isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in v),
-    "list[float]": lambda v: isinstance(v, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v),
+    "list[float]": lambda v: isinstance(v, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                                         for x in v),
     "list[str]": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
     "any": lambda v: True,
 }
@@ -292,7 +351,8 @@ def _check_losses(value: Any, key: Key, recipe: Recipe, problems: list[str]) -> 
             continue
         term = dict(term)
         weight = term.setdefault("weight", 1.0)
-        if not isinstance(weight, (int, float)) or isinstance(weight, bool) or weight < 0:
+        if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not weight >= 0 \
+                or not math.isfinite(weight):
             problems.append(f"{recipe.where(*key, name, 'weight')}: expected a number >= 0, got {weight!r}")
         schedule = term.setdefault("schedule", "constant")
         if schedule not in ("constant", "linear"):
@@ -302,9 +362,79 @@ def _check_losses(value: Any, key: Key, recipe: Recipe, problems: list[str]) -> 
     return out
 
 
+def _non_finite(data: Any, key: Key = ()) -> list[Key]:
+    """Keys holding nan or inf anywhere in the recipe (component options included)."""
+    if isinstance(data, float):
+        return [] if math.isfinite(data) else [key]
+    if isinstance(data, dict):
+        return [k for name, v in data.items() for k in _non_finite(v, key + (name,))]
+    if isinstance(data, list):
+        return [k for i, v in enumerate(data) for k in _non_finite(v, key + (i,))]
+    return []
+
+
+def _load_plugins(recipe: Recipe) -> None:
+    """Load the recipe's ``plugins`` first, so that names checked against a registry (protocols,
+    optimizers, schedules) include the ones they register. A malformed list is left to the schema check.
+    A run folder's recipe is data: its plugins go through the same trust check as at build time."""
+    specs = recipe.data.get("plugins")
+    if not (isinstance(specs, list) and all(isinstance(p, str) for p in specs)):
+        return
+    from x2ct_framework.config.build import load_recipe_plugins
+
+    load_recipe_plugins(recipe)
+
+
+def _check_plugin_options(data: dict, recipe: Recipe, problems: list[str]) -> None:
+    """``[plugin_options.<name>]``: each table checked against the plugin's ``x2ct_options`` parameters (same
+    messages as component options) and completed with its defaults."""
+    import inspect
+
+    from x2ct_framework.plugins import OPTIONS_DECLARATION, get_plugin_manager
+    from x2ct_framework.registry import Entry, check_options
+
+    pm = get_plugin_manager()
+    for name, table in data["plugin_options"].items():
+        where = recipe.where("plugin_options", name)
+        if not isinstance(table, dict):
+            problems.append(f"{where}: expected a table of the plugin's options, got {table!r}")
+            continue
+        found = pm.find_plugin(name)
+        if found is None:
+            loaded = [n for n, _ in pm.pm.list_name_plugin()]
+            problems.append(f"{where}: no loaded plugin is called {name!r}{did_you_mean(name, loaded)} (loaded: "
+                            f"{', '.join(loaded) or 'none'}); name it in plugins or install it")
+            continue
+        known, plugin = found
+        declare = getattr(plugin, OPTIONS_DECLARATION, None)
+        if not callable(declare):
+            problems.append(f"{where}: plugin {known!r} declares no options (it has no {OPTIONS_DECLARATION}() "
+                            f"function), so this table would be ignored")
+            continue
+        entry = Entry(name, declare, known, pm.distributions.get(known, "?"))
+        try:
+            check_options(entry, table, where, "plugin")
+        except RecipeError as exc:
+            problems.extend(exc.problems)
+            continue
+        for p in inspect.signature(declare).parameters.values():
+            if p.name not in table and p.default is not p.empty and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
+                table[p.name] = list(p.default) if isinstance(p.default, tuple) else _default(p.default)
+        try:
+            declare(**table)  # the plugin's own checks of the values
+        except (ValueError, TypeError) as exc:
+            problems.append(f"{where}: plugin {known!r} rejected its options: {exc}")
+
+
 def validate_recipe(recipe: Recipe) -> Recipe:
     """Check the whole recipe against the schema, fill defaults in place, report all problems."""
     problems: list[str] = []
+    # Every number of a recipe is meant to be finite: nan passes ">= 0" and inf passes "positive".
+    for key in _non_finite(recipe.data):
+        problems.append(f"{recipe.where(*key)}: expected a finite number, got {_get(recipe.data, key)!r}")
+    if problems:
+        raise RecipeError(problems)
+    _load_plugins(recipe)
     data = _check(SCHEMA, recipe.data, (), recipe, problems)
     if problems:
         raise RecipeError(problems)
@@ -320,15 +450,31 @@ def validate_recipe(recipe: Recipe) -> Recipe:
     if data["train"]["start_stage"] > len(data["stages"]):
         problems.append(f"{recipe.where('train', 'start_stage')}: the recipe has {len(data['stages'])} stage(s), "
                         f"got start_stage = {data['train']['start_stage']}")
+    _check_plugin_options(data, recipe, problems)
+    trackers = [t for t in data["train"]["trackers"] if t != "none"]
+    for name, table in data["train"]["tracker_options"].items():
+        where = recipe.where("train", "tracker_options", name)
+        if name not in trackers:
+            problems.append(f"{where}: {name!r} is not one of train.trackers ({', '.join(trackers) or 'none'})"
+                            f"{did_you_mean(name, trackers)}; add it there or remove these options")
+        elif not isinstance(table, dict):
+            problems.append(f"{where}: expected a table of the tracker's keyword arguments, got {table!r}")
     # [data] hu_window is also handed to models, losses and metrics: check it here so that the error names it.
-    window = data["data"].get("hu_window")
-    if window is not None and not (isinstance(window, list) and len(window) == 2 and _KIND_CHECK["list[float]"](window)
-                                   and window[0] < window[1]):
-        problems.append(f"{recipe.where('data', 'hu_window')}: expected [low, high] in HU with low < high, got {window!r}")
+    hu_window = data["data"].get("hu_window")
+    if hu_window is not None and not (isinstance(hu_window, list) and len(hu_window) == 2
+                                      and _KIND_CHECK["list[float]"](hu_window) and hu_window[0] < hu_window[1]):
+        problems.append(f"{recipe.where('data', 'hu_window')}: expected [low, high] in HU with low < high, "
+                        f"got {hu_window!r}")
     if problems:
         raise RecipeError(problems)
     recipe.data = data
     return recipe
+
+
+def _get(data: Any, key: Key) -> Any:
+    for k in key:
+        data = data[k]
+    return data
 
 
 def describe(spec: Any = SCHEMA, prefix: str = "") -> list[tuple[str, str, str, str]]:
@@ -347,7 +493,3 @@ def describe(spec: Any = SCHEMA, prefix: str = "") -> list[tuple[str, str, str, 
             else:
                 rows.extend(describe(sub, dotted))
     return rows
-
-
-def format_where(recipe: Recipe, key: Key) -> str:
-    return f"{recipe.origin(key)}: {format_key(key)}"

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from x2ct_framework.evaluation.metrics import (DEFAULT_HU_WINDOW, LABELS, LPIPS, MAE, PSNR, RMSE, SSIM, Cosine,
-                                               LandmarkDistance, StructureMetric)
+from x2ct_framework.conventions import DEFAULT_HU_WINDOW, PLANES
+from x2ct_framework.evaluation.metrics import (LABELS, LPIPS, MAE, PSNR, RMSE, SSIM, Cosine, LandmarkDistance,
+                                               StructureMetric)
 from x2ct_framework.evaluation.protocols import X2CTGAN_METRICS
 from x2ct_framework.hookspecs import hookimpl
 
@@ -27,7 +28,7 @@ def _structure_factory(structure: str, kind: str):
 
 def _ssim2d(hu_window: Sequence[float] = DEFAULT_HU_WINDOW, window: list[float] | None = None,
             win_size: int = 11, sigma: float = 1.5, window_kind: str = "gaussian",
-            sample_covariance: bool = False, axes: list[str] = ("axial", "coronal", "sagittal")) -> SSIM:
+            sample_covariance: bool = False, axes: list[str] = PLANES) -> SSIM:
     """SSIM of 2D slices averaged over the three axes."""
     return SSIM(hu_window, mode="2d", window=window, win_size=win_size, sigma=sigma, window_kind=window_kind,
                 sample_covariance=sample_covariance, axes=axes)

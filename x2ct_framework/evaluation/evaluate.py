@@ -14,6 +14,9 @@ from __future__ import annotations
 import csv
 import json
 import math
+from collections.abc import Callable
+import logging
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,14 +25,16 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from x2ct_framework.atomic import atomic_folder
 from x2ct_framework.config.build import build_dataset
 from x2ct_framework.loading import load_model, pick_device  # noqa: F401 (re-exported for callers)
 from x2ct_framework.runs import Target, data_options_with_defaults, hu_window_of, resolve_target  # noqa: F401
-from x2ct_framework.checkpoint import STATE, WEIGHTS, load_into, resolve
-from x2ct_framework.errors import CheckpointError, DataError, RecipeError
-from x2ct_framework.evaluation.protocols import Protocol, build_protocol
-from x2ct_framework.config.recipe import Recipe, load_recipe
-from x2ct_framework.stage import Stage
+from x2ct_framework.errors import DataError
+from x2ct_framework.evaluation.protocols import Protocol, build_protocol, x2ctgan_setting_deviations
+
+
+log = logging.getLogger("x2ct_framework.evaluation")
+
 
 def _to(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, torch.Tensor):
@@ -83,9 +88,6 @@ class Evaluation:
     files: dict[str, Path] = field(default_factory=dict)
     kept: dict[int, dict[str, Any]] = field(default_factory=dict)
 
-    def protocol(self, name: str) -> Protocol:
-        return next(p for p in self.protocols if p.name == name)
-
     def ranking_key(self) -> tuple[Protocol, str]:
         return ranking(self.protocols)
 
@@ -132,12 +134,19 @@ def evaluate(target: Target, split: str = "test", protocols: list[str] = ("defau
     recipe, stage = target.recipe, target.stage
     hu_window = hu_window_of(recipe, stage)
     protos = []
+    # Offered to every protocol factory that declares them (the default protocol takes lpips).
+    offered = {"lpips": {"auto": "auto", "on": True, "off": False}[lpips], "resolution": stage.resolution,
+               "seed": recipe["seed"]}
     for name in dict.fromkeys(protocols):
-        opts = {"lpips": {"auto": "auto", "on": True, "off": False}[lpips]} if name == "default" else {}
-        protos.append(build_protocol(name, hu_window, where="--protocol", **opts))
+        protos.append(build_protocol(name, hu_window, where="--protocol", context=offered))
     rank_proto, rank_metric = ranking(protos)
     rank_key, rank_higher = rank_proto.key(rank_metric), rank_proto.higher_is_better(rank_metric)
     dataset = build_dataset(recipe, stage, split)
+    for proto in protos:  # the x2ctgan protocol outside X2CT-GAN's data setting: said loudly, kept in the results
+        if proto.name == "x2ctgan" and recipe["data"].get("name") == "x2ctgan_h5":
+            for note in x2ctgan_setting_deviations(hu_window, stage.resolution, getattr(dataset, "resize", None)):
+                log.warning("x2ctgan protocol: %s", note)
+                proto.notes.append(note)
     n = len(dataset) if not max_cases else min(max_cases, len(dataset))
     if n == 0:
         raise DataError(f"split {split!r} of {recipe.path} has no cases to evaluate")
@@ -155,7 +164,8 @@ def evaluate(target: Target, split: str = "test", protocols: list[str] = ("defau
     for batch in tqdm(loader, desc=f"evaluate {stage.name}/{split}", disable=not progress, dynamic_ncols=True):
         with_labels += int("labels" in batch)
         if "ct" not in batch:
-            raise DataError(f"split {split!r} of dataset {recipe['data']['name']!r} has no target CT ('ct') to score against")
+            raise DataError(f"split {split!r} of dataset {recipe['data']['name']!r} has no target CT ('ct') "
+                            f"to score against")
         batch = _to(batch, dev)
         pred = infer(model, batch)
         target_ct = batch["ct"].float()
@@ -191,10 +201,34 @@ def evaluate(target: Target, split: str = "test", protocols: list[str] = ("defau
             "structures_from": structures_from(getattr(dataset, "label_source", None), with_labels > 0)}
     ev = Evaluation(case_ids, values, summary, protos, info, kept=kept)
     if out_dir is not None:
-        if worst:
-            save_worst(ev, Path(out_dir) / "worst", worst)
-        write_outputs(ev, out_dir)
+        write_results_folder(ev, Path(out_dir), worst)
     return ev
+
+
+RESULT_FILES = ("per_case.csv", "summary.json", "summary.md", "worst")
+
+
+def write_results_folder(ev: Evaluation, out: Path, worst: int) -> None:
+    """Write the tables and pictures into a temporary folder and swap it in whole for ``out``, so a
+    killed evaluation never leaves new tables beside old ones. A folder that holds anything else than
+    an earlier evaluation's results is refused rather than replaced."""
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out}: exists and is not a folder; choose a folder for the results")
+    if out.is_dir():
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in RESULT_FILES)
+        if foreign:
+            raise DataError(f"--out {out}: the folder holds other files than evaluation results "
+                            f"({', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}); the results folder is "
+                            f"replaced whole, so choose a new or empty folder")
+    try:
+        with atomic_folder(out) as tmp:
+            if worst:
+                save_worst(ev, tmp / "worst", worst)
+                for w in ev.worst:  # name the pictures where they will be
+                    w["picture"] = str(out / Path(w["picture"]).relative_to(tmp))
+            write_outputs(ev, tmp, final=out)
+    except OSError as exc:
+        raise DataError(f"could not write the evaluation results to {out}: {exc}; nothing there was changed") from exc
 
 
 def save_worst(ev: Evaluation, folder: Path, k: int) -> list[dict[str, Any]]:
@@ -237,9 +271,11 @@ def summary_json(ev: Evaluation) -> dict[str, Any]:
     return out
 
 
-def write_outputs(ev: Evaluation, out_dir: str | Path) -> dict[str, Path]:
+def write_outputs(ev: Evaluation, out_dir: str | Path, final: str | Path | None = None) -> dict[str, Path]:
+    """The tables into ``out_dir``; ``final`` is where the folder will live (for links and ``ev.files``)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    final = Path(final) if final is not None else out
     keys = list(ev.values)
     with (out / "per_case.csv").open("w", newline="") as f:
         w = csv.writer(f)
@@ -247,8 +283,9 @@ def write_outputs(ev: Evaluation, out_dir: str | Path) -> dict[str, Path]:
         for i, cid in enumerate(ev.case_ids):
             w.writerow([cid, *[("" if not np.isfinite(ev.values[k][i]) else f"{ev.values[k][i]:.9g}") for k in keys]])
     (out / "summary.json").write_text(json.dumps(summary_json(ev), indent=2))
-    (out / "summary.md").write_text(markdown(ev, out))
-    ev.files = {"per_case": out / "per_case.csv", "summary_json": out / "summary.json", "summary_md": out / "summary.md"}
+    (out / "summary.md").write_text(markdown(ev, final))
+    ev.files = {"per_case": final / "per_case.csv", "summary_json": final / "summary.json",
+                "summary_md": final / "summary.md"}
     return ev.files
 
 
@@ -315,15 +352,21 @@ def markdown(ev: Evaluation, out_dir: Path | None = None) -> str:
         lines += ["Conventions:", ""] + [f"- {c}" for c in proto.conventions] + [""]
         if proto.notes:
             lines += ["Notes:", ""] + [f"- {n}" for n in proto.notes] + [""]
-    if ev.worst:
-        proto, metric = ev.ranking_key()
-        lines += [f"## Worst cases by `{proto.key(metric)}`", ""]
-        for w in ev.worst:
-            pic = Path(w["picture"])
-            rel = pic.relative_to(out_dir) if out_dir is not None and pic.is_relative_to(out_dir) else pic
-            lines += [f"{w['rank']}. {w['case_id']}: {_fmt(w[proto.key(metric)])} {proto.unit(metric)}", "",
-                      f"   ![{w['case_id']}]({rel.as_posix()})", ""]
+    lines += worst_cases_lines(ev, lambda pic: (pic.relative_to(out_dir) if out_dir is not None
+                                                and pic.is_relative_to(out_dir) else pic).as_posix())
     return "\n".join(lines).rstrip() + "\n"
+
+
+def worst_cases_lines(ev: Evaluation, link: Callable[[Path], str]) -> list[str]:
+    """The worst-cases section in markdown (``link`` turns a picture's path into the link written)."""
+    if not ev.worst:
+        return []
+    proto, metric = ev.ranking_key()
+    lines = [f"## Worst cases by `{proto.key(metric)}`", ""]
+    for w in ev.worst:
+        lines += [f"{w['rank']}. {w['case_id']}: {_fmt(w[proto.key(metric)])} {proto.unit(metric)}", "",
+                  f"   ![{w['case_id']}]({link(Path(w['picture']))})", ""]
+    return lines
 
 
 def default_out_dir(target: Target, split: str) -> Path:
@@ -334,6 +377,9 @@ def default_out_dir(target: Target, split: str) -> Path:
 
 # ---- command line -----------------------------------------------------------------------------
 def main(args) -> int:
+    from x2ct_framework.plugins import apply_trust_arguments
+
+    apply_trust_arguments(args)
     target = resolve_target(args.checkpoint, args.recipe, args.overrides, args.stage, args.which)
     out = Path(args.out) if args.out else default_out_dir(target, args.split)
     ev = evaluate(target, args.split, args.protocols, batch_size=args.batch_size, device=args.device,
@@ -341,7 +387,8 @@ def main(args) -> int:
                   progress=args.progress, lpips=args.lpips)
     for proto in ev.protocols:
         for note in proto.notes:
-            print(f"note ({proto.name}): {note}")
+            loud = note.startswith("NOT X2CT-GAN")
+            print(f"{'WARNING' if loud else 'note'} ({proto.name}): {note}", file=sys.stderr if loud else sys.stdout)
         print(f"\nprotocol {proto.name}:")
         print(metric_table(ev, proto))
     print(f"\n{ev.info['cases']} cases; results in {out}")

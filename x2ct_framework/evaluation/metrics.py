@@ -1,4 +1,4 @@
-"""Built-in metrics, registered through the ``register_metrics`` hook like any other plugin.
+"""The metric library: metric classes and functions (registered by :mod:`.builtin_metrics`).
 
 Every metric is built as ``factory(**options)`` and called as ``metric(pred, target, batch) -> [B]``
 (one value per case). ``pred`` and ``target`` are ``[B, 1, D, H, W]`` in [0, 1] after the recipe's HU
@@ -28,8 +28,8 @@ from einops import rearrange
 from x2ct_framework.errors import DataError, PluginError
 from x2ct_framework.ssim import ssim as _ssim
 
-from x2ct_framework.conventions import DEFAULT_HU_WINDOW, NOT_BODY_LABELS, PLANES  # noqa: E402,F401
-from x2ct_framework.conventions import STRUCTURE_LABELS as LABELS  # noqa: E402
+from x2ct_framework.conventions import DEFAULT_HU_WINDOW, NOT_BODY_LABELS, PLANES, hu_to_unit, unit_to_hu
+from x2ct_framework.conventions import STRUCTURE_LABELS as LABELS
 # HU ranges [low, high) that define a structure when the data has no labels, and that define the
 # predicted structure for Dice and landmarks. Lung: aerated parenchyma inside the body; bone:
 # cortical and dense trabecular bone; vessel: contrast-enhanced blood (CTPA) below bone density.
@@ -40,9 +40,8 @@ BODY_HU = -500.0  # body outline threshold when no labels are given (lungs are f
 # ---- conversions and masks --------------------------------------------------------------------
 def to_hu(x01: torch.Tensor, hu_window: Sequence[float] = DEFAULT_HU_WINDOW) -> torch.Tensor:
     """[0, 1] after the HU window -> HU (float32, or float64 for float64 input)."""
-    lo, hi = float(hu_window[0]), float(hu_window[1])
     x = x01 if x01.dtype == torch.float64 else x01.float()
-    return x * (hi - lo) + lo
+    return unit_to_hu(x, hu_window)
 
 
 def _check_pair(pred: torch.Tensor, target: torch.Tensor) -> None:
@@ -135,12 +134,6 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 # ---- plain functions --------------------------------------------------------------------------
-def psnr(pred: torch.Tensor, target: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
-    """PSNR in dB per case with peak ``data_range``, over all voxels."""
-    mse = ((pred.float() - target.float()) ** 2).flatten(1).mean(1)
-    return 10.0 * torch.log10(data_range**2 / mse.clamp_min(1e-12))
-
-
 def psnr_slices(pred: torch.Tensor, target: torch.Tensor, data_range: float = 1.0,
                 zero_mse_value: float = 100.0) -> torch.Tensor:
     """PSNR of every 2D slice, averaged over the slices of each axis and then over the three axes."""
@@ -152,12 +145,6 @@ def psnr_slices(pred: torch.Tensor, target: torch.Tensor, data_range: float = 1.
         val = 20.0 * torch.log10(data_range / torch.sqrt(mse.clamp_min(1e-10)))
         out.append(torch.where(mse == 0, torch.full_like(val, zero_mse_value), val).mean(1))
     return torch.stack(out).mean(0)
-
-
-def ssim3d(pred: torch.Tensor, target: torch.Tensor, data_range: float = 1.0, win: int = 11,
-           sigma: float = 1.5) -> torch.Tensor:
-    """3D SSIM per case (Gaussian window, valid region), the shared ``x2ct_framework.ssim``."""
-    return _ssim(pred, target, data_range=data_range, mode="3d", win_size=win, sigma=sigma)
 
 
 def dice(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -196,11 +183,13 @@ class Metric:
     def compute(self, pred, target, batch) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def _window(self, window: Sequence[float] | None) -> tuple[float, float]:
+    # ``window`` (an option of PSNR, SSIM, MAE, RMSE) is the HU range both volumes are clipped to before
+    # scoring; it is kept apart from SSIM's filter window (``win_size``, ``window_kind``).
+    def _clip_range(self, window: Sequence[float] | None) -> tuple[float, float]:
         return self.hu_window if window is None else _check_window(window, "window")
 
-    def _in_window(self, x01: torch.Tensor, window: tuple[float, float]) -> torch.Tensor:
-        return to_hu(x01, self.hu_window).clamp(*window)
+    def _clipped_hu(self, x01: torch.Tensor, clip_hu: tuple[float, float]) -> torch.Tensor:
+        return to_hu(x01, self.hu_window).clamp(*clip_hu)
 
 
 class PSNR(Metric):
@@ -216,14 +205,14 @@ class PSNR(Metric):
     def __init__(self, hu_window: Sequence[float] = DEFAULT_HU_WINDOW, window: list[float] | None = None,
                  peak: float | None = None, slices: bool = False):
         super().__init__(hu_window)
-        self.window = self._window(window)
-        self.peak = float(peak) if peak is not None else self.window[1] - self.window[0]
+        self.clip_hu = self._clip_range(window)
+        self.peak = float(peak) if peak is not None else self.clip_hu[1] - self.clip_hu[0]
         if not self.peak > 0:
             raise ValueError(f"peak must be > 0 HU, got {peak!r}")
         self.slices = slices
 
     def compute(self, pred, target, batch):
-        p, t = self._in_window(pred, self.window), self._in_window(target, self.window)
+        p, t = self._clipped_hu(pred, self.clip_hu), self._clipped_hu(target, self.clip_hu)
         if self.slices:
             return psnr_slices(p, t, self.peak).float()
         mse = ((p.double() - t.double()) ** 2).flatten(1).mean(1)
@@ -241,14 +230,14 @@ class SSIM(Metric):
     def __init__(self, hu_window: Sequence[float] = DEFAULT_HU_WINDOW, mode: str = "3d",
                  window: list[float] | None = None, win_size: int = 11, sigma: float = 1.5,
                  window_kind: str = "gaussian", sample_covariance: bool = False,
-                 axes: list[str] = ("axial", "coronal", "sagittal")):
+                 axes: list[str] = PLANES):
         super().__init__(hu_window)
         if mode not in ("3d", "2d"):
             raise ValueError(f'mode must be "3d" or "2d", got {mode!r}')
         unknown = [a for a in axes if a not in PLANES]
         if unknown or not axes:
             raise ValueError(f"axes must be a non-empty list of {', '.join(PLANES)}, got {list(axes)}")
-        self.window = self._window(window)
+        self.clip_hu = self._clip_range(window)
         self.mode, self.win_size, self.sigma = mode, int(win_size), float(sigma)
         self.window_kind, self.sample_covariance = window_kind, bool(sample_covariance)
         self.axes = tuple(PLANES.index(a) for a in axes)
@@ -257,9 +246,8 @@ class SSIM(Metric):
         check_window(self.win_size, self.sigma, window_kind)
 
     def compute(self, pred, target, batch):
-        lo, hi = self.window
-        p = (self._in_window(pred, self.window) - lo) / (hi - lo)
-        t = (self._in_window(target, self.window) - lo) / (hi - lo)
+        p = hu_to_unit(to_hu(pred, self.hu_window), self.clip_hu)
+        t = hu_to_unit(to_hu(target, self.hu_window), self.clip_hu)
         if min(p.shape[-3:]) < self.win_size:
             raise DataError(f"SSIM window of {self.win_size} voxels does not fit volume {tuple(p.shape[-3:])}")
         return _ssim(p, t, data_range=1.0, mode=self.mode, win_size=self.win_size, sigma=self.sigma,
@@ -274,17 +262,17 @@ class MAE(Metric):
 
     def __init__(self, hu_window: Sequence[float] = DEFAULT_HU_WINDOW, window: list[float] | None = None):
         super().__init__(hu_window)
-        self.window = self._window(window)
+        self.clip_hu = self._clip_range(window)
 
     def compute(self, pred, target, batch):
-        return (self._in_window(pred, self.window) - self._in_window(target, self.window)).abs().flatten(1).mean(1)
+        return (self._clipped_hu(pred, self.clip_hu) - self._clipped_hu(target, self.clip_hu)).abs().flatten(1).mean(1)
 
 
 class RMSE(MAE):
     """Root-mean-square error in HU over the whole volume."""
 
     def compute(self, pred, target, batch):
-        d = self._in_window(pred, self.window).double() - self._in_window(target, self.window).double()
+        d = self._clipped_hu(pred, self.clip_hu).double() - self._clipped_hu(target, self.clip_hu).double()
         return (d**2).flatten(1).mean(1).sqrt().float()
 
 

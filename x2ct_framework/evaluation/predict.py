@@ -32,6 +32,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from x2ct_framework.atomic import follow_umask, write_text
 from x2ct_framework.errors import DataError, X2CTError
 from x2ct_framework.io import grid_frame
 from x2ct_framework.loading import load_model, pick_device
@@ -369,7 +371,18 @@ def save_nifti(path: str | Path, volume_hu: torch.Tensor, spacing_xyz, dtype: st
     img.header["descrip"] = b"x2ct-framework prediction, HU"
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(img, str(path))
+    # under a temporary name with the same extension (nibabel picks the format from it), then renamed:
+    # a killed prediction never leaves a truncated volume under the final name
+    ext = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
+    tmp = path.with_name(f".{path.name[: len(path.name) - len(ext)]}.{os.getpid()}.tmp{ext}")
+    try:
+        nib.save(img, str(tmp))
+        follow_umask(tmp)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise DataError(f"could not write {path}: {exc}") from exc
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -484,7 +497,10 @@ def predict(target: Target, inputs: list[str | Path], out: str | Path, *, geomet
                     "hu_window": [lo, hi], "spacing_mm_xyz": list(sp), "orientation": "LPI (array axes x, y, z)",
                     "frame": frame, "notes": case.notes}
             side = path.with_name(path.name.replace(".nii.gz", "").replace(".nii", "") + ".json")
-            side.write_text(json.dumps(meta, indent=2))
+            try:
+                write_text(side, json.dumps(meta, indent=2))
+            except OSError as exc:
+                raise DataError(f"could not write {side}: {exc}") from exc
             results.append(Prediction(case.case_id, path, sp, case.notes))
             bar.update(1)
     bar.close()
@@ -494,6 +510,9 @@ def predict(target: Target, inputs: list[str | Path], out: str | Path, *, geomet
 def main(args) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    from x2ct_framework.plugins import apply_trust_arguments
+
+    apply_trust_arguments(args)
     target = resolve_target(args.checkpoint, args.recipe, args.overrides, args.stage, args.which)
     results = predict(target, args.inputs, args.out, geometry=args.geometry, views=args.views, device=args.device,
                       batch_size=args.batch_size, resize=args.resize, normalize=args.normalize,

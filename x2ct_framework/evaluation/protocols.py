@@ -7,18 +7,25 @@ A published number is comparable only with numbers computed the same way (intens
 - ``default``: this framework's protocol (see ``DEFAULT_CONVENTIONS``).
 - ``x2ctgan``: X2CT-GAN's published evaluation code (kylekma/X2CT, ``3DGAN/test.py`` with
   ``lib/utils/metrics_np.py``), reproduced step by step (see ``X2CTGAN_CONVENTIONS``).
+
+Both are registered through the ``register_protocols`` hook (this module is the core plugin
+``protocols``), exactly as a plugin registers its own: ``factory(hu_window, **options)`` returns a
+:class:`Protocol` (or a ``{metric: callable}`` dict). Every registered protocol can be named in
+``eval.protocols``, ``x2ct evaluate --protocol``, the report and the benchmark matrix.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
-from x2ct_framework.errors import PluginError, RecipeError, did_you_mean
-from x2ct_framework.evaluation.metrics import (DEFAULT_HU_WINDOW, LABELS, LPIPS, MAE, PSNR, RMSE, SSIM, LandmarkDistance, Metric,
-                      StructureMetric, _check_pair, body_mask, psnr_slices, to_hu)
+from x2ct_framework.errors import PluginError, X2CTError, did_you_mean
+from x2ct_framework.evaluation.metrics import (DEFAULT_HU_WINDOW, LABELS, LPIPS, MAE, PSNR, RMSE, SSIM, LandmarkDistance,
+                                              Metric, StructureMetric, _check_pair, body_mask, psnr_slices, to_hu)
+from x2ct_framework.hookspecs import hookimpl
 from x2ct_framework.ssim import ssim as _ssim
 
 DEFAULT_CONVENTIONS = [
@@ -61,8 +68,7 @@ X2CTGAN_CONVENTIONS = [
 def to_x2ctgan01(x01: torch.Tensor, hu_window: Sequence[float], hu_offset: float = X2CTGAN_HU_OFFSET,
                  ct_range: Sequence[float] = X2CTGAN_CT_RANGE) -> torch.Tensor:
     """[0, 1] of ``hu_window`` -> X2CT-GAN's [0, 1] (HU + offset clipped to ``ct_range``), float32 [B, D, H, W]."""
-    lo, hi = float(hu_window[0]), float(hu_window[1])
-    hu = x01.double() * (hi - lo) + lo
+    hu = to_hu(x01.double(), hu_window)  # float64 in, float64 out
     a, b = float(ct_range[0]), float(ct_range[1])
     v = ((hu + hu_offset).clamp(a, b) - a) / (b - a)
     return v.reshape(v.shape[0], *v.shape[-3:]).float()
@@ -236,27 +242,91 @@ def _x2ctgan(hu_window: Sequence[float]) -> Protocol:
                     notes=notes, exclude=exclude)
 
 
+X2CTGAN_SETTING = {"hu_window": (-1024.0, 1476.0), "resolution": 128, "resize": "linear"}
+
+
+def x2ctgan_setting_deviations(hu_window: Sequence[float], resolution: int, resize: str | None) -> list[str]:
+    """How the evaluated data differs from X2CT-GAN's test setting (their published row): one sentence each."""
+    out = []
+    lo, hi = float(hu_window[0]), float(hu_window[1])
+    if (lo, hi) != X2CTGAN_SETTING["hu_window"]:
+        out.append(f"HU window [{lo:g}, {hi:g}] instead of X2CT-GAN's [-1024, 1476] (stored [0, 2500]); the same "
+                   f"pair of volumes scores differently (SSIM 0.739 instead of 0.615 on one LIDC case with "
+                   f"[-1000, 3000])")
+    if int(resolution) != X2CTGAN_SETTING["resolution"]:
+        out.append(f"resolution {resolution}^3 instead of X2CT-GAN's 128^3")
+    if resize is not None and resize != X2CTGAN_SETTING["resize"]:
+        out.append(f"targets resampled by {resize!r} instead of X2CT-GAN's linear zoom (order 1); area averaging "
+                   f"smooths the target and flatters PSNR/SSIM (about +0.14 dB, +0.008 SSIM)")
+    elif resize is None:
+        out.append("the dataset does not say how it resampled the target (X2CT-GAN: linear zoom, order 1)")
+    return [f"NOT X2CT-GAN's setting: {d}; these numbers do not compare with its published table" for d in out]
+
+
+# Built-in protocols; registered by this module (the core plugin ``protocols``) through ``register_protocols``.
 PROTOCOLS: dict[str, Callable[..., Protocol]] = {"default": _default, "x2ctgan": _x2ctgan}
 PROTOCOL_NAMES = tuple(PROTOCOLS)
 
 
+@hookimpl
+def register_protocols(register):
+    for name, factory in PROTOCOLS.items():
+        register(name, factory)
+
+
+def _registry():
+    from x2ct_framework.plugins import get_plugin_manager
+
+    return get_plugin_manager().registry("protocol")
+
+
+def protocol_names() -> list[str]:
+    """Every protocol a recipe or ``--protocol`` may name: the registry's (built-ins always among them)."""
+    try:
+        names = _registry().names()
+    except X2CTError:  # a registry that cannot be built is reported by the command that needs it
+        names = []
+    return list(dict.fromkeys([*PROTOCOL_NAMES, *names]))
+
+
 def check_names(names: Sequence[str]) -> str | None:
     """The recipe check of ``eval.protocols``: a problem sentence, or None."""
-    bad = [n for n in names if n not in PROTOCOLS]
+    known = protocol_names()
+    bad = [n for n in names if n not in known]
     if not bad:
         return None
-    hint = did_you_mean(bad[0], PROTOCOLS)
-    return f"unknown protocol(s) {', '.join(map(repr, bad))}{hint}; expected some of {', '.join(PROTOCOLS)}"
+    hint = did_you_mean(bad[0], known)
+    return f"unknown protocol(s) {', '.join(map(repr, bad))}{hint}; expected some of {', '.join(known)}"
+
+
+def as_protocol(name: str, made: Any, source: str) -> Protocol:
+    """A protocol factory's result as a :class:`Protocol` named ``name``; a plain ``{metric: callable}``
+    dict becomes one whose metrics are all in the report's global table, ranked by the first."""
+    if isinstance(made, dict) and made and all(callable(f) for f in made.values()):
+        return Protocol(name, [f"metrics of protocol {name!r} from {source}, as their plugin defines them"],
+                        dict(made), dict.fromkeys(made, "global"), primary=next(iter(made)))
+    if not isinstance(made, Protocol):
+        raise PluginError(f"protocol {name!r} ({source}) returned {type(made).__name__}, expected a Protocol "
+                          f"(x2ct_framework.evaluation.protocols.Protocol) or a dict of metric callables")
+    if made.name != name:
+        raise PluginError(f"protocol {name!r} ({source}) returned a Protocol named {made.name!r}; its name must "
+                          f"be the registered one, which keys its numbers")
+    if made.primary not in made.metrics:
+        raise PluginError(f"protocol {name!r} ({source}): primary metric {made.primary!r} is not one of its metrics "
+                          f"({', '.join(made.metrics)})")
+    return made
 
 
 def build_protocol(name: str, hu_window: Sequence[float] = DEFAULT_HU_WINDOW, *, where: str = "protocol",
-                   **options) -> Protocol:
-    """Build protocol ``name`` for data scaled from ``hu_window``; an unknown name lists the known ones."""
-    if name not in PROTOCOLS:
-        raise RecipeError([f'{where}: unknown protocol "{name}"{did_you_mean(name, PROTOCOLS)} '
-                           f"(available: {', '.join(PROTOCOLS)})"])
-    return PROTOCOLS[name](tuple(float(v) for v in hu_window), **options)
+                   context: dict | None = None, **options) -> Protocol:
+    """Build protocol ``name`` of the registry for data scaled from ``hu_window``; an unknown name lists the
+    known ones. ``context`` values reach a factory only when it declares them (for example ``lpips``)."""
+    reg = _registry()
+    hw = tuple(float(v) for v in hu_window)
+    made = reg.create(name, options, where=where, context=context, hu_window=hw)
+    return as_protocol(name, made, reg.get(name).source)
 
 
-__all__ = ["Protocol", "PROTOCOLS", "PROTOCOL_NAMES", "build_protocol", "X2CTGANMetric", "X2CTGAN_METRICS",
+__all__ = ["Protocol", "PROTOCOLS", "PROTOCOL_NAMES", "build_protocol", "protocol_names", "check_names",
+           "as_protocol", "X2CTGANMetric", "X2CTGAN_METRICS",
            "to_x2ctgan01", "x2ctgan_integers", "DEFAULT_CONVENTIONS", "X2CTGAN_CONVENTIONS"]

@@ -17,33 +17,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import numpy as np
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from x2ct_framework.errors import FinalEvaluationError, X2CTError  # noqa: E402
-from x2ct_framework.hookspecs import hookimpl  # noqa: E402
+from x2ct_framework.conventions import PLANES, unit_to_hu
+from x2ct_framework.errors import FinalEvaluationError, X2CTError
+from x2ct_framework.hookspecs import hookimpl
+from x2ct_framework.training.logbook import Logbook
+from x2ct_framework.viz import orthogonal_slices, plt, save_figure
 
 REPORT = "report.md"
 PICTURES = "report"
 DPI = 72
-
-
-# ---- reading the run folder -------------------------------------------------------------------
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    rows = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            line = line.strip()
-            if line:
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    continue  # a line cut by a crash
-    return rows
 
 
 def _finite(v: Any) -> bool:
@@ -51,47 +36,12 @@ def _finite(v: Any) -> bool:
 
 
 # ---- pictures ---------------------------------------------------------------------------------
-def plot_curves(rows: list[dict[str, Any]], path: Path, title: str) -> Path | None:
-    """Training terms against optimizer step (left) and validation metrics against epoch (right)."""
-    train = [r for r in rows if any(k.startswith("train/") for k in r)]
-    val = [r for r in rows if any(k.startswith("val/") for k in r)]
-    if not train and not val:
+def plot_curves(book: Logbook, path: Path, title: str) -> Path | None:
+    """The stage's curves as the trainer draws them (``Logbook.plot``); None when it holds no rows."""
+    rows = book.rows()
+    if not any(r.get("kind") in ("train", "val") for r in rows):
         return None
-    val_keys = sorted({k for r in val for k in r if k.startswith("val/") and _finite(r[k])})
-    ncols = 1 + max(1, len(val_keys)) if val_keys else 1
-    fig, axes = plt.subplots(1, ncols, figsize=(3.4 * ncols, 2.8), squeeze=False)
-    ax = axes[0, 0]
-    train_keys = sorted({k for r in train for k in r if k.startswith("train/") and _finite(r[k])})
-    for k in train_keys:
-        pts = [(r["step"], r[k]) for r in train if _finite(r.get(k)) and "step" in r]
-        if pts:
-            x, y = zip(*pts)
-            ax.plot(x, y, label=k.removeprefix("train/"), lw=1)
-    ax.set_xlabel("optimizer step")
-    ax.set_title("training loss", fontsize=9)
-    if train_keys and all(r[k] > 0 for r in train for k in train_keys if _finite(r.get(k))):
-        ax.set_yscale("log")
-    if train_keys:
-        ax.legend(fontsize=7)
-    for j, k in enumerate(val_keys):
-        ax = axes[0, 1 + j]
-        pts = [(r["epoch"], r[k]) for r in val if _finite(r.get(k)) and "epoch" in r]
-        if pts:
-            x, y = zip(*pts)
-            ax.plot(x, y, marker="o", ms=3, lw=1)
-        ax.set_xlabel("epoch")
-        ax.set_title(k, fontsize=9)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
-    return path
-
-
-def _planes(vol: np.ndarray) -> list[np.ndarray]:
-    d, h, w = vol.shape
-    return [vol[d // 2], vol[:, h // 2, :], vol[:, :, w // 2]]
+    return book.plot(path, title)
 
 
 def plot_gallery(cases: list[tuple[str, torch.Tensor, torch.Tensor]], hu_window, path: Path) -> Path:
@@ -101,13 +51,13 @@ def plot_gallery(cases: list[tuple[str, torch.Tensor, torch.Tensor]], hu_window,
     n = len(cases)
     fig, axes = plt.subplots(3 * n, 3, figsize=(7.6, 2.4 * 3 * n), squeeze=False, layout="constrained")
     for c, (cid, pred, target) in enumerate(cases):
-        p = (pred.reshape(pred.shape[-3:]).float().cpu().numpy() * (hi - lo) + lo)
-        t = (target.reshape(target.shape[-3:]).float().cpu().numpy() * (hi - lo) + lo)
-        rows = [("target", _planes(t), dict(cmap="gray", vmin=disp[0], vmax=disp[1])),
-                ("prediction", _planes(p), dict(cmap="gray", vmin=disp[0], vmax=disp[1])),
-                ("|error| HU", _planes(np.abs(p - t)), dict(cmap="magma", vmin=0, vmax=500))]
+        p = unit_to_hu(pred.reshape(pred.shape[-3:]).float().cpu().numpy(), hu_window)
+        t = unit_to_hu(target.reshape(target.shape[-3:]).float().cpu().numpy(), hu_window)
+        rows = [("target", orthogonal_slices(t), dict(cmap="gray", vmin=disp[0], vmax=disp[1])),
+                ("prediction", orthogonal_slices(p), dict(cmap="gray", vmin=disp[0], vmax=disp[1])),
+                ("|error| HU", orthogonal_slices(np.abs(p - t)), dict(cmap="magma", vmin=0, vmax=500))]
         for r, (label, sl, kw) in enumerate(rows):
-            for j, plane in enumerate(("axial", "coronal", "sagittal")):
+            for j, plane in enumerate(PLANES):
                 ax = axes[3 * c + r, j]
                 im = ax.imshow(sl[j], **kw)
                 ax.set_title(f"{cid}: {label}, {plane}", fontsize=7)
@@ -126,7 +76,8 @@ def plot_structures(cid: str, pred: torch.Tensor, target: torch.Tensor, batch: d
 
     lo, hi = hu_window
     p, t = to_hu(pred[None].cpu(), hu_window), to_hu(target[None].cpu(), hu_window)
-    b = {k: (v[None].cpu() if isinstance(v, torch.Tensor) else v) for k, v in batch.items() if k in ("labels", "spacing")}
+    b = {k: (v[None].cpu() if isinstance(v, torch.Tensor) else v) for k, v in batch.items()
+         if k in ("labels", "spacing")}
     disp = (max(lo, -1000.0), min(hi, 1500.0))
     tv = t.reshape(t.shape[-3:]).numpy()
     fig, axes = plt.subplots(len(LABELS), 3, figsize=(7.2, 2.5 * len(LABELS)), squeeze=False)
@@ -139,7 +90,8 @@ def plot_structures(cid: str, pred: torch.Tensor, target: torch.Tensor, batch: d
             cz, cy, cx = (int(round(float(np.mean(ix)))) for ix in np.nonzero(ref))
         else:
             cz, cy, cx = d // 2, h // 2, w // 2
-        sl = [(tv[cz], ref[cz], pm[cz]), (tv[:, cy], ref[:, cy], pm[:, cy]), (tv[:, :, cx], ref[:, :, cx], pm[:, :, cx])]
+        sl = [(tv[cz], ref[cz], pm[cz]), (tv[:, cy], ref[:, cy], pm[:, cy]),
+              (tv[:, :, cx], ref[:, :, cx], pm[:, :, cx])]
         for j, (img, rm, prm) in enumerate(sl):
             ax = axes[r, j]
             ax.imshow(img, cmap="gray", vmin=disp[0], vmax=disp[1])
@@ -147,14 +99,9 @@ def plot_structures(cid: str, pred: torch.Tensor, target: torch.Tensor, batch: d
                 ax.contour(rm.astype(float), levels=[0.5], colors="lime", linewidths=0.8)
             if prm.any():
                 ax.contour(prm.astype(float), levels=[0.5], colors="red", linewidths=0.8)
-            ax.set_title(f"{s}, {('axial', 'coronal', 'sagittal')[j]}", fontsize=7)
+            ax.set_title(f"{s}, {PLANES[j]}", fontsize=7)
             ax.axis("off")
-    fig.suptitle(f"{cid}: reference (green) vs predicted (red) structures", fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=DPI, title=f"{cid}: reference (green) vs predicted (red) structures")
 
 
 # ---- the report -------------------------------------------------------------------------------
@@ -204,7 +151,7 @@ def write_report(run_dir: str | Path, recipe=None, results: dict | None = None, 
 
     run_dir = Path(run_dir)
     if recipe is None:
-        recipe = load_recipe(run_dir / "recipe.toml")
+        recipe = load_recipe(run_dir / "recipe.toml", run_folder=run_dir)  # data: plugins only when allowed
         load_recipe_plugins(recipe)
     pics = run_dir / PICTURES
     pics.mkdir(parents=True, exist_ok=True)
@@ -228,7 +175,8 @@ def write_report(run_dir: str | Path, recipe=None, results: dict | None = None, 
     trained = []
     for stage in all_stages:
         sdir = run_dir / stage.name
-        rows = read_jsonl(sdir / "metrics.jsonl")
+        book = Logbook(sdir)
+        rows = book.rows()
         if not rows and not (sdir / "best").is_dir():
             lines += [f"### {stage.name}", "", "Not trained in this run folder.", ""]
             continue
@@ -237,7 +185,7 @@ def write_report(run_dir: str | Path, recipe=None, results: dict | None = None, 
         # the trainer draws the stage's curves from the same log; draw them here only when it did not
         curve = sdir / "curves.png"
         if not curve.is_file():
-            curve = plot_curves(rows, pics / f"{stage.name}_curves.png", f"{stage.name}: {stage.resolution}^3")
+            curve = plot_curves(book, pics / f"{stage.name}_curves.png", f"{stage.name}: {stage.resolution}^3")
         if curve is not None:
             lines += [f"![{stage.name} curves]({_rel(curve, run_dir)})", ""]
         final = (results or {}).get(stage.name) or next(
@@ -264,7 +212,9 @@ def write_report(run_dir: str | Path, recipe=None, results: dict | None = None, 
     # final evaluation
     if evaluate_final and trained:
         lines += final_evaluation(run_dir, recipe, trained[-1], pics, device, failures)
-    (run_dir / REPORT).write_text("\n".join(lines).rstrip() + "\n")
+    from x2ct_framework.atomic import write_text
+
+    write_text(run_dir / REPORT, "\n".join(lines).rstrip() + "\n")
     return run_dir / REPORT
 
 
@@ -315,18 +265,14 @@ def final_evaluation(run_dir: Path, recipe, stage, pics: Path, device, failures:
         lines += ["## Structures", "", "Reference regions (labels, else HU thresholds) in green, the prediction's "
                   "HU-thresholded structures in red, through each region's centre.", "",
                   f"![structures]({_rel(st, run_dir)})", ""]
-    if ev.worst:
-        proto, metric = ev.ranking_key()
-        lines += [f"## Worst cases by `{proto.key(metric)}`", ""]
-        for w in ev.worst:
-            lines += [f"{w['rank']}. {w['case_id']}: {_fmt(w[proto.key(metric)])} {proto.unit(metric)}", "",
-                      f"   ![{w['case_id']}]({_rel(Path(w['picture']), run_dir)})", ""]
-    return lines
+    return lines + ev_mod.worst_cases_lines(ev, lambda picture: _rel(picture, run_dir))
 
 
 @hookimpl(trylast=True)
 def on_run_end(trainer, results):
     """Write runs/<name>/report.md after the last stage (main process only)."""
+    from x2ct_framework.plugins import plugin_file
+
     recipe = trainer.recipe
     if not recipe["eval"]["report"]:
         return
@@ -340,20 +286,26 @@ def on_run_end(trainer, results):
         raise FinalEvaluationError(
             f"training finished and its checkpoints are saved in {run_dir}, but the final evaluation on the "
             f"{recipe['eval']['split']} split failed: {failures[0]}\nFix that, then score the run and rewrite its "
-            f"report with:\n  python -m x2ct_framework.evaluation.report {run_dir}")
+            f"report with:\n  python -m x2ct_framework.evaluation.report {run_dir}"
+            + (" --plugins " + " ".join(str(plugin_file(p, recipe.plugins_dir) or p) for p in recipe["plugins"])
+               if recipe["plugins"] else ""))
 
 
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
+    from x2ct_framework.plugins import add_trust_arguments, apply_trust_arguments
     from x2ct_framework.run import report_errors
 
-    p = argparse.ArgumentParser(prog="python -m x2ct_framework.evaluation.report", description="write runs/<name>/report.md again")
+    p = argparse.ArgumentParser(prog="python -m x2ct_framework.evaluation.report",
+                                description="write runs/<name>/report.md again")
     p.add_argument("run_dir")
     p.add_argument("--device", default="auto")
+    add_trust_arguments(p)
     args = p.parse_args(argv)
 
     def go(a):
+        apply_trust_arguments(a)
         if not (Path(a.run_dir) / "recipe.toml").is_file():
             from x2ct_framework.errors import DataError
 

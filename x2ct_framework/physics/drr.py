@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
+from ..conventions import DEFAULT_HU_WINDOW, unit_to_hu
 from .geometry import batched, magnification, view_frames
 
 MU_WATER = 0.02  # linear attenuation of water per mm at about 60 keV
@@ -375,7 +376,7 @@ def backproject(images: torch.Tensor, geometry: Mapping[str, torch.Tensor], grid
     return rearrange(grad, "(b v) c d h w -> b v c d h w", b=b)
 
 
-def drr(ct01: torch.Tensor, geometry: Mapping[str, torch.Tensor], hu_window: tuple[float, float] = (-1000.0, 3000.0),
+def drr(ct01: torch.Tensor, geometry: Mapping[str, torch.Tensor], hu_window: tuple[float, float] = DEFAULT_HU_WINDOW,
         det_shape: tuple[int, int] | int | None = None, mu_water: float = MU_WATER, beer_lambert: bool = False,
         max_path: float | None = None, **project_options) -> torch.Tensor:
     """DRR in [0, 1] from a CT in [0, 1] (after the HU window) ``[B, 1, D, H, W]``: ``[B, V, 1, h, w]``.
@@ -385,8 +386,7 @@ def drr(ct01: torch.Tensor, geometry: Mapping[str, torch.Tensor], hu_window: tup
     and clips to [0, 1]; ``beer_lambert`` returns the absorbed fraction ``1 - exp(-line)``. Both
     show attenuating structures bright.
     """
-    lo, hi = hu_window
-    mu = hu_to_mu(ct01 * (hi - lo) + lo, mu_water)
+    mu = hu_to_mu(unit_to_hu(ct01, hu_window), mu_water)
     line = project(mu, geometry, det_shape, **project_options)
     if beer_lambert:
         return 1.0 - torch.exp(-line)

@@ -9,6 +9,13 @@ Keys, each ``[V, ...]`` per case and ``[B, V, ...]`` in a batch:
   ``det_shape`` is asked for;
 - ``detector_offset_mm`` ``[V, 2]``: shift of the detector centre along (u, z) in mm;
 - ``volume_mm`` ``[V, 3]``: physical size of the volume along (x, y, z), centred on the isocentre.
+
+A stored X-ray may be oriented differently from the detector frame (rows along +z from the head,
+columns along ``u``): ``ORIENTATIONS`` names the 8 flips/rotations of a square image, and
+:func:`to_stored` / :func:`from_stored` turn a detector-frame image into the stored one and back.
+Datasets undo the stored orientation when they read an image, so every batch carries detector-frame
+images; the orientation of each stored view is a dataset option and, for published data, part of
+the preset (``stored_views``: per stored image its key, gantry angle and orientation).
 """
 
 from __future__ import annotations
@@ -28,8 +35,15 @@ GEOMETRY_PRESETS: dict[str, dict] = {
     },
     "x2ctgan": {
         "beam": "cone", "sid": 541.0, "sdd": 949.0, "detector_mm": 500.0, "detector_px": 320,
+        # their stored images against this framework's DRRs of the head-first CT: xray1 (Plastimatch
+        # normal 0 1 0, then mirrored left-right by their savepng) is the PA view upside down (rows feet
+        # first, as their CT's slices); xray2 (normal 1 0 0) is the view from 270 degrees mirrored
+        # left-right and upside down
+        "stored_views": ({"key": "xray1", "angle": 0.0, "orientation": "flipud"},
+                         {"key": "xray2", "angle": 270.0, "orientation": "rot180"}),
         "doc": "X2CT-GAN (kylekma/X2CT, CT2XRAY/xraypro.py): Plastimatch cone beam, source-axis 541 mm, "
-               "source-detector 949 mm, 320^2 detector over 500 mm",
+               "source-detector 949 mm, 320^2 detector over 500 mm; stored xray1 = view 0 flipped up-down, "
+               "xray2 = view 270 rotated 180 degrees",
     },
     "perx2ct": {
         "beam": "cone", "sid": 700.0, "sdd": 949.0, "detector_mm": 500.0, "detector_px": 320,
@@ -48,6 +62,49 @@ GEOMETRY_PRESETS: dict[str, dict] = {
 }
 
 CUSTOM_KEYS = ("beam", "sid", "sdd", "detector_mm", "detector_px", "detector_offset_mm", "preset")
+
+# The 8 orientations of a square image (the dihedral group), as the stored image relative to the
+# detector-frame one: (transpose first?, then reverse rows?, then reverse columns?).
+ORIENTATIONS: dict[str, tuple[bool, bool, bool]] = {
+    "identity": (False, False, False),
+    "fliplr": (False, False, True),     # columns reversed (mirrored left-right)
+    "flipud": (False, True, False),     # rows reversed (upside down)
+    "rot180": (False, True, True),
+    "transpose": (True, False, False),  # rows and columns swapped
+    "rot90": (True, True, False),       # turned 90 degrees counter-clockwise
+    "rot270": (True, False, True),      # turned 90 degrees clockwise
+    "antitranspose": (True, True, True),
+}
+
+
+def check_orientation(code: str, where: str = "orientation") -> str:
+    if code not in ORIENTATIONS:
+        raise RecipeError([f"{where}: unknown image orientation {code!r}{did_you_mean(str(code), ORIENTATIONS)} "
+                           f"(one of {', '.join(ORIENTATIONS)})"])
+    return code
+
+
+def to_stored(image: torch.Tensor, code: str) -> torch.Tensor:
+    """The stored image (``[..., H, W]``) for a detector-frame ``image`` under orientation ``code``."""
+    transpose, rows, cols = ORIENTATIONS[check_orientation(code)]
+    out = image.transpose(-1, -2) if transpose else image
+    dims = [d for d, f in ((-2, rows), (-1, cols)) if f]
+    return out.flip(dims) if dims else out
+
+
+def from_stored(image: torch.Tensor, code: str) -> torch.Tensor:
+    """The detector-frame image for a stored ``image`` of orientation ``code`` (the inverse of :func:`to_stored`)."""
+    transpose, rows, cols = ORIENTATIONS[check_orientation(code)]
+    dims = [d for d, f in ((-2, rows), (-1, cols)) if f]
+    out = image.flip(dims) if dims else image
+    return out.transpose(-1, -2) if transpose else out
+
+
+def compose_orientation(first: str, then: str) -> str:
+    """The orientation of ``to_stored(to_stored(x, first), then)``."""
+    probe = torch.arange(9.0).reshape(3, 3)
+    target = to_stored(to_stored(probe, first), then)
+    return next(c for c in ORIENTATIONS if torch.equal(to_stored(probe, c), target))
 
 
 def _pair(value, name: str) -> tuple[float, float]:
@@ -76,7 +133,7 @@ def resolve_preset(preset: str | Mapping) -> dict:
         return dict(GEOMETRY_PRESETS[preset])
     if not isinstance(preset, Mapping):
         raise RecipeError([f"geometry: expected a preset name or a table, got {preset!r}"])
-    unknown = [k for k in preset if k not in CUSTOM_KEYS]
+    unknown = [k for k in preset if k not in CUSTOM_KEYS + ("stored_views",)]
     if unknown:
         raise RecipeError([f"geometry -> {k}: unknown geometry key{did_you_mean(k, CUSTOM_KEYS)} "
                            f"(accepted: {', '.join(CUSTOM_KEYS)})" for k in unknown])
@@ -93,7 +150,8 @@ def resolve_preset(preset: str | Mapping) -> dict:
     return spec
 
 
-def make_geometry(views: Sequence[float], preset: str | Mapping = "parallel", volume_mm: float | Sequence[float] = 320.0,
+def make_geometry(views: Sequence[float], preset: str | Mapping = "parallel",
+                  volume_mm: float | Sequence[float] = 320.0,
                   detector_mm: float | Sequence[float] | None = None, *, detector_px: int | Sequence[int] | None = None,
                   sid: float | None = None, sdd: float | None = None,
                   detector_offset_mm: float | Sequence[float] | None = None) -> dict[str, torch.Tensor]:

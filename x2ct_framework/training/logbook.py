@@ -8,12 +8,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-import matplotlib
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from x2ct_framework.viz import save_figure  # noqa: E402
+from x2ct_framework.viz import plt, save_figure
 
 
 class Logbook:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from x2ct_framework.conventions import DEFAULT_HU_WINDOW
+
 
 class WindowedCharbonnier(nn.Module):
     """``mean_w(sqrt((pred - target)^2 + eps^2) - eps)`` with weight ``focus_weight`` inside ``focus_hu``.
@@ -25,7 +27,7 @@ class WindowedCharbonnier(nn.Module):
     """
 
     def __init__(self, eps: float = 1e-3, focus_hu: list[float] = (150.0, 600.0), focus_weight: float = 4.0,
-                 *, hu_window: list[float] = (-1000.0, 3000.0)):
+                 *, hu_window: list[float] = DEFAULT_HU_WINDOW):
         super().__init__()
         if not eps > 0:
             raise ValueError(f"eps must be > 0, got {eps}")

@@ -1,0 +1,175 @@
+"""The package's shape: every module imports, no import cycle between modules, the plugin API is named."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import pkgutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import x2ct_framework
+
+
+def module_files(root: Path, package: str) -> dict[str, Path]:
+    """Dotted module name -> source file, for every module and package under ``root`` (the package folder)."""
+    out = {}
+    for path in sorted(root.rglob("*.py")):
+        parts = list(path.relative_to(root).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        out[".".join([package, *parts])] = path
+    return out
+
+
+def _top_level_imports(tree: ast.Module):
+    """Import statements that run when the module is imported: the module body and the blocks of its
+    top-level if/try/with statements, not function or class bodies, not ``if TYPE_CHECKING:``."""
+    todo = list(tree.body)
+    while todo:
+        node = todo.pop(0)
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            yield node
+        elif isinstance(node, ast.If):
+            if not (isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING"):
+                todo[:0] = node.body + node.orelse
+        elif isinstance(node, ast.Try):
+            todo[:0] = node.body + [n for h in node.handlers for n in h.body] + node.orelse + node.finalbody
+        elif isinstance(node, ast.With):
+            todo[:0] = node.body
+
+
+def import_graph(root: Path, package: str) -> dict[str, set[str]]:
+    """Module -> the modules of the same package it imports at module level (ast, nothing is executed)."""
+    files = module_files(root, package)
+    graph: dict[str, set[str]] = {name: set() for name in files}
+    for name, path in files.items():
+        is_package = path.name == "__init__.py"
+        here = name if is_package else name.rpartition(".")[0]  # the package relative imports start from
+        for node in _top_level_imports(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            else:
+                base = here
+                for _ in range(node.level - 1 if node.level else 0):
+                    base = base.rpartition(".")[0]
+                base = (f"{base}.{node.module}" if node.module else base) if node.level else node.module
+                subs = [f"{base}.{alias.name}" for alias in node.names if f"{base}.{alias.name}" in files]
+                # ``from pkg import submodule`` imports the submodule; any other name comes from pkg itself
+                targets = subs + ([base] if len(subs) < len(node.names) else [])
+            graph[name].update(t for t in targets if t in files and t != name)
+    return graph
+
+
+def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """One cycle path ``[a, b, ..., a]`` per group of modules that import each other (Tarjan's SCCs)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    groups: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                group.append(w)
+                if w == v:
+                    break
+            if len(group) > 1:
+                groups.append(sorted(group))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return [_path_within(graph, set(g), g[0]) for g in groups]
+
+
+def _path_within(graph: dict[str, set[str]], group: set[str], start: str) -> list[str]:
+    """The shortest path start -> ... -> start through ``group`` (breadth first)."""
+    prev: dict[str, str] = {}
+    frontier = [start]
+    while frontier:
+        nxt = []
+        for v in frontier:
+            for w in sorted(graph[v] & group):
+                if w == start:
+                    path = [v]
+                    while path[-1] != start:
+                        path.append(prev[path[-1]])
+                    return path[::-1] + [start]
+                if w not in prev:
+                    prev[w] = v
+                    nxt.append(w)
+        frontier = nxt
+    raise AssertionError(f"{start} is in a cycle group but no path leads back to it")  # pragma: no cover
+
+
+PACKAGE_ROOT = Path(x2ct_framework.__file__).parent
+
+
+def test_every_module_imports():
+    names = [m.name for m in pkgutil.walk_packages(x2ct_framework.__path__, "x2ct_framework.")]
+    assert set(module_files(PACKAGE_ROOT, "x2ct_framework")) == {"x2ct_framework", *names}
+    for name in names:
+        importlib.import_module(name)
+
+
+def test_no_import_cycle_between_modules():
+    graph = import_graph(PACKAGE_ROOT, "x2ct_framework")
+    assert graph["x2ct_framework.evaluation.report"] >= {"x2ct_framework.training.logbook", "x2ct_framework.viz"}
+    cycles = find_cycles(graph)
+    assert not cycles, "import cycles between modules:\n" + "\n".join(" -> ".join(c) for c in cycles)
+
+
+def test_the_cycle_finder_sees_cycles_and_only_module_level_imports(tmp_path):
+    pkg = tmp_path / "pkg"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from pkg.sub import b\n")
+    (pkg / "sub" / "__init__.py").write_text("")
+    (pkg / "sub" / "b.py").write_text("try:\n    from .. import c\nexcept ImportError:\n    pass\n")
+    (pkg / "c.py").write_text("import pkg.a\n\ndef late():\n    from pkg import d\n")
+    (pkg / "d.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pkg import c\n"
+                              "def f():\n    import pkg.c\n")
+    graph = import_graph(pkg, "pkg")
+    assert graph == {"pkg": set(), "pkg.a": {"pkg.sub.b"}, "pkg.sub": set(), "pkg.sub.b": {"pkg.c"},
+                     "pkg.c": {"pkg.a"}, "pkg.d": set()}
+    assert find_cycles(graph) == [["pkg.a", "pkg.sub.b", "pkg.c", "pkg.a"]]
+    assert find_cycles({"x": {"y"}, "y": {"x"}, "z": {"x"}}) == [["x", "y", "x"]]
+
+
+def test_the_package_names_its_plugin_api_and_imports_cheaply():
+    assert set(x2ct_framework.__all__) >= {"hookspecs", "errors", "stage", "physics", "io", "ssim", "phantom",
+                                           "testing", "conventions"}
+    for name in x2ct_framework.__all__:
+        if name != "__version__":
+            assert getattr(x2ct_framework, name) is importlib.import_module(f"x2ct_framework.{name}")
+    with pytest.raises(AttributeError, match="no attribute 'trainer'"):
+        x2ct_framework.trainer  # not part of the plugin API
+    code = "import sys, x2ct_framework; print('torch' in sys.modules, 'x2ct_framework.physics' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]
+
+
+def test_docs_architecture_names_every_module():
+    text = (Path(__file__).resolve().parents[1] / "docs" / "architecture.md").read_text()
+    files = module_files(PACKAGE_ROOT, "x2ct_framework").values()
+    missing = [f.relative_to(PACKAGE_ROOT).as_posix() for f in files if f.name != "__init__.py" and f.name not in text]
+    missing += [f"{f.parent.name}/" for f in files
+                if f.name == "__init__.py" and f.parent != PACKAGE_ROOT and f"{f.parent.name}/" not in text]
+    assert not missing, f"docs/architecture.md does not name {missing}"

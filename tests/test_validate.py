@@ -1,0 +1,153 @@
+"""x2ct validate runs the contract on the recipe's real components: each mistake is caught before training."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+from x2ct_framework.cli import main as x2ct_main
+
+PLUGIN = """
+    import torch
+    from x2ct_framework.hookspecs import hookimpl
+    from x2ct_framework.testing import make_case
+
+
+    class Data(torch.utils.data.Dataset):
+        def __init__(self, split, stage, views: list = (0, 90), mode: str = "ok", n: int = 2):
+            self.r, self.mode, self.n = stage.resolution, mode, n
+
+        def __len__(self):
+            return self.n
+
+        def __getitem__(self, i):
+            item = make_case(i, resolution=self.r * 2 if self.mode == "noresize" and i else self.r)
+            if self.mode == "hu":
+                item["ct"] = item["ct"] * 4000.0 - 1000.0
+            if self.mode == "nolabels":
+                del item["labels"]
+            return item
+
+
+    class Flat(torch.nn.Module):
+        def __init__(self, resolution, mode: str = "ok"):
+            super().__init__()
+            self.r, self.mode = resolution, mode
+            self.w = torch.nn.Parameter(torch.tensor([0.5]))
+
+        def forward(self, xrays, geometry, prev=None):
+            x = xrays.detach() if self.mode == "detached" else xrays
+            r = self.r // 2 if self.mode == "half" else self.r
+            return (self.w * x.mean(dim=(1, 2, 3, 4)))[:, None, None, None, None].expand(-1, 1, r, r, r)
+
+
+    class NoBatch(torch.nn.Module):
+        def forward(self, pred, target):
+            return (pred - target).abs().mean()
+
+
+    class Detached(torch.nn.Module):
+        def forward(self, pred, target, batch):
+            return (pred.detach() - target).abs().mean()
+
+
+    class NeedsLabels(torch.nn.Module):
+        def forward(self, pred, target, batch):
+            return ((pred - target).abs() * (batch["labels"] == 3)).mean()
+
+
+    @hookimpl
+    def register_datasets(register):
+        register("kit_data", Data)
+
+
+    @hookimpl
+    def register_models(register):
+        register("kit_flat", Flat)
+
+
+    @hookimpl
+    def register_losses(register):
+        register("kit_nobatch", NoBatch)
+        register("kit_detached", Detached)
+        register("kit_labels", NeedsLabels)
+"""
+
+RECIPE = """
+    name = "kit"
+    plugins = ["kit_plugin.py"]
+    [data]
+    name = "kit_data"
+    views = [0, 90]
+    [model]
+    name = "kit_flat"
+    [train]
+    batch_size = 2
+    [eval]
+    metrics = ["psnr"]
+    [[stages]]
+    resolution = 8
+    epochs = 1
+    losses = { l1 = 1.0 }
+"""
+
+
+@pytest.fixture
+def recipe(tmp_path):
+    (tmp_path / "kit_plugin.py").write_text(textwrap.dedent(PLUGIN))
+    path = tmp_path / "kit.toml"
+    path.write_text(textwrap.dedent(RECIPE))
+    return path
+
+
+def validate(recipe, *sets):
+    argv = ["validate", str(recipe), "--no-describe"]
+    for s in sets:
+        argv += ["--set", s]
+    return x2ct_main(argv)
+
+
+def test_the_good_recipe_passes(recipe, capsys):
+    assert validate(recipe) == 0
+    out = capsys.readouterr().out
+    assert "contract: ok" in out and out.strip().endswith("ok") and "(1 params)" in out
+
+
+@pytest.mark.parametrize("sets, message", [
+    (["model.mode='half'"], "model 'kit_flat' (plugin '"),
+    (["model.mode='detached'"], "the output does not depend (differentiably) on the X-rays"),
+    (["data.mode='hu'"], "train split, item 0: ct: values outside [0, 1]: -1000.."),
+    (["data.mode='noresize'"], "2 train items do not collate into a batch"),
+    (["stages.1.losses={kit_nobatch=1.0}"], "loss term 'kit_nobatch' (plugin '"),
+    (["stages.1.losses={l1=1.0, kit_detached=0.5}"], "loss term 'kit_detached'"),
+    (["data.mode='nolabels'", "stages.1.losses={kit_labels=1.0}"], "needs batch key 'labels' that dataset 'kit_data'"),
+], ids=["wrong-shape-model", "detached-model", "hu-dataset", "no-resize", "loss-without-batch", "detached-loss",
+        "missing-labels"])
+def test_validate_catches(recipe, capsys, sets, message):
+    assert validate(recipe, *sets) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err, err
+    assert "kit_plugin.py" in err or "kit_data" in err
+
+
+def test_training_time_loss_errors_name_the_term_and_its_plugin(recipe):
+    import torch
+
+    from x2ct_framework.config.build import build_losses, load_recipe_plugins, stages
+    from x2ct_framework.config.recipe import load_recipe
+    from x2ct_framework.errors import PluginError
+    from x2ct_framework.testing import make_batch
+
+    batch = make_batch(2, resolution=8)
+    del batch["labels"]
+    for losses, message in [("{l1=1.0, kit_detached=0.5}",
+                             r"loss term 'kit_detached' \(plugin .*kit_plugin.py.*\) does not depend differentiably"),
+                            ("{kit_labels=1.0}", r"loss term 'kit_labels' .* needs batch key 'labels'"),
+                            ("{kit_nobatch=1.0}", r"loss term 'kit_nobatch' .* raised TypeError")]:
+        r = load_recipe(recipe, [f"stages.1.losses={losses}"])
+        load_recipe_plugins(r)
+        loss_set = build_losses(r, stages(r)[0])
+        pred = torch.rand(2, 1, 8, 8, 8, requires_grad=True)
+        with pytest.raises(PluginError, match=message):
+            loss_set(pred, batch["ct"], batch)

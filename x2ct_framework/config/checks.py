@@ -1,0 +1,85 @@
+"""Recipe checks that need more than the schema, run before anything trains.
+
+``x2ct validate`` and the start of ``x2ct run`` call :func:`check_stages` and :func:`check_trackers`,
+so a misspelt ``select_best`` in stage 3 or a tracker whose package is missing stops the run at
+once rather than after the earlier stages have trained. :func:`check_freeze` checks a stage's
+``freeze`` prefixes against its built model.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch.nn as nn
+
+from x2ct_framework.config.document import Recipe
+from x2ct_framework.errors import RecipeError, did_you_mean
+
+# Accelerate's tracker names -> the package each one needs
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "comet_ml": "comet_ml",
+                    "aim": "aim", "clearml": "clearml", "dvclive": "dvclive", "swanlab": "swanlab",
+                    "trackio": "trackio"}
+
+
+def known_trackers() -> dict[str, str]:
+    try:
+        from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+    except ImportError:  # an older accelerate: the names it has always had
+        return dict(TRACKER_PACKAGES)
+    return {name: TRACKER_PACKAGES.get(name, name) for name in LOGGER_TYPE_TO_CLASS}
+
+
+def _installed(name: str, package: str) -> bool:
+    import accelerate.utils
+
+    probe = getattr(accelerate.utils, f"is_{name}_available", None)
+    if callable(probe):
+        return bool(probe())
+    return importlib.util.find_spec(package) is not None
+
+
+def tracker_problems(recipe: Recipe) -> list[str]:
+    known = known_trackers()
+    problems = []
+    for i, name in enumerate(recipe["train"]["trackers"]):
+        where = recipe.where("train", "trackers", i)
+        if name == "none":
+            continue
+        if name not in known:
+            problems.append(f"{where}: unknown tracker {name!r}{did_you_mean(name, known)} (known: "
+                            f"{', '.join(sorted(known))}, or [] for none)")
+        elif not _installed(name, known[name]):
+            problems.append(f"{where}: tracker {name!r} needs the package {known[name]!r}, which is not installed "
+                            f"(pip install {known[name]}), or remove it from train.trackers")
+    return problems
+
+
+def select_best_problems(recipe: Recipe) -> list[str]:
+    """Every stage's ``select_best`` must be a metric that validation measures."""
+    known = [f"val/{m}" for m in recipe["eval"]["metrics"]] + ["val/loss"]
+    problems = []
+    for i, stage in enumerate(recipe["stages"]):
+        metric = stage["select_best"]
+        if metric not in known:
+            problems.append(f"{recipe.where('stages', i, 'select_best')}: {metric!r} is not measured"
+                            f"{did_you_mean(metric, known)}; validation gives {', '.join(known)} (eval.metrics)")
+    return problems
+
+
+def check_recipe(recipe: Recipe) -> None:
+    """The checks that need no component built: every stage's select_best, the trackers."""
+    problems = select_best_problems(recipe) + tracker_problems(recipe)
+    if problems:
+        raise RecipeError(problems)
+
+
+def check_freeze(model: nn.Module, prefixes: list[str], where: str) -> None:
+    """Each ``freeze`` prefix must match a parameter, and something must be left to train."""
+    names = [n for n, _ in model.named_parameters()]
+    unknown = [p for p in prefixes if not any(n.startswith(p) for n in names)]
+    if unknown:
+        tops = sorted({n.split(".")[0] for n in names})
+        raise RecipeError([f"{where}: {', '.join(map(repr, unknown))} matches no parameter of the model "
+                           f"(top-level modules: {', '.join(tops)})"])
+    if names and all(any(n.startswith(f) for f in prefixes) for n in names):
+        raise RecipeError([f"{where}: every parameter is frozen; nothing would train"])

@@ -1,0 +1,273 @@
+"""Share a trained model: ``x2ct export RUN_OR_CHECKPOINT OUT`` and :func:`load_pretrained`.
+
+An export folder is self-describing, so it is used without the run folder or the recipe file:
+
+- ``model.safetensors``: the ready model's weights (with the frozen earlier stages of a cascade),
+  plus ``state.json`` holding their sha256, checked on every load, as for any checkpoint;
+- ``config.json``: the model name and options, the stage and its resolution, views and geometry,
+  HU window, X-ray image size, the cascade chain and the plugins the recipe named;
+- ``recipe.toml`` (and ``cascade/<n>-<stage>.toml`` for each earlier stage of a cascade): the
+  resolved recipes that built the model;
+- ``README.md``: a model card with the run's metrics, the protocol they were scored under, the data
+  and the recipe.
+
+``x2ct_framework.load_pretrained(folder)`` returns the model ready for inference;
+``x2ct predict FOLDER ...`` and ``x2ct evaluate FOLDER`` accept the folder in place of a checkpoint.
+``--push-to-hub REPO_ID`` uploads the folder with ``huggingface_hub`` when it is installed and the
+machine is online.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from x2ct_framework.errors import CheckpointError, X2CTError
+
+CONFIG = "config.json"
+FORMAT = "x2ct-framework-export"
+FORMAT_VERSION = 1
+
+
+def is_export(path: str | Path) -> bool:
+    """A folder written by :func:`export` (its ``config.json`` says so)."""
+    cfg = Path(path) / CONFIG
+    if not cfg.is_file():
+        return False
+    try:
+        return json.loads(cfg.read_text()).get("format") == FORMAT
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return False
+
+
+def read_config(folder: str | Path) -> dict[str, Any]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: no such exported model folder")
+    if not is_export(folder):
+        raise CheckpointError(f"{folder}: not an exported model (no {CONFIG} with format {FORMAT!r}); "
+                              f"write one with `x2ct export RUN_OR_CHECKPOINT {folder}`")
+    cfg = json.loads((folder / CONFIG).read_text())
+    if cfg.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(f"{folder / CONFIG}: format version {cfg['format_version']} is newer than this "
+                              f"framework reads ({FORMAT_VERSION}); upgrade x2ct-framework")
+    return cfg
+
+
+# ---- writing ----------------------------------------------------------------------------------
+def _chain(target) -> list[tuple[Any, Any]]:
+    """(recipe, stage) of every earlier stage that feeds ``target``'s stage its ``prev``, first first."""
+    from x2ct_framework.training import cascade
+
+    links = []
+    recipe, stage, run = target.recipe, target.stage, target.run_dir
+    while stage.options.get("cascade", False):
+        link_recipe, earlier, _, link_run = cascade._link_before(recipe, stage, run)
+        links.insert(0, (link_recipe, earlier))
+        recipe, stage, run = link_recipe, earlier, link_run
+    return links
+
+
+def _model_table(recipe, stage) -> dict[str, Any]:
+    from x2ct_framework.config.build import model_options
+
+    opts = model_options(recipe, stage)
+    return {"name": opts.pop("name"), "options": opts}
+
+
+def _evaluation_summary(target) -> tuple[dict[str, Any] | None, Path | None]:
+    base = target.run_dir if target.run_dir is not None else target.checkpoint
+    for split in ("test", "val"):
+        path = base / "eval" / f"{target.stage.name}-{split}" / "summary.json"
+        if path.is_file():
+            try:
+                return json.loads(path.read_text()), path
+            except json.JSONDecodeError:
+                continue
+    return None, None
+
+
+def model_card(cfg: dict[str, Any], recipe_text: str, summary: dict[str, Any] | None) -> str:
+    """The README.md of an export: what the model is, how it was trained and scored, how to load it."""
+    src = cfg["source"]
+    data = cfg["data"]
+    lines = ["---", "library_name: x2ct-framework", "tags:", "- x2ct-framework", "- ct-reconstruction",
+             "- x-ray", "---", "", f"# {cfg['name']}: {cfg['stage']['name']} ({cfg['model']['name']})", "",
+             f"A CT reconstruction model from {len(cfg['views'])} X-ray views (gantry angles {cfg['views']} "
+             f"degrees), trained with x2ct-framework {cfg['framework_version']}. It returns a "
+             f"{cfg['stage']['resolution']}^3 volume on the [0, 1] scale of the HU window {cfg['hu_window']}.", "",
+             "## Use", "", "```python", "from x2ct_framework import load_pretrained", "",
+             "model = load_pretrained(\"path/to/this/folder\")  # eval mode, on the CPU",
+             "volume01 = model(xrays, geometry)  # xrays [B, V, 1, H, W] in [0, 1]; geometry as in training", "```",
+             "", "or `x2ct predict FOLDER IMAGES... --geometry recipe` for NIfTI volumes in HU, and "
+             "`x2ct evaluate FOLDER` to score it on the recipe's data.", "",
+             "## Inputs", "",
+             f"- views: {cfg['views']} (degrees), geometry: `{json.dumps(cfg['geometry'])}`",
+             f"- X-ray images: {cfg['image_size']}^2 pixels, intensities in [0, 1]",
+             f"- HU window: {cfg['hu_window']} (output value v is HU = lo + v * (hi - lo))"]
+    if cfg["cascade"]:
+        chain = " -> ".join(f"{c['stage']} ({c['resolution']}^3, {c['model']['name']})" for c in cfg["cascade"])
+        lines.append(f"- cascade: {chain} -> {cfg['stage']['name']}; the earlier stages are frozen and included")
+    if cfg["plugins"]:
+        lines.append(f"- plugins the recipe loads (install them first): {', '.join(cfg['plugins'])}")
+    lines += ["", "## Training data", "", f"- dataset plugin `{data.get('name')}` with options "
+              f"`{json.dumps({k: v for k, v in data.items() if k != 'name'}, default=str)}`",
+              f"- checkpoint: `{src['checkpoint']}` (epoch {src.get('epoch')}, step {src.get('step')})", "",
+              "## Metrics", ""]
+    val = {k: v for k, v in (src.get("metrics") or {}).items() if isinstance(v, (int, float))}
+    if val:
+        lines += ["Validation at the checkpoint (the trainer's metrics on the val split):", "",
+                  "| metric | value |", "|---|---|"] + [f"| `{k}` | {v:.4g} |" for k, v in sorted(val.items())] + [""]
+    if summary:
+        info = summary.get("info", {})
+        lines += [f"Evaluation on the {info.get('split', '?')} split ({info.get('cases', '?')} cases), mean "
+                  f"[95% bootstrap interval]; every number is keyed `<protocol>/<metric>`:", ""]
+        for proto, body in summary.get("protocols", {}).items():
+            lines += [f"Protocol `{proto}`:", "", "| metric | mean | 95% CI | n |", "|---|---|---|---|"]
+            for m in body.get("metrics", {}).values():
+                lo, hi = m.get("ci95", [None, None])
+                fmt = (lambda v: "n/a" if v is None or v != v else f"{v:.4g}")  # noqa: E731
+                lines.append(f"| `{m['key']}` | {fmt(m.get('mean'))} | [{fmt(lo)}, {fmt(hi)}] | {m.get('n')} |")
+            lines += [""] + [f"- {c}" for c in body.get("conventions", [])] + [""]
+    if not val and not summary:
+        lines += ["No metrics were recorded for this checkpoint; score it with `x2ct evaluate`.", ""]
+    lines += ["## Recipe", "", "```toml", recipe_text.rstrip(), "```", ""]
+    return "\n".join(lines)
+
+
+def export(path: str | Path, out: str | Path, *, recipe: str | Path | None = None, overrides: list[str] = (),
+           stage: str | None = None, which: str = "best", overwrite: bool = False) -> Path:
+    """Write the export folder ``out`` for a run folder or checkpoint folder ``path``."""
+    from x2ct_framework import __version__
+    from x2ct_framework.checkpoint import load_state, save_checkpoint
+    from x2ct_framework.loading import load_model
+    from x2ct_framework.runs import data_options_with_defaults, hu_window_of, resolve_target
+    from x2ct_framework.training.cascade import image_size
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise X2CTError(f"{out}: the folder exists and is not empty; choose another or pass --overwrite")
+    target = resolve_target(path, recipe, list(overrides), stage, which)
+    if is_export(target.checkpoint):
+        raise X2CTError(f"{path}: already an exported model; copy the folder instead")
+    model = load_model(target, torch.device("cpu"))
+    links = _chain(target)
+    data = data_options_with_defaults(target.recipe, target.stage)
+    try:
+        state = load_state(target.checkpoint)
+    except CheckpointError:
+        state = {}
+    cfg: dict[str, Any] = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "framework_version": __version__,
+        "name": target.recipe.name,
+        "model": _model_table(target.recipe, target.stage),
+        "stage": {"name": target.stage.name, "index": target.stage.index, "resolution": target.stage.resolution},
+        "views": [float(v) for v in data.get("views", [])],
+        "geometry": data.get("geometry", "parallel"),
+        "hu_window": list(hu_window_of(target.recipe, target.stage)),
+        "image_size": image_size(target.recipe, target.stage),
+        "cascade": [{"stage": s.name, "resolution": s.resolution, "image_size": image_size(r, s),
+                     "model": _model_table(r, s), "recipe": f"cascade/{i + 1}-{s.name}.toml"}
+                    for i, (r, s) in enumerate(links)],
+        "recipe": "recipe.toml",
+        "plugins": list(target.recipe["plugins"]),
+        "data": {k: v for k, v in data.items() if isinstance(v, (str, int, float, bool, list, dict))},
+        "source": {"checkpoint": str(target.checkpoint), "epoch": state.get("epoch"), "step": state.get("step"),
+                   "metrics": state.get("metrics", {})},
+    }
+    tmp = out.with_name(out.name + ".export-tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_checkpoint(tmp, model, {"stage": target.stage.name, "exported_from": str(target.checkpoint)})
+    recipe_text = target.recipe.to_toml()
+    (tmp / "recipe.toml").write_text(recipe_text)
+    for link, (r, _) in zip(cfg["cascade"], links):
+        (tmp / link["recipe"]).parent.mkdir(exist_ok=True)
+        (tmp / link["recipe"]).write_text(r.to_toml())
+    (tmp / CONFIG).write_text(json.dumps(cfg, indent=2, default=str))
+    summary, _ = _evaluation_summary(target)
+    (tmp / "README.md").write_text(model_card(cfg, recipe_text, summary))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+# ---- loading ----------------------------------------------------------------------------------
+def export_target(folder: str | Path, overrides: list[str] = ()):
+    """The :class:`x2ct_framework.runs.Target` of an export folder (its recipe, stage and weights)."""
+    from x2ct_framework.config.build import stages
+    from x2ct_framework.config.recipe import load_recipe
+    from x2ct_framework.runs import Target
+
+    folder = Path(folder)
+    cfg = read_config(folder)
+    recipe = load_recipe(folder / cfg["recipe"], list(overrides), run_folder=folder)  # data, like a run folder
+    chosen = [s for s in stages(recipe) if s.name == cfg["stage"]["name"]]
+    if not chosen:
+        raise CheckpointError(f"{folder / CONFIG}: stage {cfg['stage']['name']!r} is not in {folder / cfg['recipe']}")
+    return Target(recipe, chosen[0], folder, None)
+
+
+def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """The model of an export folder, with its weights (and its cascade's frozen stages), in eval mode.
+
+    The plugins the recipe names are loaded; a missing one is an error naming it.
+    """
+    from x2ct_framework.checkpoint import load_weights
+    from x2ct_framework.config.build import build_model, stages
+    from x2ct_framework.config.recipe import load_recipe
+    from x2ct_framework.training.cascade import CascadeModel, PreviousStages
+
+    folder = Path(path)
+    cfg = read_config(folder)
+    target = export_target(folder)
+    model = build_model(target.recipe, target.stage)
+    if cfg["cascade"]:
+        models, sizes, names = [], [], []
+        for link in cfg["cascade"]:
+            r = load_recipe(folder / link["recipe"], run_folder=folder)
+            s = next(s for s in stages(r) if s.name == link["stage"])
+            models.append(build_model(r, s))
+            sizes.append(int(link["image_size"]))
+            names.append(f"{s.name} (exported)")
+        model = CascadeModel(PreviousStages(models, sizes, names), model)
+    weights = load_weights(folder)
+    try:
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{folder / 'model.safetensors'} does not fit the model {cfg['model']['name']!r} "
+                              f"that {folder / CONFIG} describes: {str(exc).splitlines()[0]}") from exc
+    return model.to(device).eval()
+
+
+def push_to_hub(folder: str | Path, repo_id: str, *, private: bool = False, token: str | None = None) -> str:
+    """Upload an export folder to the Hugging Face Hub as model repository ``repo_id``; returns its URL."""
+    folder = Path(folder)
+    read_config(folder)
+    try:
+        import huggingface_hub
+    except ImportError as exc:
+        raise X2CTError("--push-to-hub needs the huggingface_hub package, which is not installed "
+                        "(pip install huggingface_hub); the export itself is written") from exc
+    api = huggingface_hub.HfApi(token=token)
+    try:
+        api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+        info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
+                                 commit_message="Upload x2ct-framework export")
+    except Exception as exc:  # offline, no token, no permission: the folder is still there
+        raise X2CTError(f"--push-to-hub {repo_id}: the upload failed ({type(exc).__name__}: {exc}); the export "
+                        f"is in {folder}, upload it later with `huggingface-cli upload {repo_id} {folder}`") from exc
+    return str(getattr(info, "commit_url", None) or f"https://huggingface.co/{repo_id}")
+
+
+def main(args) -> int:
+    out = export(args.source, args.out, recipe=args.recipe, overrides=args.overrides, stage=args.stage,
+                 which=args.which, overwrite=args.overwrite)
+    print(f"exported {args.source} to {out} (model.safetensors, config.json, recipe.toml, README.md)")
+    if args.push_to_hub:
+        print(f"uploaded to {push_to_hub(out, args.push_to_hub, private=args.private)}")
+    return 0

@@ -1,0 +1,76 @@
+"""Checks the training loop makes so that a stage never ends "done" without having trained.
+
+- :func:`check_batch`: a dataset item without the target CT (``ct``) stops with a message naming the
+  dataset and split (exit status 2), not a ``KeyError`` from inside the loop.
+- :func:`check_trained`: a stage in which every optimizer update so far was skipped (a loss that is
+  always NaN, with ``train.max_nonfinite_steps`` above the number of updates) stops with exit status 3
+  before ``best`` could be written from the untrained model.
+- :func:`check_validation`: a validation whose loss or ``select_best`` metric is not finite stops with
+  exit status 3; the last good checkpoint is kept (nothing is written from that epoch).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Callable
+
+from x2ct_framework import checkpoint as ckpt
+from x2ct_framework.errors import DataError, X2CTError
+
+REQUIRED_KEYS = ("xrays", "geometry", "ct")
+
+
+class TrainingDiverged(X2CTError):
+    """Too many non-finite losses or gradients, no update at all, or a non-finite validation (exit status 3);
+    the last good checkpoint is kept."""
+
+    exit_code = 3
+
+
+def check_batch(batch: Any, dataset: str | Callable[[], str], split: str) -> None:
+    """The batch holds what training needs; otherwise a DataError naming the dataset (or ``dataset()``)."""
+    if isinstance(batch, dict) and all(k in batch for k in REQUIRED_KEYS):
+        return
+    dataset = dataset() if callable(dataset) else dataset
+    got = f"keys {', '.join(map(repr, batch))}" if isinstance(batch, dict) else type(batch).__name__
+    missing = [k for k in REQUIRED_KEYS if not isinstance(batch, dict) or k not in batch]
+    raise DataError(f"dataset {dataset!r} ({split} split) gave items without {', '.join(map(repr, missing))} "
+                    f"(it gave {got}); training needs 'xrays', 'geometry' and the target CT 'ct' "
+                    f"(see docs/plugins.md, dataset contract)")
+
+
+def last_good(last: Path) -> str:
+    """A sentence naming the last good checkpoint of a stage (or saying there is none yet)."""
+    if ckpt.exists(last):
+        try:
+            return f"The last good checkpoint is {last} (epoch {ckpt.load_state(last).get('epoch')})"
+        except X2CTError:
+            pass
+    return "No checkpoint of this stage was written yet"
+
+
+def updates_done(pos: dict) -> int:
+    """Optimizer updates that were applied in the stage so far (steps minus the skipped ones)."""
+    return int(pos.get("step", 0)) - int(pos.get("nonfinite", 0))
+
+
+def check_trained(stage_name: str, pos: dict, last: str) -> None:
+    """Stop a stage whose every optimizer update so far was skipped."""
+    if pos.get("step", 0) > 0 and updates_done(pos) <= 0:
+        raise TrainingDiverged(
+            f"{stage_name}: every one of its {pos['step']} optimizer updates so far was skipped (the loss or the "
+            f"gradient was never finite); the model has not trained, so no checkpoint of this epoch is written "
+            f"and 'best' is not taken from it. {last}. Check the loss terms and their weights, the data, and try a "
+            f"lower lr or mixed_precision = \"no\".")
+
+
+def check_validation(stage_name: str, metrics: dict[str, float], select_best: str, last: str) -> None:
+    """Stop when validation is not finite (the loss, or the metric that picks ``best``)."""
+    bad = {k: v for k, v in metrics.items() if k in ("val/loss", select_best) and not math.isfinite(v)}
+    if bad:
+        shown = ", ".join(f"{k} = {v}" for k, v in bad.items())
+        raise TrainingDiverged(
+            f"{stage_name}: validation is not finite ({shown}); the weights have probably diverged, so nothing of "
+            f"this epoch is written. {last}. Try a lower lr, a larger warmup_steps, max_grad_norm, or "
+            f"mixed_precision = \"bf16\" or \"no\".")
