@@ -1,7 +1,7 @@
 """``python -m benchmarks.perf [--quick] [--only NAME ...] [--out DIR]``: every performance benchmark.
 
-Runs the modules of this package (``drr``, ``model``, ``losses``, ``evaluation``, ``train``, ``startup``, ``data``), each
-``run(quick) -> list[dict]`` with its reference measured in the same process, and writes one
+Runs the modules of this package (``drr``, ``model``, ``losses``, ``evaluation``, ``train``, ``startup``,
+``data``), each ``run(quick) -> list[dict]`` with its reference measured in the same process, and writes one
 ``perf.json`` (rows, machine, date, command, seconds per module) and ``perf.md`` (one markdown
 table per module) into ``benchmarks/out/perf/`` unless ``--out``. A module that is missing or fails
 is recorded with its error and the others still run; the exit status is then 1.
