@@ -139,7 +139,10 @@ def overhead(recipe, model_step_s: float, steps_per_epoch: int, total_steps: int
     sample = {"ct": target}
     stub = LossSet([LossTerm(t.name, _Const(torch.tensor(0.5)), t.weight) for t in losses.terms])
     n = 2000
-    t_loss = _per_call(lambda: stub(pred, target, sample, epoch=0), n, repeat)
+    # The constant terms are detached on purpose (their cost is not the point): under no_grad the loss set's
+    # check that every term reaches the prediction stands aside, as it does for validation.
+    with torch.no_grad():
+        t_loss = _per_call(lambda: stub(pred, target, sample, epoch=0), n, repeat)
 
     trainer = Trainer(recipe)
     loss = (pred * 1.0).mean()
