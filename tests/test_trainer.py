@@ -233,7 +233,8 @@ def test_checkpoints_at_the_right_epochs_and_best_follows_the_metric(tiny, tmp_p
 def test_best_in_min_mode_and_validation_every_n_epochs(tiny, tmp_path, scripted):
     scripted.reset(values=[3.0, 1.0, 2.0])
     train(tiny, "stages.1.epochs=5", "stages.1.val_every=2", "train.max_steps_per_epoch=1",
-          "eval.metrics=[\"scripted\"]", "stages.1.select_best=\"val/scripted\"", "stages.1.best_mode=\"min\"", "eval.preview=true")
+          "eval.metrics=[\"scripted\"]", "stages.1.select_best=\"val/scripted\"",
+              "stages.1.best_mode=\"min\"", "eval.preview=true")
     val = [r for r in rows(tmp_path / "runs/tiny") if r["kind"] == "val"]
     assert [r["epoch"] for r in val] == [2, 4, 5]  # every 2 epochs and after the last
     assert [r["step"] for r in rows(tmp_path / "runs/tiny") if r["kind"] == "train"] == [1, 2, 3, 4, 5]
@@ -324,7 +325,8 @@ def test_stage2_starts_from_stage1_best(tiny, tmp_path, scripted):
     two = tiny.read_text() + '\n[[stages]]\nname = "stage2"\nresolution = 24\nepochs = 1\nlr = 1e-3\n' \
         'losses = { l1 = 1.0, mse = 1.0 }\n'
     tiny.write_text(two)
-    train(tiny, VIT, "stages.1.epochs=3", "train.max_steps_per_epoch=1", "eval.metrics=[\"scripted\"]", "stages.1.select_best=\"val/scripted\"",
+    train(tiny, VIT, "stages.1.epochs=3", "train.max_steps_per_epoch=1", "eval.metrics=[\"scripted\"]",
+        "stages.1.select_best=\"val/scripted\"",
           "stages.2.select_best=\"val/scripted\"")
     run = tmp_path / "runs/tiny"
     assert ckpt.load_state(run / "stage1/best")["epoch"] == 1
@@ -345,7 +347,8 @@ def test_start_stage_without_the_previous_checkpoint_says_what_to_run(tiny, tmp_
 
 def test_init_from_a_missing_folder_names_the_recipe_that_makes_it(tiny, tmp_path, capsys):
     (tmp_path / "maker.toml").write_text("name = 'maker'\n")
-    assert cli(tiny, "--set", f"train.init_from=\"{tmp_path}/runs/maker/stage1/best\"", "--set", "train.init_from_recipe=\"maker.toml\"") == 2
+    assert cli(tiny, "--set", f"train.init_from=\"{tmp_path}/runs/maker/stage1/best\"",
+        "--set", "train.init_from_recipe=\"maker.toml\"") == 2
     err = capsys.readouterr().err
     assert f"{tmp_path}/runs/maker/stage1/best" in err and "maker.toml" in err and "model.safetensors" in err
 

@@ -347,7 +347,8 @@ def markdown(ev: Evaluation, out_dir: Path | None = None) -> str:
         lines += [f"## Protocol `{proto.name}`", "", metric_table(ev, proto, ("global", "landmark")), ""]
         st = structure_table(ev, proto) if any(g == "structure" for g in proto.groups.values()) else ""
         if st:
-            lines += [f"Per-structure scores; reference regions from {i.get('structures_from', 'labels or HU thresholds')}:",
+            source = i.get("structures_from", "labels or HU thresholds")
+            lines += [f"Per-structure scores; reference regions from {source}:",
                       "", st, ""]
         lines += ["Conventions:", ""] + [f"- {c}" for c in proto.conventions] + [""]
         if proto.notes:

@@ -23,8 +23,9 @@ from typing import Any
 import torch
 
 from x2ct_framework.errors import PluginError, X2CTError, did_you_mean
-from x2ct_framework.evaluation.metrics import (DEFAULT_HU_WINDOW, LABELS, LPIPS, MAE, PSNR, RMSE, SSIM, LandmarkDistance,
-                                              Metric, StructureMetric, _check_pair, body_mask, psnr_slices, to_hu)
+from x2ct_framework.evaluation.metrics import (DEFAULT_HU_WINDOW, LABELS, LPIPS, MAE, PSNR, RMSE, SSIM,
+                                              LandmarkDistance, Metric, StructureMetric, _check_pair, body_mask,
+                                              psnr_slices, to_hu)
 from x2ct_framework.hookspecs import hookimpl
 from x2ct_framework.ssim import ssim as _ssim
 
