@@ -148,8 +148,9 @@ class ViTCascade(nn.Module):
         full_resolution: channels of a stride-1 2D level in front of the encoder's levels (default
             ``channels``; 0: none).
         pixel_aligned: every decoder voxel (and every token) samples every encoder level of every view at
-            its exact projection, with the strided maps' (s - 1) / 2 pixel centre offset corrected
-            (default true); false: each decoder level back-projects one encoder level resized to the grid.
+            its exact projection, with the strided maps' (s - 1) / 2 pixel centre offset corrected;
+            default false (each decoder level back-projects one encoder level resized to the grid): in the
+            CPU matrix (24^3, 100 steps) it bought nothing (benchmarks/RESULTS.md) and cost 1.2x per step.
         visibility: with pixel_aligned, a flag channel per view saying whether the view sees the voxel.
         centre_offset: with pixel_aligned, correct each strided level's centre offset (false: sample it as
             if feature j were centred on input pixel s * (j + 1/2), which it is not for "same" padding).
@@ -163,7 +164,7 @@ class ViTCascade(nn.Module):
                  encoder: str = "resnet18", pretrained: bool = False, pretrained_file: str = "",
                  encoder_kwargs: dict | None = None, angle_frequencies: int = 4,
                  gradient_checkpointing: bool = False, channels_last: bool = True, norm: str = "group",
-                 xray_size: int | None = None, full_resolution: int | None = None, pixel_aligned: bool = True,
+                 xray_size: int | None = None, full_resolution: int | None = None, pixel_aligned: bool = False,
                  visibility: bool = True, centre_offset: bool = True, head_init: str = "small"):
         super().__init__()
         for key, value, low in (("resolution", resolution, 1), ("tokens", tokens, 2), ("dim", dim, 1),
