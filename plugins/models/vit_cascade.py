@@ -142,9 +142,9 @@ class ViTCascade(nn.Module):
         norm: "group" (default) replaces the encoder's BatchNorm by GroupNorm, "frozen" freezes it (for
             pretrained weights), "batch" keeps it; only "group" and "frozen" make a case's output
             independent of the other cases in its batch and of the number of processes.
-        xray_size: every X-ray is resized to this square size before the encoder (default 128, or the
-            ``img_size`` of ``encoder_kwargs``), so the encoder sees one scale in every stage; 0 keeps
-            the dataset's size.
+        xray_size: every X-ray is resized to this square size before the encoder, so the encoder sees one
+            scale in every stage (``recipes/base.toml``: 256, and the data renders 256^2 in every stage);
+            default: the ``img_size`` of ``encoder_kwargs``, else 0 (the dataset's size, kept).
         full_resolution: channels of a stride-1 2D level in front of the encoder's levels (default
             ``channels``; 0: none).
         pixel_aligned: every decoder voxel (and every token) samples every encoder level of every view at
@@ -185,8 +185,8 @@ class ViTCascade(nn.Module):
         if head_init not in ("small", "default"):
             raise ValueError(f"head_init must be 'small' or 'default', got {head_init!r}")
         if xray_size is None:
-            size = (encoder_kwargs or {}).get("img_size", 128)
-            xray_size = size if isinstance(size, int) else 128
+            size = (encoder_kwargs or {}).get("img_size", 0)
+            xray_size = size if isinstance(size, int) else 0
         if full_resolution is None:
             full_resolution = channels
         for key, value in (("xray_size", xray_size), ("full_resolution", full_resolution)):
