@@ -151,3 +151,34 @@ def test_option_a_on_a_fresh_clone_says_what_to_run_first_then_trains(tmp_path):
     assert {p.name for p in stage2.iterdir() if p.is_dir()} >= {"best", "last", "epoch0001", "epoch0002"}
     row = json.loads((stage2 / "metrics.jsonl").read_text().splitlines()[0])
     assert {"train/l1", "train/ssim", "train/vgg", "train/gradient"} <= set(row)
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_match_one_process_for_the_default_vit_cascade(tmp_path):
+    """The default vit_cascade (GroupNorm encoder: no BatchNorm statistics that depend on the per-process batch),
+    tiny: 2 gloo processes x batch 1 give the loss curve and weights of 1 process x batch 2."""
+    recipe = write_recipe(tmp_path)
+    common = [str(recipe), "--set", "stages.1.epochs=1", "--set", "train.trackers=[]",
+              "--set", 'model={ name = "vit_cascade", tokens = 2, dim = 8, depth = 1, heads = 1, channels = 2, '
+                       'encoder = "test_resnet", decoder_levels = 1, xray_size = 16 }']
+    one = run(common + ["--set", "output_dir=\"one\"", "--set", "train.batch_size=2"], tmp_path)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run(
+        [PYTHON, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "x2ct_framework.run", *common,
+         "--set", "output_dir=\"two\"", "--set", "train.batch_size=1"],
+        cwd=tmp_path, capture_output=True, text=True, env=run_env(), timeout=600)
+    assert two.returncode == 0, two.stdout + two.stderr
+
+    def curve(folder):
+        rows = [json.loads(x) for x in (tmp_path / folder / "tiny/stage1/metrics.jsonl").read_text().splitlines()]
+        return [r["train/loss"] for r in rows if r["kind"] == "train"]
+
+    ca, cb = curve("one"), curve("two")
+    assert len(ca) == len(cb) == 2
+    assert all(abs(x - y) < 1e-5 for x, y in zip(ca, cb)), (ca, cb)
+    a = ckpt.load_weights(tmp_path / "one/tiny/stage1/last")
+    b = ckpt.load_weights(tmp_path / "two/tiny/stage1/last")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from x2ct_framework.errors import CheckpointError
 from x2ct_framework.hookspecs import hookimpl
-from x2ct_plugins.losses.vgg import VGG16_URL, load_torchvision_state, parse_slices, slices_25d
+from x2ct_plugins.losses.vgg import VGG16_URL, SliceSampler, load_torchvision_state, parse_slices
 
 BACKBONES = {"alex": "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth", "vgg": VGG16_URL}
 
@@ -60,11 +60,13 @@ class LPIPSLoss(nn.Module):
 
     Options: ``net`` "alex" or "vgg"; ``slices`` per axis (int or [D, H, W]); ``min_size``: slices
     whose shorter side is smaller are upsampled (bilinear) to it, since AlexNet needs about 32 pixels
-    or more; ``weights`` "imagenet", a file path or "random" (see the module docstring).
+    or more; ``weights`` "imagenet", a file path or "random" (see the module docstring);
+    ``random_slices`` and ``display_window`` (HU) as ``vgg.SliceSampler`` says; ``hu_window`` from the data.
     """
 
     def __init__(self, net: str = "alex", slices: int | list[int] = 3, min_size: int = 64,
-                 weights: str = "imagenet"):
+                 weights: str = "imagenet", random_slices: bool = False, display_window: list[float] = (),
+                 hu_window: list[float] = (-1000.0, 3000.0)):
         super().__init__()
         if net not in BACKBONES:
             raise ValueError(f"net: unknown LPIPS backbone {net!r}; choose from {', '.join(map(repr, BACKBONES))}")
@@ -75,6 +77,7 @@ class LPIPSLoss(nn.Module):
         import lpips
 
         self.counts = parse_slices(slices)
+        self.sampler = SliceSampler(self.counts, random_slices, display_window, hu_window)
         self.net_name, self.min_size = net, min_size
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torchvision's "pretrained is deprecated" from inside lpips
@@ -102,7 +105,7 @@ class LPIPSLoss(nn.Module):
             raise ValueError(f"lpips loss expects pred and target [B, 1, D, H, W] of the same shape, got "
                              f"{tuple(pred.shape)} and {tuple(target.shape)}")
         values = []
-        for sp, st in zip(slices_25d(pred, self.counts), slices_25d(target, self.counts)):
+        for sp, st in self.sampler.pairs(pred, target, self.training):
             sp, st = self._resize(sp), self._resize(st.detach())
             d = self.lpips(sp.expand(-1, 3, -1, -1), st.expand(-1, 3, -1, -1), normalize=True)
             values.append(d.flatten())

@@ -19,6 +19,7 @@ Recipe::
 
     losses = { vgg = 0.1 }
     losses = { vgg = { weight = 0.1, layers = ["relu2_2", "relu3_3"], slices = [4, 4, 4] } }
+    losses = { vgg = { weight = 0.1, random_slices = true, display_window = [-1000, 1000] } }
 
 The weight helpers here (``slices_25d``, ``load_torchvision_state``) are shared with ``lpips``.
 """
@@ -32,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
+from x2ct_framework.conventions import DEFAULT_HU_WINDOW
 from x2ct_framework.errors import CheckpointError
 from x2ct_framework.hookspecs import hookimpl
 
@@ -62,17 +64,66 @@ def slice_positions(size: int, n: int) -> list[int]:
     return [min(size - 1, int((i + 0.5) * size / n)) for i in range(n)]
 
 
-def slices_25d(volume: torch.Tensor, counts: tuple[int, int, int]) -> list[torch.Tensor]:
-    """Slices of ``volume`` [B, C, D, H, W]: one ``[B * n, C, h, w]`` tensor per axis with n > 0."""
+def random_positions(size: int, n: int) -> list[int]:
+    """``n`` slice indices, one drawn uniformly in each of ``n`` equal bins of ``size`` (stratified)."""
+    lows = [int(i * size / n) for i in range(n)]
+    highs = [max(lo + 1, int((i + 1) * size / n)) for i, lo in enumerate(lows)]
+    return [min(size - 1, int(torch.randint(lo, hi, ()).item())) for lo, hi in zip(lows, highs)]
+
+
+def slices_25d(volume: torch.Tensor, counts: tuple[int, int, int],
+               positions: tuple[list[int], list[int], list[int]] | None = None) -> list[torch.Tensor]:
+    """Slices of ``volume`` [B, C, D, H, W]: one ``[B * n, C, h, w]`` tensor per axis with n > 0, at
+    ``positions`` (per axis) or evenly spaced."""
     out = []
     d, h, w = volume.shape[2:]
+    pos = positions or (slice_positions(d, counts[0]) if counts[0] else [],
+                        slice_positions(h, counts[1]) if counts[1] else [],
+                        slice_positions(w, counts[2]) if counts[2] else [])
     if counts[0]:
-        out.append(rearrange(volume[:, :, slice_positions(d, counts[0])], "b c n h w -> (b n) c h w"))
+        out.append(rearrange(volume[:, :, pos[0]], "b c n h w -> (b n) c h w"))
     if counts[1]:
-        out.append(rearrange(volume[:, :, :, slice_positions(h, counts[1])], "b c d n w -> (b n) c d w"))
+        out.append(rearrange(volume[:, :, :, pos[1]], "b c d n w -> (b n) c d w"))
     if counts[2]:
-        out.append(rearrange(volume[:, :, :, :, slice_positions(w, counts[2])], "b c d h n -> (b n) c d h"))
+        out.append(rearrange(volume[:, :, :, :, pos[2]], "b c d h n -> (b n) c d h"))
     return out
+
+
+class SliceSampler:
+    """Where a 2.5D loss cuts its slices, and through which display window it looks at them.
+
+    ``random_slices``: in training mode one slice per bin drawn at random each step (so the loss sees
+    the whole volume over the steps, not the same few slices); evaluation mode keeps the bin centres.
+    ``display_window`` ``[low, high]`` in HU: the volumes (in [0, 1] over the data's ``hu_window``) are
+    re-windowed to it and clipped before slicing, as a reader would look at them (e.g. [-1000, 1000]
+    shows lungs and soft tissue that the [-1000, 3000] training window compresses into a fifth of the
+    range); empty: the data's own window.
+    """
+
+    def __init__(self, counts: tuple[int, int, int], random_slices: bool = False, display_window=(),
+                 hu_window=DEFAULT_HU_WINDOW):
+        display_window = list(display_window or ())
+        if display_window and (len(display_window) != 2 or not float(display_window[1]) > float(display_window[0])):
+            raise ValueError(f"display_window must be [low, high] in HU with high > low, or [], got {display_window}")
+        if len(hu_window) != 2 or not float(hu_window[1]) > float(hu_window[0]):
+            raise ValueError(f"hu_window must be [low, high] with high > low, got {list(hu_window)}")
+        self.counts, self.random = counts, bool(random_slices)
+        self.display = [float(x) for x in display_window]
+        self.hu = (float(hu_window[0]), float(hu_window[1]))
+
+    def window(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.display:
+            return x
+        (lo, hi), (dlo, dhi) = self.hu, self.display
+        return ((x * (hi - lo) + lo - dlo) / (dhi - dlo)).clamp(0.0, 1.0)
+
+    def pairs(self, pred: torch.Tensor, target: torch.Tensor, training: bool) -> list[tuple[torch.Tensor, ...]]:
+        """``(pred slices, target slices)`` per axis, at the same positions."""
+        positions = None
+        if self.random and training:
+            positions = tuple(random_positions(n, c) if c else [] for n, c in zip(pred.shape[2:], self.counts))
+        return list(zip(slices_25d(self.window(pred), self.counts, positions),
+                        slices_25d(self.window(target), self.counts, positions)))
 
 
 def load_torchvision_state(weights: str, url: str, what: str,
@@ -143,11 +194,14 @@ class VGGPerceptualLoss(nn.Module):
 
     Options: ``layers`` VGG16 ReLU names (``relu1_1`` ... ``relu5_3``); ``layer_weights`` one weight
     per layer (default: equal, summing to 1); ``slices`` per axis (int or [D, H, W]); ``distance``
-    "l1" or "l2"; ``weights`` "imagenet", a file path or "random" (see the module docstring).
+    "l1" or "l2"; ``weights`` "imagenet", a file path or "random" (see the module docstring);
+    ``random_slices`` and ``display_window`` (HU) as ``SliceSampler`` says; ``hu_window`` from the data.
     """
 
     def __init__(self, layers: list[str] = ("relu1_2", "relu2_2", "relu3_3"), layer_weights: list[float] = (),
-                 slices: int | list[int] = 3, distance: str = "l1", weights: str = "imagenet"):
+                 slices: int | list[int] = 3, distance: str = "l1", weights: str = "imagenet",
+                 random_slices: bool = False, display_window: list[float] = (),
+                 hu_window: list[float] = (-1000.0, 3000.0)):
         super().__init__()
         layers = list(layers)
         if not layers:
@@ -165,6 +219,7 @@ class VGGPerceptualLoss(nn.Module):
         if not isinstance(weights, str) or not weights:
             raise ValueError(f"weights must be \"imagenet\", \"random\" or a file path, got {weights!r}")
         self.counts = parse_slices(slices)
+        self.sampler = SliceSampler(self.counts, random_slices, display_window, hu_window)
         order = sorted(layers, key=VGG16_LAYERS.get)
         self.taps = [VGG16_LAYERS[n] for n in order]
         self.layer_weights = [layer_weights[layers.index(n)] for n in order]
@@ -194,7 +249,7 @@ class VGGPerceptualLoss(nn.Module):
                              f"{tuple(pred.shape)} and {tuple(target.shape)}")
         dist = F.l1_loss if self.distance == "l1" else F.mse_loss
         total, n_axes = pred.new_zeros(()), 0
-        for sp, st in zip(slices_25d(pred, self.counts), slices_25d(target, self.counts)):
+        for sp, st in self.sampler.pairs(pred, target, self.training):
             with torch.no_grad():  # the target's features need no backward pass
                 ft = self.feature_maps(st)
             fp = self.feature_maps(sp)

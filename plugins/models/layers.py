@@ -19,7 +19,7 @@ from einops import rearrange, reduce
 from torch.utils.checkpoint import checkpoint
 
 from x2ct_framework.errors import CheckpointError, DataError, did_you_mean
-from x2ct_framework.physics import backproject
+from x2ct_framework.physics import backproject, batched, view_frames
 
 
 class ModelInputError(DataError, ValueError):
@@ -149,34 +149,134 @@ def create_encoder(encoder: str, pretrained: bool = False, pretrained_file: str 
         raise CheckpointError(_missing_weights_message(encoder, cfg, reason)) from exc
 
 
+NORMS = ("group", "frozen", "batch")
+PATCH_ENCODERS = ("convnext", "vit", "deit", "beit", "eva", "swin", "cait", "levit", "mvit", "pvt", "twins")
+
+
+def _gn_groups(channels: int) -> int:
+    for g in (32, 16, 8, 4, 2):
+        if channels % g == 0:
+            return g
+    return 1
+
+
+class GroupNormAct(nn.GroupNorm):
+    """GroupNorm in place of one of timm's ``BatchNormAct2d`` (which carries its activation and dropout)."""
+
+    def __init__(self, groups: int, channels: int, drop: nn.Module, act: nn.Module):
+        super().__init__(groups, channels)
+        self.drop, self.act = drop, act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.drop(super().forward(x)))
+
+
+def replace_batch_norm(module: nn.Module, norm: str) -> nn.Module:
+    """Make a 2D network independent of the batch composition.
+
+    ``"group"`` replaces every BatchNorm2d (and timm's BatchNormAct2d) by a GroupNorm of the same width
+    (its affine weight and bias copied, so timm's zero-init of residual branches carries over);
+    ``"frozen"`` turns them into timm's FrozenBatchNorm2d (the running statistics, e.g. of pretrained
+    weights, are used in training too); ``"batch"`` keeps BatchNorm (the output of one case then
+    depends on the other cases of its batch, and on the number of processes).
+    """
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {', '.join(repr(n) for n in NORMS)}, got {norm!r}")
+    if norm == "batch":
+        return module
+    if norm == "frozen":
+        from timm.layers import freeze_batch_norm_2d
+
+        return freeze_batch_norm_2d(module)
+    from timm.layers import BatchNormAct2d
+
+    def convert(m: nn.Module) -> nn.Module:
+        if isinstance(m, nn.BatchNorm2d):
+            c = m.num_features
+            gn = (GroupNormAct(_gn_groups(c), c, m.drop, m.act) if isinstance(m, BatchNormAct2d)
+                  else nn.GroupNorm(_gn_groups(c), c))
+            if m.affine:
+                with torch.no_grad():
+                    gn.weight.copy_(m.weight)
+                    gn.bias.copy_(m.bias)
+            return gn
+        for name, child in m.named_children():
+            new = convert(child)
+            if new is not child:
+                setattr(m, name, new)
+        return m
+
+    return convert(module)
+
+
+class FullResolution(nn.Module):
+    """Stride-1 features of an X-ray: two 3x3 convolutions with GroupNorm (the encoder's finest level is
+    strided, so without these no feature of full image resolution reaches the decoder)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(1, channels, 3, padding=1, bias=False),
+                                 nn.GroupNorm(_groups(channels), channels), nn.GELU(),
+                                 nn.Conv2d(channels, channels, 3, padding=1, bias=False),
+                                 nn.GroupNorm(_groups(channels), channels), nn.GELU())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
 class ViewEncoder(nn.Module):
     """One 2D encoder shared by all views: ``[B, V, 1, H, W]`` -> a list of ``[B, V, C_l, h_l, w_l]``.
 
     Levels are ordered finest first. The input in [0, 1] is normalised with the encoder's pretrained
     mean and standard deviation (averaged over RGB), so pretrained weights see what they expect.
+
+    ``xray_size`` (> 0) resizes every X-ray to that square size first, so the encoder sees the same
+    scale in every stage whatever the dataset renders; ``norm`` (see ``replace_batch_norm``);
+    ``full_channels`` (> 0) adds a stride-1 level (``full.``) in front of the encoder's levels.
+    ``offsets[l]`` is where level l's feature 0 is centred, in input pixels right of the centre that
+    ``align_corners=False`` sampling assumes: ``(s - 1) / 2`` for a stride-s CNN with "same" padding
+    (a feature j is centred on input pixel ``s * j``), 0 for patch-embedding encoders (ConvNeXt, ViTs).
     """
 
     def __init__(self, encoder: str, pretrained: bool = False, pretrained_file: str = "",
-                 encoder_kwargs: dict | None = None):
+                 encoder_kwargs: dict | None = None, norm: str = "batch", xray_size: int = 0,
+                 full_channels: int = 0):
         super().__init__()
-        self.body = create_encoder(encoder, pretrained, pretrained_file, encoder_kwargs)
+        self.body = replace_batch_norm(create_encoder(encoder, pretrained, pretrained_file, encoder_kwargs), norm)
+        self.xray_size = int(xray_size)
+        self.full = FullResolution(full_channels) if full_channels > 0 else None
         info = self.body.feature_info
         order = sorted(range(len(info.channels())), key=lambda i: info.reduction()[i])
         self.order = order
-        self.channels = [info.channels()[i] for i in order]
-        self.reductions = [info.reduction()[i] for i in order]
+        self.channels = ([full_channels] if self.full is not None else []) + [info.channels()[i] for i in order]
+        self.reductions = ([1] if self.full is not None else []) + [info.reduction()[i] for i in order]
+        patch = encoder.split(".")[0].lower().startswith(PATCH_ENCODERS)
+        self.offsets = [0.0 if (patch and r > 1) else (r - 1) / 2 for r in self.reductions]
         cfg = getattr(self.body, "pretrained_cfg", None) or {}
         mean, std = cfg.get("mean", (0.5,)), cfg.get("std", (0.5,))
         self.register_buffer("mean", torch.tensor(sum(mean) / len(mean)), persistent=False)
         self.register_buffer("std", torch.tensor(sum(std) / len(std)), persistent=False)
 
+    def resize(self, xrays: torch.Tensor) -> torch.Tensor:
+        """X-rays ``[B, V, 1, H, W]`` at ``xray_size`` (unchanged when 0 or already that size)."""
+        n = self.xray_size
+        if n <= 0 or tuple(xrays.shape[-2:]) == (n, n):
+            return xrays
+        b = xrays.shape[0]
+        x = rearrange(xrays, "b v c h w -> (b v) c h w").float()
+        x = F.interpolate(x, size=(n, n), mode="bilinear", align_corners=False, antialias=n < min(x.shape[-2:]))
+        return rearrange(x.to(xrays.dtype), "(b v) c h w -> b v c h w", b=b)
+
     def forward(self, xrays: torch.Tensor) -> list[torch.Tensor]:
         b = xrays.shape[0]
-        x = rearrange(xrays, "b v c h w -> (b v) c h w")
+        x = rearrange(self.resize(xrays), "b v c h w -> (b v) c h w")
         feats = self.body((x - self.mean) / self.std)
         feats = [feats[i] for i in self.order]
-        if feats and feats[0].ndim == 4 and feats[0].shape[1] != self.channels[0]:  # NHWC outputs (some ViTs)
+        first = self.channels[1 if self.full is not None else 0]
+        if feats and feats[0].ndim == 4 and feats[0].shape[1] != first:  # NHWC outputs (some ViTs)
             feats = [rearrange(f, "n h w c -> n c h w") for f in feats]
+        if self.full is not None:
+            feats = [self.full(x)] + feats
         return [rearrange(f, "(b v) c h w -> b v c h w", b=b) for f in feats]
 
 
@@ -204,12 +304,12 @@ class ViewFusion(nn.Module):
     then the views are pooled by their mean and their maximum, and a 1x1x1 projection mixes both.
     """
 
-    def __init__(self, channels: int, angle_dim: int):
+    def __init__(self, channels: int, angle_dim: int, out: int | None = None):
         super().__init__()
         self.film = nn.Linear(angle_dim, 2 * channels)
         nn.init.trunc_normal_(self.film.weight, std=0.02)
         nn.init.zeros_(self.film.bias)
-        self.proj = nn.Conv3d(2 * channels, channels, 1)
+        self.proj = nn.Conv3d(2 * channels, out or channels, 1)
 
     def forward(self, lifted: torch.Tensor, angle_emb: torch.Tensor) -> torch.Tensor:
         """``lifted [B, V, C, D, H, W]``, ``angle_emb [B, V, A]`` -> ``[B, C, D, H, W]``."""
@@ -227,6 +327,63 @@ def lift(feats: torch.Tensor, geometry: dict, size: int) -> torch.Tensor:
     """
     with torch.autocast(feats.device.type, enabled=False):
         return backproject(feats.float(), geometry, (size, size, size))
+
+
+def voxel_centres(volume_mm: torch.Tensor, size: int) -> torch.Tensor:
+    """World coordinates (mm, x y z) of the voxel centres of a ``size^3`` grid over ``volume_mm [B, 3]``:
+    ``[B, size^3, 3]`` in ``(d h w)`` order (x along W, y along H, z along D)."""
+    ax = (torch.arange(size, device=volume_mm.device, dtype=torch.float32) + 0.5) / size - 0.5
+    z, y, x = torch.meshgrid(ax, ax, ax, indexing="ij")
+    unit = torch.stack([x, y, z], -1).reshape(1, -1, 3)
+    return unit * volume_mm.float()[:, None, :]
+
+
+def project_points(points: torch.Tensor, geometry: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where world points ``[B, N, 3]`` (mm) project in every view: ``(uv [B, V, N, 2], visible [B, V, N])``.
+
+    ``uv`` is in ``grid_sample`` coordinates of the detector image (``align_corners=False``: -1 and 1
+    are the detector's outer edges; u along columns, v along rows), from the same geometry as the
+    DRR projector (``x2ct_framework.physics``); ``visible`` is 1 where the point falls on the detector
+    in front of the source.
+    """
+    b = points.shape[0]
+    g = batched(geometry, b, points.device, torch.float32)
+    fr = view_frames(g)
+    p = points.float()[:, None]                                         # [B, 1, N, 3]
+    src = fr["source"][:, :, None]                                      # [B, V, 1, 3]
+    rel = p - src
+    depth = (rel * fr["ray"][:, :, None]).sum(-1)                       # [B, V, N]
+    cone = (g["cone"] > 0.5)[..., None]
+    scale = torch.where(cone, g["sdd"][..., None] / depth.clamp_min(1e-3), torch.ones_like(depth))
+    base = src - fr["center"][:, :, None]
+    cu = (base * fr["u"][:, :, None]).sum(-1) + scale * (rel * fr["u"][:, :, None]).sum(-1)
+    cv = (base * fr["v"][:, :, None]).sum(-1) + scale * (rel * fr["v"][:, :, None]).sum(-1)
+    uv = torch.stack([cu / (g["detector_mm"][..., :1] / 2), cv / (g["detector_mm"][..., 1:] / 2)], -1)
+    visible = (uv.abs() <= 1).all(-1) & (~cone | (depth > 0))
+    return uv, visible.float()
+
+
+def sample_views(feats: list[torch.Tensor], offsets: list[float], image_size: tuple[int, int], uv: torch.Tensor
+                 ) -> torch.Tensor:
+    """Bilinear samples of every level of per-view feature maps at detector points, summed over levels.
+
+    ``feats`` are ``[B, V, C, h_l, w_l]`` (one C), ``uv [B, V, N, 2]`` from ``project_points``;
+    ``offsets[l]`` is level l's centre offset in input pixels (``ViewEncoder.offsets``) over an input
+    of ``image_size = (H, W)``: the sample point is shifted by ``2 * offset / W`` so that feature j is
+    read where it is centred. Returns ``[B, V, C, N]``; outside the detector the samples are 0.
+    """
+    b, v = uv.shape[:2]
+    h_in, w_in = image_size
+    shift_unit = torch.tensor([2.0 / w_in, 2.0 / h_in], device=uv.device)
+    grid = rearrange(uv, "b v n two -> (b v) 1 n two")
+    out = 0
+    with torch.autocast(uv.device.type, enabled=False):
+        for f, off in zip(feats, offsets):
+            g = grid + off * shift_unit if off else grid
+            s = F.grid_sample(rearrange(f.float(), "b v c h w -> (b v) c h w"), g, mode="bilinear",
+                              padding_mode="zeros", align_corners=False)
+            out = out + s
+    return rearrange(out, "(b v) c 1 n -> b v c n", b=b, v=v)
 
 
 class FourierPositions(nn.Module):

@@ -26,8 +26,11 @@ from einops import rearrange
 
 from x2ct_framework.hookspecs import hookimpl
 
-from .layers import (AngleEmbedding, Block, FourierPositions, Join, Refine, ViewEncoder, ViewFusion, check_inputs,
-                     level_sizes, lift, maybe_checkpoint, residual_block, resize3d)
+from x2ct_framework.physics import batched
+
+from .layers import (NORMS, AngleEmbedding, Block, FourierPositions, Join, Refine, ViewEncoder, ViewFusion,
+                     check_inputs, level_sizes, lift, maybe_checkpoint, project_points, residual_block, resize3d,
+                     sample_views, voxel_centres)
 
 
 class SkipLift(nn.Module):
@@ -44,24 +47,69 @@ class SkipLift(nn.Module):
         return self.fuse(lift(rearrange(s, "(b v) c h w -> b v c h w", b=b), geometry, size), angle_emb)
 
 
+class Aligned:
+    """What pixel-aligned sampling needs to know about the encoder input: each level's centre offset
+    (input pixels) and the input size, plus whether a visibility flag goes with the features."""
+
+    def __init__(self, offsets: list[float], image_size: tuple[int, int], visibility: bool):
+        self.offsets, self.image_size, self.visibility = offsets, image_size, visibility
+
+
+def sample_aligned(feats: list[torch.Tensor], geometry: dict, size: int, aligned: Aligned) -> torch.Tensor:
+    """Every voxel centre of a ``size^3`` grid reads every level of ``feats`` ``[B, V, C, h, w]`` where it
+    projects in each view; with ``aligned.visibility`` one more channel says whether the view sees it:
+    ``[B, V, C (+1), size, size, size]``."""
+    b = feats[0].shape[0]
+    vol = batched(geometry, b, feats[0].device)["volume_mm"][:, 0]
+    uv, visible = project_points(voxel_centres(vol, size), geometry)
+    x = sample_views(feats, aligned.offsets, aligned.image_size, uv)
+    if aligned.visibility:
+        x = torch.cat([x, visible[:, :, None]], dim=2)
+    return rearrange(x, "b v c (d h w) -> b v c d h w", d=size, h=size, w=size)
+
+
+class AlignedSkip(nn.Module):
+    """Pixel-aligned skip features of one decoder level: every encoder level projected to ``channels``
+    (1x1), sampled at each voxel's exact projection in every view (centre offsets corrected, with a
+    visibility flag), and the views fused."""
+
+    def __init__(self, enc_channels: list[int], channels: int, angle_dim: int, visibility: bool):
+        super().__init__()
+        self.proj = nn.ModuleList(nn.Conv2d(c, channels, 1) for c in enc_channels)
+        self.fuse = ViewFusion(channels + int(visibility), angle_dim, out=channels)
+
+    def forward(self, feats: list[torch.Tensor], geometry: dict, angle_emb: torch.Tensor, size: int,
+                aligned: Aligned) -> torch.Tensor:
+        b = feats[0].shape[0]
+        projected = [rearrange(p(rearrange(f, "b v c h w -> (b v) c h w")), "(b v) c h w -> b v c h w", b=b)
+                     for p, f in zip(self.proj, feats)]
+        return self.fuse(sample_aligned(projected, geometry, size, aligned), angle_emb)
+
+
 class DecoderLevel(nn.Module):
     """One decoder level at ``size^3``: skip features lifted from an encoder level, a residual 3D block on
     [upsampled coarser features, skip, running prediction], and a head adding a residual to the prediction."""
 
-    def __init__(self, cin: int, cout: int, enc_channels: int, skip_channels: int, angle_dim: int, source: int):
+    def __init__(self, cin: int, cout: int, enc_channels: list[int], skip_channels: int, angle_dim: int, source: int,
+                 aligned: bool = False, visibility: bool = True):
         super().__init__()
         self.source = source
-        self.skip = SkipLift(enc_channels, skip_channels, angle_dim)
+        self.aligned = aligned
+        self.skip = (AlignedSkip(enc_channels, skip_channels, angle_dim, visibility) if aligned
+                     else SkipLift(enc_channels[source], skip_channels, angle_dim))
         self.join = Join(cin, skip_channels, 1, cout)
         self.refine = Refine(cout, head=True)
 
     def units(self) -> list[nn.Module]:
         return [self.skip, self.join, self.refine]
 
-    def forward(self, h: torch.Tensor, base: torch.Tensor, skip2d: torch.Tensor, geometry: dict,
+    def forward(self, h: torch.Tensor, base: torch.Tensor, feats: list[torch.Tensor], geometry: dict,
                 angle_emb: torch.Tensor, size: int, channels_last: bool = False,
-                checkpointing: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        s = maybe_checkpoint(checkpointing, self.skip, skip2d, geometry, angle_emb, size)
+                checkpointing: bool = False, aligned: Aligned | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.aligned:
+            s = maybe_checkpoint(checkpointing, self.skip, feats, geometry, angle_emb, size, aligned)
+        else:
+            s = maybe_checkpoint(checkpointing, self.skip, feats[self.source], geometry, angle_emb, size)
         h, residual = residual_block(self.join, self.refine, h, [s, base], size, channels_last, checkpointing)
         return h, base + residual
 
@@ -86,6 +134,26 @@ class ViTCascade(nn.Module):
             (skip lifting, first and second half of its block), in the backward pass (from
             ``train.gradient_checkpointing`` unless set).
         channels_last: run the 3D decoder in channels-last memory format (faster on CPU and GPU).
+
+    Strengthening options (each can be switched off from the recipe for an ablation):
+        norm: "group" (default) replaces the encoder's BatchNorm by GroupNorm, "frozen" freezes it (for
+            pretrained weights), "batch" keeps it; only "group" and "frozen" make a case's output
+            independent of the other cases in its batch and of the number of processes.
+        xray_size: every X-ray is resized to this square size before the encoder, so the encoder sees one
+            scale in every stage (``recipes/base.toml``: 256, and the data renders 256^2 in every stage);
+            default: the ``img_size`` of ``encoder_kwargs``, else 0 (the dataset's size, kept).
+        full_resolution: channels of a stride-1 2D level in front of the encoder's levels (default
+            ``channels``; 0: none).
+        pixel_aligned: every decoder voxel (and every token) samples every encoder level of every view at
+            its exact projection, with the strided maps' (s - 1) / 2 pixel centre offset corrected;
+            default false (each decoder level back-projects one encoder level resized to the grid): in the
+            CPU matrix (24^3, 100 steps) it bought nothing (benchmarks/RESULTS.md) and cost 1.2x per step.
+        visibility: with pixel_aligned, a flag channel per view saying whether the view sees the voxel.
+        centre_offset: with pixel_aligned, correct each strided level's centre offset (false: sample it as
+            if feature j were centred on input pixel s * (j + 1/2), which it is not for "same" padding).
+        head_init: "small" (default) starts the coarse head at 1/100 of PyTorch's default scale and zero
+            bias, so the first prediction is near 0 (as ``cnn_baseline``'s head); "default" keeps
+            PyTorch's init (its first output had 2.3-3.3x the CT's spread).
     """
 
     uses_prev = True  # refines the previous stage's prediction (checked by testing.check_model)
@@ -94,7 +162,9 @@ class ViTCascade(nn.Module):
                  mlp_ratio: float = 4.0, drop_path: float = 0.0, channels: int = 16, decoder_levels: int = 3,
                  encoder: str = "resnet18", pretrained: bool = False, pretrained_file: str = "",
                  encoder_kwargs: dict | None = None, angle_frequencies: int = 4,
-                 gradient_checkpointing: bool = False, channels_last: bool = True):
+                 gradient_checkpointing: bool = False, channels_last: bool = True, norm: str = "group",
+                 xray_size: int | None = None, full_resolution: int | None = None, pixel_aligned: bool = False,
+                 visibility: bool = True, centre_offset: bool = True, head_init: str = "small"):
         super().__init__()
         for key, value, low in (("resolution", resolution, 1), ("tokens", tokens, 2), ("dim", dim, 1),
                                 ("depth", depth, 1), ("heads", heads, 1), ("channels", channels, 1),
@@ -109,15 +179,31 @@ class ViTCascade(nn.Module):
             raise ValueError(f"drop_path must be in [0, 1), got {drop_path!r}")
         if encoder_kwargs is not None and not isinstance(encoder_kwargs, dict):
             raise ValueError(f"encoder_kwargs must be a table of timm.create_model arguments, got {encoder_kwargs!r}")
+        if norm not in NORMS:
+            raise ValueError(f"norm must be one of {', '.join(repr(n) for n in NORMS)}, got {norm!r}")
+        if head_init not in ("small", "default"):
+            raise ValueError(f"head_init must be 'small' or 'default', got {head_init!r}")
+        if xray_size is None:
+            size = (encoder_kwargs or {}).get("img_size", 0)
+            xray_size = size if isinstance(size, int) else 0
+        if full_resolution is None:
+            full_resolution = channels
+        for key, value in (("xray_size", xray_size), ("full_resolution", full_resolution)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{key} must be an integer >= 0, got {value!r}")
+        self.pixel_aligned, self.visibility = bool(pixel_aligned), bool(visibility)
+        self.centre_offset = bool(centre_offset)
         self.resolution, self.tokens, self.dim = resolution, tokens, dim
         self.gradient_checkpointing, self.channels_last = bool(gradient_checkpointing), bool(channels_last)
         angle_dim = min(dim, 64)
 
-        self.encoder = ViewEncoder(encoder, pretrained, pretrained_file, encoder_kwargs)
+        self.encoder = ViewEncoder(encoder, pretrained, pretrained_file, encoder_kwargs, norm, xray_size,
+                                   full_resolution)
         self.lift = nn.Module()
         self.lift.angles = AngleEmbedding(angle_dim, angle_frequencies)
         self.lift.proj = nn.ModuleList(nn.Conv2d(c, dim, 1) for c in self.encoder.channels)
-        self.lift.fuse = ViewFusion(dim, angle_dim)
+        vis = int(self.pixel_aligned and self.visibility)
+        self.lift.fuse = ViewFusion(dim + vis, angle_dim, out=dim)
 
         self.transformer = nn.Module()
         self.transformer.pos = FourierPositions(dim)
@@ -133,11 +219,16 @@ class ViTCascade(nn.Module):
         levels = []
         for i in range(decoder_levels):
             source = min(decoder_levels - 1 - i, n_enc - 1)  # finest decoder level <- finest encoder level
-            levels.append(DecoderLevel(widths[i], widths[i + 1], self.encoder.channels[source],
-                                       max(widths[i + 1] // 2, 4), angle_dim, source))
+            levels.append(DecoderLevel(widths[i], widths[i + 1], self.encoder.channels, max(widths[i + 1] // 2, 4),
+                                       angle_dim, source, self.pixel_aligned, self.visibility))
         self.decoder.levels = nn.ModuleList(levels)
         for part in (self.lift, self.transformer, self.decoder):  # the encoder keeps timm's (or pretrained) init
             part.apply(_init)
+        if head_init == "small":
+            # As cnn_baseline's head: the first prediction starts near 0 instead of 2.3-3.3x the CT's spread.
+            with torch.no_grad():
+                self.decoder.coarse_head.weight.mul_(0.01)
+                self.decoder.coarse_head.bias.zero_()
 
     @property
     def level_sizes(self) -> list[int]:
@@ -154,25 +245,36 @@ class ViTCascade(nn.Module):
         """Per-view encoder features (finest first) and per-view angle embeddings ``[B, V, A]``."""
         return self.encoder(xrays), self.lift.angles(geometry["angles"].to(xrays.device))
 
-    def lift_tokens(self, feats: list[torch.Tensor], geometry: dict, angle_emb: torch.Tensor) -> torch.Tensor:
-        """Project every encoder level to ``dim``, back-project into G^3 and fuse the views: ``[B, dim, G, G, G]``."""
+    def aligned_info(self, xrays: torch.Tensor) -> Aligned:
+        n = self.encoder.xray_size
+        size = (n, n) if n > 0 else tuple(xrays.shape[-2:])
+        offsets = self.encoder.offsets if self.centre_offset else [0.0] * len(self.encoder.offsets)
+        return Aligned(offsets, size, self.visibility)
+
+    def lift_tokens(self, feats: list[torch.Tensor], geometry: dict, angle_emb: torch.Tensor,
+                    aligned: Aligned | None = None) -> torch.Tensor:
+        """Project every encoder level to ``dim``, resize it to G x G (antialiased), lift it into G^3 and fuse
+        the views: ``[B, dim, G, G, G]``. With ``aligned`` each token centre samples every level where it
+        projects (centre offsets corrected, visibility flag); otherwise the levels are summed and
+        back-projected."""
         g = self.tokens
         b = feats[0].shape[0]
-        plane = 0
+        planes = []
         for proj, f in zip(self.lift.proj, feats):
             f2 = proj(rearrange(f, "b v c h w -> (b v) c h w")).float()  # antialiased resize has no bf16 CPU kernel
             if tuple(f2.shape[-2:]) != (g, g):
                 f2 = nn.functional.interpolate(f2, size=(g, g), mode="bilinear", align_corners=False,
                                                antialias=g < min(f2.shape[-2:]))
-            plane = plane + f2
-        lifted = lift(rearrange(plane, "(b v) c h w -> b v c h w", b=b), geometry, g)
-        return self.lift.fuse(lifted, angle_emb)
+            planes.append(rearrange(f2, "(b v) c h w -> b v c h w", b=b))
+        if aligned is not None:
+            return self.lift.fuse(sample_aligned(planes, geometry, g, aligned), angle_emb)
+        return self.lift.fuse(lift(sum(planes), geometry, g), angle_emb)
 
     def lift_views(self, xrays: torch.Tensor, geometry: dict) -> torch.Tensor:
         """The fused token features ``[B, dim, G, G, G]`` before the transformer (independent of view order)."""
         check_inputs("vit_cascade", xrays, geometry)
         feats, emb = self.encode(xrays, geometry)
-        return self.lift_tokens(feats, geometry, emb)
+        return self.lift_tokens(feats, geometry, emb, self.aligned_info(xrays) if self.pixel_aligned else None)
 
     def transform(self, grid: torch.Tensor) -> torch.Tensor:
         g = self.tokens
@@ -182,22 +284,23 @@ class ViTCascade(nn.Module):
         return rearrange(self.transformer.norm(x), "b (d h w) c -> b c d h w", d=g, h=g, w=g)
 
     def decode(self, x: torch.Tensor, feats: list[torch.Tensor], geometry: dict, angle_emb: torch.Tensor,
-               prev: torch.Tensor | None = None) -> torch.Tensor:
+               prev: torch.Tensor | None = None, aligned: Aligned | None = None) -> torch.Tensor:
         y = self.decoder.coarse_head(x)
         h = self.decoder.stem(x)
         sizes = self.level_sizes
         for i, (level, size) in enumerate(zip(self.decoder.levels, sizes)):
             last = i == len(sizes) - 1
             base = resize3d(prev.to(y.dtype) if last and prev is not None else y, size)
-            h, y = level(h, base, feats[level.source], geometry, angle_emb, size, self.channels_last,
-                         self._checkpointing())
+            h, y = level(h, base, feats, geometry, angle_emb, size, self.channels_last, self._checkpointing(),
+                         aligned)
         return y.contiguous()
 
     def forward(self, xrays: torch.Tensor, geometry: dict, prev: torch.Tensor | None = None) -> torch.Tensor:
         check_inputs("vit_cascade", xrays, geometry, prev)
         feats, emb = self.encode(xrays, geometry)
-        x = self.transform(self.lift_tokens(feats, geometry, emb))
-        return self.decode(x, feats, geometry, emb, prev)
+        aligned = self.aligned_info(xrays) if self.pixel_aligned else None
+        x = self.transform(self.lift_tokens(feats, geometry, emb, aligned))
+        return self.decode(x, feats, geometry, emb, prev, aligned)
 
 
 def _init(m: nn.Module) -> None:

@@ -1,0 +1,91 @@
+"""``drr_projection``: DRRs of the prediction must agree with DRRs of the target, in the batch's geometry.
+
+X2CT-GAN's projection loss and PSCT-Net's: the prediction and the target CT are both rendered
+through ``x2ct_framework.physics.drr`` with the batch's own ``geometry`` (the views the model sees,
+or ``angles`` of its own choosing) and compared. Unlike ``reprojection`` (which compares with the
+input X-rays) it never depends on how the stored X-rays were made, so it is safe for real or
+differently rendered radiographs; it needs the target CT, so it is a training term only.
+
+Options: ``distance`` ("l1" or "l2"); ``det_size`` (detector pixels per side; 0: the X-rays' size,
+else the DRRs are rendered at that size, cheaper at 256^3); ``angles`` (extra gantry angles in
+degrees, rendered with the first view's geometry, e.g. ``[45, 135]`` for views the model does not
+see; default none); ``drr_options`` (keyword arguments of ``physics.drr``); ``hu_window`` from the
+recipe's data section. The target's DRRs are rendered without gradient.
+
+Recipe::
+
+    losses = { drr_projection = 0.5 }
+    losses = { drr_projection = { weight = 0.5, det_size = 64, angles = [45, 135] } }
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from x2ct_framework.hookspecs import hookimpl
+from x2ct_framework.physics import batched, drr
+
+DISTANCES = ("l1", "l2")
+
+
+class DRRProjectionLoss(nn.Module):
+    """Mean L1 (or L2) distance between DRRs of ``pred`` and of ``target`` (both CT in [0, 1])."""
+
+    def __init__(self, distance: str = "l1", det_size: int = 0, angles: list[float] = (),
+                 drr_options: dict = {},  # noqa: B006 (never mutated)
+                 hu_window: list[float] = (-1000.0, 3000.0)):
+        super().__init__()
+        if distance not in DISTANCES:
+            raise ValueError(f"distance must be one of {', '.join(map(repr, DISTANCES))}, got {distance!r}")
+        if isinstance(det_size, bool) or not isinstance(det_size, int) or det_size < 0:
+            raise ValueError(f"det_size must be an integer >= 0 (0: the X-rays' size), got {det_size!r}")
+        if not isinstance(angles, (list, tuple)) or not all(isinstance(a, (int, float)) for a in angles):
+            raise ValueError(f"angles must be a list of gantry angles in degrees, got {angles!r}")
+        if not isinstance(drr_options, dict):
+            raise ValueError(f"drr_options must be a table of physics.drr keyword arguments, got {drr_options!r}")
+        reserved = {"ct01", "geometry", "hu_window", "det_shape"} & set(drr_options)
+        if reserved:
+            raise ValueError(f"drr_options may not set {sorted(reserved)}: they come from the batch and the recipe")
+        if len(hu_window) != 2 or not float(hu_window[1]) > float(hu_window[0]):
+            raise ValueError(f"hu_window must be [low, high] with high > low, got {list(hu_window)}")
+        self.distance, self.det_size = distance, det_size
+        self.angles = [float(a) for a in angles]
+        self.drr_options = dict(drr_options)
+        self.hu_window = (float(hu_window[0]), float(hu_window[1]))
+
+    def geometry(self, batch: dict, b: int, device) -> dict:
+        """The batch's geometry, plus the extra ``angles`` (copies of the first view with other angles)."""
+        if "geometry" not in batch:
+            raise KeyError(f"drr_projection loss needs 'geometry' in the batch "
+                           f"(batch keys: {', '.join(sorted(batch))})")
+        g = batched(batch["geometry"], b, device)
+        if not self.angles:
+            return g
+        n = len(self.angles)
+        extra = {k: t[:, :1].expand(b, n, *t.shape[2:]).clone() for k, t in g.items()}
+        extra["angles"] = torch.tensor(self.angles, device=device).expand(b, n).clone()
+        return {k: torch.cat([g[k], extra[k]], 1) for k in g}
+
+    def det_shape(self, batch: dict, pred: torch.Tensor) -> tuple[int, int]:
+        if self.det_size:
+            return self.det_size, self.det_size
+        if "xrays" in batch:
+            return tuple(batch["xrays"].shape[-2:])
+        return tuple(pred.shape[-2:])
+
+    def forward(self, pred: torch.Tensor, target: torch.Tensor, batch: dict) -> torch.Tensor:
+        if pred.shape != target.shape:
+            raise ValueError(f"drr_projection loss: pred {tuple(pred.shape)} and target {tuple(target.shape)} differ")
+        g = self.geometry(batch, pred.shape[0], pred.device)
+        shape = self.det_shape(batch, pred)
+        views = drr(pred.float(), g, self.hu_window, det_shape=shape, **self.drr_options)
+        with torch.no_grad():
+            ref = drr(target.float(), g, self.hu_window, det_shape=shape, **self.drr_options)
+        err = views - ref
+        return err.abs().mean() if self.distance == "l1" else (err**2).mean()
+
+
+@hookimpl
+def register_losses(register):
+    register("drr_projection", DRRProjectionLoss)
