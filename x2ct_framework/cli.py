@@ -56,11 +56,13 @@ def validate(args: argparse.Namespace) -> int:
         terms = ", ".join(f"{t.name}x{t.weight:g}" for t in losses.terms)
         print(f"  {stage.name}: {stage.resolution}^3, model {recipe['model']['name']} ({n_params} params), "
               f"losses {terms or 'none'}, " + " / ".join(f"{k} {v}" for k, v in sizes.items()) + " cases")
-        found = check_stage(recipe, stage, datasets, model, losses, metrics, recipe["train"]["batch_size"])
+        found = [] if args.build_only else check_stage(recipe, stage, datasets, model, losses, metrics,
+                                                       recipe["train"]["batch_size"])
         problems += found
         if not found and args.describe:
             print(f"    model: {describe_for_sample(model, datasets['train'][0])}")
-        print(f"    contract: {'ok' if not found else f'{len(found)} problem(s)'}")
+        if not args.build_only:
+            print(f"    contract: {'ok' if not found else f'{len(found)} problem(s)'}")
     raise_problems(problems)
     print("ok")
     return 0
@@ -236,6 +238,9 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("validate", help="build every component of a recipe and check their contracts, without "
                                         "training")
     p.add_argument("recipe")
+    p.add_argument("--build-only", action="store_true",
+                   help="build every component but skip the contract checks (a dataset item of every split, a batch "
+                        "through the model, losses and metrics): seconds instead of minutes for 256^3 recipes on a CPU")
     p.add_argument("--no-describe", dest="describe", action="store_false",
                    help="skip the model's size, FLOPs and memory line")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
