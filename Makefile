@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install bench bench-matrix clean
+.PHONY: demo test test-all install bench bench-matrix clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,9 +19,15 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m x2ct_framework.run recipes/quickstart.toml
 
+# The suite runs on 2 worker processes with one torch thread each (under 10 min on 2 cores); tests marked
+# slow (multi-process training, subprocess runs, full-size models) run with `make test-all`.
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest tests -n 2 -m "not slow"
+
+test-all: $(STAMP)
+	$(VENV)/bin/ruff check .
+	OMP_NUM_THREADS=1 $(PY) -m pytest tests -n 2
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.perf

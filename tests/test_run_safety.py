@@ -528,8 +528,8 @@ def test_a_loss_without_gradient_names_its_term_and_plugin(case, tmp_path, capsy
         return
     assert run_main(argv) == 2
     err = capsys.readouterr().err
-    assert "loss term(s) 'flat' (loss 'detached_l1' from plugin" in err and "detached.py" in err
-    assert "does not depend on the prediction" in err and "Traceback" not in err
+    assert "loss term 'flat' (loss 'detached_l1' from plugin" in err and "detached.py" in err
+    assert "does not depend differentiably on the prediction" in err and "Traceback" not in err
 
 
 # ---- validate checks every stage before anything trains ------------------------------------------------

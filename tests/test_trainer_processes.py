@@ -181,4 +181,5 @@ def test_two_cpu_processes_match_one_process_for_the_default_vit_cascade(tmp_pat
     b = ckpt.load_weights(tmp_path / "two/tiny/stage1/last")
     assert a.keys() == b.keys()
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+        # all-reduce sums in another order than one process
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)

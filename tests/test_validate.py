@@ -142,7 +142,9 @@ def test_training_time_loss_errors_name_the_term_and_its_plugin(recipe):
     batch = make_batch(2, resolution=8)
     del batch["labels"]
     for losses, message in [("{l1=1.0, kit_detached=0.5}",
-                             r"loss term 'kit_detached' \(plugin .*kit_plugin.py.*\) does not depend differentiably"),
+                             r"loss term 'kit_detached' \(loss 'kit_detached' from plugin .*kit_plugin.py.*\) "
+                             r"does not depend "
+                             r"differentiably"),
                             ("{kit_labels=1.0}", r"loss term 'kit_labels' .* needs batch key 'labels'"),
                             ("{kit_nobatch=1.0}", r"loss term 'kit_nobatch' .* raised TypeError")]:
         r = load_recipe(recipe, [f"stages.1.losses={losses}"])

@@ -157,10 +157,11 @@ class VesselLoss(nn.Module):
         ids = batch.get("case_id")
         if not self.cache_size or not isinstance(ids, (list, tuple)) or len(ids) != target.shape[0]:
             return self._compute(target)
-        flat = target.detach().double().flatten(1)
-        idx = torch.arange(flat.shape[1], device=flat.device, dtype=torch.float64)
-        ramp = idx / flat.shape[1] + torch.remainder(idx, 97) / 97  # position-sensitive: a flipped copy differs
-        checks = torch.stack([flat.sum(1), (flat * ramp).sum(1)], 1).cpu().tolist()
+        with torch.autocast(device_type=target.device.type, enabled=False):  # float64 checksums, outside autocast
+            flat = target.detach().double().flatten(1)
+            idx = torch.arange(flat.shape[1], device=flat.device, dtype=torch.float64)
+            ramp = idx / flat.shape[1] + torch.remainder(idx, 97) / 97  # position-sensitive: a flipped copy differs
+            checks = torch.stack([flat.sum(1), (flat * ramp).sum(1)], 1).cpu().tolist()
         keys = [(str(i), tuple(target.shape[2:]), round(a, 6), round(b, 6)) for i, (a, b) in zip(ids, checks)]
         missing = [k for k, key in enumerate(keys) if key not in self._cache]
         self.cache_hits += len(keys) - len(missing)
@@ -170,7 +171,7 @@ class VesselLoss(nn.Module):
                 if len(self._cache) >= self.cache_size:
                     self._cache.pop(next(iter(self._cache)))
                 self._cache[keys[k]] = m.to("cpu", torch.float16)
-        return torch.stack([self._cache[key] for key in keys]).to(target.device, torch.float32)
+        return torch.stack([self._cache[key].float() for key in keys]).to(target.device)
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor, batch: dict) -> torch.Tensor:
         if pred.dim() != 5 or pred.shape != target.shape or pred.shape[1] != 1:
