@@ -38,6 +38,7 @@ from x2ct_framework import __version__, atomic
 from x2ct_framework import checkpoint as ckpt
 from x2ct_framework.config.build import (build_dataset, build_losses, build_metrics, build_model, data_options,
                                          load_recipe_plugins, model_options, stages, tracker_init_kwargs)
+from x2ct_framework.config.checks import check_freeze
 from x2ct_framework.config.optim import Schedule, lr_factor, make_optimizer
 from x2ct_framework.datacheck import guard_stored_geometry
 from x2ct_framework.config.recipe import Recipe
@@ -78,12 +79,7 @@ def flat_config(data: Any, prefix: str = "") -> dict[str, Any]:
 
 def trainable_parameters(model: torch.nn.Module, prefixes: list[str], where: str) -> list[torch.nn.Parameter]:
     """The parameters to train: ``prefixes`` (``stages.N.freeze``) are frozen, each must match one."""
-    names = [n for n, _ in model.named_parameters()]
-    unknown = [p for p in prefixes if not any(n.startswith(p) for n in names)]
-    if unknown:
-        tops = sorted({n.split(".")[0] for n in names})
-        raise RecipeError([f"{where}: {', '.join(map(repr, unknown))} matches no parameter of the model "
-                           f"(top-level modules: {', '.join(tops)})"])
+    check_freeze(model, prefixes, where)
     params = []
     for n, p in model.named_parameters():
         if any(n.startswith(f) for f in prefixes):
