@@ -23,10 +23,10 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from x2ct_framework.conventions import DEFAULT_HU_WINDOW
 from x2ct_framework.hookspecs import hookimpl
 from x2ct_framework.physics import batched, drr
-
-DISTANCES = ("l1", "l2")
+from x2ct_plugins.losses.reprojection import check_drr_loss_options, image_distance
 
 
 class DRRProjectionLoss(nn.Module):
@@ -34,25 +34,15 @@ class DRRProjectionLoss(nn.Module):
 
     def __init__(self, distance: str = "l1", det_size: int = 0, angles: list[float] = (),
                  drr_options: dict = {},  # noqa: B006 (never mutated)
-                 hu_window: list[float] = (-1000.0, 3000.0)):
+                 hu_window: list[float] = DEFAULT_HU_WINDOW):
         super().__init__()
-        if distance not in DISTANCES:
-            raise ValueError(f"distance must be one of {', '.join(map(repr, DISTANCES))}, got {distance!r}")
+        self.distance, self.drr_options, self.hu_window = check_drr_loss_options(distance, drr_options, hu_window)
         if isinstance(det_size, bool) or not isinstance(det_size, int) or det_size < 0:
             raise ValueError(f"det_size must be an integer >= 0 (0: the X-rays' size), got {det_size!r}")
         if not isinstance(angles, (list, tuple)) or not all(isinstance(a, (int, float)) for a in angles):
             raise ValueError(f"angles must be a list of gantry angles in degrees, got {angles!r}")
-        if not isinstance(drr_options, dict):
-            raise ValueError(f"drr_options must be a table of physics.drr keyword arguments, got {drr_options!r}")
-        reserved = {"ct01", "geometry", "hu_window", "det_shape"} & set(drr_options)
-        if reserved:
-            raise ValueError(f"drr_options may not set {sorted(reserved)}: they come from the batch and the recipe")
-        if len(hu_window) != 2 or not float(hu_window[1]) > float(hu_window[0]):
-            raise ValueError(f"hu_window must be [low, high] with high > low, got {list(hu_window)}")
-        self.distance, self.det_size = distance, det_size
+        self.det_size = det_size
         self.angles = [float(a) for a in angles]
-        self.drr_options = dict(drr_options)
-        self.hu_window = (float(hu_window[0]), float(hu_window[1]))
 
     def geometry(self, batch: dict, b: int, device) -> dict:
         """The batch's geometry, plus the extra ``angles`` (copies of the first view with other angles)."""
@@ -82,8 +72,7 @@ class DRRProjectionLoss(nn.Module):
         views = drr(pred.float(), g, self.hu_window, det_shape=shape, **self.drr_options)
         with torch.no_grad():
             ref = drr(target.float(), g, self.hu_window, det_shape=shape, **self.drr_options)
-        err = views - ref
-        return err.abs().mean() if self.distance == "l1" else (err**2).mean()
+        return image_distance(views, ref, self.distance)
 
 
 @hookimpl

@@ -30,6 +30,26 @@ from x2ct_framework.physics import drr
 DISTANCES = ("l1", "l2")
 
 
+def check_drr_loss_options(distance: str, drr_options: dict, hu_window) -> tuple[str, dict, tuple[float, float]]:
+    """The options every DRR-rendering loss shares, checked: ``(distance, drr_options, hu_window)``."""
+    if distance not in DISTANCES:
+        raise ValueError(f"distance must be one of {', '.join(map(repr, DISTANCES))}, got {distance!r}")
+    if not isinstance(drr_options, dict):
+        raise ValueError(f"drr_options must be a table of physics.drr keyword arguments, got {drr_options!r}")
+    reserved = {"ct01", "geometry", "hu_window", "det_shape"} & set(drr_options)
+    if reserved:
+        raise ValueError(f"drr_options may not set {sorted(reserved)}: they come from the batch and the recipe")
+    if len(hu_window) != 2 or not float(hu_window[1]) > float(hu_window[0]):
+        raise ValueError(f"hu_window must be [low, high] with high > low, got {list(hu_window)}")
+    return distance, dict(drr_options), (float(hu_window[0]), float(hu_window[1]))
+
+
+def image_distance(a: torch.Tensor, b: torch.Tensor, distance: str) -> torch.Tensor:
+    """Mean L1 or L2 distance of two image stacks."""
+    err = a - b
+    return err.abs().mean() if distance == "l1" else (err**2).mean()
+
+
 class ReprojectionLoss(nn.Module):
     """Mean distance between DRRs of ``pred`` and the batch's X-rays (both in [0, 1]).
 
@@ -40,18 +60,7 @@ class ReprojectionLoss(nn.Module):
     def __init__(self, distance: str = "l1", drr_options: dict = {},  # noqa: B006 (never mutated)
                  hu_window: list[float] = DEFAULT_HU_WINDOW):
         super().__init__()
-        if distance not in DISTANCES:
-            raise ValueError(f"distance must be one of {', '.join(map(repr, DISTANCES))}, got {distance!r}")
-        if not isinstance(drr_options, dict):
-            raise ValueError(f"drr_options must be a table of physics.drr keyword arguments, got {drr_options!r}")
-        reserved = {"ct01", "geometry", "hu_window", "det_shape"} & set(drr_options)
-        if reserved:
-            raise ValueError(f"drr_options may not set {sorted(reserved)}: they come from the batch and the recipe")
-        if len(hu_window) != 2 or not float(hu_window[1]) > float(hu_window[0]):
-            raise ValueError(f"hu_window must be [low, high] with high > low, got {list(hu_window)}")
-        self.distance = distance
-        self.drr_options = dict(drr_options)
-        self.hu_window = (float(hu_window[0]), float(hu_window[1]))
+        self.distance, self.drr_options, self.hu_window = check_drr_loss_options(distance, drr_options, hu_window)
 
     def render(self, volume: torch.Tensor, batch: dict) -> torch.Tensor:
         """DRRs of ``volume`` [B, 1, D, H, W] with the batch's geometry, at the X-rays' size."""
@@ -67,8 +76,7 @@ class ReprojectionLoss(nn.Module):
         if views.shape != xrays.shape:
             raise ValueError(f"reprojection loss: rendered views {tuple(views.shape)} do not match the batch's "
                              f"xrays {tuple(xrays.shape)}")
-        err = views - xrays
-        return err.abs().mean() if self.distance == "l1" else (err**2).mean()
+        return image_distance(views, xrays, self.distance)
 
 
 @hookimpl
