@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from x2ct_framework.errors import DataError
+from x2ct_framework.io import DICOM_SUFFIXES, is_dicom
 
 HEADER_TAGS = ["SeriesInstanceUID", "Modality", "ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing",
                "Rows", "Columns", "SeriesDescription", "ImageType", "SeriesNumber", "StudyInstanceUID",
@@ -63,16 +64,9 @@ def _looks_dicom(path: Path) -> bool:
     name = path.name.lower()
     if name.startswith("."):
         return False
-    if name.endswith((".dcm", ".dicom", ".ima")):
-        return True
-    if "." in name and not name.replace(".", "").isdigit():  # other known types (xml, json, nii, png)
-        return False
-    try:
-        with path.open("rb") as f:
-            head = f.read(132)
-        return len(head) == 132 and head[128:132] == b"DICM"
-    except OSError:
-        return False
+    if "." in name and not name.endswith(DICOM_SUFFIXES) and not name.replace(".", "").isdigit():
+        return False  # other known types (xml, json, nii, png); numbered names like 1.2.840... are read
+    return is_dicom(path)
 
 
 def dicom_files(folder: Path) -> list[Path]:
