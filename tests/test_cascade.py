@@ -14,7 +14,8 @@ from x2ct_framework.training import cascade
 from x2ct_framework import checkpoint as ckpt
 from x2ct_framework.config.build import build_dataset, build_model, stages
 from x2ct_framework.errors import RecipeError
-from x2ct_framework.evaluation.evaluate import load_model, resolve_target
+from x2ct_framework.loading import load_model
+from x2ct_framework.runs import resolve_target
 from x2ct_framework.config.recipe import load_recipe
 from x2ct_framework.run import main as run_main
 from x2ct_framework.training.trainer import Trainer

@@ -15,7 +15,8 @@ import pytest
 from conftest import TINY_RECIPE
 from x2ct_framework.cli import main as x2ct_main
 from x2ct_framework.errors import CheckpointError, RecipeError
-from x2ct_framework.evaluation.evaluate import aggregate, evaluate, resolve_target
+from x2ct_framework.evaluation.evaluate import aggregate, evaluate
+from x2ct_framework.runs import resolve_target
 
 
 def with_model(text: str, model: str) -> str:

@@ -15,7 +15,7 @@ import torch
 from test_evaluate import make_run
 from x2ct_framework.cli import main as x2ct_main
 from x2ct_framework.errors import DataError
-from x2ct_framework.evaluation.evaluate import resolve_target
+from x2ct_framework.runs import resolve_target
 from x2ct_framework.evaluation.predict import canonical_affine, predict, save_nifti
 
 # A model plugin that ignores its input and returns a fixed, asymmetric "anatomy" in canonical

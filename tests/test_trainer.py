@@ -474,7 +474,8 @@ def test_run_folder_recipe_finds_a_local_plugin_file_from_anywhere(tiny, tmp_pat
     from x2ct_framework.plugins import get_plugin_manager
 
     get_plugin_manager().trust_run_plugins = True  # a run folder's plugins load only when trusted (--trust-run-plugins)
-    from x2ct_framework.evaluation.evaluate import evaluate, resolve_target
+    from x2ct_framework.evaluation.evaluate import evaluate
+    from x2ct_framework.runs import resolve_target
     ev = evaluate(resolve_target(tmp_path / "runs/tiny"), split="val", protocols=["default"], n_boot=10, worst=0,
                   progress=False)
     assert len(ev.case_ids) == 2 and np.isfinite(ev.values["default/psnr"]).all()

@@ -31,7 +31,7 @@ HU = (-1024.0, 1476.0)  # maps [0, 1] onto X2CT-GAN's scale exactly
 
 
 def make_case(size: int):
-    from x2ct_plugins.datasets.synthetic_phantom import phantom_hu
+    from x2ct_framework.phantom import toy_chest as phantom_hu
 
     hu, labels = phantom_hu(size, 0)
     lo, hi = HU

@@ -90,7 +90,8 @@ def check_budget(recipe, steps_per_epoch: int) -> None:
 
 def evaluate_run(recipe, matrix: Matrix) -> dict[str, Any]:
     """Score the run's last stage (its ``eval.which`` checkpoint) with the matrix's protocol."""
-    from x2ct_framework.evaluation.evaluate import evaluate, resolve_target
+    from x2ct_framework.evaluation.evaluate import evaluate
+    from x2ct_framework.runs import resolve_target
 
     run_dir = Path(recipe["output_dir"]) / recipe.name
     last = recipe["stages"][-1]["name"]

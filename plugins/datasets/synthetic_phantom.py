@@ -13,7 +13,7 @@ from torch.utils.data import Dataset
 
 from x2ct_framework.hookspecs import hookimpl
 from x2ct_framework.conventions import DEFAULT_HU_WINDOW
-from x2ct_framework.phantom import chest_phantom, toy_chest
+from x2ct_framework.phantom import chest_phantom
 from x2ct_framework.physics import MU_WATER
 from x2ct_framework.stage import Stage
 from x2ct_plugins.datasets._common import (DiskCache, case_geometry, check_common, check_split, drr_key,
@@ -121,7 +121,6 @@ class SyntheticPhantomDataset(Dataset):
                 "case_id": f"phantom-{self.split}-{i:04d}"}
 
 
-phantom_hu = toy_chest  # the toy chest's old name here, still imported by benchmarks/perf/evaluation.py
 
 
 @hookimpl

@@ -27,8 +27,8 @@ from torch.utils.data import DataLoader
 
 from x2ct_framework.atomic import atomic_folder
 from x2ct_framework.config.build import build_dataset
-from x2ct_framework.loading import load_model, pick_device  # noqa: F401 (re-exported for callers)
-from x2ct_framework.runs import Target, data_options_with_defaults, hu_window_of, resolve_target  # noqa: F401
+from x2ct_framework.loading import load_model, pick_device
+from x2ct_framework.runs import Target, hu_window_of, resolve_target
 from x2ct_framework.errors import DataError
 from x2ct_framework.evaluation.protocols import Protocol, build_protocol, x2ctgan_setting_deviations
 
