@@ -153,3 +153,11 @@ def test_training_time_loss_errors_name_the_term_and_its_plugin(recipe):
         pred = torch.rand(2, 1, 8, 8, 8, requires_grad=True)
         with pytest.raises(PluginError, match=message):
             loss_set(pred, batch["ct"], batch)
+
+
+def test_flop_line_is_opt_in(recipe, capsys):
+    """The FLOP / memory count costs seconds: plain validate skips it, ``--describe`` prints it."""
+    assert x2ct_main(["validate", str(recipe)]) == 0
+    assert "    model: " not in capsys.readouterr().out
+    assert x2ct_main(["validate", str(recipe), "--describe"]) == 0
+    assert "    model: " in capsys.readouterr().out

@@ -241,8 +241,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--build-only", action="store_true",
                    help="build every component but skip the contract checks (a dataset item of every split, a batch "
                         "through the model, losses and metrics): seconds instead of minutes for 256^3 recipes on a CPU")
+    p.add_argument("--describe", action="store_true",
+                   help="also print the model's FLOPs and activation memory per training step (counted on fake "
+                        "tensors: several seconds, so off by default to keep validate close to the torch import)")
     p.add_argument("--no-describe", dest="describe", action="store_false",
-                   help="skip the model's size, FLOPs and memory line")
+                   help="skip that line (the default; kept for older scripts)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(fn=validate)
     p = sub.add_parser("check-data", help="check that a dataset's stored X-rays show its CTs in the declared geometry")

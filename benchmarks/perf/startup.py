@@ -4,8 +4,8 @@
 one after the other, alternating (torch, command, torch, command, ...) so that a change in machine
 load hits both, and reports the medians and their ratio; the goal is a ratio within 1.3 for
 ``x2ct --help`` and ``x2ct plugins``. Peak memory is each child's own maximum resident set size
-(``wait4``). ``x2ct validate`` also builds every component of the recipe and counts its model's
-FLOPs and activations, so its ratio includes that work, not only imports.
+(``wait4``). ``x2ct validate`` also builds every component of the recipe and runs one batch through
+the model, losses and metrics (the FLOP count is opt-in, ``--describe``), so its ratio includes that work.
 """
 
 from __future__ import annotations
