@@ -76,7 +76,7 @@ def test_cnn_baseline_has_no_tokens():
 
 
 def test_validate_prints_model_cost_per_stage(tiny_recipe, capsys):
-    assert x2ct_main(["validate", str(tiny_recipe)]) == 0
+    assert x2ct_main(["validate", str(tiny_recipe), "--describe"]) == 0
     out = capsys.readouterr().out
     line = next(ln for ln in out.splitlines() if ln.strip().startswith("model:"))
     assert "M params" in line and "64 tokens (4^3)" in line and "FLOP forward" in line
