@@ -76,14 +76,25 @@ class Trackers:
         """Build the plugin trackers (main process) and start every tracker with the recipe as configuration."""
         from x2ct_framework.config.build import build_trackers, tracker_init_kwargs
 
-        if not self.is_main:
-            return
-        built = build_trackers(recipe, run_dir)
-        for tracker, entry in built:
-            self.plugins[id(tracker)] = (tracker, entry)
-            self.accelerator.log_with.append(tracker)
-        with self._naming("start or store_init_configuration"):
-            self.accelerator.init_trackers(recipe.name, config=config, init_kwargs=tracker_init_kwargs(recipe))
+        error = None
+        if self.is_main:
+            try:
+                for tracker, entry in build_trackers(recipe, run_dir):
+                    self.plugins[id(tracker)] = (tracker, entry)
+                    self.accelerator.log_with.append(tracker)
+                with self._naming("start or store_init_configuration"):
+                    self.accelerator.init_trackers(recipe.name, config=config,
+                                                   init_kwargs=tracker_init_kwargs(recipe))
+            except Exception as exc:
+                error = exc
+        if self.accelerator.num_processes > 1:  # every process stops together, none waits in a collective
+            from accelerate.utils import broadcast_object_list
+
+            note = broadcast_object_list([None if error is None else f"{type(error).__name__}: {error}"])[0]
+            if note is not None and error is None:
+                raise X2CTError(f"the main process could not start the trackers: {note}")
+        if error is not None:
+            raise error
 
     def log(self, values: dict[str, Any], step: int | None = None) -> None:
         if not self.is_main or not values:
