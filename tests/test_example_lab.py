@@ -10,3 +10,4 @@ for folder in (LAB / "src", LAB / "tests"):
         sys.path.insert(0, str(folder))
 
 from test_lab_plugins import *  # noqa: E402, F401, F403
+from test_lab_tracker import *  # noqa: E402, F401, F403

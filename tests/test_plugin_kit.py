@@ -406,3 +406,105 @@ def test_tracker_options_reach_the_tracker(tmp_path):
     acc.end_training()
     with pytest.raises(RecipeError, match=r"train -> tracker_options -> wandb: 'wandb' is not one of train.trackers"):
         load_recipe(path, ["train.trackers=['tensorboard']", "train.tracker_options.wandb={entity='lab'}"])
+
+
+# ---- tracker plugins --------------------------------------------------------------------------------
+RECORDER = """
+    from accelerate.tracking import GeneralTracker
+    from x2ct_framework.hookspecs import hookimpl
+
+
+    class Recorder(GeneralTracker):
+        name = "recorder"
+        requires_logging_directory = False
+        rows = []
+
+        def __init__(self, run_name, tags: list = (), fail: bool = False):
+            super().__init__()
+            self.run_name, self.tags, self.fail = run_name, list(tags), fail
+
+        @property
+        def tracker(self):
+            return self.rows
+
+        def log(self, values, step=None, **kwargs):
+            if self.fail:
+                raise ConnectionError("server went away")
+            self.rows.append((step, dict(values)))
+
+
+    @hookimpl
+    def register_trackers(register):
+        register("recorder", Recorder)
+"""
+
+
+def _tracker_recipe(tmp_path, trackers, options=""):
+    from conftest import TINY_RECIPE
+    from x2ct_framework.config.recipe import load_recipe
+
+    plugin = _plugin(tmp_path, "recorder_tracker.py", RECORDER)
+    path = tmp_path / "r.toml"
+    path.write_text(TINY_RECIPE.format(out=tmp_path.as_posix()).replace("seed = 0", f'seed = 0\nplugins = ["{plugin}"]')
+                    .replace("[train]", f"[train]\ntrackers = {trackers}\n{options}"))
+    return load_recipe(path)
+
+
+def test_a_plugin_tracker_is_built_with_its_options_and_context_and_listed(tmp_path, capsys):
+    from x2ct_framework.config.build import build_trackers, builtin_tracker_names, tracker_init_kwargs
+    from x2ct_framework.config.checks import check_recipe
+
+    recipe = _tracker_recipe(tmp_path, '["recorder", "tensorboard"]',
+                             'tracker_options = { recorder = { tags = ["a", "b"] }, tensorboard = { flush_secs = 5 } }')
+    check_recipe(recipe)
+    ((tracker, entry),) = build_trackers(recipe, tmp_path)
+    assert (tracker.name, tracker.run_name, tracker.tags) == ("recorder", "tiny", ["a", "b"])
+    assert entry.plugin.endswith("recorder_tracker.py")
+    assert builtin_tracker_names(recipe) == ["tensorboard"]  # what Accelerator(log_with=...) gets
+    assert tracker_init_kwargs(recipe) == {"tensorboard": {"flush_secs": 5}}  # the plugin's options go to its factory
+    assert x2ct_main(["plugins"]) == 0
+    out = capsys.readouterr().out
+    assert "\ntrackers:\n  recorder " in out and "recorder_tracker.py" in out
+
+
+def test_plugin_tracker_mistakes_are_named(tmp_path):
+    from x2ct_framework.config.build import build_trackers
+    from x2ct_framework.config.checks import check_recipe
+    from x2ct_framework.testing import registered_component
+
+    recipe = _tracker_recipe(tmp_path, '["recordr"]')
+    with pytest.raises(RecipeError, match=r"train -> trackers -> 1: unknown tracker 'recordr'; did you mean "
+                                          r"\"recorder\"\? \(built-in: aim, .*tensorboard.*; from plugins: "
+                                          r"recorder; or \[\] for none\)"):
+        check_recipe(recipe)
+    with pytest.raises(RecipeError, match="unknown tracker 'recordr'"):  # also when a run starts without the checks
+        build_trackers(recipe, tmp_path)
+    recipe = _tracker_recipe(tmp_path, '["recorder"]', 'tracker_options = { recorder = { tag = ["a"] } }')
+    with pytest.raises(RecipeError, match=r"r.toml: train -> tracker_options -> recorder -> tag: unknown option for "
+                                          r"tracker 'recorder'; did you mean \"tags\"\?"):
+        check_recipe(recipe)
+    with registered_component("tracker", "bogus", lambda: {"log": print}):
+        recipe = _tracker_recipe(tmp_path, '["bogus"]')
+        check_recipe(recipe)
+        with pytest.raises(PluginError, match=r"plugin 'test-tracker-bogus' \(registered in a test\): the factory "
+                                              r"of tracker 'bogus' returned dict, not an "
+                                              r"accelerate.tracking.GeneralTracker"):
+            build_trackers(recipe, tmp_path)
+    with registered_component("tracker", "wandb", lambda: None):
+        with pytest.raises(PluginError, match="registered tracker 'wandb', a name taken by accelerate's built-in "
+                                              "tracker; rename it"):
+            get_plugin_manager().registry("tracker")
+
+
+def test_a_plugin_tracker_failing_inside_log_names_its_plugin(tmp_path):
+    from accelerate import Accelerator
+
+    from x2ct_framework.training.trackers import Trackers
+
+    recipe = _tracker_recipe(tmp_path, '["recorder"]', 'tracker_options = { recorder = { fail = true } }')
+    trackers = Trackers(Accelerator(cpu=True))
+    trackers.start(recipe, tmp_path, {"lr": 1e-3})
+    with pytest.raises(PluginError, match=r"plugin '.*recorder_tracker.py' \(local file\): tracker 'recorder' "
+                                          r"\(Recorder\) raised inside log: ConnectionError: server went away"):
+        trackers.log({"stage1/train/loss": 0.5}, step=1)
+    trackers.finish()

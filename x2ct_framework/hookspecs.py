@@ -80,6 +80,16 @@ def register_schedules(register):
 
 
 @hookspec
+def register_trackers(register):
+    """Register experiment trackers (beside accelerate's built-in ``tensorboard``, ``wandb``, ...).
+
+    ``register(name, factory)``: ``factory(**options)`` returns an ``accelerate.tracking.GeneralTracker``;
+    ``options`` come from ``[train.tracker_options.<name>]``, and a factory may declare ``logging_dir``
+    (the run folder) and ``run_name`` (the recipe's name). A recipe selects it in ``train.trackers``.
+    """
+
+
+@hookspec
 def on_stage_start(trainer, stage):
     """Called on every process before the first epoch of a stage."""
 

@@ -35,9 +35,9 @@ from x2ct_framework.registry import Registry
 ENTRY_POINT_GROUP = "x2ct_framework"
 KINDS = {"model": "register_models", "loss": "register_losses", "dataset": "register_datasets",
          "metric": "register_metrics", "protocol": "register_protocols", "optimizer": "register_optimizers",
-         "schedule": "register_schedules"}
+         "schedule": "register_schedules", "tracker": "register_trackers"}
 PLURALS = {"model": "models", "loss": "losses", "dataset": "datasets", "metric": "metrics", "protocol": "protocols",
-           "optimizer": "optimizers", "schedule": "schedules"}
+           "optimizer": "optimizers", "schedule": "schedules", "tracker": "trackers"}
 # Core modules that register built-in components through the same hooks (plugin name -> module).
 CORE_PLUGINS = {"optim": "x2ct_framework.config.optim", "protocols": "x2ct_framework.evaluation.protocols"}
 CORE_DISTRIBUTION = "x2ct-framework"
@@ -267,7 +267,7 @@ class PluginManager:
         self.load_entry_points()
         if self._registries is not None:
             return self._registries
-        regs = {kind: Registry(kind) for kind in KINDS}
+        regs = {kind: Registry(kind, reserved=_reserved(kind)) for kind in KINDS}
         collected: dict[str, list[tuple[str, str, Any]]] = {}
         broken: dict[str, PluginError] = {}
         for kind, hook_name in KINDS.items():
@@ -323,6 +323,15 @@ class PluginManager:
 
     def registry(self, kind: str) -> Registry:
         return self.registries()[kind]
+
+
+def _reserved(kind: str) -> dict[str, str]:
+    """Names a plugin may not register: accelerate's built-in trackers, which a recipe names directly."""
+    if kind != "tracker":
+        return {}
+    from x2ct_framework.config.checks import TRACKER_PACKAGES
+
+    return dict.fromkeys(TRACKER_PACKAGES, "accelerate's built-in tracker")
 
 
 def _unmarked_hooks(plugin: Any) -> list[str]:

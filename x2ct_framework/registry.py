@@ -31,10 +31,14 @@ class Entry:
 
 
 class Registry:
-    """Components of one kind (``model``, ``loss``, ``dataset``, ``metric``)."""
+    """Components of one kind (``model``, ``loss``, ``dataset``, ``metric``, ...).
 
-    def __init__(self, kind: str):
+    ``reserved`` maps names no plugin may take to what they already mean (accelerate's built-in trackers).
+    """
+
+    def __init__(self, kind: str, reserved: dict[str, str] | None = None):
         self.kind = kind
+        self.reserved = dict(reserved or {})
         self._entries: dict[str, Entry] = {}
 
     def register(self, name: str, factory: Callable[..., Any], *, plugin: str = "?", distribution: str = "?") -> None:
@@ -42,6 +46,9 @@ class Registry:
             raise PluginError(f"plugin {plugin!r} registered a {self.kind} with an invalid name {name!r}")
         if not callable(factory):
             raise PluginError(f"plugin {plugin!r} registered {self.kind} {name!r} with a factory that is not callable")
+        if name in self.reserved:
+            raise PluginError(f"plugin {plugin!r} ({distribution}) registered {self.kind} {name!r}, a name taken by "
+                              f"{self.reserved[name]}; rename it")
         if name in self._entries:
             old = self._entries[name]
             raise PluginError(
@@ -51,7 +58,7 @@ class Registry:
         self._entries[name] = Entry(name, factory, plugin, distribution)
 
     def copy(self) -> "Registry":
-        out = Registry(self.kind)
+        out = Registry(self.kind, self.reserved)
         out._entries = dict(self._entries)
         return out
 

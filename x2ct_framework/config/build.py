@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import copy
 import inspect
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
 
 from x2ct_framework.conventions import DEFAULT_HU_WINDOW
-from x2ct_framework.errors import PluginError, X2CTError
+from x2ct_framework.errors import PluginError, RecipeError, X2CTError
 from x2ct_framework.plugins import get_plugin_manager
 from x2ct_framework.config.recipe import Recipe
 from x2ct_framework.config.schema import LOSS_TERM_KEYS
@@ -43,9 +44,61 @@ def load_recipe_plugins(recipe: Recipe) -> None:
 
 
 def tracker_init_kwargs(recipe: Recipe) -> dict[str, dict]:
-    """``train.tracker_options`` as Accelerate's ``init_trackers(..., init_kwargs=...)``: per tracker name, the
-    keyword arguments of its initialisation (wandb: entity, tags, name, ...; tensorboard: SummaryWriter's)."""
-    return {name: dict(opts) for name, opts in recipe["train"]["tracker_options"].items()}
+    """``train.tracker_options`` of accelerate's built-in trackers as ``init_trackers(..., init_kwargs=...)``: per
+    tracker name, the keyword arguments of its initialisation (wandb: entity, tags, name, ...; tensorboard:
+    SummaryWriter's). A plugin tracker's options go to its factory instead (:func:`build_trackers`)."""
+    from x2ct_framework.config.checks import known_trackers
+
+    known = known_trackers()
+    return {name: dict(opts) for name, opts in recipe["train"]["tracker_options"].items() if name in known}
+
+
+def builtin_tracker_names(recipe: Recipe) -> list[str]:
+    """The names in ``train.trackers`` that accelerate knows itself (``Accelerator(log_with=...)``)."""
+    from x2ct_framework.config.checks import known_trackers
+
+    known = known_trackers()
+    return [t for t in recipe["train"]["trackers"] if t != "none" and t in known]
+
+
+def build_trackers(recipe: Recipe, run_dir: str | Path) -> list[tuple[Any, Any]]:
+    """The plugin trackers of ``train.trackers``, each built from ``[train.tracker_options.<name>]`` plus the
+    context its factory declares (``logging_dir`` = the run folder, ``run_name`` = the recipe's name).
+
+    Returns ``(tracker, registry entry)`` pairs; a factory that fails or returns anything but an
+    ``accelerate.tracking.GeneralTracker`` is a :class:`PluginError` naming the plugin.
+    """
+    from accelerate.tracking import GeneralTracker
+
+    from x2ct_framework.config.checks import TRACKER_CONTEXT, known_trackers, plugin_trackers, unknown_tracker
+
+    known, registry = known_trackers(), plugin_trackers()
+    context = dict(zip(TRACKER_CONTEXT, (Path(run_dir), recipe.name)))
+    out = []
+    for i, name in enumerate(recipe["train"]["trackers"]):
+        if name == "none" or name in known:
+            continue
+        if name not in registry:
+            raise RecipeError([unknown_tracker(recipe.where("train", "trackers", i), name, known, registry.names())])
+        entry = registry.get(name)
+        try:
+            tracker = registry.create(name, recipe["train"]["tracker_options"].get(name, {}),
+                                      where=recipe.where("train", "tracker_options", name), context=context)
+        except X2CTError:
+            raise
+        except Exception as exc:
+            raise PluginError(f"{entry.source}: the factory of tracker {name!r} raised "
+                              f"{type(exc).__name__}: {exc}") from exc
+        if not isinstance(tracker, GeneralTracker):
+            raise PluginError(f"{entry.source}: the factory of tracker {name!r} returned {type(tracker).__name__}, "
+                              f"not an accelerate.tracking.GeneralTracker; return an instance of a subclass that "
+                              f"defines name, requires_logging_directory, tracker, log and finish "
+                              f"(docs/plugins.md, register_trackers)")
+        if not isinstance(getattr(tracker, "name", None), str):
+            raise PluginError(f"{entry.source}: tracker {name!r} ({type(tracker).__name__}) has no `name` string; "
+                              f"set the class attribute name = {name!r}")
+        out.append((tracker, entry))
+    return out
 
 
 def stages(recipe: Recipe) -> list[Stage]:

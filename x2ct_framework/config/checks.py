@@ -1,21 +1,23 @@
 """Recipe checks that need more than the schema, run before anything trains.
 
-``x2ct validate`` and the start of ``x2ct run`` call :func:`check_stages` and :func:`check_trackers`,
-so a misspelt ``select_best`` in stage 3 or a tracker whose package is missing stops the run at
-once rather than after the earlier stages have trained. :func:`check_freeze` checks a stage's
-``freeze`` prefixes against its built model.
+``x2ct validate`` and the start of ``x2ct run`` call :func:`check_recipe` (every stage's ``select_best``,
+every tracker), so a misspelt ``select_best`` in stage 3, a tracker whose package is missing or a
+plugin tracker's misspelt option stops the run at once rather than after the earlier stages have
+trained. :func:`check_freeze` checks a stage's ``freeze`` prefixes against its built model.
 """
 
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Iterable
 
 import torch.nn as nn
 
 from x2ct_framework.config.document import Recipe
 from x2ct_framework.errors import RecipeError, did_you_mean
+from x2ct_framework.registry import check_options
 
-# Accelerate's tracker names -> the package each one needs
+# Accelerate's tracker names -> the package each one needs (no plugin may register a tracker of these names)
 TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "comet_ml": "comet_ml",
                     "aim": "aim", "clearml": "clearml", "dvclive": "dvclive", "swanlab": "swanlab",
                     "trackio": "trackio"}
@@ -38,16 +40,46 @@ def _installed(name: str, package: str) -> bool:
     return importlib.util.find_spec(package) is not None
 
 
+# What a plugin tracker's factory may declare besides its [train.tracker_options.<name>] table.
+TRACKER_CONTEXT = ("logging_dir", "run_name")
+
+
+def plugin_trackers():
+    """The registry of plugin trackers (``register_trackers``)."""
+    from x2ct_framework.plugins import get_plugin_manager
+
+    return get_plugin_manager().registry("tracker")
+
+
+def unknown_tracker(where: str, name: str, builtin: Iterable[str], plugins: Iterable[str]) -> str:
+    builtin, plugins = sorted(builtin), sorted(plugins)
+    return (f"{where}: unknown tracker {name!r}{did_you_mean(name, builtin + plugins)} (built-in: "
+            f"{', '.join(builtin)}; from plugins: {', '.join(plugins) or 'none'}; or [] for none)")
+
+
 def tracker_problems(recipe: Recipe) -> list[str]:
+    """Every ``train.trackers`` name: accelerate's (its package installed) or a plugin's (options checked)."""
     known = known_trackers()
+    registry = plugin_trackers()
     problems = []
     for i, name in enumerate(recipe["train"]["trackers"]):
         where = recipe.where("train", "trackers", i)
         if name == "none":
             continue
-        if name not in known:
-            problems.append(f"{where}: unknown tracker {name!r}{did_you_mean(name, known)} (known: "
-                            f"{', '.join(sorted(known))}, or [] for none)")
+        if name in registry:
+            entry = registry.get(name)
+            if name in known:
+                problems.append(f"{where}: tracker {name!r} is both accelerate's built-in tracker and one registered "
+                                f"by {entry.source}; the plugin must rename it")
+                continue
+            options = recipe["train"]["tracker_options"].get(name, {})
+            try:
+                check_options(entry, options, recipe.where("train", "tracker_options", name), "tracker",
+                              supplied=set(TRACKER_CONTEXT))
+            except RecipeError as exc:
+                problems.extend(exc.problems)
+        elif name not in known:
+            problems.append(unknown_tracker(where, name, known, registry.names()))
         elif not _installed(name, known[name]):
             problems.append(f"{where}: tracker {name!r} needs the package {known[name]!r}, which is not installed "
                             f"(pip install {known[name]}), or remove it from train.trackers")

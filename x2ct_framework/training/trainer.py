@@ -24,6 +24,7 @@ import json
 import math
 import platform
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -36,8 +37,9 @@ from tqdm.auto import tqdm
 
 from x2ct_framework import __version__, atomic
 from x2ct_framework import checkpoint as ckpt
-from x2ct_framework.config.build import (build_dataset, build_losses, build_metrics, build_model, data_options,
-                                         load_recipe_plugins, model_options, stages, tracker_init_kwargs)
+from x2ct_framework.config.build import (build_dataset, build_losses, build_metrics, build_model,
+                                         builtin_tracker_names, data_options, load_recipe_plugins, model_options,
+                                         stages)
 from x2ct_framework.config.checks import check_freeze
 from x2ct_framework.config.optim import Schedule, lr_factor, make_optimizer
 from x2ct_framework.datacheck import guard_stored_geometry
@@ -58,6 +60,7 @@ from x2ct_framework.training.runfolder import RunFolder
 from x2ct_framework.training.sampling import StageData, rng_state
 from x2ct_framework.training.scaleout import check_distributed
 from x2ct_framework.training.state import EMA, Best, StageState, SyncPoint, best_mode
+from x2ct_framework.training.trackers import PREVIEW, Trackers, png_image
 from x2ct_framework.viz import save_preview
 
 
@@ -104,13 +107,15 @@ class Trainer:
         trackers = [t for t in train["trackers"] if t != "none"]
         launcher_note = apply_launcher_precision(recipe) if accelerator is None else None
         _allow_new_precision(train["mixed_precision"])
-        # cpu=True when no GPU is visible makes torchrun-started processes use gloo (MULTI_CPU).
+        # cpu=True when no GPU is visible makes torchrun-started processes use gloo (MULTI_CPU). Plugin trackers
+        # join log_with when the run starts (training/trackers.py).
         self.accelerator = accelerator or Accelerator(
             gradient_accumulation_steps=train["grad_accum"], mixed_precision=train["mixed_precision"],
-            cpu=not torch.cuda.is_available(), log_with=trackers or None, rng_types=[],
+            cpu=not torch.cuda.is_available(), log_with=builtin_tracker_names(recipe) or None, rng_types=[],
             project_config=ProjectConfiguration(project_dir=str(self.run_dir), logging_dir=str(self.run_dir / "logs")))
         check_distributed(self.accelerator)  # FSDP / DeepSpeed are refused (see training/scaleout.py)
         self.trackers = bool(trackers) and accelerator is None
+        self.tracking: Trackers | None = None  # started trackers (main process: accelerate's and the plugins')
         self.pm = get_plugin_manager()
         if launcher_note:
             self.print(launcher_note)
@@ -156,16 +161,17 @@ class Trainer:
         # recipe.toml describes the folder's checkpoints (evaluate rebuilds the model from it): over
         # existing ones it is rewritten only with this run's first checkpoint, so a run that fails early
         # leaves the folder as it was.
+        started = time.time()
         if not self.folder.occupied:
             self.write_run_info()
-        if self.trackers:
-            self.accelerator.init_trackers(recipe.name, config=flat_config(recipe.data),
-                                           init_kwargs=tracker_init_kwargs(recipe))
         all_stages = stages(recipe)
         start = train["start_stage"]
         prev_best = self._first_init(all_stages, start)
         results = {}
         try:
+            if self.trackers:
+                self.tracking = Trackers(self.accelerator)
+                self.tracking.start(recipe, self.run_dir, flat_config(recipe.data))
             for stage in all_stages[start - 1:]:
                 last = self.run_dir / stage.name / "last"
                 resume_from = None
@@ -179,13 +185,26 @@ class Trainer:
                     resume_from = ckpt.resolve(last)
                 results[stage.name] = self.train_stage(stage, init_from=prev_best, resume_from=resume_from)
                 prev_best = self.run_dir / stage.name / "best"
+            if self.is_main:
+                self.pm.hook.on_run_end(trainer=self, results=results)  # the report, among others
+                if self.tracking is not None:
+                    self.tracking.log_run_end(results, *self._final_files(results, started), recipe["eval"]["split"])
         finally:
-            if self.trackers:
-                self.accelerator.end_training()
-        if self.is_main:
-            self.pm.hook.on_run_end(trainer=self, results=results)
+            if self.tracking is not None:
+                self.tracking.finish()
+                self.tracking = None
         self.print(f"outputs: {self.run_dir.resolve()}")
         return results
+
+    def _final_files(self, results: dict[str, Any], since: float) -> tuple[Path | None, Path | None]:
+        """The report and the final evaluation's summary.json, when this run wrote them (for the trackers)."""
+        if not self.recipe["eval"]["report"] or not results:
+            return None, None
+        last = list(results)[-1]
+        candidates = (self.run_dir / "report.md",
+                      self.run_dir / "eval" / f"{last}-{self.recipe['eval']['split']}" / "summary.json")
+        found = [p if p.is_file() and p.stat().st_mtime >= since - 1 else None for p in candidates]
+        return found[0], found[1]
 
     def _first_init(self, all_stages: list[Stage], start: int) -> Path | None:
         """The checkpoint the first trained stage starts from; a missing one says what to run first."""
@@ -474,12 +493,13 @@ class Trainer:
         return row
 
     def log(self, st: StageState, row: dict) -> None:
-        """A row to ``metrics.jsonl`` (main process) and to the trackers (``<stage>/<key>``)."""
+        """A row to ``metrics.jsonl`` (main process) and to the trackers (``<stage>/<key>``, at the stage's step)."""
         if self.is_main:
             st.logbook.append(row)
-        if self.trackers:
-            self.accelerator.log({f"{st.stage.name}/{k}": v for k, v in row.items()
-                                  if isinstance(v, (int, float)) and k not in ("epoch", "step")}, step=st.step)
+        if self.tracking is not None:
+            self.tracking.log({f"{st.stage.name}/{k}": v for k, v in row.items()
+                               if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"},
+                              step=st.step)
 
     # ---- validation ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -509,9 +529,11 @@ class Trainer:
             loss_sum, loss_n = acc.reduce(loss_sum, "sum"), acc.reduce(loss_n, "sum")
         out["val/loss"] = (loss_sum / loss_n.clamp_min(1)).item()
         if self.is_main and self.recipe["eval"]["preview"] and first is not None:
-            save_preview(self.run_dir / st.stage.name / "previews" / f"epoch{epoch:04d}.png", first[0], first[1],
-                         xrays=first[2], title=f"{st.stage.name} epoch {epoch}: "
-                         + ", ".join(f"{k} {v:.3f}" for k, v in out.items()))
+            path = save_preview(self.run_dir / st.stage.name / "previews" / f"epoch{epoch:04d}.png", first[0],
+                                first[1], xrays=first[2], title=f"{st.stage.name} epoch {epoch}: "
+                                + ", ".join(f"{k} {v:.3f}" for k, v in out.items()))
+            if self.tracking is not None:
+                self.tracking.log_images({f"{st.stage.name}/{PREVIEW}": [png_image(path)]}, step=st.step)
         model.train()
         return out
 
