@@ -182,7 +182,7 @@ def test_ct_folder_splits(ct_root, tmp_path):
 
 def test_ct_folder_augmentation_keeps_views_and_target_consistent(ct_root):
     ds = create("ct_folder", root=str(ct_root), split_fractions=[1, 0, 0], geometry="x2ctgan", label_suffix="_seg",
-                augment={"affine": {"degrees": 10, "scales": 0.1, "p": 1.0}, "noise": {"std": 20.0}})
+                augment={"affine": {"degrees": 10, "scales": 0.1, "p": 1.0}, "ct_noise": {"std": 20.0}})
     torch.manual_seed(0)
     a, b = ds[0], ds[0]
     assert not torch.equal(a["ct"], b["ct"])  # a new draw each time
