@@ -490,3 +490,28 @@ def test_view_jitter_re_renders_from_the_cached_volume(ct_root, tmp_path, monkey
     assert (angles - torch.tensor([0.0, 90.0])).abs().max() <= 3
     assert consistent(item)  # the views are the DRRs of the target at the jittered angles
     assert torch.equal(ds[0]["geometry"]["angles"], angles)  # (seed, epoch, item) decide the draw
+
+
+def test_the_trainer_tells_the_training_set_its_epoch():
+    import types
+
+    from x2ct_framework.training.sampling import StageData
+
+    class Recording(torch.utils.data.Dataset):
+        def __init__(self):
+            self.epochs = []
+
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            return {"x": torch.zeros(1)}
+
+        def set_epoch(self, epoch):
+            self.epochs.append(epoch)
+
+    train = Recording()
+    data = StageData(train, Recording(), batch_size=1, num_workers=0, seed=0)
+    data.train = types.SimpleNamespace(set_epoch=lambda e: None)  # what accelerate's prepared loader offers
+    data.epoch(None, 3)
+    assert train.epochs == [3]

@@ -291,6 +291,7 @@ def test_cached_item_equals_the_uncached_item_and_reads_no_h5(tmp_path, monkeypa
         assert torch.equal(item["ct"], plain["ct"]) and torch.equal(item["xrays"], plain["xrays"])
         assert item["ct"].dtype == plain["ct"].dtype == torch.float32
     assert len(list((tmp_path / "cache" / "volume").glob("*/*/hu.npy"))) == 1
+    assert create(tmp_path, cache_dir=str(tmp_path / "cache"), **opts).prepare_case(0) is None  # x2ct prepare: done
     stored = np.load(next((tmp_path / "cache" / "volume").glob("*/*/hu.npy")), mmap_mode="r")
     assert stored.dtype == (np.int16 if resize == "linear" and dtype == np.uint16 else np.float32)
 
