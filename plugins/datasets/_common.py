@@ -157,7 +157,9 @@ class XrayAugment:
                 self.intensity = {**ranges, "p": p}
             if opts:
                 raise ValueError(f"{where} -> {name}: unknown option(s) {sorted(opts)} ({XRAY_AUGMENTS[name]})")
-        self.epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+        self.epoch = torch.zeros((), dtype=torch.int64)
+        if self:
+            self.epoch.share_memory_()
 
     def __bool__(self) -> bool:
         return self.noise is not None or self.intensity is not None

@@ -181,7 +181,9 @@ class CTFolderDataset(CaseListDataset):
         if not chosen:
             self.jitter_deg = 0.0
         self.seed = int(seed)
-        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+        self._epoch = torch.zeros((), dtype=torch.int64)
+        if self.jitter_deg:
+            self._epoch.share_memory_()
         self.labels_dir = Path(labels_dir).expanduser() if labels_dir else None
         if self.labels_dir is not None and not self.labels_dir.is_dir():
             raise DataError(f"{self.labels_dir}: label folder not found (data.labels_dir of ct_folder)")
