@@ -102,6 +102,55 @@ def test_series_choice_largest_or_uid(tmp_path, phantom8):
         create("ct_folder", root=str(root), split_fractions=[1, 0, 0], cache=False, series="1.2.3")
 
 
+def test_the_manifest_notices_changes_at_any_depth_and_reads_no_header_when_nothing_changed(tmp_path, phantom8,
+                                                                                              monkeypatch):
+    import pydicom
+
+    import x2ct_plugins.datasets.ct_folder as mod
+
+    root, cache = tmp_path / "cts", tmp_path / "cache"
+    write_series(root / "p1" / "study" / "a", phantom8, "7.7.1", skip=(3,))  # a missing slice: a bad case
+    write_series(root / "p2" / "study" / "a", phantom8, "7.7.2")
+    save(root / "v.nii.gz", torch.from_numpy(phantom8.astype(np.float32)).flip(0).repeat(2, 1, 1))
+    reads = []
+    real_dcmread, real_header = pydicom.dcmread, mod._check_header
+    monkeypatch.setattr(pydicom, "dcmread", lambda *a, **k: reads.append("dicom") or real_dcmread(*a, **k))
+    monkeypatch.setattr(mod, "_check_header", lambda *a, **k: reads.append("volume") or real_header(*a, **k))
+    opts = dict(root=str(root), split_fractions=[1, 0, 0], cache_dir=str(cache), on_bad_case="skip", series="largest")
+    first = create("ct_folder", **opts)
+    assert sorted(c.name for c in first.cases) == ["p2", "v"] and reads.count("volume") == 1
+    assert reads.count("dicom") >= 15
+    reads.clear()
+    again = create("ct_folder", **opts)  # nothing changed: the manifest, no header read
+    assert reads == [] and sorted(c.name for c in again.cases) == ["p2", "v"]
+    # the missing slice arrives two levels below the case folder: only p1/study/a's time changes
+    top = (root / "p1").stat().st_mtime_ns, (root / "p1" / "study").stat().st_mtime_ns
+    write_series(tmp_path / "full", phantom8, "7.7.1")
+    (tmp_path / "full" / "003.dcm").rename(root / "p1" / "study" / "a" / "003.dcm")
+    assert ((root / "p1").stat().st_mtime_ns, (root / "p1" / "study").stat().st_mtime_ns) == top
+    found = create("ct_folder", **opts)
+    assert sorted(c.name for c in found.cases) == ["p1", "p2", "v"] and reads.count("dicom") >= 16
+    # a larger series added deeper in a case (series = "largest" takes it), its last slice removed, a volume
+    # file replaced: each is noticed
+    for change in ("series", "removed", "volume"):
+        if change == "series":
+            write_series(root / "p2" / "study" / "b", np.concatenate([phantom8, phantom8[:2]]), "7.7.3")
+        elif change == "removed":
+            (root / "p2" / "study" / "b" / "009.dcm").unlink()
+        else:
+            save(root / "v.nii.gz", torch.from_numpy(phantom8.astype(np.float32)).flip(0).repeat(3, 1, 1))
+        reads.clear()
+        ds = create("ct_folder", **opts)
+        assert reads, f"a change ({change}) was not noticed"
+        p2 = next(c for c in ds.cases if c.name == "p2")
+        assert (p2.series_uid, len(p2.files)) == ("7.7.3", {"series": 10, "removed": 9, "volume": 9}[change])
+    reads.clear()
+    create("ct_folder", **opts)
+    assert reads == []
+    create("ct_folder", **opts).manifest(rescan=True)  # x2ct prepare --rescan: discovery whatever the times say
+    assert reads.count("dicom") >= 16
+
+
 # ---- the cache ----------------------------------------------------------------------------------
 def save(path, vol: torch.Tensor, spacing: float = 20.0, dtype=np.int16, origin=None):
     """A canonical [D, H, W] volume as NIfTI ([W, H, D] toward Left, Posterior, Inferior), voxel 0 at ``origin``."""

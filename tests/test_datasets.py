@@ -182,7 +182,7 @@ def test_ct_folder_splits(ct_root, tmp_path):
 
 def test_ct_folder_augmentation_keeps_views_and_target_consistent(ct_root):
     ds = create("ct_folder", root=str(ct_root), split_fractions=[1, 0, 0], geometry="x2ctgan", label_suffix="_seg",
-                augment={"affine": {"degrees": 10, "scales": 0.1, "p": 1.0}, "noise": {"std": 20.0}})
+                augment={"affine": {"degrees": 10, "scales": 0.1, "p": 1.0}, "ct_noise": {"std": 20.0}})
     torch.manual_seed(0)
     a, b = ds[0], ds[0]
     assert not torch.equal(a["ct"], b["ct"])  # a new draw each time
@@ -409,3 +409,109 @@ def test_every_dataset_meets_the_batch_contract(ct_root, h5_root, tmp_path):
     resolutions = [16, 16, 12, 16]
     for ds, r in zip(datasets, resolutions):
         assert check_dataset(ds, resolution=r)
+
+
+# ---- image-space augmentation: on the cached X-rays, no re-rendering ------------------------------
+def _warm(ct_root, cache, **options):
+    """A ct_folder dataset over ct_root's four CTs (32^2 views) with every case prepared in ``cache``."""
+    opts = dict(root=str(ct_root), split_fractions=[1, 0, 0], geometry="x2ctgan", image_size=32,
+                cache_dir=str(cache))
+    plain = create("ct_folder", **opts)
+    for j in range(len(plain)):
+        plain.prepare_case(j)
+    return plain, create("ct_folder", **opts, **options)
+
+
+def test_noise_augmentation_on_a_warm_cache_renders_nothing_and_has_the_asked_std(ct_root, tmp_path, monkeypatch):
+    import x2ct_plugins.datasets.ct_folder as mod
+
+    plain, ds = _warm(ct_root, tmp_path / "cache", augment={"noise": {"std": 0.02}})
+    clean = [plain[j]["xrays"] for j in range(len(plain))]
+    calls = []
+    monkeypatch.setattr(mod, "render_views", lambda *a, **k: calls.append(1) or pytest.fail("rendered"))
+    monkeypatch.setattr(mod, "load_grid_ct", lambda *a, **k: pytest.fail("read the CT again"))
+    epoch = [ds[j] for j in range(len(ds))]  # one epoch
+    assert calls == []
+    added = torch.cat([(it["xrays"] - c).flatten() for it, c in zip(epoch, clean)])
+    inside = torch.cat([((c > 0.1) & (c < 0.9)).flatten() for c in clean])  # away from the clamp at 0 and 1
+    assert inside.sum() > 3000
+    assert abs(float(added[inside].std()) - 0.02) < 0.002 and abs(float(added[inside].mean())) < 0.002
+    assert all(torch.equal(it["ct"], plain[j]["ct"]) for j, it in enumerate(epoch))  # the target is untouched
+    assert all(0 <= float(it["xrays"].min()) and float(it["xrays"].max()) <= 1 for it in epoch)
+    # deterministic from (seed, epoch, item): the same draw again, in another instance too; a new one next epoch
+    assert torch.equal(ds[1]["xrays"], epoch[1]["xrays"])
+    other = create("ct_folder", root=str(ct_root), split_fractions=[1, 0, 0], geometry="x2ctgan", image_size=32,
+                   cache_dir=str(tmp_path / "cache"), augment={"noise": {"std": 0.02}})
+    assert torch.equal(other[1]["xrays"], epoch[1]["xrays"])
+    ds.set_epoch(1)
+    assert not torch.equal(ds[1]["xrays"], epoch[1]["xrays"])
+    other.set_epoch(1)
+    assert torch.equal(other[1]["xrays"], ds[1]["xrays"])
+    seeded = create("ct_folder", root=str(ct_root), split_fractions=[1, 0, 0], geometry="x2ctgan", image_size=32,
+                    cache_dir=str(tmp_path / "cache"), augment={"noise": {"std": 0.02}}, seed=5)
+    assert not torch.equal(seeded[1]["xrays"], epoch[1]["xrays"])
+
+
+def test_intensity_augmentation_is_the_asked_mapping_and_workers_follow_the_epoch(ct_root, tmp_path):
+    plain, ds = _warm(ct_root, tmp_path / "cache", augment={"intensity": {"scale": [2, 2], "gamma": [0.5, 0.5],
+                                                                          "shift": [-0.1, -0.1]}})
+    x = plain[0]["xrays"]
+    torch.testing.assert_close(ds[0]["xrays"], (2 * x.sqrt() - 0.1).clamp(0, 1))  # an independent reference
+    noisy = create("ct_folder", root=str(ct_root), split_fractions=[1, 0, 0], geometry="x2ctgan", image_size=32,
+                   cache_dir=str(tmp_path / "cache"), augment={"noise": {"std": 0.05}})
+    loader = DataLoader(noisy, batch_size=1, num_workers=1, persistent_workers=True)
+    first = [b["xrays"][0] for b in loader]
+    noisy.set_epoch(3)  # the workers live on: they see the epoch through shared memory
+    third = [b["xrays"][0] for b in loader]
+    assert torch.equal(first[2], create("ct_folder", root=str(ct_root), split_fractions=[1, 0, 0],
+                                        geometry="x2ctgan", image_size=32, cache_dir=str(tmp_path / "cache"),
+                                        augment={"noise": {"std": 0.05}})[2]["xrays"])
+    assert torch.equal(third[2], noisy[2]["xrays"]) and not torch.equal(third[2], first[2])
+    val = create("ct_folder", root=str(ct_root), split="val", split_fractions=[0.5, 0.5, 0], geometry="x2ctgan",
+                 image_size=32, cache_dir=str(tmp_path / "cache"), augment={"noise": {"std": 0.05}})
+    assert val.xray_augment is None  # only augment_splits are augmented
+    with pytest.raises(RecipeError, match="ct_noise"):  # HU-sized noise is caught and the CT transform named
+        create("ct_folder", root=str(ct_root), augment={"noise": {"std": 10}})
+    with pytest.raises(RecipeError, match="unknown option"):
+        create("ct_folder", root=str(ct_root), augment={"intensity": {"contrast": 2}})
+
+
+def test_view_jitter_re_renders_from_the_cached_volume(ct_root, tmp_path, monkeypatch):
+    import x2ct_plugins.datasets.ct_folder as mod
+
+    _, ds = _warm(ct_root, tmp_path / "cache", augment={"view_jitter": {"degrees": 3}})
+    monkeypatch.setattr(mod, "load_grid_ct", lambda *a, **k: pytest.fail("read the CT again"))
+    calls = []
+    real = mod.render_views
+    monkeypatch.setattr(mod, "render_views", lambda *a, **k: calls.append(1) or real(*a, **k))
+    item = ds[0]
+    angles = item["geometry"]["angles"]
+    assert calls == [1] and not torch.equal(angles, torch.tensor([0.0, 90.0]))
+    assert (angles - torch.tensor([0.0, 90.0])).abs().max() <= 3
+    assert consistent(item)  # the views are the DRRs of the target at the jittered angles
+    assert torch.equal(ds[0]["geometry"]["angles"], angles)  # (seed, epoch, item) decide the draw
+
+
+def test_the_trainer_tells_the_training_set_its_epoch():
+    import types
+
+    from x2ct_framework.training.sampling import StageData
+
+    class Recording(torch.utils.data.Dataset):
+        def __init__(self):
+            self.epochs = []
+
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            return {"x": torch.zeros(1)}
+
+        def set_epoch(self, epoch):
+            self.epochs.append(epoch)
+
+    train = Recording()
+    data = StageData(train, Recording(), batch_size=1, num_workers=0, seed=0)
+    data.train = types.SimpleNamespace(set_epoch=lambda e: None)  # what accelerate's prepared loader offers
+    data.epoch(None, 3)
+    assert train.epochs == [3]

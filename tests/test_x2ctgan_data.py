@@ -268,3 +268,63 @@ def test_paired_xray_with_a_ct_checks_its_geometry(tmp_path):
     right = make(orientation=["identity", "fliplr"])
     assert right.geometry_check == "warn"
     assert check_dataset_geometry(right, cases=2).ok
+
+
+# ---- the cache of resized volumes and X-rays ------------------------------------------------------
+@pytest.mark.parametrize("dtype,resize,xrays", [(np.uint16, "linear", "stored"), (np.float32, "area", "render"),
+                                                (np.float32, "linear", "stored")])
+def test_cached_item_equals_the_uncached_item_and_reads_no_h5(tmp_path, monkeypatch, dtype, resize, xrays):
+    import x2ct_plugins.datasets.x2ctgan_h5 as mod
+
+    write_case(tmp_path / "c", seed=11, dtype=dtype)
+    (tmp_path / "train.txt").write_text("c\n")
+    opts = dict(resolution=16, image_size=16, resize=resize, xrays=xrays)
+    plain = create(tmp_path, cache=False, **opts)[0]
+    cold = create(tmp_path, cache_dir=str(tmp_path / "cache"), **opts)[0]  # reads, resizes, writes the entries
+    reads = []
+    real_read = mod.X2CTGANH5Dataset._read
+    monkeypatch.setattr(mod.X2CTGANH5Dataset, "_read", lambda self, p: reads.append(p) or real_read(self, p))
+    monkeypatch.setattr(mod, "render_views", lambda *a, **k: pytest.fail("rendered again"))
+    warm = create(tmp_path, cache_dir=str(tmp_path / "cache"), **opts)[0]
+    assert reads == []  # served from the cache: the h5 file is not opened
+    for item in (cold, warm):
+        assert torch.equal(item["ct"], plain["ct"]) and torch.equal(item["xrays"], plain["xrays"])
+        assert item["ct"].dtype == plain["ct"].dtype == torch.float32
+    assert len(list((tmp_path / "cache" / "volume").glob("*/*/hu.npy"))) == 1
+    assert create(tmp_path, cache_dir=str(tmp_path / "cache"), **opts).prepare_case(0) is None  # x2ct prepare: done
+    stored = np.load(next((tmp_path / "cache" / "volume").glob("*/*/hu.npy")), mmap_mode="r")
+    assert stored.dtype == (np.int16 if resize == "linear" and dtype == np.uint16 else np.float32)
+
+
+def test_a_replaced_h5_behind_a_warm_cache_gives_the_new_content(tmp_path):
+    import shutil
+
+    write_case(tmp_path / "c", seed=21)
+    (tmp_path / "train.txt").write_text("c\n")
+    opts = dict(resolution=16, image_size=16, cache_dir=str(tmp_path / "cache"))
+    old = create(tmp_path, **opts)[0]
+    shutil.rmtree(tmp_path / "c")
+    write_case(tmp_path / "c", seed=22)  # the same path, another CT and other X-rays
+    new = create(tmp_path, **opts)[0]
+    fresh = create(tmp_path, resolution=16, image_size=16, cache=False)[0]
+    assert torch.equal(new["ct"], fresh["ct"]) and torch.equal(new["xrays"], fresh["xrays"])
+    assert not torch.equal(new["ct"], old["ct"]) and not torch.equal(new["xrays"], old["xrays"])
+
+
+def test_every_option_that_changes_the_volume_changes_its_key(tmp_path):
+    write_case(tmp_path / "c", seed=31)
+    (tmp_path / "train.txt").write_text("c\n")
+    path = tmp_path / "c" / "ct_xray_data.h5"
+    base = dict(resolution=16, image_size=16)
+    variants = [{}, {"resolution": 20}, {"resize": "area"}, {"hu_offset": 1000.0}, {"flip": []},
+                {"image_size": 20}, {"orientation": ["identity", "rot180"]}]
+    volume_keys, xray_keys = [], []
+    for v in variants:
+        ds = create(tmp_path, **{**base, **v})
+        vk = ds._volume_key(path)
+        volume_keys.append(vk)
+        xray_keys.append(ds._xray_key(vk, None))
+    assert len(set(volume_keys[:5])) == 5 and volume_keys[5] == volume_keys[6] == volume_keys[0]
+    assert len(set(xray_keys)) == len(variants)  # the X-rays' key holds the volume's and the image options
+    # the hu_window only changes the scaling of the cached HU (applied after the cache): same volume entry
+    assert create(tmp_path, **base, hu_window=[-1000, 1000])._volume_key(path) == volume_keys[0]

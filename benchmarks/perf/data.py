@@ -18,8 +18,15 @@ for one worker process with one torch thread. Rows:
   against (at 256^3 a single step, it costs about a CPU-minute).
   The goal on a GPU is a 0.07 s step (the H100 bf16 stage-2 figure): ``gpu_goal_ratio`` = items/s x
   0.07 s.
+- ``x2ctgan_h5_<R>_uncached`` / ``_first_pass`` / ``_cached``: items/s per worker of ``x2ctgan_h5`` on
+  synthetic X2CT-GAN files (``<case>/ct_xray_data.h5``: a 256^3 uint16 CT as HU + 1024, two 320^2
+  8-bit X-rays; written with h5py as the tests write them) at stage resolution R (linear resize, the
+  stored X-rays): ``cache = false`` (every access reads the 256^3 CT and resizes it), the first pass
+  with the cache (read, resize, write) and later passes from the cache, beside the model step at R
+  of the same run (``ratio`` = items/s x model step s).
 
-Run: ``python -m benchmarks.perf.data`` (``--quick``: 2 cases, 128^3 only). Keep under 3 CPU-minutes.
+Run: ``python -m benchmarks.perf.data`` (``--quick``: 2 cases, 128^3 only; ``--x2ctgan-only``: the model
+step and the x2ctgan_h5 rows at 128^3). Keep under 3 CPU-minutes.
 """
 
 from __future__ import annotations
@@ -99,13 +106,88 @@ def model_step_s(resolution: int, repeat: int = 2, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
-def run(quick: bool = False) -> list[dict]:
+def make_h5_cases(root: Path, n: int, size: int = 256) -> list[str]:
+    """``n`` X2CT-GAN cases ``root/<case>/ct_xray_data.h5`` (ct: size^3 uint16 HU + 1024, feet first;
+    xray1/xray2: 320^2 uint8) and ``train.txt``; returns the case names."""
+    import h5py
+    import torch.nn.functional as F
+
+    from x2ct_framework.phantom import chest_phantom
+    from x2ct_framework.physics import drr, make_geometry
+
+    names = []
+    for i in range(n):
+        hu, _ = chest_phantom(64, seed=700 + i)
+        big = F.interpolate(hu[None, None], size=(size,) * 3, mode="trilinear", align_corners=False)[0, 0]
+        big = big + torch.randn(big.shape, generator=torch.Generator().manual_seed(i)) * 10.0
+        ct01 = ((hu.clamp(-1024, 1476) + 1024) / 2500)[None, None]
+        views = [drr(ct01, {k: v[None] for k, v in make_geometry([a], "x2ctgan").items()}, (-1024.0, 1476.0),
+                     det_shape=(320, 320))[0, 0, 0] for a in (0.0, 270.0)]
+        name = f"LIDC-IDRI-{i:04d}.20000101"
+        (root / name).mkdir(parents=True)
+        with h5py.File(root / name / "ct_xray_data.h5", "w") as f:
+            f["ct"] = (big.flip(0) + 1024).round().clamp(0, 4095).numpy().astype(np.uint16)
+            for key, img in zip(("xray1", "xray2"), views):
+                f[key] = (img / img.max() * 255).round().numpy().astype(np.uint8)
+            f["ori_size"] = np.array([size] * 3)
+            f["spacing"] = np.array([320.0 / size] * 3)
+        names.append(name)
+    (root / "train.txt").write_text("\n".join(names) + "\n")
+    return names
+
+
+def x2ctgan_rows(tmp: Path, n: int, resolution: int, step: float, size: int = 256) -> list[dict]:
+    """items/s of ``x2ctgan_h5`` without the cache, on the first pass with it, and from it."""
+    from x2ct_framework.stage import Stage
+    from x2ct_plugins.datasets.x2ctgan_h5 import X2CTGANH5Dataset
+
+    root, cache = tmp / "h5", tmp / "h5-cache"
+    t0 = time.perf_counter()
+    make_h5_cases(root, n, size)
+    made = time.perf_counter() - t0
+    mb = sum(p.stat().st_size for p in root.glob("*/*.h5")) / n / 2**20
+
+    def dataset(cached: bool):
+        return X2CTGANH5Dataset(split="train", stage=Stage("s", 1, resolution, {}), root=str(root), val_fraction=0.0,
+                                cache=cached, cache_dir=str(cache), check_geometry="off")
+
+    def rate(ds, passes: int = 1) -> float:
+        t0 = time.perf_counter()
+        for _ in range(passes):
+            for j in range(len(ds)):
+                ds[j]
+        return passes * len(ds) / (time.perf_counter() - t0)
+
+    plain = dataset(False)
+    plain[0]  # warm-up: imports and first-call costs stay out of the rates
+    uncached = rate(plain, passes=2)
+    first = rate(dataset(True))
+    warm = rate(dataset(True), passes=3)  # a new dataset, as a fresh worker: reads the entries only
+    note = (f"{n} cases, ct {size}^3 uint16 ({mb:.0f} MiB .h5), linear resize to {resolution}^3, stored X-rays; "
+            f"reference: model steps/s on this CPU")
+    rows = []
+    for what, value in (("uncached", uncached), ("first_pass", first), ("cached", warm)):
+        rows.append({"benchmark": f"x2ctgan_h5_{resolution}_{what}", "ours": value, "reference": 1.0 / step,
+                     "unit": "items/s per worker", "ratio": value * step, "gpu_goal_ratio": value * GPU_STEP_S,
+                     "note": note})
+    rows.append({"benchmark": f"x2ctgan_h5_{resolution}_cached_vs_uncached", "ours": warm, "reference": uncached,
+                 "unit": "items/s per worker", "ratio": warm / uncached, "note": f"setup {made / n:.1f} s per case"})
+    return rows
+
+
+def run(quick: bool = False, x2ctgan_only: bool = False) -> list[dict]:
     torch.set_num_threads(1)
     n = 2 if quick else 3
     resolutions = (128,) if quick else (128, 256)
     rows: list[dict] = []
     tmp = Path(tempfile.mkdtemp(prefix="x2ct-data-bench-"))
     try:
+        if x2ctgan_only:
+            step = model_step_s(128)
+            rows.append({"benchmark": "model_step_128", "ours": step, "reference": GPU_STEP_S, "unit": "s",
+                         "ratio": step / GPU_STEP_S, "note": "CPU, 1 thread, batch 1, median of 2; reference: the "
+                                                             "GPU goal"})
+            return rows + x2ctgan_rows(tmp, n, 128, step)
         root, cache = tmp / "cts", tmp / "cache"
         made = make_cases(root, n)
         size_mb = sum(p.stat().st_size for p in root.iterdir()) / n / 2**20
@@ -139,6 +221,7 @@ def run(quick: bool = False) -> list[dict]:
                 rows.append({"benchmark": f"items_{r}_pass{p}", "ours": rate, "reference": 1.0 / step,
                              "unit": "items/s per worker", "ratio": rate * step, "gpu_goal_ratio": rate * GPU_STEP_S,
                              "note": "from the prepared cache; reference: model steps/s on this CPU"})
+            rows += x2ctgan_rows(tmp / f"x2ctgan_{r}", n, r, step)
         rows.append({"benchmark": "make_cases", "ours": made / n, "unit": "s per case", "note": "synthetic set, setup"})
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -148,9 +231,10 @@ def run(quick: bool = False) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="2 cases, 128^3 only")
+    parser.add_argument("--x2ctgan-only", action="store_true", help="the model step and the x2ctgan_h5 rows (128^3)")
     args = parser.parse_args()
     t0, c0 = time.perf_counter(), time.process_time()
-    rows = run(quick=args.quick)
+    rows = run(quick=args.quick, x2ctgan_only=args.x2ctgan_only)
     print(f"{machine()}; {time.perf_counter() - t0:.0f} s wall, {time.process_time() - c0:.0f} s CPU "
           f"(this process), pid {os.getpid()}")
     print(markdown_table(rows, COLUMNS))

@@ -98,6 +98,98 @@ def render_views(ct01: torch.Tensor, geometry: Mapping[str, torch.Tensor], hu_wi
     return out[0]
 
 
+# ---- image-space augmentation of the X-rays ------------------------------------------------------
+XRAY_AUGMENTS = {
+    "noise": "Gaussian noise added to every X-ray pixel: std (X-ray units, images in [0, 1]: e.g. 0.01; "
+             "a number, or [low, high] drawn per item), p",
+    "intensity": "per-view contrast, gamma and brightness: scale [low, high], gamma [low, high], "
+                 "shift [low, high] (x -> scale * x^gamma + shift), p",
+}
+_INTENSITY_DEFAULTS = {"scale": (0.9, 1.1), "gamma": (1.0, 1.0), "shift": (-0.05, 0.05)}
+
+
+def augment_seed(seed: int, epoch: int, index: int, what: str = "") -> int:
+    """A 63-bit seed that depends only on (seed, epoch, index): the same augmentation for the same
+    case and epoch in any worker, after a resume, in any process."""
+    return int(hashlib.sha1(f"{what}:{int(seed)}:{int(epoch)}:{int(index)}".encode()).hexdigest()[:15], 16)
+
+
+def _pair(value, name: str) -> tuple[float, float]:
+    if isinstance(value, (int, float)):
+        return float(value), float(value)
+    if isinstance(value, (list, tuple)) and len(value) == 2 and float(value[0]) <= float(value[1]):
+        return float(value[0]), float(value[1])
+    raise ValueError(f"{name}: expected a number or [low, high] with low <= high, got {value!r}")
+
+
+class XrayAugment:
+    """The image-space augmentations (``XRAY_AUGMENTS``) of ``augment`` tables, applied to finished X-rays
+    ``[V, 1, H, W]`` (cached or rendered): no volume is read or rendered again. Draws follow
+    :func:`augment_seed` of (the dataset's seed, the epoch set by :meth:`set_epoch`, the item). The
+    epoch sits in shared memory, so loader workers that live across epochs see it change."""
+
+    def __init__(self, options: Mapping, where: str = "augment"):
+        self.noise: dict | None = None
+        self.intensity: dict | None = None
+        for name, opts in options.items():
+            if name not in XRAY_AUGMENTS:
+                raise ValueError(f"{where}: unknown X-ray augmentation {name!r}; accepted: "
+                                 + "; ".join(f"{k} ({v})" for k, v in XRAY_AUGMENTS.items()))
+            if not isinstance(opts, Mapping):
+                raise ValueError(f"{where} -> {name}: expected a table of options, got {opts!r}")
+            opts = dict(opts)
+            p = float(opts.pop("p", 1.0))
+            if not 0.0 <= p <= 1.0:
+                raise ValueError(f"{where} -> {name}: p must be in [0, 1], got {p}")
+            if name == "noise":
+                std = _pair(opts.pop("std", 0.01), f"{where} -> noise -> std")
+                if std[0] < 0 or std[1] > 0.5:
+                    raise ValueError(f"{where} -> noise -> std = {std[1]:g}: the noise is added to the X-rays, whose "
+                                     f"values are in [0, 1], so std is in those units (e.g. 0.01); for noise in HU "
+                                     f"on the CT (which re-renders the views at every access) use "
+                                     f"ct_noise = {{ std = {std[1]:g} }}")
+                self.noise = {"std": std, "p": p}
+            else:
+                ranges = {k: _pair(opts.pop(k, v), f"{where} -> intensity -> {k}")
+                          for k, v in _INTENSITY_DEFAULTS.items()}
+                if ranges["scale"][0] <= 0 or ranges["gamma"][0] <= 0:
+                    raise ValueError(f"{where} -> intensity: scale and gamma must be positive, got {ranges}")
+                self.intensity = {**ranges, "p": p}
+            if opts:
+                raise ValueError(f"{where} -> {name}: unknown option(s) {sorted(opts)} ({XRAY_AUGMENTS[name]})")
+        self.epoch = torch.zeros((), dtype=torch.int64)
+        if self:
+            self.epoch.share_memory_()
+
+    def __bool__(self) -> bool:
+        return self.noise is not None or self.intensity is not None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch.fill_(int(epoch))
+
+    def __call__(self, xrays: torch.Tensor, seed: int, index: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(augment_seed(seed, int(self.epoch), index, "xray"))
+        out = xrays.float()
+        views = out.shape[0]
+
+        def uniform(lo_hi: tuple[float, float], n: int) -> torch.Tensor:
+            lo, hi = lo_hi
+            return lo + (hi - lo) * torch.rand(n, generator=g, dtype=torch.float64)
+
+        draw = torch.rand(2, generator=g, dtype=torch.float64)  # one draw per transform, used or not
+        if self.intensity is not None:
+            scale, gamma, shift = (uniform(self.intensity[k], views).float().view(-1, 1, 1, 1)
+                                   for k in ("scale", "gamma", "shift"))
+            if draw[0] < self.intensity["p"]:
+                out = (scale * out.clamp(0, 1).pow(gamma) + shift).clamp(0, 1)
+        if self.noise is not None:
+            std = float(uniform(self.noise["std"], 1))
+            noise = torch.randn(out.shape, generator=g) * std
+            if draw[1] < self.noise["p"]:
+                out = (out + noise).clamp(0, 1)
+        return out.contiguous()
+
+
 class DiskCache:
     """Tensors saved under a hashed key (atomic writes); a damaged entry is rebuilt, never fatal."""
 

@@ -5,7 +5,9 @@ found and checked by ``x2ct_framework.dicom``). It is read, reoriented to the ca
 (``x2ct_framework.io``), resampled to isotropic voxels of ``volume_mm / resolution`` (anti-aliased),
 cropped or padded with air to the stage resolution around the scan centre, the body or the lungs
 (``crop``), optionally augmented (torchio, on the CT and its labels together, before rendering, so
-views and target stay consistent), windowed to ``hu_window`` and projected.
+views and target stay consistent), windowed to ``hu_window`` and projected. Image-space
+augmentations (``noise``, ``intensity``: ``XRAY_AUGMENTS``) act on the cached X-rays and re-render
+nothing; ``view_jitter`` re-renders the views from the cached volume at jittered angles (no re-read).
 
 What discovery found is kept in a manifest, and resampled volumes and un-augmented DRRs in a
 content-addressed cache (``x2ct_plugins.datasets._common.ArrayCache``), both under ``cache_dir``
@@ -15,7 +17,6 @@ prepare`` fills both ahead of training.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -31,25 +32,27 @@ from x2ct_framework.io import CROPS, VOLUME_SUFFIXES, load_grid_ct, torchio_to_c
 from x2ct_framework.labels import MIN_COVERAGE, coverage, label_mapping
 from x2ct_framework.physics import MU_WATER
 from x2ct_framework.stage import Stage
-from x2ct_plugins.datasets._common import (ArrayCache, CaseListDataset, DiskCache, bad_case, case_geometry,
-                                           check_common, check_split, check_split_overlap, empty_split_error,
-                                           file_identity, hu_storage, hu_to_unit, read_list_file, read_split_file,
-                                           render_views, resolve_cache_dir, seeded_split, series_identity,
-                                           split_reuse, write_json_atomic)
+from x2ct_plugins.datasets._common import (XRAY_AUGMENTS, ArrayCache, CaseListDataset, DiskCache, XrayAugment,
+                                           augment_seed, bad_case, case_geometry, check_common, check_split,
+                                           check_split_overlap, empty_split_error, file_identity, hu_storage,
+                                           hu_to_unit, read_list_file, read_split_file, render_views,
+                                           resolve_cache_dir, seeded_split, series_identity, split_reuse,
+                                           write_json_atomic)
 
 log = logging.getLogger("x2ct_plugins.datasets.ct_folder")
 
 CACHE_VERSION = 2
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
 # File names that mark a label map, not a CT (matched on the case name's words).
 LABEL_WORDS = ("seg", "label", "labels", "mask", "segmentation", "labelmap")
 AUGMENTS = {
     "affine": "torchio.RandomAffine: degrees, scales, translation (mm), p",
     "elastic": "torchio.RandomElasticDeformation: num_control_points, max_displacement (mm), p",
-    "noise": "torchio.RandomNoise on the CT: std (HU), p",
+    "ct_noise": "torchio.RandomNoise on the CT (and so on its views and target): std (HU), p",
     "blur": "torchio.RandomBlur on the CT: std (mm), p",
     "flip": "torchio.RandomFlip: axes (e.g. ['LR']), flip_probability",
 }
+VIEW_JITTER = "gantry angles jittered by up to degrees (re-renders from the cached volume), p"
 
 
 def case_name(path: Path) -> str:
@@ -60,10 +63,13 @@ def case_name(path: Path) -> str:
     return name
 
 
+def _is_volume_name(name: str) -> bool:
+    name = name.lower()
+    return not name.startswith(".") and any(name.endswith(s) for s in VOLUME_SUFFIXES) and not name.endswith(".dcm")
+
+
 def _is_volume_file(path: Path) -> bool:
-    name = path.name.lower()
-    return (path.is_file() and not name.startswith(".") and any(name.endswith(s) for s in VOLUME_SUFFIXES)
-            and not name.endswith(".dcm"))
+    return _is_volume_name(path.name) and path.is_file()
 
 
 def looks_like_label_name(name: str) -> bool:
@@ -87,13 +93,16 @@ class CaseSource:
 
 
 def build_augment(augment: dict):
-    """A torchio Compose from ``{affine = {...}, elastic = {...}, noise = {...}, blur = {...}, flip = {...}}``."""
+    """A torchio Compose from ``{affine = {...}, elastic = {...}, ct_noise = {...}, blur = {...}, flip = {...}}``
+    (the volume transforms of an ``augment`` table; None when there are none)."""
     import torchio as tio
 
-    unknown = [k for k in augment if k not in AUGMENTS]
+    accepted = {**AUGMENTS, **XRAY_AUGMENTS, "view_jitter": VIEW_JITTER}
+    unknown = [k for k in augment if k not in accepted]
     if unknown:
         raise ValueError(f"augment: unknown transform(s) {unknown}; accepted: "
-                         + "; ".join(f"{k} ({v})" for k, v in AUGMENTS.items()))
+                         + "; ".join(f"{k} ({v})" for k, v in accepted.items()))
+    augment = {k: v for k, v in augment.items() if k in AUGMENTS}
     parts = []
     for name, opts in augment.items():
         if not isinstance(opts, dict):
@@ -104,7 +113,7 @@ def build_augment(augment: dict):
                 parts.append(tio.RandomAffine(default_pad_value="minimum", **opts))
             elif name == "elastic":
                 parts.append(tio.RandomElasticDeformation(**opts))
-            elif name == "noise":
+            elif name == "ct_noise":
                 std = opts.pop("std", 10.0)
                 parts.append(tio.RandomNoise(std=(0.0, float(std)), **opts))
             elif name == "blur":
@@ -162,8 +171,19 @@ class CTFolderDataset(CaseListDataset):
         self.hu_offset, self.check_hu = float(hu_offset), bool(check_hu)
         self.cache = ArrayCache(resolve_cache_dir(cache_dir, cache))
         self.mapping = label_mapping(labels)
-        transform = build_augment(augment or {})  # validated for every split
-        self.augment = transform if split in augment_splits else None
+        augment = dict(augment or {})
+        transform = build_augment(augment)  # validated for every split
+        xray_augment = XrayAugment({k: v for k, v in augment.items() if k in XRAY_AUGMENTS}, "augment")
+        self.jitter_deg, self.jitter_p = _view_jitter(augment.get("view_jitter"))
+        chosen = split in augment_splits
+        self.augment = transform if chosen else None
+        self.xray_augment = xray_augment if chosen and xray_augment else None
+        if not chosen:
+            self.jitter_deg = 0.0
+        self.seed = int(seed)
+        self._epoch = torch.zeros((), dtype=torch.int64)
+        if self.jitter_deg:
+            self._epoch.share_memory_()
         self.labels_dir = Path(labels_dir).expanduser() if labels_dir else None
         if self.labels_dir is not None and not self.labels_dir.is_dir():
             raise DataError(f"{self.labels_dir}: label folder not found (data.labels_dir of ct_folder)")
@@ -192,16 +212,44 @@ class CTFolderDataset(CaseListDataset):
         self._warned: set[str] = set()
 
     # ---- discovery and its manifest ----------------------------------------------------------
-    def _signature(self) -> str:
-        """Cheap freshness check: the names and times of the top-level entries of root (and labels_dir)."""
-        h = hashlib.sha1()
-        for folder in (self.root, self.labels_dir):
-            if folder is None:
+    def _watch(self) -> dict:
+        """What the manifest's freshness rests on: the modification time of every directory below
+        ``root`` (any depth; a file added, removed or renamed in a directory changes its time) and of
+        ``labels_dir``, and of every volume file. One ``stat`` per directory and per volume file, no
+        header read; DICOM slices are covered by their directories."""
+        skip = {str(p.resolve()) for p in (self.labels_dir, self.cache.folder) if p is not None}
+        dirs: dict[str, int] = {}
+        files: dict[str, int] = {}
+        for dirpath, dirnames, filenames in os.walk(self.root.resolve()):
+            if dirpath in skip:
+                dirnames[:] = []
                 continue
-            with os.scandir(folder) as it:
-                for e in sorted(it, key=lambda e: e.name):
-                    h.update(f"{e.name}:{e.stat().st_mtime_ns};".encode())
-        return h.hexdigest()[:20]
+            dirs[dirpath] = os.stat(dirpath).st_mtime_ns
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")
+                                 and str(Path(dirpath, d).resolve()) not in skip)
+            for name in filenames:
+                if _is_volume_name(name):  # the name first: no stat of every DICOM slice
+                    path = os.path.join(dirpath, name)
+                    files[path] = os.stat(path).st_mtime_ns
+        if self.labels_dir is not None:
+            dirs[str(self.labels_dir)] = os.stat(self.labels_dir).st_mtime_ns
+            with os.scandir(self.labels_dir) as it:
+                for e in it:
+                    if e.is_file():
+                        files[e.path] = e.stat().st_mtime_ns
+        return {"dirs": dirs, "files": files}
+
+    @staticmethod
+    def _fresh(watch: dict) -> bool:
+        """True while every directory and file recorded by :meth:`_watch` keeps its time (stats only)."""
+        try:
+            for group in ("dirs", "files"):
+                for path, mtime in watch[group].items():
+                    if os.stat(path).st_mtime_ns != mtime:
+                        return False
+        except (OSError, KeyError, TypeError, AttributeError):
+            return False
+        return True
 
     def manifest_path(self) -> Path | None:
         if self.cache.folder is None:
@@ -213,16 +261,15 @@ class CTFolderDataset(CaseListDataset):
     def manifest(self, rescan: bool = False) -> dict:
         """What discovery found (cases, their files, skipped and bad ones), from the cache when fresh."""
         path = self.manifest_path()
-        signature = self._signature()
         if path is not None and path.is_file() and not rescan:
             try:
                 data = json.loads(path.read_text())
-                if data.get("version") == MANIFEST_VERSION and data.get("signature") == signature:
+                if data.get("version") == MANIFEST_VERSION and self._fresh(data.get("watch")):
                     return data
             except (OSError, json.JSONDecodeError):
                 pass
-        data = {"version": MANIFEST_VERSION, "root": str(self.root.resolve()), "signature": signature,
-                **self._discover()}
+        watch = self._watch()  # before discovery: a change during it makes the manifest stale, never lost
+        data = {"version": MANIFEST_VERSION, "root": str(self.root.resolve()), "watch": watch, **self._discover()}
         if path is not None:
             write_json_atomic(path, data)
         return data
@@ -415,6 +462,23 @@ class CTFolderDataset(CaseListDataset):
         self.cache.put("drr", key, {"xrays": xrays.numpy()}, {"views": self.views})
         return xrays
 
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch the X-ray augmentation and the view jitter draw from (the trainer calls it before
+        each epoch; shared memory, so workers that live across epochs see it)."""
+        self._epoch.fill_(int(epoch))
+        if self.xray_augment is not None:
+            self.xray_augment.set_epoch(epoch)
+
+    def _geometry(self, j: int):
+        if not self.jitter_deg:
+            return case_geometry(self.views, self.geometry_option, self.volume_mm), False
+        import random
+
+        rng = random.Random(augment_seed(self.seed, int(self._epoch), j, "view_jitter"))
+        if rng.random() >= self.jitter_p:
+            return case_geometry(self.views, self.geometry_option, self.volume_mm), False
+        return case_geometry(self.views, self.geometry_option, self.volume_mm, self.jitter_deg, rng), True
+
     def _item(self, j: int) -> dict:
         case = self.cases[j]
         hu, labels, affine, volume_key = self._volume(j)
@@ -422,17 +486,33 @@ class CTFolderDataset(CaseListDataset):
             hu, labels = self._augment(hu, labels)
         lo, hi = self.hu_window
         ct = hu.clamp_(lo, hi).sub_(lo).div_(hi - lo)[None]  # hu_to_unit in place: no 4-byte copies per voxel
-        geometry = case_geometry(self.views, self.geometry_option, self.volume_mm)
-        if self.augment is None:
+        geometry, jittered = self._geometry(j)
+        if self.augment is None and not jittered:
             xrays = self._xrays(ct, geometry, volume_key)
         else:
             xrays = render_views(ct, geometry, self.hu_window, self.image_size, self.mu_water, self.beer_lambert)
+        if self.xray_augment is not None:
+            xrays = self.xray_augment(xrays, self.seed, j)
         item = {"xrays": xrays, "geometry": geometry, "ct": ct,
                 "spacing": torch.full((3,), self.volume_mm / self.stage.resolution), "case_id": case.name,
                 "affine": torch.as_tensor(affine, dtype=torch.float64)}
         if labels is not None:
             item["labels"] = labels[None]
         return item
+
+
+def _view_jitter(options) -> tuple[float, float]:
+    """(degrees, p) of an ``augment.view_jitter`` table (0 degrees: off)."""
+    if options is None:
+        return 0.0, 0.0
+    if not isinstance(options, dict):
+        raise ValueError(f"augment -> view_jitter: expected a table {{ degrees = 2, p = 1 }}, got {options!r}")
+    opts = dict(options)
+    degrees, p = float(opts.pop("degrees", 2.0)), float(opts.pop("p", 1.0))
+    if opts or degrees < 0 or not 0 <= p <= 1:
+        raise ValueError(f"augment -> view_jitter: expected degrees >= 0 and p in [0, 1] ({VIEW_JITTER}), "
+                         f"got {options!r}")
+    return degrees, p
 
 
 def _check_header(path: Path, label: bool = False) -> str:

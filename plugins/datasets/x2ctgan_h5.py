@@ -27,6 +27,18 @@ Splits: ``train_list`` and ``test_list`` name the cases, relative to ``root``; `
 cases are carved from the training list (``val_fraction``, seeded, removed from training), never the
 test list unless ``val_list`` names it (X2CT-GAN's own code validates on its test list; a checkpoint
 chosen that way is chosen on the test set, so the dataset warns).
+
+Caching (``cache = true``, the default; ``cache_dir`` default ``~/.cache/x2ct`` as for ``ct_folder``,
+see ``default_cache_dir``): the resized volume of each case and its X-rays (the stored views after
+resizing and reorienting, or the rendered DRRs) are written once to the content-addressed array
+cache (``.npy`` files opened memory-mapped) and read back at every later access, stage and epoch,
+instead of reading the 256^3 CT and resizing it again. The key covers the file's identity (size,
+modification time, content hash) and every option that changes the result (resolution, ``resize``,
+``hu_offset``, ``flip``; for X-rays also ``image_size``, ``orientation`` or the geometry,
+``hu_window``, ``mu_water``, ``beer_lambert``), so a replaced file is read again. ``x2ct prepare``
+fills it ahead of training. ``augment`` takes the image-space augmentations of
+``x2ct_plugins.datasets._common.XRAY_AUGMENTS`` (``noise``, ``intensity``), applied to the cached
+X-rays of the ``augment_splits`` without re-reading or re-rendering anything.
 """
 
 from __future__ import annotations
@@ -44,11 +56,13 @@ from x2ct_framework.hookspecs import hookimpl
 from x2ct_framework.physics import MU_WATER, from_stored
 from x2ct_framework.physics.geometry import check_orientation
 from x2ct_framework.stage import Stage
-from x2ct_plugins.datasets._common import (CaseListDataset, DiskCache, bad_case, case_geometry, check_common,
-                                           check_split, drr_key, empty_split_error, hu_to_unit, read_list_file,
-                                           render_views, resize_volume)
+from x2ct_plugins.datasets._common import (ArrayCache, CaseListDataset, DiskCache, XrayAugment, bad_case,
+                                           case_geometry, check_common, check_split, empty_split_error,
+                                           file_identity, hu_storage, hu_to_unit, read_list_file, render_views,
+                                           resize_volume, resolve_cache_dir)
 
 H5_NAME = "ct_xray_data.h5"
+CACHE_VERSION = 1
 REQUIRED_KEYS = ("ct", "xray1", "xray2")
 AXES = {"z": 0, "y": 1, "x": 2}
 RESIZES = ("linear", "area")
@@ -98,8 +112,9 @@ class X2CTGANH5Dataset(CaseListDataset):
                  xrays: str = "stored", orientation: list[str] = ("flipud", "rot180"), resize: str = "linear",
                  train_list: str = "train.txt", test_list: str = "test.txt", val_list: str = "",
                  val_fraction: float = 0.05, seed: int = 0, hu_offset: float = 1024.0, volume_mm: float = 320.0,
-                 flip: list[str] = ("z",), cache_dir: str = "", on_bad_case: str = "error", mu_water: float = MU_WATER,
-                 beer_lambert: bool = False, check_geometry: str = "error"):
+                 flip: list[str] = ("z",), cache_dir: str = "", cache: bool = True, on_bad_case: str = "error",
+                 mu_water: float = MU_WATER, beer_lambert: bool = False, check_geometry: str = "error",
+                 augment: dict | None = None, augment_splits: list[str] = ("train",)):
         check_split(split)
         check_common(views, hu_window, geometry, on_bad_case)
         if xrays not in ("stored", "render"):
@@ -140,7 +155,10 @@ class X2CTGANH5Dataset(CaseListDataset):
         self.flip = [AXES[a] for a in flip]
         self.on_bad_case = on_bad_case
         self.mu_water, self.beer_lambert = float(mu_water), beer_lambert
-        self.cache = DiskCache(Path(cache_dir).expanduser() if cache_dir else None)
+        self.cache = ArrayCache(resolve_cache_dir(cache_dir, cache))
+        self.seed = int(seed)
+        xray_augment = XrayAugment(augment or {}, "augment")  # validated for every split
+        self.xray_augment = xray_augment if split in augment_splits and xray_augment else None
         case_geometry(self.views, geometry, self.volume_mm)
 
         def resolve(name: str) -> Path:
@@ -201,11 +219,22 @@ class X2CTGANH5Dataset(CaseListDataset):
                 raise DataError(f"{path}: {key}: expected a 2D image, got shape {out[key].shape}")
         return out
 
-    def _item(self, j: int) -> dict:
-        name, path = self.cases[j]
+    # ---- the cache: resized volumes and X-rays ---------------------------------------------------
+    def _volume_key(self, path: Path) -> str:
+        return DiskCache.key("x2ctgan_volume", CACHE_VERSION, file_identity(path), self.stage.resolution,
+                             self.resize, self.hu_offset, self.flip)
+
+    def _xray_key(self, volume_key: str, geometry) -> str:
+        from x2ct_framework.physics import geometry_fingerprint
+
+        if self.mode == "stored":  # the stored views depend on the file, not on the resized volume
+            return DiskCache.key("x2ctgan_stored", CACHE_VERSION, volume_key, self.image_size, self.orientation)
+        return DiskCache.key("drr", "x2ctgan", CACHE_VERSION, volume_key, geometry_fingerprint(geometry),
+                             self.image_size, list(self.hu_window), self.mu_water, self.beer_lambert)
+
+    def _resized(self, stored: np.ndarray) -> torch.Tensor:
+        """HU ``[R, R, R]`` (float32, head at slice 0) from the stored array, as X2CT-GAN resizes it."""
         r = self.stage.resolution
-        data = self._read(path)
-        stored = data["ct"]
         if self.resize == "linear":  # X2CT-GAN: zoom the stored values (order 1), then clip
             raw = zoom_linear(torch.from_numpy(stored.astype(np.float64)), (r, r, r),
                               integer=np.issubdtype(stored.dtype, np.integer))
@@ -214,23 +243,63 @@ class X2CTGANH5Dataset(CaseListDataset):
             hu = resize_volume((torch.from_numpy(stored.astype(np.float32)) - self.hu_offset).contiguous(), r)
         if self.flip:
             hu = hu.flip(self.flip)
-        ct = hu_to_unit(hu.contiguous(), self.hu_window)[None]
+        return hu.contiguous()
+
+    def _case(self, j: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """HU ``[R, R, R]``, X-rays ``[V, 1, S, S]`` and the geometry of case ``j``, through the cache."""
+        name, path = self.cases[j]
         geometry = case_geometry(self.views, self.geometry_option, self.volume_mm)
+        volume_key = self._volume_key(path)
+        xray_key = self._xray_key(volume_key, geometry)
+        vol_hit = self.cache.get("volume", volume_key)
+        ray_hit = self.cache.get("xrays" if self.mode == "stored" else "drr", xray_key)
+        if vol_hit is not None:
+            hu = torch.from_numpy(np.array(vol_hit[0]["hu"])).float()  # one copy out of the memory map
+        data = None
+        if vol_hit is None or (ray_hit is None and self.mode == "stored"):
+            data = self._read(path)
+        if vol_hit is None:
+            hu = self._resized(data["ct"])
+            a = hu.numpy()
+            stored = hu_storage(hu) if np.array_equal(a, np.round(a)) else a  # integers exactly, else float32
+            self.cache.put("volume", volume_key, {"hu": stored}, {"case": name, "source": str(path)})
+        if ray_hit is not None:
+            return hu, torch.from_numpy(np.array(ray_hit[0]["xrays"])), geometry
         if self.mode == "stored":
             xrays = torch.stack([self._stored_view(data[key], code)
                                  for key, code in zip(("xray1", "xray2"), self.orientation)])
+            self.cache.put("xrays", xray_key, {"xrays": xrays.numpy()}, {"case": name, "source": str(path)})
         else:
-            key = drr_key(str(path.resolve()), geometry, r, self.image_size, self.hu_window, self.mu_water,
-                          self.beer_lambert)
-            cached = self.cache.get("drr", key)
-            if cached is not None:
-                xrays = cached["xrays"]
-            else:
-                xrays = render_views(ct, geometry, self.hu_window, self.image_size, self.mu_water, self.beer_lambert)
-                self.cache.put("drr", key, {"xrays": xrays})
+            xrays = render_views(hu_to_unit(hu, self.hu_window)[None], geometry, self.hu_window, self.image_size,
+                                 self.mu_water, self.beer_lambert)
+            self.cache.put("drr", xray_key, {"xrays": xrays.numpy()}, {"case": name, "views": self.views})
+        return hu, xrays, geometry
+
+    def prepare_case(self, j: int) -> list[str] | None:
+        """Fill the cache for case ``j`` (``x2ct prepare``): [] when done, None when it was cached already."""
+        _, path = self.cases[j]
+        volume_key = self._volume_key(path)
+        xray_key = self._xray_key(volume_key, case_geometry(self.views, self.geometry_option, self.volume_mm))
+        if self.cache.has("volume", volume_key) and self.cache.has("xrays" if self.mode == "stored" else "drr",
+                                                                   xray_key):
+            return None
+        self._case(j)
+        return []
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch the X-ray augmentation draws from (called by the trainer before each epoch)."""
+        if self.xray_augment is not None:
+            self.xray_augment.set_epoch(epoch)
+
+    def _item(self, j: int) -> dict:
+        name, _ = self.cases[j]
+        r = self.stage.resolution
+        hu, xrays, geometry = self._case(j)
+        ct = hu_to_unit(hu, self.hu_window)[None]
+        if self.xray_augment is not None:
+            xrays = self.xray_augment(xrays, self.seed, j)
         return {"xrays": xrays, "geometry": geometry, "ct": ct, "spacing": torch.full((3,), self.volume_mm / r),
                 "case_id": name}
-
 
     def _stored_view(self, array: np.ndarray, code: str) -> torch.Tensor:
         """One stored X-ray as ``[1, S, S]`` in [0, 1] in the detector frame (its stored orientation undone)."""

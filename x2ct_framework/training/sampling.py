@@ -60,6 +60,9 @@ class StageData:
         """The batches of ``epoch``, without its first ``skip`` (already trained before an interruption)."""
         self.train.set_epoch(epoch)
         self.sampler.set_epoch(epoch)
+        set_epoch = getattr(self.train_set, "set_epoch", None)
+        if callable(set_epoch):  # augmentation drawn from (seed, epoch, item)
+            set_epoch(epoch)
         self.worker_generator.manual_seed(epoch_seed(self.seed, epoch))
         return acc.skip_first_batches(self.train, skip) if skip else self.train
 

@@ -1,0 +1,98 @@
+"""What each ``ct_folder`` augmentation costs per item, against the un-augmented item from the cache.
+
+One phantom case at R^3 (a NIfTI written here, prepared into a fresh cache), then items of the same
+case with each augmentation alone, medians of ``--repeat`` accesses after one warm-up. One process,
+one torch thread: per-worker figures. ``ratio`` = augmented item / cached item. The image-space
+augmentations (``noise``, ``intensity``) work on the cached X-rays; ``view_jitter`` renders the views
+again from the cached volume; the torchio volume transforms (``ct_noise``, ``blur``, ``flip``, ``affine``,
+``elastic``) transform the volume and render the views again.
+
+Run: ``OMP_NUM_THREADS=1 python -m benchmarks.perf.augment [--resolution 128] [--repeat 5]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchmarks.perf.common import machine, markdown_table
+
+AUGMENTS = {
+    "noise": {"std": 0.01},
+    "intensity": {"scale": [0.9, 1.1], "gamma": [0.8, 1.25], "shift": [-0.05, 0.05]},
+    "view_jitter": {"degrees": 2},
+    "ct_noise": {"std": 10},
+    "flip": {"axes": ["LR"]},
+    "blur": {"std": 1},
+    "affine": {"degrees": 5, "scales": 0.05, "translation": 5},
+    "elastic": {"num_control_points": 7, "max_displacement": 4},
+}
+
+
+def run(resolution: int = 128, repeat: int = 5) -> list[dict]:
+    import nibabel as nib
+
+    from x2ct_framework.phantom import chest_phantom
+    from x2ct_framework.stage import Stage
+    from x2ct_plugins.datasets.ct_folder import CTFolderDataset
+
+    torch.set_num_threads(1)
+    tmp = Path(tempfile.mkdtemp(prefix="x2ct-augment-bench-"))
+    try:
+        root, cache = tmp / "cts", tmp / "cache"
+        root.mkdir()
+        hu, _ = chest_phantom(resolution, seed=900)
+        s = 320.0 / resolution
+        nib.save(nib.Nifti1Image(hu.permute(2, 1, 0).numpy().astype(np.int16), np.diag([-s, -s, -s, 1.0])),
+                 str(root / "case.nii"))
+
+        def dataset(augment=None):
+            return CTFolderDataset(split="train", stage=Stage("s", 1, resolution, {}), root=str(root), views=[0, 90],
+                                   geometry="x2ctgan", split_fractions=[1, 0, 0], cache_dir=str(cache),
+                                   augment=augment)
+
+        def per_item(ds) -> float:
+            ds[0]
+            times = []
+            for _ in range(repeat):
+                t0 = time.perf_counter()
+                ds[0]
+                times.append(time.perf_counter() - t0)
+            return statistics.median(times)
+
+        plain = dataset()
+        plain.prepare_case(0)
+        base = per_item(plain)
+        rows = [{"augmentation": "none (cached item)", "re-renders": "no", "ms per item": 1e3 * base, "ratio": 1.0}]
+        for name, opts in AUGMENTS.items():
+            t = per_item(dataset({name: opts}))
+            renders = "no" if name in ("noise", "intensity") else (
+                "yes, from the cached volume" if name == "view_jitter" else "yes (volume transform, then render)")
+            rows.append({"augmentation": f"{name} {opts}", "re-renders": renders, "ms per item": 1e3 * t,
+                         "ratio": t / base})
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--resolution", type=int, default=128)
+    parser.add_argument("--repeat", type=int, default=5)
+    args = parser.parse_args()
+    t0 = time.perf_counter()
+    rows = run(args.resolution, args.repeat)
+    print(f"{machine()}; {args.resolution}^3, PA + lateral {args.resolution}^2 (x2ctgan geometry); "
+          f"{time.perf_counter() - t0:.0f} s wall")
+    print(markdown_table(rows))
+
+
+if __name__ == "__main__":
+    main()
