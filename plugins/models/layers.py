@@ -319,6 +319,15 @@ class ViewFusion(nn.Module):
                             reduce(x, "b v c d h w -> b c d h w", "max")], dim=1)
         return self.proj(pooled)
 
+    def points(self, features: torch.Tensor, angle_emb: torch.Tensor) -> torch.Tensor:
+        """The same fusion for per-view features at points, ``[B, V, C, N]`` -> ``[B, N, out]`` (its 1x1x1
+        projection as a matrix product: a convolution over a ``[N, 1, 1]`` grid is slow on CPU)."""
+        gamma, beta = rearrange(self.film(angle_emb), "b v (two c) -> two b v 1 c", two=2)
+        x = rearrange(features, "b v c n -> b v n c")
+        x = x * (1 + gamma.to(x.dtype)) + beta.to(x.dtype)
+        pooled = torch.cat([x.mean(1), x.amax(1)], dim=-1)
+        return F.linear(pooled, self.proj.weight.flatten(1).to(pooled.dtype), self.proj.bias.to(pooled.dtype))
+
 
 def lift(feats: torch.Tensor, geometry: dict, size: int) -> torch.Tensor:
     """Back-project per-view 2D features ``[B, V, C, h, w]`` along each view's rays into ``[B, V, C, S, S, S]``.

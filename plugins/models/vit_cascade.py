@@ -155,12 +155,12 @@ class PointDecoder(nn.Module):
         x = sample_views(maps, aligned.offsets, aligned.image_size, uv)              # [B, V, C, n]
         if self.visibility:
             x = torch.cat([x, visible[:, :, None]], dim=2)
-        fused = self.fuse(rearrange(x, "b v c n -> b v c n 1 1"), angle_emb)        # [B, C, n, 1, 1]
+        fused = self.fuse.points(x, angle_emb)                                     # [B, n, C]
         vol = batched(geometry, b, points.device)["volume_mm"][:, 0]
         unit = points.float() / (vol[:, None, :] / 2)
         at = sample_volume(coarse, unit)                                             # [B, C_coarse, n]
         running = sample_volume(base, unit)[:, 0]                                    # [B, n]
-        inp = torch.cat([rearrange(fused, "b c n 1 1 -> b n c"), rearrange(at, "b c n -> b n c"),
+        inp = torch.cat([fused, rearrange(at, "b c n -> b n c"),
                          running[..., None], self.pos(unit)], dim=-1)
         return running + self.head(self.mlp(inp))[..., 0].float()
 
@@ -274,6 +274,7 @@ class ViTCascade(nn.Module):
         self.pixel_aligned, self.visibility = bool(pixel_aligned), bool(visibility)
         self.centre_offset = bool(centre_offset)
         self.decoder_kind, self.point_chunk, self.ray_encoding = decoder, point_chunk, ray_encoding
+        self.decoder_levels = decoder_levels
         self.resolution, self.tokens, self.dim = resolution, tokens, dim
         self.gradient_checkpointing, self.channels_last = bool(gradient_checkpointing), bool(channels_last)
         angle_dim = min(dim, 64)
@@ -323,7 +324,8 @@ class ViTCascade(nn.Module):
 
     @property
     def level_sizes(self) -> list[int]:
-        return level_sizes(self.tokens, self.resolution, len(self.decoder.levels))
+        """Grid sizes of the decoder levels (the implicit decoder's is the last, the output resolution)."""
+        return level_sizes(self.tokens, self.resolution, self.decoder_levels)
 
     def checkpointed_modules(self) -> list[nn.Module]:
         """The units that gradient checkpointing recomputes (see ``x2ct_framework.model_info``)."""
