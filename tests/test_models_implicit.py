@@ -208,3 +208,20 @@ def test_ray_encoding_changes_with_the_geometry_and_starts_at_zero():
     assert (enc[0] - enc_far[0]).abs().max() > 1e-3
     plain = [detector_plucker(x, 2, (8, 8)) for x in (g, g_far)]
     assert (plain[0] - plain[1]).abs().max() > 1e-3
+
+
+def test_both_options_come_from_the_recipe():
+    from x2ct_framework.errors import RecipeError
+    from x2ct_framework.plugins import get_plugin_manager
+
+    def create(options):
+        return get_plugin_manager().registry("model").create(
+            "vit_cascade", {**TINY, **options}, where="r.toml: model",
+            context={"resolution": 8, "views": [0, 90], "gradient_checkpointing": False, "seed": 0})
+
+    model = create({"decoder": "implicit", "ray_encoding": True, "point_chunk": 4096})
+    assert model.decoder_kind == "implicit" and model.ray_encoding and model.point_chunk == 4096
+    assert any(n.startswith("decoder.point.") for n, _ in model.named_parameters())
+    assert any(n.startswith("lift.rays.") for n, _ in model.named_parameters())
+    with pytest.raises(RecipeError, match=r"r.toml: model: .*decoder must be one of 'dense', 'implicit'"):
+        create({"decoder": "points"})

@@ -4,7 +4,9 @@ X-ray views -> shared timm 2D encoder -> each view's features back-projected alo
 G^3 token grid -> views fused (order-independent, with an angle embedding per view) -> 3D
 transformer over the G^3 tokens -> 3D decoder that grows a prediction from G^3 to R^3 through
 ``decoder_levels`` levels, each adding a residual to the upsampled prediction of the level before,
-with skip features back-projected from the finer encoder levels.
+with skip features back-projected from the finer encoder levels. With ``decoder = "implicit"`` the
+finest level is a point decoder (an MLP per query point), so the model can be evaluated at any point
+and any resolution (``query``, ``predict_volume``).
 
 Parameter shapes depend neither on the output resolution R nor on G nor on the number of views, so
 stage k loads stage k-1's checkpoint strictly. Parameter-name prefixes (for a stage's ``freeze``):
@@ -15,7 +17,9 @@ stage k loads stage k-1's checkpoint strictly. Parameter-name prefixes (for a st
 - ``decoder.``      ``decoder.coarse_head`` and ``decoder.stem`` (at the token grid), then
   ``decoder.levels.N.`` (N = 0 coarsest), each with ``skip.`` (projection and view fusion of the
   back-projected skip), ``join.`` and ``refine.`` (the residual 3D block; ``refine.head`` predicts the
-  level's residual).
+  level's residual); with ``decoder = "implicit"`` the finest level is ``decoder.point.`` instead
+  (``proj.``, ``fuse.``, ``mlp.``, ``head.``);
+- ``lift.rays.N``   with ``ray_encoding``, the 1x1 convolution adding encoder level N its ray encoding.
 """
 
 from __future__ import annotations
