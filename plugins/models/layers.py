@@ -319,6 +319,15 @@ class ViewFusion(nn.Module):
                             reduce(x, "b v c d h w -> b c d h w", "max")], dim=1)
         return self.proj(pooled)
 
+    def points(self, features: torch.Tensor, angle_emb: torch.Tensor) -> torch.Tensor:
+        """The same fusion for per-view features at points, ``[B, V, C, N]`` -> ``[B, N, out]`` (its 1x1x1
+        projection as a matrix product: a convolution over a ``[N, 1, 1]`` grid is slow on CPU)."""
+        gamma, beta = rearrange(self.film(angle_emb), "b v (two c) -> two b v 1 c", two=2)
+        x = rearrange(features, "b v c n -> b v n c")
+        x = x * (1 + gamma.to(x.dtype)) + beta.to(x.dtype)
+        pooled = torch.cat([x.mean(1), x.amax(1)], dim=-1)
+        return F.linear(pooled, self.proj.weight.flatten(1).to(pooled.dtype), self.proj.bias.to(pooled.dtype))
+
 
 def lift(feats: torch.Tensor, geometry: dict, size: int) -> torch.Tensor:
     """Back-project per-view 2D features ``[B, V, C, h, w]`` along each view's rays into ``[B, V, C, S, S, S]``.
@@ -384,6 +393,68 @@ def sample_views(feats: list[torch.Tensor], offsets: list[float], image_size: tu
                               padding_mode="zeros", align_corners=False)
             out = out + s
     return rearrange(out, "(b v) c 1 n -> b v c n", b=b, v=v)
+
+
+def sample_volume(volume: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """Trilinear samples of ``volume [B, C, D, H, W]`` at ``points [B, N, 3]`` in volume coordinates
+    (x y z in [-1, 1]: -1 and 1 are the outer faces, so voxel i of n is centred at ``2 (i + 1/2) / n - 1``,
+    as ``voxel_centres`` over the volume's size): ``[B, C, N]`` in float32.
+
+    Outside the centres of the outermost voxels the value is held (border padding), so sampling at the
+    voxel centres of a finer grid is ``resize3d`` (trilinear, ``align_corners=False``) to that grid.
+    """
+    grid = points.float()[:, :, None, None, :]                          # [B, N, 1, 1, 3]
+    with torch.autocast(points.device.type, enabled=False):
+        out = F.grid_sample(volume.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return rearrange(out, "b c n 1 1 -> b c n")
+
+
+def detector_plucker(geometry: dict, batch: int, shape: tuple[int, int], image_size: tuple[int, int] | None = None,
+                     offset: float = 0.0, device=None) -> torch.Tensor:
+    """Plücker coordinates of the ray through each pixel of an ``h x w`` map over every view's detector:
+    ``[B, V, 6, h, w]``: the unit direction ``d`` (source to detector) and the moment ``m = o x d`` of a
+    point ``o`` on the ray, divided by half the volume's largest extent so that rays through the
+    volume have moments of at most about 1. A ray through the isocentre has zero moment.
+
+    The rays are the DRR projector's (``physics.drr``: cone beam from the source to each detector pixel,
+    parallel beam along the central ray through it, from ``physics.view_frames``). Map pixel j is centred
+    where ``sample_views`` reads it: at detector grid coordinate ``2 (j + 1/2) / w - 1``, moved back by a
+    level's centre ``offset`` (input pixels over an input of ``image_size``, see ``ViewEncoder.offsets``).
+    """
+    h, w = shape
+    g = batched(geometry, batch, device, torch.float32)
+    fr = view_frames(g)
+    h_in, w_in = image_size or shape
+    gu = (torch.arange(w, device=device, dtype=torch.float32) + 0.5) * (2.0 / w) - 1 - 2.0 * offset / w_in
+    gv = (torch.arange(h, device=device, dtype=torch.float32) + 0.5) * (2.0 / h) - 1 - 2.0 * offset / h_in
+    cu = gu * (g["detector_mm"][..., 0:1] / 2)                          # [B, V, w] mm along u
+    cv = gv * (g["detector_mm"][..., 1:2] / 2)                          # [B, V, h] mm along v (+z)
+    pix = (fr["center"][:, :, None, None, :] + cu[:, :, None, :, None] * fr["u"][:, :, None, None, :]
+           + cv[:, :, :, None, None] * fr["v"][:, :, None, None, :])   # [B, V, h, w, 3]
+    cone = (g["cone"] > 0.5)[:, :, None, None, None]
+    src = fr["source"][:, :, None, None, :].expand_as(pix)
+    origin = torch.where(cone, src, pix)
+    direction = torch.where(cone, pix - src, fr["ray"][:, :, None, None, :].expand_as(pix))
+    d = direction / direction.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    scale = (g["volume_mm"].amax(-1) / 2).clamp_min(1e-6)[:, :, None, None, None]
+    m = torch.linalg.cross(origin, d, dim=-1) / scale
+    return rearrange(torch.cat([d, m], -1), "b v h w c -> b v c h w")
+
+
+class FourierPoints(nn.Module):
+    """Fourier features of points in volume coordinates ``[B, N, 3]`` ([-1, 1], as ``sample_volume``):
+    ``[B, N, 6 * frequencies]`` (sin and cos of each coordinate at octave-spaced frequencies)."""
+
+    def __init__(self, frequencies: int = 6, max_frequency: float | None = None):
+        super().__init__()
+        top = max_frequency if max_frequency is not None else 2.0 ** (frequencies - 1)
+        freqs = math.pi * torch.logspace(0.0, math.log2(top), frequencies, base=2.0)
+        self.register_buffer("freqs", freqs, persistent=False)
+        self.features = 6 * frequencies
+
+    def forward(self, points: torch.Tensor) -> torch.Tensor:
+        ang = rearrange(points.float()[..., None] * self.freqs, "b n a f -> b n (a f)")
+        return torch.cat([torch.sin(ang), torch.cos(ang)], dim=-1)
 
 
 class FourierPositions(nn.Module):

@@ -4,7 +4,9 @@ X-ray views -> shared timm 2D encoder -> each view's features back-projected alo
 G^3 token grid -> views fused (order-independent, with an angle embedding per view) -> 3D
 transformer over the G^3 tokens -> 3D decoder that grows a prediction from G^3 to R^3 through
 ``decoder_levels`` levels, each adding a residual to the upsampled prediction of the level before,
-with skip features back-projected from the finer encoder levels.
+with skip features back-projected from the finer encoder levels. With ``decoder = "implicit"`` the
+finest level is a point decoder (an MLP per query point), so the model can be evaluated at any point
+and any resolution (``query``, ``predict_volume``).
 
 Parameter shapes depend neither on the output resolution R nor on G nor on the number of views, so
 stage k loads stage k-1's checkpoint strictly. Parameter-name prefixes (for a stage's ``freeze``):
@@ -15,7 +17,9 @@ stage k loads stage k-1's checkpoint strictly. Parameter-name prefixes (for a st
 - ``decoder.``      ``decoder.coarse_head`` and ``decoder.stem`` (at the token grid), then
   ``decoder.levels.N.`` (N = 0 coarsest), each with ``skip.`` (projection and view fusion of the
   back-projected skip), ``join.`` and ``refine.`` (the residual 3D block; ``refine.head`` predicts the
-  level's residual).
+  level's residual); with ``decoder = "implicit"`` the finest level is ``decoder.point.`` instead
+  (``proj.``, ``fuse.``, ``mlp.``, ``head.``);
+- ``lift.rays.N``   with ``ray_encoding``, the 1x1 convolution adding encoder level N its ray encoding.
 """
 
 from __future__ import annotations
@@ -23,14 +27,17 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 from einops import rearrange
+from torch.utils.checkpoint import checkpoint
 
 from x2ct_framework.hookspecs import hookimpl
 
 from x2ct_framework.physics import batched
 
-from .layers import (NORMS, AngleEmbedding, Block, FourierPositions, Join, Refine, ViewEncoder, ViewFusion,
-                     check_inputs, level_sizes, lift, maybe_checkpoint, project_points, residual_block, resize3d,
-                     sample_views, voxel_centres)
+from .layers import (NORMS, AngleEmbedding, Block, FourierPoints, FourierPositions, Join, ModelInputError, Refine,
+                     ViewEncoder, ViewFusion, check_inputs, detector_plucker, level_sizes, lift, maybe_checkpoint,
+                     project_points, residual_block, resize3d, sample_views, sample_volume, voxel_centres)
+
+DECODERS = ("dense", "implicit")
 
 
 class SkipLift(nn.Module):
@@ -114,6 +121,63 @@ class DecoderLevel(nn.Module):
         return h, base + residual
 
 
+class PointDecoder(nn.Module):
+    """The finest decoder level as an implicit decoder: for each 3D query point (world mm) an MLP over
+
+    - the pixel-aligned features of every view: every encoder level projected to ``channels`` (1x1),
+      sampled at the point's exact projection (centre offsets corrected, ``sample_views``), with a
+      visibility flag, the views fused (angle FiLM, mean + max);
+    - the coarser decoder features and the running prediction (or ``prev``), trilinear at the point;
+    - Fourier features of the point's position in the volume;
+
+    predicting a residual over the running prediction at the point. No part of it is a grid at the
+    output resolution, so the output can be asked for at any resolution, in chunks of points.
+    """
+
+    def __init__(self, enc_channels: list[int], coarse: int, channels: int, hidden: int, angle_dim: int,
+                 visibility: bool):
+        super().__init__()
+        self.visibility = visibility
+        self.proj = nn.ModuleList(nn.Conv2d(c, channels, 1) for c in enc_channels)
+        self.fuse = ViewFusion(channels + int(visibility), angle_dim, out=channels)
+        self.pos = FourierPoints()
+        self.mlp = nn.Sequential(nn.Linear(channels + coarse + 1 + self.pos.features, hidden), nn.GELU(),
+                                 nn.Linear(hidden, hidden), nn.GELU())
+        self.head = nn.Linear(hidden, 1)
+
+    def project(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Every encoder level ``[B, V, C_l, h, w]`` projected to ``[B, V, channels, h, w]`` (once per forward)."""
+        b = feats[0].shape[0]
+        return [rearrange(p(rearrange(f, "b v c h w -> (b v) c h w")), "(b v) c h w -> b v c h w", b=b)
+                for p, f in zip(self.proj, feats)]
+
+    def forward(self, points: torch.Tensor, maps: list[torch.Tensor], coarse: torch.Tensor, base: torch.Tensor,
+                geometry: dict, angle_emb: torch.Tensor, aligned: Aligned) -> torch.Tensor:
+        """``points [B, n, 3]`` (mm, x y z) -> values ``[B, n]``."""
+        b = points.shape[0]
+        uv, visible = project_points(points, geometry)
+        x = sample_views(maps, aligned.offsets, aligned.image_size, uv)              # [B, V, C, n]
+        if self.visibility:
+            x = torch.cat([x, visible[:, :, None]], dim=2)
+        fused = self.fuse.points(x, angle_emb)                                     # [B, n, C]
+        vol = batched(geometry, b, points.device)["volume_mm"][:, 0]
+        unit = points.float() / (vol[:, None, :] / 2)
+        at = sample_volume(coarse, unit)                                             # [B, C_coarse, n]
+        running = sample_volume(base, unit)[:, 0]                                    # [B, n]
+        inp = torch.cat([fused, rearrange(at, "b c n -> b n c"),
+                         running[..., None], self.pos(unit)], dim=-1)
+        return running + self.head(self.mlp(inp))[..., 0].float()
+
+
+class Context:
+    """What the point decoder needs from one forward pass of the rest of the model."""
+
+    def __init__(self, maps: list[torch.Tensor], coarse: torch.Tensor, base: torch.Tensor, geometry: dict,
+                 angle_emb: torch.Tensor, aligned: Aligned):
+        self.maps, self.coarse, self.base = maps, coarse, base
+        self.geometry, self.angle_emb, self.aligned = geometry, angle_emb, aligned
+
+
 class ViTCascade(nn.Module):
     """Hybrid ViT cascade: ``model(xrays [B, V, 1, H, W], geometry, prev=None) -> [B, 1, R, R, R]``.
 
@@ -154,6 +218,19 @@ class ViTCascade(nn.Module):
         head_init: "small" (default) starts the coarse head at 1/100 of PyTorch's default scale and zero
             bias, so the first prediction is near 0 (as ``cnn_baseline``'s head); "default" keeps
             PyTorch's init (its first output had 2.3-3.3x the CT's spread).
+        decoder: "dense" (default) makes the finest level a 3D convolution block on the R^3 grid;
+            "implicit" makes it a ``PointDecoder`` (an MLP per query point, ``decoder.point.``), so the
+            model answers ``query(xrays, geometry, points)`` and ``predict_volume(..., resolution)`` at
+            any resolution without a dense feature grid there; the forward pass at the stage's
+            resolution returns the dense volume (every loss works unchanged), computed in chunks of
+            ``point_chunk`` points, each recomputed in the backward pass (torch.utils.checkpoint).
+        point_chunk: points per chunk of the implicit decoder (memory against speed).
+        ray_encoding: add each encoder level a per-pixel encoding of its view's geometry: the Plücker
+            coordinates (direction, moment) of the ray through each feature's centre, through a 1x1
+            convolution per level (``lift.rays.N``) that starts at zero. Added to the features rather
+            than concatenated to the X-ray, so a pretrained encoder sees the input it was trained on
+            (its first convolution keeps its shape and weights) and the model starts as without it;
+            every level, the stride-1 one included, gets rays sampled at its own resolution.
     """
 
     uses_prev = True  # refines the previous stage's prediction (checked by testing.check_model)
@@ -164,7 +241,8 @@ class ViTCascade(nn.Module):
                  encoder_kwargs: dict | None = None, angle_frequencies: int = 4,
                  gradient_checkpointing: bool = False, channels_last: bool = True, norm: str = "group",
                  xray_size: int | None = None, full_resolution: int | None = None, pixel_aligned: bool = False,
-                 visibility: bool = True, centre_offset: bool = True, head_init: str = "small"):
+                 visibility: bool = True, centre_offset: bool = True, head_init: str = "small",
+                 decoder: str = "dense", point_chunk: int = 65536, ray_encoding: bool = False):
         super().__init__()
         for key, value, low in (("resolution", resolution, 1), ("tokens", tokens, 2), ("dim", dim, 1),
                                 ("depth", depth, 1), ("heads", heads, 1), ("channels", channels, 1),
@@ -183,6 +261,12 @@ class ViTCascade(nn.Module):
             raise ValueError(f"norm must be one of {', '.join(repr(n) for n in NORMS)}, got {norm!r}")
         if head_init not in ("small", "default"):
             raise ValueError(f"head_init must be 'small' or 'default', got {head_init!r}")
+        if decoder not in DECODERS:
+            raise ValueError(f"decoder must be one of {', '.join(repr(d) for d in DECODERS)}, got {decoder!r}")
+        if not isinstance(point_chunk, int) or isinstance(point_chunk, bool) or point_chunk < 1:
+            raise ValueError(f"point_chunk must be an integer >= 1, got {point_chunk!r}")
+        if not isinstance(ray_encoding, bool):
+            raise ValueError(f"ray_encoding must be true or false, got {ray_encoding!r}")
         if xray_size is None:
             size = (encoder_kwargs or {}).get("img_size", 0)
             xray_size = size if isinstance(size, int) else 0
@@ -193,6 +277,8 @@ class ViTCascade(nn.Module):
                 raise ValueError(f"{key} must be an integer >= 0, got {value!r}")
         self.pixel_aligned, self.visibility = bool(pixel_aligned), bool(visibility)
         self.centre_offset = bool(centre_offset)
+        self.decoder_kind, self.point_chunk, self.ray_encoding = decoder, point_chunk, ray_encoding
+        self.decoder_levels = decoder_levels
         self.resolution, self.tokens, self.dim = resolution, tokens, dim
         self.gradient_checkpointing, self.channels_last = bool(gradient_checkpointing), bool(channels_last)
         angle_dim = min(dim, 64)
@@ -204,6 +290,8 @@ class ViTCascade(nn.Module):
         self.lift.proj = nn.ModuleList(nn.Conv2d(c, dim, 1) for c in self.encoder.channels)
         vis = int(self.pixel_aligned and self.visibility)
         self.lift.fuse = ViewFusion(dim + vis, angle_dim, out=dim)
+        if ray_encoding:
+            self.lift.rays = nn.ModuleList(nn.Conv2d(6, c, 1) for c in self.encoder.channels)
 
         self.transformer = nn.Module()
         self.transformer.pos = FourierPositions(dim)
@@ -217,11 +305,15 @@ class ViTCascade(nn.Module):
         self.decoder.coarse_head = nn.Conv3d(dim, 1, 1)
         self.decoder.stem = nn.Conv3d(dim, widths[0], 1)
         levels = []
-        for i in range(decoder_levels):
+        dense = decoder_levels - (decoder == "implicit")  # the implicit decoder replaces the finest level
+        for i in range(dense):
             source = min(decoder_levels - 1 - i, n_enc - 1)  # finest decoder level <- finest encoder level
             levels.append(DecoderLevel(widths[i], widths[i + 1], self.encoder.channels, max(widths[i + 1] // 2, 4),
                                        angle_dim, source, self.pixel_aligned, self.visibility))
         self.decoder.levels = nn.ModuleList(levels)
+        if decoder == "implicit":
+            self.decoder.point = PointDecoder(self.encoder.channels, widths[dense], channels, 4 * channels, angle_dim,
+                                              self.visibility)
         for part in (self.lift, self.transformer, self.decoder):  # the encoder keeps timm's (or pretrained) init
             part.apply(_init)
         if head_init == "small":
@@ -229,10 +321,15 @@ class ViTCascade(nn.Module):
             with torch.no_grad():
                 self.decoder.coarse_head.weight.mul_(0.01)
                 self.decoder.coarse_head.bias.zero_()
+        if ray_encoding:  # the model starts as without the encoding; training decides what it adds
+            for conv in self.lift.rays:
+                nn.init.zeros_(conv.weight)
+                nn.init.zeros_(conv.bias)
 
     @property
     def level_sizes(self) -> list[int]:
-        return level_sizes(self.tokens, self.resolution, len(self.decoder.levels))
+        """Grid sizes of the decoder levels (the implicit decoder's is the last, the output resolution)."""
+        return level_sizes(self.tokens, self.resolution, self.decoder_levels)
 
     def checkpointed_modules(self) -> list[nn.Module]:
         """The units that gradient checkpointing recomputes (see ``x2ct_framework.model_info``)."""
@@ -242,8 +339,22 @@ class ViTCascade(nn.Module):
         return self.gradient_checkpointing and self.training
 
     def encode(self, xrays: torch.Tensor, geometry: dict) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """Per-view encoder features (finest first) and per-view angle embeddings ``[B, V, A]``."""
-        return self.encoder(xrays), self.lift.angles(geometry["angles"].to(xrays.device))
+        """Per-view encoder features (finest first; with ``ray_encoding`` plus each level's ray encoding) and
+        per-view angle embeddings ``[B, V, A]``."""
+        feats = self.encoder(xrays)
+        if self.ray_encoding:
+            feats = [f + self.ray_features(i, f, xrays, geometry) for i, f in enumerate(feats)]
+        return feats, self.lift.angles(geometry["angles"].to(xrays.device))
+
+    def ray_features(self, level: int, feats: torch.Tensor, xrays: torch.Tensor, geometry: dict) -> torch.Tensor:
+        """The ray encoding of encoder level ``level`` (whose features are ``feats [B, V, C, h, w]``): the
+        Plücker coordinates of the ray through each feature's centre (``layers.detector_plucker``), through
+        ``lift.rays.<level>``: ``[B, V, C, h, w]``."""
+        b, _, _, h, w = feats.shape
+        aligned = self.aligned_info(xrays)
+        rays = detector_plucker(geometry, b, (h, w), aligned.image_size, aligned.offsets[level], feats.device)
+        out = self.lift.rays[level](rearrange(rays, "b v c h w -> (b v) c h w").to(feats.dtype))
+        return rearrange(out, "(b v) c h w -> b v c h w", b=b)
 
     def aligned_info(self, xrays: torch.Tensor) -> Aligned:
         n = self.encoder.xray_size
@@ -283,8 +394,11 @@ class ViTCascade(nn.Module):
             x = maybe_checkpoint(self._checkpointing(), blk, x)
         return rearrange(self.transformer.norm(x), "b (d h w) c -> b c d h w", d=g, h=g, w=g)
 
-    def decode(self, x: torch.Tensor, feats: list[torch.Tensor], geometry: dict, angle_emb: torch.Tensor,
-               prev: torch.Tensor | None = None, aligned: Aligned | None = None) -> torch.Tensor:
+    def decode_levels(self, x: torch.Tensor, feats: list[torch.Tensor], geometry: dict, angle_emb: torch.Tensor,
+                      prev: torch.Tensor | None = None, aligned: Aligned | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The dense decoder levels: ``(features, prediction)`` at the last one's size (the token grid when
+        there are none). ``prev`` replaces the running prediction at the finest level, R^3."""
         y = self.decoder.coarse_head(x)
         h = self.decoder.stem(x)
         sizes = self.level_sizes
@@ -293,10 +407,63 @@ class ViTCascade(nn.Module):
             base = resize3d(prev.to(y.dtype) if last and prev is not None else y, size)
             h, y = level(h, base, feats, geometry, angle_emb, size, self.channels_last, self._checkpointing(),
                          aligned)
-        return y.contiguous()
+        return h, y
+
+    def decode(self, x: torch.Tensor, feats: list[torch.Tensor], geometry: dict, angle_emb: torch.Tensor,
+               prev: torch.Tensor | None = None, aligned: Aligned | None = None) -> torch.Tensor:
+        return self.decode_levels(x, feats, geometry, angle_emb, prev, aligned)[1].contiguous()
+
+    def context(self, xrays: torch.Tensor, geometry: dict, prev: torch.Tensor | None = None) -> Context:
+        """Everything the point decoder reads, from one pass of the encoder, transformer and dense levels."""
+        if self.decoder_kind != "implicit":
+            raise ValueError("vit_cascade: query and predict_volume need the implicit point decoder; "
+                             "set model.decoder = \"implicit\" in the recipe")
+        check_inputs("vit_cascade", xrays, geometry, prev)
+        feats, emb = self.encode(xrays, geometry)
+        aligned = self.aligned_info(xrays)
+        x = self.transform(self.lift_tokens(feats, geometry, emb, aligned if self.pixel_aligned else None))
+        h, y = self.decode_levels(x, feats, geometry, emb, None, aligned if self.pixel_aligned else None)
+        base = prev.to(y.dtype) if prev is not None else y
+        return Context(self.decoder.point.project(feats), h, base, geometry, emb, aligned)
+
+    def query_context(self, ctx: Context, points: torch.Tensor) -> torch.Tensor:
+        """Values ``[B, N]`` at world points ``[B, N, 3]`` (mm), ``point_chunk`` points at a time; with
+        gradients on, each chunk is recomputed in the backward pass rather than kept."""
+        point = self.decoder.point
+        out = []
+        for start in range(0, points.shape[1], self.point_chunk):
+            p = points[:, start:start + self.point_chunk]
+            args = (p, ctx.maps, ctx.coarse, ctx.base, ctx.geometry, ctx.angle_emb, ctx.aligned)
+            out.append(checkpoint(point, *args, use_reentrant=False) if torch.is_grad_enabled() else point(*args))
+        return torch.cat(out, dim=1)
+
+    def query(self, xrays: torch.Tensor, geometry: dict, points: torch.Tensor,
+              prev: torch.Tensor | None = None) -> torch.Tensor:
+        """The predicted value at any world points ``[B, N, 3]`` (mm, x y z, isocentre at 0; voxel centres
+        as ``layers.voxel_centres``): ``[B, N]`` (needs ``decoder = "implicit"``)."""
+        if not isinstance(points, torch.Tensor) or points.ndim != 3 or points.shape[-1] != 3 \
+                or points.shape[0] != xrays.shape[0]:
+            shape = tuple(points.shape) if isinstance(points, torch.Tensor) else type(points).__name__
+            raise ModelInputError(f"vit_cascade.query: points must be [B, N, 3] (world mm, x y z) with B = "
+                                  f"{xrays.shape[0]}, got {shape}")
+        return self.query_context(self.context(xrays, geometry, prev), points.to(xrays.device))
+
+    def predict_volume(self, xrays: torch.Tensor, geometry: dict, resolution: int,
+                       prev: torch.Tensor | None = None) -> torch.Tensor:
+        """The prediction on a ``resolution^3`` grid over the volume, any resolution: ``[B, 1, r, r, r]``
+        (needs ``decoder = "implicit"``; only the output, never a feature grid, is held at that size)."""
+        if not isinstance(resolution, int) or isinstance(resolution, bool) or resolution < 1:
+            raise ValueError(f"vit_cascade.predict_volume: resolution must be an integer >= 1, got {resolution!r}")
+        ctx = self.context(xrays, geometry, prev)
+        b = xrays.shape[0]
+        vol = batched(geometry, b, xrays.device)["volume_mm"][:, 0]
+        values = self.query_context(ctx, voxel_centres(vol, resolution))
+        return rearrange(values, "b (d h w) -> b 1 d h w", d=resolution, h=resolution, w=resolution)
 
     def forward(self, xrays: torch.Tensor, geometry: dict, prev: torch.Tensor | None = None) -> torch.Tensor:
         check_inputs("vit_cascade", xrays, geometry, prev)
+        if self.decoder_kind == "implicit":
+            return self.predict_volume(xrays, geometry, self.resolution, prev)
         feats, emb = self.encode(xrays, geometry)
         aligned = self.aligned_info(xrays) if self.pixel_aligned else None
         x = self.transform(self.lift_tokens(feats, geometry, emb, aligned))
