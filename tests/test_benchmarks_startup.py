@@ -31,9 +31,9 @@ print(json.dumps({{"status": status, "failed": list(pm.failed), "listing": listi
 """
 
 
-def test_listing_plugins_imports_no_heavy_library():
+def test_listing_plugins_imports_no_heavy_library(tmp_path):
     out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, cwd=REPO, timeout=300,
-                         env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+                         env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "X2CT_CACHE_DIR": str(tmp_path)})
     assert out.returncode == 0, out.stderr
     res = json.loads(out.stdout.strip().splitlines()[-1])
     assert res["status"] == 0 and res["failed"] == []

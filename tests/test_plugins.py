@@ -111,3 +111,78 @@ def test_x2ct_plugins_lists_components_with_their_source(third_party):
     assert "huber" in out.stdout and "plugin huber (x2ct-huber)" in out.stdout
     assert "vit_cascade" in out.stdout and "(x2ct-framework)" in out.stdout
     assert "failed: plugin 'broken'" in out.stdout
+
+
+# ---- the cached listing of `x2ct plugins` -------------------------------------------------------------------------
+# `x2ct plugins` in a fresh process: its output, and whether torch was imported (a warm listing must not).
+LISTING_PROBE = """
+import contextlib, io, json, sys
+from x2ct_framework.cli import main
+with contextlib.redirect_stdout(io.StringIO()) as out:
+    status = main(["plugins", *sys.argv[1:]])
+print(json.dumps({"status": status, "out": out.getvalue(), "torch": "torch" in sys.modules}))
+"""
+
+
+def list_plugins(tmp_path, *args, **env):
+    import json
+
+    out = subprocess.run([PYTHON, "-c", LISTING_PROBE, *args], capture_output=True, text=True, timeout=120,
+                         cwd=tmp_path, env=run_env(X2CT_CACHE_DIR=str(tmp_path / "cache"), **env))
+    assert out.returncode == 0, out.stderr
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["status"] == 0
+    return res
+
+
+def test_a_warm_listing_is_the_cold_one_without_torch(tmp_path):
+    cold = list_plugins(tmp_path)
+    assert cold["torch"] and "vit_cascade" in cold["out"] and "(x2ct-framework)" in cold["out"]
+    assert len(list((tmp_path / "cache" / "plugins").glob("listing-*.json"))) == 1
+    warm = list_plugins(tmp_path)
+    assert warm["out"] == cold["out"] and not warm["torch"]
+    refreshed = list_plugins(tmp_path, "--refresh")
+    assert refreshed["torch"] and refreshed["out"] == cold["out"]
+
+
+@pytest.fixture
+def huber_only(tmp_path):
+    """An installed third-party plugin (a .dist-info on PYTHONPATH), the only entry point loaded."""
+    site = tmp_path / "site"
+    site.mkdir()
+    make_distribution(site, "x2ct-huber", {"x2ct_huber": GOOD}, {"huber": "x2ct_huber"})
+    return site, {"PYTHONPATH": str(site), "X2CT_LOAD_PLUGINS": "huber"}
+
+
+def test_touching_a_plugin_module_invalidates_the_listing(tmp_path, huber_only):
+    import os
+
+    site, env = huber_only
+    cold = list_plugins(tmp_path, **env)
+    assert "plugin huber (x2ct-huber)" in cold["out"] and "vit_cascade" not in cold["out"]
+    assert not list_plugins(tmp_path, **env)["torch"]
+    module = site / "x2ct_huber.py"
+    st = module.stat()
+    os.utime(module, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # same content, a later modification time
+    again = list_plugins(tmp_path, **env)
+    assert again["torch"] and again["out"] == cold["out"]
+    assert not list_plugins(tmp_path, **env)["torch"]  # cached again
+
+
+def test_a_changed_plugin_module_is_listed_afresh(tmp_path, huber_only):
+    site, env = huber_only
+    assert "  huber " in list_plugins(tmp_path, **env)["out"]
+    (site / "x2ct_huber.py").write_text(textwrap.dedent(GOOD).replace('"huber"', '"huber_v2"'))
+    changed = list_plugins(tmp_path, **env)
+    assert changed["torch"] and "  huber_v2 " in changed["out"] and "  huber " not in changed["out"]
+
+
+def test_a_listing_with_a_failed_plugin_is_not_cached(tmp_path):
+    site = tmp_path / "site"
+    site.mkdir()
+    make_distribution(site, "x2ct-broken", {"x2ct_broken": BROKEN}, {"broken": "x2ct_broken"})
+    env = {"PYTHONPATH": str(site), "X2CT_LOAD_PLUGINS": "broken"}
+    for _ in range(2):  # the failure may come from anything installed: every call looks again
+        res = list_plugins(tmp_path, **env)
+        assert res["torch"] and "failed: plugin 'broken' from x2ct-broken" in res["out"]
+    assert not list((tmp_path / "cache" / "plugins").glob("listing-*.json"))

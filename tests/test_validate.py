@@ -161,3 +161,9 @@ def test_flop_line_is_opt_in(recipe, capsys):
     assert "    model: " not in capsys.readouterr().out
     assert x2ct_main(["validate", str(recipe), "--describe"]) == 0
     assert "    model: " in capsys.readouterr().out
+
+
+def test_the_contract_batch_is_two_items_whatever_the_recipe_batch_size(recipe, capsys):
+    """Two items check collation and one metric value per case; more would only cost data loading."""
+    assert validate(recipe, "data.mode='noresize'", "data.n=6", "train.batch_size=4") == 2
+    assert "2 train items do not collate into a batch" in capsys.readouterr().err

@@ -26,7 +26,6 @@ def validate(args: argparse.Namespace) -> int:
                                              load_recipe_plugins, stages)
     from x2ct_framework.datacheck import guard_stored_geometry
     from x2ct_framework.config.recipe import load_recipe
-    from x2ct_framework.model_info import describe_for_sample
     from x2ct_framework.config.checks import check_freeze, check_recipe
     from x2ct_framework.validate import check_stage, raise_problems
 
@@ -56,10 +55,13 @@ def validate(args: argparse.Namespace) -> int:
         terms = ", ".join(f"{t.name}x{t.weight:g}" for t in losses.terms)
         print(f"  {stage.name}: {stage.resolution}^3, model {recipe['model']['name']} ({n_params} params), "
               f"losses {terms or 'none'}, " + " / ".join(f"{k} {v}" for k, v in sizes.items()) + " cases")
+        # Two train items are the smallest batch that still checks collation and one metric value per case.
         found = [] if args.build_only else check_stage(recipe, stage, datasets, model, losses, metrics,
-                                                       recipe["train"]["batch_size"])
+                                                       min(2, recipe["train"]["batch_size"]))
         problems += found
         if not found and args.describe:
+            from x2ct_framework.model_info import describe_for_sample  # FlopCounterMode: only when asked
+
             print(f"    model: {describe_for_sample(model, datasets['train'][0])}")
         if not args.build_only:
             print(f"    contract: {'ok' if not found else f'{len(found)} problem(s)'}")
@@ -91,41 +93,77 @@ def plugins(args: argparse.Namespace) -> int:
     """Every registered component with its plugin, every hook-only plugin with its hooks, and every failure.
 
     A plugin that fails to load or register is listed under ``failed:`` and the rest is still shown
-    (``X2CT_STRICT_PLUGINS=1`` makes it an error)."""
+    (``X2CT_STRICT_PLUGINS=1`` makes it an error). A listing without failures is cached
+    (:mod:`x2ct_framework.listing_cache`): the next call prints it without importing torch or a plugin
+    while nothing it depends on changed; ``--refresh`` lists afresh."""
+    import warnings
+
+    from x2ct_framework.listing_cache import ListingCache
+    from x2ct_framework.plugins import manager_created
+
+    recipe = getattr(args, "recipe", None)
+    # Only a fresh process state is cached: plugins registered in-process (register_object) are in no key.
+    cache = None if manager_created() else ListingCache(recipe)
+    if cache is not None and not getattr(args, "refresh", False):
+        text = cache.read()
+        if text is not None:
+            sys.stdout.write(text)
+            return 0
+    caught: list = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:  # the filters stay; the warnings are shown below
+            lines, failed, extra = _plugin_listing(recipe)
+    finally:
+        for w in caught:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno, w.file, w.line)
+    text = "".join(f"{line}\n" for line in lines)
+    sys.stdout.write(text)
+    if cache is not None and not failed and not caught:
+        cache.write(text, extra)
+    return 0
+
+
+def _plugin_listing(recipe_path: str | None) -> tuple[list[str], bool, list[str]]:
+    """The lines of ``x2ct plugins``, whether a plugin failed, and the recipe and plugin files it read."""
     from x2ct_framework.plugins import PLURALS, get_plugin_manager
 
     pm = get_plugin_manager()
     pm.tolerant = True
-    if getattr(args, "recipe", None):
+    extra: list[str] = []
+    if recipe_path:
         from x2ct_framework.config.document import Recipe, _read_toml
 
         # The plugins only: a recipe that does not validate must not hide what is installed.
-        data, origins = _read_toml(Path(args.recipe), [])
-        recipe = Recipe(data=data, path=Path(args.recipe).resolve(), origins=origins)
+        data, origins = _read_toml(Path(recipe_path), [])
+        recipe = Recipe(data=data, path=Path(recipe_path).resolve(), origins=origins)
+        extra += [str(recipe.path), *sorted(set(map(str, origins.values())))]
         for spec in data.get("plugins", []) if isinstance(data.get("plugins"), list) else []:
             try:
                 pm.load_module(str(spec), recipe.base_dir)
             except X2CTError as exc:
                 pm.failed[str(spec)] = str(exc)
     registries = pm.registries()
+    lines: list[str] = []
     givers: set[str] = set()
     for kind, reg in registries.items():
-        print(f"{PLURALS[kind]}:")
+        lines.append(f"{PLURALS[kind]}:")
         for e in reg.entries():
             givers.add(e.plugin)
-            print(f"  {e.name:<22} plugin {e.plugin} ({e.distribution})")
+            lines.append(f"  {e.name:<22} plugin {e.plugin} ({e.distribution})")
     lifecycle = []
-    for name, _ in pm.pm.list_name_plugin():
+    for name, plugin in pm.pm.list_name_plugin():
+        file = getattr(plugin, "__file__", None)
+        if file:
+            extra.append(file)
         hooks = [h for h in pm.hooks_of(name) if not h.startswith("register_")]
         if hooks or name not in givers:
             lifecycle.append((name, hooks))
     if lifecycle:
-        print("hooks:")
+        lines.append("hooks:")
         for name, hooks in lifecycle:
-            print(f"  {name:<22} {', '.join(hooks) or 'none'} ({pm.distributions.get(name, '?')})")
-    for name, msg in pm.failed.items():
-        print(f"failed: {msg}")
-    return 0
+            lines.append(f"  {name:<22} {', '.join(hooks) or 'none'} ({pm.distributions.get(name, '?')})")
+    lines += [f"failed: {msg}" for msg in pm.failed.values()]
+    return lines, bool(pm.failed), extra
 
 
 def count(minimum: int):
@@ -277,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=export)
     p = sub.add_parser("plugins", help="list registered components and where they came from")
     p.add_argument("--recipe", help="also load the plugins this recipe names")
+    p.add_argument("--refresh", action="store_true",
+                   help="list afresh (import every plugin) instead of printing the cached listing")
     p.set_defaults(fn=plugins)
     args = parser.parse_args(argv)
     return report_errors(args.fn, args)

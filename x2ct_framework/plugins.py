@@ -428,6 +428,11 @@ def get_plugin_manager() -> PluginManager:
     return _MANAGER
 
 
+def manager_created() -> bool:
+    """Whether this process created its plugin manager already (plugins may have been registered in-process)."""
+    return _MANAGER is not None
+
+
 def reset_plugin_manager() -> None:
     """Forget every loaded plugin (tests)."""
     global _MANAGER

@@ -35,6 +35,7 @@ def check_stage(recipe, stage, datasets: dict[str, Any], model: torch.nn.Module,
                 batch_size: int = 2) -> list[str]:
     """Every broken contract of one stage's components, each a sentence naming the component and its plugin."""
     problems: list[str] = []
+    first: dict[str, Any] = {}  # item 0 of each split, reused in the batch (a dataset may read it from disk)
     from x2ct_framework.config.build import data_options, model_options
 
     data = data_options(recipe, stage)
@@ -50,7 +51,7 @@ def check_stage(recipe, stage, datasets: dict[str, Any], model: torch.nn.Module,
             continue
         c = _Contract(data_src)
         try:
-            item = ds[0]
+            item = first[split] = ds[0]
         except Exception as exc:
             problems.append(f"{stage.name}: {data_src}: {split}[0] {_error(exc)}")
             continue
@@ -61,7 +62,7 @@ def check_stage(recipe, stage, datasets: dict[str, Any], model: torch.nn.Module,
         return problems
     n = min(batch_size, len(train))
     try:
-        batch = default_collate([train[i] for i in range(n)])
+        batch = default_collate([first["train"], *(train[i] for i in range(1, n))])
     except Exception as exc:
         return problems + [f"{stage.name}: {data_src}: {n} train items do not collate into a batch ({_error(exc)}); "
                            f"every item must have the same shapes (resize to the stage resolution)"]

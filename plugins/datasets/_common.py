@@ -23,6 +23,7 @@ import torch.nn.functional as F
 import numpy as np
 from torch.utils.data import Dataset
 
+from x2ct_framework.cachedir import CACHE_ENV, default_cache_dir  # noqa: F401 (also imported from here)
 from x2ct_framework.conventions import hu_to_unit  # noqa: F401 (the dataset plugins import it from here)
 from x2ct_framework.errors import DataError
 from x2ct_framework.physics import drr, geometry_fingerprint, make_geometry, resolve_preset
@@ -275,15 +276,6 @@ def series_identity(files: Sequence[Path]) -> str:
 
 
 # ---- the array cache --------------------------------------------------------------------------
-CACHE_ENV = "X2CT_CACHE_DIR"
-
-
-def default_cache_dir() -> Path:
-    """``$X2CT_CACHE_DIR``, else ``$XDG_CACHE_HOME/x2ct``, else ``~/.cache/x2ct``."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base).expanduser() / "x2ct"
 
 
 def resolve_cache_dir(cache_dir: str, cache: bool) -> Path | None:

@@ -16,9 +16,10 @@ from __future__ import annotations
 import signal
 import sys
 import threading
+from typing import TYPE_CHECKING
 
-import torch
-from accelerate import Accelerator
+if TYPE_CHECKING:  # torch and accelerate are imported where processes agree: report_errors needs neither
+    from accelerate import Accelerator
 
 SIGNALS: dict[int, str] = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
 _received: list[int] = []  # the signals that asked this process to stop, in order
@@ -97,6 +98,8 @@ class StopRequest:
             return self.requested
         if not acc.sync_gradients:
             return False
+        import torch
+
         # the flag carries the signal number, so every process learns that it was SIGTERM (15 > 2)
         flag = torch.tensor([float(getattr(self, "signum", signal.SIGINT) if self.requested else 0)],
                             device=acc.device)
