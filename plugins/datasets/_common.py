@@ -126,8 +126,8 @@ def _pair(value, name: str) -> tuple[float, float]:
 class XrayAugment:
     """The image-space augmentations (``XRAY_AUGMENTS``) of ``augment`` tables, applied to finished X-rays
     ``[V, 1, H, W]`` (cached or rendered): no volume is read or rendered again. Draws follow
-    :func:`augment_seed` of (the dataset's seed, the epoch set by :meth:`set_epoch`, the item). The
-    epoch sits in shared memory, so loader workers that live across epochs see it change."""
+    :func:`augment_seed` of (the dataset's seed, the epoch, the item); the dataset holds the epoch
+    (:meth:`CaseListDataset.set_epoch`) and passes it in."""
 
     def __init__(self, options: Mapping, where: str = "augment"):
         self.noise: dict | None = None
@@ -158,18 +158,12 @@ class XrayAugment:
                 self.intensity = {**ranges, "p": p}
             if opts:
                 raise ValueError(f"{where} -> {name}: unknown option(s) {sorted(opts)} ({XRAY_AUGMENTS[name]})")
-        self.epoch = torch.zeros((), dtype=torch.int64)
-        if self:
-            self.epoch.share_memory_()
 
     def __bool__(self) -> bool:
         return self.noise is not None or self.intensity is not None
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch.fill_(int(epoch))
-
-    def __call__(self, xrays: torch.Tensor, seed: int, index: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(augment_seed(seed, int(self.epoch), index, "xray"))
+    def __call__(self, xrays: torch.Tensor, seed: int, epoch: int, index: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(augment_seed(seed, epoch, index, "xray"))
         out = xrays.float()
         views = out.shape[0]
 
@@ -453,8 +447,25 @@ class CaseListDataset(Dataset):
     split: str
     root: Path
 
+    _epoch: torch.Tensor | None = None
+
     def _item(self, j: int) -> dict:
         raise NotImplementedError
+
+    def track_epoch(self) -> None:
+        """Keep the epoch for augmentations drawn from (seed, epoch, item): in shared memory, so loader
+        workers that live across epochs see :meth:`set_epoch` change it. Datasets without such an
+        augmentation never call this and pay nothing."""
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch augmentations draw from (the trainer calls it before each epoch)."""
+        if self._epoch is not None:
+            self._epoch.fill_(int(epoch))
+
+    @property
+    def epoch(self) -> int:
+        return 0 if self._epoch is None else int(self._epoch)
 
     def __len__(self) -> int:
         return len(self.cases)

@@ -181,9 +181,8 @@ class CTFolderDataset(CaseListDataset):
         if not chosen:
             self.jitter_deg = 0.0
         self.seed = int(seed)
-        self._epoch = torch.zeros((), dtype=torch.int64)
-        if self.jitter_deg:
-            self._epoch.share_memory_()
+        if self.jitter_deg or self.xray_augment is not None:
+            self.track_epoch()
         self.labels_dir = Path(labels_dir).expanduser() if labels_dir else None
         if self.labels_dir is not None and not self.labels_dir.is_dir():
             raise DataError(f"{self.labels_dir}: label folder not found (data.labels_dir of ct_folder)")
@@ -462,19 +461,12 @@ class CTFolderDataset(CaseListDataset):
         self.cache.put("drr", key, {"xrays": xrays.numpy()}, {"views": self.views})
         return xrays
 
-    def set_epoch(self, epoch: int) -> None:
-        """The epoch the X-ray augmentation and the view jitter draw from (the trainer calls it before
-        each epoch; shared memory, so workers that live across epochs see it)."""
-        self._epoch.fill_(int(epoch))
-        if self.xray_augment is not None:
-            self.xray_augment.set_epoch(epoch)
-
     def _geometry(self, j: int):
         if not self.jitter_deg:
             return case_geometry(self.views, self.geometry_option, self.volume_mm), False
         import random
 
-        rng = random.Random(augment_seed(self.seed, int(self._epoch), j, "view_jitter"))
+        rng = random.Random(augment_seed(self.seed, self.epoch, j, "view_jitter"))
         if rng.random() >= self.jitter_p:
             return case_geometry(self.views, self.geometry_option, self.volume_mm), False
         return case_geometry(self.views, self.geometry_option, self.volume_mm, self.jitter_deg, rng), True
@@ -492,7 +484,7 @@ class CTFolderDataset(CaseListDataset):
         else:
             xrays = render_views(ct, geometry, self.hu_window, self.image_size, self.mu_water, self.beer_lambert)
         if self.xray_augment is not None:
-            xrays = self.xray_augment(xrays, self.seed, j)
+            xrays = self.xray_augment(xrays, self.seed, self.epoch, j)
         item = {"xrays": xrays, "geometry": geometry, "ct": ct,
                 "spacing": torch.full((3,), self.volume_mm / self.stage.resolution), "case_id": case.name,
                 "affine": torch.as_tensor(affine, dtype=torch.float64)}

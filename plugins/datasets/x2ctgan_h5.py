@@ -159,6 +159,8 @@ class X2CTGANH5Dataset(CaseListDataset):
         self.seed = int(seed)
         xray_augment = XrayAugment(augment or {}, "augment")  # validated for every split
         self.xray_augment = xray_augment if split in augment_splits and xray_augment else None
+        if self.xray_augment is not None:
+            self.track_epoch()
         case_geometry(self.views, geometry, self.volume_mm)
 
         def resolve(name: str) -> Path:
@@ -286,18 +288,13 @@ class X2CTGANH5Dataset(CaseListDataset):
         self._case(j)
         return []
 
-    def set_epoch(self, epoch: int) -> None:
-        """The epoch the X-ray augmentation draws from (called by the trainer before each epoch)."""
-        if self.xray_augment is not None:
-            self.xray_augment.set_epoch(epoch)
-
     def _item(self, j: int) -> dict:
         name, _ = self.cases[j]
         r = self.stage.resolution
         hu, xrays, geometry = self._case(j)
         ct = hu_to_unit(hu, self.hu_window)[None]
         if self.xray_augment is not None:
-            xrays = self.xray_augment(xrays, self.seed, j)
+            xrays = self.xray_augment(xrays, self.seed, self.epoch, j)
         return {"xrays": xrays, "geometry": geometry, "ct": ct, "spacing": torch.full((3,), self.volume_mm / r),
                 "case_id": name}
 
