@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from x2ct_framework.cachedir import default_cache_dir
+from x2ct_framework.plugins import ENTRY_POINT_GROUP as GROUP  # torch-free: pluggy and the registry
 
 FORMAT = 1
-GROUP = "x2ct_framework"  # x2ct_framework.plugins.ENTRY_POINT_GROUP (kept here to stay import-light)
 FOLDER = "plugins"
 
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 import numpy as np
 from torch.utils.data import Dataset
 
-from x2ct_framework.cachedir import CACHE_ENV, default_cache_dir  # noqa: F401 (also imported from here)
+from x2ct_framework.cachedir import default_cache_dir
 from x2ct_framework.conventions import hu_to_unit  # noqa: F401 (the dataset plugins import it from here)
 from x2ct_framework.errors import DataError
 from x2ct_framework.physics import drr, geometry_fingerprint, make_geometry, resolve_preset
