@@ -77,3 +77,17 @@ def test_training_benchmark_rows(tmp_path):
     parts = sum(rows[k]["share_pct"] for k in ("overhead_dispatch", "overhead_loss_assembly", "overhead_bookkeeping"))
     assert rows["overhead_total"]["share_pct"] == pytest.approx(parts)
     assert "LossSet over 2 terms (l1, gradient)" in rows["overhead_loss_assembly"]["note"]
+
+
+def test_model_benchmark_only_selects_rows_and_refuses_unknown_models():
+    from benchmarks.perf import model as bench
+
+    cfgs = bench.configs(quick=True, repeat=1)
+    picked = bench.select(cfgs, ["x2ctgan", "vit_cascade:8"])
+    assert [(c["model"], c["tokens"], c["checkpointing"]) for c in picked] == [
+        ("vit_cascade", 8, False), ("vit_cascade", 8, True), ("x2ctgan", None, False)]
+    assert bench.select(cfgs, None) == cfgs
+    with pytest.raises(SystemExit, match="unknown model 'x2ct'"):
+        bench.select(cfgs, ["x2ct"])
+    with pytest.raises(SystemExit, match="selects no configuration"):
+        bench.select(cfgs, ["vit_cascade:99"])

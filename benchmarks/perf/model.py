@@ -27,7 +27,8 @@ recorded in ``compile_note`` and the row keeps its eager figures. Off by default
 the 128^3 models takes minutes.
 
 Run: ``python -m benchmarks.perf.model`` (``--quick``: a 32^3 model with 8^3 and 12^3 tokens on
-32^2 views, for CI; ``--repeat N`` sets the timed steps of every row; ``--compile``).
+32^2 views, for CI; ``--repeat N`` sets the timed steps of every row; ``--compile``; ``--only x2ctgan
+vit_cascade:24`` runs only those rows, the first vit_cascade row being the ``vs_vit`` reference).
 """
 
 from __future__ import annotations
@@ -202,12 +203,33 @@ def compiled_step(model, xrays, geometry, mode: str, steps: int) -> dict:
     return {"compiled_seconds": statistics.median(times), "compile_s": first, "compile_note": f"mode {mode}"}
 
 
-def run(quick: bool = False, repeat: int | None = None, log=print, compile_mode: str | None = None) -> list[dict]:
+def select(cfgs: list[dict], only: list[str] | None) -> list[dict]:
+    """The configurations named by ``only``: ``MODEL`` (every row of that model) or ``vit_cascade:G`` (one
+    token grid, both checkpointing settings)."""
+    if not only:
+        return cfgs
+    known = sorted({c["model"] for c in cfgs})
+    kept = []
+    for cfg in cfgs:
+        for sel in only:
+            model, _, grid = sel.partition(":")
+            if model not in known:
+                raise SystemExit(f"--only {sel}: unknown model {model!r} (available: {', '.join(known)})")
+            if cfg["model"] == model and (not grid or str(cfg["tokens"]) == grid):
+                kept.append(cfg)
+                break
+    if not kept:
+        raise SystemExit(f"--only {' '.join(only)} selects no configuration")
+    return kept
+
+
+def run(quick: bool = False, repeat: int | None = None, log=print, compile_mode: str | None = None,
+        only: list[str] | None = None) -> list[dict]:
     rows = []
     threads = torch.get_num_threads()
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": os.pathsep.join(
         [str(REPO)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))}
-    for cfg in configs(quick, repeat):
+    for cfg in select(configs(quick, repeat), only):
         cfg["warmup"], cfg["matmul"], cfg["compile"] = quick, 2048 if quick else 4096, compile_mode
         label = f"{cfg['model']} tokens={cfg['tokens']} checkpointing={cfg['checkpointing']}"
         log(f"[model] {label} ...", flush=True)
@@ -228,13 +250,16 @@ def run(quick: bool = False, repeat: int | None = None, log=print, compile_mode:
         log(f"[model]   {row['seconds']:.1f} s, {row['gflops']:.1f} GFLOP/s ({row['ratio']:.2f} of matmul), "
             f"peak {row['peak_mib']:.0f} MiB live, {row['rss_peak_mib']:.0f} MiB resident", flush=True)
         rows.append(row)
-    vit = next((r for r in rows if r["model"] == "vit_cascade" and not r["checkpointing"]), None)
+    vits = [r for r in rows if r["model"] == "vit_cascade"]
+    vit = next((r for r in vits if not r["checkpointing"]), vits[0] if vits else None)
     for row in rows:
         row["vs_vit"] = row["seconds"] / vit["seconds"] if vit else float("nan")
     for row in rows:  # memory cut and targets, pairing each checkpointed row with its plain twin
         if row["checkpointing"]:
-            plain = next(r for r in rows if r["model"] == row["model"] and r["tokens"] == row["tokens"]
-                         and not r["checkpointing"])
+            plain = next((r for r in rows if r["model"] == row["model"] and r["tokens"] == row["tokens"]
+                          and not r["checkpointing"]), None)
+            if plain is None:  # its twin was not selected (--only)
+                continue
             row["mem_cut"] = plain["peak_mib"] / max(row["peak_mib"], 1e-9)
             plain["mem_cut"] = row["mem_cut"]
     for row in rows:
@@ -242,7 +267,7 @@ def run(quick: bool = False, repeat: int | None = None, log=print, compile_mode:
             row["targets"] = "not judged (quick sizes)"
             continue
         ok = [f"ratio {'ok' if row['ratio'] >= 0.25 else 'MISSED'}"]
-        if row["checkpointing"]:
+        if row["checkpointing"] and "mem_cut" in row:
             ok.append(f"mem {'ok' if row['mem_cut'] >= 2 else 'MISSED'}")
         row["targets"] = ", ".join(ok)
     return rows
@@ -254,12 +279,14 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=None, help="timed steps per row (median)")
     parser.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
                         help="also time the step under torch.compile (default mode, or max-autotune, ...)")
+    parser.add_argument("--only", nargs="+", metavar="MODEL[:G]",
+                        help="run only these rows: a model name, or vit_cascade:24 for one token grid")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return
-    rows = run(quick=args.quick, repeat=args.repeat, compile_mode=args.compile)
+    rows = run(quick=args.quick, repeat=args.repeat, compile_mode=args.compile, only=args.only)
     print(f"\nModel step, batch 1, CPU ({machine()})\n")
     print(markdown_table(rows, COLUMNS + (COMPILE_COLUMNS if args.compile else [])))
 
