@@ -116,6 +116,9 @@ class Trainer:
         check_distributed(self.accelerator)  # FSDP / DeepSpeed are refused (see training/scaleout.py)
         self.trackers = bool(trackers) and accelerator is None
         self.tracking: Trackers | None = None  # started trackers (main process: accelerate's and the plugins')
+        # The trackers' step is the run's: a stage's step plus the updates of the stages before it in this run,
+        # so it only increases (wandb drops rows whose step goes back).
+        self.tracker_step_offset = 0
         self.pm = get_plugin_manager()
         if launcher_note:
             self.print(launcher_note)
@@ -181,10 +184,12 @@ class Trainer:
                         self.print(f"[{stage.name}] finished earlier ({ckpt.resolve(last)}); skipping")
                         results[stage.name] = state.get("metrics", {})
                         prev_best = self.run_dir / stage.name / "best"
+                        self.tracker_step_offset += int(state.get("step", 0))
                         continue
                     resume_from = ckpt.resolve(last)
                 results[stage.name] = self.train_stage(stage, init_from=prev_best, resume_from=resume_from)
                 prev_best = self.run_dir / stage.name / "best"
+                self.tracker_step_offset += self._stage_steps
             if self.is_main:
                 self.pm.hook.on_run_end(trainer=self, results=results)  # the report, among others
                 if self.tracking is not None:
@@ -268,6 +273,7 @@ class Trainer:
             st.logbook.plot(self.run_dir / stage.name / "curves.png", title=f"{self.recipe.name}: {stage.name}")
         self.pm.hook.on_stage_end(trainer=self, stage=stage, metrics=st.validation)
         best = st.best
+        self._stage_steps = st.step
         self.print(f"[{stage.name}] done: " + ", ".join(f"{k} {v:.4f}" for k, v in st.validation.items())
                    + (f"; best {best.metric} {best.value:.4f} at epoch {best.epoch}" if best.value is not None
                       else ""))
@@ -499,7 +505,7 @@ class Trainer:
         if self.tracking is not None:
             self.tracking.log({f"{st.stage.name}/{k}": v for k, v in row.items()
                                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"},
-                              step=st.step)
+                              step=self.tracker_step_offset + st.step)
 
     # ---- validation ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -533,7 +539,8 @@ class Trainer:
                                 first[1], xrays=first[2], title=f"{st.stage.name} epoch {epoch}: "
                                 + ", ".join(f"{k} {v:.3f}" for k, v in out.items()))
             if self.tracking is not None:
-                self.tracking.log_images({f"{st.stage.name}/{PREVIEW}": [png_image(path)]}, step=st.step)
+                self.tracking.log_images({f"{st.stage.name}/{PREVIEW}": [png_image(path)]},
+                                        step=self.tracker_step_offset + st.step)
         model.train()
         return out
 

@@ -129,3 +129,35 @@ def test_bad_tracker_options_name_the_recipe_key(tmp_path):
                                           r"file must be a relative path inside the run folder"):
         Trainer(load_recipe(recipe_file(tmp_path, options='file = "../outside.jsonl"'))).run()
     assert not (tmp_path / "runs" / "tiny" / "stage1").exists()
+
+
+def test_the_step_keeps_rising_across_stages_and_after_a_resume(tmp_path):
+    """The trackers' step is the run's update count: stage 2's rows follow stage 1's (wandb drops rows whose step
+    goes back), also when a resumed run skips the finished stage 1."""
+    path = recipe_file(tmp_path)
+    two = tmp_path / "two.toml"
+    two.write_text(path.read_text() + textwrap.dedent("""
+        [[stages]]
+        name = "stage2"
+        resolution = 16
+        epochs = 1
+        lr = 1e-3
+        losses = { l1 = 1.0 }
+        """))
+    Trainer(load_recipe(two)).run()
+    run = tmp_path / "runs" / "tiny"
+
+    def steps(stage):
+        return sorted({e["step"] for e in events(run / "logs" / "lab.jsonl")
+                       if e["event"] == "log" and any(k.startswith(f"{stage}/") for k in e["values"])})
+
+    assert (steps("stage1"), steps("stage2")) == ([1, 2], [3, 4])  # 2 updates per stage; stage 2 goes on at 3
+
+    # a fresh folder: stage 1 alone, then the two-stage recipe resumed there (stage 1 is skipped as finished)
+    import shutil
+
+    shutil.rmtree(run)
+    Trainer(load_recipe(path)).run()
+    (run / "logs" / "lab.jsonl").unlink()
+    Trainer(load_recipe(two), resume=True).run()
+    assert (steps("stage1"), steps("stage2")) == ([], [3, 4])
