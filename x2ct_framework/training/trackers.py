@@ -11,8 +11,8 @@ tracker gets:
 - every row of ``metrics.jsonl`` as ``log({"<stage>/<key>": value}, step=<the run's optimizer
   update>)`` (the stage's update plus every update of the stages before it in the run folder, so the
   step only increases across stages): the train rows (every ``train.log_every`` updates: ``epoch``,
-  ``lr``, ``train/loss``, ``train/<term>``, ``train/grad_norm``, critics' values), the validation rows (``val/<metric>``,
-  ``val/loss``) and the epoch rows (``time/train_s``, ...);
+  ``lr``, ``train/loss``, ``train/<term>``, ``train/grad_norm``, critics' values), the validation
+  rows (``val/<metric>``, ``val/loss``) and the epoch rows (``time/train_s``, ...);
 - every validation preview as ``log_images({"<stage>/preview": [H x W x 3 uint8 array]}, step=...)``
   when it has ``log_images`` (TensorBoard gets them stacked, ``NHWC``);
 - after the last stage and the end-of-run hooks (the report): the final metrics as
