@@ -87,6 +87,9 @@ def test_model_benchmark_only_selects_rows_and_refuses_unknown_models():
     assert [(c["model"], c["tokens"], c["checkpointing"]) for c in picked] == [
         ("vit_cascade", 8, False), ("vit_cascade", 8, True), ("x2ctgan", None, False)]
     assert bench.select(cfgs, None) == cfgs
+    kv = bench.select(cfgs, ["vit_cascade_kv2"])
+    assert [(c["model"], c["options"]["kv_pool"], c["checkpointing"]) for c in kv] == [
+        ("vit_cascade", 2, False), ("vit_cascade", 2, True)]
     with pytest.raises(SystemExit, match="unknown model 'x2ct'"):
         bench.select(cfgs, ["x2ct"])
     with pytest.raises(SystemExit, match="selects no configuration"):

@@ -1,7 +1,9 @@
 """Model step on CPU: the user's stage 2 (128^3 output, two 128^2 views) with 24^3 and 32^3 tokens.
 
 One training step (forward + backward of a mean loss) at batch 1 for ``vit_cascade`` at its default
-sizes, with and without gradient checkpointing, and for ``cnn_baseline`` and the faithful ``x2ctgan``
+sizes, with and without gradient checkpointing (also as ``vit_cascade_kv2``: the 24^3-token model with
+``kv_pool = 2``, keys and values from the token grid pooled 2x per axis), and for ``cnn_baseline`` and the
+faithful ``x2ctgan``
 (X2CT-GAN's 61.74 M generator, PA + lateral at 0/270 degrees, no checkpointing) beside it. Every
 configuration runs in its own subprocess, so that its peak memory is its own. Two peaks, both over
 the timed steps and above the level just before them (model, inputs and libraries excluded):
@@ -67,6 +69,10 @@ def configs(quick: bool, repeat: int | None) -> list[dict]:
         for ckpt in (False, True):
             out.append({**base, "model": "vit_cascade", "tokens": g, "checkpointing": ckpt, "steps": steps,
                         "options": {**base["options"], "tokens": g}})
+    g = grids[0]  # the same model with pooled keys and values (kv_pool = 2): 1/8 of the attention
+    for ckpt in (False, True):
+        out.append({**base, "name": "vit_cascade_kv2", "model": "vit_cascade", "tokens": g, "checkpointing": ckpt,
+                    "steps": repeat or (2 if quick else 3), "options": {**base["options"], "tokens": g, "kv_pool": 2}})
     for ckpt in (False, True):
         out.append({**base, "model": "cnn_baseline", "tokens": None, "checkpointing": ckpt,
                     "steps": repeat or (2 if quick else 3), "options": cnn})
@@ -208,14 +214,14 @@ def select(cfgs: list[dict], only: list[str] | None) -> list[dict]:
     token grid, both checkpointing settings)."""
     if not only:
         return cfgs
-    known = sorted({c["model"] for c in cfgs})
+    known = sorted({c.get("name", c["model"]) for c in cfgs})
     kept = []
     for cfg in cfgs:
         for sel in only:
             model, _, grid = sel.partition(":")
             if model not in known:
                 raise SystemExit(f"--only {sel}: unknown model {model!r} (available: {', '.join(known)})")
-            if cfg["model"] == model and (not grid or str(cfg["tokens"]) == grid):
+            if cfg.get("name", cfg["model"]) == model and (not grid or str(cfg["tokens"]) == grid):
                 kept.append(cfg)
                 break
     if not kept:
@@ -231,14 +237,15 @@ def run(quick: bool = False, repeat: int | None = None, log=print, compile_mode:
         [str(REPO)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))}
     for cfg in select(configs(quick, repeat), only):
         cfg["warmup"], cfg["matmul"], cfg["compile"] = quick, 2048 if quick else 4096, compile_mode
-        label = f"{cfg['model']} tokens={cfg['tokens']} checkpointing={cfg['checkpointing']}"
+        name = cfg.get("name", cfg["model"])
+        label = f"{name} tokens={cfg['tokens']} checkpointing={cfg['checkpointing']}"
         log(f"[model] {label} ...", flush=True)
         proc = subprocess.run([sys.executable, "-m", "benchmarks.perf.model", "--worker", json.dumps(cfg)],
                               cwd=REPO, env=env, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"{label} failed:\n{proc.stderr[-3000:]}")
         res = json.loads(proc.stdout.strip().splitlines()[-1])
-        row = {"model": cfg["model"], "tokens": f"{cfg['tokens']}^3" if cfg["tokens"] else "-",
+        row = {"model": name, "tokens": f"{cfg['tokens']}^3" if cfg["tokens"] else "-",
                "checkpointing": cfg["checkpointing"], "steps": cfg["steps"],
                **{k: res[k] for k in ("seconds", "model_gflop", "step_gflop", "gflops", "matmul_gflops", "peak_mib",
                                    "rss_peak_mib")}}

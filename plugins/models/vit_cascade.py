@@ -231,6 +231,12 @@ class ViTCascade(nn.Module):
             than concatenated to the X-ray, so a pretrained encoder sees the input it was trained on
             (its first convolution keeps its shape and weights) and the model starts as without it;
             every level, the stride-1 one included, gets rays sampled at its own resolution.
+        kv_pool: 1 (default) is full self-attention over the G^3 tokens; r > 1 (dividing ``tokens``) takes
+            the keys and values from the token grid average-pooled by r per axis (spatial-reduction
+            attention, as in PVT): each token still sees the whole volume, and attention costs 1/r^3 as
+            much. At 128^3 with 24^3 tokens, global attention is 83% of a training step's FLOPs (4.18 of
+            5.05 TFLOP); r = 2 cuts the step to 1.40 TFLOP, r = 3 to 1.03 (benchmarks/RESULTS.md). Same
+            parameters as without it: weights load across the two settings.
     """
 
     uses_prev = True  # refines the previous stage's prediction (checked by testing.check_model)
@@ -242,7 +248,7 @@ class ViTCascade(nn.Module):
                  gradient_checkpointing: bool = False, channels_last: bool = True, norm: str = "group",
                  xray_size: int | None = None, full_resolution: int | None = None, pixel_aligned: bool = False,
                  visibility: bool = True, centre_offset: bool = True, head_init: str = "small",
-                 decoder: str = "dense", point_chunk: int = 65536, ray_encoding: bool = False):
+                 decoder: str = "dense", point_chunk: int = 65536, ray_encoding: bool = False, kv_pool: int = 1):
         super().__init__()
         for key, value, low in (("resolution", resolution, 1), ("tokens", tokens, 2), ("dim", dim, 1),
                                 ("depth", depth, 1), ("heads", heads, 1), ("channels", channels, 1),
@@ -267,6 +273,9 @@ class ViTCascade(nn.Module):
             raise ValueError(f"point_chunk must be an integer >= 1, got {point_chunk!r}")
         if not isinstance(ray_encoding, bool):
             raise ValueError(f"ray_encoding must be true or false, got {ray_encoding!r}")
+        if not isinstance(kv_pool, int) or isinstance(kv_pool, bool) or kv_pool < 1 or tokens % kv_pool:
+            raise ValueError(f"kv_pool must be an integer >= 1 that divides tokens ({tokens}), got {kv_pool!r}")
+        self.kv_pool = kv_pool
         if xray_size is None:
             size = (encoder_kwargs or {}).get("img_size", 0)
             xray_size = size if isinstance(size, int) else 0
@@ -296,7 +305,8 @@ class ViTCascade(nn.Module):
         self.transformer = nn.Module()
         self.transformer.pos = FourierPositions(dim)
         rates = torch.linspace(0, drop_path, depth).tolist()
-        self.transformer.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio, r) for r in rates)
+        self.transformer.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio, r, kv_pool=kv_pool, grid=tokens)
+                                                for r in rates)
         self.transformer.norm = nn.LayerNorm(dim)
 
         widths = [channels * 2 ** (decoder_levels - i) for i in range(decoder_levels + 1)]
