@@ -257,7 +257,7 @@ def run(quick: bool = False, repeat: int | None = None, log=print, compile_mode:
         log(f"[model]   {row['seconds']:.1f} s, {row['gflops']:.1f} GFLOP/s ({row['ratio']:.2f} of matmul), "
             f"peak {row['peak_mib']:.0f} MiB live, {row['rss_peak_mib']:.0f} MiB resident", flush=True)
         rows.append(row)
-    vits = [r for r in rows if r["model"] == "vit_cascade"]
+    vits = [r for r in rows if r["model"].startswith("vit_cascade")]
     vit = next((r for r in vits if not r["checkpointing"]), vits[0] if vits else None)
     for row in rows:
         row["vs_vit"] = row["seconds"] / vit["seconds"] if vit else float("nan")
