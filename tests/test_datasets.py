@@ -515,3 +515,38 @@ def test_the_trainer_tells_the_training_set_its_epoch():
     data.train = types.SimpleNamespace(set_epoch=lambda e: None)  # what accelerate's prepared loader offers
     data.epoch(None, 3)
     assert train.epochs == [3]
+
+
+def test_ct_folder_finds_a_volume_file_inside_each_case_folder(tmp_path, caplog):
+    """case/ct.nii.gz and case/study/ct.nrrd layouts: the case is the folder; a label map beside the CT is no
+    candidate; a folder with two CTs is left out with a warning naming both files; a labels folder is no case."""
+    import nibabel as nib
+    import SimpleITK as sitk
+
+    root = tmp_path / "cases"
+    hu, _ = chest_phantom(16, seed=2)
+    (root / "LIDC-0001").mkdir(parents=True)
+    save_canonical(root / "LIDC-0001" / "ct.nii.gz", hu, 20.0)
+    save_canonical(root / "LIDC-0001" / "ct_seg.nii.gz", torch.zeros_like(hu), 20.0, label=True)
+    (root / "LIDC-0002" / "study" / ".hidden").mkdir(parents=True)
+    image = sitk.GetImageFromArray(hu.numpy().astype(np.int16))  # array [D, H, W] = ITK [k, j, i]
+    image.SetSpacing((20.0, 20.0, 20.0))
+    image.SetDirection((1, 0, 0, 0, 1, 0, 0, 0, -1))  # LPS: i Left, j Posterior, k Inferior (as save_canonical)
+    sitk.WriteImage(image, str(root / "LIDC-0002" / "study" / "ct.nrrd"))
+    hidden = root / "LIDC-0002" / "study" / ".hidden" / "x.nii"  # hidden folders are not entered
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.int16), np.eye(4)), hidden)
+    (root / "notes").mkdir()  # a folder without volumes is not a case
+    ds = create("ct_folder", root=str(root), split_fractions=[1, 0, 0])
+    assert sorted(ds[i]["case_id"] for i in range(len(ds))) == ["LIDC-0001", "LIDC-0002"]
+    by_id = {ds[i]["case_id"]: ds[i] for i in range(len(ds))}
+    # both files hold the same phantom at the same spacing: the same target either way
+    torch.testing.assert_close(by_id["LIDC-0001"]["ct"], by_id["LIDC-0002"]["ct"], atol=1e-4, rtol=0)
+
+    save_canonical(root / "LIDC-0001" / "ct_repeat.nii.gz", hu, 20.0)
+    (root / "labels").mkdir()  # a folder of label maps is no case, whatever it holds
+    save_canonical(root / "labels" / "LIDC-0002.nii.gz", torch.zeros_like(hu), 20.0, label=True)
+    with caplog.at_level(logging.WARNING):
+        ds = create("ct_folder", root=str(root), split_fractions=[1, 0, 0])  # the manifest sees the new files
+    assert [ds[i]["case_id"] for i in range(len(ds))] == ["LIDC-0002"]
+    assert "LIDC-0001" in caplog.text and "ct.nii.gz" in caplog.text and "ct_repeat.nii.gz" in caplog.text
+    assert "one CT per case folder" in caplog.text and "labels" not in caplog.text.replace("label maps", "")

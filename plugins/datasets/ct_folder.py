@@ -72,6 +72,16 @@ def _is_volume_file(path: Path) -> bool:
     return _is_volume_name(path.name) and path.is_file()
 
 
+def _volume_files(folder: Path, skip: set[Path]) -> list[Path]:
+    """Volume files (NIfTI, NRRD, MHA/MHD) at any depth below ``folder``, in path order; hidden entries and the
+    folders in ``skip`` (labels_dir, the cache) are not entered."""
+    out = []
+    for sub, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and (Path(sub) / d).resolve() not in skip)
+        out += [Path(sub) / f for f in sorted(files) if not f.startswith(".") and _is_volume_name(f)]
+    return out
+
+
 def looks_like_label_name(name: str) -> bool:
     words = [w for w in name.lower().replace("-", "_").replace(".", "_").split("_") if w]
     return any(w in LABEL_WORDS for w in words) or any(name.lower().endswith(w) for w in ("seg", "mask", "label"))
@@ -305,10 +315,28 @@ class CTFolderDataset(CaseListDataset):
                     bad[name] = f"{path}: {exc}"
                     continue
                 entry.update(files=[str(f.relative_to(self.root)) for f in chosen.files], series_uid=chosen.uid)
+            elif path.is_dir():
+                # a case folder holding its CT as a volume file at any depth (case/ct.nii.gz, case/study/ct.nrrd):
+                # the case is the folder; label-like files beside the CT are not candidates
+                volumes = [v for v in _volume_files(path, skip) if not looks_like_label_name(case_name(v))
+                           and not (self.label_suffix and case_name(v).endswith(self.label_suffix))]
+                name = path.name
+                if not volumes or looks_like_label_name(name) or name.lower() in ("segmentations", "masks"):
+                    continue  # not a case folder (a folder of label maps, notes, ...)
+                if len(volumes) > 1:  # a folder of several CTs is not one case: said, then left out
+                    listed = ", ".join(str(v.relative_to(self.root)) for v in volumes[:6])
+                    skipped[name] = (f"{path}: folder {name!r} holds {len(volumes)} volume files ({listed}), so it is "
+                                     f"not read as one case; keep one CT per case folder (move the others out, give "
+                                     f"label maps a label name such as <case>_seg, or point data.root at the folder)")
+                    continue
+                entry["path"] = str(volumes[0].relative_to(self.root))
+                path = volumes[0]
             else:
                 continue
             if name in found or name in bad:
-                raise DataError(f"{self.root}: two volumes for case {name!r}: {found[name]['path']} and {path.name}")
+                first = found[name]["path"] if name in found else bad[name].split(":")[0]
+                raise DataError(f"{self.root}: two volumes for case {name!r}: {first} and {entry['path']}; "
+                                f"rename one (case names are file names without their suffix, or folder names)")
             try:
                 if "files" not in entry:
                     why = _check_header(path)
@@ -328,8 +356,9 @@ class CTFolderDataset(CaseListDataset):
                 continue
             found[name] = entry
         if not found and not bad:
-            raise DataError(f"{self.root}: no CT volumes found (expected NIfTI, NRRD, MHA/MHD files or folders "
-                            f"holding a DICOM CT series at any depth, such as TCIA's patient/study/series)"
+            raise DataError(f"{self.root}: no CT volumes found (expected NIfTI, NRRD, MHA/MHD files, case folders "
+                            f"holding one such file at any depth (case/ct.nii.gz), or folders holding a DICOM CT "
+                            f"series at any depth, such as TCIA's patient/study/series)"
                             + (f"; skipped: {'; '.join(skipped.values())}" if skipped else ""))
         return {"cases": found, "skipped": skipped, "bad": bad}
 
