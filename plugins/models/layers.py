@@ -20,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 from x2ct_framework.errors import CheckpointError, DataError, did_you_mean
 from x2ct_framework.physics import backproject, batched, view_frames
+from x2ct_framework.physics.drr import detector_rays
 
 
 class ModelInputError(DataError, ValueError):
@@ -416,29 +417,26 @@ def detector_plucker(geometry: dict, batch: int, shape: tuple[int, int], image_s
     point ``o`` on the ray, divided by half the volume's largest extent so that rays through the
     volume have moments of at most about 1. A ray through the isocentre has zero moment.
 
-    The rays are the DRR projector's (``physics.drr``: cone beam from the source to each detector pixel,
-    parallel beam along the central ray through it, from ``physics.view_frames``). Map pixel j is centred
+    The rays are the DRR projector's (``physics.drr.detector_rays``: cone beam from the source to each
+    detector pixel, parallel beam along the central ray through it). Map pixel j is centred
     where ``sample_views`` reads it: at detector grid coordinate ``2 (j + 1/2) / w - 1``, moved back by a
     level's centre ``offset`` (input pixels over an input of ``image_size``, see ``ViewEncoder.offsets``).
     """
     h, w = shape
     g = batched(geometry, batch, device, torch.float32)
-    fr = view_frames(g)
     h_in, w_in = image_size or shape
-    gu = (torch.arange(w, device=device, dtype=torch.float32) + 0.5) * (2.0 / w) - 1 - 2.0 * offset / w_in
-    gv = (torch.arange(h, device=device, dtype=torch.float32) + 0.5) * (2.0 / h) - 1 - 2.0 * offset / h_in
-    cu = gu * (g["detector_mm"][..., 0:1] / 2)                          # [B, V, w] mm along u
-    cv = gv * (g["detector_mm"][..., 1:2] / 2)                          # [B, V, h] mm along v (+z)
-    pix = (fr["center"][:, :, None, None, :] + cu[:, :, None, :, None] * fr["u"][:, :, None, None, :]
-           + cv[:, :, :, None, None] * fr["v"][:, :, None, None, :])   # [B, V, h, w, 3]
-    cone = (g["cone"] > 0.5)[:, :, None, None, None]
-    src = fr["source"][:, :, None, None, :].expand_as(pix)
-    origin = torch.where(cone, src, pix)
-    direction = torch.where(cone, pix - src, fr["ray"][:, :, None, None, :].expand_as(pix))
+    origin, direction = detector_rays(g, (h, w), (offset / w_in, offset / h_in))
     d = direction / direction.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     scale = (g["volume_mm"].amax(-1) / 2).clamp_min(1e-6)[:, :, None, None, None]
     m = torch.linalg.cross(origin, d, dim=-1) / scale
     return rearrange(torch.cat([d, m], -1), "b v h w c -> b v c h w")
+
+
+def fourier_features(coords: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """``[..., A]`` coordinates -> ``[..., 2 A F]``: the sines, then the cosines, of every coordinate times every
+    one of the ``F`` frequencies (coordinate-major)."""
+    ang = rearrange(coords[..., None] * freqs, "... a f -> ... (a f)")
+    return torch.cat([torch.sin(ang), torch.cos(ang)], dim=-1)
 
 
 class FourierPoints(nn.Module):
@@ -453,8 +451,7 @@ class FourierPoints(nn.Module):
         self.features = 6 * frequencies
 
     def forward(self, points: torch.Tensor) -> torch.Tensor:
-        ang = rearrange(points.float()[..., None] * self.freqs, "b n a f -> b n (a f)")
-        return torch.cat([torch.sin(ang), torch.cos(ang)], dim=-1)
+        return fourier_features(points.float(), self.freqs)
 
 
 class FourierPositions(nn.Module):
@@ -473,8 +470,7 @@ class FourierPositions(nn.Module):
         """``[G^3, dim]`` in ``(d h w)`` order."""
         ax = torch.linspace(-1 + 1 / g, 1 - 1 / g, g, device=self.freqs.device)
         zyx = torch.stack(torch.meshgrid(ax, ax, ax, indexing="ij"), dim=-1).reshape(-1, 3)
-        ang = rearrange(zyx[..., None] * self.freqs, "n a f -> n (a f)")
-        return self.proj(torch.cat([torch.sin(ang), torch.cos(ang)], dim=-1).to(self.proj.weight.dtype))
+        return self.proj(fourier_features(zyx, self.freqs).to(self.proj.weight.dtype))
 
 
 # ---- transformer -------------------------------------------------------------------------------

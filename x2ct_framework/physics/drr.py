@@ -123,13 +123,19 @@ def _prefilter(mu: torch.Tensor, g: Mapping[str, torch.Tensor], det_shape: tuple
     return pooled, vox * torch.tensor([k[2], k[1], k[0]], dtype=vox.dtype), centre
 
 
-def _rays(g: Mapping[str, torch.Tensor], det_shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per detector pixel a point on its ray and the ray's direction: ``[B, V, h, w, 3]`` each."""
+def detector_rays(g: Mapping[str, torch.Tensor], det_shape: tuple[int, int],
+                  shift: tuple[float, float] = (0.0, 0.0)) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per detector pixel a point on its ray and the ray's direction: ``[B, V, h, w, 3]`` each.
+
+    ``shift`` = (along u, along v) moves every pixel centre back by that fraction of the detector's
+    width and height (a strided feature map's centre offset; 0 for the projector's own pixels).
+    """
     h, w = det_shape
     fr = view_frames(g)
     dev, dt = g["angles"].device, g["angles"].dtype
-    cu = (torch.arange(w, device=dev, dtype=dt) + 0.5 - w / 2) * (g["detector_mm"][..., 0:1] / w)  # [B, V, w]
-    rv = (torch.arange(h, device=dev, dtype=dt) + 0.5 - h / 2) * (g["detector_mm"][..., 1:2] / h)  # [B, V, h]
+    du, dv = g["detector_mm"][..., 0:1], g["detector_mm"][..., 1:2]
+    cu = (torch.arange(w, device=dev, dtype=dt) + 0.5 - w / 2) * (du / w) - shift[0] * du  # [B, V, w]
+    rv = (torch.arange(h, device=dev, dtype=dt) + 0.5 - h / 2) * (dv / h) - shift[1] * dv  # [B, V, h]
     pix = (fr["center"][:, :, None, None, :] + cu[:, :, None, :, None] * fr["u"][:, :, None, None, :]
            + rv[:, :, :, None, None] * fr["v"][:, :, None, None, :])
     cone = (g["cone"] > 0.5)[:, :, None, None, None]
@@ -137,6 +143,9 @@ def _rays(g: Mapping[str, torch.Tensor], det_shape: tuple[int, int]) -> tuple[to
     origin = torch.where(cone, src, pix)
     direction = torch.where(cone, pix - src, fr["ray"][:, :, None, None, :].expand_as(pix))
     return origin, direction
+
+
+_rays = detector_rays  # the projector's name for it
 
 
 class _Group(NamedTuple):
