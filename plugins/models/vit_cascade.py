@@ -152,16 +152,14 @@ class PointDecoder(nn.Module):
                 for p, f in zip(self.proj, feats)]
 
     def forward(self, points: torch.Tensor, maps: list[torch.Tensor], coarse: torch.Tensor, base: torch.Tensor,
-                geometry: dict, angle_emb: torch.Tensor, aligned: Aligned) -> torch.Tensor:
-        """``points [B, n, 3]`` (mm, x y z) -> values ``[B, n]``."""
-        b = points.shape[0]
+                geometry: dict, angle_emb: torch.Tensor, aligned: Aligned, half: torch.Tensor) -> torch.Tensor:
+        """``points [B, n, 3]`` (mm, x y z) -> values ``[B, n]``; ``half [B, 3]``: half the volume's extent (mm)."""
         uv, visible = project_points(points, geometry)
         x = sample_views(maps, aligned.offsets, aligned.image_size, uv)              # [B, V, C, n]
         if self.visibility:
             x = torch.cat([x, visible[:, :, None]], dim=2)
         fused = self.fuse.points(x, angle_emb)                                     # [B, n, C]
-        vol = batched(geometry, b, points.device)["volume_mm"][:, 0]
-        unit = points.float() / (vol[:, None, :] / 2)
+        unit = points.float() / half[:, None, :]
         at = sample_volume(coarse, unit)                                             # [B, C_coarse, n]
         running = sample_volume(base, unit)[:, 0]                                    # [B, n]
         inp = torch.cat([fused, rearrange(at, "b c n -> b n c"),
@@ -173,9 +171,10 @@ class Context:
     """What the point decoder needs from one forward pass of the rest of the model."""
 
     def __init__(self, maps: list[torch.Tensor], coarse: torch.Tensor, base: torch.Tensor, geometry: dict,
-                 angle_emb: torch.Tensor, aligned: Aligned):
+                 angle_emb: torch.Tensor, aligned: Aligned, half: torch.Tensor):
         self.maps, self.coarse, self.base = maps, coarse, base
         self.geometry, self.angle_emb, self.aligned = geometry, angle_emb, aligned
+        self.half = half  # [B, 3] half the volume's extent in mm (world points -> volume coordinates)
 
 
 class ViTCascade(nn.Module):
@@ -353,15 +352,17 @@ class ViTCascade(nn.Module):
         per-view angle embeddings ``[B, V, A]``."""
         feats = self.encoder(xrays)
         if self.ray_encoding:
-            feats = [f + self.ray_features(i, f, xrays, geometry) for i, f in enumerate(feats)]
+            aligned = self.aligned_info(xrays)
+            feats = [f + self.ray_features(i, f, xrays, geometry, aligned) for i, f in enumerate(feats)]
         return feats, self.lift.angles(geometry["angles"].to(xrays.device))
 
-    def ray_features(self, level: int, feats: torch.Tensor, xrays: torch.Tensor, geometry: dict) -> torch.Tensor:
+    def ray_features(self, level: int, feats: torch.Tensor, xrays: torch.Tensor, geometry: dict,
+                     aligned: Aligned | None = None) -> torch.Tensor:
         """The ray encoding of encoder level ``level`` (whose features are ``feats [B, V, C, h, w]``): the
         Plücker coordinates of the ray through each feature's centre (``layers.detector_plucker``), through
         ``lift.rays.<level>``: ``[B, V, C, h, w]``."""
         b, _, _, h, w = feats.shape
-        aligned = self.aligned_info(xrays)
+        aligned = aligned or self.aligned_info(xrays)
         rays = detector_plucker(geometry, b, (h, w), aligned.image_size, aligned.offsets[level], feats.device)
         out = self.lift.rays[level](rearrange(rays, "b v c h w -> (b v) c h w").to(feats.dtype))
         return rearrange(out, "(b v) c h w -> b v c h w", b=b)
@@ -423,18 +424,26 @@ class ViTCascade(nn.Module):
                prev: torch.Tensor | None = None, aligned: Aligned | None = None) -> torch.Tensor:
         return self.decode_levels(x, feats, geometry, angle_emb, prev, aligned)[1].contiguous()
 
+    def trunk(self, xrays: torch.Tensor, geometry: dict
+              ) -> tuple[list[torch.Tensor], torch.Tensor, Aligned | None, torch.Tensor]:
+        """Encoder, token lifting and transformer: ``(features, angle embeddings, aligned, tokens)``, with
+        ``aligned`` None unless ``pixel_aligned`` (what the dense decoder levels take)."""
+        feats, emb = self.encode(xrays, geometry)
+        aligned = self.aligned_info(xrays) if self.pixel_aligned else None
+        return feats, emb, aligned, self.transform(self.lift_tokens(feats, geometry, emb, aligned))
+
     def context(self, xrays: torch.Tensor, geometry: dict, prev: torch.Tensor | None = None) -> Context:
         """Everything the point decoder reads, from one pass of the encoder, transformer and dense levels."""
         if self.decoder_kind != "implicit":
             raise ValueError("vit_cascade: query and predict_volume need the implicit point decoder; "
                              "set model.decoder = \"implicit\" in the recipe")
         check_inputs("vit_cascade", xrays, geometry, prev)
-        feats, emb = self.encode(xrays, geometry)
-        aligned = self.aligned_info(xrays)
-        x = self.transform(self.lift_tokens(feats, geometry, emb, aligned if self.pixel_aligned else None))
-        h, y = self.decode_levels(x, feats, geometry, emb, None, aligned if self.pixel_aligned else None)
+        feats, emb, aligned, x = self.trunk(xrays, geometry)
+        h, y = self.decode_levels(x, feats, geometry, emb, None, aligned)
         base = prev.to(y.dtype) if prev is not None else y
-        return Context(self.decoder.point.project(feats), h, base, geometry, emb, aligned)
+        half = batched(geometry, xrays.shape[0], xrays.device)["volume_mm"][:, 0] / 2
+        return Context(self.decoder.point.project(feats), h, base, geometry, emb, aligned or self.aligned_info(xrays),
+                       half)
 
     def query_context(self, ctx: Context, points: torch.Tensor) -> torch.Tensor:
         """Values ``[B, N]`` at world points ``[B, N, 3]`` (mm), ``point_chunk`` points at a time; with
@@ -443,7 +452,7 @@ class ViTCascade(nn.Module):
         out = []
         for start in range(0, points.shape[1], self.point_chunk):
             p = points[:, start:start + self.point_chunk]
-            args = (p, ctx.maps, ctx.coarse, ctx.base, ctx.geometry, ctx.angle_emb, ctx.aligned)
+            args = (p, ctx.maps, ctx.coarse, ctx.base, ctx.geometry, ctx.angle_emb, ctx.aligned, ctx.half)
             out.append(checkpoint(point, *args, use_reentrant=False) if torch.is_grad_enabled() else point(*args))
         return torch.cat(out, dim=1)
 
@@ -471,12 +480,10 @@ class ViTCascade(nn.Module):
         return rearrange(values, "b (d h w) -> b 1 d h w", d=resolution, h=resolution, w=resolution)
 
     def forward(self, xrays: torch.Tensor, geometry: dict, prev: torch.Tensor | None = None) -> torch.Tensor:
-        check_inputs("vit_cascade", xrays, geometry, prev)
-        if self.decoder_kind == "implicit":
+        if self.decoder_kind == "implicit":  # its context() checks the inputs
             return self.predict_volume(xrays, geometry, self.resolution, prev)
-        feats, emb = self.encode(xrays, geometry)
-        aligned = self.aligned_info(xrays) if self.pixel_aligned else None
-        x = self.transform(self.lift_tokens(feats, geometry, emb, aligned))
+        check_inputs("vit_cascade", xrays, geometry, prev)
+        feats, emb, aligned, x = self.trunk(xrays, geometry)
         return self.decode(x, feats, geometry, emb, prev, aligned)
 
 
