@@ -72,14 +72,17 @@ def _is_volume_file(path: Path) -> bool:
     return _is_volume_name(path.name) and path.is_file()
 
 
-def _volume_files(folder: Path, skip: set[Path]) -> list[Path]:
-    """Volume files (NIfTI, NRRD, MHA/MHD) at any depth below ``folder``, in path order; hidden entries and the
-    folders in ``skip`` (labels_dir, the cache) are not entered."""
-    out = []
+def _walk(folder: Path, skip: set[str]):
+    """``(directory, file names)`` of ``folder`` and every directory below it, in path order; hidden
+    directories and those in ``skip`` (resolved paths: labels_dir, the cache) are not entered."""
     for sub, dirs, files in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and (Path(sub) / d).resolve() not in skip)
-        out += [Path(sub) / f for f in sorted(files) if not f.startswith(".") and _is_volume_name(f)]
-    return out
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and str(Path(sub, d).resolve()) not in skip)
+        yield sub, sorted(files)
+
+
+def _volume_files(folder: Path, skip: set[str]) -> list[Path]:
+    """Volume files (NIfTI, NRRD, MHA/MHD) at any depth below ``folder``, in path order (see :func:`_walk`)."""
+    return [Path(sub) / f for sub, files in _walk(folder, skip) for f in files if _is_volume_name(f)]
 
 
 def looks_like_label_name(name: str) -> bool:
@@ -221,21 +224,20 @@ class CTFolderDataset(CaseListDataset):
         self._warned: set[str] = set()
 
     # ---- discovery and its manifest ----------------------------------------------------------
+    def _skipped_dirs(self) -> set[str]:
+        """Folders below root that hold no cases: labels_dir and the cache (resolved paths)."""
+        return {str(p.resolve()) for p in (self.labels_dir, self.cache.folder) if p is not None}
+
     def _watch(self) -> dict:
         """What the manifest's freshness rests on: the modification time of every directory below
         ``root`` (any depth; a file added, removed or renamed in a directory changes its time) and of
         ``labels_dir``, and of every volume file. One ``stat`` per directory and per volume file, no
         header read; DICOM slices are covered by their directories."""
-        skip = {str(p.resolve()) for p in (self.labels_dir, self.cache.folder) if p is not None}
+        skip = self._skipped_dirs()
         dirs: dict[str, int] = {}
         files: dict[str, int] = {}
-        for dirpath, dirnames, filenames in os.walk(self.root.resolve()):
-            if dirpath in skip:
-                dirnames[:] = []
-                continue
+        for dirpath, filenames in _walk(self.root.resolve(), skip):
             dirs[dirpath] = os.stat(dirpath).st_mtime_ns
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")
-                                 and str(Path(dirpath, d).resolve()) not in skip)
             for name in filenames:
                 if _is_volume_name(name):  # the name first: no stat of every DICOM slice
                     path = os.path.join(dirpath, name)
@@ -291,12 +293,12 @@ class CTFolderDataset(CaseListDataset):
     def _discover(self) -> dict:
         from x2ct_framework.dicom import find_ct_series, has_dicom
 
-        skip = {p.resolve() for p in (self.labels_dir, self.cache.folder) if p is not None}
+        skip = self._skipped_dirs()
         found: dict[str, dict] = {}
         skipped: dict[str, str] = {}
         bad: dict[str, str] = {}
         for path in sorted(self.root.iterdir()):
-            if path.resolve() in skip or path.name.startswith(".") or path.suffix == ".txt":
+            if str(path.resolve()) in skip or path.name.startswith(".") or path.suffix == ".txt":
                 continue
             entry: dict = {"path": path.name}
             if _is_volume_file(path):
