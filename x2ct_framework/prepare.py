@@ -122,8 +122,7 @@ def prepare(recipe_path: str, overrides: list[str] = (), *, workers: int = 0, sp
                 job = (stage.index - 1, split, i)
                 jobs.append(job)
                 case = ds.cases[i]
-                name = case[0] if isinstance(case, tuple) else getattr(case, "name", case)  # (name, path) or a source
-                names[job] = f"{stage.name}/{split}/{name}"
+                names[job] = f"{stage.name}/{split}/{getattr(case, 'name', case)}"
     start = time.perf_counter()
     bar = tqdm(total=len(jobs), desc="prepare", unit="case", disable=not progress, dynamic_ncols=True)
 

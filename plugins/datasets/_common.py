@@ -231,6 +231,14 @@ def drr_key(case: str, geometry: Mapping[str, torch.Tensor], resolution: int, im
                          [float(h) for h in hu_window], mu_water, beer_lambert)
 
 
+def rendered_key(namespace: Sequence, volume_key: str, geometry: Mapping[str, torch.Tensor], image_size: int,
+                 hu_window: Sequence[float], mu_water: float, beer_lambert: bool) -> str:
+    """Key of the DRRs rendered from a cached volume (``volume_key``): every option that changes them.
+    ``namespace`` keeps datasets' entries apart (their name, their cache version)."""
+    return DiskCache.key("drr", *namespace, volume_key, geometry_fingerprint(geometry), image_size, list(hu_window),
+                         mu_water, beer_lambert)
+
+
 # ---- file identity ----------------------------------------------------------------------------
 FULL_HASH_BYTES = 8 << 20   # files up to this size are hashed whole
 CHUNK_BYTES = 1 << 20       # else the first, middle and last chunk of this size

@@ -36,7 +36,7 @@ from x2ct_plugins.datasets._common import (XRAY_AUGMENTS, ArrayCache, CaseListDa
                                            augment_seed, bad_case, case_geometry, check_common, check_split,
                                            check_split_overlap, empty_split_error, file_identity, hu_storage,
                                            hu_to_unit, read_list_file, read_split_file, render_views,
-                                           resolve_cache_dir, seeded_split, series_identity, split_reuse,
+                                           rendered_key, resolve_cache_dir, seeded_split, series_identity, split_reuse,
                                            write_json_atomic)
 
 log = logging.getLogger("x2ct_plugins.datasets.ct_folder")
@@ -465,10 +465,8 @@ class CTFolderDataset(CaseListDataset):
         return hu, labels
 
     def _drr_key(self, volume_key: str, geometry) -> str:
-        from x2ct_framework.physics import geometry_fingerprint
-
-        return DiskCache.key("drr", CACHE_VERSION, volume_key, geometry_fingerprint(geometry), self.image_size,
-                             list(self.hu_window), self.mu_water, self.beer_lambert)
+        return rendered_key((CACHE_VERSION,), volume_key, geometry, self.image_size, self.hu_window, self.mu_water,
+                            self.beer_lambert)
 
     def prepare_case(self, j: int) -> list[str] | None:
         """Fill the cache for case ``j`` (volume and un-augmented DRRs): its warnings (crop, obliquity,

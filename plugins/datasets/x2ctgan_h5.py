@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import logging
 import random
+from typing import NamedTuple
 from pathlib import Path
 
 import numpy as np
@@ -59,9 +60,17 @@ from x2ct_framework.stage import Stage
 from x2ct_plugins.datasets._common import (ArrayCache, CaseListDataset, DiskCache, XrayAugment, bad_case,
                                            case_geometry, check_common, check_split, empty_split_error,
                                            file_identity, hu_storage, hu_to_unit, read_list_file, render_views,
-                                           resize_volume, resolve_cache_dir)
+                                           rendered_key, resize_volume, resolve_cache_dir)
 
 H5_NAME = "ct_xray_data.h5"
+
+
+class H5Case(NamedTuple):
+    """A case: its name (from the case list) and its ``ct_xray_data.h5`` file."""
+
+    name: str
+    path: Path
+
 CACHE_VERSION = 1
 REQUIRED_KEYS = ("ct", "xray1", "xray2")
 AXES = {"z": 0, "y": 1, "x": 2}
@@ -187,13 +196,13 @@ class X2CTGANH5Dataset(CaseListDataset):
             if split == "val" and not names:
                 raise DataError(f"x2ctgan_h5: no validation cases: val_fraction = {val_fraction} of {list_path} "
                                 f"gives none; set data.val_fraction > 0 or data.val_list")
-        self.cases: list[tuple[str, Path]] = []
+        self.cases: list[H5Case] = []
         for name in names:
             path = self.root / name / H5_NAME
             if not path.is_file():
                 bad_case(on_bad_case, f"{path}: case {name!r} listed in {list_path} has no {H5_NAME}")
                 continue
-            self.cases.append((name, path))
+            self.cases.append(H5Case(name, path))
         if not self.cases:
             raise empty_split_error(split, str(list_path))
         self.bad: set[int] = set()
@@ -227,12 +236,10 @@ class X2CTGANH5Dataset(CaseListDataset):
                              self.resize, self.hu_offset, self.flip)
 
     def _xray_key(self, volume_key: str, geometry) -> str:
-        from x2ct_framework.physics import geometry_fingerprint
-
         if self.mode == "stored":  # the stored views depend on the file, not on the resized volume
             return DiskCache.key("x2ctgan_stored", CACHE_VERSION, volume_key, self.image_size, self.orientation)
-        return DiskCache.key("drr", "x2ctgan", CACHE_VERSION, volume_key, geometry_fingerprint(geometry),
-                             self.image_size, list(self.hu_window), self.mu_water, self.beer_lambert)
+        return rendered_key(("x2ctgan", CACHE_VERSION), volume_key, geometry, self.image_size, self.hu_window,
+                            self.mu_water, self.beer_lambert)
 
     def _resized(self, stored: np.ndarray) -> torch.Tensor:
         """HU ``[R, R, R]`` (float32, head at slice 0) from the stored array, as X2CT-GAN resizes it."""
