@@ -189,7 +189,6 @@ class Trainer:
                     resume_from = ckpt.resolve(last)
                 results[stage.name] = self.train_stage(stage, init_from=prev_best, resume_from=resume_from)
                 prev_best = self.run_dir / stage.name / "best"
-                self.tracker_step_offset += self._stage_steps
             if self.is_main:
                 self.pm.hook.on_run_end(trainer=self, results=results)  # the report, among others
                 if self.tracking is not None:
@@ -273,7 +272,7 @@ class Trainer:
             st.logbook.plot(self.run_dir / stage.name / "curves.png", title=f"{self.recipe.name}: {stage.name}")
         self.pm.hook.on_stage_end(trainer=self, stage=stage, metrics=st.validation)
         best = st.best
-        self._stage_steps = st.step
+        self.tracker_step_offset += st.step  # the next stage's tracker rows follow this one's
         self.print(f"[{stage.name}] done: " + ", ".join(f"{k} {v:.4f}" for k, v in st.validation.items())
                    + (f"; best {best.metric} {best.value:.4f} at epoch {best.epoch}" if best.value is not None
                       else ""))
@@ -498,14 +497,18 @@ class Trainer:
         self.log(st, row)
         return row
 
+    def tracker_step(self, st: StageState) -> int:
+        """The trackers' step: the run's optimizer updates (this stage's plus those of the stages before it)."""
+        return self.tracker_step_offset + st.step
+
     def log(self, st: StageState, row: dict) -> None:
-        """A row to ``metrics.jsonl`` (main process) and to the trackers (``<stage>/<key>``, at the stage's step)."""
+        """A row to ``metrics.jsonl`` (main process) and to the trackers (``<stage>/<key>``, at tracker_step)."""
         if self.is_main:
             st.logbook.append(row)
         if self.tracking is not None:
             self.tracking.log({f"{st.stage.name}/{k}": v for k, v in row.items()
                                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"},
-                              step=self.tracker_step_offset + st.step)
+                              step=self.tracker_step(st))
 
     # ---- validation ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -539,8 +542,7 @@ class Trainer:
                                 first[1], xrays=first[2], title=f"{st.stage.name} epoch {epoch}: "
                                 + ", ".join(f"{k} {v:.3f}" for k, v in out.items()))
             if self.tracking is not None:
-                self.tracking.log_images({f"{st.stage.name}/{PREVIEW}": [png_image(path)]},
-                                        step=self.tracker_step_offset + st.step)
+                self.tracking.log_images({f"{st.stage.name}/{PREVIEW}": [png_image(path)]}, step=self.tracker_step(st))
         model.train()
         return out
 
