@@ -34,6 +34,8 @@ def test_a_run_ends_with_a_readable_report(tiny_recipe, tmp_path):
                     "## Structures", "## Worst cases by `default/psnr`"):
         assert section in md, section
     assert "| stage1 | 16^3 | 1 | 0.001 -> 1e-06 | l1 x1 | `val/psnr` |" in md
+    # the gallery names both of its display windows: the wide one and the soft-tissue one
+    assert "wide window [-1000.0, 1500.0]" in md and "soft-tissue window [-160.0, 240.0]" in md
     # every number in the final tables is named <protocol>/<metric> and matches summary.json
     summary = json.loads((run / "eval" / "stage1-test" / "summary.json").read_text())
     for proto, body in summary["protocols"].items():

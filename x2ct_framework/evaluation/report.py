@@ -44,25 +44,38 @@ def plot_curves(book: Logbook, path: Path, title: str) -> Path | None:
     return book.plot(path, title)
 
 
+# the gallery's display windows (HU): lungs and bone in the wide one; the mediastinal soft-tissue window
+# (W 400 / L 40) shows the heart's wall against its contrast-filled chambers, the vessels and the
+# spine's outline, which the wide window compresses into a few grey levels
+WIDE_WINDOW = (-1000.0, 1500.0)
+SOFT_TISSUE_WINDOW = (-160.0, 240.0)
+
+
 def plot_gallery(cases: list[tuple[str, torch.Tensor, torch.Tensor]], hu_window, path: Path) -> Path:
-    """Rows per case: target, prediction and |error| (HU); columns: axial, coronal, sagittal."""
+    """Rows per case: target and prediction in the wide window, target and prediction in the soft-tissue
+    window, |error| (HU); columns: axial, coronal, sagittal."""
     lo, hi = hu_window
-    disp = (max(lo, -1000.0), min(hi, 1500.0))  # a readable display window
+    wide = (max(lo, WIDE_WINDOW[0]), min(hi, WIDE_WINDOW[1]))  # a readable display window
+    soft = SOFT_TISSUE_WINDOW
     n = len(cases)
-    fig, axes = plt.subplots(3 * n, 3, figsize=(7.6, 2.4 * 3 * n), squeeze=False, layout="constrained")
+    per = 5
+    fig, axes = plt.subplots(per * n, 3, figsize=(7.6, 2.4 * per * n), squeeze=False, layout="constrained")
     for c, (cid, pred, target) in enumerate(cases):
         p = unit_to_hu(pred.reshape(pred.shape[-3:]).float().cpu().numpy(), hu_window)
         t = unit_to_hu(target.reshape(target.shape[-3:]).float().cpu().numpy(), hu_window)
-        rows = [("target", orthogonal_slices(t), dict(cmap="gray", vmin=disp[0], vmax=disp[1])),
-                ("prediction", orthogonal_slices(p), dict(cmap="gray", vmin=disp[0], vmax=disp[1])),
+        ts, ps = orthogonal_slices(t), orthogonal_slices(p)
+        win = lambda w: dict(cmap="gray", vmin=w[0], vmax=w[1])  # noqa: E731
+        rows = [("target", ts, win(wide)), ("prediction", ps, win(wide)),
+                (f"target [{soft[0]:.0f}, {soft[1]:.0f}]", ts, win(soft)),
+                (f"prediction [{soft[0]:.0f}, {soft[1]:.0f}]", ps, win(soft)),
                 ("|error| HU", orthogonal_slices(np.abs(p - t)), dict(cmap="magma", vmin=0, vmax=500))]
         for r, (label, sl, kw) in enumerate(rows):
             for j, plane in enumerate(PLANES):
-                ax = axes[3 * c + r, j]
+                ax = axes[per * c + r, j]
                 im = ax.imshow(sl[j], **kw)
                 ax.set_title(f"{cid}: {label}, {plane}", fontsize=7)
                 ax.axis("off")
-            fig.colorbar(im, ax=axes[3 * c + r, :], shrink=0.9)
+            fig.colorbar(im, ax=axes[per * c + r, :], shrink=0.9)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
@@ -78,7 +91,7 @@ def plot_structures(cid: str, pred: torch.Tensor, target: torch.Tensor, batch: d
     p, t = to_hu(pred[None].cpu(), hu_window), to_hu(target[None].cpu(), hu_window)
     b = {k: (v[None].cpu() if isinstance(v, torch.Tensor) else v) for k, v in batch.items()
          if k in ("labels", "spacing")}
-    disp = (max(lo, -1000.0), min(hi, 1500.0))
+    disp = (max(lo, WIDE_WINDOW[0]), min(hi, WIDE_WINDOW[1]))
     tv = t.reshape(t.shape[-3:]).numpy()
     fig, axes = plt.subplots(len(LABELS), 3, figsize=(7.2, 2.5 * len(LABELS)), squeeze=False)
     for r, s in enumerate(LABELS):
@@ -259,7 +272,9 @@ def final_evaluation(run_dir: Path, recipe, stage, pics: Path, device, failures:
         hw = ev.info["hu_window"]
         gal = plot_gallery([(r["case_id"], r["pred"], r["ct"]) for r in first], hw, pics / "gallery.png")
         lines += ["## Slice gallery", "", f"Central slices of the first {len(first)} {split} case(s), in HU "
-                  f"(display window clipped to [-1000, 1500]).", "", f"![gallery]({_rel(gal, run_dir)})", ""]
+                  f"(target and prediction in the wide window {list(WIDE_WINDOW)} clipped to the data's, then in the "
+                  f"soft-tissue window {list(SOFT_TISSUE_WINDOW)}; last row |error|).", "",
+                  f"![gallery]({_rel(gal, run_dir)})", ""]
         r = first[0]
         st = plot_structures(r["case_id"], r["pred"], r["ct"], r, hw, pics / "structures.png")
         lines += ["## Structures", "", "Reference regions (labels, else HU thresholds) in green, the prediction's "
