@@ -273,7 +273,8 @@ class ViTCascade(nn.Module):
         if not isinstance(ray_encoding, bool):
             raise ValueError(f"ray_encoding must be true or false, got {ray_encoding!r}")
         if not isinstance(kv_pool, int) or isinstance(kv_pool, bool) or kv_pool < 1 or tokens % kv_pool:
-            raise ValueError(f"kv_pool must be an integer >= 1 that divides tokens ({tokens}), got {kv_pool!r}")
+            raise ValueError(f"kv_pool must be an integer >= 1 that divides tokens ({tokens}), got {kv_pool!r}; "
+                             "set model.kv_pool = 1 for full attention (recipes/base.toml sets 2 for 24^3 tokens)")
         self.kv_pool = kv_pool
         if xray_size is None:
             size = (encoder_kwargs or {}).get("img_size", 0)
