@@ -66,14 +66,13 @@ def plot_gallery(cases: list[tuple[str, torch.Tensor, torch.Tensor]], hu_window,
         ts, ps = orthogonal_slices(t), orthogonal_slices(p)
         win = lambda w: dict(cmap="gray", vmin=w[0], vmax=w[1])  # noqa: E731
         rows = [("target", ts, win(wide)), ("prediction", ps, win(wide)),
-                (f"target [{soft[0]:.0f}, {soft[1]:.0f}]", ts, win(soft)),
-                (f"prediction [{soft[0]:.0f}, {soft[1]:.0f}]", ps, win(soft)),
+                ("target, soft tissue", ts, win(soft)), ("prediction, soft tissue", ps, win(soft)),
                 ("|error| HU", orthogonal_slices(np.abs(p - t)), dict(cmap="magma", vmin=0, vmax=500))]
         for r, (label, sl, kw) in enumerate(rows):
             for j, plane in enumerate(PLANES):
                 ax = axes[per * c + r, j]
                 im = ax.imshow(sl[j], **kw)
-                ax.set_title(f"{cid}: {label}, {plane}", fontsize=7)
+                ax.set_title(f"{cid}: {label}, {plane}" if r == 0 else f"{label}, {plane}", fontsize=7)
                 ax.axis("off")
             fig.colorbar(im, ax=axes[per * c + r, :], shrink=0.9)
     path.parent.mkdir(parents=True, exist_ok=True)
