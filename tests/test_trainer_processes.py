@@ -155,12 +155,13 @@ def test_option_a_on_a_fresh_clone_says_what_to_run_first_then_trains(tmp_path):
 
 @pytest.mark.slow
 def test_two_cpu_processes_match_one_process_for_the_default_vit_cascade(tmp_path):
-    """The default vit_cascade (GroupNorm encoder: no BatchNorm statistics that depend on the per-process batch),
-    tiny: 2 gloo processes x batch 1 give the loss curve and weights of 1 process x batch 2."""
+    """The default vit_cascade (GroupNorm encoder: no BatchNorm statistics that depend on the per-process batch;
+    keys and values pooled as in recipes/base.toml), tiny: 2 gloo processes x batch 1 give the loss curve and
+    weights of 1 process x batch 2."""
     recipe = write_recipe(tmp_path)
     common = [str(recipe), "--set", "stages.1.epochs=1", "--set", "train.trackers=[]",
               "--set", 'model={ name = "vit_cascade", tokens = 2, dim = 8, depth = 1, heads = 1, channels = 2, '
-                       'encoder = "test_resnet", decoder_levels = 1, xray_size = 16 }']
+                       'encoder = "test_resnet", decoder_levels = 1, xray_size = 16, kv_pool = 2 }']
     one = run(common + ["--set", "output_dir=\"one\"", "--set", "train.batch_size=2"], tmp_path)
     assert one.returncode == 0, one.stderr
     two = subprocess.run(
