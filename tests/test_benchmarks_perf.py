@@ -94,3 +94,29 @@ def test_model_benchmark_only_selects_rows_and_refuses_unknown_models():
         bench.select(cfgs, ["x2ct"])
     with pytest.raises(SystemExit, match="selects no configuration"):
         bench.select(cfgs, ["vit_cascade:99"])
+
+
+def test_model_benchmark_times_the_model_a_recipe_builds(tmp_path):
+    """``--recipe``: the row's model is the recipe's own (stage overrides, checkpointing, X-ray size, views)."""
+    from benchmarks.perf import model as bench
+    from x2ct_framework.config import build
+    from x2ct_framework.config.recipe import load_recipe
+
+    recipe = tmp_path / "r.toml"
+    recipe.write_text((REPO / "recipes" / "quickstart.toml").read_text())
+    cfgs = bench.recipe_configs([str(recipe)], "stage2", repeat=1)
+    assert [c["name"] for c in cfgs] == ["recipe:r/stage2"]
+    cfg = cfgs[0]
+    loaded = load_recipe(recipe)
+    stage = next(s for s in build.stages(loaded) if s.name == "stage2")
+    assert cfg["resolution"] == stage.resolution == 24 and cfg["image"] == 24 and cfg["angles"] == [0.0, 90.0]
+    assert cfg["options"]["xray_size"] == 32 and cfg["checkpointing"] is False
+    assert bench.recipe_configs([str(recipe)], None, repeat=1)[0]["stage"] == "stage3"  # default: the last stage
+    assert bench.select(cfgs + bench.configs(quick=True, repeat=1), ["recipe:r/stage2"]) == cfgs
+    with pytest.raises(SystemExit, match="no such stage"):
+        bench.recipe_configs([str(recipe)], "stage9", repeat=1)
+    res = bench.worker({**cfg, "matmul": 256})
+    model = build.build_model(loaded, stage)
+    n_params = sum(p.numel() for p in model.parameters())
+    assert res["seconds"] > 0 and res["step_gflop"] > 0
+    assert res["params"] == n_params

@@ -12,6 +12,7 @@ millisecond: close to the live tensors), and ``rss_peak_mib``, the
 process's resident set (``ru_maxrss``), which also counts memory that glibc keeps after a free.
 
 Per row:
+- ``params_m``: the model's parameters, in millions;
 - ``seconds``: median wall time of one step;
 - ``step_gflop``: FLOPs the step executes (counted on fake tensors by ``FlopCounterMode``: matrix
   products, convolutions, attention; element-wise work is not counted), recomputation included;
@@ -19,7 +20,8 @@ Per row:
 - ``gflops``: ``step_gflop / seconds``, the achieved throughput; ``matmul_gflops``: a 4096^2 fp32
   matrix product (2048^2 in quick mode) measured in the same process, right before and after the step (median of both);
 - ``ratio`` = ``gflops / matmul_gflops`` (target >= 0.25); ``vs_vit``: ``seconds`` over those of
-  ``vit_cascade`` at its first token grid without checkpointing, in the same run; ``mem_cut`` =
+  ``vit_cascade`` at its first token grid without checkpointing, in the same run; ``vs_x2ctgan``: the
+  same over X2CT-GAN's generator step (the goal: at most 1 at equal output size); ``mem_cut`` =
   ``peak_mib`` without / with gradient checkpointing (target >= 2).
 
 With ``--compile [MODE]`` every row also times the same step with the model under ``torch.compile``
@@ -27,6 +29,13 @@ With ``--compile [MODE]`` every row also times the same step with the model unde
 first call's ``compile_s`` and ``compile_speedup`` = eager / compiled seconds; a compile failure is
 recorded in ``compile_note`` and the row keeps its eager figures. Off by default: on a CPU, compiling
 the 128^3 models takes minutes.
+
+``--recipe RECIPE [--stage NAME]`` adds the model exactly as a recipe builds it for one stage (default: its
+last): its ``[model]`` table with the stage's overrides, its gradient checkpointing, views and geometry,
+and X-rays at its ``data.image_size`` (the stage's resolution when unset). The row is named
+``recipe:STEM/STAGE`` and ``--only`` selects it by that name; for instance
+``--recipe recipes/stage2_extended.toml --only recipe:stage2_extended/stage2 x2ctgan`` times the shipped
+stage-2 model beside X2CT-GAN's generator.
 
 Run: ``python -m benchmarks.perf.model`` (``--quick``: a 32^3 model with 8^3 and 12^3 tokens on
 32^2 views, for CI; ``--repeat N`` sets the timed steps of every row; ``--compile``; ``--only x2ctgan
@@ -50,8 +59,8 @@ import torch
 from benchmarks.perf.common import machine, markdown_table
 
 REPO = Path(__file__).resolve().parents[2]
-COLUMNS = ["model", "tokens", "checkpointing", "steps", "seconds", "vs_vit", "model_gflop", "step_gflop", "gflops",
-           "matmul_gflops", "ratio", "peak_mib", "rss_peak_mib", "mem_cut", "targets"]
+COLUMNS = ["model", "tokens", "checkpointing", "params_m", "steps", "seconds", "vs_vit", "vs_x2ctgan", "model_gflop",
+           "step_gflop", "gflops", "matmul_gflops", "ratio", "peak_mib", "rss_peak_mib", "mem_cut", "targets"]
 COMPILE_COLUMNS = ["compiled_seconds", "compile_s", "compile_speedup", "compile_note"]
 
 
@@ -79,6 +88,48 @@ def configs(quick: bool, repeat: int | None) -> list[dict]:
     out.append({**base, "model": "x2ctgan", "tokens": None, "checkpointing": False, "steps": repeat or 2,
                 "options": x2ctgan, "angles": [0.0, 270.0]})
     return out
+
+
+def recipe_configs(paths: list[str], stage_name: str | None, repeat: int | None) -> list[dict]:
+    """One row per recipe: the model its ``stage_name`` stage (default: the last) builds, as training builds it."""
+    from x2ct_framework.config import build
+    from x2ct_framework.config.recipe import load_recipe
+
+    out = []
+    for path in paths:
+        recipe = load_recipe(path)
+        stages = build.stages(recipe)
+        names = [s.name for s in stages]
+        if stage_name is not None and stage_name not in names:
+            raise SystemExit(f"--stage {stage_name}: {path} has no such stage (its stages: {', '.join(names)})")
+        stage = stages[names.index(stage_name)] if stage_name else stages[-1]
+        data = build.data_options(recipe, stage)
+        model = build.model_options(recipe, stage)
+        out.append({"name": f"recipe:{Path(path).stem}/{stage.name}", "model": model["name"],
+                    "tokens": model.get("tokens"), "recipe": str(Path(path).resolve()), "stage": stage.name,
+                    "checkpointing": bool(recipe["train"]["gradient_checkpointing"]),
+                    "resolution": stage.resolution, "views": len(data.get("views", [0, 90])),
+                    "angles": [float(a) for a in data.get("views", [0, 90])],
+                    "geometry": data.get("geometry", "parallel"),
+                    "image": int(data.get("image_size") or stage.resolution), "steps": repeat or 3,
+                    "options": {k: v for k, v in model.items() if k != "name"}})
+    return out
+
+
+def _build(cfg: dict, angles: list[float]) -> torch.nn.Module:
+    from x2ct_framework.plugins import get_plugin_manager
+
+    if cfg.get("recipe"):
+        from x2ct_framework.config import build
+        from x2ct_framework.config.recipe import load_recipe
+
+        recipe = load_recipe(cfg["recipe"])
+        build.load_recipe_plugins(recipe)
+        stage = next(s for s in build.stages(recipe) if s.name == cfg["stage"])
+        return build.build_model(recipe, stage)
+    return get_plugin_manager().registry("model").create(
+        cfg["model"], cfg["options"], context={"resolution": cfg["resolution"], "views": angles,
+                                               "gradient_checkpointing": cfg["checkpointing"]})
 
 
 def matmul_gflops(n: int = 4096, repeat: int = 3) -> float:
@@ -140,13 +191,10 @@ def worker(cfg: dict) -> dict:
     """Build one configuration, count its FLOPs, time ``steps`` training steps, report peak memory."""
     from x2ct_framework.model_info import step_flops
     from x2ct_framework.physics import make_geometry
-    from x2ct_framework.plugins import get_plugin_manager
 
     torch.manual_seed(0)
     angles = cfg.get("angles") or [i * 180.0 / cfg["views"] for i in range(cfg["views"])]
-    model = get_plugin_manager().registry("model").create(
-        cfg["model"], cfg["options"], context={"resolution": cfg["resolution"], "views": angles,
-                                               "gradient_checkpointing": cfg["checkpointing"]})
+    model = _build(cfg, angles)
     model.train()
     geometry = {k: v[None] for k, v in make_geometry(angles, cfg.get("geometry", "parallel")).items()}
     xrays = torch.rand(1, cfg["views"], 1, cfg["image"], cfg["image"])
@@ -182,7 +230,7 @@ def worker(cfg: dict) -> dict:
     return {**compiled, "seconds": seconds, "model_gflop": algorithmic / 1e9, "step_gflop": executed / 1e9,
             "gflops": executed / seconds / 1e9, "matmul_gflops": statistics.median(ref),
             "peak_mib": (live.peak - live.base) / 2**20, "rss_peak_mib": max(0, peak - base) / 2**20,
-            "times": times, "threads": torch.get_num_threads()}
+            "times": times, "threads": torch.get_num_threads(), "params": sum(p.numel() for p in model.parameters())}
 
 
 def compiled_step(model, xrays, geometry, mode: str, steps: int) -> dict:
@@ -210,15 +258,15 @@ def compiled_step(model, xrays, geometry, mode: str, steps: int) -> dict:
 
 
 def select(cfgs: list[dict], only: list[str] | None) -> list[dict]:
-    """The configurations named by ``only``: ``MODEL`` (every row of that model) or ``vit_cascade:G`` (one
-    token grid, both checkpointing settings)."""
+    """The configurations named by ``only``: ``MODEL`` (every row of that model), ``vit_cascade:G`` (one
+    token grid, both checkpointing settings) or a row's full name (``recipe:STEM/STAGE``)."""
     if not only:
         return cfgs
     known = sorted({c.get("name", c["model"]) for c in cfgs})
     kept = []
     for cfg in cfgs:
         for sel in only:
-            model, _, grid = sel.partition(":")
+            model, _, grid = (sel, "", "") if sel in known else sel.partition(":")
             if model not in known:
                 raise SystemExit(f"--only {sel}: unknown model {model!r} (available: {', '.join(known)})")
             if cfg.get("name", cfg["model"]) == model and (not grid or str(cfg["tokens"]) == grid):
@@ -230,12 +278,13 @@ def select(cfgs: list[dict], only: list[str] | None) -> list[dict]:
 
 
 def run(quick: bool = False, repeat: int | None = None, log=print, compile_mode: str | None = None,
-        only: list[str] | None = None) -> list[dict]:
+        only: list[str] | None = None, recipes: list[str] | None = None, stage: str | None = None) -> list[dict]:
     rows = []
     threads = torch.get_num_threads()
+    cfgs = configs(quick, repeat) + recipe_configs(recipes or [], stage, repeat)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": os.pathsep.join(
         [str(REPO)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))}
-    for cfg in select(configs(quick, repeat), only):
+    for cfg in select(cfgs, only):
         cfg["warmup"], cfg["matmul"], cfg["compile"] = quick, 2048 if quick else 4096, compile_mode
         name = cfg.get("name", cfg["model"])
         label = f"{name} tokens={cfg['tokens']} checkpointing={cfg['checkpointing']}"
@@ -250,6 +299,7 @@ def run(quick: bool = False, repeat: int | None = None, log=print, compile_mode:
                **{k: res[k] for k in ("seconds", "model_gflop", "step_gflop", "gflops", "matmul_gflops", "peak_mib",
                                    "rss_peak_mib")}}
         row["ratio"] = row["gflops"] / row["matmul_gflops"]
+        row["params_m"] = res["params"] / 1e6
         if compile_mode:
             row.update({k: res[k] for k in ("compiled_seconds", "compile_s", "compile_note") if k in res})
             if "compiled_seconds" in row:
@@ -259,8 +309,10 @@ def run(quick: bool = False, repeat: int | None = None, log=print, compile_mode:
         rows.append(row)
     vits = [r for r in rows if r["model"].startswith("vit_cascade")]
     vit = next((r for r in vits if not r["checkpointing"]), vits[0] if vits else None)
+    gan = next((r for r in rows if r["model"] == "x2ctgan"), None)
     for row in rows:
         row["vs_vit"] = row["seconds"] / vit["seconds"] if vit else float("nan")
+        row["vs_x2ctgan"] = row["seconds"] / gan["seconds"] if gan else float("nan")
     for row in rows:  # memory cut and targets, pairing each checkpointed row with its plain twin
         if row["checkpointing"]:
             plain = next((r for r in rows if r["model"] == row["model"] and r["tokens"] == row["tokens"]
@@ -288,12 +340,16 @@ def main() -> None:
                         help="also time the step under torch.compile (default mode, or max-autotune, ...)")
     parser.add_argument("--only", nargs="+", metavar="MODEL[:G]",
                         help="run only these rows: a model name, or vit_cascade:24 for one token grid")
+    parser.add_argument("--recipe", nargs="+", metavar="RECIPE",
+                        help="also time the model these recipes build (row recipe:STEM/STAGE)")
+    parser.add_argument("--stage", help="with --recipe: the stage whose model is timed (default: the last)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return
-    rows = run(quick=args.quick, repeat=args.repeat, compile_mode=args.compile, only=args.only)
+    rows = run(quick=args.quick, repeat=args.repeat, compile_mode=args.compile, only=args.only,
+               recipes=args.recipe, stage=args.stage)
     print(f"\nModel step, batch 1, CPU ({machine()})\n")
     print(markdown_table(rows, COLUMNS + (COMPILE_COLUMNS if args.compile else [])))
 
