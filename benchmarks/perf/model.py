@@ -90,43 +90,48 @@ def configs(quick: bool, repeat: int | None) -> list[dict]:
     return out
 
 
-def recipe_configs(paths: list[str], stage_name: str | None, repeat: int | None) -> list[dict]:
-    """One row per recipe: the model its ``stage_name`` stage (default: the last) builds, as training builds it."""
+def _recipe_stage(path: str, stage_name: str | None):
+    """The recipe at ``path`` and its stage ``stage_name`` (default: the last)."""
     from x2ct_framework.config import build
     from x2ct_framework.config.recipe import load_recipe
 
+    recipe = load_recipe(path)
+    stages = build.stages(recipe)
+    names = [s.name for s in stages]
+    if stage_name is not None and stage_name not in names:
+        raise SystemExit(f"--stage {stage_name}: {path} has no such stage (its stages: {', '.join(names)})")
+    return recipe, stages[names.index(stage_name)] if stage_name else stages[-1]
+
+
+def recipe_configs(paths: list[str], stage_name: str | None, repeat: int | None) -> list[dict]:
+    """One row per recipe: the model its ``stage_name`` stage (default: the last) builds, as training builds it.
+    Views, geometry and X-ray size are the stage's data values, else the dataset's own defaults."""
+    from x2ct_framework.config import build
+
     out = []
     for path in paths:
-        recipe = load_recipe(path)
-        stages = build.stages(recipe)
-        names = [s.name for s in stages]
-        if stage_name is not None and stage_name not in names:
-            raise SystemExit(f"--stage {stage_name}: {path} has no such stage (its stages: {', '.join(names)})")
-        stage = stages[names.index(stage_name)] if stage_name else stages[-1]
-        data = build.data_options(recipe, stage)
+        recipe, stage = _recipe_stage(path, stage_name)
         model = build.model_options(recipe, stage)
-        out.append({"name": f"recipe:{Path(path).stem}/{stage.name}", "model": model["name"],
+        angles = [float(a) for a in build.dataset_default(recipe, stage, "views") or [0, 90]]
+        out.append({"name": f"recipe:{Path(path).stem}/{stage.name}", "model": model.pop("name"),
                     "tokens": model.get("tokens"), "recipe": str(Path(path).resolve()), "stage": stage.name,
-                    "checkpointing": bool(recipe["train"]["gradient_checkpointing"]),
-                    "resolution": stage.resolution, "views": len(data.get("views", [0, 90])),
-                    "angles": [float(a) for a in data.get("views", [0, 90])],
-                    "geometry": data.get("geometry", "parallel"),
-                    "image": int(data.get("image_size") or stage.resolution), "steps": repeat or 3,
-                    "options": {k: v for k, v in model.items() if k != "name"}})
+                    "checkpointing": bool(build.context(recipe, stage)["gradient_checkpointing"]),
+                    "resolution": stage.resolution, "views": len(angles), "angles": angles,
+                    "geometry": build.dataset_default(recipe, stage, "geometry") or "parallel",
+                    "image": int(build.dataset_default(recipe, stage, "image_size") or stage.resolution),
+                    "steps": repeat or 3, "options": model})
     return out
 
 
 def _build(cfg: dict, angles: list[float]) -> torch.nn.Module:
-    from x2ct_framework.plugins import get_plugin_manager
-
     if cfg.get("recipe"):
         from x2ct_framework.config import build
-        from x2ct_framework.config.recipe import load_recipe
 
-        recipe = load_recipe(cfg["recipe"])
+        recipe, stage = _recipe_stage(cfg["recipe"], cfg["stage"])
         build.load_recipe_plugins(recipe)
-        stage = next(s for s in build.stages(recipe) if s.name == cfg["stage"])
         return build.build_model(recipe, stage)
+    from x2ct_framework.plugins import get_plugin_manager
+
     return get_plugin_manager().registry("model").create(
         cfg["model"], cfg["options"], context={"resolution": cfg["resolution"], "views": angles,
                                                "gradient_checkpointing": cfg["checkpointing"]})
