@@ -10,6 +10,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # benchmarks/ is a folder of the repository, not an installed package
@@ -180,7 +181,9 @@ def test_two_cell_matrix_tables_and_resume(tmp_path):
         assert summary[cell]["seeds"] == "2" and int(summary[cell]["params"]) > 0
 
     md = (out / "matrix.md").read_text()
-    assert "| cell | psnr (dB) | ssim | bone_dice | steps | s/step | peak MiB | params (M) | seeds |" in md
+    assert ("| cell | psnr (dB) | ssim | bone_dice | steps | s/step | peak MiB | params (M) | GFLOP/step | train TFLOP "
+            "| seeds |") in md
+    assert res["cost"]["step_flops"] > 0 and res["cost"]["params"] == res["params"]
     assert "`plain` (ref)" in md and "| `grad` | gradient loss on |" in md
     assert "tiny sizes" in md and "adds the gradient term" in md
     assert (out / "matrix.png").stat().st_size > 1000
@@ -242,3 +245,94 @@ def test_shipped_matrices_resolve(preset, tmp_path):
     # the token questions keep the seed's downsampling: 128 / 24 and 128 / 32
     for cell, factor in (("baseline", 128 / 24), ("tokens32", 128 / 32)):
         assert stage[cell]["resolution"] / recipes[cell]["model"]["tokens"] == pytest.approx(factor)
+
+
+# ---- reference floors, data seeds, per-case pairing ---------------------------------------------
+FLOORED = """
+name = "floored"
+base = "base.toml"
+seeds = [0, 1]
+data_seeds = [5, 6]
+reference = "plain"
+
+[budget]
+steps = 2
+epochs = 2
+
+[eval]
+metrics = ["psnr", "ssim"]
+compare = ["psnr", "mae_hu"]
+
+[[cells]]
+name = "blind"
+kind = "blind_mean"
+
+[[cells]]
+name = "plain"
+
+[[cells]]
+name = "prior"
+set = ['model = { name = "prior_only", model = { name = "vit_cascade", tokens = 4, dim = 16, depth = 1, heads = 2, channels = 4, encoder = "test_efficientnet" } }']
+"""
+
+
+def test_hierarchical_bootstrap_hand_cases():
+    one = V.hierarchical_bootstrap([[2.0, 2.0, 2.0]])
+    assert one["mean"] == 2.0 and one["ci_low"] == one["ci_high"] == 2.0 and one["cases"] == 3
+    # group means 1 and 3 (cases constant within a group): the mean is 2 and the interval spans the group means
+    two = V.hierarchical_bootstrap([[1.0, 1.0], [3.0, 3.0, 3.0]], n_boot=2000)
+    assert two["mean"] == 2.0 and two["ci_low"] == pytest.approx(1.0) and two["ci_high"] == pytest.approx(3.0)
+    assert V.hierarchical_bootstrap([])["n"] == 0
+    # pairs by seed and case id; NaN cases and cases the other run lacks are left out
+    ref = [{"seed": 0, "per_case": {"case_ids": ["a", "b", "c"], "metrics": {"psnr": [10.0, 11.0, None]}}}]
+    oth = [{"seed": 0, "per_case": {"case_ids": ["b", "a", "c", "d"], "metrics": {"psnr": [13.0, 10.5, 9.0, 1.0]}}}]
+    assert V.per_case_pairs(ref, oth, "psnr") == [[2.0, 0.5]]
+
+
+def test_blind_mean_floor_prior_only_and_data_seeds(tmp_path):
+    from skimage.metrics import peak_signal_noise_ratio
+
+    from x2ct_framework.config.build import build_dataset, build_model, stages
+
+    m = V.load_matrix(write(tmp_path, FLOORED))
+    assert m.floor == "blind" and m.data_seed(1) == 6
+    out = tmp_path / "out"
+    status = V.run_matrix(m, out, isolate=False, log=lambda *_: None)
+    assert not status["failed"] and len(status["ran"]) == 6
+
+    # each run trains on its own data seed, and says so
+    recipe = V.cell_recipe(m, m.cell("plain"), 1, out, 2)
+    assert recipe["data"]["seed"] == 6
+    blind = json.loads((out / "results" / "blind" / "seed1.json").read_text())
+    assert blind["data_seed"] == 6 and blind["steps"] == 0 and blind["params"] == 0
+
+    # the floor is the training split's voxel-wise mean CT, scored on every test case (hand-computed here)
+    st = stages(recipe)[-1]
+    train, test = build_dataset(recipe, st, "train"), build_dataset(recipe, st, "test")
+    mean = sum(train[i]["ct"].double() for i in range(len(train))) / len(train)
+    expect = [peak_signal_noise_ratio(test[i]["ct"].double().numpy(), mean.numpy(), data_range=1.0)
+              for i in range(len(test))]
+    assert blind["per_case"]["metrics"]["psnr"] == pytest.approx(expect, abs=2e-3)
+    assert blind["metrics"]["psnr"] == pytest.approx(sum(expect) / len(expect), abs=2e-3)
+
+    # prior_only: the wrapped model never sees its X-rays (same parameters as the model it wraps)
+    prior = build_model(V.cell_recipe(m, m.cell("prior"), 0, out, 2), st).eval()
+    item = test[0]
+    x = item["xrays"][None].float()
+    g = {k: v[None] for k, v in item["geometry"].items()}
+    with torch.no_grad():
+        assert torch.equal(prior(x, g), prior(torch.rand_like(x), g))
+
+    # per-case table and the gain over the floor: case by case on the same data, averaged over cases and runs
+    rows = list(csv.DictReader((out / "per_case.csv").open()))
+    assert len(rows) == 3 * 2 * len(test) and {r["data_seed"] for r in rows} == {"5", "6"}
+    plain = [json.loads((out / "results" / "plain" / f"seed{k}.json").read_text()) for k in (0, 1)]
+    floors = [json.loads((out / "results" / "blind" / f"seed{k}.json").read_text()) for k in (0, 1)]
+    gains = [sum(a - b for a, b in zip(p["per_case"]["metrics"]["psnr"], f["per_case"]["metrics"]["psnr"]))
+             / len(test) for p, f in zip(plain, floors)]
+    md = (out / "matrix.md").read_text()
+    assert "## Gain over the blind mean `blind`" in md and "## Against the reference `plain`, case by case" in md
+    line = next(ln for ln in md.splitlines() if ln.startswith("| `plain` |") and "[" in ln and "FLOP" not in ln
+                and md.index(ln) > md.index("## Gain over the blind mean"))
+    assert f"{sum(gains) / 2:+.3g}" in line
+    assert "## Budget: validation `val/psnr` over training" in md and (out / "curves.png").stat().st_size > 1000

@@ -45,7 +45,8 @@ from benchmarks.variants.runner import (CALIBRATION, CELL, RUNNER_VERSION, CellF
                                         check_budget, cell_recipe, default_out, evaluate_run, make_slots,
                                         read_result, result_path, run_cell, run_hash, run_matrix, run_name)
 from benchmarks.variants.spec import DEFAULT_METRICS, HASHED_EVAL, REPO, Cell, Matrix, load_matrix
-from benchmarks.variants.stats import T975, interval, median, overlap, paired, t_quantile_975, verdict
+from benchmarks.variants.stats import (T975, hierarchical_bootstrap, interval, median, overlap, paired, per_case_pairs,
+                                       t_quantile_975, verdict)
 from benchmarks.variants.tables import collect, expected_keys, markdown, plot_matrix, summarize, write_tables
 from benchmarks.variants.timing import device_label, peak_memory_mib, train_and_time, trained_stages
 

@@ -13,6 +13,7 @@ import dataclasses
 import datetime as _dt
 import hashlib
 import json
+import math
 import os
 import queue
 import shutil
@@ -27,7 +28,7 @@ from typing import Any
 from benchmarks.variants.spec import HASHED_EVAL, REPO, Cell, Matrix, load_matrix
 from benchmarks.variants.timing import device_label, train_and_time, trained_stages
 
-RUNNER_VERSION = 1  # part of every result's hash: bump when the way a cell is run or scored changes
+RUNNER_VERSION = 2  # part of every result's hash: bump when the way a cell is run or scored changes
 CELL, CALIBRATION = "cell", "calibration"  # what a child process runs: a whole (cell, seed), or a timed calibration
 
 
@@ -52,12 +53,15 @@ def cell_recipe(matrix: Matrix, cell: Cell, seed: int, out: Path, steps: int, ex
     fixed = [f"seed={seed}", f'output_dir="{out.as_posix()}"', f'name="{run_name(cell.name, seed)}"',
              f"train.max_steps_per_epoch={per_epoch}", f"train.trackers={trackers}", "train.progress=false",
              "eval.preview=false", "eval.report=false"]
+    data_seed = matrix.data_seed(seed)
+    if data_seed is not None:
+        fixed.append(f"{matrix.data_seed_key}={data_seed}")
     for i in trained_stages(first):
         fixed += [f"stages.{i + 1}.epochs={epochs}", f"stages.{i + 1}.checkpoint_every=0"]
     return load_recipe(base, [*overrides, *fixed])
 
 
-def run_hash(recipe, matrix: Matrix) -> str:
+def run_hash(recipe, matrix: Matrix, kind: str = "train") -> str:
     """What determines a result: the resolved recipe (wherever it is written), the evaluation, the runner.
 
     Trackers only watch a run: they are hashed as none, so turning them on redoes nothing.
@@ -65,8 +69,10 @@ def run_hash(recipe, matrix: Matrix) -> str:
     data = copy.deepcopy(recipe.data)
     data.pop("output_dir", None)
     data["train"]["trackers"] = []
-    blob = json.dumps({"recipe": data, "eval": {k: matrix.eval[k] for k in HASHED_EVAL},
-                       "runner": RUNNER_VERSION}, sort_keys=True, default=str)
+    what = {"recipe": data, "eval": {k: matrix.eval[k] for k in HASHED_EVAL}, "runner": RUNNER_VERSION}
+    if kind != "train":
+        what["kind"] = kind
+    blob = json.dumps(what, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -88,20 +94,101 @@ def check_budget(recipe, steps_per_epoch: int) -> None:
                                f"the train split has {n}; raise the data's case count or budget.epochs"])
 
 
-def evaluate_run(recipe, matrix: Matrix) -> dict[str, Any]:
-    """Score the run's last stage (its ``eval.which`` checkpoint) with the matrix's protocol."""
+def evaluate_run(recipe, matrix: Matrix, model=None) -> dict[str, Any]:
+    """Score the run's last stage (its ``eval.which`` checkpoint, or ``model``) with the matrix's protocol.
+
+    Besides each metric's mean over cases, the per-case values are kept (``per_case``): the tables pair
+    them case by case with the reference and the floor on the same data.
+    """
     from x2ct_framework.evaluation.evaluate import evaluate
-    from x2ct_framework.runs import resolve_target
+    from x2ct_framework.runs import Target, resolve_target
 
     run_dir = Path(recipe["output_dir"]) / recipe.name
     last = recipe["stages"][-1]["name"]
-    target = resolve_target(run_dir / last / matrix.eval["which"], recipe_path=run_dir / "recipe.toml")
+    if model is None:
+        target = resolve_target(run_dir / last / matrix.eval["which"], recipe_path=run_dir / "recipe.toml")
+    else:
+        from x2ct_framework.config.build import stages
+
+        target = Target(recipe, stages(recipe)[-1], run_dir / "blind_mean", run_dir)
     ev = evaluate(target, matrix.eval["split"], [matrix.eval["protocol"]], batch_size=matrix.eval["batch_size"],
-                  max_cases=matrix.eval["max_cases"], n_boot=0, worst=0, progress=False, lpips="auto")
+                  max_cases=matrix.eval["max_cases"], n_boot=0, worst=0, progress=False, lpips="auto", model=model)
     proto = ev.protocols[0]
     metrics = {m: ev.summary[proto.key(m)]["mean"] for m in proto.metrics}
+    per_case = {"case_ids": list(ev.case_ids),
+                "metrics": {m: [None if not math.isfinite(float(x)) else float(x) for x in ev.values[proto.key(m)]]
+                            for m in proto.metrics}}
     return {"metrics": metrics, "higher_is_better": {m: proto.higher_is_better(m) for m in proto.metrics},
-            "units": {m: proto.unit(m) for m in proto.metrics}, "cases": ev.info["cases"], "notes": list(proto.notes)}
+            "units": {m: proto.unit(m) for m in proto.metrics}, "cases": ev.info["cases"], "notes": list(proto.notes),
+            "per_case": per_case}
+
+
+class MeanVolume:
+    """The blind-mean predictor: the voxel-wise mean of the training split's CTs, whatever the X-rays show."""
+
+    def __init__(self, mean):
+        self.mean = mean  # [1, 1, D, H, W] in [0, 1] after the HU window
+
+    def to(self, device):
+        self.mean = self.mean.to(device)
+        return self
+
+    def eval(self):
+        return self
+
+    def __call__(self, xrays, geometry, prev=None):
+        return self.mean.to(xrays.device).expand(xrays.shape[0], *self.mean.shape[1:]).clone()
+
+
+def blind_mean(recipe) -> MeanVolume:
+    """The voxel-wise mean CT of the last stage's training split (the data every trained cell learns from)."""
+    from x2ct_framework.config.build import build_dataset, stages
+
+    dataset = build_dataset(recipe, stages(recipe)[-1], "train")
+    total = None
+    for i in range(len(dataset)):
+        ct = dataset[i]["ct"].double()
+        total = ct if total is None else total + ct
+    return MeanVolume((total / len(dataset)).float()[None])
+
+
+def step_cost(recipe) -> dict[str, Any]:
+    """Parameters and FLOPs of one training step (forward + backward, the recipe's batch) of the last stage's
+    model, counted on a freshly built model and a real batch of the training split (None when not countable)."""
+    from torch.utils.data import default_collate
+
+    from x2ct_framework.config.build import build_dataset, build_model, stages
+    from x2ct_framework.model_info import step_flops
+
+    st = stages(recipe)[-1]
+    model = build_model(recipe, st)
+    params = sum(p.numel() for p in model.parameters())
+    batch_size = st.options["batch_size"] or recipe["train"]["batch_size"]
+    try:
+        dataset = build_dataset(recipe, st, "train")
+        batch = default_collate([dataset[i % len(dataset)] for i in range(batch_size)])
+        flops = step_flops(model.train(), batch["xrays"].float(), batch["geometry"])
+    except Exception as exc:  # noqa: BLE001 - a model the counter cannot trace still gets its row
+        return {"params": params, "step_flops": None, "flops_note": f"{type(exc).__name__}: {exc}"[:200]}
+    return {"params": params, "step_flops": flops, "batch": batch_size}
+
+
+def val_curve(run_dir: Path, stage: str, key: str) -> list[list[float]]:
+    """``[[step, value], ...]`` of ``key`` from the stage's validation log (``metrics.jsonl``)."""
+    path = Path(run_dir) / stage / "metrics.jsonl"
+    points = []
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return points
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if row.get("kind") == "val" and isinstance(row.get(key), (int, float)):
+            points.append([int(row.get("step", 0)), float(row[key])])
+    return points
 
 
 def atomic_json(path: Path, data: dict) -> None:
@@ -129,6 +216,8 @@ def run_cell(matrix: Matrix, cell: Cell, seed: int, out: Path, steps: int, extra
     out = Path(out)
     recipe = cell_recipe(matrix, cell, seed, out, steps, extra)
     load_recipe_plugins(recipe)
+    if cell.kind == "blind_mean":
+        return run_blind_mean(matrix, cell, seed, out, steps, recipe)
     check_budget(recipe, steps // matrix.budget["epochs"])
     key = run_hash(recipe, matrix)
     run_dir = out / recipe.name
@@ -157,10 +246,31 @@ def run_cell(matrix: Matrix, cell: Cell, seed: int, out: Path, steps: int, extra
     stage = recipe["stages"][-1]
     train = recipe["train"]
     batch = (stage["batch_size"] or train["batch_size"]) * (stage["grad_accum"] or train["grad_accum"])
-    result = {"cell": cell.name, "seed": seed, "key": key, "finished": _dt.datetime.now().isoformat(timespec="seconds"),
+    cost = step_cost(recipe)
+    cost["step_flops_total"] = (cost["step_flops"] * (stage["grad_accum"] or train["grad_accum"])
+                                if cost.get("step_flops") is not None else None)
+    curve = val_curve(run_dir, stage["name"], matrix.eval["curve"])
+    result = {"cell": cell.name, "seed": seed, "data_seed": matrix.data_seed(seed), "key": key,
+              "kind": cell.kind, "cost": cost, "curve": curve,
+              "finished": _dt.datetime.now().isoformat(timespec="seconds"),
               "budget_steps": steps, "epochs": recipe["stages"][-1]["epochs"], "batch": batch,
               "train_wall_s": train_wall, "eval_wall_s": time.perf_counter() - t0 - train_wall,
               "resolution": stage["resolution"], "run_dir": str(run_dir), **timing, **scores}
+    atomic_json(result_path(out, cell.name, seed), result)
+    return result
+
+
+def run_blind_mean(matrix: Matrix, cell: Cell, seed: int, out: Path, steps: int, recipe) -> dict:
+    """The floor: score the training split's mean CT as every test case's prediction (nothing is trained)."""
+    key = run_hash(recipe, matrix, cell.kind)
+    t0 = time.perf_counter()
+    model = blind_mean(recipe)
+    scores = evaluate_run(recipe, matrix, model=model)
+    result = {"cell": cell.name, "seed": seed, "data_seed": matrix.data_seed(seed), "key": key, "kind": cell.kind,
+              "finished": _dt.datetime.now().isoformat(timespec="seconds"), "budget_steps": 0, "epochs": 0,
+              "steps": 0, "train_wall_s": 0.0, "eval_wall_s": time.perf_counter() - t0, "params": 0,
+              "time_per_step_s": float("nan"), "cost": {"params": 0, "step_flops": 0, "step_flops_total": 0},
+              "curve": [], "resolution": recipe["stages"][-1]["resolution"], "device": device_label(), **scores}
     atomic_json(result_path(out, cell.name, seed), result)
     return result
 
@@ -366,13 +476,14 @@ def run_matrix(matrix: Matrix, out: Path | None = None, *, only: list[str] | Non
     todo: list[Job] = []
     for cell in cells:
         try:
-            steps = (calibrate(matrix, cell, out, list(extra), isolate) if "wall_s" in matrix.budget
-                     else matrix.budget["steps"])
+            steps = (calibrate(matrix, cell, out, list(extra), isolate)
+                     if "wall_s" in matrix.budget and cell.kind == "train"
+                     else matrix.budget.get("steps") or matrix.budget["epochs"])
         except CellFailed as exc:
             status["failed"][cell.name] = str(exc)
             continue
         for seed in seeds:
-            key = run_hash(cell_recipe(matrix, cell, seed, out, steps, list(extra)), matrix)
+            key = run_hash(cell_recipe(matrix, cell, seed, out, steps, list(extra)), matrix, cell.kind)
             old = read_result(result_path(out, cell.name, seed))
             if old and old.get("key") == key and cell.name not in rerun:
                 status["skipped"].append(run_name(cell.name, seed))

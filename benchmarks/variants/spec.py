@@ -18,6 +18,7 @@ from x2ct_framework.errors import RecipeError
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_METRICS = ["psnr", "ssim", "mae_hu", "bone_dice", "vessel_dice", "lung_dice", "landmark_mm"]
 HASHED_EVAL = ("protocol", "split", "which", "max_cases", "batch_size")  # what changes a result (not its display)
+CELL_KINDS = ("train", "blind_mean")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -27,6 +28,10 @@ def _name(v: str) -> str | None:
 
 def _seeds(v: list) -> str | None:
     return None if v and len(set(v)) == len(v) else "expected a non-empty array of distinct integers"
+
+
+def _data_seeds(v: list) -> str | None:
+    return None if len(set(v)) == len(v) else "expected distinct integers"
 
 
 def _positive_or_unset(v: Any) -> str | None:
@@ -40,6 +45,9 @@ CELL = Table({
     "set": Value("list[str]", [], "--set style overrides of this cell (\"key=value\")"),
     "budget_scale": Value("number", 1.0, "the cell trains budget_scale x the budget's epochs", check=positive),
     "note": Value("str", "", "a note shown under the tables"),
+    "kind": Value("str", "train", "train: train the recipe and score it; blind_mean: no training, the voxel-wise "
+                  "mean CT of the training split is scored as every case's prediction (the floor a model that "
+                  "ignores its X-rays reaches without learning anything)", choices=CELL_KINDS),
 })
 
 MATRIX = Table({
@@ -48,6 +56,12 @@ MATRIX = Table({
     "base": Value("str", REQUIRED, "base recipe of every cell (relative to the matrix file)"),
     "set": Value("list[str]", [], "overrides for every cell (--set syntax)"),
     "seeds": Value("list[int]", [0, 1, 2], "random seeds; every cell runs once per seed", check=_seeds),
+    "data_seeds": Value("list[int]", [], "one data seed per training seed (same order): run i trains with seeds[i] "
+                        "on the data drawn with data_seeds[i] (set at data_seed_key), so intervals cover both "
+                        "sources of variation; [] = the recipe's data seed for every run", check=_data_seeds),
+    "data_seed_key": Value("str", "data.seed", "the recipe key that receives the data seed"),
+    "floor": Value("str", "", "the blind_mean cell every cell's gain is measured against (per case, same data "
+                   "seed); '' = the first blind_mean cell, if any"),
     "reference": Value("str", "", "the cell the others are compared with; default: the first"),
     "trackers": Value("list[str]", [], "Accelerate trackers of every run (tensorboard, wandb, ...); [] = none. "
                       "Not part of a result's hash"),
@@ -69,6 +83,10 @@ MATRIX = Table({
                            "expected an integer >= 0"),
         "batch_size": Value("int", 0, "evaluation batch; 0 = the recipe's", check=lambda v: None if v >= 0 else
                             "expected an integer >= 0"),
+        "curve": Value("str", "val/psnr", "the validation value whose curve over training is plotted and tested "
+                       "for a plateau"),
+        "plateau_db": Value("number", 0.2, "the plateau criterion: the reference cell's curve gains less than this "
+                            "over the last quarter of its budget"),
     }, "how every run is scored"),
     "cells": ArrayOf(CELL, "the cells: one recipe variant each", min_items=1),
 })
@@ -82,6 +100,7 @@ class Cell:
     budget_scale: float = 1.0
     note: str = ""
     recipe: Path | None = None  # the cell's own base recipe (default: the matrix's base)
+    kind: str = "train"
 
 
 @dataclass
@@ -98,6 +117,13 @@ class Matrix:
     notes: list[str] = field(default_factory=list)
     cells: list[Cell] = field(default_factory=list)
     trackers: list[str] = field(default_factory=list)
+    data_seeds: list[int] = field(default_factory=list)
+    data_seed_key: str = "data.seed"
+    floor: str = ""
+
+    def data_seed(self, seed: int) -> int | None:
+        """The data seed run with training seed ``seed`` (None: the recipe's own)."""
+        return self.data_seeds[self.seeds.index(seed)] if self.data_seeds and seed in self.seeds else None
 
     def cell(self, name: str) -> Cell:
         for c in self.cells:
@@ -161,7 +187,8 @@ def load_matrix(path: str | Path) -> Matrix:
             if not own.is_file():
                 p.append(f"{doc.where('cells', i, 'recipe')}: recipe not found: {own}")
         cells.append(Cell(name=c["name"], question=c.get("question", ""), set=list(c.get("set", [])),
-                          budget_scale=float(scale) if _number(scale) else 1.0, note=c.get("note", ""), recipe=own))
+                          budget_scale=float(scale) if _number(scale) else 1.0, note=c.get("note", ""), recipe=own,
+                          kind=c.get("kind", "train")))
     names = [c.name for c in cells]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
@@ -169,8 +196,19 @@ def load_matrix(path: str | Path) -> Matrix:
     ref = data.get("reference") or (names[0] if names else "")
     if names and ref not in names:
         p.append(f"{doc.where('reference')}: {ref!r} is not a cell (cells: {', '.join(names)})")
+    if data.get("data_seeds") and isinstance(data.get("seeds"), list) and len(data["data_seeds"]) != len(data["seeds"]):
+        p.append(f"{doc.where('data_seeds')}: expected one data seed per training seed ({len(data['seeds'])}), "
+                 f"got {len(data['data_seeds'])}")
+    floors = [c.name for c in cells if c.kind == "blind_mean"]
+    floor = data.get("floor") or (floors[0] if floors else "")
+    if floor and floor not in floors:
+        p.append(f"{doc.where('floor')}: {floor!r} is not a blind_mean cell (blind_mean cells: "
+                 f"{', '.join(floors) or 'none'})")
+    if ref in floors:
+        p.append(f"{doc.where('reference')}: the reference must be a trained cell, {ref!r} is the blind mean")
     if p:
         raise RecipeError(p)
     return Matrix(path=path, name=data["name"], base=base.resolve(), description=data["description"],
                   set=list(data["set"]), seeds=list(data["seeds"]), reference=ref, budget=budget,
-                  eval=dict(data["eval"]), notes=list(data["notes"]), cells=cells, trackers=list(data["trackers"]))
+                  eval=dict(data["eval"]), notes=list(data["notes"]), cells=cells, trackers=list(data["trackers"]),
+                  data_seeds=list(data["data_seeds"]), data_seed_key=data["data_seed_key"], floor=floor)

@@ -69,3 +69,51 @@ def median(values: list) -> float:
     if not v:
         return float("nan")
     return v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2
+
+
+def per_case_pairs(ref: list[dict], other: list[dict], metric: str) -> list[list[float]]:
+    """Per run (seed), the case-by-case differences ``other - ref`` on the cases both scored.
+
+    Runs pair by seed (the same seed means the same data seed, so the same test cases); cases pair by
+    case id. A case either side could not score (NaN) is left out of that run's pairs.
+    """
+    by_seed = {r["seed"]: r for r in ref}
+    groups = []
+    for o in other:
+        r = by_seed.get(o["seed"])
+        if r is None or "per_case" not in o or "per_case" not in r:
+            continue
+        a = dict(zip(r["per_case"]["case_ids"], r["per_case"]["metrics"].get(metric, [])))
+        diffs = []
+        for cid, v in zip(o["per_case"]["case_ids"], o["per_case"]["metrics"].get(metric, [])):
+            w = a.get(cid)
+            if v is not None and w is not None and math.isfinite(v) and math.isfinite(w):
+                diffs.append(v - w)
+        if diffs:
+            groups.append(diffs)
+    return groups
+
+
+def hierarchical_bootstrap(groups: list[list[float]], n_boot: int = 4000, seed: int = 0) -> dict[str, float]:
+    """Mean over groups of the group means, with a 95% percentile interval from a two-level bootstrap.
+
+    ``groups`` are runs (each its own training seed and data seed), each holding per-case values. Each
+    replicate draws runs with replacement, then cases within every drawn run with replacement, so the
+    interval covers both the run-to-run spread (training and data seeds) and the case-to-case spread.
+    With a single run only cases are resampled (the interval then ignores seed-to-seed variation).
+    """
+    import numpy as np
+
+    groups = [np.asarray(g, dtype=np.float64) for g in groups if len(g)]
+    nan = float("nan")
+    if not groups:
+        return {"mean": nan, "ci_low": nan, "ci_high": nan, "n": 0, "cases": 0}
+    mean = float(np.mean([g.mean() for g in groups]))
+    rng = np.random.default_rng(seed)
+    reps = np.empty(n_boot)
+    k = len(groups)
+    for b in range(n_boot):
+        picks = rng.integers(0, k, size=k) if k > 1 else np.zeros(1, dtype=int)
+        reps[b] = np.mean([groups[i][rng.integers(0, len(groups[i]), size=len(groups[i]))].mean() for i in picks])
+    lo, hi = np.percentile(reps, [2.5, 97.5])
+    return {"mean": mean, "ci_low": float(lo), "ci_high": float(hi), "n": k, "cases": int(sum(len(g) for g in groups))}

@@ -10,11 +10,14 @@ from typing import Any
 
 from benchmarks.variants.runner import calibration_dir, cell_recipe, read_result, result_path, run_hash, run_name
 from benchmarks.variants.spec import REPO, Cell, Matrix
-from benchmarks.variants.stats import interval, median, overlap, paired, verdict
+from benchmarks.variants.stats import (hierarchical_bootstrap, interval, median, overlap, paired, per_case_pairs,
+                                       verdict)
 
 
 def cell_steps(matrix: Matrix, cell: Cell, out: Path) -> int | None:
     """The cell's optimizer-step budget: the matrix's, or its calibrated one under a wall-time budget."""
+    if cell.kind != "train":
+        return matrix.budget.get("steps") or matrix.budget["epochs"]
     if "steps" in matrix.budget:
         return matrix.budget["steps"]
     cal = read_result(calibration_dir(out) / f"{cell.name}.json")
@@ -27,8 +30,8 @@ def expected_keys(matrix: Matrix, out: Path, extra: list[str] = ()) -> dict[tupl
     for cell in matrix.cells:
         steps = cell_steps(matrix, cell, out)
         for seed in matrix.seeds:
-            keys[cell.name, seed] = (None if steps is None else
-                                     run_hash(cell_recipe(matrix, cell, seed, out, steps, list(extra)), matrix))
+            recipe = None if steps is None else cell_recipe(matrix, cell, seed, out, steps, list(extra))
+            keys[cell.name, seed] = None if recipe is None else run_hash(recipe, matrix, cell.kind)
     return keys
 
 
@@ -84,6 +87,9 @@ def summarize(matrix: Matrix, found: dict[str, list[dict]]) -> list[dict]:
                "peak_mem_mib": max((r.get("peak_mem_mib") or float("nan") for r in res), default=float("nan")),
                "mem_kind": next((r.get("mem_kind") for r in res), ""),
                "params": next((r.get("params") for r in res), None),
+               "kind": cell.kind,
+               "step_flops": next((r.get("cost", {}).get("step_flops_total") for r in res
+                                   if r.get("cost", {}).get("step_flops_total") is not None), None),
                "steps": next((r.get("steps") for r in res), None), "epochs": next((r.get("epochs") for r in res), None),
                "notes": sorted({n for r in res for n in r.get("notes", [])}),
                "load_avg": [x for r in res for x in r.get("load_avg", [])],
@@ -106,7 +112,8 @@ def write_tables(matrix: Matrix, out: Path, plot: bool = True, extra: list[str] 
     all_metrics: list[str] = []
     for r in rows:
         all_metrics.extend(m for m in r["metrics"] if m not in all_metrics)
-    files = {"md": out / "matrix.md", "csv": out / "matrix.csv", "per_seed": out / "per_seed.csv"}
+    files = {"md": out / "matrix.md", "csv": out / "matrix.csv", "per_seed": out / "per_seed.csv",
+             "per_case": out / "per_case.csv"}
 
     with files["csv"].open("w", newline="") as f:
         w = csv.writer(f)
@@ -125,16 +132,32 @@ def write_tables(matrix: Matrix, out: Path, plot: bool = True, extra: list[str] 
             w.writerow(line)
     with files["per_seed"].open("w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["cell", "seed", "steps", "time_per_step_s", "peak_mem_mib", "params", *all_metrics, "device"])
+        w.writerow(["cell", "seed", "data_seed", "steps", "time_per_step_s", "peak_mem_mib", "params", "step_flops",
+                    *all_metrics, "device"])
         for cell in matrix.cells:
             for r in found.get(cell.name, []):
-                w.writerow([cell.name, r["seed"], r.get("steps"), _csv(r.get("time_per_step_s")),
-                            _csv(r.get("peak_mem_mib")), r.get("params"),
+                w.writerow([cell.name, r["seed"], "" if r.get("data_seed") is None else r["data_seed"], r.get("steps"),
+                            _csv(r.get("time_per_step_s")), _csv(r.get("peak_mem_mib")), r.get("params"),
+                            _csv((r.get("cost") or {}).get("step_flops_total")),
                             *[_csv(r["metrics"].get(m)) for m in all_metrics], r.get("device", "")])
+    with (out / "per_case.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["cell", "seed", "data_seed", "case_id", *all_metrics])
+        for cell in matrix.cells:
+            for r in found.get(cell.name, []):
+                pc = r.get("per_case")
+                if not pc:
+                    continue
+                for j, cid in enumerate(pc["case_ids"]):
+                    w.writerow([cell.name, r["seed"], "" if r.get("data_seed") is None else r["data_seed"], cid,
+                                *[_csv((pc["metrics"].get(m) or [None] * (j + 1))[j]) for m in all_metrics]])
 
     files["md"].write_text(markdown(matrix, rows, ref, shown, found, stale))
     if plot and any(r["seeds"] for r in rows):
         files["png"] = plot_matrix(matrix, rows, found, shown, out / "matrix.png")
+        curves = plot_curves(matrix, rows, found, out / "curves.png")
+        if curves is not None:
+            files["curves"] = curves
     return files
 
 
@@ -173,15 +196,18 @@ def markdown(matrix: Matrix, rows: list[dict], ref: dict, shown: list[str], foun
               "the training loop's time per optimizer step (data loading included, so the very first run also pays for "
               "making the data when the dataset caches it; validation and checkpoint writing excluded)", ""]
     cols = ["cell", *[f"{m}{' (' + units[m] + ')' if units.get(m) else ''}{'' if hib.get(m, True) else ' ↓'}"
-                      for m in shown], "steps", "s/step", "peak MiB", "params (M)", "seeds",
-            "device"]
+                      for m in shown], "steps", "s/step", "peak MiB", "params (M)", "GFLOP/step", "train TFLOP",
+            "seeds", "device"]
     lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         cells = [f"`{r['cell']}`" + (" (ref)" if r is ref else "")]
         cells += [_mean_ci(r["metrics"].get(m, interval([]))) for m in shown]
+        flops = r.get("step_flops")
         cells += [_f(r["steps"]), _f(r["median_step_s"], 3), _f(r["peak_mem_mib"], 4),
-                  _f(r["params"] / 1e6, 3) if r["params"] else "n/a", str(len(r["seeds"])),
-                  "; ".join(r["devices"]) or "n/a"]
+                  _f(r["params"] / 1e6, 3) if r["params"] else ("0" if r.get("kind") != "train" else "n/a"),
+                  _f(flops / 1e9, 3) if flops is not None else "n/a",
+                  _f(flops * r["steps"] / 1e12, 3) if flops is not None and r["steps"] is not None else "n/a",
+                  str(len(r["seeds"])), "; ".join(r["devices"]) or "n/a"]
         lines.append("| " + " | ".join(cells) + " |")
     mem_kind = next((r["mem_kind"] for r in rows if r["mem_kind"]), "")
     loads = [x for r in rows for x in r["load_avg"]]
@@ -210,6 +236,9 @@ def markdown(matrix: Matrix, rows: list[dict], ref: dict, shown: list[str], foun
             shown_v = f"**{v}**" if v in ("better", "worse") else f"*{v}*"
             cells.append(f"{_signed(d)} {shown_v}" + {"yes": ", overlap", "no": ", apart"}.get(o, ""))
         lines.append("| " + " | ".join(cells) + " |")
+    lines += floor_section(matrix, rows, found, key_metrics, hib)
+    lines += paired_case_section(matrix, rows, ref, found, key_metrics, hib)
+    lines += curve_section(matrix, rows, ref, found)
     notes = list(matrix.notes) + [f"`{r['cell']}`: {r['note']}" for r in rows if r["note"]]
     proto_notes = sorted({n for r in rows for n in r["notes"]})
     if notes or proto_notes:
@@ -223,6 +252,146 @@ def markdown(matrix: Matrix, rows: list[dict], ref: dict, shown: list[str], foun
     if any(r["seeds"] for r in rows):
         lines += ["", "![matrix](matrix.png)"]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _boot(d: dict) -> str:
+    if d["n"] == 0 or not math.isfinite(d["mean"]):
+        return "n/a"
+    return f"{d['mean']:+.3g} [{d['ci_low']:+.3g}, {d['ci_high']:+.3g}]"
+
+
+def floor_section(matrix: Matrix, rows: list[dict], found: dict, metrics: list[str], hib: dict) -> list[str]:
+    """Every cell's gain over the blind mean, case by case on the same data, with a two-level bootstrap interval."""
+    if not matrix.floor:
+        return []
+    floor = found.get(matrix.floor, [])
+    lines = ["", f"## Gain over the blind mean `{matrix.floor}`", "",
+             "Per test case: cell - blind mean (the training split's mean CT, scored as every case's prediction; "
+             "the same data seed, so the same cases), averaged over cases and runs; 95% interval from a "
+             "two-level bootstrap (runs, each its own training and data seed, then cases within a run). "
+             "**below floor**: the interval does not lie above 0 (for ↓ metrics: below 0): the cell is not "
+             "shown to beat a prediction that ignores the X-rays.", ""]
+    cols = ["cell", *[f"gain {m}" for m in metrics]]
+    lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        if r["cell"] == matrix.floor:
+            continue
+        cells = [f"`{r['cell']}`"]
+        for m in metrics:
+            d = hierarchical_bootstrap(per_case_pairs(floor, found.get(r["cell"], []), m))
+            better = hib.get(m, True)
+            beats = d["n"] > 0 and (d["ci_low"] > 0 if better else d["ci_high"] < 0)
+            cells.append(_boot(d) + ("" if beats or d["n"] == 0 else " **below floor**"))
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def paired_case_section(matrix: Matrix, rows: list[dict], ref: dict, found: dict, metrics: list[str],
+                        hib: dict) -> list[str]:
+    """Cell - reference per test case (same seed, same case), two-level bootstrap interval."""
+    lines = ["", f"## Against the reference `{ref['cell']}`, case by case", "",
+             "Per test case: cell - reference on the same run seed and case, averaged; 95% two-level bootstrap "
+             "interval (runs, then cases). **better** / **worse** when the interval excludes 0.", ""]
+    cols = ["cell", *[f"Δ {m}" for m in metrics], "cases"]
+    lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    ref_rows = found.get(ref["cell"], [])
+    for r in rows:
+        if r is ref or r["cell"] == matrix.floor:
+            continue
+        cells = [f"`{r['cell']}`"]
+        n_cases = 0
+        for m in metrics:
+            d = hierarchical_bootstrap(per_case_pairs(ref_rows, found.get(r["cell"], []), m))
+            n_cases = max(n_cases, d.get("cases", 0))
+            v = verdict({**d, "n": max(d["n"], 2) if d["n"] else 0}, hib.get(m, True))
+            cells.append(_boot(d) + (f" **{v}**" if v in ("better", "worse") else ""))
+        cells.append(str(n_cases))
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _at(curve: list[list[float]], step: float) -> float:
+    """The curve's value at ``step`` (linear between validation points; NaN before the first)."""
+    pts = sorted(curve)
+    if not pts or step < pts[0][0]:
+        return float("nan")
+    for (s0, v0), (s1, v1) in zip(pts, pts[1:]):
+        if s0 <= step <= s1:
+            return v0 + (v1 - v0) * (step - s0) / (s1 - s0) if s1 > s0 else v1
+    return pts[-1][1]
+
+
+def plateau_rows(matrix: Matrix, rows: list[dict], found: dict) -> list[dict]:
+    """Per trained cell: the mean validation value at 50 %, 75 % and 100 % of its steps, and the last quarter's gain."""
+    out = []
+    for r in rows:
+        runs = [x for x in found.get(r["cell"], []) if x.get("curve")]
+        if not runs:
+            continue
+        vals = {q: interval([_at(x["curve"], q * x["curve"][-1][0]) for x in runs]) for q in (0.5, 0.75, 1.0)}
+        gain = interval([_at(x["curve"], x["curve"][-1][0]) - _at(x["curve"], 0.75 * x["curve"][-1][0])
+                         for x in runs])
+        out.append({"cell": r["cell"], "values": vals, "gain": gain, "runs": len(runs)})
+    return out
+
+
+def curve_section(matrix: Matrix, rows: list[dict], ref: dict, found: dict) -> list[str]:
+    key, limit = matrix.eval["curve"], matrix.eval["plateau_db"]
+    table = plateau_rows(matrix, rows, found)
+    if not table:
+        return []
+    lines = ["", f"## Budget: validation `{key}` over training", "",
+             f"Plateau criterion: the reference's `{key}` gains less than {limit:g} over the last quarter of its "
+             f"budget (mean over runs; the 95% t-interval beside it). Each run's curve is its own validation "
+             f"split, under its own complete schedule.", ""]
+    lines += ["| cell | at 50 % | at 75 % | at 100 % | last-quarter gain | runs |", "|---|---|---|---|---|---|"]
+    for t in table:
+        v = t["values"]
+        lines.append(f"| `{t['cell']}` | {_mean_ci(v[0.5])} | {_mean_ci(v[0.75])} | {_mean_ci(v[1.0])} | "
+                     f"{_mean_ci(t['gain'])} | {t['runs']} |")
+    refrow = next((t for t in table if t["cell"] == ref["cell"]), None)
+    if refrow is not None and math.isfinite(refrow["gain"]["mean"]):
+        ok = refrow["gain"]["mean"] < limit
+        lines += ["", f"Reference `{ref['cell']}`: last-quarter gain {refrow['gain']['mean']:+.3g} -> "
+                      + ("**plateau reached** by this criterion." if ok else
+                         "**still climbing**: the budget measures speed of convergence, not what the designs reach.")]
+    lines += ["", "![validation curves](curves.png)"]
+    return lines
+
+
+def plot_curves(matrix: Matrix, rows: list[dict], found: dict, path: Path) -> Path | None:
+    """Validation curves: each run thin, each cell's mean over runs thick."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    key = matrix.eval["curve"]
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    drawn = False
+    for i, r in enumerate(rows):
+        runs = [x["curve"] for x in found.get(r["cell"], []) if x.get("curve")]
+        if not runs:
+            continue
+        color = f"C{i % 10}"
+        for c in runs:
+            ax.plot([p[0] for p in c], [p[1] for p in c], color=color, alpha=0.25, lw=0.8)
+        steps = sorted({p[0] for c in runs for p in c})
+        mean = [sum(_at(c, s_) for c in runs) / len(runs) for s_ in steps]
+        ax.plot(steps, mean, color=color, lw=2, label=r["cell"])
+        drawn = True
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(key)
+    ax.set_title(f"matrix {matrix.name}: validation {key} (thin: runs, thick: mean over runs)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def _signed(d: dict) -> str:

@@ -123,12 +123,13 @@ def _case_record(batch: dict, pred: torch.Tensor, i: int, case_id: str) -> dict[
 def evaluate(target: Target, split: str = "test", protocols: list[str] = ("default", "x2ctgan"), *,
              batch_size: int = 0, device: str | torch.device = "auto", max_cases: int = 0, n_boot: int = 1000,
              worst: int = 3, keep_first: int = 0, out_dir: str | Path | None = None, progress: bool = True,
-             lpips: str = "auto") -> Evaluation:
+             lpips: str = "auto", model: torch.nn.Module | None = None) -> Evaluation:
     """Run the checkpoint over ``split`` once and score every case under each protocol.
 
     The volumes of the ``worst`` worst cases and of the first ``keep_first`` cases stay in
     ``Evaluation.kept`` for pictures; with ``out_dir`` the tables and the worst cases' slice pictures
-    are written there.
+    are written there. ``model`` scores that predictor (anything called as ``model(xrays, geometry)``)
+    instead of the target's checkpoint; the target then supplies the recipe, stage and data only.
     """
     dev = device if isinstance(device, torch.device) else pick_device(device)
     recipe, stage = target.recipe, target.stage
@@ -153,7 +154,7 @@ def evaluate(target: Target, split: str = "test", protocols: list[str] = ("defau
     bs = batch_size or recipe["train"]["batch_size"]
     loader = DataLoader(torch.utils.data.Subset(dataset, range(n)), batch_size=bs, shuffle=False,
                         num_workers=recipe["train"]["num_workers"])
-    model = load_model(target, dev)
+    model = load_model(target, dev) if model is None else model.to(dev).eval()
     case_ids: list[str] = []
     chunks: dict[str, list[torch.Tensor]] = {}
     kept: dict[int, dict[str, Any]] = {}
