@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from x2ct_framework.phantom import LABELS, chest_phantom
+from x2ct_framework.conventions import PART_NAMES, PART_TO_LABEL
+from x2ct_framework.phantom import LABELS, PHANTOM_VERSION, PHANTOM_VERSIONS, chest_phantom
 
 BACKGROUND, SOFT, LUNG, BONE, VESSEL, HEART, FAT, AIR, TABLE = range(9)
 
@@ -133,3 +136,44 @@ def test_bad_resolution():
         chest_phantom((16, 16), seed=0)
     with pytest.raises(ValueError, match="at least 2"):
         chest_phantom(1, seed=0)
+
+
+def checksum(hu: torch.Tensor, labels: torch.Tensor) -> str:
+    h = hashlib.sha256()
+    h.update(hu.to(torch.int16).numpy().tobytes())
+    h.update(labels.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+@pytest.mark.parametrize("shape, seed, options, expected", [
+    (32, 5, {}, "567c5f8cbe169fe6"),
+    (24, 3, {"table": False, "noise_hu": 0.0}, "9d2756e76d06fe4e"),
+    ((20, 16, 24), 1, {}, "b3fcee6da278cf8f"),
+])
+def test_version_1_is_reproducible_bit_for_bit(shape, seed, options, expected):
+    """Checksums taken from the version 1 code before version 2 existed."""
+    assert checksum(*chest_phantom(shape, seed, version=1, **options)) == expected
+
+
+def test_versions_and_their_options():
+    assert PHANTOM_VERSION == 2 and PHANTOM_VERSIONS == (1, 2)
+    v2 = chest_phantom(16, seed=0)
+    assert torch.equal(v2[0], chest_phantom(16, seed=0, version=2)[0])
+    assert not torch.equal(v2[0], chest_phantom(16, seed=0, version=1)[0])
+    with pytest.raises(ValueError, match="version"):
+        chest_phantom(16, seed=0, version=3)
+    with pytest.raises(ValueError, match="version 2"):
+        chest_phantom(16, seed=0, version=1, arms=True)
+
+
+def test_version_2_parts_group_into_the_coarse_labels():
+    hu, labels, parts = chest_phantom(32, seed=3, parts=True)
+    assert set(parts.unique().tolist()) <= set(PART_NAMES)
+    lut = torch.zeros(256, dtype=torch.uint8)
+    for part, code in PART_TO_LABEL.items():
+        lut[part] = code
+    assert torch.equal(lut[parts.long()], labels)
+    present = set(parts.unique().tolist())
+    for name in ("spine", "rib", "myocardium", "blood_right_heart", "blood_left_heart", "aorta", "lung_artery",
+                 "liver", "stomach"):
+        assert {v: k for k, v in PART_NAMES.items()}[name] in present, name

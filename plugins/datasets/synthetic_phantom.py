@@ -13,7 +13,7 @@ from torch.utils.data import Dataset
 
 from x2ct_framework.hookspecs import hookimpl
 from x2ct_framework.conventions import DEFAULT_HU_WINDOW
-from x2ct_framework.phantom import chest_phantom
+from x2ct_framework.phantom import PHANTOM_VERSION, PHANTOM_VERSIONS, chest_phantom
 from x2ct_framework.physics import MU_WATER
 from x2ct_framework.stage import Stage
 from x2ct_plugins.datasets._common import (DiskCache, case_geometry, check_common, check_split, drr_key,
@@ -31,7 +31,9 @@ class SyntheticPhantomDataset(Dataset):
     target stays at the stage resolution; 0: the stage resolution), ``view_jitter`` (random angle
     offsets in degrees drawn at every access, train split only), ``table``, ``noise_hu``,
     ``mu_water``, ``beer_lambert``, ``cache_dir`` (phantoms and DRRs are written there once and read
-    back) and ``memory_cache_mb`` (finished cases kept in memory up to this size; 0 = off).
+    back), ``memory_cache_mb`` (finished cases kept in memory up to this size; 0 = off),
+    ``phantom_version`` (the anatomy, ``x2ct_framework.phantom.PHANTOM_VERSIONS``; default the newest)
+    and ``arms`` (arms at the sides; version 2 only).
     """
 
     def __init__(self, *, split: str, stage: Stage, views: list[float] = (0.0, 90.0), geometry: str | dict = "parallel",
@@ -39,8 +41,14 @@ class SyntheticPhantomDataset(Dataset):
                  num_test: int = 4, seed: int = 0, image_size: int = 0, volume_mm: float = 320.0,
                  render_resolution: int = 0, view_jitter: float = 0.0, table: bool = True, noise_hu: float = 8.0,
                  mu_water: float = MU_WATER, beer_lambert: bool = False, cache_dir: str = "",
-                 memory_cache_mb: float = 512.0):
+                 memory_cache_mb: float = 512.0, phantom_version: int = PHANTOM_VERSION, arms: bool = False):
         check_split(split)
+        if phantom_version not in PHANTOM_VERSIONS:
+            raise ValueError(f"synthetic_phantom: phantom_version must be one of {PHANTOM_VERSIONS}, got "
+                             f"{phantom_version!r}")
+        if arms and phantom_version < 2:
+            raise ValueError("synthetic_phantom: arms = true needs phantom_version = 2 (version 1 has no arms)")
+        self.phantom_version, self.arms = int(phantom_version), bool(arms)
         check_common(views, hu_window, geometry)
         self.split, self.stage = split, stage
         self.views = [float(v) for v in views]
@@ -77,7 +85,8 @@ class SyntheticPhantomDataset(Dataset):
     def phantom(self, i: int, resolution: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """HU volume and label map of case ``i`` (``[R, R, R]`` each)."""
         return chest_phantom(resolution or self.stage.resolution, self.case_seed(i), volume_mm=self.volume_mm,
-                             table=self.table, noise_hu=self.noise_hu, cache_dir=self.cache_dir)
+                             table=self.table, noise_hu=self.noise_hu, cache_dir=self.cache_dir,
+                             version=self.phantom_version, arms=self.arms)
 
     def __getitem__(self, i: int) -> dict:
         if not 0 <= i < self.size:
@@ -108,7 +117,8 @@ class SyntheticPhantomDataset(Dataset):
         hu, labels = self.phantom(i)
         ct = hu_to_unit(hu, self.hu_window)[None]
         geometry = case_geometry(self.views, self.geometry_option, self.volume_mm)
-        key = drr_key(f"phantom-{self.case_seed(i)}-{self.table}-{self.noise_hu}-{self.volume_mm}", geometry,
+        anatomy = "" if self.phantom_version == 1 else f"-v{self.phantom_version}-{self.arms}"
+        key = drr_key(f"phantom-{self.case_seed(i)}-{self.table}-{self.noise_hu}-{self.volume_mm}{anatomy}", geometry,
                       self.render_resolution, self.image_size, self.hu_window, self.mu_water, self.beer_lambert)
         cached = self.cache.get("drr", key)
         if cached is not None:
