@@ -38,6 +38,7 @@ class _PartCanvas(_Canvas):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        self.bones: dict[tuple, torch.Tensor] = {}
         self.stats = {"vessel_segments": 0, "vessel_min_radius_mm": math.inf, "vessel_max_depth": 0}
 
     def coarse_labels(self) -> torch.Tensor:
@@ -47,14 +48,100 @@ class _PartCanvas(_Canvas):
         return lut[self.labels.long()]
 
     def shell(self, sd: torch.Tensor, cortex_hu: float, core_hu: float, cortex_mm: float, part: int, sl) -> None:
-        """A bone: a cortical shell ``cortex_mm`` thick around cancellous bone."""
-        self.paint(self.cover(sd), cortex_hu, part, sl)
-        self.paint(self.cover(sd + cortex_mm), core_hu, part, sl)
+        """A bone: a cortical shell ``cortex_mm`` thick around cancellous bone, with partial volume.
 
-    def bone_tube(self, points, radii, cortex_hu: float, core_hu: float, cortex_mm: float, part: int,
-                  min_radius: float = 0.0) -> None:
-        self.tube(points, radii, cortex_hu, part, min_radius)
-        self.tube(points, [max(r - cortex_mm, 0.3) for r in radii], core_hu, part, min_radius)
+        The core replaces cortex, not the whole voxel: a voxel covered ``co`` by the bone and ``ci`` by
+        its core holds ``co - ci`` of cortex and ``ci`` of core."""
+        co, ci = self.cover(sd), self.cover(sd + cortex_mm)
+        hu = self.hu[sl]
+        hu += co * (cortex_hu - hu)
+        hu += ci * (core_hu - cortex_hu)
+        self.labels[sl][(co > 0.5).expand_as(hu)] = part
+
+    def segments(self, segs, value: float, part: int, chunk: int = 1024) -> None:
+        """Many short tapered tubes ``(a, b, r0, r1)`` (patient mm) painted at once: every segment's voxels in its
+        bounding box are gathered into one tensor, their coverages merged by maximum, then painted in one step.
+        Segments whose box is larger than 12 voxels along an axis are painted one by one."""
+        small = []
+        for a, b, r0, r1 in segs:
+            wa, wb = self.world_point(a), self.world_point(b)
+            pad = max(r0, r1) + self.vmean
+            ext = max((abs(wa[i] - wb[i]) + 2 * pad) / self.vox[i] for i in range(3))
+            if ext > 11.0:
+                self._capsule(a, b, wa, wb, r0, r1, value, part)
+            else:
+                small.append((ext, (*wa, *wb, r0, r1, pad)))
+        if not small:
+            return
+        d, h, w = self.shape
+        cover = torch.zeros(d * h * w)
+        small.sort(key=lambda e: e[0])  # chunks of similar size share one box size
+        for k in range(0, len(small), chunk):
+            part_ = small[k:k + chunk]
+            ar = torch.arange(int(math.ceil(part_[-1][0])) + 2, dtype=torch.float64)
+            t = torch.tensor([e[1] for e in part_], dtype=torch.float64)
+            wa, wb, r0, r1, pad = t[:, 0:3], t[:, 3:6], t[:, 6], t[:, 7], t[:, 8]
+            idx, pos = [], []
+            for axis, n, grid in ((0, w, self.wx), (1, h, self.wy), (2, d, self.wz)):
+                lo = torch.minimum(wa[:, axis], wb[:, axis]) - pad
+                start = torch.floor((lo + self.size[axis] / 2) / self.vox[axis] - 0.5)
+                i = start[:, None] + ar  # [N, 13]
+                inside = (i >= 0) & (i < n)
+                i = i.clamp(0, n - 1).long()
+                idx.append((i, inside))
+                pos.append(grid.double()[i] - wa[:, axis:axis + 1])
+            (ix, okx), (iy, oky), (iz, okz) = idx
+            px, py, pz = pos
+            ab = wb - wa
+            ll = (ab * ab).sum(1).clamp_min(1e-9)
+            x, y, z = px.float()[:, None, None, :], py.float()[:, None, :, None], pz.float()[:, :, None, None]
+            ab, ll, r0, r1 = ab.float(), ll.float(), r0.float(), r1.float()
+            ux, uy, uz = [(ab[:, j] / ll)[:, None, None, None] for j in range(3)]
+            tt = (x * ux + y * uy + z * uz).clamp(0.0, 1.0)
+            dist = ((x - tt * ab[:, 0, None, None, None]) ** 2 + (y - tt * ab[:, 1, None, None, None]) ** 2
+                    + (z - tt * ab[:, 2, None, None, None]) ** 2).sqrt()
+            sd = dist - (r0[:, None, None, None] + tt * (r1 - r0)[:, None, None, None])
+            cov = (0.5 - sd / self.vmean).clamp(0.0, 1.0)
+            ok = okz[:, :, None, None] & oky[:, None, :, None] & okx[:, None, None, :]
+            cov = cov * ok
+            flat = (iz[:, :, None, None] * h + iy[:, None, :, None]) * w + ix[:, None, None, :]
+            cover.scatter_reduce_(0, flat.reshape(-1), cov.reshape(-1), reduce="amax")
+        cover = cover.view(d, h, w)
+        touched = cover > 0
+        self.hu[touched] += cover[touched] * (value - self.hu[touched])
+        self.labels[cover > 0.5] = part
+
+    def bone_tube(self, points, radii, cortex_hu: float, core_hu: float, cortex_mm: float, part: int) -> None:
+        """A tapered bone tube along a polyline (patient mm). Its distance field is gathered over all
+        segments (and all tubes of the same kind) first; :meth:`flush_bones` paints them, so joints
+        are painted once."""
+        key = (cortex_hu, core_hu, cortex_mm, part)
+        if key not in self.bones:
+            self.bones[key] = torch.full(self.shape, math.inf)
+        field = self.bones[key]
+        pts = [tuple(float(c) for c in p) for p in points]
+        for i in range(len(pts) - 1):
+            a, b = pts[i], pts[i + 1]
+            wa, wb = self.world_point(a), self.world_point(b)
+            r0, r1 = float(radii[i]), float(radii[i + 1])
+            pad = max(r0, r1) + self.vmean
+            sl = self.box([min(p, q) - pad for p, q in zip(a, b)], [max(p, q) + pad for p, q in zip(a, b)])
+            if sl is None:
+                continue
+            abx, aby, abz = wb[0] - wa[0], wb[1] - wa[1], wb[2] - wa[2]
+            ll = (abx * abx + aby * aby + abz * abz) or 1e-9
+            x = self.wx[sl[2]][None, None, :] - wa[0]
+            y = self.wy[sl[1]][None, :, None] - wa[1]
+            z = self.wz[sl[0]][:, None, None] - wa[2]
+            t = ((x * (abx / ll) + y * (aby / ll)) + z * (abz / ll)).clamp_(0.0, 1.0)
+            dist = ((x - t * abx).square_() + (y - t * aby).square_() + (z - t * abz).square_()).sqrt_()
+            view = field[sl]
+            view.copy_(torch.minimum(view, dist - (r0 + t * (r1 - r0))))
+
+    def flush_bones(self) -> None:
+        for (cortex_hu, core_hu, cortex_mm, part), field in self.bones.items():
+            self.shell(field, cortex_hu, core_hu, cortex_mm, part, (slice(None),) * 3)
+        self.bones = {}
 
 
 class _AnatomyV2(_Anatomy):
@@ -62,32 +149,32 @@ class _AnatomyV2(_Anatomy):
 
     def __init__(self, rng: random.Random):  # noqa: D107 - does not call the version 1 draws
         u = rng.uniform
-        size = u(0.93, 1.06)
-        self.sx = min(size * u(0.88, 1.1), 1.1)
+        size = u(0.94, 1.07)
+        self.sx = min(size * u(0.9, 1.1), 1.08)
         self.sy = size * u(0.86, 1.14)
         self.sz = u(0.95, 1.04)  # lung height
         self.yb = 10.0
-        self.ax = 150.0 * self.sx
+        self.ax = 152.0 * self.sx
         self.ay_ant, self.ay_post = 96.0 * self.sy, 122.0 * self.sy
         self.fat = u(6.0, 26.0) * (0.7 + 0.3 * size)
         self.cax = self.ax - self.fat - 9.0
         self.cay_ant = self.ay_ant - self.fat - 7.0
         self.cay_post = self.ay_post - self.fat - 18.0
         self.apex = -148.0 * self.sz + u(-4.0, 4.0)
-        self.dome_r = 50.0 * self.sz + u(-8.0, 8.0)
+        self.dome_r = 36.0 * self.sz + u(-8.0, 8.0)
         self.dome_l = self.dome_r + u(6.0, 18.0)
         self.heart = (u(14.0, 28.0), u(-28.0, -12.0), self.dome_r + u(-34.0, -24.0))
         self.heart_scale = u(0.92, 1.1)
         self.heart_turn = math.radians(u(22.0, 38.0))
-        self.pa_hu = u(320.0, 450.0)  # CTPA: right heart and pulmonary arteries
-        self.sys_hu = max(self.pa_hu * u(0.7, 0.95), 255.0)  # left heart, aorta, pulmonary veins
+        self.pa_hu = u(330.0, 480.0)  # CTPA: right heart and pulmonary arteries
+        self.sys_hu = max(self.pa_hu * u(0.78, 1.0), 260.0)  # left heart, aorta, pulmonary veins
         self.myo_hu = u(40.0, 60.0)
         self.spine_y = self.yb + self.cay_post - 20.0
         self.vert_h = u(17.0, 20.0) * self.sz
         self.disc_h = u(4.5, 6.0) * self.sz
         self.spine_top = self.apex + u(-8.0, 2.0)
         self.sternum_top = self.apex + u(22.0, 34.0)
-        self.rib_drop = u(85.0, 110.0) * self.sz
+        self.rib_drop = u(140.0, 165.0) * self.sz
         self.liver_hu = u(55.0, 75.0)
         self.spleen_hu = u(45.0, 60.0)
         self.kidney_hu = u(130.0, 180.0)  # cortex in the arterial-portal phase
@@ -154,35 +241,33 @@ class _AnatomyV2(_Anatomy):
         return max(sd, -(q - 1.0) / max(grad, 1e-6))
 
 
-def _tree(cv: _PartCanvas, anat: _AnatomyV2, seed: int, start, direction, radius: float, value: float,
-          part: int, right: bool, min_radius: float, max_depth: int = 22) -> None:
-    """A branching vessel tree (Murray's law, asymmetric splits) that stays inside its lung.
+def _tree(cv: _PartCanvas, anat: _AnatomyV2, seed: int, start, direction, radius: float, right: bool,
+          min_radius: float, out: list, max_depth: int = 24) -> None:
+    """A branching vessel tree that stays inside its lung; its segments ``(a, b, r0, r1)`` go to ``out``.
 
-    Every branch draws from its own seed, so a finer grid only adds smaller branches."""
+    Children share the parent's flow by Murray's law (r^3 = r_a^3 + r_b^3) with asymmetric splits; a
+    branch that would leave the lung turns back toward the lung's centre or gets shorter, and is dropped
+    only when that fails. Every branch draws from its own seed, so a finer grid only adds thinner branches."""
     centre = (-70.0 * anat.sx if right else 72.0 * anat.sx, anat.yb + 10.0, (anat.apex + anat.dome_r) / 2 + 20.0)
-
-    def depth_in_lung(p) -> float:
-        return -anat.lung_sd_point(p[0], p[1], p[2], right)
-
     stack = [(start, _unit(direction), radius, 0, seed)]
     while stack:
         p, d, r, depth, s = stack.pop()
         if r < min_radius or depth > max_depth:
             continue
         local = random.Random(s)
-        length = r * local.uniform(2.6, 4.0) + 2.5
+        length = r * local.uniform(3.0, 4.5) + 2.0
         to_centre = _unit(tuple(ci - pi for ci, pi in zip(centre, p)))
         end = None
-        for bend, scale in ((0.0, 1.0), (0.5, 0.8), (1.1, 0.55)):
+        for bend, scale in ((0.0, 1.0), (0.4, 0.85), (0.9, 0.7), (1.6, 0.5), (3.0, 0.4)):
             dd = _unit(tuple(di + bend * ci for di, ci in zip(d, to_centre)))
             cand = tuple(pi + scale * length * di for pi, di in zip(p, dd))
-            if depth == 0 or depth_in_lung(cand) > 0.5 * r + 0.8:
+            if depth == 0 or -anat.lung_sd_point(*cand, right) > 0.5 * r + 0.5:
                 d, end = dd, cand
                 break
         if end is None:
             continue
-        r_end = r * 0.92
-        cv.tube([p, end], [r, r_end], value, part, min_radius=min_radius)
+        r_end = r * 0.97
+        out.append((p, end, r, r_end))
         cv.stats["vessel_segments"] += 1
         cv.stats["vessel_min_radius_mm"] = min(cv.stats["vessel_min_radius_mm"], r_end)
         cv.stats["vessel_max_depth"] = max(cv.stats["vessel_max_depth"], depth)
@@ -235,6 +320,7 @@ def render_v2(anat: _AnatomyV2, cv: _PartCanvas, rng_noise: torch.Generator, tab
             cv.tube([shoulder, elbow], [46.0 * anat.sx, 40.0 * anat.sx], -100.0, P.P_FAT)
             cv.tube([shoulder, elbow], [38.0 * anat.sx, 32.0 * anat.sx], 50.0, P.P_SOFT)
             cv.bone_tube([shoulder, elbow], [13.0, 10.5], 1250.0, 10.0, 4.0, P.P_ARM_BONE)
+            cv.flush_bones()  # inside the arm's soft tissue, before anything else is painted
 
     # upper abdomen under the domes: liver (right), spleen (left posterior), stomach (left anterior)
     sl = cv.box([-anat.ax - 10, -anat.ay_ant - 20, anat.dome_r - 20], [anat.ax + 10, anat.ay_post + 20, bottom_z])
@@ -323,25 +409,40 @@ def render_v2(anat: _AnatomyV2, cv: _PartCanvas, rng_noise: torch.Generator, tab
 
     # pulmonary arteries: lobar trunks, then one tree per segment (10 per lung); veins to the left atrium
     tree_rng = random.Random(anat.tree_seed)
-    segs = [(-0.3, 0.1, -1.0), (-0.6, -0.6, -0.6), (-0.5, 0.6, -0.7), (-0.8, -0.5, 0.1), (-0.4, -0.9, 0.2),
-            (-0.7, 0.5, 0.4), (-0.2, 0.9, 0.3), (-0.6, -0.3, 0.8), (-0.3, 0.6, 0.8), (-0.8, 0.1, 0.7)]
-    for right, hilum in ((True, r_hilum), (False, l_hilum)):
-        sign = 1.0 if not right else -1.0
-        for i, (dx, dy, dz) in enumerate(segs):
-            d = _unit((sign * abs(dx) + tree_rng.uniform(-0.15, 0.15), dy + tree_rng.uniform(-0.15, 0.15),
-                       dz + tree_rng.uniform(-0.15, 0.15)))
-            start = tuple(h + 12.0 * c for h, c in zip(hilum, d))
-            cv.tube([hilum, start], [7.0, 5.0], anat.pa_hu, P.P_LUNG_ARTERY)
-            _tree(cv, anat, tree_rng.getrandbits(32), start, d, 5.0 if i < 8 else 4.0, anat.pa_hu,
-                  P.P_LUNG_ARTERY, right, min_r)
+    arteries, veins = [], []
+    lowest_lung = max(anat.dome(sgn * anat.cax, anat.yb + anat.cay_post, sgn < 0) for sgn in (-1.0, 1.0))
+
+    def targets(right: bool, n: int) -> list:
+        """``n`` points spread through one lung, at least 12 mm deep: where the segmental trees go."""
+        found = []
+        while len(found) < n:
+            p = (tree_rng.uniform(-anat.cax, 0.0) if right else tree_rng.uniform(0.0, anat.cax),
+                 tree_rng.uniform(anat.yb - anat.cay_ant, anat.yb + anat.cay_post),
+                 tree_rng.uniform(anat.apex, lowest_lung))
+            if -anat.lung_sd_point(*p, right) > 12.0:
+                found.append(p)
+        return found
+
     la = (hx - 2.0, hy + 42.0, hz - 30.0)
-    for right in (True, False):
+    for right, hilum in ((True, r_hilum), (False, l_hilum)):
+        # arteries: from the hilum, a feeding branch halfway to each target, then a tree toward it
+        for target in targets(right, 28):
+            d = _unit(tuple(t - h for t, h in zip(target, hilum)))
+            reach = 0.5 * math.dist(target, hilum)
+            mid = tuple(h + reach * c for h, c in zip(hilum, d))
+            arteries.append((hilum, mid, 5.0, 3.6))
+            _tree(cv, anat, tree_rng.getrandbits(32), mid, d, 3.8, right, min_r, arteries)
+        # veins: from the left atrium's ostia, the same way, a little thinner at the end
         sign = -1.0 if right else 1.0
-        for j, (dy, dz) in enumerate(((0.3, -0.7), (0.1, -0.2), (0.3, 0.4), (-0.1, 0.8))):
-            ostium = (la[0] + sign * 26.0, la[1] + 4.0, la[2] + (-14.0 if dz < 0 else 14.0))
-            d = (sign * 0.8 + tree_rng.uniform(-0.1, 0.1), dy + tree_rng.uniform(-0.15, 0.15), dz)
-            _tree(cv, anat, tree_rng.getrandbits(32), ostium, d, 5.5, anat.sys_hu, P.P_LUNG_VEIN, right,
-                  1.2 * min_r)
+        for target in targets(right, 18):
+            ostium = (la[0] + sign * 26.0, la[1] + 4.0, la[2] + (-14.0 if target[2] < la[2] else 14.0))
+            d = _unit(tuple(t - o for t, o in zip(target, ostium)))
+            reach = 0.5 * math.dist(target, ostium)
+            mid = tuple(o + reach * c for o, c in zip(ostium, d))
+            veins.append((ostium, mid, 5.5, 3.6))
+            _tree(cv, anat, tree_rng.getrandbits(32), mid, d, 3.5, right, 1.2 * min_r, veins)
+    cv.segments(veins, anat.sys_hu, P.P_LUNG_VEIN)
+    cv.segments(arteries, anat.pa_hu, P.P_LUNG_ARTERY)
 
     # airways: trachea, main and lobar bronchi (wall, then lumen)
     carina = (2.0, sy - 38.0, hz - 90.0)
@@ -372,7 +473,7 @@ def render_v2(anat: _AnatomyV2, cv: _PartCanvas, rng_noise: torch.Generator, tab
             bx, by, bz = cv.coords(sl)
             vb = torch.maximum(_ellipse_sd(bx, by - ys, rx, ry).expand(bz.shape[0], -1, -1),
                                (bz - zc).abs() - anat.vert_h / 2)
-            cv.shell(vb, 1150.0, 230.0, 1.2, P.P_SPINE, sl)
+            cv.shell(vb, 1150.0, 230.0, 1.0, P.P_SPINE, sl)
             disc = torch.maximum(_ellipse_sd(bx, by - ys, rx - 0.5, ry - 0.5).expand(bz.shape[0], -1, -1),
                                  (bz - zc - level / 2).abs() - anat.disc_h / 2)
             cv.paint(cv.cover(disc), 85.0, P.P_SOFT, sl)
@@ -380,14 +481,14 @@ def render_v2(anat: _AnatomyV2, cv: _PartCanvas, rng_noise: torch.Generator, tab
             rho = ((bx**2 + (by - canal_y) ** 2).sqrt()).expand(bz.shape[0], -1, -1)
             ring = torch.maximum(torch.maximum(rho - 15.0, 8.0 - rho), (ys + ry - 3.0) - by)
             ring = torch.maximum(ring, (bz - zc + 1.0).abs() - (anat.vert_h / 2 - 2.0))
-            cv.shell(ring, 1100.0, 300.0, 1.5, P.P_SPINE, sl)
+            cv.shell(ring, 1100.0, 260.0, 1.0, P.P_SPINE, sl)
             cv.paint(cv.cover(torch.maximum(rho - 7.5, (bz - zc).abs() - level / 2)), 15.0, P.P_SOFT, sl)
         canal_y = ys + ry + 9.0
-        cv.bone_tube([(0.0, canal_y + 12.0, zc), (0.0, canal_y + 40.0, zc + 16.0)], [5.5, 3.5], 1100.0, 300.0, 1.5,
+        cv.bone_tube([(0.0, canal_y + 12.0, zc), (0.0, canal_y + 40.0, zc + 16.0)], [5.5, 3.5], 1100.0, 260.0, 1.0,
                      P.P_SPINE)
         for side in (-1.0, 1.0):
             tip = (side * 34.0, canal_y + 4.0, zc - 3.0)
-            cv.bone_tube([(side * 10.0, canal_y - 2.0, zc - 2.0), tip], [5.5, 4.5], 1100.0, 300.0, 1.5, P.P_SPINE)
+            cv.bone_tube([(side * 10.0, canal_y - 2.0, zc - 2.0), tip], [5.5, 4.5], 1100.0, 260.0, 1.0, P.P_SPINE)
             if 0 <= k < 12:
                 _rib_v2(cv, anat, k, tip, zc, side)
         zc += level
@@ -410,7 +511,7 @@ def render_v2(anat: _AnatomyV2, cv: _PartCanvas, rng_noise: torch.Generator, tab
         clav = [(side * 22.0, front, st_top + 4.0), (side * 60.0, front - 2.0, st_top - 8.0),
                 (side * 100.0 * anat.sx, front + 25.0, st_top - 14.0),
                 (side * 125.0 * anat.sx, front + 60.0, st_top - 10.0)]
-        cv.bone_tube(clav, [7.0, 6.5, 6.5, 7.0], 1150.0, 280.0, 1.8, P.P_CLAVICLE)
+        cv.bone_tube(clav, [7.0, 6.5, 6.5, 7.0], 1150.0, 260.0, 1.2, P.P_CLAVICLE)
     # scapulae: plates on the posterior chest wall, thin cortex around a thin cancellous core
     for side in (-1.0, 1.0):
         medial = (side * 48.0 * anat.sx, anat.yb + anat.ay_post * 0.97 - anat.fat - 5.0)
@@ -427,6 +528,8 @@ def render_v2(anat: _AnatomyV2, cv: _PartCanvas, rng_noise: torch.Generator, tab
         bend = side * 0.004 * (u_**2 - half**2)
         plate = _ellipsoid_sd(u_, v_ + bend, pz - czs, half, 4.0, 75.0)
         cv.shell(plate, 1000.0, 300.0, 1.2, P.P_SCAPULA, ssl)
+
+    cv.flush_bones()
 
     if table:
         back = anat.yb + anat.ay_post * 1.0 + 3.0
@@ -460,7 +563,7 @@ def _rib_v2(cv: _PartCanvas, anat: _AnatomyV2, k: int, tip, zc: float, side: flo
         ay = cay_p if math.cos(phi) > 0 else cay_a
         pts.append((side * (cx + 6.0) * math.sin(phi), anat.yb + (ay + 6.0) * math.cos(phi), zz))
         radii.append(5.0 - 1.0 * t)
-    cv.bone_tube(pts, radii, 1150.0, 240.0, 1.0, C.P_RIB)
+    cv.bone_tube(pts, radii, 1100.0, 210.0, 0.6, C.P_RIB)
     if true_rib:
         front = anat.yb - anat.ay_ant + anat.fat + 9.0
         st_z = anat.sternum_top + 10.0 + 24.0 * k * anat.sz
