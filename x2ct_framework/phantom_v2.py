@@ -314,7 +314,7 @@ def render_v2(anat: _AnatomyV2, cv: _PartCanvas, rng_noise: torch.Generator, tab
     # arms at the sides: fat, muscle and the humerus (cortex and marrow)
     if arms:
         for side in (-1.0, 1.0):
-            ax_ = side * (anat.ax + 8.0 + 42.0 * anat.sx)
+            ax_ = side * (anat.ax + 38.0 * anat.sx)
             shoulder = (ax_ - side * 12.0, anat.yb + 5.0, anat.apex - 5.0)
             elbow = (ax_ + side * 6.0, anat.yb + 25.0, anat.apex + 300.0)
             cv.tube([shoulder, elbow], [46.0 * anat.sx, 40.0 * anat.sx], -100.0, P.P_FAT)
@@ -329,8 +329,12 @@ def render_v2(anat: _AnatomyV2, cv: _PartCanvas, rng_noise: torch.Generator, tab
         bsd = anat.body_sd(bx, by, bz)
         below_r = bz - anat.dome(bx, by, True) - 5.0
         below_l = bz - anat.dome(bx, by, False) - 5.0
+        # the abdominal cavity: bowel and mesenteric fat, a mixture about -20 HU, under the organs
+        cavity = torch.maximum(torch.maximum(bsd + anat.fat + 14.0, -torch.minimum(below_r, below_l)),
+                               -_ellipse_sd(bx - 2.0, by - anat.spine_y, 40.0, 34.0))
+        cv.paint(cv.cover(cavity), -20.0 + 10.0 * _texture(cv, anat.texture_seed + 2, 15.0, sl), P.P_SOFT, sl)
         liver = torch.maximum(torch.maximum(bsd + anat.fat + 9.0, -below_r),
-                              bx - (40.0 + 0.45 * (bz - anat.dome_r)))
+                              bx - (45.0 * anat.sx - 0.9 * (bz - anat.dome_r).clamp_min(0)))
         liver = torch.maximum(liver, (by - anat.spine_y + 5.0) - 0.4 * (bx + 60.0).clamp_min(0))
         cv.paint(cv.cover(liver), anat.liver_hu, P.P_LIVER, sl)
         spl_c = (85.0 * anat.sx, anat.yb + 55.0 * anat.sy, anat.dome_l + 45.0)
