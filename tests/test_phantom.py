@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from x2ct_framework.phantom import LABELS, chest_phantom
+from x2ct_framework.conventions import PART_NAMES, PART_TO_LABEL
+from x2ct_framework.phantom import LABELS, PHANTOM_VERSION, PHANTOM_VERSIONS, chest_phantom
+from x2ct_framework.phantom_stats import case_statistics
 
 BACKGROUND, SOFT, LUNG, BONE, VESSEL, HEART, FAT, AIR, TABLE = range(9)
+PART_NAMES_BY = {name: code for code, name in PART_NAMES.items()}
 
 
 @pytest.fixture(scope="module")
@@ -133,3 +138,110 @@ def test_bad_resolution():
         chest_phantom((16, 16), seed=0)
     with pytest.raises(ValueError, match="at least 2"):
         chest_phantom(1, seed=0)
+
+
+def checksum(hu: torch.Tensor, labels: torch.Tensor) -> str:
+    h = hashlib.sha256()
+    h.update(hu.to(torch.int16).numpy().tobytes())
+    h.update(labels.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+@pytest.mark.parametrize("shape, seed, options, expected", [
+    (32, 5, {}, "567c5f8cbe169fe6"),
+    (24, 3, {"table": False, "noise_hu": 0.0}, "9d2756e76d06fe4e"),
+    ((20, 16, 24), 1, {}, "b3fcee6da278cf8f"),
+])
+def test_version_1_is_reproducible_bit_for_bit(shape, seed, options, expected):
+    """Checksums taken from the version 1 code before version 2 existed."""
+    assert checksum(*chest_phantom(shape, seed, version=1, **options)) == expected
+
+
+def test_versions_and_their_options():
+    assert PHANTOM_VERSION == 2 and PHANTOM_VERSIONS == (1, 2)
+    v2 = chest_phantom(16, seed=0)
+    assert torch.equal(v2[0], chest_phantom(16, seed=0, version=2)[0])
+    assert not torch.equal(v2[0], chest_phantom(16, seed=0, version=1)[0])
+    with pytest.raises(ValueError, match="version"):
+        chest_phantom(16, seed=0, version=3)
+    with pytest.raises(ValueError, match="version 2"):
+        chest_phantom(16, seed=0, version=1, arms=True)
+
+
+def test_version_2_parts_group_into_the_coarse_labels():
+    hu, labels, parts = chest_phantom(32, seed=3, parts=True)
+    assert set(parts.unique().tolist()) <= set(PART_NAMES)
+    lut = torch.zeros(256, dtype=torch.uint8)
+    for part, code in PART_TO_LABEL.items():
+        lut[part] = code
+    assert torch.equal(lut[parts.long()], labels)
+    present = set(parts.unique().tolist())
+    for name in ("spine", "rib", "myocardium", "blood_right_heart", "blood_left_heart", "aorta", "lung_artery",
+                 "liver", "stomach"):
+        assert PART_NAMES_BY[name] in present, name
+
+
+@pytest.mark.parametrize("shape, seed, options, expected", [
+    (32, 5, {}, "1d9b0009ed6dfae6"),
+    (24, 3, {"table": False, "noise_hu": 0.0}, "cfdd9caf6d4b46a9"),
+])
+def test_version_2_checksum(shape, seed, options, expected):
+    """Version 2 pinned as well: a change to its anatomy must bump PHANTOM_VERSION."""
+    assert checksum(*chest_phantom(shape, seed, version=2, **options)) == expected
+
+
+@pytest.mark.parametrize("seed", [1, 3])
+def test_version_2_statistics_are_those_of_an_adult_ctpa(seed):
+    """Ranges around a real adult chest CTPA (docs/data.md lists the sources), measured at 64^3."""
+    s = case_statistics(2, seed, 64)
+    assert 3000 < s["lung_ml"] < 5500 and 240 <= s["lung_height_mm"] <= 290
+    assert -880 < s["hu_lung"] < -800 and -115 < s["hu_fat"] < -80 and 35 < s["hu_soft"] < 65
+    assert 35 < s["hu_myocardium"] < 70 and 250 < s["hu_blood_pool"] < 450  # CTPA: blood pools above muscle
+    assert s["blood_share_of_heart_pct"] > 40 and s["hu_heart"] > 150
+    assert 200 < s["hu_bone"] < 400 and 200 < s["hu_bone_interior"] < 300
+    assert 260 < s["body_width_mm"] < 330 and 190 < s["body_depth_mm"] < 260
+
+
+def test_version_1_statistics_stay_those_of_version_1():
+    s = case_statistics(1, 1, 64)
+    assert s["hu_bone"] > 450 and s["lung_height_mm"] < 240 and s["hu_heart"] < 150
+
+
+def test_version_2_patients_vary_more():
+    """Body width and depth spread about +-15 % across patients (version 1: about +-5 %)."""
+    import random
+
+    from x2ct_framework.phantom import _Anatomy
+    from x2ct_framework.phantom_v2 import _AnatomyV2
+
+    def spread(values):
+        values = torch.tensor(values)
+        return float(values.std() / values.mean())
+
+    v2 = [_AnatomyV2(random.Random(f"x2ct-chest-v2-{s}")) for s in range(40)]
+    v1 = [_Anatomy(random.Random(f"x2ct-chest-{s}")) for s in range(40)]
+    assert spread([a.ax for a in v2]) > 0.06 and spread([a.ay_ant for a in v2]) > 0.06
+    assert spread([a.ax for a in v1]) < 0.06
+    widths = []
+    for seed in range(6):
+        _, labels = chest_phantom(32, seed)
+        body = (labels != BACKGROUND) & (labels != TABLE)
+        widths.append(float(body.any(0).any(0).sum()))
+    assert spread(widths) > 0.04
+
+
+@pytest.mark.slow
+def test_version_2_fine_structure_at_128():
+    """At 128^3 (2.5 mm voxels): a full rib cage in a mid-thoracic slice, vessel trees branching to the voxel size."""
+    s1, s2 = case_statistics(1, 1, 128), case_statistics(2, 1, 128)
+    assert s2["ribs_per_slice"] >= 12 and s2["ribs_per_slice"] > s1["ribs_per_slice"] + 3
+    assert s2["thinnest_vessel_mm"] <= 2.5 and s2["tree_segments"] > 2000
+    assert s2["lung_vessels_per_slice"] > 1.5 * s1["lung_vessels_per_slice"]
+
+
+def test_arms_are_optional():
+    hu, labels, parts = chest_phantom(32, seed=2, arms=True, volume_mm=440.0, parts=True)
+    assert (parts == PART_NAMES_BY["arm_bone"]).any()
+    _, plain = chest_phantom(32, seed=2, volume_mm=440.0)
+    body = lambda lab: ((lab != BACKGROUND) & (lab != TABLE)).any(0).any(0).sum()  # noqa: E731
+    assert body(labels) > body(plain) + 4  # arms reach further out than the chest

@@ -32,7 +32,8 @@ from x2ct_framework.conventions import AIR, BONE, FAT, HEART, LUNG, SOFT, TABLE,
 from x2ct_framework.conventions import LABEL_NAMES as LABELS
 from x2ct_framework.conventions import hu_to_unit
 
-PHANTOM_VERSION = 1
+PHANTOM_VERSION = 2  # the default; every version in PHANTOM_VERSIONS stays reproducible
+PHANTOM_VERSIONS = (1, 2)
 
 
 def _triple(v, name: str) -> tuple:
@@ -519,47 +520,84 @@ def _rib(cv: _Canvas, anat: _Anatomy, k: int, tip, zc: float, side: float) -> No
 
 
 def chest_phantom(resolution: int | Sequence[int] = 64, seed: int = 0, *, volume_mm: float | Sequence[float] = 320.0,
-                  table: bool = True, noise_hu: float = 8.0, cache_dir: str | Path | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+                  table: bool = True, noise_hu: float = 8.0, cache_dir: str | Path | None = None,
+                  version: int = PHANTOM_VERSION, arms: bool = False, parts: bool = False):
     """One synthetic CTPA chest: ``(hu [D, H, W] float32, labels [D, H, W] uint8)``.
 
     ``resolution`` is R (an R^3 grid) or (D, H, W); ``volume_mm`` the field of view, one size or
     (x, y, z). HU values are rounded to integers as a scanner stores them. With ``cache_dir`` the
     case is written there once (int16 HU + uint8 labels) and read back on later calls.
+
+    ``version`` picks the anatomy (:data:`PHANTOM_VERSIONS`; version 1 stays reproducible bit for bit,
+    version 2 is described in :mod:`x2ct_framework.phantom_v2`). Version 2 only: ``arms`` adds the arms
+    at the sides, and ``parts=True`` returns a third map of finer parts
+    (``conventions.PART_NAMES``, grouped into the coarse codes by ``conventions.PART_TO_LABEL``).
     """
+    if version not in PHANTOM_VERSIONS:
+        raise ValueError(f"version: expected one of {PHANTOM_VERSIONS}, got {version!r}")
+    if version == 1 and (arms or parts):
+        raise ValueError("arms and parts need phantom version 2 (version=2); version 1 has neither")
     shape = tuple(int(s) for s in _triple(resolution, "resolution"))
     if any(s < 2 for s in shape):
         raise ValueError(f"resolution: expected at least 2 voxels per axis, got {shape}")
     size = tuple(float(s) for s in _triple(volume_mm, "volume_mm"))  # (x, y, z)
     path = None
     if cache_dir is not None:
-        key = hashlib.sha1(repr((PHANTOM_VERSION, seed, shape, size, table, noise_hu)).encode()).hexdigest()[:12]
+        ident = (1, seed, shape, size, table, noise_hu) if version == 1 else (version, seed, shape, size, table,
+                                                                              noise_hu, arms)
+        key = hashlib.sha1(repr(ident).encode()).hexdigest()[:12]
         path = Path(cache_dir) / f"chest_{seed}_{shape[0]}x{shape[1]}x{shape[2]}_{key}.pt"
         if path.is_file():
             try:
                 data = torch.load(path, weights_only=True)
-                return data["hu"].float(), data["labels"]
+                hu, labels = data["hu"].float(), data["labels"]
+                if not parts:
+                    return hu, labels
+                if "parts" in data:
+                    return hu, labels, data["parts"]
             except Exception:
                 path.unlink(missing_ok=True)  # a damaged cache file is rebuilt
-    rng = random.Random(f"x2ct-chest-{seed}")
-    anat = _Anatomy(rng)
-    pose = random.Random(f"x2ct-pose-{seed}")
-    canvas = _Canvas(shape, size, rotation_deg=pose.uniform(-5.0, 5.0),
-                     shift_mm=(pose.uniform(-8.0, 8.0), pose.uniform(-8.0, 6.0), pose.uniform(-10.0, 10.0)))
-    noise = torch.Generator().manual_seed(int(hashlib.sha1(f"noise-{seed}-{shape}".encode()).hexdigest()[:8], 16))
     threads = torch.get_num_threads()
-    try:  # hundreds of medium-sized ops: one thread avoids the pool's synchronisation cost on a busy CPU
-        torch.set_num_threads(1)
-        _render(anat, canvas, noise, table, noise_hu)
-    finally:
-        torch.set_num_threads(threads)
+    if version == 1:
+        rng = random.Random(f"x2ct-chest-{seed}")
+        anat = _Anatomy(rng)
+        pose = random.Random(f"x2ct-pose-{seed}")
+        canvas = _Canvas(shape, size, rotation_deg=pose.uniform(-5.0, 5.0),
+                         shift_mm=(pose.uniform(-8.0, 8.0), pose.uniform(-8.0, 6.0), pose.uniform(-10.0, 10.0)))
+        noise = torch.Generator().manual_seed(int(hashlib.sha1(f"noise-{seed}-{shape}".encode()).hexdigest()[:8], 16))
+        try:  # hundreds of medium-sized ops: one thread avoids the pool's synchronisation cost on a busy CPU
+            torch.set_num_threads(1)
+            _render(anat, canvas, noise, table, noise_hu)
+        finally:
+            torch.set_num_threads(threads)
+        labels, part_map = canvas.labels, None
+    else:
+        from x2ct_framework import phantom_v2
+
+        anat = phantom_v2._AnatomyV2(random.Random(f"x2ct-chest-v2-{seed}"))
+        pose = random.Random(f"x2ct-pose-v2-{seed}")
+        canvas = phantom_v2._PartCanvas(shape, size, rotation_deg=pose.uniform(-6.0, 6.0),
+                                        shift_mm=(pose.uniform(-10.0, 10.0), pose.uniform(-10.0, 8.0),
+                                                  pose.uniform(-6.0, 6.0)))
+        noise = torch.Generator().manual_seed(
+            int(hashlib.sha1(f"noise-v2-{seed}-{shape}".encode()).hexdigest()[:8], 16))
+        try:
+            torch.set_num_threads(1)
+            phantom_v2.render_v2(anat, canvas, noise, table, noise_hu, arms)
+        finally:
+            torch.set_num_threads(threads)
+        part_map = canvas.labels
+        labels = canvas.coarse_labels()
     hu = canvas.hu.round().clamp(-1024, 3071)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        torch.save({"hu": hu.to(torch.int16), "labels": canvas.labels}, tmp)
+        data = {"hu": hu.to(torch.int16), "labels": labels}
+        if part_map is not None:
+            data["parts"] = part_map
+        torch.save(data, tmp)
         tmp.replace(path)
-    return hu, canvas.labels
+    return (hu, labels, part_map) if parts else (hu, labels)
 
 
 # ---- toy chests: nested ellipsoids with one HU value per class, for tests ------------------------

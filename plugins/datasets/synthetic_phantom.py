@@ -6,14 +6,17 @@ phantom is described in millimetres); train, val and test draw from disjoint see
 
 from __future__ import annotations
 
+import hashlib
+import math
 import random
 
 import torch
+from torchvision.transforms.functional import gaussian_blur
 from torch.utils.data import Dataset
 
 from x2ct_framework.hookspecs import hookimpl
 from x2ct_framework.conventions import DEFAULT_HU_WINDOW
-from x2ct_framework.phantom import chest_phantom
+from x2ct_framework.phantom import PHANTOM_VERSION, PHANTOM_VERSIONS, chest_phantom
 from x2ct_framework.physics import MU_WATER
 from x2ct_framework.stage import Stage
 from x2ct_plugins.datasets._common import (DiskCache, case_geometry, check_common, check_split, drr_key,
@@ -31,7 +34,13 @@ class SyntheticPhantomDataset(Dataset):
     target stays at the stage resolution; 0: the stage resolution), ``view_jitter`` (random angle
     offsets in degrees drawn at every access, train split only), ``table``, ``noise_hu``,
     ``mu_water``, ``beer_lambert``, ``cache_dir`` (phantoms and DRRs are written there once and read
-    back) and ``memory_cache_mb`` (finished cases kept in memory up to this size; 0 = off).
+    back), ``memory_cache_mb`` (finished cases kept in memory up to this size; 0 = off),
+    ``phantom_version`` (the anatomy, ``x2ct_framework.phantom.PHANTOM_VERSIONS``; default the newest),
+    ``arms`` (arms at the sides; version 2 only), ``render_oversample`` (render the DRRs from the same
+    patient generated at this many times the stage resolution; 1 = the target grid itself),
+    ``xray_noise`` (quantum noise: the relative noise of an unattenuated detector pixel, 1/sqrt(photons
+    per pixel); 0 = none) and ``xray_blur_mm`` (Gaussian detector blur, sigma in mm at the detector;
+    0 = none). Noise and blur are drawn per case from ``seed``: the same images on every call.
     """
 
     def __init__(self, *, split: str, stage: Stage, views: list[float] = (0.0, 90.0), geometry: str | dict = "parallel",
@@ -39,8 +48,15 @@ class SyntheticPhantomDataset(Dataset):
                  num_test: int = 4, seed: int = 0, image_size: int = 0, volume_mm: float = 320.0,
                  render_resolution: int = 0, view_jitter: float = 0.0, table: bool = True, noise_hu: float = 8.0,
                  mu_water: float = MU_WATER, beer_lambert: bool = False, cache_dir: str = "",
-                 memory_cache_mb: float = 512.0):
+                 memory_cache_mb: float = 512.0, phantom_version: int = PHANTOM_VERSION, arms: bool = False,
+                 render_oversample: int = 1, xray_noise: float = 0.0, xray_blur_mm: float = 0.0):
         check_split(split)
+        if phantom_version not in PHANTOM_VERSIONS:
+            raise ValueError(f"synthetic_phantom: phantom_version must be one of {PHANTOM_VERSIONS}, got "
+                             f"{phantom_version!r}")
+        if arms and phantom_version < 2:
+            raise ValueError("synthetic_phantom: arms = true needs phantom_version = 2 (version 1 has no arms)")
+        self.phantom_version, self.arms = int(phantom_version), bool(arms)
         check_common(views, hu_window, geometry)
         self.split, self.stage = split, stage
         self.views = [float(v) for v in views]
@@ -54,10 +70,19 @@ class SyntheticPhantomDataset(Dataset):
         if render_resolution and render_resolution < stage.resolution:
             raise ValueError(f"render_resolution ({render_resolution}) must be 0 or at least the stage resolution "
                              f"({stage.resolution})")
+        if not isinstance(render_oversample, int) or render_oversample < 1:
+            raise ValueError(f"synthetic_phantom: render_oversample must be a whole number >= 1 (1 = render from "
+                             f"the target grid), got {render_oversample!r}")
+        if render_oversample > 1 and render_resolution:
+            raise ValueError("synthetic_phantom: set render_resolution or render_oversample, not both")
+        if xray_noise < 0 or xray_blur_mm < 0:
+            raise ValueError(f"synthetic_phantom: xray_noise and xray_blur_mm must be >= 0 (0 = off), got "
+                             f"{xray_noise!r} and {xray_blur_mm!r}")
         self.seed = seed
         self.image_size = image_size or stage.resolution
         self.volume_mm = float(volume_mm)
-        self.render_resolution = render_resolution or stage.resolution
+        self.render_resolution = render_resolution or stage.resolution * render_oversample
+        self.xray_noise, self.xray_blur_mm = float(xray_noise), float(xray_blur_mm)
         self.view_jitter = float(view_jitter) if split == "train" else 0.0
         self.table, self.noise_hu = table, float(noise_hu)
         self.mu_water, self.beer_lambert = float(mu_water), beer_lambert
@@ -77,7 +102,8 @@ class SyntheticPhantomDataset(Dataset):
     def phantom(self, i: int, resolution: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """HU volume and label map of case ``i`` (``[R, R, R]`` each)."""
         return chest_phantom(resolution or self.stage.resolution, self.case_seed(i), volume_mm=self.volume_mm,
-                             table=self.table, noise_hu=self.noise_hu, cache_dir=self.cache_dir)
+                             table=self.table, noise_hu=self.noise_hu, cache_dir=self.cache_dir,
+                             version=self.phantom_version, arms=self.arms)
 
     def __getitem__(self, i: int) -> dict:
         if not 0 <= i < self.size:
@@ -101,14 +127,22 @@ class SyntheticPhantomDataset(Dataset):
         if self.render_resolution != self.stage.resolution:
             fine, _ = self.phantom(i, self.render_resolution)
             source = hu_to_unit(fine, self.hu_window)[None]
-        return render_views(source, geometry, self.hu_window, self.image_size, self.mu_water, self.beer_lambert)
+        views = render_views(source, geometry, self.hu_window, self.image_size, self.mu_water, self.beer_lambert)
+        if self.xray_noise or self.xray_blur_mm:
+            seed = int(hashlib.sha1(f"xray-detector:{self.case_seed(i)}".encode()).hexdigest()[:15], 16)
+            views = detector(views, geometry, self.xray_noise, self.xray_blur_mm, self.mu_water, self.beer_lambert,
+                             torch.Generator().manual_seed(seed))
+        return views
 
     def _make(self, i: int) -> dict:
         r = self.stage.resolution
         hu, labels = self.phantom(i)
         ct = hu_to_unit(hu, self.hu_window)[None]
         geometry = case_geometry(self.views, self.geometry_option, self.volume_mm)
-        key = drr_key(f"phantom-{self.case_seed(i)}-{self.table}-{self.noise_hu}-{self.volume_mm}", geometry,
+        anatomy = "" if self.phantom_version == 1 else f"-v{self.phantom_version}-{self.arms}"
+        if self.xray_noise or self.xray_blur_mm:
+            anatomy += f"-detector-{self.xray_noise}-{self.xray_blur_mm}"
+        key = drr_key(f"phantom-{self.case_seed(i)}-{self.table}-{self.noise_hu}-{self.volume_mm}{anatomy}", geometry,
                       self.render_resolution, self.image_size, self.hu_window, self.mu_water, self.beer_lambert)
         cached = self.cache.get("drr", key)
         if cached is not None:
@@ -121,6 +155,36 @@ class SyntheticPhantomDataset(Dataset):
                 "case_id": f"phantom-{self.split}-{i:04d}"}
 
 
+
+
+def detector(views: torch.Tensor, geometry: dict, noise: float, blur_mm: float, mu_water: float,
+             beer_lambert: bool, generator: torch.Generator) -> torch.Tensor:
+    """A simple detector applied to DRRs ``[V, 1, h, w]`` in [0, 1]: quantum noise, then blur, in transmitted
+    intensity.
+
+    The DRR is turned back into the transmitted fraction I = exp(-line integral) (the inverse of
+    ``physics.drr``'s linear or Beer-Lambert scaling). Noise: Poisson counts with 1/noise^2 photons per
+    unattenuated pixel, drawn in their Gaussian approximation (relative std noise / sqrt(I)). Blur: a
+    Gaussian of sigma ``blur_mm`` at the detector (the light spread of a scintillator), applied to the
+    noisy intensity so the noise is blurred too. Then back to the DRR's scale.
+    """
+    if beer_lambert:
+        intensity = 1.0 - views
+    else:
+        max_path = mu_water * float(torch.as_tensor(geometry["volume_mm"]).max())
+        intensity = torch.exp(-views * max_path)
+    if noise > 0:
+        intensity = intensity + noise * intensity.clamp_min(0).sqrt() * torch.randn(views.shape, generator=generator)
+    if blur_mm > 0:
+        pixel_mm = float(torch.as_tensor(geometry["detector_mm"]).float().mean()) / views.shape[-1]
+        sigma = blur_mm / pixel_mm
+        size = min(2 * int(math.ceil(3 * sigma)) + 1, 2 * min(views.shape[-2:]) - 1)
+        if size >= 3:
+            intensity = gaussian_blur(intensity, [size, size], [sigma, sigma])
+    intensity = intensity.clamp(1e-7, 1.0)
+    if beer_lambert:
+        return 1.0 - intensity
+    return (-torch.log(intensity) / max_path).clamp(0.0, 1.0)
 
 
 @hookimpl
