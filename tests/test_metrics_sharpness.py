@@ -111,6 +111,7 @@ def test_edge_sharpness_falls_with_blur_and_scales_with_contrast():
 
 
 # ---- LPIPS over three axes --------------------------------------------------------------------
+@pytest.mark.slow  # builds AlexNet twice (about 10 s on a busy CPU)
 def test_lpips3_offline_uses_a_seeded_random_backbone_and_says_so(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # no ImageNet weights here
     m = LPIPS3(HU, slices=2)
@@ -207,6 +208,7 @@ def _mean_extractor():
     return _MeanFeatures()
 
 
+@pytest.mark.slow  # the default protocol builds lpips3's AlexNet
 def test_the_evaluation_reports_one_set_value_per_protocol():
     g = torch.Generator().manual_seed(2)
     t = torch.rand(4, 1, 16, 16, 16, generator=g)
