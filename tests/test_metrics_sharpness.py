@@ -129,7 +129,8 @@ def test_lpips3_offline_uses_a_seeded_random_backbone_and_says_so(tmp_path, monk
     assert m(p, t).tolist() == pytest.approx(ref(p, t).tolist(), abs=1e-6)
     assert m(t, t).abs().max().item() < 1e-6
     assert LPIPS3(HU, slices=2, seed=1)(p, t).tolist() != pytest.approx(ref(p, t).tolist(), abs=1e-6)
-    proto = build_protocol("default", HU, lpips=False)
+    assert "lpips3" not in build_protocol("default", HU, lpips=False).metrics  # --lpips off: neither LPIPS
+    proto = build_protocol("default", HU, lpips="auto")
     assert proto.unit("lpips3") == "random backbone" and any("random-initialised" in n for n in proto.notes)
 
 
@@ -208,7 +209,6 @@ def _mean_extractor():
     return _MeanFeatures()
 
 
-@pytest.mark.slow  # the default protocol builds lpips3's AlexNet
 def test_the_evaluation_reports_one_set_value_per_protocol():
     g = torch.Generator().manual_seed(2)
     t = torch.rand(4, 1, 16, 16, 16, generator=g)

@@ -255,7 +255,7 @@ def _default(hu_window: Sequence[float], lpips: str | bool = "auto", structures:
     if anatomy:
         _anatomy_metrics(hu_window, metrics, groups)
     if sharpness:
-        _sharpness_metrics(hu_window, metrics, groups, notes)
+        _sharpness_metrics(hu_window, metrics, groups, notes, lpips)
     return Protocol("default", DEFAULT_CONVENTIONS, metrics, groups, primary="psnr", notes=notes)
 
 
@@ -275,14 +275,17 @@ def _anatomy_metrics(hu_window: Sequence[float], metrics: dict, groups: dict) ->
         groups[f"heldout_view_{kind}"] = "view"
 
 
-def _sharpness_metrics(hu_window: Sequence[float], metrics: dict, groups: dict, notes: list[str]) -> None:
-    """Sharpness, perceptual, distribution and uncertainty metrics (issue 30)."""
+def _sharpness_metrics(hu_window: Sequence[float], metrics: dict, groups: dict, notes: list[str],
+                       lpips: str | bool) -> None:
+    """Sharpness, perceptual, distribution and uncertainty metrics. ``lpips`` governs ``lpips3`` as it does
+    ``lpips``: off leaves it out, on needs the ImageNet trunk, auto falls back to a seeded random trunk."""
     metrics["hf_energy_ratio"], groups["hf_energy_ratio"] = HighFrequencyEnergy(hu_window), "sharpness"
     metrics["edge_sharpness"], groups["edge_sharpness"] = EdgeSharpness(hu_window), "sharpness"
-    lp = LPIPS3(hu_window)
-    metrics["lpips3"], groups["lpips3"] = lp, "sharpness"
-    if lp.note:
-        notes.append(lp.note)
+    if lpips:
+        lp = LPIPS3(hu_window, backbone="auto" if lpips == "auto" else "imagenet")
+        metrics["lpips3"], groups["lpips3"] = lp, "sharpness"
+        if lp.note:
+            notes.append(lp.note)
     try:
         for kind in ("fid", "kid"):
             m = SetDistance(hu_window, kind=kind)
