@@ -258,3 +258,17 @@ def test_uncertainty_coverage_counts_errors_within_two_std():
     assert m(p, t, {"pred_std": std * 2}).item() == pytest.approx(1.0)
     with pytest.raises(DataError, match="pred_std"):
         m(p, t, {"pred_std": torch.zeros(3)})
+
+
+# ---- recipes ----------------------------------------------------------------------------------
+def test_recipes_may_name_the_new_metrics_but_not_a_set_metric_for_validation(tiny_recipe):
+    from x2ct_framework.config.build import build_metrics
+    from x2ct_framework.config.recipe import load_recipe
+    from x2ct_framework.errors import RecipeError
+
+    names = ["psnr_lung", "ssim_soft", "contrast_retention", "contrast_chambers", "heldout_view_psnr",
+             "hf_energy_ratio", "edge_sharpness", "uncertainty_spearman"]
+    built = build_metrics(load_recipe(tiny_recipe, [f"eval.metrics={names!r}".replace("'", '"')]))
+    assert list(built) == names
+    with pytest.raises(RecipeError, match="fid3d.*one number for a whole split"):
+        build_metrics(load_recipe(tiny_recipe, ['eval.metrics=["psnr", "fid3d"]']))
