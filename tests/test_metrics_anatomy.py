@@ -270,3 +270,25 @@ def test_the_default_protocol_names_the_new_metrics():
     assert math.isfinite(out["default/heldout_view_psnr"].item())
     lean = build_protocol("default", HU, lpips=False, anatomy=False, sharpness=False)(p, t, batch)
     assert "default/psnr_lung" not in lean and "default/psnr" in lean
+
+
+def test_the_protocol_computes_the_regions_once_per_batch_and_never_reuses_another_batch(monkeypatch):
+    import x2ct_framework.evaluation.anatomy_metrics as A
+
+    calls = []
+    real = A.structure_regions
+    monkeypatch.setattr(A, "structure_regions", lambda *a, **k: calls.append(1) or real(*a, **k))
+    proto = build_protocol("default", HU, lpips=False, sharpness=False)
+    results = []
+    for inside_p in (100.0, 50.0):  # two batches in a row, as an evaluation scores them
+        p, t, batch = _cube_case(200.0, inside_p)
+        results.append(proto(p.float(), t.float(), batch)["default/contrast_heart"].item())
+        del p, t, batch
+    assert len(calls) == 2  # once per batch for all eight contrast columns
+    assert results == pytest.approx([0.5, 0.25], abs=1e-5)
+    # changed in place: computed again
+    p, t, batch = _cube_case(200.0, 100.0)
+    m = ContrastRetention(HU, "heart")
+    assert m(p, t, batch).item() == pytest.approx(0.5, abs=1e-6)
+    p[..., 6:10, 6:10, 6:10] = _to01(torch.tensor(0.0)).item()
+    assert m(p, t, batch).item() == pytest.approx(0.0, abs=1e-6)

@@ -17,6 +17,7 @@ The windowed PSNR/SSIM (lung and soft-tissue windows) are the ``window`` option 
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Sequence
 
 import numpy as np
@@ -185,9 +186,11 @@ class StructureContrast:
     def __call__(self, pred01: torch.Tensor, target01: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
         """``{"<structure>": retention [B], "<structure>/target": target contrast (HU), ...}``."""
         labels = batch.get("labels")
-        key = (pred01.data_ptr(), target01.data_ptr(), pred01._version, target01._version, tuple(pred01.shape),
-               None if labels is None else (labels.data_ptr(), labels._version))
-        if key == self._key:
+        # The same tensor objects (alive, unchanged since) as the last call: the protocol's other structures.
+        # Weak references, not addresses: a later batch may reuse freed memory at the same address.
+        key = [x for x in (pred01, target01, labels) if isinstance(x, torch.Tensor)]
+        if self._key is not None and len(key) == len(self._key) and all(
+                ref() is x and x._version == v for (ref, v), x in zip(self._key, key)):
             return self._value
         p, t = to_hu(pred01.clamp(0, 1), self.hu_window), to_hu(target01, self.hu_window)
         if labels is not None:
@@ -202,7 +205,7 @@ class StructureContrast:
             ok = ct.abs() >= self.min_contrast
             out[name] = torch.where(ok, cp / torch.where(ok, ct, torch.ones_like(ct)), torch.full_like(ct, math.nan))
             out[f"{name}/target"], out[f"{name}/pred"] = ct, cp
-        self._key, self._value = key, out
+        self._key, self._value = [(weakref.ref(x), x._version) for x in key], out
         return out
 
 
@@ -228,8 +231,8 @@ class ContrastRetention(Metric):
         from x2ct_framework.evaluation.metrics import _check_pair
 
         _check_pair(pred, target)
-        with torch.no_grad():  # the shared computation is keyed on the caller's tensors: clip here, once
-            values = self.shared(pred.detach(), target.detach(), batch or {})
+        with torch.no_grad():  # the shared computation is keyed on the caller's tensor objects (not copies)
+            values = self.shared(pred, target, batch or {})
         if self.structure != "mean":
             return values[self.structure].float()
         stack = torch.stack([values[s] for s in CONTRAST_STRUCTURES])
