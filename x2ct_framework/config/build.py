@@ -311,4 +311,8 @@ def build_metrics(recipe: Recipe) -> dict[str, Any]:
     out = {}
     for i, name in enumerate(recipe["eval"]["metrics"]):
         out[name] = reg.create(name, {}, where=recipe.where("eval", "metrics", i), context=ctx)
+        if getattr(out[name], "per_set", False):
+            raise RecipeError([f"{recipe.where('eval', 'metrics', i)}: metric {name!r} is one number for a whole split "
+                               f"(x2ct evaluate, the report and the matrices report it); it cannot score validation "
+                               f"batches: remove it from eval.metrics"])
     return out

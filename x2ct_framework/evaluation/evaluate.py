@@ -140,6 +140,7 @@ def evaluate(target: Target, split: str = "test", protocols: list[str] = ("defau
                "seed": recipe["seed"]}
     for name in dict.fromkeys(protocols):
         protos.append(build_protocol(name, hu_window, where="--protocol", context=offered))
+        protos[-1].reset()
     rank_proto, rank_metric = ranking(protos)
     rank_key, rank_higher = rank_proto.key(rank_metric), rank_proto.higher_is_better(rank_metric)
     dataset = build_dataset(recipe, stage, split)
@@ -196,6 +197,10 @@ def evaluate(target: Target, split: str = "test", protocols: list[str] = ("defau
                 kept[idx] = _case_record(batch, pred, i, case_ids[idx])
     values = {k: torch.cat(v).numpy() for k, v in chunks.items()}
     summary = {k: aggregate(v, n_boot, seed=recipe["seed"]) for k, v in values.items()}
+    for proto in protos:  # set-level metrics (fid3d, kid3d): one value for the split, no interval
+        for key, v in proto.set_results().items():
+            nan = float("nan")
+            summary[key] = {"mean": v, "std": nan, "ci_low": nan, "ci_high": nan, "n": len(case_ids)}
     info = {"recipe": str(recipe.path), "name": recipe.name, "stage": stage.name, "resolution": stage.resolution,
             "checkpoint": str(target.checkpoint), "split": split, "cases": len(case_ids), "hu_window": list(hu_window),
             "device": str(dev), "bootstrap": n_boot,
@@ -290,6 +295,10 @@ def write_outputs(ev: Evaluation, out_dir: str | Path, final: str | Path | None 
     return ev.files
 
 
+# The report sections shown in the main metric table (the per-structure PSNR/MAE/Dice have their own).
+TABLE_GROUPS = ("global", "window", "contrast", "view", "sharpness", "uncertainty", "set", "landmark")
+
+
 def metric_table(ev: Evaluation, proto: Protocol, groups: tuple[str, ...] | None = None) -> str:
     """Markdown table of one protocol's aggregates; every metric is named ``<protocol>/<metric>``."""
     lines = ["| metric | mean | std | 95% CI | n | unit |", "|---|---|---|---|---|---|"]
@@ -345,7 +354,7 @@ def markdown(ev: Evaluation, out_dir: Path | None = None) -> str:
              f"- aggregate: mean over cases, sample std, 95% percentile bootstrap interval of the mean "
              f"({i.get('bootstrap')} resamples); n counts the cases where the metric is defined", ""]
     for proto in ev.protocols:
-        lines += [f"## Protocol `{proto.name}`", "", metric_table(ev, proto, ("global", "landmark")), ""]
+        lines += [f"## Protocol `{proto.name}`", "", metric_table(ev, proto, TABLE_GROUPS), ""]
         st = structure_table(ev, proto) if any(g == "structure" for g in proto.groups.values()) else ""
         if st:
             source = i.get("structures_from", "labels or HU thresholds")

@@ -35,6 +35,9 @@ from x2ct_framework.conventions import STRUCTURE_LABELS as LABELS
 # cortical and dense trabecular bone; vessel: contrast-enhanced blood (CTPA) below bone density.
 THRESHOLDS = {"lung": (-1000.0, -400.0), "bone": (400.0, math.inf), "vessel": (150.0, 400.0)}
 BODY_HU = -500.0  # body outline threshold when no labels are given (lungs are filled in per slice)
+# Named display windows (HU) that ``window`` options accept besides [low, high]: the lung window and the
+# soft-tissue (mediastinal) window of chest CT reading.
+WINDOWS: dict[str, tuple[float, float]] = {"lung": (-1350.0, 150.0), "soft": (-160.0, 240.0)}
 
 
 # ---- conversions and masks --------------------------------------------------------------------
@@ -185,7 +188,13 @@ class Metric:
 
     # ``window`` (an option of PSNR, SSIM, MAE, RMSE) is the HU range both volumes are clipped to before
     # scoring; it is kept apart from SSIM's filter window (``win_size``, ``window_kind``).
-    def _clip_range(self, window: Sequence[float] | None) -> tuple[float, float]:
+    # A named window (``"lung"``, ``"soft"``, see ``WINDOWS``) stands for its HU range.
+    def _clip_range(self, window: Sequence[float] | str | None) -> tuple[float, float]:
+        if isinstance(window, str):
+            if window not in WINDOWS:
+                raise ValueError(f"window must be [low, high] HU or one of {', '.join(map(repr, WINDOWS))}, "
+                                 f"got {window!r}")
+            return WINDOWS[window]
         return self.hu_window if window is None else _check_window(window, "window")
 
     def _clipped_hu(self, x01: torch.Tensor, clip_hu: tuple[float, float]) -> torch.Tensor:
@@ -202,7 +211,7 @@ class PSNR(Metric):
 
     unit = "dB"
 
-    def __init__(self, hu_window: Sequence[float] = DEFAULT_HU_WINDOW, window: list[float] | None = None,
+    def __init__(self, hu_window: Sequence[float] = DEFAULT_HU_WINDOW, window: list[float] | str | None = None,
                  peak: float | None = None, slices: bool = False):
         super().__init__(hu_window)
         self.clip_hu = self._clip_range(window)
@@ -228,7 +237,7 @@ class SSIM(Metric):
     """
 
     def __init__(self, hu_window: Sequence[float] = DEFAULT_HU_WINDOW, mode: str = "3d",
-                 window: list[float] | None = None, win_size: int = 11, sigma: float = 1.5,
+                 window: list[float] | str | None = None, win_size: int = 11, sigma: float = 1.5,
                  window_kind: str = "gaussian", sample_covariance: bool = False,
                  axes: list[str] = PLANES):
         super().__init__(hu_window)
@@ -260,7 +269,7 @@ class MAE(Metric):
     higher_is_better = False
     unit = "HU"
 
-    def __init__(self, hu_window: Sequence[float] = DEFAULT_HU_WINDOW, window: list[float] | None = None):
+    def __init__(self, hu_window: Sequence[float] = DEFAULT_HU_WINDOW, window: list[float] | str | None = None):
         super().__init__(hu_window)
         self.clip_hu = self._clip_range(window)
 

@@ -26,6 +26,10 @@ from x2ct_framework.errors import PluginError, X2CTError, did_you_mean
 from x2ct_framework.evaluation.metrics import (DEFAULT_HU_WINDOW, LABELS, LPIPS, MAE, PSNR, RMSE, SSIM,
                                               LandmarkDistance, Metric, StructureMetric, _check_pair, body_mask,
                                               psnr_slices, to_hu)
+from x2ct_framework.evaluation.anatomy_metrics import (CONTRAST_STRUCTURES, ContrastRetention, HeldOutView,
+                                                       StructureContrast)
+from x2ct_framework.evaluation.sharpness_metrics import (LPIPS3, EdgeSharpness, HighFrequencyEnergy, SetDistance,
+                                                         UncertaintyCalibration)
 from x2ct_framework.hookspecs import hookimpl
 from x2ct_framework.ssim import ssim as _ssim
 
@@ -43,6 +47,21 @@ DEFAULT_CONVENTIONS = [
     "lung [-1000, -400), bone [400, inf), vessel [150, 400) inside the body); _dice: HU-thresholded "
     "prediction vs the reference region",
     "landmark_mm: mean distance between centroids of left lung, right lung, bone and vessel",
+    "psnr_lung, ssim_lung, psnr_soft, ssim_soft: PSNR (peak = window width) and 3D SSIM with both volumes "
+    "clipped to the lung window [-1350, 150] HU or the soft-tissue window [-160, 240] HU",
+    "contrast_<structure>: (mean HU inside - mean HU in a 2-voxel shell around it, inside the body) of the "
+    "prediction over the target's, for lungs, heart, chambers, great vessels, lung vessels, spine, ribs (labels "
+    "where the conventions name them, else thresholds and geometry); contrast_retention: their mean per case",
+    "heldout_view_psnr, heldout_view_ncc: DRRs of prediction and target from 45 and 135 degrees (angles of the "
+    "batch's views skipped) in the batch's geometry, PSNR with data range 1 / mean normalised cross-correlation",
+    "hf_energy_ratio: 3D power-spectrum energy above 0.25 cycles/voxel, prediction over target (1 ideal); "
+    "edge_sharpness: mean gradient magnitude on the bone and vessel boundaries, prediction over target",
+    "lpips3: lpips on 8 slices per axis; with a seeded random backbone, said in its unit, when the ImageNet "
+    "weights are absent",
+    "fid3d, kid3d: over the whole split (n = cases, no interval), features of a seeded random 3D CNN unless "
+    "another extractor is set; statistics by torch-fidelity",
+    "uncertainty_spearman, uncertainty_coverage: Spearman correlation of batch['pred_std'] with |error|, "
+    "fraction of body voxels with |error| <= 2 std; NaN when the model gives no std",
     "aggregate: mean over cases (NaN cases skipped, n reported), sample std, 95% percentile bootstrap "
     "interval of the mean",
 ]
@@ -157,7 +176,8 @@ class Protocol:
     """A named set of metrics with fixed conventions.
 
     ``metrics`` maps the metric's short name to a callable ``(pred, target, batch) -> [B]``;
-    ``groups`` names the report section of each ("global", "structure", "landmark");
+    ``groups`` names the report section of each ("global", "window", "structure", "contrast", "view",
+    "sharpness", "uncertainty", "set", "landmark");
     ``primary`` is the metric that ranks cases (worst first); ``notes`` records what was left out
     and why (for example LPIPS without its weights); ``exclude`` marks cases the protocol drops.
     """
@@ -172,6 +192,18 @@ class Protocol:
 
     def key(self, metric: str) -> str:
         return f"{self.name}/{metric}"
+
+    def set_metrics(self) -> dict[str, Callable]:
+        """Metrics scored over the whole evaluated set (``per_set``): each call adds to them, ``result()`` ends."""
+        return {m: fn for m, fn in self.metrics.items() if getattr(fn, "per_set", False)}
+
+    def reset(self) -> None:
+        for fn in self.set_metrics().values():
+            fn.reset()
+
+    def set_results(self) -> dict[str, float]:
+        """``{"<protocol>/<metric>": value}`` of the set-level metrics over everything scored since ``reset``."""
+        return {self.key(m): float(fn.result()) for m, fn in self.set_metrics().items()}
 
     def higher_is_better(self, metric: str) -> bool:
         return getattr(self.metrics[metric], "higher_is_better", True)
@@ -193,7 +225,8 @@ class Protocol:
         return {self.key(m): v for m, v in out.items()}
 
 
-def _default(hu_window: Sequence[float], lpips: str | bool = "auto", structures: bool = True) -> Protocol:
+def _default(hu_window: Sequence[float], lpips: str | bool = "auto", structures: bool = True,
+             anatomy: bool = True, sharpness: bool = True) -> Protocol:
     metrics: dict[str, Callable] = {
         "psnr": PSNR(hu_window),
         "psnr_slices": PSNR(hu_window, slices=True),
@@ -219,7 +252,50 @@ def _default(hu_window: Sequence[float], lpips: str | bool = "auto", structures:
                 groups[f"{s}_{kind}"] = "structure"
         metrics["landmark_mm"] = LandmarkDistance(hu_window)
         groups["landmark_mm"] = "landmark"
+    if anatomy:
+        _anatomy_metrics(hu_window, metrics, groups)
+    if sharpness:
+        _sharpness_metrics(hu_window, metrics, groups, notes, lpips)
     return Protocol("default", DEFAULT_CONVENTIONS, metrics, groups, primary="psnr", notes=notes)
+
+
+def _anatomy_metrics(hu_window: Sequence[float], metrics: dict, groups: dict) -> None:
+    """Windowed PSNR/SSIM, per-structure contrast retention and held-out-view consistency (issue 27)."""
+    for w in ("lung", "soft"):
+        metrics[f"psnr_{w}"], groups[f"psnr_{w}"] = PSNR(hu_window, window=w), "window"
+        metrics[f"ssim_{w}"], groups[f"ssim_{w}"] = SSIM(hu_window, mode="3d", window=w), "window"
+    shared = StructureContrast(hu_window)
+    metrics["contrast_retention"] = ContrastRetention(hu_window, "mean", shared=shared)
+    groups["contrast_retention"] = "contrast"
+    for s in CONTRAST_STRUCTURES:
+        metrics[f"contrast_{s}"] = ContrastRetention(hu_window, s, shared=shared)
+        groups[f"contrast_{s}"] = "contrast"
+    for kind in ("psnr", "ncc"):
+        metrics[f"heldout_view_{kind}"] = HeldOutView(hu_window, kind=kind)
+        groups[f"heldout_view_{kind}"] = "view"
+
+
+def _sharpness_metrics(hu_window: Sequence[float], metrics: dict, groups: dict, notes: list[str],
+                       lpips: str | bool) -> None:
+    """Sharpness, perceptual, distribution and uncertainty metrics. ``lpips`` governs ``lpips3`` as it does
+    ``lpips``: off leaves it out, on needs the ImageNet trunk, auto falls back to a seeded random trunk."""
+    metrics["hf_energy_ratio"], groups["hf_energy_ratio"] = HighFrequencyEnergy(hu_window), "sharpness"
+    metrics["edge_sharpness"], groups["edge_sharpness"] = EdgeSharpness(hu_window), "sharpness"
+    if lpips:
+        lp = LPIPS3(hu_window, backbone="auto" if lpips == "auto" else "imagenet")
+        metrics["lpips3"], groups["lpips3"] = lp, "sharpness"
+        if lp.note:
+            notes.append(lp.note)
+    try:
+        for kind in ("fid", "kid"):
+            m = SetDistance(hu_window, kind=kind)
+            metrics[f"{kind}3d"], groups[f"{kind}3d"] = m, "set"
+        notes.append(m.note.replace("kid3d", "fid3d and kid3d"))
+    except PluginError as exc:  # torch-fidelity is an optional extra
+        notes.append(f"fid3d and kid3d left out: {exc}")
+    for kind in ("spearman", "coverage"):
+        metrics[f"uncertainty_{kind}"] = UncertaintyCalibration(hu_window, kind=kind)
+        groups[f"uncertainty_{kind}"] = "uncertainty"
 
 
 def _x2ctgan(hu_window: Sequence[float]) -> Protocol:

@@ -257,7 +257,7 @@ def final_evaluation(run_dir: Path, recipe, stage, pics: Path, device, failures:
               f"Mean, sample std and 95% bootstrap interval over cases; n counts the cases where a metric is defined.",
               ""]
     for proto in ev.protocols:
-        lines += [f"### Protocol `{proto.name}`", "", ev_mod.metric_table(ev, proto, ("global", "landmark")), ""]
+        lines += [f"### Protocol `{proto.name}`", "", ev_mod.metric_table(ev, proto, ev_mod.TABLE_GROUPS), ""]
         if any(g == "structure" for g in proto.groups.values()):
             lines += ["Per-structure scores:", "", ev_mod.structure_table(ev, proto), ""]
         lines += ["<details><summary>conventions</summary>", ""] + [f"- {c}" for c in proto.conventions]
