@@ -173,3 +173,87 @@ def test_docs_architecture_names_every_module():
     missing += [f"{f.parent.name}/" for f in files
                 if f.name == "__init__.py" and f.parent != PACKAGE_ROOT and f"{f.parent.name}/" not in text]
     assert not missing, f"docs/architecture.md does not name {missing}"
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def api_violations(files) -> list[str]:
+    """Imports of ``x2ct_framework`` outside the declared plugin API (every import, function-level too)."""
+    import x2ct_framework.api as api
+
+    public = set(x2ct_framework.PLUGIN_API)
+    top_names = set(x2ct_framework.__all__) | {"load_pretrained"}
+    bad = []
+    for path in files:
+        for node in ast.walk(ast.parse(Path(path).read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                pairs = [(alias.name, None) for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                pairs = [(node.module, [alias.name for alias in node.names])]
+            else:
+                continue
+            for module, names in pairs:
+                parts = module.split(".")
+                if parts[0] != "x2ct_framework":
+                    continue
+                if len(parts) == 1:
+                    ok = names is None or set(names) <= top_names
+                elif parts[1] == "api":
+                    ok = len(parts) == 2 and (names is None or set(names) <= set(api.__all__))
+                else:
+                    ok = parts[1] in public
+                if not ok:
+                    what = f"from {module} import {', '.join(names)}" if names else f"import {module}"
+                    bad.append(f"{Path(path).as_posix()}:{node.lineno}: {what}")
+    return bad
+
+
+def test_plugins_and_examples_import_only_the_plugin_api():
+    files = sorted(p for folder in ("plugins", "examples") for p in (REPO / folder).rglob("*.py"))
+    assert len(files) > 20
+    bad = api_violations(files)
+    assert not bad, "imports outside the plugin API (x2ct_framework.__all__, x2ct_framework.api):\n" + "\n".join(bad)
+
+
+def test_the_api_check_sees_private_imports_and_every_api_name_resolves(tmp_path):
+    plugin = tmp_path / "plugin.py"
+    plugin.write_text("from x2ct_framework.hookspecs import hookimpl\nfrom x2ct_framework.api import Protocol\n"
+                      "import x2ct_framework.physics.drr\n\ndef f():\n    from x2ct_framework.plugins import registry\n"
+                      "    from x2ct_framework.api import Nope\n    import x2ct_framework.training.trainer\n")
+    bad = api_violations([plugin])
+    assert [b.split(": ", 1)[1] for b in bad] == ["from x2ct_framework.plugins import registry",
+                                                  "from x2ct_framework.api import Nope",
+                                                  "import x2ct_framework.training.trainer"]
+    import x2ct_framework.api as api
+
+    for name in api.__all__:
+        assert getattr(api, name) is not None
+
+
+def test_a_moved_module_still_imports_with_a_warning_naming_the_new_import(tmp_path):
+    """A third-party metric package written against 0.1's layout (``x2ct_framework.metrics``) keeps working."""
+    pkg = tmp_path / "old_metric_pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text(
+        "from x2ct_framework.metrics import Metric\nfrom x2ct_framework.hookspecs import hookimpl\n\n"
+        "class Bias(Metric):\n    higher_is_better = False\n\n    def __call__(self, pred, target, batch=None):\n"
+        "        return (pred - target).flatten(1).mean(1)\n\n"
+        "@hookimpl\ndef register_metrics(register):\n    register('bias', Bias)\n")
+    code = ("import warnings, torch\nwarnings.simplefilter('error')\n"
+            "try:\n    import old_metric_pkg\nexcept DeprecationWarning as w:\n    print('WARNED', w)\n"
+            "warnings.simplefilter('ignore')\nimport old_metric_pkg\n"
+            "from x2ct_framework.evaluation.metrics import Metric\n"
+            "print(issubclass(old_metric_pkg.Bias, Metric))\n"
+            "from x2ct_framework.testing import isolated_plugins, registered, create\n"
+            "with isolated_plugins(entry_points=False), registered(old_metric_pkg, 'old'):\n"
+            "    m = create('metric', 'bias')\n"
+            "    print(float(m(torch.ones(2, 1, 4, 4, 4), torch.zeros(2, 1, 4, 4, 4))[0]))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("WARNED x2ct_framework.metrics moved to x2ct_framework.evaluation.metrics")
+    assert "from x2ct_framework.api import Metric" in lines[0] and "0.3.0" in lines[0]
+    assert lines[1:] == ["True", "1.0"]
+    changelog = (REPO / "CHANGELOG.md").read_text()
+    assert x2ct_framework.__version__ in changelog and "x2ct_framework.metrics" in changelog

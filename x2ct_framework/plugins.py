@@ -267,7 +267,7 @@ class PluginManager:
         self.load_entry_points()
         if self._registries is not None:
             return self._registries
-        regs = {kind: Registry(kind, reserved=_reserved(kind)) for kind in KINDS}
+        regs = {kind: Registry(kind, reserved=_reserved(kind), failed=self.failed) for kind in KINDS}
         collected: dict[str, list[tuple[str, str, Any]]] = {}
         broken: dict[str, PluginError] = {}
         for kind, hook_name in KINDS.items():
@@ -458,6 +458,13 @@ def apply_trust_arguments(args) -> None:
 
 def registry(kind: str) -> Registry:
     return get_plugin_manager().registry(kind)
+
+
+def failed_note() -> str:
+    """What every "unknown <kind>" error adds when installed plugins failed to load (the name may be theirs)."""
+    if _MANAGER is None or not _MANAGER.failed:
+        return ""
+    return "; note: " + "; ".join(_MANAGER.failed.values())
 
 
 OPTIONS_DECLARATION = "x2ct_options"

@@ -389,7 +389,7 @@ def convert_checkpoint(source: str | Path, folder: str | Path, stage: str = "x2c
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    from x2ct_framework.run import report_errors
+    from x2ct_framework.api import report_errors
 
     p = argparse.ArgumentParser(prog="python -m x2ct_plugins.models.x2ctgan",
                                 description="X2CT-GAN's generator checkpoint (NN_net_G.pth) -> a checkpoint folder")

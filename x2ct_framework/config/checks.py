@@ -52,9 +52,11 @@ def plugin_trackers():
 
 
 def unknown_tracker(where: str, name: str, builtin: Iterable[str], plugins: Iterable[str]) -> str:
+    from x2ct_framework.plugins import failed_note
+
     builtin, plugins = sorted(builtin), sorted(plugins)
     return (f"{where}: unknown tracker {name!r}{did_you_mean(name, builtin + plugins)} (built-in: "
-            f"{', '.join(builtin)}; from plugins: {', '.join(plugins) or 'none'}; or [] for none)")
+            f"{', '.join(builtin)}; from plugins: {', '.join(plugins) or 'none'}; or [] for none){failed_note()}")
 
 
 def tracker_problems(recipe: Recipe) -> list[str]:

@@ -93,7 +93,9 @@ def optimizer_name(v: Any) -> str | None:
     names = optimizer_names()
     if v in names or v.lower() in names:
         return None
-    return f"unknown optimizer{did_you_mean(v.lower(), names)} (known: {', '.join(names)})"
+    from x2ct_framework.plugins import failed_note
+
+    return f"unknown optimizer{did_you_mean(v.lower(), names)} (known: {', '.join(names)}){failed_note()}"
 
 
 def scheduler_spec(v: Any) -> str | None:
@@ -105,7 +107,9 @@ def scheduler_spec(v: Any) -> str | None:
     name = v if isinstance(v, str) else v["name"]
     names = schedule_names()
     if name not in names:
-        return f"unknown schedule {name!r}{did_you_mean(name, names)} (known: {', '.join(names)})"
+        from x2ct_framework.plugins import failed_note
+
+        return f"unknown schedule {name!r}{did_you_mean(name, names)} (known: {', '.join(names)}){failed_note()}"
     try:
         build_schedule(v, 100, 1.0, 0.0, 0)
     except X2CTError as exc:

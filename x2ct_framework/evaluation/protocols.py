@@ -296,8 +296,11 @@ def check_names(names: Sequence[str]) -> str | None:
     bad = [n for n in names if n not in known]
     if not bad:
         return None
+    from x2ct_framework.plugins import failed_note
+
     hint = did_you_mean(bad[0], known)
-    return f"unknown protocol(s) {', '.join(map(repr, bad))}{hint}; expected some of {', '.join(known)}"
+    return (f"unknown protocol(s) {', '.join(map(repr, bad))}{hint}; expected some of {', '.join(known)}"
+            f"{failed_note()}")
 
 
 def as_protocol(name: str, made: Any, source: str) -> Protocol:
