@@ -375,7 +375,7 @@ def test_context_reaches_every_factory_that_declares_it(tmp_path):
     with registered_component("dataset", "ctx_data", data), registered_component("loss", "ctx_loss", Loss), \
             registered_component("metric", "ctx_metric", metric):
         recipe = load_recipe(path, ['data={name="ctx_data"}', "stages.1.losses={ctx_loss=1.0}",
-                                    'eval.metrics=["ctx_metric"]'])
+                                    'eval.metrics=["ctx_metric"]', 'stages.1.select_best="val/ctx_metric"'])
         stage = stages(recipe)[0]
         assert len(build_dataset(recipe, stage, "train")) == 3
         build_losses(recipe, stage)
@@ -439,15 +439,22 @@ RECORDER = """
 """
 
 
-def _tracker_recipe(tmp_path, trackers, options=""):
+def _tracker_recipe(tmp_path, trackers, options="", checks=True):
+    """The tiny recipe with these trackers; ``checks=False``: the schema only (as a recipe built by hand)."""
     from conftest import TINY_RECIPE
+    from x2ct_framework.config.build import load_recipe_plugins
     from x2ct_framework.config.recipe import load_recipe
+    from x2ct_framework.config.schema import validate_recipe
 
     plugin = _plugin(tmp_path, "recorder_tracker.py", RECORDER)
     path = tmp_path / "r.toml"
     path.write_text(TINY_RECIPE.format(out=tmp_path.as_posix()).replace("seed = 0", f'seed = 0\nplugins = ["{plugin}"]')
                     .replace("[train]", f"[train]\ntrackers = {trackers}\n{options}"))
-    return load_recipe(path)
+    if checks:
+        return load_recipe(path)
+    recipe = load_recipe(path, validate=False)
+    load_recipe_plugins(recipe)
+    return validate_recipe(recipe)
 
 
 def test_a_plugin_tracker_is_built_with_its_options_and_context_and_listed(tmp_path, capsys):
@@ -472,17 +479,16 @@ def test_plugin_tracker_mistakes_are_named(tmp_path):
     from x2ct_framework.config.checks import check_recipe
     from x2ct_framework.testing import registered_component
 
-    recipe = _tracker_recipe(tmp_path, '["recordr"]')
     with pytest.raises(RecipeError, match=r"train -> trackers -> 1: unknown tracker 'recordr'; did you mean "
                                           r"\"recorder\"\? \(built-in: aim, .*tensorboard.*; from plugins: "
                                           r"recorder; or \[\] for none\)"):
-        check_recipe(recipe)
+        check_recipe(_tracker_recipe(tmp_path, '["recordr"]'))  # load_recipe reports it already
+    recipe = _tracker_recipe(tmp_path, '["recordr"]', checks=False)
     with pytest.raises(RecipeError, match="unknown tracker 'recordr'"):  # also when a run starts without the checks
         build_trackers(recipe, tmp_path)
-    recipe = _tracker_recipe(tmp_path, '["recorder"]', 'tracker_options = { recorder = { tag = ["a"] } }')
     with pytest.raises(RecipeError, match=r"r.toml: train -> tracker_options -> recorder -> tag: unknown option for "
                                           r"tracker 'recorder'; did you mean \"tags\"\?"):
-        check_recipe(recipe)
+        check_recipe(_tracker_recipe(tmp_path, '["recorder"]', 'tracker_options = { recorder = { tag = ["a"] } }'))
     with registered_component("tracker", "bogus", lambda: {"log": print}):
         recipe = _tracker_recipe(tmp_path, '["bogus"]')
         check_recipe(recipe)

@@ -26,13 +26,12 @@ def validate(args: argparse.Namespace) -> int:
                                              load_recipe_plugins, stages)
     from x2ct_framework.datacheck import guard_stored_geometry
     from x2ct_framework.config.recipe import load_recipe
-    from x2ct_framework.config.checks import check_freeze, check_recipe
+    from x2ct_framework.config.checks import check_freeze
     from x2ct_framework.validate import check_stage, raise_problems
 
-    recipe = load_recipe(args.recipe, args.overrides)
+    recipe = load_recipe(args.recipe, args.overrides)  # schema, select_best, trackers, names and options at once
     load_recipe_plugins(recipe)
     metrics = build_metrics(recipe)
-    check_recipe(recipe)
     print(f"recipe {recipe.path}: {recipe.name}")
     problems: list[str] = []
     for stage in stages(recipe):

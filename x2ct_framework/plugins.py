@@ -41,6 +41,10 @@ PLURALS = {"model": "models", "loss": "losses", "dataset": "datasets", "metric":
 # Core modules that register built-in components through the same hooks (plugin name -> module).
 CORE_PLUGINS = {"optim": "x2ct_framework.config.optim", "protocols": "x2ct_framework.evaluation.protocols"}
 CORE_DISTRIBUTION = "x2ct-framework"
+# Accelerate's tracker names -> the package each one needs (no plugin may register a tracker of these names)
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "comet_ml": "comet_ml",
+                    "aim": "aim", "clearml": "clearml", "dvclive": "dvclive", "swanlab": "swanlab",
+                    "trackio": "trackio"}
 
 
 def plugin_file(spec: str, base_dir: str | Path | None = None) -> Path | None:
@@ -329,8 +333,6 @@ def _reserved(kind: str) -> dict[str, str]:
     """Names a plugin may not register: accelerate's built-in trackers, which a recipe names directly."""
     if kind != "tracker":
         return {}
-    from x2ct_framework.config.checks import TRACKER_PACKAGES
-
     return dict.fromkeys(TRACKER_PACKAGES, "accelerate's built-in tracker")
 
 

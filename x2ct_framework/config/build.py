@@ -12,8 +12,9 @@ import torch.nn as nn
 
 from x2ct_framework.conventions import DEFAULT_HU_WINDOW
 from x2ct_framework.errors import PluginError, RecipeError, X2CTError
+from x2ct_framework.registry import check_options
 from x2ct_framework.plugins import get_plugin_manager
-from x2ct_framework.config.recipe import Recipe
+from x2ct_framework.config.document import Recipe
 from x2ct_framework.config.schema import LOSS_TERM_KEYS
 from x2ct_framework.stage import Stage
 
@@ -301,6 +302,40 @@ class _Wrap(nn.Module):
 
     def forward(self, pred, target, batch):
         return self.fn(pred, target, batch)
+
+
+def component_problems(recipe: Recipe) -> list[str]:
+    """Every component a recipe names (dataset, model, each loss term, each metric, in every stage) against its
+    registry, and its options against the factory's signature, as ``build_*`` would check them, without
+    building anything: the problems, each once."""
+    pm = get_plugin_manager()
+    problems: list[str] = []
+
+    def check(kind: str, name: Any, options: dict, where: str, fixed: tuple = (), supplied: Any = ()) -> None:
+        if not isinstance(name, str):
+            return  # the schema reports a missing or malformed name
+        try:
+            entry = pm.registry(kind).get(name, where)
+            check_options(entry, options, where, kind, reserved=set(fixed), supplied=set(supplied))
+        except RecipeError as exc:
+            problems.extend(p for p in exc.problems if p not in problems)
+
+    for stage in stages(recipe):
+        data = data_options(recipe, stage)
+        check("dataset", data.pop("name", None), data, recipe.where("data"), ("split", "stage"),
+              dataset_context(recipe, stage))
+        model = model_options(recipe, stage)
+        ctx = context(recipe, stage)
+        check("model", model.pop("name", None), model, recipe.where("model"), supplied=set(ctx) - {"stage"})
+        for term_name, table in stage.options["losses"].items():
+            table = dict(table)
+            plugin = table.get("name", term_name)
+            options = {k: v for k, v in table.items() if k not in LOSS_TERM_KEYS}
+            check("loss", plugin, options, recipe.where(*_stage_key(recipe, stage, "losses", term_name)),
+                  supplied=ctx)
+    for i, name in enumerate(recipe["eval"]["metrics"]):
+        check("metric", name, {}, recipe.where("eval", "metrics", i), supplied=("hu_window", "seed"))
+    return problems
 
 
 def build_metrics(recipe: Recipe) -> dict[str, Any]:

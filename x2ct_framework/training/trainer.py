@@ -43,7 +43,7 @@ from x2ct_framework.config.build import (build_dataset, build_losses, build_metr
 from x2ct_framework.config.checks import check_freeze
 from x2ct_framework.config.optim import Schedule, lr_factor, make_optimizer
 from x2ct_framework.datacheck import guard_stored_geometry
-from x2ct_framework.config.recipe import Recipe
+from x2ct_framework.config.recipe import Recipe, check_all
 from x2ct_framework.errors import CheckpointError, RecipeError
 from x2ct_framework.plugins import get_plugin_manager
 from x2ct_framework.stage import Stage
@@ -99,6 +99,8 @@ class Trainer:
 
     def __init__(self, recipe: Recipe, accelerator: Accelerator | None = None, resume: bool = False,
                  overwrite: bool = False, allow_changes: list[str] | tuple[str, ...] = ()):
+        if not recipe.checked:  # built from Python without load_recipe: the same checks, in one pass
+            check_all(recipe)
         self.recipe, self.resume = recipe, resume
         train = recipe["train"]
         self.run_dir = Path(recipe["output_dir"]) / recipe.name
