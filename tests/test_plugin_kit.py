@@ -291,6 +291,8 @@ class ViewMixer(torch.nn.Module):
         vol = self.mix(feats)[:, :, None, None, None].expand(b, 1, self.r, self.r, self.r)
         if prev is not None and self.mistake != "ignores_prev":
             vol = vol + torch.nn.functional.interpolate(prev, size=(self.r,) * 3, mode="trilinear")
+        if self.mistake == "mixes_the_batch":
+            vol = vol - vol.mean(dim=0, keepdim=True)  # statistics across the cases of a batch
         return vol
 
 
@@ -309,6 +311,8 @@ def test_check_model_passes_a_model_that_uses_everything():
     ("ignores_prev", "the output depends on prev: the model declares uses_prev = True but two different prev"),
     ("fixed_geometry", "the output depends on the geometry: the views' angles moved by 37 degrees and the output is "
                        "unchanged"),
+    ("mixes_the_batch", "each case's output is independent of the other cases: a case's output in a batch of 2 "
+                        "differs from its output alone"),
 ])
 def test_check_model_catches_four_real_mistakes(mistake, message):
     from x2ct_framework.testing import ContractError
@@ -514,3 +518,30 @@ def test_a_plugin_tracker_failing_inside_log_names_its_plugin(tmp_path):
                                           r"\(Recorder\) raised inside log: ConnectionError: server went away"):
         trackers.log({"stage1/train/loss": 0.5}, step=1)
     trackers.finish()
+
+
+# ---- protocols ------------------------------------------------------------------------------------------
+def test_check_protocol_passes_the_built_in_protocols_and_names_a_broken_metric():
+    from x2ct_framework.api import Protocol
+    from x2ct_framework.testing import ContractError, check_protocol
+
+    passed = check_protocol("x2ctgan", resolution=16)
+    assert passed[:2] == ["builds", "a Protocol with its primary metric among its metrics"]
+    assert "metric 'psnr_3d': one value per case [B], independent of the batch" in passed
+
+    def per_case(pred, target, batch):
+        return (pred - target).abs().flatten(1).mean(1)
+
+    good = Protocol("mine", ["mean absolute error on [0, 1]"], {"mae": per_case}, {"mae": "global"}, primary="mae")
+    assert check_protocol(good)[0] == "a Protocol with its primary metric among its metrics"
+    bad = Protocol("mine", ["..."], {"mae": per_case, "mean": lambda p, t, b: (p - t).abs().mean(),
+                                     "batchwise": lambda p, t, b: per_case(p, t, b) - per_case(p, t, b).mean()},
+                   {"mae": "global"}, primary="psnr")
+    with pytest.raises(ContractError) as err:
+        check_protocol(bad, batch_size=3)
+    failures = err.value.failures
+    assert len(failures) == 3, failures
+    assert "primary 'psnr' is not one of its metrics (mae, mean, batchwise)" in failures[0]
+    assert "metric 'mean': one value per case [B], independent of the batch: returned shape (), expected one value " \
+           "per case (3,)" in failures[1]
+    assert "metric 'batchwise'" in failures[2] and "differs from the batch" in failures[2]

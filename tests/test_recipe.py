@@ -202,3 +202,22 @@ def test_a_long_list_of_accepted_options_is_cut(tmp_path):
         load_recipe(p)
     (line,) = [q for q in err.value.problems if "tokns" in q]
     assert 'did you mean "tokens"' in line and " more)" in line and len(line) < 400
+
+
+def test_metric_and_protocol_options_are_set_in_the_recipe_and_checked(tmp_path):
+    from x2ct_framework.config.build import build_metrics
+
+    p = write(tmp_path, "r.toml", BASE + '[eval]\nmetrics = ["psnr", "ssim"]\n[eval.metric_options.psnr]\n'
+              'slices = true\npeak = 2000.0\n[eval.protocol_options.default]\nstructures = false\n')
+    recipe = load_recipe(p)
+    metrics = build_metrics(recipe)
+    assert metrics["psnr"].slices is True and metrics["psnr"].peak == 2000.0 and metrics["ssim"] is not None
+    bad = write(tmp_path, "bad.toml", BASE + '[eval]\nmetrics = ["psnr"]\n[eval.metric_options.psnr]\nslice = true\n'
+                '[eval.metric_options.mae]\nx = 1\n[eval.protocol_options.default]\nstructure = false\n')
+    with pytest.raises(RecipeError) as err:
+        load_recipe(bad)
+    msg = str(err.value)
+    assert "eval -> metric_options -> psnr -> slice: unknown option for metric 'psnr'; did you mean \"slices\"?" in msg
+    assert "eval -> metric_options -> mae: 'mae' is not one of eval.metrics (psnr)" in msg
+    assert ("eval -> protocol_options -> default -> structure: unknown option for protocol 'default'; did you mean "
+            "\"structures\"?") in msg

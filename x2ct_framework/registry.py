@@ -169,6 +169,21 @@ def _type_ok(value: Any, hint: Any) -> bool:
     return True
 
 
+def _default_type(default: Any) -> Any:
+    """The type an unannotated option's default implies (a number stays a number, int or float)."""
+    if isinstance(default, bool):
+        return bool
+    if isinstance(default, (int, float)):
+        return int | float
+    if isinstance(default, str):
+        return str
+    if isinstance(default, (list, tuple)):
+        return list
+    if isinstance(default, dict):
+        return dict
+    return inspect.Parameter.empty
+
+
 def _describe(hint: Any) -> str:
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
@@ -190,6 +205,8 @@ def check_options(entry: Entry, options: dict, where: str, kind: str = "componen
             )
             continue
         hint = hints.get(key, params[key].annotation)
+        if hint is inspect.Parameter.empty:
+            hint = _default_type(params[key].default)
         if not _type_ok(value, hint):
             problems.append(f"{where} -> {key}: expected {_describe(hint)}, got {value!r}")
     missing = [n for n, p in params.items()

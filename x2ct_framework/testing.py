@@ -48,6 +48,7 @@ __all__ = [
     "check_dataset",
     "check_stored_geometry",
     "check_metric",
+    "check_protocol",
     "FakeTrainer",
     "run_hooks",
 ]
@@ -394,40 +395,9 @@ def check_model(model: torch.nn.Module, *, resolution: int, views: Sequence[floa
             a, b = model(xrays, geom), model(xrays, geom)
         _expect(torch.equal(a, b), "two calls in eval mode gave different outputs (dropout or noise left on?)")
     model.eval()
-    with torch.no_grad():
-        base = model(xrays, geom).float()
-    tol = 1e-6 * (1.0 + float(base.abs().max()))
-    with c.check("the output depends on every view"):
-        ignored = []
-        for v in range(xrays.shape[1]):
-            changed = xrays.clone()
-            changed[:, v] = 1.0 - changed[:, v]
-            with torch.no_grad():
-                if (model(changed, geom).float() - base).abs().max() <= tol:
-                    ignored.append(v)
-        _expect(not ignored, f"changing view(s) {ignored} of {xrays.shape[1]} (angles {list(views)}) leaves the "
-                             f"output unchanged: the model ignores them")
-    if getattr(model, "uses_geometry", True):
-        with c.check("the output depends on the geometry"):
-            from x2ct_framework.physics import make_geometry
-
-            other = make_geometry([float(v) + 37.0 for v in views], geometry)
-            other = {k: t[None].expand(batch_size, *t.shape).clone() for k, t in other.items()}
-            with torch.no_grad():
-                moved = model(xrays, other).float()
-            _expect((moved - base).abs().max() > tol,
-                    "the views' angles moved by 37 degrees and the output is unchanged: the model does not use the "
-                    "batch geometry (a fixed geometry inside the model?); a model that ignores geometry by design "
-                    "declares uses_geometry = False")
-    if prev and getattr(model, "uses_prev", False):
-        with c.check("the output depends on prev"):
-            low = max(1, resolution // 2)
-            g = torch.Generator().manual_seed(5)
-            p1, p2 = (torch.rand(batch_size, 1, low, low, low, generator=g) for _ in range(2))
-            with torch.no_grad():
-                d = (model(xrays, geom, prev=p1).float() - model(xrays, geom, prev=p2).float()).abs().max()
-            _expect(d > tol, "the model declares uses_prev = True but two different prev volumes give the same "
-                             "output")
+    low = max(1, resolution // 2)
+    perturbation_checks(c, model, xrays, geom, prev_shape=(1, low, low, low) if prev else None,
+                        check_prev=prev and getattr(model, "uses_prev", False))
     for dtype in autocast_dtypes:
         name = f"autocast {str(dtype).replace('torch.', '')}"
         with c.check(name):
@@ -437,6 +407,60 @@ def check_model(model: torch.nn.Module, *, resolution: int, views: Sequence[floa
             _expect(_finite(low_out), "the output has NaN or infinite values")
     model.train(was_training)
     return c.finish()
+
+
+def perturbation_checks(c: _Contract, model: torch.nn.Module, xrays: torch.Tensor, geometry: dict, *,
+                        prev_shape: Sequence[int] | None = None, check_prev: bool = False,
+                        check_geometry: bool | None = None) -> None:
+    """The checks that change one input and watch the output (``model`` in eval mode, under no_grad): each view
+    changes it, the geometry changes it (unless the model declares ``uses_geometry = False``), ``prev`` changes it
+    (``check_prev``: the model takes the previous stage's prediction, of ``prev_shape`` per case), and each case's
+    output does not depend on the other cases of the batch. :func:`check_model` and ``x2ct validate`` share them."""
+    with torch.no_grad():
+        base = model(xrays, geometry).float()
+    tol = 1e-6 * (1.0 + float(base.abs().max()))
+    n_views = xrays.shape[1]
+    angles = geometry.get("angles") if isinstance(geometry, dict) else None
+    with c.check("the output depends on every view"):
+        ignored = []
+        for v in range(n_views):
+            changed = xrays.clone()
+            changed[:, v] = 1.0 - changed[:, v]
+            with torch.no_grad():
+                if (model(changed, geometry).float() - base).abs().max() <= tol:
+                    ignored.append(v)
+        where = f" (angles {[round(float(a), 1) for a in angles[0]]})" if isinstance(angles, torch.Tensor) else ""
+        _expect(not ignored, f"changing view(s) {ignored} of {n_views}{where} leaves the output unchanged: the "
+                             f"model ignores them (does it drop a view?)")
+    if check_geometry if check_geometry is not None else getattr(model, "uses_geometry", True):
+        with c.check("the output depends on the geometry"):
+            _expect(isinstance(angles, torch.Tensor), "the batch geometry has no angles")
+            other = {**geometry, "angles": angles + 37.0}
+            with torch.no_grad():
+                moved = model(xrays, other).float()
+            _expect((moved - base).abs().max() > tol,
+                    "the views' angles moved by 37 degrees and the output is unchanged: the model does not use the "
+                    "batch geometry (a fixed geometry inside the model?); a model that ignores geometry by design "
+                    "declares uses_geometry = False")
+    if check_prev and prev_shape is not None:
+        with c.check("the output depends on prev"):
+            g = torch.Generator().manual_seed(5)
+            p1, p2 = (torch.rand(xrays.shape[0], *prev_shape, generator=g) for _ in range(2))
+            with torch.no_grad():
+                d = (model(xrays, geometry, prev=p1.to(xrays)).float()
+                     - model(xrays, geometry, prev=p2.to(xrays)).float()).abs().max()
+            declared = "the model declares uses_prev = True but " if getattr(model, "uses_prev", False) else ""
+            _expect(d > tol, f"{declared}two different prev volumes (the previous stage's prediction) give the same "
+                             f"output: the model ignores prev, so the cascade feeds it nothing")
+    if xrays.shape[0] > 1:
+        with c.check("each case's output is independent of the other cases"):
+            with torch.no_grad():
+                alone = torch.cat([model(xrays[i:i + 1], _slice(geometry, i)).float()
+                                   for i in range(xrays.shape[0])])
+            worst = float((alone - base).abs().max())
+            _expect(worst <= 1e-4 * (1.0 + float(base.abs().max())),
+                    f"a case's output in a batch of {xrays.shape[0]} differs from its output alone by {worst:.3g}: it "
+                    f"depends on the other cases of the batch (statistics or attention across the batch dimension?)")
 
 
 def _check_item(item: Any, i: int, c: _Contract, resolution: int | None, views: Sequence[float] | None,
@@ -626,6 +650,67 @@ def check_metric(metric: Callable[..., torch.Tensor], *, batch_size: int = 3, re
             _expect(bool(worse.all()), f"identical inputs score {best.tolist()}, perturbed ones {out.tolist()} "
                                        f"(higher_is_better={higher_is_better})")
     return c.finish()
+
+
+def protocol_checks(c: _Contract, protocol: Any, pred: torch.Tensor, target: torch.Tensor, batch: dict) -> None:
+    """The checks of a built protocol on one batch: a Protocol whose primary metric is one of its metrics, keys
+    ``<protocol>/<metric>``, and each metric one value per case (NaN: not scored; never infinite), independent of
+    the other cases.
+    :func:`check_protocol` and ``x2ct validate`` share them."""
+    import dataclasses
+
+    from x2ct_framework.evaluation.protocols import Protocol
+
+    with c.check("a Protocol with its primary metric among its metrics"):
+        _expect(isinstance(protocol, Protocol), f"got {type(protocol).__name__}, expected a Protocol")
+        _expect(protocol.metrics, "the protocol has no metrics")
+        _expect(protocol.primary in protocol.metrics,
+                f"primary {protocol.primary!r} is not one of its metrics ({', '.join(protocol.metrics)})")
+    if not isinstance(protocol, Protocol):
+        return
+    n = target.shape[0]
+    for name in protocol.metrics:
+        with c.check(f"metric {name!r}: one value per case [B], independent of the batch"):
+            alone = dataclasses.replace(protocol, metrics={name: protocol.metrics[name]}, exclude=None)
+            with torch.no_grad():
+                out = alone(pred, target, batch)
+            key = protocol.key(name)
+            _expect(set(out) == {key}, f"keys {sorted(out)}, expected [{key!r}]")
+            v = out[key]
+            _expect(tuple(v.shape) == (n,), f"returned shape {tuple(v.shape)}, expected one value per case ({n},)")
+            _expect(not bool(torch.isinf(v).any()), f"infinite values: {v.tolist()} (NaN marks a case not scored)")
+            if n > 1:
+                with torch.no_grad():
+                    each = torch.cat([alone(pred[i:i + 1], target[i:i + 1], _slice(batch, i))[key].reshape(-1)
+                                      for i in range(n)])
+                _expect(torch.allclose(each, v, rtol=1e-4, atol=1e-5, equal_nan=True),
+                        f"case by case {each.tolist()} differs from the batch {v.tolist()} (averaging over the batch?)")
+
+
+def check_protocol(protocol: Any, *, hu_window: Sequence[float] = DEFAULT_HU_WINDOW, batch_size: int = 3,
+                   resolution: int = 16, views: Sequence[float] = (0.0, 90.0), **options: Any) -> list[str]:
+    """Check a metric protocol: a :class:`~x2ct_framework.api.Protocol` (or the registered name of one, built with
+    ``hu_window`` and ``options``) scoring ``pred, target, batch -> {"<protocol>/<metric>": [B]}``.
+
+    Checks: it builds; it is a Protocol whose primary metric is one of its metrics; each metric gives one
+    value per case under its ``<protocol>/<metric>`` key (finite, or NaN for a case it cannot score, such as a
+    structure the case lacks), the same case by case as in the batch.
+    """
+    from x2ct_framework.evaluation.protocols import build_protocol
+
+    c = _Contract(f"protocol {protocol if isinstance(protocol, str) else getattr(protocol, 'name', protocol)!r}")
+    if isinstance(protocol, str):
+        name, protocol = protocol, None
+        with c.check("builds"):
+            protocol = build_protocol(name, hu_window, **options)
+        if protocol is None:
+            return c.finish()
+    batch = make_batch(batch_size, views=views, resolution=resolution)
+    target = batch["ct"]
+    protocol_checks(c, protocol, _noisy(target, 0.1, 2), target, batch)
+    return c.finish()
+
+
 
 
 # ---- lifecycle hooks without training ------------------------------------------------------------------

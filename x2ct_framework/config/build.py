@@ -334,7 +334,12 @@ def component_problems(recipe: Recipe) -> list[str]:
             check("loss", plugin, options, recipe.where(*_stage_key(recipe, stage, "losses", term_name)),
                   supplied=ctx)
     for i, name in enumerate(recipe["eval"]["metrics"]):
-        check("metric", name, {}, recipe.where("eval", "metrics", i), supplied=("hu_window", "seed"))
+        options = recipe["eval"]["metric_options"].get(name)
+        check("metric", name, options or {}, recipe.where("eval", *(("metric_options", name) if options else
+                                                                    ("metrics", i))), supplied=("hu_window", "seed"))
+    for name, options in recipe["eval"]["protocol_options"].items():
+        check("protocol", name, options, recipe.where("eval", "protocol_options", name), ("hu_window",),
+              ("lpips", "resolution", "seed"))
     return problems
 
 
@@ -345,5 +350,7 @@ def build_metrics(recipe: Recipe) -> dict[str, Any]:
     ctx = {"hu_window": list(window) if window is not None else list(DEFAULT_HU_WINDOW), "seed": recipe["seed"]}
     out = {}
     for i, name in enumerate(recipe["eval"]["metrics"]):
-        out[name] = reg.create(name, {}, where=recipe.where("eval", "metrics", i), context=ctx)
+        options = recipe["eval"]["metric_options"].get(name)
+        where = recipe.where("eval", "metric_options", name) if options else recipe.where("eval", "metrics", i)
+        out[name] = reg.create(name, options or {}, where=where, context=ctx)
     return out

@@ -265,6 +265,10 @@ SCHEMA = Table(
                 "gallery": Value("int", 2, "cases in the report's slice gallery", check=non_negative),
                 "lpips": Value("str", "auto", "LPIPS in the default protocol: auto = when its weights are present",
                                choices=("auto", "on", "off")),
+                "protocol_options": Table({}, "per protocol of eval.protocols, the options its factory takes, e.g. "
+                                          "[eval.protocol_options.lab] body_hu = -400", open=True),
+                "metric_options": Table({}, "per metric of eval.metrics, the options its factory takes, e.g. "
+                                        "[eval.metric_options.psnr] slices = true", open=True),
             }
         ),
         "stages": ArrayOf(STAGE, "the progressive stages, coarse to fine", min_items=1),
@@ -487,6 +491,15 @@ def _cross_key_problems(data: dict, recipe: Recipe, problems: list[str]) -> None
                             f"{did_you_mean(name, trackers)}; add it there or remove these options")
         elif not isinstance(table, dict):
             problems.append(f"{where}: expected a table of the tracker's keyword arguments, got {table!r}")
+    for key, names in (("protocol_options", data["eval"]["protocols"]), ("metric_options", data["eval"]["metrics"])):
+        for name, table in data["eval"][key].items():
+            where = recipe.where("eval", key, name)
+            listed = f"eval.{key.split('_')[0]}s"
+            if name not in names:
+                problems.append(f"{where}: {name!r} is not one of {listed} ({', '.join(names) or 'none'})"
+                                f"{did_you_mean(name, names)}; add it there or remove these options")
+            elif not isinstance(table, dict):
+                problems.append(f"{where}: expected a table of the factory's options, got {table!r}")
     # [data] hu_window is also handed to models, losses and metrics: check it here so that the error names it.
     hu_window = data["data"].get("hu_window")
     if hu_window is not None and not (isinstance(hu_window, list) and len(hu_window) == 2
