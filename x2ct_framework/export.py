@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from x2ct_framework.errors import CheckpointError, X2CTError
+from x2ct_framework.errors import CheckpointError, PluginError, RecipeError, X2CTError
 
 CONFIG = "config.json"
 FORMAT = "x2ct-framework-export"
@@ -175,6 +175,7 @@ def export(path: str | Path, out: str | Path, *, recipe: str | Path | None = Non
                     for i, (r, s) in enumerate(links)],
         "recipe": "recipe.toml",
         "plugins": list(target.recipe["plugins"]),
+        "providers": providers(target.recipe, target.stage, links),
         "data": {k: v for k, v in data.items() if isinstance(v, (str, int, float, bool, list, dict))},
         "source": {"checkpoint": str(target.checkpoint), "epoch": state.get("epoch"), "step": state.get("step"),
                    "metrics": state.get("metrics", {})},
@@ -194,6 +195,50 @@ def export(path: str | Path, out: str | Path, *, recipe: str | Path | None = Non
         shutil.rmtree(out)
     tmp.rename(out)
     return out
+
+
+def providers(recipe, stage, links=()) -> dict[str, dict[str, Any]]:
+    """Which plugin, distribution and version provide the model (and each cascade link's model) and the dataset:
+    ``{"model": {"name", "plugin", "distribution", "version"}, "dataset": ..., "cascade/1": ...}``."""
+    import importlib.metadata
+
+    from x2ct_framework.plugins import get_plugin_manager
+    from x2ct_framework.runs import data_options_with_defaults
+
+    def entry(kind: str, name: Any) -> dict[str, Any]:
+        reg = get_plugin_manager().registry(kind)
+        if not isinstance(name, str) or name not in reg:
+            return {"name": name}
+        e = reg.get(name)
+        try:
+            version = importlib.metadata.version(e.distribution)
+        except (importlib.metadata.PackageNotFoundError, ValueError):
+            version = None
+        return {"name": name, "plugin": e.plugin, "distribution": e.distribution, "version": version}
+
+    out = {"model": entry("model", _model_table(recipe, stage).get("name")),
+           "dataset": entry("dataset", data_options_with_defaults(recipe, stage).get("name"))}
+    for i, (r, s) in enumerate(links):
+        out[f"cascade/{i + 1}"] = entry("model", _model_table(r, s).get("name"))
+    return out
+
+
+def _missing_provider(folder: Path, cfg: dict[str, Any], key: str, exc: RecipeError) -> X2CTError:
+    """An "unknown model" on loading an export, with the distribution (and version) that provided it."""
+    from x2ct_framework.plugins import get_plugin_manager
+
+    info = cfg.get("providers", {}).get(key, {})
+    if not info or info.get("name") in get_plugin_manager().registry("model"):
+        return exc  # the model is there: another problem (its options), said by the original error
+    dist = info.get("distribution")
+    if not dist or dist in ("local file", "in-process", "not installed", "?"):
+        where = f" (it came from {info['plugin']!r}, {dist})" if info.get("plugin") else ""
+        return PluginError(f"{folder}: the exported model needs the model {info.get('name', '?')!r}{where}, which "
+                           f"no loaded plugin provides; load that plugin (--plugins) and try again ({exc})")
+    version = info.get("version")
+    return PluginError(f"{folder}: the exported model needs the model {info['name']!r} from the distribution "
+                       f"{dist!r}{' ' + version if version else ''}, which is not installed: "
+                       f"pip install {dist}{'==' + version if version else ''}")
 
 
 # ---- loading ----------------------------------------------------------------------------------
@@ -225,13 +270,19 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> tor
     folder = Path(path)
     cfg = read_config(folder)
     target = export_target(folder)
-    model = build_model(target.recipe, target.stage)
+    try:
+        model = build_model(target.recipe, target.stage)
+    except RecipeError as exc:
+        raise _missing_provider(folder, cfg, "model", exc) from exc
     if cfg["cascade"]:
         models, sizes, names = [], [], []
-        for link in cfg["cascade"]:
+        for i, link in enumerate(cfg["cascade"]):
             r = load_recipe(folder / link["recipe"], run_folder=folder)
             s = next(s for s in stages(r) if s.name == link["stage"])
-            models.append(build_model(r, s))
+            try:
+                models.append(build_model(r, s))
+            except RecipeError as exc:
+                raise _missing_provider(folder, cfg, f"cascade/{i + 1}", exc) from exc
             sizes.append(int(link["image_size"]))
             names.append(f"{s.name} (exported)")
         model = CascadeModel(PreviousStages(models, sizes, names), model)
