@@ -33,8 +33,7 @@ import importlib
 from typing import Any
 
 from x2ct_framework import _moved
-
-__version__ = "0.2.0"
+from x2ct_framework._version import __version__
 
 __all__ = ["__version__", "hookspecs", "errors", "stage", "physics", "io", "ssim", "phantom", "testing", "conventions",
            "cachedir", "checkpoint", "dicom", "labels", "api"]
@@ -54,10 +53,10 @@ def __dir__() -> list[str]:
 
 
 def load_pretrained(path, device="cpu"):
-    """The model of an exported folder (``x2ct export``), ready for inference; see :mod:`x2ct_framework.export`.
+    """The model of an exported folder (``x2ct export``), ready for inference; see :mod:`x2ct_framework.loading`.
 
     Not in ``__all__`` (the plugin API's modules): it is the one function a model's user imports."""
-    from x2ct_framework.export import load_pretrained as _load
+    from x2ct_framework.loading import load_pretrained as _load
 
     return _load(path, device)
 

@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from x2ct_framework.dicom import DICOM_SUFFIXES, is_dicom  # noqa: F401  (io's names for DICOM files)
 from x2ct_framework.errors import DataError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
-DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
 # Orientation code of the canonical [W, H, D] array (the tensor read as x, y, z): toward patient
@@ -29,17 +29,6 @@ CANONICAL_ORIENTATION = "LPI"
 def _suffix(path: Path) -> str:
     name = path.name.lower()
     return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower()
-
-
-def is_dicom(path: Path) -> bool:
-    if _suffix(path) in DICOM_SUFFIXES:
-        return True
-    try:
-        with path.open("rb") as f:
-            head = f.read(132)
-        return len(head) == 132 and head[128:132] == b"DICM"
-    except OSError:
-        return False
 
 
 def _normalise(a: np.ndarray, normalize: str, path: Path) -> np.ndarray:
