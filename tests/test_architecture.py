@@ -300,3 +300,23 @@ def test_a_moved_module_still_imports_with_a_warning_naming_the_new_import(tmp_p
     assert lines[1:] == ["True", "1.0"]
     changelog = (REPO / "CHANGELOG.md").read_text()
     assert x2ct_framework.__version__ in changelog and "x2ct_framework.metrics" in changelog
+
+
+def test_the_old_layers_module_still_gives_each_name_with_a_warning_naming_its_new_module():
+    import warnings
+
+    import x2ct_plugins.models.layers as layers
+    from x2ct_framework.physics import project_points
+    from x2ct_plugins.models.attention import Attention
+    from x2ct_plugins.models.inputs import check_inputs
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert layers.Attention is Attention and layers.check_inputs is check_inputs
+        assert layers.project_points is project_points  # one projection, in physics/
+    messages = [str(w.message) for w in caught if issubclass(w.category, DeprecationWarning)]
+    assert messages[0] == ("x2ct_plugins.models.layers is split by role: import Attention from "
+                           "x2ct_plugins.models.attention instead (the old path is removed in 0.3.0)")
+    assert len(messages) == 3
+    with pytest.raises(AttributeError):
+        layers.no_such_layer

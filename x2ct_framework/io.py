@@ -172,10 +172,6 @@ def obliquity_deg(affine) -> float:
     return float(np.degrees(np.arccos(np.clip(np.abs(cols).max(axis=0), -1.0, 1.0))).max())
 
 
-# Air is -1000 HU. A CT whose darkest tenth is far above that was stored another way.
-AIR_HU = -1000.0
-
-
 def check_hu_storage(hu, where: str) -> None:
     """Refuse a CT that is not in Hounsfield units (air near -1000), with the fix in the message.
 

@@ -19,7 +19,8 @@ from torch.utils.data import default_collate
 
 from x2ct_framework.errors import PluginError
 from x2ct_framework.plugins import get_plugin_manager
-from x2ct_framework.testing import _check_item, _Contract, perturbation_checks, protocol_checks
+from x2ct_framework.testing.checks import _check_item, perturbation_checks, protocol_checks
+from x2ct_framework.testing.contract import _Contract
 
 SPLITS = ("train", "val", "test")
 
