@@ -133,3 +133,27 @@ def test_a_cascade_exports_with_its_frozen_earlier_stage(tmp_path):
         ref = load_model(resolve_target(run), torch.device("cpu"))(batch["xrays"], batch["geometry"])
         got = model(batch["xrays"], batch["geometry"])
     assert torch.equal(ref, got)
+
+
+def test_an_export_records_who_provides_its_model_and_says_what_to_install(exported, tmp_path):
+    import importlib.metadata
+
+    from x2ct_framework import load_pretrained
+    from x2ct_framework.errors import PluginError
+
+    _, out = exported
+    cfg = json.loads((out / "config.json").read_text())
+    version = importlib.metadata.version("x2ct-framework")
+    assert cfg["providers"]["model"] == {"name": "vit_cascade", "plugin": "vit_cascade",
+                                         "distribution": "x2ct-framework", "version": version}
+    assert cfg["providers"]["dataset"]["name"] == "synthetic_phantom"
+    # the same folder elsewhere, where the distribution that provided the model is not installed
+    moved = tmp_path / "third-party-model"
+    shutil.copytree(out, moved)
+    (moved / "recipe.toml").write_text((moved / "recipe.toml").read_text().replace('"vit_cascade"', '"lab_net"'))
+    cfg["providers"]["model"] = {"name": "lab_net", "plugin": "lab_net", "distribution": "x2ct-lab-models",
+                                 "version": "1.4.0"}
+    (moved / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(PluginError, match=r"needs the model 'lab_net' from the distribution 'x2ct-lab-models' 1.4.0, "
+                                          r"which is not installed: pip install x2ct-lab-models==1.4.0"):
+        load_pretrained(moved)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from x2ct_framework.physics import backproject, make_geometry
-from x2ct_plugins.models.layers import project_points, sample_views, voxel_centres
+from x2ct_plugins.models.lifting import project_points, sample_views, voxel_centres
 from x2ct_plugins.models.vit_cascade import ViTCascade
 
 TINY = dict(tokens=4, dim=16, depth=1, heads=2, channels=4, encoder="test_resnet", xray_size=16, pixel_aligned=True)

@@ -14,7 +14,7 @@ from x2ct_framework.errors import DataError
 from x2ct_framework.physics import make_geometry
 from x2ct_framework.physics.drr import _rays
 from x2ct_framework.physics.geometry import batched
-from x2ct_plugins.models.layers import detector_plucker, project_points, sample_views, voxel_centres
+from x2ct_plugins.models.lifting import detector_plucker, project_points, sample_views, voxel_centres
 from x2ct_plugins.models.vit_cascade import ViTCascade
 
 TINY = dict(tokens=4, dim=16, depth=1, heads=2, channels=4, encoder="test_resnet", xray_size=16)

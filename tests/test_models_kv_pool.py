@@ -11,7 +11,7 @@ import torch
 from x2ct_framework import testing
 from x2ct_framework.model_info import step_flops
 from x2ct_framework.physics import make_geometry
-from x2ct_plugins.models.layers import Attention
+from x2ct_plugins.models.attention import Attention
 from x2ct_plugins.models.vit_cascade import ViTCascade
 
 TINY = dict(tokens=4, dim=16, depth=1, heads=2, channels=4, encoder="test_resnet", xray_size=16)

@@ -341,3 +341,29 @@ def test_bad_shapes_are_rejected():
         project(torch.zeros(8, 8, 8), g)
     with pytest.raises(ValueError, match="2 views"):
         backproject(torch.zeros(1, 3, 1, 4, 4), g, (4, 4, 4))
+
+
+def test_make_geometry_takes_every_table_form_of_the_data_docs():
+    """``make_geometry(views, **table)`` for the three forms docs/data.md documents: a preset table, a preset with
+    overrides, and a custom beam table (the form that failed before 0.2.0)."""
+    import torch
+
+    from x2ct_framework.physics import make_geometry
+
+    views = [0.0, 90.0]
+    cone = {"beam": "cone", "sid": 800, "sdd": 1200, "detector_mm": [400, 300], "detector_px": 256}
+    for table in (cone, {"preset": "x2ctgan"}, {"preset": "x2ctgan", "sid": 600.0}):
+        spread, positional = make_geometry(views, **table), make_geometry(views, table)
+        assert spread.keys() == positional.keys()
+        assert all(torch.equal(spread[k], positional[k]) for k in spread)
+    g = make_geometry(views, **cone)
+    assert g["cone"].tolist() == [1.0, 1.0] and g["sid"].tolist() == [800.0, 800.0]
+    assert g["detector_mm"][0].tolist() == [400.0, 300.0]
+    assert make_geometry(views, **{"preset": "x2ctgan", "sid": 600.0})["sid"].tolist() == [600.0, 600.0]
+    assert make_geometry(views)["cone"].tolist() == [0.0, 0.0]  # parallel unless told otherwise
+    import pytest
+
+    from x2ct_framework.errors import RecipeError
+
+    with pytest.raises(RecipeError, match="a cone-beam geometry needs sdd"):
+        make_geometry(views, beam="cone", sid=800, detector_mm=400)

@@ -291,6 +291,8 @@ class ViewMixer(torch.nn.Module):
         vol = self.mix(feats)[:, :, None, None, None].expand(b, 1, self.r, self.r, self.r)
         if prev is not None and self.mistake != "ignores_prev":
             vol = vol + torch.nn.functional.interpolate(prev, size=(self.r,) * 3, mode="trilinear")
+        if self.mistake == "mixes_the_batch":
+            vol = vol - vol.mean(dim=0, keepdim=True)  # statistics across the cases of a batch
         return vol
 
 
@@ -309,6 +311,8 @@ def test_check_model_passes_a_model_that_uses_everything():
     ("ignores_prev", "the output depends on prev: the model declares uses_prev = True but two different prev"),
     ("fixed_geometry", "the output depends on the geometry: the views' angles moved by 37 degrees and the output is "
                        "unchanged"),
+    ("mixes_the_batch", "each case's output is independent of the other cases: a case's output in a batch of 2 "
+                        "differs from its output alone"),
 ])
 def test_check_model_catches_four_real_mistakes(mistake, message):
     from x2ct_framework.testing import ContractError
@@ -375,7 +379,7 @@ def test_context_reaches_every_factory_that_declares_it(tmp_path):
     with registered_component("dataset", "ctx_data", data), registered_component("loss", "ctx_loss", Loss), \
             registered_component("metric", "ctx_metric", metric):
         recipe = load_recipe(path, ['data={name="ctx_data"}', "stages.1.losses={ctx_loss=1.0}",
-                                    'eval.metrics=["ctx_metric"]'])
+                                    'eval.metrics=["ctx_metric"]', 'stages.1.select_best="val/ctx_metric"'])
         stage = stages(recipe)[0]
         assert len(build_dataset(recipe, stage, "train")) == 3
         build_losses(recipe, stage)
@@ -439,15 +443,22 @@ RECORDER = """
 """
 
 
-def _tracker_recipe(tmp_path, trackers, options=""):
+def _tracker_recipe(tmp_path, trackers, options="", checks=True):
+    """The tiny recipe with these trackers; ``checks=False``: the schema only (as a recipe built by hand)."""
     from conftest import TINY_RECIPE
+    from x2ct_framework.config.build import load_recipe_plugins
     from x2ct_framework.config.recipe import load_recipe
+    from x2ct_framework.config.schema import validate_recipe
 
     plugin = _plugin(tmp_path, "recorder_tracker.py", RECORDER)
     path = tmp_path / "r.toml"
     path.write_text(TINY_RECIPE.format(out=tmp_path.as_posix()).replace("seed = 0", f'seed = 0\nplugins = ["{plugin}"]')
                     .replace("[train]", f"[train]\ntrackers = {trackers}\n{options}"))
-    return load_recipe(path)
+    if checks:
+        return load_recipe(path)
+    recipe = load_recipe(path, validate=False)
+    load_recipe_plugins(recipe)
+    return validate_recipe(recipe)
 
 
 def test_a_plugin_tracker_is_built_with_its_options_and_context_and_listed(tmp_path, capsys):
@@ -472,17 +483,16 @@ def test_plugin_tracker_mistakes_are_named(tmp_path):
     from x2ct_framework.config.checks import check_recipe
     from x2ct_framework.testing import registered_component
 
-    recipe = _tracker_recipe(tmp_path, '["recordr"]')
     with pytest.raises(RecipeError, match=r"train -> trackers -> 1: unknown tracker 'recordr'; did you mean "
                                           r"\"recorder\"\? \(built-in: aim, .*tensorboard.*; from plugins: "
                                           r"recorder; or \[\] for none\)"):
-        check_recipe(recipe)
+        check_recipe(_tracker_recipe(tmp_path, '["recordr"]'))  # load_recipe reports it already
+    recipe = _tracker_recipe(tmp_path, '["recordr"]', checks=False)
     with pytest.raises(RecipeError, match="unknown tracker 'recordr'"):  # also when a run starts without the checks
         build_trackers(recipe, tmp_path)
-    recipe = _tracker_recipe(tmp_path, '["recorder"]', 'tracker_options = { recorder = { tag = ["a"] } }')
     with pytest.raises(RecipeError, match=r"r.toml: train -> tracker_options -> recorder -> tag: unknown option for "
                                           r"tracker 'recorder'; did you mean \"tags\"\?"):
-        check_recipe(recipe)
+        check_recipe(_tracker_recipe(tmp_path, '["recorder"]', 'tracker_options = { recorder = { tag = ["a"] } }'))
     with registered_component("tracker", "bogus", lambda: {"log": print}):
         recipe = _tracker_recipe(tmp_path, '["bogus"]')
         check_recipe(recipe)
@@ -508,3 +518,30 @@ def test_a_plugin_tracker_failing_inside_log_names_its_plugin(tmp_path):
                                           r"\(Recorder\) raised inside log: ConnectionError: server went away"):
         trackers.log({"stage1/train/loss": 0.5}, step=1)
     trackers.finish()
+
+
+# ---- protocols ------------------------------------------------------------------------------------------
+def test_check_protocol_passes_the_built_in_protocols_and_names_a_broken_metric():
+    from x2ct_framework.api import Protocol
+    from x2ct_framework.testing import ContractError, check_protocol
+
+    passed = check_protocol("x2ctgan", resolution=16)
+    assert passed[:2] == ["builds", "a Protocol with its primary metric among its metrics"]
+    assert "metric 'psnr_3d': one value per case [B], independent of the batch" in passed
+
+    def per_case(pred, target, batch):
+        return (pred - target).abs().flatten(1).mean(1)
+
+    good = Protocol("mine", ["mean absolute error on [0, 1]"], {"mae": per_case}, {"mae": "global"}, primary="mae")
+    assert check_protocol(good)[0] == "a Protocol with its primary metric among its metrics"
+    bad = Protocol("mine", ["..."], {"mae": per_case, "mean": lambda p, t, b: (p - t).abs().mean(),
+                                     "batchwise": lambda p, t, b: per_case(p, t, b) - per_case(p, t, b).mean()},
+                   {"mae": "global"}, primary="psnr")
+    with pytest.raises(ContractError) as err:
+        check_protocol(bad, batch_size=3)
+    failures = err.value.failures
+    assert len(failures) == 3, failures
+    assert "primary 'psnr' is not one of its metrics (mae, mean, batchwise)" in failures[0]
+    assert "metric 'mean': one value per case [B], independent of the batch: returned shape (), expected one value " \
+           "per case (3,)" in failures[1]
+    assert "metric 'batchwise'" in failures[2] and "differs from the batch" in failures[2]

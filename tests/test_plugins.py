@@ -62,6 +62,23 @@ def test_entry_point_plugin_is_found_and_broken_one_skipped(third_party):
     assert "broken" in pm.failed
 
 
+def test_every_unknown_name_error_names_the_plugin_that_failed_to_load(third_party):
+    from x2ct_framework.errors import RecipeError
+    from x2ct_framework.evaluation.protocols import check_names
+
+    pm = get_plugin_manager()
+    with pytest.warns(PluginLoadWarning):
+        pm.registries()
+    for kind in ("metric", "model", "loss", "dataset"):
+        with pytest.raises(RecipeError) as err:
+            pm.registry(kind).get("bias", "r.toml: eval -> metrics -> 0")
+        msg = str(err.value)
+        assert f'unknown {kind} "bias"' in msg
+        assert "plugin 'broken' from x2ct-huber failed to load and was skipped" in msg
+        assert "needs a package that is not installed" in msg
+    assert "plugin 'broken' from x2ct-huber failed to load" in check_names(["lab"])
+
+
 def test_strict_mode_turns_a_broken_plugin_into_an_error(third_party, monkeypatch):
     monkeypatch.setenv("X2CT_STRICT_PLUGINS", "1")
     with pytest.raises(PluginError, match="'broken' from x2ct-huber failed to load.*X2CT_STRICT_PLUGINS"):

@@ -160,3 +160,64 @@ def test_resolved_recipe_round_trips(tmp_path):
 def test_schema_is_described_for_docs():
     keys = [row[0] for row in describe()]
     assert "train.batch_size" in keys and "stages.N.lr" in keys
+
+
+FOUR_MISTAKES = BASE.replace("batch_size = 2", 'batch_size = "two"\ntrackers = ["tensorbord"]') \
+    .replace('name = "vit_cascade"', 'name = "vit_cascad"') \
+    .replace("losses = { l1 = 1.0 }",
+             'select_best = "val/psnrr"\nlosses = { l1 = 1.0, ssim = { weight = 0.5, windw = 7 } }')
+
+
+def test_mistakes_of_every_kind_are_reported_in_one_run(tmp_path):
+    """A type (schema), a select_best that validation does not measure and a tracker nobody provides (checks
+    across keys), an unknown model (registry) and a misspelt loss option (the factory's signature): one error."""
+    p = write(tmp_path, "r.toml", FOUR_MISTAKES)
+    with pytest.raises(RecipeError) as err:
+        load_recipe(p)
+    problems, where = err.value.problems, str(p.resolve())
+    assert f"{where}: train -> batch_size: expected an integer, got 'two'" in problems
+    assert any(q.startswith(f"{where}: stages -> 1 -> select_best: 'val/psnrr' is not measured") for q in problems)
+    assert any(q.startswith(f"{where}: train -> trackers -> 1: unknown tracker 'tensorbord'")
+               and 'did you mean "tensorboard"' in q for q in problems)
+    assert any(q.startswith(f'{where}: model: unknown model "vit_cascad"') and 'did you mean "vit_cascade"' in q
+               for q in problems)
+    assert any(q.startswith(f"{where}: stages -> 1 -> losses -> ssim -> windw: unknown option for loss 'ssim'")
+               for q in problems)
+    assert len(problems) == 5, problems
+
+
+def test_a_trainer_built_from_python_gets_the_same_checks(tmp_path):
+    from x2ct_framework.training.trainer import Trainer
+
+    p = write(tmp_path, "r.toml", FOUR_MISTAKES)
+    recipe = load_recipe(p, validate=False)
+    with pytest.raises(RecipeError) as err:
+        Trainer(recipe)
+    assert len(err.value.problems) == 5
+
+
+def test_a_long_list_of_accepted_options_is_cut(tmp_path):
+    p = write(tmp_path, "r.toml", BASE.replace("tokens = 8", "tokns = 8"))
+    with pytest.raises(RecipeError) as err:
+        load_recipe(p)
+    (line,) = [q for q in err.value.problems if "tokns" in q]
+    assert 'did you mean "tokens"' in line and " more)" in line and len(line) < 400
+
+
+def test_metric_and_protocol_options_are_set_in_the_recipe_and_checked(tmp_path):
+    from x2ct_framework.config.build import build_metrics
+
+    p = write(tmp_path, "r.toml", BASE + '[eval]\nmetrics = ["psnr", "ssim"]\n[eval.metric_options.psnr]\n'
+              'slices = true\npeak = 2000.0\n[eval.protocol_options.default]\nstructures = false\n')
+    recipe = load_recipe(p)
+    metrics = build_metrics(recipe)
+    assert metrics["psnr"].slices is True and metrics["psnr"].peak == 2000.0 and metrics["ssim"] is not None
+    bad = write(tmp_path, "bad.toml", BASE + '[eval]\nmetrics = ["psnr"]\n[eval.metric_options.psnr]\nslice = true\n'
+                '[eval.metric_options.mae]\nx = 1\n[eval.protocol_options.default]\nstructure = false\n')
+    with pytest.raises(RecipeError) as err:
+        load_recipe(bad)
+    msg = str(err.value)
+    assert "eval -> metric_options -> psnr -> slice: unknown option for metric 'psnr'; did you mean \"slices\"?" in msg
+    assert "eval -> metric_options -> mae: 'mae' is not one of eval.metrics (psnr)" in msg
+    assert ("eval -> protocol_options -> default -> structure: unknown option for protocol 'default'; did you mean "
+            "\"structures\"?") in msg

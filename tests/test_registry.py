@@ -83,3 +83,23 @@ def test_names_with_wildcards():
     reg = get_plugin_manager().registry("loss")
     assert "l1" in reg.names("l*")
     assert "psnr" not in reg.names("*")
+
+
+def test_an_unannotated_option_is_checked_against_the_type_of_its_default():
+    from x2ct_framework.errors import RecipeError
+    from x2ct_framework.registry import Registry
+
+    def factory(every=1, name="x", flag=False, keys=("a",), scale=0.5):
+        return (every, name, flag, keys, scale)
+
+    reg = Registry("loss")
+    reg.register("f", factory)
+    assert reg.create("f", {"every": 2, "scale": 1, "keys": ["b"], "flag": True}) == (2, "x", True, ["b"], 1)
+    with pytest.raises(RecipeError) as err:
+        reg.create("f", {"every": "2", "name": 3, "flag": "yes", "keys": "a"},
+                   where="r.toml: stages -> 1 -> losses -> f")
+    problems = err.value.problems
+    assert problems == ["r.toml: stages -> 1 -> losses -> f -> every: expected int | float, got '2'",
+                        "r.toml: stages -> 1 -> losses -> f -> name: expected str, got 3",
+                        "r.toml: stages -> 1 -> losses -> f -> flag: expected bool, got 'yes'",
+                        "r.toml: stages -> 1 -> losses -> f -> keys: expected list, got 'a'"]

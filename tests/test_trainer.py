@@ -110,21 +110,36 @@ def same(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+class _NaNGradient(torch.autograd.Function):
+    """0 in the forward pass, NaN gradients in the backward pass: a finite loss whose gradient is not."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.shape = x.shape
+        return x.sum() * 0
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.full(ctx.shape, float("nan"), dtype=grad.dtype, device=grad.device)
+
+
 class Scripted:
     """A metric whose value at the k-th validation comes from a list; and losses that misbehave on cue."""
 
     values: list[float] = []
     calls = 0
     nan_calls: set[int] = set()
+    grad_nan_calls: set[int] = set()  # a finite loss whose gradient is NaN
     interrupt_at = -1
     loss_calls = 0
     checkpoints: list[tuple[str, str]] = []
     stage_models: dict[str, dict] = {}
 
     @classmethod
-    def reset(cls, values=(), nan_calls=(), interrupt_at=-1):
+    def reset(cls, values=(), nan_calls=(), interrupt_at=-1, grad_nan_calls=()):
         cls.values, cls.calls = list(values), 0
         cls.nan_calls, cls.interrupt_at, cls.loss_calls = set(nan_calls), interrupt_at, 0
+        cls.grad_nan_calls = set(grad_nan_calls)
         cls.checkpoints, cls.stage_models = [], {}
 
     @hookimpl
@@ -148,6 +163,8 @@ class Scripted:
                 if k == Scripted.interrupt_at:
                     raise KeyboardInterrupt
                 loss = (pred - target).abs().mean()
+                if k in Scripted.grad_nan_calls:
+                    loss = loss + _NaNGradient.apply(pred)
                 return loss * float("nan") if k in Scripted.nan_calls else loss
 
         register("misbehaving", Misbehaving)
@@ -408,6 +425,18 @@ def test_tensorboard_tracker_writes_events(tiny, tmp_path):
 
 
 # ---- safety ----------------------------------------------------------------------------------------
+def test_an_update_skipped_for_a_non_finite_gradient_is_not_averaged_into_the_ema(tiny, tmp_path, scripted):
+    """The loss is finite but its gradient is NaN at 2 of the 4 updates: both are skipped, and the EMA averages
+    only the 2 updates that happened (before 0.2.0 it averaged all 4)."""
+    scripted.reset(grad_nan_calls={1, 2})
+    with pytest.warns(RuntimeWarning, match="non-finite loss or gradient"):
+        train(tiny, "stages.1.losses={ misbehaving = 1.0 }", "train.batch_size=1", "stages.1.epochs=1",
+              "train.max_nonfinite_steps=2", "train.ema.enabled=true")
+    state = ckpt.load_trainer_state(tmp_path / "runs/tiny/stage1/last")
+    assert state["position"]["step"] == 4 and state["position"]["nonfinite"] == 2
+    assert int(state["ema"]["n_averaged"]) == 2
+
+
 def test_non_finite_losses_are_skipped_up_to_the_limit(tiny, tmp_path, scripted):
     scripted.reset(nan_calls={1, 2})  # loss calls 1 and 2 of epoch 1 (batch 1: one call a step)
     with pytest.warns(RuntimeWarning, match="non-finite loss or gradient"):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from x2ct_framework.errors import CheckpointError, DataError
-from x2ct_plugins.models.layers import ModelInputError
+from x2ct_plugins.models.inputs import ModelInputError
 from x2ct_plugins.models.x2ctgan import X2CTGAN, load_x2ctgan_checkpoint
 
 TINY = dict(resolution=32, image_size=64, width_divisor=16, encoder_blocks=[1, 1, 1, 1, 1])

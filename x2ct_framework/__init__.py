@@ -1,7 +1,8 @@
 """x2ct-framework: reconstruct 3D CT volumes from two or more 2D X-ray views.
 
-Models, losses, datasets and metrics are plugins. **The plugin API** is what a plugin may import;
-everything else is the framework's own and may change:
+Models, losses, datasets and metrics are plugins. **The plugin API** is what a plugin may import
+(``tests/test_architecture.py`` fails when a plugin of ``plugins/`` or ``examples/`` imports anything
+else); everything else is the framework's own and may change:
 
 - ``hookspecs``: the hooks (``register_models``, ``register_losses``, ...) and ``hookimpl``;
 - ``errors``: the error types and their exit statuses (``RecipeError``, ``DataError``, ...);
@@ -11,7 +12,15 @@ everything else is the framework's own and may change:
 - ``ssim``: the shared SSIM (2D/3D, Gaussian or uniform window);
 - ``phantom``: the synthetic chest phantom and the toy chests for tests;
 - ``testing``: the contract kit that checks a plugin against the framework's expectations;
-- ``conventions``: the default HU window, HU <-> [0, 1], label codes and slicing planes.
+- ``conventions``: the default HU window, HU <-> [0, 1], label codes and slicing planes;
+- ``cachedir``: the cache folder (``$X2CT_CACHE_DIR``, else ``~/.cache/x2ct``);
+- ``checkpoint``: reading and writing checkpoint folders (safetensors weights, JSON state);
+- ``dicom``, ``labels``: DICOM series discovery, label maps remapped to the label codes;
+- ``api``: the names a plugin takes from the core (``Metric``, ``Protocol``, ``plugin_options``,
+  ``load_recipe``, ``Trainer``, ...), importable from there whatever the core's layout.
+
+Changes to the plugin API are listed in CHANGELOG.md; a moved name keeps working for one minor version
+with a DeprecationWarning that names its new import (``_moved.py``).
 
 They load on first use (``x2ct_framework.physics``), so ``import x2ct_framework`` stays cheap. The
 layout of the rest (``config/``, ``training/``, ``evaluation/``, ``runs``, ``loading``) is in
@@ -23,10 +32,14 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__version__ = "0.1.0"
+from x2ct_framework import _moved
+from x2ct_framework._version import __version__
 
-__all__ = ["__version__", "hookspecs", "errors", "stage", "physics", "io", "ssim", "phantom", "testing", "conventions"]
+__all__ = ["__version__", "hookspecs", "errors", "stage", "physics", "io", "ssim", "phantom", "testing", "conventions",
+           "cachedir", "checkpoint", "dicom", "labels", "api"]
 PLUGIN_API = tuple(__all__[1:])
+
+_moved.install()
 
 
 def __getattr__(name: str) -> Any:
@@ -40,10 +53,10 @@ def __dir__() -> list[str]:
 
 
 def load_pretrained(path, device="cpu"):
-    """The model of an exported folder (``x2ct export``), ready for inference; see :mod:`x2ct_framework.export`.
+    """The model of an exported folder (``x2ct export``), ready for inference; see :mod:`x2ct_framework.loading`.
 
     Not in ``__all__`` (the plugin API's modules): it is the one function a model's user imports."""
-    from x2ct_framework.export import load_pretrained as _load
+    from x2ct_framework.loading import load_pretrained as _load
 
     return _load(path, device)
 

@@ -26,15 +26,15 @@ def validate(args: argparse.Namespace) -> int:
                                              load_recipe_plugins, stages)
     from x2ct_framework.datacheck import guard_stored_geometry
     from x2ct_framework.config.recipe import load_recipe
-    from x2ct_framework.config.checks import check_freeze, check_recipe
-    from x2ct_framework.validate import check_stage, raise_problems
+    from x2ct_framework.config.checks import check_freeze
+    from x2ct_framework.validate import check_protocols, check_stage, check_trackers, raise_problems
 
-    recipe = load_recipe(args.recipe, args.overrides)
+    recipe = load_recipe(args.recipe, args.overrides)  # schema, select_best, trackers, names and options at once
     load_recipe_plugins(recipe)
     metrics = build_metrics(recipe)
-    check_recipe(recipe)
     print(f"recipe {recipe.path}: {recipe.name}")
-    problems: list[str] = []
+    problems: list[str] = [] if args.build_only else check_trackers(recipe)
+    last = len(recipe["stages"])
     for stage in stages(recipe):
         model = build_model(recipe, stage)
         check_freeze(model, stage.options["freeze"], recipe.where("stages", stage.index - 1, "freeze"))
@@ -58,6 +58,8 @@ def validate(args: argparse.Namespace) -> int:
         # Two train items are the smallest batch that still checks collation and one metric value per case.
         found = [] if args.build_only else check_stage(recipe, stage, datasets, model, losses, metrics,
                                                        min(2, recipe["train"]["batch_size"]))
+        if not found and not args.build_only and stage.index == last:
+            found += check_protocols(recipe, stage, model, datasets["val"], min(2, recipe["train"]["batch_size"]))
         problems += found
         if not found and args.describe:
             from x2ct_framework.model_info import describe_for_sample  # FlopCounterMode: only when asked

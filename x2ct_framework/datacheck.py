@@ -23,6 +23,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from x2ct_framework.conventions import DEFAULT_HU_WINDOW
 from x2ct_framework.errors import DataError
 from x2ct_framework.physics import ORIENTATIONS, compose_orientation, drr, to_stored
 
@@ -170,7 +171,7 @@ def check_dataset_geometry(dataset, cases: int = 3, hu_window: Sequence[float] |
     """Check the first ``cases`` items of a dataset (its ``hu_window`` and ``orientation`` attributes when present)."""
     n = min(cases, len(dataset))
     items = [dataset[i] for i in range(n)]
-    window = hu_window or getattr(dataset, "hu_window", None) or (-1000.0, 3000.0)
+    window = hu_window or getattr(dataset, "hu_window", None) or DEFAULT_HU_WINDOW
     return check_items(items, window, getattr(dataset, "orientation", None),
                        mu_water=getattr(dataset, "mu_water", None))
 

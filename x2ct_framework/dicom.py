@@ -19,7 +19,21 @@ from pathlib import Path
 import numpy as np
 
 from x2ct_framework.errors import DataError
-from x2ct_framework.io import DICOM_SUFFIXES, is_dicom
+
+DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
+
+
+def is_dicom(path: Path) -> bool:
+    """A DICOM file: by its suffix, else by the ``DICM`` marker after the 128-byte preamble."""
+    if path.suffix.lower() in DICOM_SUFFIXES:
+        return True
+    try:
+        with path.open("rb") as f:
+            head = f.read(132)
+        return len(head) == 132 and head[128:132] == b"DICM"
+    except OSError:
+        return False
+
 
 HEADER_TAGS = ["SeriesInstanceUID", "Modality", "ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing",
                "Rows", "Columns", "SeriesDescription", "ImageType", "SeriesNumber", "StudyInstanceUID",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Iterable
+from typing import Any
 
 
 class X2CTError(Exception):
@@ -40,6 +41,17 @@ class FinalEvaluationError(X2CTError):
     """Training finished and its checkpoints are saved, but the end-of-run evaluation could not run."""
 
     exit_code = 4
+
+
+def check_int(name: str, value: Any, minimum: int = 0, maximum: int | None = None, hint: str = "") -> int:
+    """An option that must be an integer (not a bool) in ``[minimum, maximum]``: the value, else a ``ValueError``
+    ``"<name> must be an integer >= <minimum>[ and <= <maximum>]<hint>, got <value>"``, which the registry reports
+    as a recipe error naming the file and key. The one check of integer options for plugins and the core."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum or (maximum is not None
+                                                                                   and value > maximum):
+        upper = f" and <= {maximum}" if maximum is not None else ""
+        raise ValueError(f"{name} must be an integer >= {minimum}{upper}{hint}, got {value!r}")
+    return value
 
 
 def did_you_mean(name: str, choices: Iterable[str]) -> str:

@@ -28,34 +28,10 @@ import torch
 
 from x2ct_framework.errors import CheckpointError, X2CTError
 
-CONFIG = "config.json"
-FORMAT = "x2ct-framework-export"
-FORMAT_VERSION = 1
-
-
-def is_export(path: str | Path) -> bool:
-    """A folder written by :func:`export` (its ``config.json`` says so)."""
-    cfg = Path(path) / CONFIG
-    if not cfg.is_file():
-        return False
-    try:
-        return json.loads(cfg.read_text()).get("format") == FORMAT
-    except (OSError, json.JSONDecodeError, AttributeError):
-        return False
-
-
-def read_config(folder: str | Path) -> dict[str, Any]:
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise CheckpointError(f"{folder}: no such exported model folder")
-    if not is_export(folder):
-        raise CheckpointError(f"{folder}: not an exported model (no {CONFIG} with format {FORMAT!r}); "
-                              f"write one with `x2ct export RUN_OR_CHECKPOINT {folder}`")
-    cfg = json.loads((folder / CONFIG).read_text())
-    if cfg.get("format_version", 0) > FORMAT_VERSION:
-        raise CheckpointError(f"{folder / CONFIG}: format version {cfg['format_version']} is newer than this "
-                              f"framework reads ({FORMAT_VERSION}); upgrade x2ct-framework")
-    return cfg
+# The read side (an export folder as a target, and loading its model) lives with run-folder discovery
+# (runs.py) and model loading (loading.py); these names stay importable from here.
+from x2ct_framework.loading import _missing_provider, load_pretrained  # noqa: E402,F401
+from x2ct_framework.runs import CONFIG, FORMAT, FORMAT_VERSION, export_target, is_export, read_config  # noqa: E402,F401
 
 
 # ---- writing ----------------------------------------------------------------------------------
@@ -142,7 +118,7 @@ def model_card(cfg: dict[str, Any], recipe_text: str, summary: dict[str, Any] | 
 def export(path: str | Path, out: str | Path, *, recipe: str | Path | None = None, overrides: list[str] = (),
            stage: str | None = None, which: str = "best", overwrite: bool = False) -> Path:
     """Write the export folder ``out`` for a run folder or checkpoint folder ``path``."""
-    from x2ct_framework import __version__
+    from x2ct_framework._version import __version__
     from x2ct_framework.checkpoint import load_state, save_checkpoint
     from x2ct_framework.loading import load_model
     from x2ct_framework.runs import data_options_with_defaults, hu_window_of, resolve_target
@@ -175,6 +151,7 @@ def export(path: str | Path, out: str | Path, *, recipe: str | Path | None = Non
                     for i, (r, s) in enumerate(links)],
         "recipe": "recipe.toml",
         "plugins": list(target.recipe["plugins"]),
+        "providers": providers(target.recipe, target.stage, links),
         "data": {k: v for k, v in data.items() if isinstance(v, (str, int, float, bool, list, dict))},
         "source": {"checkpoint": str(target.checkpoint), "epoch": state.get("epoch"), "step": state.get("step"),
                    "metrics": state.get("metrics", {})},
@@ -196,52 +173,30 @@ def export(path: str | Path, out: str | Path, *, recipe: str | Path | None = Non
     return out
 
 
-# ---- loading ----------------------------------------------------------------------------------
-def export_target(folder: str | Path, overrides: list[str] = ()):
-    """The :class:`x2ct_framework.runs.Target` of an export folder (its recipe, stage and weights)."""
-    from x2ct_framework.config.build import stages
-    from x2ct_framework.config.recipe import load_recipe
-    from x2ct_framework.runs import Target
+def providers(recipe, stage, links=()) -> dict[str, dict[str, Any]]:
+    """Which plugin, distribution and version provide the model (and each cascade link's model) and the dataset:
+    ``{"model": {"name", "plugin", "distribution", "version"}, "dataset": ..., "cascade/1": ...}``."""
+    import importlib.metadata
 
-    folder = Path(folder)
-    cfg = read_config(folder)
-    recipe = load_recipe(folder / cfg["recipe"], list(overrides), run_folder=folder)  # data, like a run folder
-    chosen = [s for s in stages(recipe) if s.name == cfg["stage"]["name"]]
-    if not chosen:
-        raise CheckpointError(f"{folder / CONFIG}: stage {cfg['stage']['name']!r} is not in {folder / cfg['recipe']}")
-    return Target(recipe, chosen[0], folder, None)
+    from x2ct_framework.plugins import get_plugin_manager
+    from x2ct_framework.runs import data_options_with_defaults
 
+    def entry(kind: str, name: Any) -> dict[str, Any]:
+        reg = get_plugin_manager().registry(kind)
+        if not isinstance(name, str) or name not in reg:
+            return {"name": name}
+        e = reg.get(name)
+        try:
+            version = importlib.metadata.version(e.distribution)
+        except (importlib.metadata.PackageNotFoundError, ValueError):
+            version = None
+        return {"name": name, "plugin": e.plugin, "distribution": e.distribution, "version": version}
 
-def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
-    """The model of an export folder, with its weights (and its cascade's frozen stages), in eval mode.
-
-    The plugins the recipe names are loaded; a missing one is an error naming it.
-    """
-    from x2ct_framework.checkpoint import load_weights
-    from x2ct_framework.config.build import build_model, stages
-    from x2ct_framework.config.recipe import load_recipe
-    from x2ct_framework.training.cascade import CascadeModel, PreviousStages
-
-    folder = Path(path)
-    cfg = read_config(folder)
-    target = export_target(folder)
-    model = build_model(target.recipe, target.stage)
-    if cfg["cascade"]:
-        models, sizes, names = [], [], []
-        for link in cfg["cascade"]:
-            r = load_recipe(folder / link["recipe"], run_folder=folder)
-            s = next(s for s in stages(r) if s.name == link["stage"])
-            models.append(build_model(r, s))
-            sizes.append(int(link["image_size"]))
-            names.append(f"{s.name} (exported)")
-        model = CascadeModel(PreviousStages(models, sizes, names), model)
-    weights = load_weights(folder)
-    try:
-        model.load_state_dict(weights, strict=True)
-    except RuntimeError as exc:
-        raise CheckpointError(f"{folder / 'model.safetensors'} does not fit the model {cfg['model']['name']!r} "
-                              f"that {folder / CONFIG} describes: {str(exc).splitlines()[0]}") from exc
-    return model.to(device).eval()
+    out = {"model": entry("model", _model_table(recipe, stage).get("name")),
+           "dataset": entry("dataset", data_options_with_defaults(recipe, stage).get("name"))}
+    for i, (r, s) in enumerate(links):
+        out[f"cascade/{i + 1}"] = entry("model", _model_table(r, s).get("name"))
+    return out
 
 
 def push_to_hub(folder: str | Path, repo_id: str, *, private: bool = False, token: str | None = None) -> str:

@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from x2ct_framework.dicom import DICOM_SUFFIXES, is_dicom  # noqa: F401  (io's names for DICOM files)
 from x2ct_framework.errors import DataError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
-DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
 # Orientation code of the canonical [W, H, D] array (the tensor read as x, y, z): toward patient
@@ -29,17 +29,6 @@ CANONICAL_ORIENTATION = "LPI"
 def _suffix(path: Path) -> str:
     name = path.name.lower()
     return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower()
-
-
-def is_dicom(path: Path) -> bool:
-    if _suffix(path) in DICOM_SUFFIXES:
-        return True
-    try:
-        with path.open("rb") as f:
-            head = f.read(132)
-        return len(head) == 132 and head[128:132] == b"DICM"
-    except OSError:
-        return False
 
 
 def _normalise(a: np.ndarray, normalize: str, path: Path) -> np.ndarray:
@@ -181,10 +170,6 @@ def obliquity_deg(affine) -> float:
     m = np.asarray(affine, dtype=np.float64)[:3, :3]
     cols = m / np.maximum(np.linalg.norm(m, axis=0, keepdims=True), 1e-12)
     return float(np.degrees(np.arccos(np.clip(np.abs(cols).max(axis=0), -1.0, 1.0))).max())
-
-
-# Air is -1000 HU. A CT whose darkest tenth is far above that was stored another way.
-AIR_HU = -1000.0
 
 
 def check_hu_storage(hu, where: str) -> None:

@@ -41,6 +41,10 @@ PLURALS = {"model": "models", "loss": "losses", "dataset": "datasets", "metric":
 # Core modules that register built-in components through the same hooks (plugin name -> module).
 CORE_PLUGINS = {"optim": "x2ct_framework.config.optim", "protocols": "x2ct_framework.evaluation.protocols"}
 CORE_DISTRIBUTION = "x2ct-framework"
+# Accelerate's tracker names -> the package each one needs (no plugin may register a tracker of these names)
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "comet_ml": "comet_ml",
+                    "aim": "aim", "clearml": "clearml", "dvclive": "dvclive", "swanlab": "swanlab",
+                    "trackio": "trackio"}
 
 
 def plugin_file(spec: str, base_dir: str | Path | None = None) -> Path | None:
@@ -267,7 +271,7 @@ class PluginManager:
         self.load_entry_points()
         if self._registries is not None:
             return self._registries
-        regs = {kind: Registry(kind, reserved=_reserved(kind)) for kind in KINDS}
+        regs = {kind: Registry(kind, reserved=_reserved(kind), failed=self.failed) for kind in KINDS}
         collected: dict[str, list[tuple[str, str, Any]]] = {}
         broken: dict[str, PluginError] = {}
         for kind, hook_name in KINDS.items():
@@ -329,8 +333,6 @@ def _reserved(kind: str) -> dict[str, str]:
     """Names a plugin may not register: accelerate's built-in trackers, which a recipe names directly."""
     if kind != "tracker":
         return {}
-    from x2ct_framework.config.checks import TRACKER_PACKAGES
-
     return dict.fromkeys(TRACKER_PACKAGES, "accelerate's built-in tracker")
 
 
@@ -458,6 +460,13 @@ def apply_trust_arguments(args) -> None:
 
 def registry(kind: str) -> Registry:
     return get_plugin_manager().registry(kind)
+
+
+def failed_note() -> str:
+    """What every "unknown <kind>" error adds when installed plugins failed to load (the name may be theirs)."""
+    if _MANAGER is None or not _MANAGER.failed:
+        return ""
+    return "; note: " + "; ".join(_MANAGER.failed.values())
 
 
 OPTIONS_DECLARATION = "x2ct_options"

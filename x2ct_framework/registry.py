@@ -36,9 +36,10 @@ class Registry:
     ``reserved`` maps names no plugin may take to what they already mean (accelerate's built-in trackers).
     """
 
-    def __init__(self, kind: str, reserved: dict[str, str] | None = None):
+    def __init__(self, kind: str, reserved: dict[str, str] | None = None, failed: dict[str, str] | None = None):
         self.kind = kind
         self.reserved = dict(reserved or {})
+        self.failed = failed if failed is not None else {}  # plugin -> why it failed to load (the manager's)
         self._entries: dict[str, Entry] = {}
 
     def register(self, name: str, factory: Callable[..., Any], *, plugin: str = "?", distribution: str = "?") -> None:
@@ -58,7 +59,7 @@ class Registry:
         self._entries[name] = Entry(name, factory, plugin, distribution)
 
     def copy(self) -> "Registry":
-        out = Registry(self.kind, self.reserved)
+        out = Registry(self.kind, self.reserved, self.failed)
         out._entries = dict(self._entries)
         return out
 
@@ -71,13 +72,18 @@ class Registry:
     def entries(self) -> list[Entry]:
         return [self._entries[n] for n in self.names()]
 
+    def failed_note(self) -> str:
+        """``; note: plugin 'x' from dist failed to load ...`` when any did: the missing name may be theirs."""
+        if not self.failed:
+            return ""
+        return "; note: " + "; ".join(self.failed.values())
+
     def get(self, name: str, where: str = "") -> Entry:
         if name not in self._entries:
             prefix = f"{where}: " if where else ""
-            avail = ", ".join(self.names()) or "none"
             raise RecipeError([
                 f'{prefix}unknown {self.kind} "{name}"{did_you_mean(name, self._entries)} '
-                f"(available: {avail})"
+                f"(available: {name_list(self.names())}){self.failed_note()}"
             ])
         return self._entries[name]
 
@@ -102,6 +108,16 @@ class Registry:
             return entry.factory(**fixed, **kwargs)
         except (ValueError, TypeError) as exc:
             raise RecipeError([f"{where}: {self.kind} {name!r} rejected its options: {exc}"]) from exc
+
+
+def name_list(names: list[str] | tuple[str, ...], limit: int = 12) -> str:
+    """``a, b, c`` or, past ``limit`` names, ``a, b, ... and N more`` (an error line stays readable)."""
+    names = list(names)
+    if not names:
+        return "none"
+    if len(names) <= limit:
+        return ", ".join(names)
+    return f"{', '.join(names[:limit])} and {len(names) - limit} more"
 
 
 def _parameters(factory: Callable[..., Any]) -> dict[str, inspect.Parameter] | None:
@@ -153,6 +169,21 @@ def _type_ok(value: Any, hint: Any) -> bool:
     return True
 
 
+def _default_type(default: Any) -> Any:
+    """The type an unannotated option's default implies (a number stays a number, int or float)."""
+    if isinstance(default, bool):
+        return bool
+    if isinstance(default, (int, float)):
+        return int | float
+    if isinstance(default, str):
+        return str
+    if isinstance(default, (list, tuple)):
+        return list
+    if isinstance(default, dict):
+        return dict
+    return inspect.Parameter.empty
+
+
 def _describe(hint: Any) -> str:
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
@@ -170,10 +201,12 @@ def check_options(entry: Entry, options: dict, where: str, kind: str = "componen
         if key not in params or key in reserved:
             problems.append(
                 f"{where} -> {key}: unknown option for {kind} {entry.name!r}{did_you_mean(key, accepted)} "
-                f"(accepted: {', '.join(accepted) or 'none'})"
+                f"(accepted: {name_list(accepted)})"
             )
             continue
         hint = hints.get(key, params[key].annotation)
+        if hint is inspect.Parameter.empty:
+            hint = _default_type(params[key].default)
         if not _type_ok(value, hint):
             problems.append(f"{where} -> {key}: expected {_describe(hint)}, got {value!r}")
     missing = [n for n, p in params.items()

@@ -38,10 +38,7 @@ def run(args: argparse.Namespace) -> int:
     from x2ct_framework.plugins import apply_trust_arguments
 
     apply_trust_arguments(args)
-    recipe = load_recipe(args.recipe, args.overrides)
-    from x2ct_framework.config.checks import check_recipe
-
-    check_recipe(recipe)  # every stage's select_best and the trackers, before anything trains
+    recipe = load_recipe(args.recipe, args.overrides)  # every check, before anything trains
     Trainer(recipe, resume=getattr(args, "resume", False), overwrite=getattr(args, "overwrite", False),
             allow_changes=getattr(args, "allow_changes", [])).run()
     return 0

@@ -1,7 +1,9 @@
-"""Run folders and checkpoints: find the recipe, stage and checkpoint folder a path names.
+"""Run folders, checkpoints and export folders: find the recipe, stage and checkpoint folder a path names.
 
 Used by training (the cascade's earlier stages), ``x2ct evaluate``, ``x2ct predict`` and the
-benchmarks; it only reads files and builds nothing heavier than the recipe.
+benchmarks; it only reads files and builds nothing heavier than the recipe. The read side of an
+export folder (``x2ct export``, written by ``export.py``) is here too: :func:`is_export`,
+:func:`read_config`, :func:`export_target`.
 """
 
 from __future__ import annotations
@@ -58,8 +60,6 @@ def resolve_target(path: str | Path, recipe_path: str | Path | None = None, over
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint or run folder")
-    from x2ct_framework.export import export_target, is_export
-
     if is_export(path):  # an exported model carries its own recipe
         return export_target(path, list(overrides))
     if path.is_file():
@@ -135,3 +135,45 @@ def hu_window_of(recipe: Recipe, stage: Stage) -> tuple[float, float]:
     """The HU window that scales the stage's data to [0, 1]: the recipe's, else the dataset's default."""
     hw = data_options_with_defaults(recipe, stage).get("hu_window") or DEFAULT_HU_WINDOW
     return float(hw[0]), float(hw[1])
+
+
+# ---- export folders (written by x2ct_framework.export) ---------------------------------------------
+CONFIG = "config.json"
+FORMAT = "x2ct-framework-export"
+FORMAT_VERSION = 1
+
+
+def is_export(path: str | Path) -> bool:
+    """A folder written by :func:`export` (its ``config.json`` says so)."""
+    cfg = Path(path) / CONFIG
+    if not cfg.is_file():
+        return False
+    try:
+        return json.loads(cfg.read_text()).get("format") == FORMAT
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return False
+
+
+def read_config(folder: str | Path) -> dict[str, Any]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: no such exported model folder")
+    if not is_export(folder):
+        raise CheckpointError(f"{folder}: not an exported model (no {CONFIG} with format {FORMAT!r}); "
+                              f"write one with `x2ct export RUN_OR_CHECKPOINT {folder}`")
+    cfg = json.loads((folder / CONFIG).read_text())
+    if cfg.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(f"{folder / CONFIG}: format version {cfg['format_version']} is newer than this "
+                              f"framework reads ({FORMAT_VERSION}); upgrade x2ct-framework")
+    return cfg
+
+
+def export_target(folder: str | Path, overrides: list[str] = ()):
+    """The :class:`x2ct_framework.runs.Target` of an export folder (its recipe, stage and weights)."""
+    folder = Path(folder)
+    cfg = read_config(folder)
+    recipe = load_recipe(folder / cfg["recipe"], list(overrides), run_folder=folder)  # data, like a run folder
+    chosen = [s for s in stages(recipe) if s.name == cfg["stage"]["name"]]
+    if not chosen:
+        raise CheckpointError(f"{folder / CONFIG}: stage {cfg['stage']['name']!r} is not in {folder / cfg['recipe']}")
+    return Target(recipe, chosen[0], folder, None)

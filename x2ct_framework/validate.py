@@ -2,10 +2,12 @@
 
 Per stage, without training: one item of every split through the dataset checks (keys, shapes at
 the stage resolution, [0, 1] ranges, the recipe's views); one batch of the train split through the
-model (the target's shape, finite, depends on the X-rays); every loss term on that prediction
+model (the target's shape, finite, depends on the X-rays; each view, the geometry and ``prev`` change
+the output; a case's output does not depend on the other cases); every loss term on that prediction
 (scalar, finite, differentiable w.r.t. the prediction; what it needs from the batch); every
-validation metric (one finite value per case). Each problem names the stage, the component and
-the plugin that registered it; all are reported at once.
+validation metric (one finite value per case). For the last stage, every protocol of
+``eval.protocols`` on a validation batch; once, every plugin tracker built. Each problem names the
+stage, the component and the plugin that registered it; all are reported at once.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from torch.utils.data import default_collate
 
 from x2ct_framework.errors import PluginError
 from x2ct_framework.plugins import get_plugin_manager
-from x2ct_framework.testing import _check_item, _Contract
+from x2ct_framework.testing.checks import _check_item, perturbation_checks, protocol_checks
+from x2ct_framework.testing.contract import _Contract
 
 SPLITS = ("train", "val", "test")
 
@@ -85,6 +88,7 @@ def check_stage(recipe, stage, datasets: dict[str, Any], model: torch.nn.Module,
     if xrays.grad is None or not bool(xrays.grad.abs().sum() > 0):
         problems.append(f"{stage.name}: {model_src}: the output does not depend (differentiably) on the X-rays "
                         f"(a detach() or no_grad between the images and the output?)")
+    problems += _perturbations(stage, model, model_src, batch)
     for term in losses.terms:
         name = stage.options["losses"][term.name].get("name", term.name)
         where = f"{stage.name}: loss term {term.name!r} ({_source('loss', name)})"
@@ -127,6 +131,77 @@ def check_stage(recipe, stage, datasets: dict[str, Any], model: torch.nn.Module,
             elif not torch.isfinite(out.float()).all():
                 problems.append(f"{where} returned NaN or infinite values")
     model.zero_grad(set_to_none=True)
+    return problems
+
+
+def _perturbations(stage, model: torch.nn.Module, model_src: str, batch: dict) -> list[str]:
+    """The kit's perturbation checks on the real model and batch: each view, the geometry, ``prev`` (a cascading
+    stage, or a model declaring ``uses_prev``) change the output; a case's output ignores the other cases."""
+    c = _Contract(model_src)
+    r = stage.resolution
+    low = max(1, r // 2)
+    was_training = model.training
+    model.eval()
+    try:
+        perturbation_checks(c, model, batch["xrays"].float(), batch["geometry"], prev_shape=(1, low, low, low),
+                            check_prev=bool(stage.options.get("cascade")) or getattr(model, "uses_prev", False))
+    finally:
+        model.train(was_training)
+    return [f"{stage.name}: {model_src}: {f}" for f in c.failed]
+
+
+def check_protocols(recipe, stage, model: torch.nn.Module, dataset, batch_size: int = 2) -> list[str]:
+    """Every protocol of ``eval.protocols``, built as the final evaluation builds it (window, options, context),
+    scoring the model's prediction of a batch of ``dataset``: ``check_protocol``'s checks, each problem named."""
+    from x2ct_framework.evaluation.protocols import build_protocol
+    from x2ct_framework.runs import hu_window_of
+
+    if dataset is None or len(dataset) == 0:
+        return []
+    n = min(batch_size, len(dataset))
+    batch = default_collate([dataset[i] for i in range(n)])
+    if "ct" not in batch:
+        return []
+    model.eval()
+    with torch.no_grad():
+        pred = model(batch["xrays"].float(), batch["geometry"]).float().clamp(0, 1)
+    target = batch["ct"].float()
+    offered = {"lpips": {"auto": "auto", "on": True, "off": False}[recipe["eval"]["lpips"]],
+               "resolution": stage.resolution, "seed": recipe["seed"]}
+    problems = []
+    for name in recipe["eval"]["protocols"]:
+        where = f"protocol {name!r} ({_source('protocol', name)})"
+        c = _Contract(where)
+        proto = None
+        with c.check("builds"):
+            proto = build_protocol(name, hu_window_of(recipe, stage),
+                                   where=recipe.where("eval", "protocol_options", name), context=offered,
+                                   **recipe["eval"]["protocol_options"].get(name, {}))
+        if proto is not None:
+            protocol_checks(c, proto, pred, target, batch)
+        problems += [f"{where}: {f}" for f in c.failed]
+    model.train()
+    return problems
+
+
+def check_trackers(recipe) -> list[str]:
+    """Every plugin tracker of ``train.trackers`` built from its options in a scratch folder, then finished."""
+    import tempfile
+
+    from x2ct_framework.config.build import build_trackers
+    from x2ct_framework.errors import X2CTError
+
+    with tempfile.TemporaryDirectory(prefix="x2ct-validate-") as tmp:
+        try:
+            built = build_trackers(recipe, tmp)
+        except X2CTError as exc:
+            return [str(exc)]
+        problems = []
+        for tracker, entry in built:
+            try:
+                tracker.finish()
+            except Exception as exc:
+                problems.append(f"tracker {tracker.name!r} ({entry.source}): finish() {_error(exc)}")
     return problems
 
 

@@ -130,6 +130,7 @@ def overhead(recipe, model_step_s: float, steps_per_epoch: int, total_steps: int
     from x2ct_framework.config.build import LossSet, LossTerm
     from x2ct_framework.plugins import get_plugin_manager
     from x2ct_framework.registry import Registry
+    from x2ct_framework.training.guards import NonFiniteGuard
     from x2ct_framework.training.objective import Objective
     from x2ct_framework.training.trainer import Trainer
 
@@ -148,10 +149,12 @@ def overhead(recipe, model_step_s: float, steps_per_epoch: int, total_steps: int
     loss = (pred * 1.0).mean()
     terms = {t.name: torch.tensor(0.5) for t in losses.terms}
     objective = Objective(stub, trainer.accelerator)
+    guard = NonFiniteGuard(trainer.accelerator, limit=10)
 
     def bookkeeping():
-        if objective.finite(loss):
+        if guard.loss_ok(loss):
             objective.record(loss, terms)
+        guard.verdict(1.0)
         objective.record_update(1.0)
         objective.take_update()
 

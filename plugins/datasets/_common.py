@@ -50,23 +50,6 @@ def check_common(views: Sequence[float], hu_window: Sequence[float], geometry, o
         raise ValueError(f"on_bad_case must be one of {list(BAD_CASE_POLICIES)}, got {on_bad_case!r}")
 
 
-def crop_or_pad(vol: torch.Tensor, shape: Sequence[int], value: float) -> torch.Tensor:
-    """Centre crop or pad the last three axes of ``vol`` to ``shape``."""
-    out = vol
-    for axis, target in zip(range(-3, 0), shape):
-        n = out.shape[axis]
-        if n > target:
-            start = (n - target) // 2
-            out = out.narrow(axis, start, target)
-        elif n < target:
-            lo = (target - n) // 2
-            pads = [0, 0] * 3
-            pads[2 * (-axis - 1)] = lo
-            pads[2 * (-axis - 1) + 1] = target - n - lo
-            out = F.pad(out, pads, value=value)
-    return out
-
-
 def resize_volume(vol: torch.Tensor, size: int | Sequence[int], labels: bool = False) -> torch.Tensor:
     """Resize a ``[D, H, W]`` volume: area averaging when shrinking by whole factors, else trilinear; labels nearest."""
     size = (size,) * 3 if isinstance(size, int) else tuple(size)

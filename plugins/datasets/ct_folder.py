@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from x2ct_framework.conventions import DEFAULT_HU_WINDOW
 from x2ct_framework.errors import DataError
 from x2ct_framework.hookspecs import hookimpl
 from x2ct_framework.io import CROPS, VOLUME_SUFFIXES, load_grid_ct, torchio_to_canonical
@@ -155,7 +156,7 @@ class CTFolderDataset(CaseListDataset):
     """
 
     def __init__(self, *, split: str, stage: Stage, root: str, views: list[float] = (0.0, 90.0),
-                 geometry: str | dict = "x2ctgan", hu_window: list[float] = (-1000.0, 3000.0), image_size: int = 0,
+                 geometry: str | dict = "x2ctgan", hu_window: list[float] = DEFAULT_HU_WINDOW, image_size: int = 0,
                  volume_mm: float = 320.0, labels_dir: str = "", label_suffix: str = "", labels: str | dict = "",
                  splits: str = "", split_fractions: list[float] = (0.8, 0.1, 0.1), seed: int = 0,
                  augment: dict | None = None, augment_splits: list[str] = ("train",), cache_dir: str = "",
@@ -569,15 +570,6 @@ def _check_header(path: Path, label: bool = False) -> str:
         return (f"{path} looks like a label map (8-bit integer data, "
                 f"{sitk.GetPixelIDValueAsString(pixel)}); CTs need 16-bit or wider values")
     return ""
-
-
-def prepare_ct(path: Path, label_path: Path | None, resolution: int, volume_mm: float,
-               pad_hu: float = -1024.0) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Read a CT (and its label map), resample to ``volume_mm / resolution`` mm voxels (anti-aliased)
-    and centre crop/pad to ``resolution^3``: ``(HU rounded to integers, labels uint8 or None)``."""
-    grid = load_grid_ct(path, label_path, resolution, volume_mm, pad_hu)
-    labels = grid.labels.to(torch.uint8) if grid.labels is not None else None
-    return grid.hu, labels
 
 
 @hookimpl

@@ -48,6 +48,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.parametrizations import spectral_norm as _spectral_norm
 
+from x2ct_framework.errors import check_int
 from x2ct_framework.hookspecs import hookimpl
 from x2ct_framework.physics import backproject
 
@@ -151,8 +152,7 @@ class AdversarialLoss(nn.Module):
             raise ValueError(f"optimizer must be one of {', '.join(map(repr, OPTIMIZERS))}, got {optimizer!r}")
         for key, value, low in (("channels", channels, 0), ("layers", layers, 1), ("update_every", update_every, 1),
                                 ("disc_start_epoch", disc_start_epoch, 0)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{key} must be an integer >= {low}, got {value!r}")
+            check_int(key, value, low)
         if not lr > 0:
             raise ValueError(f"lr must be > 0, got {lr!r}")
         betas = [float(b) for b in betas]

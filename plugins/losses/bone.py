@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 
 from x2ct_framework.conventions import BONE, DEFAULT_HU_WINDOW, unit_to_hu
+from x2ct_framework.errors import check_int
 from x2ct_framework.hookspecs import hookimpl
 
 
@@ -65,8 +66,7 @@ class BoneLoss(nn.Module):
         if l1_weight < 0 or dice_weight < 0 or l1_weight + dice_weight == 0:
             raise ValueError(f"l1_weight and dice_weight must be >= 0 and not both 0, "
                              f"got {l1_weight!r} and {dice_weight!r}")
-        if isinstance(label, bool) or not isinstance(label, int) or label < 0:
-            raise ValueError(f"label must be an integer >= 0, got {label!r}")
+        check_int("label", label, 0)
         self.hu_window = check_hu_window(hu_window)
         lo, hi = self.hu_window
         if not lo < threshold_hu < hi:

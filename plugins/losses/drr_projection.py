@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 
 from x2ct_framework.conventions import DEFAULT_HU_WINDOW
+from x2ct_framework.errors import check_int
 from x2ct_framework.hookspecs import hookimpl
 from x2ct_framework.physics import batched, drr
 from x2ct_plugins.losses.reprojection import check_drr_loss_options, image_distance
@@ -37,8 +38,7 @@ class DRRProjectionLoss(nn.Module):
                  hu_window: list[float] = DEFAULT_HU_WINDOW):
         super().__init__()
         self.distance, self.drr_options, self.hu_window = check_drr_loss_options(distance, drr_options, hu_window)
-        if isinstance(det_size, bool) or not isinstance(det_size, int) or det_size < 0:
-            raise ValueError(f"det_size must be an integer >= 0 (0: the X-rays' size), got {det_size!r}")
+        check_int("det_size", det_size, 0, hint=" (0: the X-rays' size)")
         if not isinstance(angles, (list, tuple)) or not all(isinstance(a, (int, float)) for a in angles):
             raise ValueError(f"angles must be a list of gantry angles in degrees, got {angles!r}")
         self.det_size = det_size

@@ -36,6 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from x2ct_framework.conventions import DEFAULT_HU_WINDOW, HEART, unit_to_hu
+from x2ct_framework.errors import check_int
 from x2ct_framework.hookspecs import hookimpl
 
 # 0 background, 1 soft tissue, 2 lung, 3 bone, 4 vessel, 5 heart, 6 fat, 7 air, 8 table: of these only
@@ -76,8 +77,7 @@ class LandmarkLoss(nn.Module):
         if any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in labels):
             raise ValueError(f"landmark_labels must be label ids (integers >= 0), got {labels}")
         for key, value, low in (("margin", margin, 0), ("slabs", slabs, 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{key} must be an integer >= {low}, got {value!r}")
+            check_int(key, value, low)
         for key, value in (("tolerance_hu", tolerance_hu), ("softness_hu", softness_hu), ("eps", eps)):
             if not value > 0:
                 raise ValueError(f"{key} must be > 0, got {value!r}")

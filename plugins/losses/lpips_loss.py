@@ -28,7 +28,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from x2ct_framework.errors import CheckpointError
+from x2ct_framework.conventions import DEFAULT_HU_WINDOW
+from x2ct_framework.errors import CheckpointError, check_int
 from x2ct_framework.hookspecs import hookimpl
 from x2ct_plugins.losses.vgg import VGG16_URL, SliceSampler, load_torchvision_state, parse_slices
 
@@ -66,19 +67,18 @@ class LPIPSLoss(nn.Module):
 
     def __init__(self, net: str = "alex", slices: int | list[int] = 3, min_size: int = 64,
                  weights: str = "imagenet", random_slices: bool = False, display_window: list[float] = (),
-                 hu_window: list[float] = (-1000.0, 3000.0)):
+                 hu_window: list[float] = DEFAULT_HU_WINDOW):
         super().__init__()
         if net not in BACKBONES:
             raise ValueError(f"net: unknown LPIPS backbone {net!r}; choose from {', '.join(map(repr, BACKBONES))}")
-        if isinstance(min_size, bool) or not isinstance(min_size, int) or min_size < 0:
-            raise ValueError(f"min_size must be an integer >= 0, got {min_size!r}")
+        check_int("min_size", min_size, 0)
         if not isinstance(weights, str) or not weights:
             raise ValueError(f"weights must be \"imagenet\", \"random\" or a file path, got {weights!r}")
         import lpips
 
         self.counts = parse_slices(slices)
         self.sampler = SliceSampler(self.counts, random_slices, display_window, hu_window)
-        self.net_name, self.min_size = net, min_size
+        self.min_size = min_size
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torchvision's "pretrained is deprecated" from inside lpips
             self.lpips = lpips.LPIPS(pretrained=True, net=net, pnet_rand=True, verbose=False)

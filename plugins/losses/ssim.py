@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from x2ct_framework.conventions import DEFAULT_HU_WINDOW
 from x2ct_framework.hookspecs import hookimpl
 from x2ct_framework.ssim import MODES, check_window, ssim
 
@@ -37,7 +38,7 @@ class SSIMLoss(nn.Module):
 
     def __init__(self, mode: str = "3d", win_size: int = 11, sigma: float = 1.5, data_range: float = 1.0,
                  k1: float = 0.01, k2: float = 0.03, windows: list[list[float]] = (),
-                 hu_window: list[float] = (-1000.0, 3000.0)):
+                 hu_window: list[float] = DEFAULT_HU_WINDOW):
         super().__init__()
         windows = [list(w) for w in windows]
         for w in windows:

@@ -33,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from x2ct_framework.conventions import VESSEL
+from x2ct_framework.errors import check_int
 from x2ct_framework.hookspecs import hookimpl
 from x2ct_framework.ssim import filter_valid
 
@@ -123,8 +124,7 @@ class VesselLoss(nn.Module):
                  base_weight: float = 0.0, label: int = VESSEL, use_labels: bool = True,
                  cache_size: int = 1024):
         super().__init__()
-        if isinstance(cache_size, bool) or not isinstance(cache_size, int) or cache_size < 0:
-            raise ValueError(f"cache_size must be an integer >= 0 (cases kept), got {cache_size!r}")
+        check_int("cache_size", cache_size, 0, hint=" (cases kept)")
         self.cache_size = cache_size
         self._cache: dict[tuple, torch.Tensor] = {}
         self.cache_hits = 0
@@ -135,8 +135,7 @@ class VesselLoss(nn.Module):
             raise ValueError(f"alpha and beta must be > 0, got {alpha!r} and {beta!r}")
         if c < 0 or base_weight < 0:
             raise ValueError(f"c and base_weight must be >= 0, got {c!r} and {base_weight!r}")
-        if isinstance(label, bool) or not isinstance(label, int) or label < 0:
-            raise ValueError(f"label must be an integer >= 0, got {label!r}")
+        check_int("label", label, 0)
         self.sigmas, self.alpha, self.beta, self.c = sigmas, float(alpha), float(beta), float(c)
         self.base_weight, self.label, self.use_labels = float(base_weight), label, use_labels
 

@@ -201,7 +201,7 @@ class VGGPerceptualLoss(nn.Module):
     def __init__(self, layers: list[str] = ("relu1_2", "relu2_2", "relu3_3"), layer_weights: list[float] = (),
                  slices: int | list[int] = 3, distance: str = "l1", weights: str = "imagenet",
                  random_slices: bool = False, display_window: list[float] = (),
-                 hu_window: list[float] = (-1000.0, 3000.0)):
+                 hu_window: list[float] = DEFAULT_HU_WINDOW):
         super().__init__()
         layers = list(layers)
         if not layers:

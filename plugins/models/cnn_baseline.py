@@ -17,9 +17,12 @@ import torch
 import torch.nn as nn
 from einops import rearrange, reduce
 
+from x2ct_framework.errors import check_int
 from x2ct_framework.hookspecs import hookimpl
 
-from .layers import Join, Refine, check_inputs, lift, maybe_checkpoint, residual_block, resize3d
+from .decoder import Join, Refine, residual_block
+from .inputs import check_inputs, maybe_checkpoint, resize3d
+from .lifting import lift
 
 
 class Encoder2d(nn.Module):
@@ -91,8 +94,7 @@ class CNNBaseline(nn.Module):
                  share_encoder: bool = False, gradient_checkpointing: bool = False, channels_last: bool = True):
         super().__init__()
         for key, value, low in (("resolution", resolution, 1), ("channels", channels, 1), ("levels", levels, 1)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ValueError(f"{key} must be an integer >= {low}, got {value!r}")
+            check_int(key, value, low)
         if not isinstance(views, (list, tuple)) or len(views) < 1:
             raise ValueError(f"views must list at least one gantry angle, got {views!r}")
         self.resolution, self.levels = resolution, levels

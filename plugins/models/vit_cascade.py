@@ -29,13 +29,17 @@ import torch.nn as nn
 from einops import rearrange
 from torch.utils.checkpoint import checkpoint
 
+from x2ct_framework.errors import check_int
 from x2ct_framework.hookspecs import hookimpl
 
 from x2ct_framework.physics import batched
 
-from .layers import (NORMS, AngleEmbedding, Block, FourierPoints, FourierPositions, Join, ModelInputError, Refine,
-                     ViewEncoder, ViewFusion, check_inputs, detector_plucker, level_sizes, lift, maybe_checkpoint,
-                     project_points, residual_block, resize3d, sample_views, sample_volume, voxel_centres)
+from .attention import Block
+from .decoder import Join, level_sizes, Refine, residual_block
+from .encoder import NORMS, AngleEmbedding, ViewEncoder, ViewFusion
+from .inputs import check_inputs, maybe_checkpoint, ModelInputError, resize3d
+from .lifting import (detector_plucker, FourierPoints, FourierPositions, lift, project_points, sample_views,
+                      sample_volume, voxel_centres)
 
 DECODERS = ("dense", "implicit")
 
@@ -252,8 +256,7 @@ class ViTCascade(nn.Module):
         for key, value, low in (("resolution", resolution, 1), ("tokens", tokens, 2), ("dim", dim, 1),
                                 ("depth", depth, 1), ("heads", heads, 1), ("channels", channels, 1),
                                 ("decoder_levels", decoder_levels, 1), ("angle_frequencies", angle_frequencies, 1)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ValueError(f"{key} must be an integer >= {low}, got {value!r}")
+            check_int(key, value, low)
         if dim % heads:
             raise ValueError(f"dim ({dim}) must be divisible by heads ({heads})")
         if not mlp_ratio > 0:
@@ -268,8 +271,7 @@ class ViTCascade(nn.Module):
             raise ValueError(f"head_init must be 'small' or 'default', got {head_init!r}")
         if decoder not in DECODERS:
             raise ValueError(f"decoder must be one of {', '.join(repr(d) for d in DECODERS)}, got {decoder!r}")
-        if not isinstance(point_chunk, int) or isinstance(point_chunk, bool) or point_chunk < 1:
-            raise ValueError(f"point_chunk must be an integer >= 1, got {point_chunk!r}")
+        check_int("point_chunk", point_chunk, 1)
         if not isinstance(ray_encoding, bool):
             raise ValueError(f"ray_encoding must be true or false, got {ray_encoding!r}")
         if not isinstance(kv_pool, int) or isinstance(kv_pool, bool) or kv_pool < 1 or tokens % kv_pool:
@@ -282,8 +284,7 @@ class ViTCascade(nn.Module):
         if full_resolution is None:
             full_resolution = channels
         for key, value in (("xray_size", xray_size), ("full_resolution", full_resolution)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"{key} must be an integer >= 0, got {value!r}")
+            check_int(key, value, 0)
         self.pixel_aligned, self.visibility = bool(pixel_aligned), bool(visibility)
         self.centre_offset = bool(centre_offset)
         self.decoder_kind, self.point_chunk, self.ray_encoding = decoder, point_chunk, ray_encoding
@@ -472,8 +473,7 @@ class ViTCascade(nn.Module):
                        prev: torch.Tensor | None = None) -> torch.Tensor:
         """The prediction on a ``resolution^3`` grid over the volume, any resolution: ``[B, 1, r, r, r]``
         (needs ``decoder = "implicit"``; only the output, never a feature grid, is held at that size)."""
-        if not isinstance(resolution, int) or isinstance(resolution, bool) or resolution < 1:
-            raise ValueError(f"vit_cascade.predict_volume: resolution must be an integer >= 1, got {resolution!r}")
+        check_int("vit_cascade.predict_volume: resolution", resolution, 1)
         ctx = self.context(xrays, geometry, prev)
         b = xrays.shape[0]
         vol = batched(geometry, b, xrays.device)["volume_mm"][:, 0]

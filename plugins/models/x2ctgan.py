@@ -43,10 +43,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensor
 
-from x2ct_framework.errors import CheckpointError, DataError
+from x2ct_framework.errors import CheckpointError, DataError, check_int
 from x2ct_framework.hookspecs import hookimpl
 
-from .layers import ModelInputError, check_inputs
+from .inputs import check_inputs, ModelInputError
 
 ENCODER_BLOCKS = (6, 12, 24, 16, 6)
 VIEW_DECODER_BLOCKS = (1, 2, 2, 2, 2, 0)
@@ -215,8 +215,7 @@ class X2CTGAN(nn.Module):
         super().__init__()
         for key, value, low in (("resolution", resolution, 1), ("image_size", image_size, 0),
                                 ("width_divisor", width_divisor, 1)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ValueError(f"{key} must be an integer >= {low}, got {value!r}")
+            check_int(key, value, low)
         blocks = tuple(encoder_blocks)
         if len(blocks) != len(ENCODER_BLOCKS) or not all(isinstance(b, int) and b >= 1 for b in blocks):
             raise ValueError(f"encoder_blocks must be {len(ENCODER_BLOCKS)} integers >= 1 (dense layers per "
@@ -389,7 +388,7 @@ def convert_checkpoint(source: str | Path, folder: str | Path, stage: str = "x2c
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    from x2ct_framework.run import report_errors
+    from x2ct_framework.api import report_errors
 
     p = argparse.ArgumentParser(prog="python -m x2ct_plugins.models.x2ctgan",
                                 description="X2CT-GAN's generator checkpoint (NN_net_G.pth) -> a checkpoint folder")

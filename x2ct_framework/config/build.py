@@ -12,8 +12,9 @@ import torch.nn as nn
 
 from x2ct_framework.conventions import DEFAULT_HU_WINDOW
 from x2ct_framework.errors import PluginError, RecipeError, X2CTError
+from x2ct_framework.registry import check_options
 from x2ct_framework.plugins import get_plugin_manager
-from x2ct_framework.config.recipe import Recipe
+from x2ct_framework.config.document import Recipe
 from x2ct_framework.config.schema import LOSS_TERM_KEYS
 from x2ct_framework.stage import Stage
 
@@ -303,6 +304,45 @@ class _Wrap(nn.Module):
         return self.fn(pred, target, batch)
 
 
+def component_problems(recipe: Recipe) -> list[str]:
+    """Every component a recipe names (dataset, model, each loss term, each metric, in every stage) against its
+    registry, and its options against the factory's signature, as ``build_*`` would check them, without
+    building anything: the problems, each once."""
+    pm = get_plugin_manager()
+    problems: list[str] = []
+
+    def check(kind: str, name: Any, options: dict, where: str, fixed: tuple = (), supplied: Any = ()) -> None:
+        if not isinstance(name, str):
+            return  # the schema reports a missing or malformed name
+        try:
+            entry = pm.registry(kind).get(name, where)
+            check_options(entry, options, where, kind, reserved=set(fixed), supplied=set(supplied))
+        except RecipeError as exc:
+            problems.extend(p for p in exc.problems if p not in problems)
+
+    for stage in stages(recipe):
+        data = data_options(recipe, stage)
+        check("dataset", data.pop("name", None), data, recipe.where("data"), ("split", "stage"),
+              dataset_context(recipe, stage))
+        model = model_options(recipe, stage)
+        ctx = context(recipe, stage)
+        check("model", model.pop("name", None), model, recipe.where("model"), supplied=set(ctx) - {"stage"})
+        for term_name, table in stage.options["losses"].items():
+            table = dict(table)
+            plugin = table.get("name", term_name)
+            options = {k: v for k, v in table.items() if k not in LOSS_TERM_KEYS}
+            check("loss", plugin, options, recipe.where(*_stage_key(recipe, stage, "losses", term_name)),
+                  supplied=ctx)
+    for i, name in enumerate(recipe["eval"]["metrics"]):
+        options = recipe["eval"]["metric_options"].get(name)
+        check("metric", name, options or {}, recipe.where("eval", *(("metric_options", name) if options else
+                                                                    ("metrics", i))), supplied=("hu_window", "seed"))
+    for name, options in recipe["eval"]["protocol_options"].items():
+        check("protocol", name, options, recipe.where("eval", "protocol_options", name), ("hu_window",),
+              ("lpips", "resolution", "seed"))
+    return problems
+
+
 def build_metrics(recipe: Recipe) -> dict[str, Any]:
     reg = get_plugin_manager().registry("metric")
     first = stages(recipe)[0]
@@ -310,7 +350,9 @@ def build_metrics(recipe: Recipe) -> dict[str, Any]:
     ctx = {"hu_window": list(window) if window is not None else list(DEFAULT_HU_WINDOW), "seed": recipe["seed"]}
     out = {}
     for i, name in enumerate(recipe["eval"]["metrics"]):
-        out[name] = reg.create(name, {}, where=recipe.where("eval", "metrics", i), context=ctx)
+        options = recipe["eval"]["metric_options"].get(name)
+        where = recipe.where("eval", "metric_options", name) if options else recipe.where("eval", "metrics", i)
+        out[name] = reg.create(name, options or {}, where=where, context=ctx)
         if getattr(out[name], "per_set", False):
             raise RecipeError([f"{recipe.where('eval', 'metrics', i)}: metric {name!r} is one number for a whole split "
                                f"(x2ct evaluate, the report and the matrices report it); it cannot score validation "

@@ -1,9 +1,10 @@
 """Recipe checks that need more than the schema, run before anything trains.
 
-``x2ct validate`` and the start of ``x2ct run`` call :func:`check_recipe` (every stage's ``select_best``,
-every tracker), so a misspelt ``select_best`` in stage 3, a tracker whose package is missing or a
-plugin tracker's misspelt option stops the run at once rather than after the earlier stages have
-trained. :func:`check_freeze` checks a stage's ``freeze`` prefixes against its built model.
+:func:`~x2ct_framework.config.recipe.load_recipe` runs them with the schema and the component checks in
+one pass (every stage's ``select_best``, every tracker), so a misspelt ``select_best`` in stage 3, a
+tracker whose package is missing or a plugin tracker's misspelt option is reported with every other
+problem before anything trains. :func:`check_freeze` checks a stage's ``freeze`` prefixes against its
+built model.
 """
 
 from __future__ import annotations
@@ -15,12 +16,9 @@ import torch.nn as nn
 
 from x2ct_framework.config.document import Recipe
 from x2ct_framework.errors import RecipeError, did_you_mean
-from x2ct_framework.registry import check_options
+from x2ct_framework.plugins import TRACKER_PACKAGES, failed_note, get_plugin_manager
+from x2ct_framework.registry import check_options, name_list
 
-# Accelerate's tracker names -> the package each one needs (no plugin may register a tracker of these names)
-TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "comet_ml": "comet_ml",
-                    "aim": "aim", "clearml": "clearml", "dvclive": "dvclive", "swanlab": "swanlab",
-                    "trackio": "trackio"}
 
 
 def known_trackers() -> dict[str, str]:
@@ -46,15 +44,13 @@ TRACKER_CONTEXT = ("logging_dir", "run_name")
 
 def plugin_trackers():
     """The registry of plugin trackers (``register_trackers``)."""
-    from x2ct_framework.plugins import get_plugin_manager
-
     return get_plugin_manager().registry("tracker")
 
 
 def unknown_tracker(where: str, name: str, builtin: Iterable[str], plugins: Iterable[str]) -> str:
     builtin, plugins = sorted(builtin), sorted(plugins)
     return (f"{where}: unknown tracker {name!r}{did_you_mean(name, builtin + plugins)} (built-in: "
-            f"{', '.join(builtin)}; from plugins: {', '.join(plugins) or 'none'}; or [] for none)")
+            f"{', '.join(builtin)}; from plugins: {name_list(plugins)}; or [] for none){failed_note()}")
 
 
 def tracker_problems(recipe: Recipe) -> list[str]:

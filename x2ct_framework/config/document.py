@@ -34,6 +34,9 @@ class Recipe:
     # The run folder whose recipe.toml this is, when it was read from one rather than named by the user:
     # its plugins are then data, not code (see PluginManager.allows_run_plugin).
     run_folder: Path | None = None
+    # Set once every check of load_recipe passed (schema, cross-key, registries and options); Trainer(recipe)
+    # runs them itself otherwise.
+    checked: bool = False
 
     def __getitem__(self, key: str) -> Any:
         return self.data[key]

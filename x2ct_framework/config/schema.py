@@ -1,9 +1,10 @@
 """The recipe schema: every key the core understands, its type, default and meaning.
 
-Component tables (``[data]``, ``[model]``, each loss) are open here: their options are checked
-against the plugin factory's signature when the component is built (``x2ct validate`` does that
-for every component without training). Validation fills defaults in place, so the resolved recipe
-written to the run folder holds every value the run used.
+Component tables (``[data]``, ``[model]``, each loss) are open here: their names and options are
+checked against the registries by ``config/build.py: component_problems``, in the same pass
+(``config/recipe.py: check_all``). Validation fills defaults in place, so the resolved recipe written
+to the run folder holds every value the run used. Names a registry holds (optimizers, schedules,
+protocols) are checked against the plugin registries, never against ``training/`` or ``evaluation/``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any, Callable
 
 from x2ct_framework.errors import RecipeError, X2CTError, did_you_mean
 from x2ct_framework.config.document import Key, Recipe
+from x2ct_framework.registry import name_list
 
 REQUIRED = object()
 
@@ -93,7 +95,9 @@ def optimizer_name(v: Any) -> str | None:
     names = optimizer_names()
     if v in names or v.lower() in names:
         return None
-    return f"unknown optimizer{did_you_mean(v.lower(), names)} (known: {', '.join(names)})"
+    from x2ct_framework.plugins import failed_note
+
+    return f"unknown optimizer{did_you_mean(v.lower(), names)} (known: {', '.join(names)}){failed_note()}"
 
 
 def scheduler_spec(v: Any) -> str | None:
@@ -105,7 +109,9 @@ def scheduler_spec(v: Any) -> str | None:
     name = v if isinstance(v, str) else v["name"]
     names = schedule_names()
     if name not in names:
-        return f"unknown schedule {name!r}{did_you_mean(name, names)} (known: {', '.join(names)})"
+        from x2ct_framework.plugins import failed_note
+
+        return f"unknown schedule {name!r}{did_you_mean(name, names)} (known: {', '.join(names)}){failed_note()}"
     try:
         build_schedule(v, 100, 1.0, 0.0, 0)
     except X2CTError as exc:
@@ -113,21 +119,44 @@ def scheduler_spec(v: Any) -> str | None:
     return None
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def compile_mode(value: Any) -> str | None:
+    """The ``torch.compile`` mode of a ``train.compile`` value; None means eager."""
+    if value is False or value in ("", "no", "off", "false"):
+        return None
+    if value is True:
+        return "default"
+    if isinstance(value, str) and value in COMPILE_MODES:
+        return value
+    raise ValueError(f"train.compile: expected false, true or one of {', '.join(map(repr, COMPILE_MODES))}, "
+                     f"got {value!r}")
+
+
 def compile_setting(v: Any) -> str | None:
-    from x2ct_framework.training.compile import check_compile
-
-    return check_compile(v)
-
-
-def metric_key(v: Any) -> str | None:
-    return None if v.startswith("val/") else 'expected a validation metric such as "val/psnr" or "val/loss"'
+    """Schema check of ``train.compile``: a problem or None."""
+    try:
+        compile_mode(v)
+    except ValueError as exc:
+        return str(exc).split(": ", 1)[1].split(", got")[0]
+    return None
 
 
 def protocol_names(v: Any) -> str | None:
-    """Names of metric protocols; the list of known ones is the evaluation package's."""
-    from x2ct_framework.evaluation.protocols import check_names
+    """Names of metric protocols: the protocol registry's (the built-ins register there as a core plugin)."""
+    from x2ct_framework.plugins import failed_note, registry
 
-    return check_names(v)
+    try:
+        known = registry("protocol").names()
+    except X2CTError:  # a registry that cannot be built is reported by the command that needs it
+        known = []
+    known = sorted(known, key=lambda n: (n not in ("default", "x2ctgan"), n))  # the built-ins first
+    bad = [n for n in v if n not in known]
+    if not bad:
+        return None
+    hint = did_you_mean(bad[0], known)
+    return f"unknown protocol(s) {', '.join(map(repr, bad))}{hint}; expected some of {', '.join(known)}{failed_note()}"
 
 
 STAGE = Table(
@@ -153,7 +182,7 @@ STAGE = Table(
         "grad_accum": Value("int", 0, "gradient accumulation steps; 0 takes train.grad_accum", check=non_negative),
         "checkpoint_every": Value("int", 0, "periodic checkpoint every N epochs; 0 = off", check=non_negative),
         "val_every": Value("int", 1, "validate every N epochs (and after the last)", check=at_least_one),
-        "select_best": Value("str", "val/psnr", "validation metric that picks the best checkpoint", check=metric_key),
+        "select_best": Value("str", "val/psnr", "validation metric that picks the best checkpoint", ),
         "best_mode": Value("str", "auto", "max or min of select_best; auto = the metric's higher_is_better "
                            "(min for val/loss, mae, landmark_mm, lpips)", choices=("auto", "max", "min")),
         "freeze": Value("list[str]", [], "parameter-name prefixes that are not trained in this stage"),
@@ -236,6 +265,10 @@ SCHEMA = Table(
                 "gallery": Value("int", 2, "cases in the report's slice gallery", check=non_negative),
                 "lpips": Value("str", "auto", "LPIPS in the default protocol: auto = when its weights are present",
                                choices=("auto", "on", "off")),
+                "protocol_options": Table({}, "per protocol of eval.protocols, the options its factory takes, e.g. "
+                                          "[eval.protocol_options.lab] body_hu = -400", open=True),
+                "metric_options": Table({}, "per metric of eval.metrics, the options its factory takes, e.g. "
+                                        "[eval.metric_options.psnr] slices = true", open=True),
             }
         ),
         "stages": ArrayOf(STAGE, "the progressive stages, coarse to fine", min_items=1),
@@ -307,7 +340,7 @@ def _check(spec: Any, value: Any, key: Key, recipe: Recipe, problems: list[str])
         for k in value:
             if k not in spec.fields:
                 problems.append(f"{recipe.where(*key, k)}: unknown key{did_you_mean(k, spec.fields)} "
-                                f"(known: {', '.join(spec.fields)})")
+                                f"(known: {name_list(list(spec.fields))})")
         out = {}
         for k, sub in spec.fields.items():
             if k in value:
@@ -373,18 +406,6 @@ def _non_finite(data: Any, key: Key = ()) -> list[Key]:
     return []
 
 
-def _load_plugins(recipe: Recipe) -> None:
-    """Load the recipe's ``plugins`` first, so that names checked against a registry (protocols,
-    optimizers, schedules) include the ones they register. A malformed list is left to the schema check.
-    A run folder's recipe is data: its plugins go through the same trust check as at build time."""
-    specs = recipe.data.get("plugins")
-    if not (isinstance(specs, list) and all(isinstance(p, str) for p in specs)):
-        return
-    from x2ct_framework.config.build import load_recipe_plugins
-
-    load_recipe_plugins(recipe)
-
-
 def _check_plugin_options(data: dict, recipe: Recipe, problems: list[str]) -> None:
     """``[plugin_options.<name>]``: each table checked against the plugin's ``x2ct_options`` parameters (same
     messages as component options) and completed with its defaults."""
@@ -403,7 +424,7 @@ def _check_plugin_options(data: dict, recipe: Recipe, problems: list[str]) -> No
         if found is None:
             loaded = [n for n, _ in pm.pm.list_name_plugin()]
             problems.append(f"{where}: no loaded plugin is called {name!r}{did_you_mean(name, loaded)} (loaded: "
-                            f"{', '.join(loaded) or 'none'}); name it in plugins or install it")
+                            f"{name_list(loaded)}); name it in plugins or install it")
             continue
         known, plugin = found
         declare = getattr(plugin, OPTIONS_DECLARATION, None)
@@ -426,18 +447,29 @@ def _check_plugin_options(data: dict, recipe: Recipe, problems: list[str]) -> No
             problems.append(f"{where}: plugin {known!r} rejected its options: {exc}")
 
 
-def validate_recipe(recipe: Recipe) -> Recipe:
-    """Check the whole recipe against the schema, fill defaults in place, report all problems."""
+def schema_problems(recipe: Recipe) -> tuple[Any, list[str]]:
+    """The recipe's data checked against the schema, defaults filled (as far as the data allows), and every
+    problem found: the types, the values, the keys that depend on each other, ``[plugin_options]``.
+
+    The recipe's plugins must be loaded first (``config/recipe.py: check_all``), so that names checked
+    against a registry (protocols, optimizers, schedules) include the ones they register."""
     problems: list[str] = []
     # Every number of a recipe is meant to be finite: nan passes ">= 0" and inf passes "positive".
-    for key in _non_finite(recipe.data):
+    bad = _non_finite(recipe.data)
+    for key in bad:
         problems.append(f"{recipe.where(*key)}: expected a finite number, got {_get(recipe.data, key)!r}")
-    if problems:
-        raise RecipeError(problems)
-    _load_plugins(recipe)
-    data = _check(SCHEMA, recipe.data, (), recipe, problems)
-    if problems:
-        raise RecipeError(problems)
+    found: list[str] = []
+    data = _check(SCHEMA, recipe.data, (), recipe, found)
+    # a non-finite value's own message is enough: no second one from its check
+    problems += [p for p in found if not any(p.startswith(recipe.where(*key) + ":") for key in bad)]
+    try:
+        _cross_key_problems(data, recipe, problems)
+    except (KeyError, TypeError, AttributeError, IndexError):  # malformed tables: the schema said why
+        pass
+    return data, problems
+
+
+def _cross_key_problems(data: dict, recipe: Recipe, problems: list[str]) -> None:
     for i, stage in enumerate(data["stages"]):
         if not stage["name"]:
             stage["name"] = f"stage{i + 1}"
@@ -459,12 +491,27 @@ def validate_recipe(recipe: Recipe) -> Recipe:
                             f"{did_you_mean(name, trackers)}; add it there or remove these options")
         elif not isinstance(table, dict):
             problems.append(f"{where}: expected a table of the tracker's keyword arguments, got {table!r}")
+    for key, names in (("protocol_options", data["eval"]["protocols"]), ("metric_options", data["eval"]["metrics"])):
+        for name, table in data["eval"][key].items():
+            where = recipe.where("eval", key, name)
+            listed = f"eval.{key.split('_')[0]}s"
+            if name not in names:
+                problems.append(f"{where}: {name!r} is not one of {listed} ({', '.join(names) or 'none'})"
+                                f"{did_you_mean(name, names)}; add it there or remove these options")
+            elif not isinstance(table, dict):
+                problems.append(f"{where}: expected a table of the factory's options, got {table!r}")
     # [data] hu_window is also handed to models, losses and metrics: check it here so that the error names it.
     hu_window = data["data"].get("hu_window")
     if hu_window is not None and not (isinstance(hu_window, list) and len(hu_window) == 2
                                       and _KIND_CHECK["list[float]"](hu_window) and hu_window[0] < hu_window[1]):
         problems.append(f"{recipe.where('data', 'hu_window')}: expected [low, high] in HU with low < high, "
                         f"got {hu_window!r}")
+
+
+def validate_recipe(recipe: Recipe) -> Recipe:
+    """The schema alone: check the recipe, fill defaults in place, report all problems. ``load_recipe``
+    runs it together with the other checks (``config/recipe.py: check_all``)."""
+    data, problems = schema_problems(recipe)
     if problems:
         raise RecipeError(problems)
     recipe.data = data

@@ -139,7 +139,9 @@ def evaluate(target: Target, split: str = "test", protocols: list[str] = ("defau
     offered = {"lpips": {"auto": "auto", "on": True, "off": False}[lpips], "resolution": stage.resolution,
                "seed": recipe["seed"]}
     for name in dict.fromkeys(protocols):
-        protos.append(build_protocol(name, hu_window, where="--protocol", context=offered))
+        options = recipe["eval"].get("protocol_options", {}).get(name, {})
+        where = recipe.where("eval", "protocol_options", name) if options else "--protocol"
+        protos.append(build_protocol(name, hu_window, where=where, context=offered, **options))
         protos[-1].reset()
     rank_proto, rank_metric = ranking(protos)
     rank_key, rank_higher = rank_proto.key(rank_metric), rank_proto.higher_is_better(rank_metric)

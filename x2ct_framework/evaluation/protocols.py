@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from x2ct_framework.errors import PluginError, X2CTError, did_you_mean
+from x2ct_framework.errors import PluginError, X2CTError
 from x2ct_framework.evaluation.metrics import (DEFAULT_HU_WINDOW, LABELS, LPIPS, MAE, PSNR, RMSE, SSIM,
                                               LandmarkDistance, Metric, StructureMetric, _check_pair, body_mask,
                                               psnr_slices, to_hu)
@@ -367,13 +367,10 @@ def protocol_names() -> list[str]:
 
 
 def check_names(names: Sequence[str]) -> str | None:
-    """The recipe check of ``eval.protocols``: a problem sentence, or None."""
-    known = protocol_names()
-    bad = [n for n in names if n not in known]
-    if not bad:
-        return None
-    hint = did_you_mean(bad[0], known)
-    return f"unknown protocol(s) {', '.join(map(repr, bad))}{hint}; expected some of {', '.join(known)}"
+    """The recipe check of ``eval.protocols`` (it lives in the schema): a problem sentence, or None."""
+    from x2ct_framework.config.schema import protocol_names as check
+
+    return check(list(names))
 
 
 def as_protocol(name: str, made: Any, source: str) -> Protocol:

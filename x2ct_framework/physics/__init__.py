@@ -20,10 +20,10 @@ Conventions (shared by datasets, models and losses):
   users other than the projector treat it as opaque except ``angles``.
 """
 
-from .drr import MU_WATER, backproject, drr, hu_to_mu, project
+from .drr import MU_WATER, backproject, drr, hu_to_mu, project, project_points
 from .geometry import (GEOMETRY_PRESETS, ORIENTATIONS, batched, compose_orientation, from_stored, geometry_fingerprint,
                        magnification, make_geometry, num_views, resolve_preset, to_stored, view_frames)
 
 __all__ = ["GEOMETRY_PRESETS", "ORIENTATIONS", "to_stored", "from_stored", "compose_orientation", "MU_WATER",
            "make_geometry", "num_views", "resolve_preset", "batched", "view_frames", "magnification",
-           "geometry_fingerprint", "project", "backproject", "drr", "hu_to_mu"]
+           "geometry_fingerprint", "project", "project_points", "backproject", "drr", "hu_to_mu"]

@@ -323,6 +323,46 @@ def project(mu: torch.Tensor, geometry: Mapping[str, torch.Tensor], det_shape: t
     return torch.cat(parts, 1)[:, inverse.to(mu.device)]
 
 
+def _on_detector(g: Mapping[str, torch.Tensor], fr: dict[str, torch.Tensor], dot, per_view) -> tuple[torch.Tensor, ...]:
+    """Where points land on each view's detector, the one point-to-detector projection of the package.
+
+    ``dot(vec)`` gives ``(point - source) . vec`` for a per-view frame vector ``vec [B, V, 3]`` over the points'
+    layout; ``per_view`` broadcasts a ``[B, V]`` tensor to that layout. Returns ``(gu, gv, depth, cone)``: the
+    detector coordinates in ``grid_sample`` units (``align_corners=False``: -1 and 1 are the detector's outer
+    edges; u along columns, v along rows), the depth along the central ray, and the cone-beam mask."""
+    src = fr["source"]
+    cone = per_view(g["cone"] > 0.5)
+    depth = dot(fr["ray"])
+    scale = torch.where(cone, per_view(g["sdd"]) / depth.clamp_min(1e-3), torch.ones_like(depth))
+    base = src - fr["center"]
+    cu = per_view((base * fr["u"]).sum(-1)) + scale * dot(fr["u"])
+    cv = per_view((base * fr["v"]).sum(-1)) + scale * dot(fr["v"])
+    gu = cu / per_view(g["detector_mm"][..., 0] / 2)
+    gv = cv / per_view(g["detector_mm"][..., 1] / 2)
+    return gu, gv, depth, cone
+
+
+def project_points(points: torch.Tensor, geometry: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where world points ``[B, N, 3]`` (mm) project in every view: ``(uv [B, V, N, 2], visible [B, V, N])``.
+
+    ``uv`` is in ``grid_sample`` coordinates of the detector image (``align_corners=False``: -1 and 1
+    are the detector's outer edges; u along columns, v along rows), from the same geometry as the
+    projector; ``visible`` is 1 where the point falls on the detector in front of the source.
+    """
+    b = points.shape[0]
+    g = batched(geometry, b, points.device, torch.float32)
+    fr = view_frames(g)
+    rel = points.float()[:, None] - fr["source"][:, :, None]          # [B, V, N, 3]
+
+    def dot(vec: torch.Tensor) -> torch.Tensor:  # (p - source) . vec, [B, V, N]
+        return (rel * vec[:, :, None]).sum(-1)
+
+    gu, gv, depth, cone = _on_detector(g, fr, dot, lambda t: t[..., None])
+    uv = torch.stack([gu, gv], -1)
+    visible = (uv.abs() <= 1).all(-1) & (~cone | (depth > 0))
+    return uv, visible.float()
+
+
 def _backproject_voxel(images: torch.Tensor, g: Mapping[str, torch.Tensor], grid_shape) -> torch.Tensor:
     b, v, c, h, w = images.shape
     d, hh, ww = grid_shape
@@ -342,14 +382,7 @@ def _backproject_voxel(images: torch.Tensor, g: Mapping[str, torch.Tensor], grid
         s = src[:, :, None, None, None, :]
         return (px - s[..., 0]) * e[..., 0] + (py - s[..., 1]) * e[..., 1] + (pz - s[..., 2]) * e[..., 2]
 
-    cone = (g["cone"] > 0.5)[:, :, None, None, None]
-    depth = dot(fr["ray"])
-    scale = torch.where(cone, g["sdd"][:, :, None, None, None] / depth.clamp_min(1e-3), torch.ones_like(depth))
-    base = src - fr["center"]
-    cu = (base * fr["u"]).sum(-1)[:, :, None, None, None] + scale * dot(fr["u"])
-    cv = (base * fr["v"]).sum(-1)[:, :, None, None, None] + scale * dot(fr["v"])
-    gu = cu / (g["detector_mm"][..., 0] / 2)[:, :, None, None, None]
-    gv = cv / (g["detector_mm"][..., 1] / 2)[:, :, None, None, None]
+    gu, gv, _, _ = _on_detector(g, fr, dot, lambda t: t[:, :, None, None, None])
     grid = rearrange(torch.stack([gu, gv], -1), "b v d h w two -> (b v) d (h w) two")
     out = F.grid_sample(rearrange(images, "b v c h w -> (b v) c h w"), grid, mode="bilinear",
                         padding_mode="zeros", align_corners=False)

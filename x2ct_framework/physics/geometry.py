@@ -150,23 +150,34 @@ def resolve_preset(preset: str | Mapping) -> dict:
     return spec
 
 
-def make_geometry(views: Sequence[float], preset: str | Mapping = "parallel",
+def make_geometry(views: Sequence[float], preset: str | Mapping | None = None,
                   volume_mm: float | Sequence[float] = 320.0,
                   detector_mm: float | Sequence[float] | None = None, *, detector_px: int | Sequence[int] | None = None,
                   sid: float | None = None, sdd: float | None = None,
-                  detector_offset_mm: float | Sequence[float] | None = None) -> dict[str, torch.Tensor]:
+                  detector_offset_mm: float | Sequence[float] | None = None, beam: str | None = None,
+                  stored_views: Sequence[Mapping] | None = None) -> dict[str, torch.Tensor]:
     """Geometry dict for one case: one entry per gantry angle in ``views`` (degrees).
 
+    ``preset`` is a preset name (default ``"parallel"``) or a table; a recipe's table may also be spread as
+    keyword arguments, in every form docs/data.md documents: ``make_geometry(views, **{"preset": "x2ctgan",
+    "sid": 600})`` or ``make_geometry(views, **{"beam": "cone", "sid": 800, "sdd": 1200, "detector_mm": 400})``.
     Keyword arguments override the preset's values. A parallel beam's detector defaults to the
-    volume's extent (largest in-plane size by the z size) and its pixel count to 256.
+    volume's extent (largest in-plane size by the z size) and its pixel count to 256. ``stored_views`` (how a
+    dataset's stored images map to angles) does not change the geometry and is accepted for the table form.
     """
     if len(views) < 1:
         raise RecipeError(["views: expected at least one gantry angle"])
-    spec = resolve_preset(preset)
-    for key, value in (("sid", sid), ("sdd", sdd), ("detector_mm", detector_mm), ("detector_px", detector_px),
-                       ("detector_offset_mm", detector_offset_mm)):
-        if value is not None:
-            spec[key] = value
+    overrides = {key: value for key, value in (("sid", sid), ("sdd", sdd), ("detector_mm", detector_mm),
+                                               ("detector_px", detector_px),
+                                               ("detector_offset_mm", detector_offset_mm)) if value is not None}
+    if beam is not None:  # the table form {beam = "cone", ...}, on top of a named preset if one is given
+        if isinstance(preset, Mapping):
+            raise RecipeError([f"geometry: beam = {beam!r} given beside a table {dict(preset)!r}; put it in the table"])
+        table = {"beam": beam, **overrides, **({"preset": preset} if preset is not None else {})}
+        spec = resolve_preset(table)
+    else:
+        spec = resolve_preset("parallel" if preset is None else preset)
+    spec.update(overrides)
     vol = _triple(volume_mm, "volume_mm")
     if any(x <= 0 for x in vol):
         raise RecipeError([f"volume_mm: expected positive sizes, got {vol}"])

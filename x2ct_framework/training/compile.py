@@ -13,27 +13,9 @@ from typing import Any, Callable
 
 import torch
 
-MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-
-
-def compile_mode(value: Any) -> str | None:
-    """The ``torch.compile`` mode of a ``train.compile`` value; None means eager."""
-    if value is False or value in ("", "no", "off", "false"):
-        return None
-    if value is True:
-        return "default"
-    if isinstance(value, str) and value in MODES:
-        return value
-    raise ValueError(f"train.compile: expected false, true or one of {', '.join(map(repr, MODES))}, got {value!r}")
-
-
-def check_compile(value: Any) -> str | None:
-    """Schema check of ``train.compile``: a problem or None."""
-    try:
-        compile_mode(value)
-    except ValueError as exc:
-        return str(exc).split(": ", 1)[1].split(", got")[0]
-    return None
+from x2ct_framework.config.schema import COMPILE_MODES as MODES  # noqa: F401  (the values live with the schema)
+from x2ct_framework.config.schema import compile_mode
+from x2ct_framework.config.schema import compile_setting as check_compile  # noqa: F401
 
 
 def compile_model(model: torch.nn.Module, value: Any, *, example: tuple | None = None, backend: str = "inductor",

@@ -7,13 +7,20 @@
   before ``best`` could be written from the untrained model.
 - :func:`check_validation`: a validation whose loss or ``select_best`` metric is not finite stops with
   exit status 3; the last good checkpoint is kept (nothing is written from that epoch).
+- :class:`NonFiniteGuard`: the one owner of non-finite training values: a micro-batch's loss (every process
+  agrees), the update's gradient norm, the count of skipped updates and its limit
+  (``train.max_nonfinite_steps``). Its verdict is part of the :class:`Update` value the optimizer step returns.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
+
+import torch
 
 from x2ct_framework import checkpoint as ckpt
 from x2ct_framework.errors import DataError, X2CTError
@@ -74,3 +81,53 @@ def check_validation(stage_name: str, metrics: dict[str, float], select_best: st
             f"{stage_name}: validation is not finite ({shown}); the weights have probably diverged, so nothing of "
             f"this epoch is written. {last}. Try a lower lr, a larger warmup_steps, max_grad_norm, or "
             f"mixed_precision = \"bf16\" or \"no\".")
+
+
+@dataclass(frozen=True)
+class Update:
+    """One optimizer update as it happened: its learning rate, the clipped gradient's norm (None when skipped),
+    and whether it was skipped and why. EMA, critics, logging and hooks read this one value."""
+
+    lr: float
+    grad_norm: float | None = None
+    skipped: bool = False
+    why: str = ""  # "non-finite loss" or "non-finite gradient" when skipped
+
+
+class NonFiniteGuard:
+    """Non-finite losses and gradients, in one place: ``loss_ok`` before a backward (every process agrees, so all
+    skip a bad update together), ``verdict`` at the update (why it must be skipped, or ""), ``skipped`` to count
+    it against ``limit`` (``train.max_nonfinite_steps``; past it the stage stops with exit status 3)."""
+
+    def __init__(self, accelerator: Any, limit: int):
+        self.acc, self.limit = accelerator, limit
+        self.bad_loss = False  # a micro-batch of the update in progress had a non-finite loss (no backward)
+
+    def loss_ok(self, loss: torch.Tensor) -> bool:
+        """Whether the loss is finite on every process; a bad one marks the update in progress for skipping."""
+        flag = torch.isfinite(loss.detach()).float().reshape(1)
+        if self.acc.num_processes > 1:
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        ok = bool(flag.item())
+        self.bad_loss = self.bad_loss or not ok
+        return ok
+
+    def verdict(self, grad_norm: Any) -> str:
+        """Why the update in progress must be skipped ("" when it may step); the next update starts clean."""
+        why = ("non-finite loss" if self.bad_loss else
+               "non-finite gradient" if grad_norm is None or not torch.isfinite(torch.as_tensor(grad_norm)).item()
+               else "")
+        self.bad_loss = False
+        return why
+
+    def skipped(self, count: int, stage_name: str, epoch: int, step: int, last: Path) -> None:
+        """The ``count``-th skipped update of a stage: a warning, or past the limit a :class:`TrainingDiverged`."""
+        if count > self.limit:
+            raise TrainingDiverged(
+                f"{stage_name}: the loss or gradient was not finite at {count} optimizer steps "
+                f"(limit train.max_nonfinite_steps = {self.limit}); stopped at epoch {epoch + 1}, step {step + 1}. "
+                + (f"The last good checkpoint is {last} (epoch {ckpt.load_state(last)['epoch']}). "
+                   if ckpt.exists(last) else "No checkpoint of this stage was written yet. ")
+                + "Try a lower lr, a larger warmup_steps, max_grad_norm, or mixed_precision = \"bf16\" or \"no\".")
+        warnings.warn(f"{stage_name}: non-finite loss or gradient at epoch {epoch + 1}, step {step + 1}; "
+                      f"update skipped ({count} of at most {self.limit})", RuntimeWarning, stacklevel=3)

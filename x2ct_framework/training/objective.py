@@ -1,21 +1,33 @@
 """The objective of a stage: its loss terms -> one total to back-propagate, and what is logged of it.
 
 The weighted sum itself is :class:`x2ct_framework.config.build.LossSet` (built from the stage's
-``losses`` table). Here: the finite check that every process must agree on before a backward, and
-the running sums of the total and of each term between two log rows (``train/loss``,
-``train/<term>``, ``train/grad_norm``).
+``losses`` table). Here: the running sums of the total and of each term between two log rows
+(``train/loss``, ``train/<term>``, ``train/grad_norm``). Whether a loss is finite is the
+:class:`~x2ct_framework.training.guards.NonFiniteGuard`'s question.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, NamedTuple
+
 import torch
 from accelerate import Accelerator
+
+if TYPE_CHECKING:
+    from x2ct_framework.config.build import LossSet
+
+
+class Loss(NamedTuple):
+    """The objective on one micro-batch: the weighted total to back-propagate and each term's value (detached)."""
+
+    total: torch.Tensor
+    terms: dict[str, torch.Tensor]
 
 
 class Objective:
     """The stage's losses on a prediction, with the sums logged since the last row."""
 
-    def __init__(self, losses, accelerator: Accelerator):
+    def __init__(self, losses: LossSet, accelerator: Accelerator):
         self.losses, self.acc = losses, accelerator
         self.sums: dict[str, float] = {}  # train/loss and train/<term>, summed over micro-batches
         self.micro_batches = 0  # micro-batches in the sums
@@ -24,16 +36,9 @@ class Objective:
         self.update_values: dict[str, float] = {}  # this process's sums for the update in progress
         self.update_micro_batches = 0
 
-    def __call__(self, pred: torch.Tensor, batch: dict, epoch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def __call__(self, pred: torch.Tensor, batch: dict, epoch: int) -> Loss:
         """(total, {term: value}) of the stage's losses on ``pred`` against ``batch["ct"]``."""
-        return self.losses(pred, batch["ct"], batch, epoch=epoch)
-
-    def finite(self, loss: torch.Tensor) -> bool:
-        """Whether the loss is finite on every process (they must agree to skip a step together)."""
-        flag = torch.isfinite(loss.detach()).float().reshape(1)
-        if self.acc.num_processes > 1:
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-        return bool(flag.item())
+        return Loss(*self.losses(pred, batch["ct"], batch, epoch=epoch))
 
     def record(self, loss: torch.Tensor, terms: dict[str, torch.Tensor]) -> None:
         """Add a back-propagated micro-batch's total and terms to the logged sums."""

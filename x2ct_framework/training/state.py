@@ -14,7 +14,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 from accelerate import Accelerator
@@ -25,8 +25,12 @@ from x2ct_framework import checkpoint as ckpt
 from x2ct_framework.errors import CheckpointError
 from x2ct_framework.stage import Stage
 from x2ct_framework.training.critics import Critics
+from x2ct_framework.training.guards import NonFiniteGuard
 from x2ct_framework.training.objective import Objective
 from x2ct_framework.training.sampling import StageData, rng_state, set_rng_state
+
+if TYPE_CHECKING:
+    from x2ct_framework.training.cascade import PreviousStages
 
 
 def best_mode(metric: str, mode: str, metrics: dict[str, Any]) -> str:
@@ -130,11 +134,14 @@ class StageState:
 
     def __init__(self, *, stage: Stage, recipe_name: str, accelerator: Accelerator, model: torch.nn.Module,
                  optimizer, scheduler, ema: EMA | None, critics: Critics, objective: Objective, data: StageData,
-                 metrics: dict[str, Any], best: Best, total_steps: int):
+                 metrics: dict[str, Any], best: Best, total_steps: int, guard: NonFiniteGuard,
+                 previous: PreviousStages | None = None):
         self.stage, self.recipe_name, self.acc = stage, recipe_name, accelerator
         self.model, self.optimizer, self.scheduler, self.ema = model, optimizer, scheduler, ema
         self.critics, self.objective, self.data, self.metrics = critics, objective, data, metrics
         self.total_steps = total_steps
+        self.guard = guard  # non-finite losses and gradients: skips, their count and limit
+        self.previous = previous  # the frozen earlier stages that give a cascading stage its prev
         # progress (saved in the checkpoint)
         self.epoch = 0  # epochs finished = the 0-based epoch in progress
         self.step = 0  # optimizer updates finished in this stage
@@ -143,9 +150,6 @@ class StageState:
         self.best = best
         # within the run (not saved)
         self.validation: dict[str, float] = {}  # the latest validation's values
-        self.lr = 0.0  # learning rate of the update in progress
-        self.skip_update = False  # a micro-batch of the update in progress had a non-finite loss
-        self.grad_norm: float | None = None  # of the update in progress (None: skipped)
         self.sync_point = SyncPoint()
         self.clock = EpochClock()
         self.logbook: Any = None  # the stage's Logbook and progress bar, set by the trainer

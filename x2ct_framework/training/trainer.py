@@ -25,7 +25,6 @@ import math
 import platform
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -43,14 +42,15 @@ from x2ct_framework.config.build import (build_dataset, build_losses, build_metr
 from x2ct_framework.config.checks import check_freeze
 from x2ct_framework.config.optim import Schedule, lr_factor, make_optimizer
 from x2ct_framework.datacheck import guard_stored_geometry
-from x2ct_framework.config.recipe import Recipe
+from x2ct_framework.config.recipe import Recipe, check_all
 from x2ct_framework.errors import CheckpointError, RecipeError
 from x2ct_framework.plugins import get_plugin_manager
 from x2ct_framework.stage import Stage
-from x2ct_framework.training.cascade import PreviousStages, previous_stages
+from x2ct_framework.training.cascade import previous_stages
 from x2ct_framework.training.compile import compile_model
 from x2ct_framework.training.critics import Critics
-from x2ct_framework.training.guards import TrainingDiverged, check_batch, check_trained, check_validation, last_good
+from x2ct_framework.training.guards import (NonFiniteGuard, Update, check_batch, check_trained,
+                                            check_validation, last_good)
 from x2ct_framework.training.interrupt import StopRequest
 from x2ct_framework.training.logbook import Logbook
 from x2ct_framework.training.objective import Objective
@@ -99,6 +99,8 @@ class Trainer:
 
     def __init__(self, recipe: Recipe, accelerator: Accelerator | None = None, resume: bool = False,
                  overwrite: bool = False, allow_changes: list[str] | tuple[str, ...] = ()):
+        if not recipe.checked:  # built from Python without load_recipe: the same checks, in one pass
+            check_all(recipe)
         self.recipe, self.resume = recipe, resume
         train = recipe["train"]
         self.run_dir = Path(recipe["output_dir"]) / recipe.name
@@ -125,7 +127,6 @@ class Trainer:
         load_recipe_plugins(recipe)
         self.pm.load_entry_points()  # the end-of-run hooks (report) also when every stage is skipped on --resume
         self.model: torch.nn.Module | None = None  # the stage's unwrapped model, for hooks
-        self.previous: PreviousStages | None = None  # the frozen earlier stages of a cascading stage
         self.state: StageState | None = None  # the stage in progress (model, optimizer, progress, ...)
         self._info_written = False
 
@@ -296,56 +297,57 @@ class Trainer:
         acc = self.accelerator
         check_batch(batch, lambda: data_options(self.recipe, st.stage)["name"], "train")
         st.batch_in_epoch += 1
+        update = None  # the optimizer update this micro-batch completes, if it completes one
         with acc.accumulate(st.model):
             st.critics.freeze()  # the model's objective reaches the critics' input only
-            pred = self.predict(st.model, batch)
-            loss, terms = st.objective(pred, batch, epoch=st.epoch)
-            if st.objective.finite(loss):  # every process agrees, so all skip a bad update together
-                acc.backward(loss)
-                st.objective.record(loss, terms)
-            else:
-                st.skip_update = True
+            pred = self.predict(st, st.model, batch)
+            loss = st.objective(pred, batch, epoch=st.epoch)
+            if st.guard.loss_ok(loss.total):  # every process agrees, so all skip a bad update together
+                acc.backward(loss.total)
+                st.objective.record(*loss)
             if acc.sync_gradients:
-                self.optimizer_update(st)  # non-finite guard, clip, step, schedule
-            if not st.skip_update:
+                update = self.optimizer_update(st)  # non-finite guard, clip, step, schedule
+            if not (st.guard.bad_loss if update is None else update.skipped):
                 st.critics.update(pred, batch["ct"], batch, st.epoch, st.step)
-        if acc.sync_gradients:
-            if st.ema is not None and not st.skip_update:
+        if update is not None:
+            if st.ema is not None and not update.skipped:
                 st.ema.update(acc.unwrap_model(st.model))
-            self.finish_update(st)  # position, log row, on_train_step_end
+            self.finish_update(st, update)  # position, log row, on_train_step_end
 
-    def optimizer_update(self, st: StageState) -> None:
+    def optimizer_update(self, st: StageState) -> Update:
         """Clip and step, or skip an update whose loss or gradient is not finite; then the lr schedule."""
         acc, train = self.accelerator, self.recipe["train"]
         st.sync_point.consistent = False  # the weights change before the position does
-        st.lr = st.optimizer.param_groups[0]["lr"]
-        norm = None if st.skip_update else acc.clip_grad_norm_(st.model.parameters(),
-                                                               train["max_grad_norm"] or math.inf)
-        if norm is None or not torch.isfinite(torch.as_tensor(norm)).item():
+        lr = st.optimizer.param_groups[0]["lr"]
+        norm = None if st.guard.bad_loss else acc.clip_grad_norm_(st.model.parameters(),
+                                                                  train["max_grad_norm"] or math.inf)
+        why = st.guard.verdict(norm)
+        if why:
             st.optimizer.zero_grad(set_to_none=True)
-            self.skip_nonfinite(st)
-            st.grad_norm = None
+            st.nonfinite += 1
+            st.guard.skipped(st.nonfinite, st.stage.name, st.epoch, st.step, self.run_dir / st.stage.name / "last")
+            update = Update(lr, None, skipped=True, why=why)
         else:
             st.optimizer.step()
-            st.grad_norm = float(norm)
-        st.objective.record_update(st.grad_norm)
+            update = Update(lr, float(norm))
+        st.objective.record_update(update.grad_norm)
         st.scheduler.step()
         st.optimizer.zero_grad(set_to_none=True)
+        return update
 
-    def finish_update(self, st: StageState) -> None:
+    def finish_update(self, st: StageState, update: Update) -> None:
         """After an optimizer update: advance the position, log when due, mark the sync point, call hooks."""
         train = self.recipe["train"]
-        st.skip_update = False
         st.step += 1
         st.bar.update(1)
-        update = {"lr": st.lr, **st.objective.take_update()}
-        if st.grad_norm is not None:
-            update["train/grad_norm"] = st.grad_norm
+        values = {"lr": update.lr, **st.objective.take_update()}
+        if update.grad_norm is not None:
+            values["train/grad_norm"] = update.grad_norm
         if st.step % train["log_every"] == 0 or st.step == st.total_steps:
-            row = self.log_train(st)
+            row = self.log_train(st, update)
             st.bar.set_postfix(loss=f"{row.get('train/loss', float('nan')):.4f}")
         st.sync_point = SyncPoint(rng=rng_state(), batch_in_epoch=st.batch_in_epoch)
-        self.pm.hook.on_train_step_end(trainer=self, stage=st.stage, step=st.step, metrics=update)
+        self.pm.hook.on_train_step_end(trainer=self, stage=st.stage, step=st.step, metrics=values)
 
     def end_epoch(self, st: StageState) -> None:
         """Validate when due, write the checkpoints, log the epoch's timing, call ``on_epoch_end``."""
@@ -383,9 +385,9 @@ class Trainer:
         model = build_model(recipe, stage)
         if init_from is not None and resume_from is None:
             self._initialise(model, stage, init_from)
-        self.previous = previous_stages(recipe, stage, self.run_dir, acc.device)
-        if self.previous is not None:
-            self.print(f"[{stage.name}] cascade: prev comes from {self.previous.describe()}, frozen")
+        previous = previous_stages(recipe, stage, self.run_dir, acc.device)
+        if previous is not None:
+            self.print(f"[{stage.name}] cascade: prev comes from {previous.describe()}, frozen")
         params = trainable_parameters(model, opts["freeze"], where("freeze"))
         losses = build_losses(recipe, stage).to(acc.device)
         metrics = build_metrics(recipe)
@@ -412,15 +414,12 @@ class Trainer:
         scheduler = LambdaLR(optimizer.optimizer,
                              Schedule(total_steps, lr, min_lr, opts["warmup_steps"], opts["scheduler"],
                                       steps_per_epoch * opts["constant_epochs"]))
-        metric = opts["select_best"]
-        known = [f"val/{m}" for m in metrics] + ["val/loss"]
-        if metric not in known:
-            raise RecipeError([f"{where('select_best')}: {metric!r} is not measured; validation gives "
-                               f"{', '.join(known)} (eval.metrics)"])
+        metric = opts["select_best"]  # measured by validation: checked with the recipe (config/checks.py)
         mode = best_mode(metric, opts["best_mode"], metrics)
         st = StageState(stage=stage, recipe_name=recipe.name, accelerator=acc, model=model, optimizer=optimizer,
                         scheduler=scheduler, ema=ema, critics=critics, objective=Objective(losses, acc), data=data,
-                        metrics=metrics, best=Best(metric, mode), total_steps=total_steps)
+                        metrics=metrics, best=Best(metric, mode), total_steps=total_steps,
+                        guard=NonFiniteGuard(acc, train["max_nonfinite_steps"]), previous=previous)
         st.logbook = Logbook(stage_dir)
         self.model, self.state = acc.unwrap_model(model), st
 
@@ -469,30 +468,15 @@ class Trainer:
                       f"{' ...' if len(skipped) > 3 else ''})" if skipped else ""))
 
     # ---- pieces of the step ----------------------------------------------------------------------
-    def predict(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    def predict(self, st: StageState, model: torch.nn.Module, batch: dict) -> torch.Tensor:
         """The stage's model on a batch; with ``cascade``, the earlier stages' prediction is its ``prev``."""
-        if self.previous is None:
+        if st.previous is None:
             return model(batch["xrays"], batch["geometry"])
-        return model(batch["xrays"], batch["geometry"], prev=self.previous(batch["xrays"], batch["geometry"]))
+        return model(batch["xrays"], batch["geometry"], prev=st.previous(batch["xrays"], batch["geometry"]))
 
-    def skip_nonfinite(self, st: StageState) -> None:
-        """Count a skipped update; past ``train.max_nonfinite_steps`` the stage stops (exit status 3)."""
-        stage, limit = st.stage, self.recipe["train"]["max_nonfinite_steps"]
-        st.nonfinite += 1
-        last = self.run_dir / stage.name / "last"
-        if st.nonfinite > limit:
-            raise TrainingDiverged(
-                f"{stage.name}: the loss or gradient was not finite at {st.nonfinite} optimizer steps "
-                f"(limit train.max_nonfinite_steps = {limit}); stopped at epoch {st.epoch + 1}, step {st.step + 1}. "
-                + (f"The last good checkpoint is {last} (epoch {ckpt.load_state(last)['epoch']}). "
-                   if ckpt.exists(last) else "No checkpoint of this stage was written yet. ")
-                + "Try a lower lr, a larger warmup_steps, max_grad_norm, or mixed_precision = \"bf16\" or \"no\".")
-        warnings.warn(f"{stage.name}: non-finite loss or gradient at epoch {st.epoch + 1}, step {st.step + 1}; "
-                      f"update skipped ({st.nonfinite} of at most {limit})", RuntimeWarning, stacklevel=2)
-
-    def log_train(self, st: StageState) -> dict:
+    def log_train(self, st: StageState, update: Update) -> dict:
         """One ``train`` row: the means since the last row (over micro-batches and processes), lr, critics."""
-        row = {"kind": "train", "stage": st.stage.name, "epoch": st.epoch + 1, "step": st.step, "lr": st.lr,
+        row = {"kind": "train", "stage": st.stage.name, "epoch": st.epoch + 1, "step": st.step, "lr": update.lr,
                **st.objective.take_row(), **st.critics.log_values()}
         self.log(st, row)
         return row
@@ -523,7 +507,7 @@ class Trainer:
         for batch in st.data.val:
             check_batch(batch, lambda: data_options(self.recipe, st.stage)["name"], "val")
             with acc.autocast():
-                pred = self.predict(model, batch).float()
+                pred = self.predict(st, model, batch).float()
                 loss, _ = st.objective(pred, batch, epoch=epoch - 1)
             n = pred.shape[0]
             loss_sum += loss.double() * n

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from x2ct_framework.errors import RecipeError
-from x2ct_framework.evaluation.protocols import build_protocol
+from x2ct_framework.api import build_protocol
 from x2ct_framework.testing import FakeTrainer, check_metric, isolated_plugins, make_batch, make_stage, registered, \
     run_hooks
 from x2ct_lab_plugins import epoch_log, protocol
@@ -56,7 +56,7 @@ def test_the_hook_writes_every_nth_epoch_with_recipe_options(lab_plugins, tmp_pa
 
 
 def test_recipe_options_are_checked_against_the_declaration(lab_plugins, tmp_path):
-    from x2ct_framework.config.recipe import load_recipe
+    from x2ct_framework.api import load_recipe
 
     path = tmp_path / "r.toml"
     path.write_text(textwrap.dedent("""

@@ -6,10 +6,8 @@ import textwrap
 import matplotlib.image
 import pytest
 
-from x2ct_framework.config.checks import check_recipe
-from x2ct_framework.config.recipe import load_recipe
+from x2ct_framework.api import Trainer, check_recipe, load_recipe
 from x2ct_framework.errors import RecipeError
-from x2ct_framework.training.trainer import Trainer
 
 # A one-stage run at 16^3 on four synthetic phantoms, with the smallest end-of-run report.
 RECIPE = """

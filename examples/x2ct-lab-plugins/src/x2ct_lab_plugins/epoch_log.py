@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 
 from x2ct_framework.hookspecs import hookimpl
-from x2ct_framework.plugins import plugin_options
+from x2ct_framework.api import plugin_options
 
 NAME = "lab_epoch_log"
 

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
-from x2ct_framework.evaluation.protocols import Protocol
+from x2ct_framework.api import Protocol
 from x2ct_framework.hookspecs import hookimpl
 
 CONVENTIONS = [

@@ -1,259 +1,20 @@
-"""Test helpers for plugin authors: register a plugin for one test, and check a component's contract.
-
-```python
-from x2ct_framework.testing import check_loss, create, registered
-
-def test_my_loss_keeps_the_contract():
-    with registered(my_plugin_module):
-        loss = create("loss", "my_loss", {"eps": 1e-3}, hu_window=[-1000, 3000])
-    check_loss(loss, identical="zero")
-```
-
-Every ``check_*`` runs all of its checks, then raises one :class:`ContractError` (an
-``AssertionError``, so pytest shows it as a plain failure) listing every broken check, or returns
-the names of the checks that passed. Inputs come from :func:`make_batch`: a small seeded chest-like
-volume with DRR views rendered by :mod:`x2ct_framework.physics`, batched exactly as the data loader
-batches a dataset's items.
-"""
+"""The contract checks of each component kind: loss, model, dataset, stored geometry, metric, protocol."""
 
 from __future__ import annotations
 
-import copy
 import pickle
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any, Callable
 
 import torch
 from torch.utils.data import DataLoader, default_collate
 
-from x2ct_framework import plugins as _plugins
-from x2ct_framework.conventions import DEFAULT_HU_WINDOW, hu_to_unit
-from x2ct_framework.hookspecs import hookimpl
-from x2ct_framework.plugins import KINDS, PluginManager, get_plugin_manager
-from x2ct_framework.stage import Stage
+from x2ct_framework.conventions import DEFAULT_HU_WINDOW
+from x2ct_framework.testing.contract import _Contract, _describe, _expect, _Fail, _finite, _grad_ok, _scalar
+from x2ct_framework.testing.data import _clone, _noisy, _same, _slice, make_batch
 
-__all__ = [
-    "ContractError",
-    "isolated_plugins",
-    "registered",
-    "registered_component",
-    "create",
-    "make_stage",
-    "make_case",
-    "make_batch",
-    "check_loss",
-    "check_model",
-    "check_dataset",
-    "check_stored_geometry",
-    "check_metric",
-    "FakeTrainer",
-    "run_hooks",
-]
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
-
-
-class ContractError(AssertionError):
-    """A component broke one or more contract checks; ``failures`` holds each as a sentence."""
-
-    def __init__(self, what: str, failures: list[str]):
-        self.what, self.failures = what, list(failures)
-        lines = "\n".join(f"  - {f}" for f in self.failures)
-        super().__init__(f"{what} broke {len(self.failures)} contract check(s):\n{lines}")
-
-
-# ---- plugin registration ---------------------------------------------------------------------------
-@contextmanager
-def isolated_plugins(entry_points: bool = True) -> Iterator[PluginManager]:
-    """A fresh process-wide plugin manager for the block; the previous one is restored afterwards.
-
-    ``entry_points=False`` skips installed plugins, so the block sees only what it registers plus the
-    core's optimizers, schedules and protocols.
-    """
-    saved = _plugins._MANAGER
-    pm = PluginManager()
-    if not entry_points:
-        pm._entry_points_loaded = True
-    _plugins._MANAGER = pm
-    try:
-        yield pm
-    finally:
-        _plugins._MANAGER = saved
-
-
-@contextmanager
-def registered(plugin: Any, name: str | None = None) -> Iterator[PluginManager]:
-    """Register ``plugin`` (a module, class or object with hook implementations) for the block."""
-    pm = get_plugin_manager()
-    name = name or getattr(plugin, "__name__", None) or f"test-plugin-{id(plugin)}"
-    pm.register_object(plugin, name, distribution="registered in a test")
-    try:
-        yield pm
-    finally:
-        if pm.pm.has_plugin(name):
-            pm.unregister(name)
-
-
-def registered_component(kind: str, name: str, factory: Callable[..., Any]):
-    """Register one factory under ``name`` for the block, e.g. ``registered_component("loss", "x", X)``."""
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
-    hook_name = KINDS[kind]
-
-    def impl(register):
-        register(name, factory)
-
-    plugin = type(f"test_{kind}_{name}", (), {hook_name: staticmethod(hookimpl(impl))})
-    return registered(plugin, f"test-{kind}-{name}")
-
-
-def make_stage(resolution: int = 16, name: str = "stage1", index: int = 1, **options: Any) -> Stage:
-    """A :class:`Stage` as datasets receive it."""
-    return Stage(name=name, index=index, resolution=resolution, options={"resolution": resolution, **options})
-
-
-def create(kind: str, name: str, options: dict | None = None, **context: Any) -> Any:
-    """Build a registered component the way a recipe does.
-
-    ``options`` is the recipe table (checked against the factory's keyword arguments, so a
-    misspelt option fails here as it would in a recipe). ``context`` holds what the framework
-    offers (``resolution``, ``views``, ``hu_window``, ``geometry``, ``seed``); a factory receives
-    only the ones it declares. Datasets also take ``split`` (default ``"train"``) and ``stage``
-    (default a stage at ``resolution``, 16 when not given).
-    """
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
-    reg = get_plugin_manager().registry(kind)
-    fixed = {}
-    if kind == "dataset":
-        fixed["split"] = context.pop("split", "train")
-        fixed["stage"] = context.pop("stage", None) or make_stage(context.get("resolution", 16))
-    return reg.create(name, options or {}, where=f"test {kind} {name!r}", context=context, **fixed)
-
-
-# ---- inputs ----------------------------------------------------------------------------------------
-def make_case(index: int = 0, *, views: Sequence[float] = (0.0, 90.0), resolution: int = 16,
-              image_size: int | None = None, hu_window: Sequence[float] = DEFAULT_HU_WINDOW,
-              geometry: str = "parallel", seed: int = 0) -> dict:
-    """One dataset item: a seeded chest-like volume (body, lungs, spine, vessel) and its DRR views."""
-    from x2ct_framework.phantom import kit_chest
-    from x2ct_framework.physics import drr, make_geometry
-
-    hu, labels = kit_chest(resolution, seed * 7919 + index)
-    lo, hi = float(hu_window[0]), float(hu_window[1])
-    ct = hu_to_unit(hu, (lo, hi))[None]
-    geom = make_geometry([float(v) for v in views], geometry)
-    size = image_size or resolution
-    xrays = drr(ct[None], {k: v[None] for k, v in geom.items()}, (lo, hi), det_shape=(size, size))[0]
-    return {"xrays": xrays.float(), "geometry": geom, "ct": ct, "labels": labels[None],
-            "spacing": torch.full((3,), 320.0 / resolution), "case_id": f"testing-{seed}-{index:03d}"}
-
-
-def make_batch(batch_size: int = 2, *, views: Sequence[float] = (0.0, 90.0), resolution: int = 16,
-               image_size: int | None = None, hu_window: Sequence[float] = DEFAULT_HU_WINDOW,
-               geometry: str = "parallel", seed: int = 0) -> dict:
-    """A batch as the trainer sees it: :func:`make_case` items collated by the default data loader."""
-    return default_collate([make_case(i, views=views, resolution=resolution, image_size=image_size,
-                                      hu_window=hu_window, geometry=geometry, seed=seed)
-                            for i in range(batch_size)])
-
-
-def _noisy(target: torch.Tensor, scale: float, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return (target + scale * torch.randn(target.shape, generator=g)).clamp(0, 1)
-
-
-def _slice(batch: Any, i: int) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch[i:i + 1]
-    if isinstance(batch, dict):
-        return {k: _slice(v, i) for k, v in batch.items()}
-    if isinstance(batch, list):
-        return batch[i:i + 1]
-    return batch
-
-
-def _clone(x: Any) -> Any:
-    if isinstance(x, torch.Tensor):
-        return x.detach().clone()
-    if isinstance(x, dict):
-        return {k: _clone(v) for k, v in x.items()}
-    return copy.deepcopy(x)
-
-
-def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
-                and a.dtype == b.dtype and torch.equal(a, b))
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-    return a == b
-
-
-# ---- contract bookkeeping --------------------------------------------------------------------------
-class _Fail(Exception):
-    pass
-
-
-def _expect(condition: Any, message: str) -> None:
-    if not condition:
-        raise _Fail(message)
-
-
-class _Contract:
-    def __init__(self, what: str):
-        self.what = what
-        self.passed: list[str] = []
-        self.failed: list[str] = []
-
-    @contextmanager
-    def check(self, name: str) -> Iterator[None]:
-        try:
-            yield
-        except _Fail as exc:
-            self.failed.append(f"{name}: {exc}")
-        except Exception as exc:  # the component raised: that is a failed check, with its message
-            self.failed.append(f"{name}: raised {type(exc).__name__}: {exc}")
-        else:
-            self.passed.append(name)
-
-    def ok(self, name: str) -> bool:
-        return name in self.passed
-
-    def finish(self) -> list[str]:
-        if self.failed:
-            raise ContractError(self.what, self.failed)
-        return self.passed
-
-
-def _describe(component: Any) -> str:
-    return type(component).__name__ if not isinstance(component, type) else component.__name__
-
-
-def _finite(t: torch.Tensor) -> bool:
-    return bool(torch.isfinite(t).all())
-
-
-def _scalar(out: Any, what: str = "the loss") -> torch.Tensor:
-    _expect(isinstance(out, torch.Tensor), f"{what} returned {type(out).__name__}, expected a torch.Tensor")
-    _expect(out.ndim == 0, f"{what} returned shape {tuple(out.shape)}, expected a scalar (shape ())")
-    _expect(out.is_floating_point(), f"{what} returned dtype {out.dtype}, expected a floating-point tensor")
-    _expect(_finite(out), f"{what} returned {out.item()}, expected a finite value")
-    return out
-
-
-def _grad_ok(leaf: torch.Tensor, out: torch.Tensor, what: str = "pred") -> None:
-    _expect(out.requires_grad, f"the result does not require grad: no gradient can flow to {what} "
-                               f"(detached, computed under no_grad, or converted to a Python number?)")
-    leaf.grad = None
-    out.backward()
-    _expect(leaf.grad is not None, f"no gradient reached {what}")
-    _expect(_finite(leaf.grad), f"the gradient w.r.t. {what} has non-finite values")
-    _expect(bool(leaf.grad.abs().sum() > 0), f"the gradient w.r.t. {what} is zero everywhere")
 
 
 # ---- contracts -------------------------------------------------------------------------------------
@@ -394,40 +155,9 @@ def check_model(model: torch.nn.Module, *, resolution: int, views: Sequence[floa
             a, b = model(xrays, geom), model(xrays, geom)
         _expect(torch.equal(a, b), "two calls in eval mode gave different outputs (dropout or noise left on?)")
     model.eval()
-    with torch.no_grad():
-        base = model(xrays, geom).float()
-    tol = 1e-6 * (1.0 + float(base.abs().max()))
-    with c.check("the output depends on every view"):
-        ignored = []
-        for v in range(xrays.shape[1]):
-            changed = xrays.clone()
-            changed[:, v] = 1.0 - changed[:, v]
-            with torch.no_grad():
-                if (model(changed, geom).float() - base).abs().max() <= tol:
-                    ignored.append(v)
-        _expect(not ignored, f"changing view(s) {ignored} of {xrays.shape[1]} (angles {list(views)}) leaves the "
-                             f"output unchanged: the model ignores them")
-    if getattr(model, "uses_geometry", True):
-        with c.check("the output depends on the geometry"):
-            from x2ct_framework.physics import make_geometry
-
-            other = make_geometry([float(v) + 37.0 for v in views], geometry)
-            other = {k: t[None].expand(batch_size, *t.shape).clone() for k, t in other.items()}
-            with torch.no_grad():
-                moved = model(xrays, other).float()
-            _expect((moved - base).abs().max() > tol,
-                    "the views' angles moved by 37 degrees and the output is unchanged: the model does not use the "
-                    "batch geometry (a fixed geometry inside the model?); a model that ignores geometry by design "
-                    "declares uses_geometry = False")
-    if prev and getattr(model, "uses_prev", False):
-        with c.check("the output depends on prev"):
-            low = max(1, resolution // 2)
-            g = torch.Generator().manual_seed(5)
-            p1, p2 = (torch.rand(batch_size, 1, low, low, low, generator=g) for _ in range(2))
-            with torch.no_grad():
-                d = (model(xrays, geom, prev=p1).float() - model(xrays, geom, prev=p2).float()).abs().max()
-            _expect(d > tol, "the model declares uses_prev = True but two different prev volumes give the same "
-                             "output")
+    low = max(1, resolution // 2)
+    perturbation_checks(c, model, xrays, geom, prev_shape=(1, low, low, low) if prev else None,
+                        check_prev=prev and getattr(model, "uses_prev", False))
     for dtype in autocast_dtypes:
         name = f"autocast {str(dtype).replace('torch.', '')}"
         with c.check(name):
@@ -437,6 +167,60 @@ def check_model(model: torch.nn.Module, *, resolution: int, views: Sequence[floa
             _expect(_finite(low_out), "the output has NaN or infinite values")
     model.train(was_training)
     return c.finish()
+
+
+def perturbation_checks(c: _Contract, model: torch.nn.Module, xrays: torch.Tensor, geometry: dict, *,
+                        prev_shape: Sequence[int] | None = None, check_prev: bool = False,
+                        check_geometry: bool | None = None) -> None:
+    """The checks that change one input and watch the output (``model`` in eval mode, under no_grad): each view
+    changes it, the geometry changes it (unless the model declares ``uses_geometry = False``), ``prev`` changes it
+    (``check_prev``: the model takes the previous stage's prediction, of ``prev_shape`` per case), and each case's
+    output does not depend on the other cases of the batch. :func:`check_model` and ``x2ct validate`` share them."""
+    with torch.no_grad():
+        base = model(xrays, geometry).float()
+    tol = 1e-6 * (1.0 + float(base.abs().max()))
+    n_views = xrays.shape[1]
+    angles = geometry.get("angles") if isinstance(geometry, dict) else None
+    with c.check("the output depends on every view"):
+        ignored = []
+        for v in range(n_views):
+            changed = xrays.clone()
+            changed[:, v] = 1.0 - changed[:, v]
+            with torch.no_grad():
+                if (model(changed, geometry).float() - base).abs().max() <= tol:
+                    ignored.append(v)
+        where = f" (angles {[round(float(a), 1) for a in angles[0]]})" if isinstance(angles, torch.Tensor) else ""
+        _expect(not ignored, f"changing view(s) {ignored} of {n_views}{where} leaves the output unchanged: the "
+                             f"model ignores them (does it drop a view?)")
+    if check_geometry if check_geometry is not None else getattr(model, "uses_geometry", True):
+        with c.check("the output depends on the geometry"):
+            _expect(isinstance(angles, torch.Tensor), "the batch geometry has no angles")
+            other = {**geometry, "angles": angles + 37.0}
+            with torch.no_grad():
+                moved = model(xrays, other).float()
+            _expect((moved - base).abs().max() > tol,
+                    "the views' angles moved by 37 degrees and the output is unchanged: the model does not use the "
+                    "batch geometry (a fixed geometry inside the model?); a model that ignores geometry by design "
+                    "declares uses_geometry = False")
+    if check_prev and prev_shape is not None:
+        with c.check("the output depends on prev"):
+            g = torch.Generator().manual_seed(5)
+            p1, p2 = (torch.rand(xrays.shape[0], *prev_shape, generator=g) for _ in range(2))
+            with torch.no_grad():
+                d = (model(xrays, geometry, prev=p1.to(xrays)).float()
+                     - model(xrays, geometry, prev=p2.to(xrays)).float()).abs().max()
+            declared = "the model declares uses_prev = True but " if getattr(model, "uses_prev", False) else ""
+            _expect(d > tol, f"{declared}two different prev volumes (the previous stage's prediction) give the same "
+                             f"output: the model ignores prev, so the cascade feeds it nothing")
+    if xrays.shape[0] > 1:
+        with c.check("each case's output is independent of the other cases"):
+            with torch.no_grad():
+                alone = torch.cat([model(xrays[i:i + 1], _slice(geometry, i)).float()
+                                   for i in range(xrays.shape[0])])
+            worst = float((alone - base).abs().max())
+            _expect(worst <= 1e-4 * (1.0 + float(base.abs().max())),
+                    f"a case's output in a batch of {xrays.shape[0]} differs from its output alone by {worst:.3g}: it "
+                    f"depends on the other cases of the batch (statistics or attention across the batch dimension?)")
 
 
 def _check_item(item: Any, i: int, c: _Contract, resolution: int | None, views: Sequence[float] | None,
@@ -628,85 +412,60 @@ def check_metric(metric: Callable[..., torch.Tensor], *, batch_size: int = 3, re
     return c.finish()
 
 
-# ---- lifecycle hooks without training ------------------------------------------------------------------
-class FakeAccelerator:
-    """What a hook reads from ``trainer.accelerator`` on one process; ``log`` calls are kept in ``logged``."""
+def protocol_checks(c: _Contract, protocol: Any, pred: torch.Tensor, target: torch.Tensor, batch: dict) -> None:
+    """The checks of a built protocol on one batch: a Protocol whose primary metric is one of its metrics, keys
+    ``<protocol>/<metric>``, and each metric one value per case (NaN: not scored; never infinite), independent of
+    the other cases.
+    :func:`check_protocol` and ``x2ct validate`` share them."""
+    import dataclasses
 
-    is_main_process = True
-    is_local_main_process = True
-    process_index = 0
-    num_processes = 1
-    device = torch.device("cpu")
+    from x2ct_framework.evaluation.protocols import Protocol
 
-    def __init__(self) -> None:
-        self.logged: list[tuple[int | None, dict]] = []
+    with c.check("a Protocol with its primary metric among its metrics"):
+        _expect(isinstance(protocol, Protocol), f"got {type(protocol).__name__}, expected a Protocol")
+        _expect(protocol.metrics, "the protocol has no metrics")
+        _expect(protocol.primary in protocol.metrics,
+                f"primary {protocol.primary!r} is not one of its metrics ({', '.join(protocol.metrics)})")
+    if not isinstance(protocol, Protocol):
+        return
+    n = target.shape[0]
+    for name in protocol.metrics:
+        with c.check(f"metric {name!r}: one value per case [B], independent of the batch"):
+            alone = dataclasses.replace(protocol, metrics={name: protocol.metrics[name]}, exclude=None)
+            with torch.no_grad():
+                out = alone(pred, target, batch)
+            key = protocol.key(name)
+            _expect(set(out) == {key}, f"keys {sorted(out)}, expected [{key!r}]")
+            v = out[key]
+            _expect(tuple(v.shape) == (n,), f"returned shape {tuple(v.shape)}, expected one value per case ({n},)")
+            _expect(not bool(torch.isinf(v).any()), f"infinite values: {v.tolist()} (NaN marks a case not scored)")
+            if n > 1:
+                with torch.no_grad():
+                    each = torch.cat([alone(pred[i:i + 1], target[i:i + 1], _slice(batch, i))[key].reshape(-1)
+                                      for i in range(n)])
+                _expect(torch.allclose(each, v, rtol=1e-4, atol=1e-5, equal_nan=True),
+                        f"case by case {each.tolist()} differs from the batch {v.tolist()} (averaging over the batch?)")
 
-    def print(self, *args: Any, **kwargs: Any) -> None:
-        print(*args, **kwargs)
 
-    def log(self, values: dict, step: int | None = None, **kwargs: Any) -> None:
-        self.logged.append((step, dict(values)))
+def check_protocol(protocol: Any, *, hu_window: Sequence[float] = DEFAULT_HU_WINDOW, batch_size: int = 3,
+                   resolution: int = 16, views: Sequence[float] = (0.0, 90.0), **options: Any) -> list[str]:
+    """Check a metric protocol: a :class:`~x2ct_framework.api.Protocol` (or the registered name of one, built with
+    ``hu_window`` and ``options``) scoring ``pred, target, batch -> {"<protocol>/<metric>": [B]}``.
 
-    def wait_for_everyone(self) -> None:
-        pass
-
-
-class FakeTrainer:
-    """A stand-in for the trainer in hook tests: ``recipe``, ``run_dir``, ``accelerator``, ``pm``, ``print``.
-
-    ``calls`` records every hook called through :func:`run_hooks` as ``(hook name, kwargs)``.
+    Checks: it builds; it is a Protocol whose primary metric is one of its metrics; each metric gives one
+    value per case under its ``<protocol>/<metric>`` key (finite, or NaN for a case it cannot score, such as a
+    structure the case lacks), the same case by case as in the batch.
     """
+    from x2ct_framework.evaluation.protocols import build_protocol
 
-    def __init__(self, recipe: Any = None, run_dir: str | Path | None = None):
-        self.recipe = recipe if recipe is not None else {"name": "fake", "seed": 0}
-        self.run_dir = Path(run_dir) if run_dir is not None else None
-        self.accelerator = FakeAccelerator()
-        self.pm = get_plugin_manager()
-        self.calls: list[tuple[str, dict]] = []
-
-    def print(self, *args: Any, **kwargs: Any) -> None:
-        print(*args, **kwargs)
-
-    def call(self, hook: str, **kwargs: Any) -> None:
-        """Call ``hook`` on every registered plugin (skipped when the framework has no such hook)."""
-        if not hasattr(self.pm.pm.hook, hook):
-            return
-        self.calls.append((hook, kwargs))
-        getattr(self.pm.hook, hook)(trainer=self, **kwargs)
-
-
-def run_hooks(trainer: FakeTrainer | None = None, *, stages: Sequence[Stage] | None = None, epochs: int = 2,
-              steps_per_epoch: int = 2, val_every: int = 1,
-              metrics: Callable[[Stage, int], dict] | None = None) -> FakeTrainer:
-    """Call the lifecycle hooks in the order a run calls them, with made-up metrics, and no training.
-
-    Per stage: ``on_stage_start``; per epoch (``epoch`` 0-based) ``on_train_step_end`` after every
-    optimizer update, ``on_validation_end`` in validation epochs, ``on_checkpoint_saved`` (``last``,
-    then ``best``), ``on_epoch_end``; then ``on_stage_end``; finally ``on_run_end``. Hooks the framework
-    does not define are skipped. ``metrics(stage, epoch)`` gives the validation metrics
-    (default: a PSNR rising by one per epoch). Register the plugin under test first (:func:`registered`).
-    """
-    trainer = trainer or FakeTrainer()
-    stages = list(stages) if stages is not None else [make_stage()]
-    metrics = metrics or (lambda stage, epoch: {"val/loss": 1.0 / (epoch + 1), "val/psnr": 20.0 + epoch})
-    results: dict[str, dict] = {}
-    step = 0
-    for stage in stages:
-        trainer.call("on_stage_start", stage=stage)
-        last: dict = {}
-        for epoch in range(epochs):
-            for _ in range(steps_per_epoch):
-                step += 1
-                trainer.call("on_train_step_end", stage=stage, step=step,
-                             metrics={"train/loss": 1.0 / step, "train/lr": 1e-4})
-            if (epoch + 1) % val_every == 0 or epoch == epochs - 1:
-                last = dict(metrics(stage, epoch))
-                trainer.call("on_validation_end", stage=stage, epoch=epoch, metrics=last)
-            folder = (trainer.run_dir / stage.name) if trainer.run_dir is not None else Path(stage.name)
-            trainer.call("on_checkpoint_saved", stage=stage, path=folder / "last", kind="last")
-            trainer.call("on_checkpoint_saved", stage=stage, path=folder / "best", kind="best")
-            trainer.call("on_epoch_end", stage=stage, epoch=epoch, metrics=last)
-        trainer.call("on_stage_end", stage=stage, metrics=last)
-        results[stage.name] = last
-    trainer.call("on_run_end", results=results)
-    return trainer
+    c = _Contract(f"protocol {protocol if isinstance(protocol, str) else getattr(protocol, 'name', protocol)!r}")
+    if isinstance(protocol, str):
+        name, protocol = protocol, None
+        with c.check("builds"):
+            protocol = build_protocol(name, hu_window, **options)
+        if protocol is None:
+            return c.finish()
+    batch = make_batch(batch_size, views=views, resolution=resolution)
+    target = batch["ct"]
+    protocol_checks(c, protocol, _noisy(target, 0.1, 2), target, batch)
+    return c.finish()
