@@ -272,8 +272,10 @@ name = "plain"
 
 [[cells]]
 name = "prior"
-set = ['model = { name = "prior_only", model = { name = "vit_cascade", tokens = 4, dim = 16, depth = 1, heads = 2, channels = 4, encoder = "test_efficientnet" } }']
+set = ['PRIOR']
 """
+FLOORED = FLOORED.replace("PRIOR", 'model = { name = "prior_only", model = { name = "vit_cascade", tokens = 4, dim = 16, '
+                                   'depth = 1, heads = 2, channels = 4, encoder = "test_efficientnet" } }')
 
 
 def test_hierarchical_bootstrap_hand_cases():

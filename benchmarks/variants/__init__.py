@@ -52,8 +52,10 @@ from benchmarks.variants.timing import device_label, peak_memory_mib, train_and_
 
 __all__ = ["CALIBRATION", "CELL", "DEFAULT_METRICS", "HASHED_EVAL", "REPO", "RUNNER_VERSION", "T975", "Cell",
            "CellFailed", "Job", "Matrix", "Slot", "calibrate", "check_budget", "cell_recipe", "collect",
-           "default_out", "device_label", "evaluate_run", "expected_keys", "interval", "load_matrix",
-           "machine_description", "make_slots", "markdown", "median", "overlap", "paired", "peak_memory_mib",
+           "default_out", "device_label", "evaluate_run", "expected_keys", "hierarchical_bootstrap", "interval",
+           "load_matrix",
+           "machine_description", "make_slots", "markdown", "median", "overlap", "paired", "per_case_pairs",
+           "peak_memory_mib",
            "plot_matrix", "read_result", "result_path", "run_cell", "run_hash", "run_matrix", "run_name",
            "summarize", "t_quantile_975", "train_and_time", "trained_stages", "verdict", "write_tables"]
 
