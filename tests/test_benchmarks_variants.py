@@ -274,8 +274,8 @@ name = "plain"
 name = "prior"
 set = ['PRIOR']
 """
-FLOORED = FLOORED.replace("PRIOR", 'model = { name = "prior_only", model = { name = "vit_cascade", tokens = 4, dim = 16, '
-                                   'depth = 1, heads = 2, channels = 4, encoder = "test_efficientnet" } }')
+FLOORED = FLOORED.replace("PRIOR", 'model = { name = "prior_only", model = { name = "vit_cascade", tokens = 4, '
+                                   'dim = 16, depth = 1, heads = 2, channels = 4, encoder = "test_efficientnet" } }')
 
 
 def test_hierarchical_bootstrap_hand_cases():
