@@ -292,3 +292,16 @@ def test_the_protocol_computes_the_regions_once_per_batch_and_never_reuses_anoth
     assert m(p, t, batch).item() == pytest.approx(0.5, abs=1e-6)
     p[..., 6:10, 6:10, 6:10] = _to01(torch.tensor(0.0)).item()
     assert m(p, t, batch).item() == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_dilation_and_erosion_match_scipy_with_a_cube(k):
+    from scipy.ndimage import binary_dilation, binary_erosion
+
+    from x2ct_framework.evaluation.anatomy_metrics import dilate, erode
+
+    m = torch.rand(1, 1, 13, 14, 15, generator=torch.Generator().manual_seed(k)) > 0.9
+    cube = np.ones((2 * k + 1,) * 3, dtype=bool)
+    assert np.array_equal(dilate(m, k)[0, 0].numpy(), binary_dilation(m[0, 0].numpy(), cube))
+    m = ~m  # mostly inside: erosion, outside the volume counting as inside
+    assert np.array_equal(erode(m, k)[0, 0].numpy(), binary_erosion(m[0, 0].numpy(), cube, border_value=1))

@@ -97,6 +97,21 @@ def test_edge_sharpness_of_a_step_and_a_ramp_is_hand_computed():
              ).item() == pytest.approx(0.75, abs=1e-6)
 
 
+def test_edge_sharpness_reads_finer_bone_codes_from_the_conventions(monkeypatch):
+    from x2ct_framework import conventions
+
+    t, labels = _slab()
+    t[8:] = 300.0  # below the bone threshold: only a label can make it bone
+    labels[8:] = 20
+    p = t.clone()
+    p[7], p[8] = 75.0, 225.0  # half the step's gradient in the band
+    m = EdgeSharpness(HU, structures=["bone"])
+    args = (_to01(p)[None, None], _to01(t)[None, None], {"labels": labels[None, None]})
+    assert math.isnan(m(*args).item())  # code 20 means nothing yet
+    monkeypatch.setattr(conventions, "LABEL_NAMES", {**conventions.LABEL_NAMES, 20: "ribs"})
+    assert m(*args).item() == pytest.approx(0.75, abs=1e-6)
+
+
 def test_edge_sharpness_falls_with_blur_and_scales_with_contrast():
     from x2ct_framework.phantom import chest_phantom
 

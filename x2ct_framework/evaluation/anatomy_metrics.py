@@ -64,7 +64,10 @@ def dilate(mask: torch.Tensor, k: int) -> torch.Tensor:
     """Binary dilation of ``mask`` [B, 1, D, H, W] by a (2k+1)^3 cube."""
     if k <= 0:
         return mask.bool()
-    return F.max_pool3d(mask.float(), 2 * k + 1, stride=1, padding=k) > 0.5
+    x = mask.float()
+    for kernel in ((2 * k + 1, 1, 1), (1, 2 * k + 1, 1), (1, 1, 2 * k + 1)):  # a cube is separable: 3 passes
+        x = F.max_pool3d(x, kernel, stride=1, padding=tuple(c // 2 for c in kernel))
+    return x > 0.5
 
 
 def erode(mask: torch.Tensor, k: int) -> torch.Tensor:

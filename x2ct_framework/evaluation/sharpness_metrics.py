@@ -26,7 +26,8 @@ import torch.nn as nn
 
 from x2ct_framework.conventions import DEFAULT_HU_WINDOW
 from x2ct_framework.errors import DataError, PluginError
-from x2ct_framework.evaluation.anatomy_metrics import dilate, erode
+from x2ct_framework.evaluation.anatomy_metrics import (GENERIC_NAMES, STRUCTURE_LABEL_NAMES, _isin, dilate, erode,
+                                                       label_codes)
 from x2ct_framework.evaluation.metrics import (LPIPS, THRESHOLDS, Metric, _masked_mean, _spacing_zyx, body_mask,
                                                threshold_mask, to_hu)
 
@@ -65,6 +66,15 @@ class HighFrequencyEnergy(Metric):
 
 
 # ---- edge sharpness ---------------------------------------------------------------------------
+# Label names whose codes (read from the conventions at run time) make up each edge structure.
+EDGE_LABEL_NAMES = {
+    "bone": GENERIC_NAMES["bone"] + STRUCTURE_LABEL_NAMES["spine"] + STRUCTURE_LABEL_NAMES["ribs"]
+    + ("sternum", "clavicle", "clavicles", "scapula", "scapulae", "cortical_bone", "trabecular_bone"),
+    "vessel": GENERIC_NAMES["vessel"] + STRUCTURE_LABEL_NAMES["great_vessels"] + STRUCTURE_LABEL_NAMES["lung_vessels"],
+    "lung": STRUCTURE_LABEL_NAMES["lungs"],
+}
+
+
 def gradient_magnitude(hu: torch.Tensor, spacing_zyx: torch.Tensor) -> torch.Tensor:
     """|grad| in HU/mm (central differences inside, one-sided at the faces) of ``[B, 1, D, H, W]``."""
     out = torch.zeros_like(hu, dtype=torch.float64)
@@ -77,7 +87,8 @@ def gradient_magnitude(hu: torch.Tensor, spacing_zyx: torch.Tensor) -> torch.Ten
 class EdgeSharpness(Metric):
     """Mean gradient magnitude over the boundary band of the target's bone and vessel regions (voxels
     within one voxel of a boundary: dilation minus erosion of each region), prediction over target.
-    Regions from the batch's ``labels`` (bone 3, vessel 4) or the HU thresholds of the target inside the
+    Regions from the batch's ``labels`` (the codes ``EDGE_LABEL_NAMES`` finds in the conventions: bone 3 and
+    vessel 4, and finer bone or vessel codes once defined) or the HU thresholds of the target inside the
     body. 1 = edges as steep as the target's; a blurred prediction scores below 1. NaN without edges."""
 
     unit = "ratio"
@@ -94,8 +105,6 @@ class EdgeSharpness(Metric):
         self.structures, self.band = tuple(structures), int(band)
 
     def boundary(self, target_hu: torch.Tensor, batch: dict) -> torch.Tensor:
-        from x2ct_framework.conventions import STRUCTURE_LABELS
-
         labels = batch.get("labels")
         if labels is not None:
             labels = labels.to(target_hu.device).reshape(target_hu.shape)
@@ -103,8 +112,8 @@ class EdgeSharpness(Metric):
         body = body.reshape(target_hu.shape).bool() if body is not None else body_mask(target_hu, labels)
         edge = torch.zeros_like(body, dtype=torch.bool)
         for s in self.structures:
-            region = (labels == STRUCTURE_LABELS[s]) if labels is not None else (
-                threshold_mask(target_hu, s, THRESHOLDS) & body)
+            codes = label_codes(EDGE_LABEL_NAMES.get(s, (s,))) if labels is not None else []
+            region = _isin(labels, codes) if codes else threshold_mask(target_hu, s, THRESHOLDS) & body
             edge |= dilate(region, self.band) & ~erode(region, self.band)
         return edge
 
