@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import random
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -591,7 +593,8 @@ def chest_phantom(resolution: int | Sequence[int] = 64, seed: int = 0, *, volume
     hu = canvas.hu.round().clamp(-1024, 3071)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
+        # one temporary file per process and thread: parallel workers may make the same phantom at once
+        tmp = path.with_name(f".{path.stem}.{os.getpid()}.{threading.get_ident()}.tmp")
         data = {"hu": hu.to(torch.int16), "labels": labels}
         if part_map is not None:
             data["parts"] = part_map
