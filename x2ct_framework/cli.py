@@ -312,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--push-to-hub", metavar="REPO_ID", help="also upload the folder to the Hugging Face Hub "
                                                            "(needs huggingface_hub and a network)")
     p.add_argument("--private", action="store_true", help="with --push-to-hub: create a private repository")
+    add_trust_arguments(p)
     p.set_defaults(fn=export)
     p = sub.add_parser("plugins", help="list registered components and where they came from")
     p.add_argument("--recipe", help="also load the plugins this recipe names")

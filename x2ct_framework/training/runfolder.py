@@ -203,6 +203,9 @@ class RunFolder:
             raise RunFolderError(error)
         for note in notes:  # only the main process has notes
             print(note, file=sys.stderr, flush=True)
+        from x2ct_framework import safepaths
+
+        self.confined = safepaths.confine(self.path)  # every writer checks its path against it when opening
         self.occupied = stages_with_checkpoints(self.path)
         if self.resume and self.recipe is not None and self.occupied:
             from x2ct_framework.training.recipe_diff import check_resume
@@ -238,6 +241,9 @@ class RunFolder:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise DataError(f"could not create the run folder {self.path}: {exc}") from exc
+        from x2ct_framework import safepaths
+
+        safepaths.refuse_outside_links(self.path, "run folder")  # a received folder writes nowhere else
         self.lock, note = acquire(self.path)
         if note:
             notes.append(note)
@@ -278,3 +284,7 @@ class RunFolder:
             stop.set()
         release(self.lock)
         self.lock = None
+        from x2ct_framework import safepaths
+
+        safepaths.release(getattr(self, "confined", None))
+        self.confined = None

@@ -35,7 +35,7 @@ from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
-from x2ct_framework import __version__, atomic
+from x2ct_framework import __version__, atomic, safepaths
 from x2ct_framework import checkpoint as ckpt
 from x2ct_framework.config.build import (build_dataset, build_losses, build_metrics, build_model,
                                          builtin_tracker_names, data_options, load_recipe_plugins, model_options,
@@ -378,7 +378,7 @@ class Trainer:
         set_seed(seed)
         accum = opts["grad_accum"] or train["grad_accum"]
         acc.gradient_accumulation_steps = accum
-        stage_dir = self.run_dir / stage.name
+        stage_dir = safepaths.inside(self.run_dir, stage.name)  # a plain name below the run folder
 
         model = build_model(recipe, stage)
         if init_from is not None and resume_from is None:
