@@ -55,6 +55,7 @@ from x2ct_framework.training.interrupt import StopRequest
 from x2ct_framework.training.logbook import Logbook
 from x2ct_framework.training.objective import Objective
 from x2ct_framework.training.precision import apply_launcher_precision
+from x2ct_framework.training.resume_schedule import check_schedule
 from x2ct_framework.training.recipe_diff import keep_current_settings, optimizer_settings
 from x2ct_framework.training.runfolder import RunFolder
 from x2ct_framework.training.sampling import StageData, rng_state
@@ -422,12 +423,18 @@ class Trainer:
                         scheduler=scheduler, ema=ema, critics=critics, objective=Objective(losses, acc), data=data,
                         metrics=metrics, best=Best(metric, mode), total_steps=total_steps)
         st.logbook = Logbook(stage_dir)
+        st.schedule = {"processes": acc.num_processes, "global_batch": global_batch, "batch_size": batch_size,
+                       "grad_accum": accum, "steps_per_epoch": steps_per_epoch, "total_steps": total_steps}
         self.model, self.state = acc.unwrap_model(model), st
 
         if resume_from is None:
             self.folder.before_fresh_stage(stage.name)  # never over checkpoints this run did not write
         if resume_from is not None:
-            saved = ckpt.load_state(resume_from).get("resolution", stage.resolution)
+            saved_state = ckpt.load_state(resume_from)
+            for line in check_schedule(stage.name, str(resume_from), saved_state.get("schedule"), st.schedule,
+                                       self.folder.allow_changes):  # processes, global batch, updates per epoch
+                self.print(line)
+            saved = saved_state.get("resolution", stage.resolution)
             if saved != stage.resolution:
                 raise CheckpointError(f"cannot resume {stage.name} from {resume_from}: it was trained at {saved}^3 and "
                                       f"the recipe now says {stage.resolution}^3 ({where('resolution')})")
