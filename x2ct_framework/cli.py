@@ -76,6 +76,11 @@ def check_data(args: argparse.Namespace) -> int:
 
     result, png = run_check(args.recipe, args.overrides, cases=args.cases, split=args.split,
                             stage_index=args.stage, out=args.out)
+    if not result.stored:
+        print("nothing compared: the dataset stores no X-rays (it renders them from each CT in the declared "
+              "geometry), so there are no stored views to check against the CT; check-data is for datasets that "
+              "read X-rays from files (x2ctgan_h5 with xrays = \"stored\", paired_xray)")
+        return 0
     print(result.table())
     print(f"overlay: {png} (magenta: the framework's DRR of the CT, green: the stored view; white where they agree)")
     if result.ok:

@@ -190,6 +190,12 @@ def export(path: str | Path, out: str | Path, *, recipe: str | Path | None = Non
         raise X2CTError(f"{path}: already an exported model; copy the folder instead")
     check_output(out, [Path(path), target.checkpoint, *([target.run_dir] if target.run_dir else [])], overwrite)
     model = load_model(target, torch.device("cpu"))
+    bad = [f"{k} ({int((~torch.isfinite(v)).sum())} of {v.numel()} values)" for k, v in model.state_dict().items()
+           if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(f"{target.checkpoint}: {len(bad)} tensor(s) hold NaN or infinite values: {bounded(bad)}; "
+                              f"a model with them predicts nothing useful, so it is not exported. Export an earlier "
+                              f"checkpoint (--which last / epochNNNN) or train again")
     links = _chain(target)
     data = data_options_with_defaults(target.recipe, target.stage)
     try:

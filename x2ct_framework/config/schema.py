@@ -146,6 +146,9 @@ def protocol_names(v: Any) -> str | None:
     """Names of metric protocols; the list of known ones is the evaluation package's."""
     from x2ct_framework.evaluation.protocols import check_names
 
+    if not v:  # the final evaluation and the report score under these: at least one
+        return "expected at least one protocol (default, x2ctgan, or a plugin's); set eval.report = false to skip " \
+               "the final evaluation instead"
     return check_names(v)
 
 
