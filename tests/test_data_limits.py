@@ -265,3 +265,24 @@ def test_check_data_on_a_dataset_without_stored_xrays_says_so(tmp_path, capsys):
     assert x2ct_main(["check-data", str(recipe)]) == 0
     out = capsys.readouterr().out
     assert "nothing compared: the dataset stores no X-rays" in out and "ok: the stored X-rays" not in out
+
+
+def test_a_ct_replaced_with_the_same_size_and_time_is_read_again_in_the_same_process(tmp_path):
+    import os
+
+    from x2ct_plugins.datasets._common import file_identity
+
+    path = tmp_path / "case0.nii.gz"
+    save(path, chest_phantom(16, seed=1)[0])
+    first = file_identity(path)
+    st = path.stat()
+    other = tmp_path / "other.nii.gz"
+    save(other, chest_phantom(16, seed=2)[0])
+    data = other.read_bytes()
+    data = (data + b"\0" * st.st_size)[:st.st_size]
+    replacement = tmp_path / "tmp.bin"
+    replacement.write_bytes(data)
+    os.utime(replacement, ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.replace(replacement, path)  # same size, same modification time, another content
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    assert file_identity(path) != first

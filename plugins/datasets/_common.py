@@ -247,10 +247,11 @@ _identities: dict[tuple, str] = {}
 
 def file_identity(path: str | Path) -> str:
     """``size:mtime_ns:sha1`` of a file; the hash covers the whole file up to 8 MiB, else three 1 MiB
-    chunks (start, middle, end). Memoised per process by (path, size, mtime)."""
+    chunks (start, middle, end). Memoised per process by (path, size, mtime, inode, change time): a file
+    replaced by another of the same size and modification time (copied with its times kept) is hashed again."""
     path = Path(path)
     st = path.stat()
-    memo = (str(path), st.st_size, st.st_mtime_ns)
+    memo = (str(path), st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
     if memo in _identities:
         return _identities[memo]
     h = hashlib.sha1()
