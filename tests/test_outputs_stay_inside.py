@@ -341,3 +341,17 @@ def test_load_pretrained_and_export_share_recipe_local_plugins(tmp_path, capsys)
     (tmp_path / "exp" / "plugins" / "ran").unlink()
     assert load_pretrained(tmp_path / "exp", plugins=[str(carried)]) is not None
     TALLY["passed"] += 1
+
+
+def test_a_checkpoint_cut_short_while_written_does_not_block_a_resume(tmp_path):
+    """A kill during the first checkpoint leaves only ``last.tmp``: no checkpoint, so the stage starts afresh."""
+    from x2ct_framework.training.runfolder import stages_with_checkpoints
+
+    TALLY["tried"] += 1
+    run = make_run(tmp_path)
+    os.replace(run / "stage1" / "last", run / "stage1" / "last.tmp")
+    shutil.rmtree(run / "stage1" / "best")
+    assert stages_with_checkpoints(run) == []
+    os.replace(run / "stage1" / "last.tmp", run / "stage1" / "last")
+    assert stages_with_checkpoints(run) == ["stage1"]
+    TALLY["passed"] += 1

@@ -74,3 +74,50 @@ def test_resume_with_another_process_count_is_refused_then_allowed(copy, tmp_pat
     assert ckpt.load_state(run / "stage1" / "last")["complete"]
     assert ckpt.load_state(run / "stage1" / "last")["schedule"]["processes"] == 1
     TALLY["passed"] += 1
+
+
+@pytest.mark.slow
+def test_a_real_two_process_run_resumed_with_one_process_is_refused_then_recomputed(tmp_path):
+    """accelerate launch with 2 gloo processes, SIGTERM in epoch 2 (last saved), then --resume with 1 process."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from conftest import PYTHON, run_env
+    from test_trainer_processes import run, write_recipe
+
+    TALLY["tried"] += 1
+    recipe = write_recipe(tmp_path)
+    args = [str(recipe), "--set", "stages.1.epochs=3", "--set", "data.num_train=8", "--set", "train.batch_size=1",
+            "--set", "stages.1.losses={ slow_l1 = 1.0 }", "--set", "train.trackers=[]"]
+    marker = tmp_path / "epoch2.marker"
+    proc = subprocess.Popen(
+        [PYTHON, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "x2ct_framework.run", *args],
+        cwd=tmp_path, env=run_env(X2CT_TEST_SLOW_FROM="2", X2CT_TEST_MARKER=str(marker)),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.time() + 400
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    assert marker.exists(), "the 2-process run never reached epoch 2"
+    time.sleep(0.7)
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    run_dir = tmp_path / "runs" / "tiny"
+    state = ckpt.load_state(run_dir / "stage1" / "last")
+    assert not state["complete"] and state["schedule"]["processes"] == 2, out
+    assert state["schedule"]["global_batch"] == 2 and state["schedule"]["steps_per_epoch"] == 4, state["schedule"]
+    before = digest(run_dir)
+    refused = run([*args, "--resume"], tmp_path)
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert "schedule.processes (processes): 2 -> 1" in refused.stderr
+    assert "schedule.global_batch (global batch): 2 -> 1" in refused.stderr
+    assert "schedule.steps_per_epoch (updates per epoch): 4 -> 8" in refused.stderr
+    assert "total updates): 12 -> 24" in refused.stderr and "Traceback" not in refused.stderr
+    assert digest(run_dir) == before, "the refused resume changed the run folder"
+    allowed = run([*args, "--resume", "--allow-change", "schedule.processes"], tmp_path)
+    assert allowed.returncode == 0, allowed.stdout + allowed.stderr
+    assert "the learning-rate schedule is recomputed" in allowed.stdout and "of 24" in allowed.stdout, allowed.stdout
+    assert ckpt.load_state(run_dir / "stage1" / "last")["complete"]
+    TALLY["passed"] += 1
