@@ -355,3 +355,28 @@ def test_a_checkpoint_cut_short_while_written_does_not_block_a_resume(tmp_path):
     os.replace(run / "stage1" / "last.tmp", run / "stage1" / "last")
     assert stages_with_checkpoints(run) == ["stage1"]
     TALLY["passed"] += 1
+
+
+def test_export_with_a_recipe_naming_a_local_plugin_carries_it(tmp_path, capsys):
+    """``x2ct export CKPT OUT --recipe mine.toml`` where mine.toml names ``myloss.py`` beside it: the export
+    holds the file and load_pretrained finds it there (not a path into the export that does not exist)."""
+    import json
+
+    from x2ct_framework import load_pretrained
+
+    TALLY["tried"] += 1
+    run = make_run(tmp_path)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "myloss.py").write_text(
+        "from x2ct_framework.hookspecs import hookimpl\n@hookimpl\ndef register_losses(register):\n"
+        "    register('myl1b', lambda: (lambda p, t, b: (p - t).abs().mean()))\n")
+    recipe = tiny(tmp_path / "mine")
+    recipe.write_text('plugins = ["myloss.py"]\n' + recipe.read_text())
+    reset_plugin_manager()
+    assert x2ct_main(["export", str(run / "stage1" / "best"), str(tmp_path / "exp"), "--recipe", str(recipe)]) == 0, \
+        capsys.readouterr().err
+    cfg = json.loads((tmp_path / "exp" / "config.json").read_text())
+    assert cfg["plugins"] == ["plugins/myloss.py"] and (tmp_path / "exp" / "plugins" / "myloss.py").is_file()
+    reset_plugin_manager()
+    assert load_pretrained(tmp_path / "exp", trust_plugins=True) is not None
+    TALLY["passed"] += 1
