@@ -52,11 +52,11 @@ def __dir__() -> list[str]:
     return sorted({*globals(), *PLUGIN_API})
 
 
-def load_pretrained(path, device="cpu"):
+def load_pretrained(path, device="cpu", *, plugins=(), trust_plugins=False):
     """The model of an exported folder (``x2ct export``), ready for inference; see :mod:`x2ct_framework.loading`.
 
     Not in ``__all__`` (the plugin API's modules): it is the one function a model's user imports."""
     from x2ct_framework.loading import load_pretrained as _load
 
-    return _load(path, device)
+    return _load(path, device, plugins=plugins, trust_plugins=trust_plugins)
 

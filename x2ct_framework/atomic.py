@@ -15,6 +15,8 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from x2ct_framework.safepaths import guard
+
 
 def current_umask() -> int:
     """The process umask, read without changing it where the system allows (Linux), else set and reset."""
@@ -42,11 +44,14 @@ def _tmp_name(path: Path) -> Path:
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """A temporary path beside ``path`` to write to; renamed to ``path`` when the block ends without error."""
-    path = Path(path)
+    path = guard(Path(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_name(path)
+    if os.path.islink(tmp):  # a link planted at the temporary name is removed, never written through
+        os.unlink(tmp)
     try:
         yield tmp
+        guard(path)
         if tmp.exists():
             follow_umask(tmp)
         os.replace(tmp, path)
@@ -68,7 +73,7 @@ def atomic_folder(path: str | Path) -> Iterator[Path]:
 
     On an error the temporary folder is removed and ``path`` is left as it was.
     """
-    path = Path(path)
+    path = guard(Path(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
@@ -82,7 +87,10 @@ def atomic_folder(path: str | Path) -> Iterator[Path]:
 
 def swap_in(tmp: Path, path: Path) -> None:
     """Replace folder ``path`` by the finished folder ``tmp`` (two renames; the old one is removed after)."""
-    old = path.with_name(path.name + ".old")
+    guard(path)
+    old = guard(path.with_name(path.name + ".old"))
+    if os.path.islink(old):
+        os.unlink(old)
     if old.exists():
         shutil.rmtree(old)
     if path.exists():

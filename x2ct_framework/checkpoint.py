@@ -107,10 +107,14 @@ def _weights(model_or_weights: torch.nn.Module | dict[str, torch.Tensor]) -> dic
 def save_checkpoint(folder: str | Path, model: torch.nn.Module | dict[str, torch.Tensor], state: dict[str, Any],
                     trainer_state: dict[str, Any] | None = None) -> Path:
     """Write a checkpoint folder atomically: ``model`` is a module or a state dict."""
-    folder = Path(folder)
-    tmp = folder.with_name(folder.name + ".tmp")
+    from x2ct_framework.safepaths import guard
+
+    folder = guard(Path(folder))
+    tmp = guard(folder.with_name(folder.name + ".tmp"))
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
+        if tmp.is_symlink():
+            tmp.unlink()
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()

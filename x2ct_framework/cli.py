@@ -78,6 +78,11 @@ def check_data(args: argparse.Namespace) -> int:
 
     result, png = run_check(args.recipe, args.overrides, cases=args.cases, split=args.split,
                             stage_index=args.stage, out=args.out)
+    if not result.stored:
+        print("nothing compared: the dataset stores no X-rays (it renders them from each CT in the declared "
+              "geometry), so there are no stored views to check against the CT; check-data is for datasets that "
+              "read X-rays from files (x2ctgan_h5 with xrays = \"stored\", paired_xray)")
+        return 0
     print(result.table())
     print(f"overlay: {png} (magenta: the framework's DRR of the CT, green: the stored view; white where they agree)")
     if result.ok:
@@ -314,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--push-to-hub", metavar="REPO_ID", help="also upload the folder to the Hugging Face Hub "
                                                            "(needs huggingface_hub and a network)")
     p.add_argument("--private", action="store_true", help="with --push-to-hub: create a private repository")
+    add_trust_arguments(p)
     p.set_defaults(fn=export)
     p = sub.add_parser("plugins", help="list registered components and where they came from")
     p.add_argument("--recipe", help="also load the plugins this recipe names")

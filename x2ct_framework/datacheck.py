@@ -60,6 +60,7 @@ class CheckResult:
     problems: list[str]
     fixes: list[str]
     images: list[tuple[str, int, np.ndarray, np.ndarray]] = field(default_factory=list)
+    stored: bool = True  # False: the dataset renders its X-rays from the CT, there was nothing to compare
 
     @property
     def ok(self) -> bool:
@@ -176,6 +177,15 @@ def check_dataset_geometry(dataset, cases: int = 3, hu_window: Sequence[float] |
                        mu_water=getattr(dataset, "mu_water", None))
 
 
+def stores_xrays(dataset) -> bool:
+    """Whether a dataset serves X-rays read from files (``stores_xrays``; else a ``geometry_check`` attribute
+    says so) rather than DRRs it renders from the CT itself."""
+    declared = getattr(dataset, "stores_xrays", None)
+    if declared is not None:
+        return bool(declared)
+    return hasattr(dataset, "geometry_check")
+
+
 def guard_stored_geometry(dataset, cases: int = 2) -> CheckResult | None:
     """Before training: check a dataset that says it serves stored X-rays (``geometry_check`` attribute "error" or
     "warn"; "off" or no attribute skips). "error" raises :class:`GeometryMismatch` naming the fix; "warn" logs it."""
@@ -221,7 +231,7 @@ def write_overlay(result: CheckResult, path: Path) -> Path:
 
 
 def check_data(recipe_path: str, overrides: Sequence[str] = (), cases: int = 3, split: str = "train",
-               stage_index: int = 1, out: str = "") -> tuple[CheckResult, Path]:
+               stage_index: int = 1, out: str = "") -> tuple[CheckResult, Path | None]:
     """Build the recipe's dataset for ``split`` at stage ``stage_index`` and check its first ``cases``."""
     from x2ct_framework.config.build import build_dataset, load_recipe_plugins, stages
     from x2ct_framework.config.recipe import load_recipe
@@ -233,6 +243,8 @@ def check_data(recipe_path: str, overrides: Sequence[str] = (), cases: int = 3, 
         raise DataError(f"check-data: --stage {stage_index} is not a stage of {recipe.path} (1..{len(all_stages)})")
     stage = all_stages[stage_index - 1]
     dataset = build_dataset(recipe, stage, split)
+    if not stores_xrays(dataset):
+        return CheckResult([], [], [], stored=False), None
     window = recipe["data"].get("hu_window") or getattr(dataset, "hu_window", None)
     result = check_dataset_geometry(dataset, cases, window)
     folder = Path(out) if out else Path(recipe["output_dir"]) / recipe.name

@@ -37,11 +37,14 @@ def is_dicom(path: Path) -> bool:
 
 HEADER_TAGS = ["SeriesInstanceUID", "Modality", "ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing",
                "Rows", "Columns", "SeriesDescription", "ImageType", "SeriesNumber", "StudyInstanceUID",
-               "RescaleIntercept", "RescaleSlope"]
+               "RescaleIntercept", "RescaleSlope", "GantryDetectorTilt"]
 # A gap above this multiple of the median slice step is a missing slice; steps that differ by more
 # than STEP_TOLERANCE (relative) from the median are irregular spacing.
 GAP_FACTOR = 1.5
 STEP_TOLERANCE = 0.05
+# Slices whose positions advance more than this many degrees off their own normal come from a tilted
+# gantry: the true volume is sheared, which a reader that assumes a rectangular grid places rotated.
+TILT_TOLERANCE_DEG = 0.5
 
 
 @dataclass
@@ -161,6 +164,21 @@ def _check(uid: str, members: list[tuple[Path, object]]) -> DicomSeries:
     if len(z) < 2:
         series.problems.append(f"{len(z)} slice: not a 3D series")
         return series
+    positions = np.array(ipps)[order]
+    travel = positions[-1] - positions[0]
+    length = float(np.linalg.norm(travel))
+    if length > 1e-6:
+        tilt = float(np.degrees(np.arccos(min(1.0, abs(float(travel @ normal)) / length))))
+        if tilt > TILT_TOLERANCE_DEG:
+            tag = getattr(first, "GantryDetectorTilt", None)
+            series.problems.append(
+                f"gantry tilt: the slice positions (ImagePositionPatient) advance {tilt:.1f} degrees off the slice "
+                f"normal of ImageOrientationPatient" + (f" (GantryDetectorTilt {float(tag):g})" if tag is not None
+                                                        else "")
+                + f"; read as a rectangular grid the volume would be rotated instead of sheared, up to "
+                  f"{length * np.sin(np.radians(tilt)):.0f} mm off. Correct the tilt first (dcm2niix writes a "
+                  f"de-tilted volume, or resample the slices onto an axial grid) and put that file in the case's place")
+            return series
     steps = np.diff(z)
     if (steps < 1e-3).any():
         dup = int((steps < 1e-3).sum())

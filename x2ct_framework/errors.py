@@ -18,11 +18,26 @@ class RecipeError(X2CTError):
 
     def __init__(self, problems: list[str]):
         self.problems = list(problems)
+        shown = [_clip(p) for p in self.problems[:MAX_PROBLEMS]]
+        more = len(self.problems) - len(shown)
         if len(self.problems) == 1:
-            msg = self.problems[0]
+            msg = shown[0]
         else:
-            msg = f"{len(self.problems)} problems in the recipe:\n" + "\n".join(f"  - {p}" for p in self.problems)
+            msg = f"{len(self.problems)} problems in the recipe:\n" + "\n".join(f"  - {p}" for p in shown)
+            if more:
+                msg += f"\n  ... and {more} more (fix these and run again to see the rest)"
         super().__init__(msg)
+
+
+MAX_PROBLEMS = 25  # problems listed in one message; the rest are counted
+MAX_PROBLEM_CHARS = 2000  # a problem that echoes a huge value is cut
+
+
+def _clip(text: str) -> str:
+    text = str(text)
+    if len(text) <= MAX_PROBLEM_CHARS:
+        return text
+    return f"{text[:MAX_PROBLEM_CHARS]}... ({len(text) - MAX_PROBLEM_CHARS} more characters)"
 
 
 class PluginError(X2CTError):

@@ -20,13 +20,16 @@ machine is online.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from x2ct_framework.errors import CheckpointError, X2CTError
+from x2ct_framework.safepaths import bounded
 
 # The read side (an export folder as a target, and loading its model) lives with run-folder discovery
 # (runs.py) and model loading (loading.py); these names stay importable from here.
@@ -35,6 +38,39 @@ from x2ct_framework.runs import CONFIG, FORMAT, FORMAT_VERSION, export_target, i
 
 
 # ---- writing ----------------------------------------------------------------------------------
+EXPORT_FILES = {"model.safetensors", "state.json", CONFIG, "recipe.toml", "README.md", "cascade", "plugins"}
+
+
+def check_output(out: Path, sources: list[Path], overwrite: bool) -> None:
+    """Refuse an output folder whose replacement could lose anything: the source itself or a folder
+    holding it, a link, a file, or a folder that is not an earlier export (with only an export's files)."""
+    if out.is_symlink():
+        raise X2CTError(f"{out}: is a symbolic link; the export writes a new folder there, name a real path")
+    real_out = Path(os.path.realpath(out))
+    for src in sources:
+        real_src = Path(os.path.realpath(src))
+        if real_out == real_src or real_out in real_src.parents:
+            raise X2CTError(f"{out}: is {'the source' if real_out == real_src else 'a folder holding the source'} "
+                            f"{src}; the export is written beside the run, never over it: name a new folder")
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise X2CTError(f"{out}: exists and is not a folder; name a new folder for the export")
+    entries = sorted(p.name for p in out.iterdir())
+    if not entries:
+        return
+    if not overwrite:
+        raise X2CTError(f"{out}: the folder exists and is not empty; choose another or pass --overwrite "
+                        f"(which replaces an earlier export only)")
+    if not is_export(out):
+        raise X2CTError(f"{out}: --overwrite replaces only an earlier export (a folder with {CONFIG} of format "
+                        f"{FORMAT!r}); this folder holds {bounded(entries)}, which is kept: name a new folder")
+    foreign = [e for e in entries if e not in EXPORT_FILES]
+    if foreign:
+        raise X2CTError(f"{out}: an earlier export, but it also holds {bounded(foreign)}, which the export did not "
+                        f"write; --overwrite would lose them, so nothing is replaced: move them or name a new folder")
+
+
 def _chain(target) -> list[tuple[Any, Any]]:
     """(recipe, stage) of every earlier stage that feeds ``target``'s stage its ``prev``, first first."""
     from x2ct_framework.training import cascade
@@ -119,18 +155,23 @@ def export(path: str | Path, out: str | Path, *, recipe: str | Path | None = Non
            stage: str | None = None, which: str = "best", overwrite: bool = False) -> Path:
     """Write the export folder ``out`` for a run folder or checkpoint folder ``path``."""
     from x2ct_framework._version import __version__
-    from x2ct_framework.checkpoint import load_state, save_checkpoint
+    from x2ct_framework.checkpoint import load_state
     from x2ct_framework.loading import load_model
     from x2ct_framework.runs import data_options_with_defaults, hu_window_of, resolve_target
     from x2ct_framework.training.cascade import image_size
 
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise X2CTError(f"{out}: the folder exists and is not empty; choose another or pass --overwrite")
     target = resolve_target(path, recipe, list(overrides), stage, which)
     if is_export(target.checkpoint):
         raise X2CTError(f"{path}: already an exported model; copy the folder instead")
+    check_output(out, [Path(path), target.checkpoint, *([target.run_dir] if target.run_dir else [])], overwrite)
     model = load_model(target, torch.device("cpu"))
+    bad = [f"{k} ({int((~torch.isfinite(v)).sum())} of {v.numel()} values)" for k, v in model.state_dict().items()
+           if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(f"{target.checkpoint}: {len(bad)} tensor(s) hold NaN or infinite values: {bounded(bad)}; "
+                              f"a model with them predicts nothing useful, so it is not exported. Export an earlier "
+                              f"checkpoint (--which last / epochNNNN) or train again")
     links = _chain(target)
     data = data_options_with_defaults(target.recipe, target.stage)
     try:
@@ -152,25 +193,77 @@ def export(path: str | Path, out: str | Path, *, recipe: str | Path | None = Non
         "recipe": "recipe.toml",
         "plugins": list(target.recipe["plugins"]),
         "providers": providers(target.recipe, target.stage, links),
+        "plugin_files": [],  # recipe-local plugin files copied into plugins/: received code, imported only when trusted
         "data": {k: v for k, v in data.items() if isinstance(v, (str, int, float, bool, list, dict))},
         "source": {"checkpoint": str(target.checkpoint), "epoch": state.get("epoch"), "step": state.get("step"),
                    "metrics": state.get("metrics", {})},
     }
-    tmp = out.with_name(out.name + ".export-tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    plugin_files: dict[Path, str] = {}
+    texts = [_export_recipe_text(target.recipe, plugin_files)] + [_export_recipe_text(r, plugin_files, "../")
+                                                                  for r, _ in links]  # cascade/<n>.toml
+    cfg["plugins"] = [_exported_name(target.recipe, p, plugin_files) for p in target.recipe["plugins"]]
+    cfg["plugin_files"] = sorted(plugin_files.values())
+    from x2ct_framework.atomic import swap_in
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".export-tmp", dir=out.parent))
+    try:
+        _write_export(tmp, target, model, texts, cfg, plugin_files)
+        check_output(out, [Path(path), target.checkpoint, *([target.run_dir] if target.run_dir else [])],
+                     overwrite)  # again: nothing may have appeared there while the model was written
+        swap_in(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _exported_name(recipe, spec: str, copies: dict[Path, str]) -> str:
+    from x2ct_framework.plugins import plugin_file
+
+    path = plugin_file(spec, recipe.plugins_dir)
+    return copies.get(path, spec) if path is not None else spec
+
+
+def _export_recipe_text(recipe, copies: dict[Path, str], up: str = "") -> str:
+    """The recipe as the export keeps it: its plugin files copied to ``plugins/<name>`` and named so."""
+    import copy
+
+    from x2ct_framework.config.document import dumps_toml
+    from x2ct_framework.plugins import plugin_file
+
+    data = copy.deepcopy(recipe.data)
+    names = []
+    for spec in data.get("plugins") or []:
+        path = plugin_file(spec, recipe.plugins_dir)
+        if path is not None and path.is_file() and path not in copies:
+            stem, n, used = path.stem, 1, set(copies.values())
+            name = f"plugins/{path.name}"
+            while name in used:
+                n += 1
+                name = f"plugins/{stem}_{n}.py"
+            copies[path] = name
+        names.append(up + copies[path] if path in copies else spec)
+    if data.get("plugins"):
+        data["plugins"] = names
+    return dumps_toml(data)
+
+
+def _write_export(tmp: Path, target, model, texts: list[str], cfg, plugin_files: dict[Path, str]) -> None:
+    from x2ct_framework.checkpoint import save_checkpoint
+
     save_checkpoint(tmp, model, {"stage": target.stage.name, "exported_from": str(target.checkpoint)})
-    recipe_text = target.recipe.to_toml()
+    recipe_text = texts[0]
     (tmp / "recipe.toml").write_text(recipe_text)
-    for link, (r, _) in zip(cfg["cascade"], links):
+    for link, text in zip(cfg["cascade"], texts[1:]):
         (tmp / link["recipe"]).parent.mkdir(exist_ok=True)
-        (tmp / link["recipe"]).write_text(r.to_toml())
+        (tmp / link["recipe"]).write_text(text)
+    for src, name in plugin_files.items():
+        (tmp / name).parent.mkdir(exist_ok=True)
+        shutil.copyfile(src, tmp / name)
     (tmp / CONFIG).write_text(json.dumps(cfg, indent=2, default=str))
     summary, _ = _evaluation_summary(target)
     (tmp / "README.md").write_text(model_card(cfg, recipe_text, summary))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    return out
 
 
 def providers(recipe, stage, links=()) -> dict[str, dict[str, Any]]:
@@ -220,6 +313,9 @@ def push_to_hub(folder: str | Path, repo_id: str, *, private: bool = False, toke
 
 
 def main(args) -> int:
+    from x2ct_framework.plugins import apply_trust_arguments
+
+    apply_trust_arguments(args)  # --plugins / --trust-run-plugins, as evaluate and predict take them
     out = export(args.source, args.out, recipe=args.recipe, overrides=args.overrides, stage=args.stage,
                  which=args.which, overwrite=args.overwrite)
     print(f"exported {args.source} to {out} (model.safetensors, config.json, recipe.toml, README.md)")

@@ -264,6 +264,23 @@ def _crop_centre(hu: torch.Tensor, labels: torch.Tensor | None, crop: str) -> tu
     return tuple(float((idx[:, a].min() + idx[:, a].max()) / 2) for a in range(3))
 
 
+# Plausible CT voxel sizes (mm, each axis): from micro-CT (0.01 mm) to the thickest slabs a scanner or a
+# coarse phantom writes (50 mm). A header outside is a unit mistake (metres, micrometres) or damage: a
+# 100000 mm voxel or a 0.0001 mm one would make an empty or all-air grid, so it is refused, naming the file.
+VOXEL_MM_RANGE = (0.01, 50.0)
+
+
+def check_voxel_size(spacing, where: str) -> None:
+    """Refuse voxel sizes outside :data:`VOXEL_MM_RANGE` (a header in the wrong unit, or damaged)."""
+    lo, hi = VOXEL_MM_RANGE
+    values = [float(s) for s in spacing]
+    if not all(np.isfinite(v) and lo <= v <= hi for v in values):
+        raise DataError(f"{where}: voxel size {tuple(round(v, 6) for v in values)} mm is outside the plausible range "
+                        f"{lo:g} to {hi:g} mm of a CT; the header's spacing is probably in another unit (metres, "
+                        f"micrometres) or damaged: fix the file's voxel size (NIfTI pixdim, DICOM PixelSpacing and "
+                        f"slice positions), or remove the case")
+
+
 def load_grid_ct(path: str | Path, label_path: str | Path | None, resolution: int, volume_mm: float,
                  pad_hu: float = -1024.0, crop: str = "centre", hu_offset: float = 0.0, check_hu: bool = True,
                  files: list[Path] | None = None, series: str = "") -> GridCT:
@@ -279,6 +296,7 @@ def load_grid_ct(path: str | Path, label_path: str | Path | None, resolution: in
         raise ValueError(f"crop must be one of {list(CROPS)}, got {crop!r}")
     path = Path(path)
     ct = read_torchio(path, files=files, series=series)
+    check_voxel_size(ct.spacing, str(path))
     notes = []
     if hu_offset:
         ct.set_data(ct.data.float() + float(hu_offset))

@@ -39,11 +39,42 @@ def load_model(target: Target, device: torch.device) -> torch.nn.Module:
     return model.to(device).eval()
 
 
-def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
+def load_pretrained(path: str | Path, device: str | torch.device = "cpu", *, plugins: list[str] | tuple = (),
+                    trust_plugins: bool = False) -> torch.nn.Module:
     """The model of an export folder, with its weights (and its cascade's frozen stages), in eval mode.
 
-    The plugins the recipe names are loaded; a missing one is an error naming it.
+    An export folder is data, as a run folder is: the plugins its recipe names are imported when they
+    are installed distributions, when named in ``plugins`` (modules or .py files, as ``--plugins``
+    takes them), or, for every one of them, with ``trust_plugins=True`` (as ``--trust-run-plugins``).
+    Plugin files the export carries lie in its ``plugins/`` folder. A missing plugin is an error naming it
+    and the distribution that provided it.
     """
+    from x2ct_framework.errors import PluginError
+    from x2ct_framework.plugins import get_plugin_manager
+
+    pm = get_plugin_manager()
+    before = pm.trust_run_plugins
+    pm.trust_run_plugins = bool(trust_plugins) or before
+    try:
+        pm.load_user_plugins([str(p) for p in plugins], Path.cwd())
+        return _load_pretrained(path, device)
+    except PluginError as exc:
+        raise PluginError(_python_message(str(exc))) from None
+    finally:
+        pm.trust_run_plugins = before
+
+
+def _python_message(text: str) -> str:
+    """A plugin refusal worded for a Python caller of load_pretrained (keyword arguments, not flags)."""
+    import re
+
+    text = re.sub(r"--plugins (\S+)", lambda m: f"load_pretrained(path, plugins=[{m.group(1)!r}])", text)
+    text = text.replace("pass --trust-run-plugins", "call load_pretrained(path, trust_plugins=True)")
+    text = text.replace("--trust-run-plugins", "load_pretrained(path, trust_plugins=True)")
+    return text.replace("A run folder is data", "An export folder is data")
+
+
+def _load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
     folder = Path(path)
     cfg = read_config(folder)
     target = export_target(folder)

@@ -30,6 +30,7 @@ import pluggy
 
 from x2ct_framework import hookspecs
 from x2ct_framework.errors import PluginError, X2CTError, did_you_mean
+from x2ct_framework.importguard import bounded_import
 from x2ct_framework.registry import Registry
 
 ENTRY_POINT_GROUP = "x2ct_framework"
@@ -120,7 +121,7 @@ class PluginManager:
                 continue
             dist = ep.dist.name if ep.dist is not None else "unknown distribution"
             try:
-                module = ep.load()
+                module = bounded_import(f"plugin {ep.name!r} ({dist})", ep.load)
             except Exception as exc:  # a broken plugin must not break every command
                 self._failed(ep.name, dist, exc)
                 continue
@@ -158,7 +159,10 @@ class PluginManager:
                 mod_spec = importlib.util.spec_from_file_location(name, path)
                 module = importlib.util.module_from_spec(mod_spec)
                 sys.modules[name] = module
-                mod_spec.loader.exec_module(module)
+                bounded_import(f"plugin file {path}", lambda: mod_spec.loader.exec_module(module))
+            except PluginError:
+                sys.modules.pop(name, None)
+                raise
             except Exception as exc:
                 sys.modules.pop(name, None)
                 raise PluginError(f"plugin file {path} failed to import: {type(exc).__name__}: {exc}") from exc
@@ -167,7 +171,9 @@ class PluginManager:
         if self.pm.has_plugin(spec):
             return spec
         try:
-            module = importlib.import_module(spec)
+            module = bounded_import(f"plugin module {spec!r}", lambda: importlib.import_module(spec))
+        except PluginError:
+            raise
         except Exception as exc:
             raise PluginError(f"plugin module {spec!r} failed to import: {type(exc).__name__}: {exc}") from exc
         if self.pm.is_registered(module):

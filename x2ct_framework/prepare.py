@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import multiprocessing as mp
 import os
 import sys
 import time
@@ -27,6 +26,7 @@ from x2ct_framework.errors import DataError, X2CTError
 
 log = logging.getLogger("x2ct_framework.prepare")
 SPLITS = ("train", "val", "test")
+WORKER_ATTEMPTS = 2  # a case whose worker dies is tried once more, alone, then reported as failed
 
 
 @dataclass
@@ -155,12 +155,22 @@ def prepare(recipe_path: str, overrides: list[str] = (), *, workers: int = 0, sp
             torch.set_num_threads(threads)
             _worker.clear()
     else:
-        method = "fork" if sys.platform.startswith("linux") else "spawn"
-        ctx = mp.get_context(method)
-        with ctx.Pool(workers, initializer=_init_worker,
-                      initargs=(str(recipe.path), list(overrides), threads_per_worker or 1)) as pool:
-            for result in pool.imap_unordered(_prepare_one, jobs, chunksize=1):
-                record(result)
+        from x2ct_framework.workerpool import run_jobs
+
+        def died(job, tries: int) -> None:
+            record((job, "failed", f"the worker process preparing it died {tries} time(s) (killed, for example by "
+                                   f"the out-of-memory killer, or crashed in a reader); not tried again. Give it "
+                                   f"more memory or fewer --workers, or remove the case"))
+
+        try:
+            run_jobs(_prepare_one, jobs, workers, on_result=record, on_died=died, initializer=_init_worker,
+                     initargs=(str(recipe.path), list(overrides), threads_per_worker or 1), attempts=WORKER_ATTEMPTS)
+        except KeyboardInterrupt:
+            bar.close()
+            print(f"prepare stopped: {report.prepared} prepared, {report.cached} already cached, "
+                  f"{len(report.failed)} failed of {len(jobs)}; run it again to continue (finished cases are kept)",
+                  file=sys.stderr, flush=True)
+            raise
     bar.close()
     report.seconds = time.perf_counter() - start
     return report

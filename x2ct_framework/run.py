@@ -64,7 +64,9 @@ def report_errors(fn, *args) -> int:
     except X2CTError as exc:
         if debugging():
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        from x2ct_framework.safepaths import clip
+
+        print(f"error: {clip(exc, 20000)}", file=sys.stderr)  # a message never echoes megabytes back
         return exc.exit_code
     except OSError as exc:
         if debugging():

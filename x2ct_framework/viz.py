@@ -34,10 +34,14 @@ def save_figure(fig, path: str | Path, dpi: int = 90, title: str = "", title_siz
     if title:
         fig.suptitle(title, fontsize=title_size)
     fig.tight_layout()
-    path = Path(path)
+    from x2ct_framework.safepaths import guard
+
+    path = guard(Path(path))
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
+    try:
+        fig.savefig(guard(path), dpi=dpi)
+    finally:
+        plt.close(fig)
     return path
 
 

@@ -230,10 +230,11 @@ _identities: dict[tuple, str] = {}
 
 def file_identity(path: str | Path) -> str:
     """``size:mtime_ns:sha1`` of a file; the hash covers the whole file up to 8 MiB, else three 1 MiB
-    chunks (start, middle, end). Memoised per process by (path, size, mtime)."""
+    chunks (start, middle, end). Memoised per process by (path, size, mtime, inode, change time): a file
+    replaced by another of the same size and modification time (copied with its times kept) is hashed again."""
     path = Path(path)
     st = path.stat()
-    memo = (str(path), st.st_size, st.st_mtime_ns)
+    memo = (str(path), st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
     if memo in _identities:
         return _identities[memo]
     h = hashlib.sha1()
@@ -302,6 +303,7 @@ class ArrayCache:
         try:
             meta = json.loads(meta_path.read_text())
             arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in meta["arrays"]}
+            verify_entry(folder, arrays, meta)
         except Exception as exc:
             log.warning("damaged cache entry %s (%s); rebuilding it", folder, exc)
             shutil.rmtree(folder, ignore_errors=True)
@@ -316,20 +318,55 @@ class ArrayCache:
             return
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = final.parent / f".{key}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-        tmp.mkdir()
         try:
+            tmp.mkdir()
+            checks = {}
             for name, a in arrays.items():
-                np.save(tmp / f"{name}.npy", np.ascontiguousarray(a))
-            (tmp / "meta.json").write_text(json.dumps({**(meta or {}), "arrays": list(arrays)}))
+                a = np.ascontiguousarray(a)
+                np.save(tmp / f"{name}.npy", a)
+                checks[name] = {"shape": list(a.shape), "dtype": a.dtype.str, "blake2b": content_checksum(a)}
+            (tmp / "meta.json").write_text(json.dumps({**(meta or {}), "arrays": list(arrays), "checks": checks}))
             if final.exists() and not (final / "meta.json").is_file():  # a damaged entry left by a crash
                 shutil.rmtree(final, ignore_errors=True)
             try:
                 os.rename(tmp, final)
             except OSError:  # another writer was first (the folder exists and is not empty)
                 pass
+        except OSError as exc:  # a full disk, no permission: say which folder
+            raise DataError(f"cache folder {self.folder}: could not write the {kind} entry {final.name} ({exc}); "
+                            f"free space there, point data.cache_dir at another folder, or set cache = false"
+                            ) from exc
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
+
+
+def content_checksum(a: np.ndarray) -> str:
+    return hashlib.blake2b(memoryview(np.ascontiguousarray(a)).cast("B"), digest_size=16).hexdigest()
+
+
+_VERIFIED: set[tuple] = set()  # entries this process checked already (folder, meta.json's size and time)
+
+
+def verify_entry(folder: Path, arrays: Mapping[str, np.ndarray], meta: dict) -> None:
+    """Raise ValueError unless every array has the shape, dtype and content checksum its entry recorded
+    (checked once per process per entry: the arrays are then used memory-mapped)."""
+    checks = meta.get("checks")
+    if not isinstance(checks, dict) or set(checks) != set(arrays):
+        raise ValueError("no shape, dtype and checksum recorded for its arrays (an entry from an older version)")
+    st = (folder / "meta.json").stat()
+    key = (str(folder), st.st_size, st.st_mtime_ns, st.st_ino)
+    for name, a in arrays.items():
+        want = checks[name]
+        if list(a.shape) != list(want["shape"]) or a.dtype.str != want["dtype"]:
+            raise ValueError(f"{name}.npy is {a.dtype.str} {list(a.shape)}, the entry recorded {want['dtype']} "
+                             f"{want['shape']}")
+    if key in _VERIFIED:
+        return
+    for name, a in arrays.items():
+        if content_checksum(a) != checks[name]["blake2b"]:
+            raise ValueError(f"{name}.npy does not match its recorded checksum (changed on disk)")
+    _VERIFIED.add(key)
 
 
 def write_json_atomic(path: Path, data) -> None:

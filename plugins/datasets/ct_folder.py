@@ -69,6 +69,12 @@ def _is_volume_name(name: str) -> bool:
     return not name.startswith(".") and any(name.endswith(s) for s in VOLUME_SUFFIXES) and not name.endswith(".dcm")
 
 
+def _below(path: Path, folder: Path) -> bool:
+    """``path`` names something below ``folder`` (by name: links the user put in data.root are followed)."""
+    p, root = Path(os.path.normpath(os.path.abspath(path))), Path(os.path.normpath(os.path.abspath(folder)))
+    return p == root or root in p.parents
+
+
 def _is_volume_file(path: Path) -> bool:
     return _is_volume_name(path.name) and path.is_file()
 
@@ -167,6 +173,13 @@ class CTFolderDataset(CaseListDataset):
         check_common(views, hu_window, geometry, on_bad_case)
         if volume_mm <= 0:
             raise ValueError(f"volume_mm must be positive, got {volume_mm}")
+        from x2ct_framework.io import VOXEL_MM_RANGE
+
+        voxel = volume_mm / stage.resolution
+        if not VOXEL_MM_RANGE[0] <= voxel <= VOXEL_MM_RANGE[1]:
+            raise ValueError(f"volume_mm = {volume_mm:g} at resolution {stage.resolution} gives {voxel:g} mm voxels, "
+                             f"outside the plausible {VOXEL_MM_RANGE[0]:g} to {VOXEL_MM_RANGE[1]:g} mm of a CT; "
+                             f"volume_mm is the field of view in millimetres (320 for a chest)")
         if crop not in CROPS:
             raise ValueError(f"crop must be one of {list(CROPS)}, got {crop!r}")
         self.split, self.stage = split, stage
@@ -287,9 +300,24 @@ class CTFolderDataset(CaseListDataset):
         return data
 
     def _source(self, name: str, entry: dict) -> CaseSource:
-        files = [self.root / f for f in entry["files"]] if entry.get("files") else None
+        files = [self._confined(name, f) for f in entry["files"]] if entry.get("files") else None
         label = Path(entry["label"]) if entry.get("label") else None
-        return CaseSource(name, self.root / entry["path"], label, files, entry.get("series_uid", ""))
+        if label is not None:
+            folders = [self.root] + ([self.labels_dir] if self.labels_dir is not None else [])
+            if not any(_below(label, f) for f in folders):
+                raise DataError(f"{self.manifest_path()}: case {name!r}: its label map {label} lies outside data.root "
+                                f"{self.root}{' and labels_dir' if self.labels_dir else ''}; the manifest was edited "
+                                f"or is from another folder: run `x2ct prepare --rescan` (or delete it)")
+        return CaseSource(name, self._confined(name, entry["path"]), label, files, entry.get("series_uid", ""))
+
+    def _confined(self, name: str, rel: str) -> Path:
+        """A manifest's path of case ``name``: relative, below data.root (no '..', not absolute)."""
+        path = self.root / str(rel)
+        if Path(str(rel)).is_absolute() or ".." in Path(str(rel)).parts or not _below(path, self.root):
+            raise DataError(f"{self.manifest_path()}: case {name!r}: the file {rel!r} lies outside data.root "
+                            f"{self.root}; the manifest was edited or is from another folder: run `x2ct prepare "
+                            f"--rescan` (or delete it)")
+        return path
 
     def _discover(self) -> dict:
         from x2ct_framework.dicom import find_ct_series, has_dicom

@@ -145,6 +145,7 @@ class PairedXrayDataset(Dataset):
             raise RecipeError([f"data.orientation: {len(self.orientation)} orientation(s) for {next(iter(counts))} "
                                f"views; give one per view (identity, fliplr, flipud, rot180, ...)"])
         # stored X-rays beside a CT: training checks them against the CT's DRRs first (x2ct_framework.datacheck)
+        self.stores_xrays = True
         self.geometry_check = check_geometry if all(c["ct"] is not None for c in self.cases) else "off"
 
     def _case(self, name: str, folder: Path) -> dict:

@@ -81,6 +81,10 @@ X2CTGAN_HU_WINDOW = (-1024.0, 1476.0)  # stored [0, 2500] minus the HU offset 10
 log = logging.getLogger("x2ct_plugins.datasets")
 
 
+# Largest arrays an X2CT-GAN case may declare (values): a 1024^3 CT, 8192^2 X-rays, short vectors.
+MAX_ELEMENTS = {"ct": 1024 ** 3, "xray1": 8192 ** 2, "xray2": 8192 ** 2}
+
+
 def zoom_linear(x: torch.Tensor, size: tuple[int, ...], integer: bool = False) -> torch.Tensor:
     """``scipy.ndimage.zoom(x, size / shape, order=1)`` for a 2D or 3D array: (bi/tri)linear with the corner
     samples kept (``align_corners``); ``integer`` rounds half away from zero, as zoom does into an integer array."""
@@ -144,6 +148,7 @@ class X2CTGANH5Dataset(CaseListDataset):
             raise ValueError(f"check_geometry must be 'error', 'warn' or 'off', got {check_geometry!r}")
         # training checks the stored views against the CT first (x2ct_framework.datacheck)
         self.geometry_check = check_geometry if xrays == "stored" else "off"
+        self.stores_xrays = xrays == "stored"
         if xrays == "render":  # rendered here, in the detector frame
             self.orientation = ["identity"] * len(views)
         self.resize = resize
@@ -216,6 +221,13 @@ class X2CTGANH5Dataset(CaseListDataset):
                 if missing:
                     raise DataError(f"{path}: missing dataset(s) {', '.join(missing)} (expected ct, xray1, xray2, "
                                     f"ori_size, spacing; found {', '.join(sorted(f.keys())) or 'none'})")
+                for k in REQUIRED_KEYS:  # the declared sizes, before reading a byte of the arrays
+                    shape = tuple(getattr(f[k], "shape", ()) or ())
+                    limit = MAX_ELEMENTS.get(k, 64)
+                    if int(np.prod(shape, dtype=np.float64)) > limit:
+                        raise DataError(f"{path}: {k}: declares shape {shape} ({np.prod(shape, dtype=np.float64):.3g} "
+                                        f"values), more than the {limit:.3g} an X2CT-GAN case can hold; the file is "
+                                        f"damaged or not an X2CT-GAN case: remove it from the list")
                 out = {k: np.asarray(f[k]) for k in REQUIRED_KEYS}
         except DataError:
             raise

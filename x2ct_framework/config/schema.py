@@ -84,6 +84,25 @@ def run_name(v: Any) -> str | None:
     return None
 
 
+RESERVED_STAGE_NAMES = ("eval", "report")  # folders of the run folder that are not stages
+
+
+def stage_name(v: Any) -> str | None:
+    """A stage's checkpoints live in output_dir/name/<stage>: one plain folder name (empty: stageN)."""
+    from x2ct_framework.safepaths import name_problem
+
+    if v == "":
+        return None
+    problem = name_problem(v, single=True)
+    if problem:
+        return f"{problem} (the stage's folder in the run folder)"
+    if v.startswith("."):
+        return "expected a folder name that does not start with '.'"
+    if v in RESERVED_STAGE_NAMES or v.endswith((".tmp", ".old")):
+        return f"expected a name other than {', '.join(RESERVED_STAGE_NAMES)} or *.tmp/*.old (used by the run folder)"
+    return None
+
+
 def at_least_one(v: Any) -> str | None:
     return None if v >= 1 else "expected an integer >= 1"
 
@@ -147,6 +166,9 @@ def protocol_names(v: Any) -> str | None:
     """Names of metric protocols: the protocol registry's (the built-ins register there as a core plugin)."""
     from x2ct_framework.plugins import failed_note, registry
 
+    if not v:  # the final evaluation and the report score under these: at least one
+        return "expected at least one protocol (default, x2ctgan, or a plugin's); set eval.report = false to skip " \
+               "the final evaluation instead"
     try:
         known = registry("protocol").names()
     except X2CTError:  # a registry that cannot be built is reported by the command that needs it
@@ -161,7 +183,8 @@ def protocol_names(v: Any) -> str | None:
 
 STAGE = Table(
     {
-        "name": Value("str", "", "stage name; defaults to stageN"),
+        "name": Value("str", "", "stage name, the stage's folder in the run folder; defaults to stageN",
+                      check=stage_name),
         "resolution": Value("int", REQUIRED, "output volume size R (R^3 voxels)", check=positive),
         "epochs": Value("int", REQUIRED, "epochs of this stage", check=non_negative),
         "lr": Value("number", 1e-4, "peak learning rate (at train.reference_batch when lr_scaling is set)",

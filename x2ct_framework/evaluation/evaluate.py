@@ -220,6 +220,9 @@ def write_results_folder(ev: Evaluation, out: Path, worst: int) -> None:
     """Write the tables and pictures into a temporary folder and swap it in whole for ``out``, so a
     killed evaluation never leaves new tables beside old ones. A folder that holds anything else than
     an earlier evaluation's results is refused rather than replaced."""
+    from x2ct_framework.safepaths import guard
+
+    guard(out)
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {out}: exists and is not a folder; choose a folder for the results")
     if out.is_dir():
@@ -395,9 +398,15 @@ def main(args) -> int:
     apply_trust_arguments(args)
     target = resolve_target(args.checkpoint, args.recipe, args.overrides, args.stage, args.which)
     out = Path(args.out) if args.out else default_out_dir(target, args.split)
-    ev = evaluate(target, args.split, args.protocols, batch_size=args.batch_size, device=args.device,
-                  max_cases=args.max_cases, n_boot=args.bootstrap, worst=args.worst, out_dir=out,
-                  progress=args.progress, lpips=args.lpips)
+    from x2ct_framework import safepaths
+
+    root = target.run_dir if target.run_dir is not None else target.checkpoint
+    if target.run_dir is not None:  # a run folder's results stay inside it, whatever links it holds
+        safepaths.refuse_outside_links(target.run_dir, "run folder")
+    with safepaths.confined(root):
+        ev = evaluate(target, args.split, args.protocols, batch_size=args.batch_size, device=args.device,
+                      max_cases=args.max_cases, n_boot=args.bootstrap, worst=args.worst, out_dir=out,
+                      progress=args.progress, lpips=args.lpips)
     for proto in ev.protocols:
         for note in proto.notes:
             loud = note.startswith("NOT X2CT-GAN")

@@ -369,7 +369,9 @@ def save_nifti(path: str | Path, volume_hu: torch.Tensor, spacing_xyz, dtype: st
     img.set_sform(affine, code=1)
     img.header.set_xyzt_units("mm")
     img.header["descrip"] = b"x2ct-framework prediction, HU"
-    path = Path(path)
+    from x2ct_framework.safepaths import guard
+
+    path = guard(Path(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     # under a temporary name with the same extension (nibabel picks the format from it), then renamed:
     # a killed prediction never leaves a truncated volume under the final name

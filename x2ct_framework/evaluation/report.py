@@ -75,8 +75,10 @@ def plot_gallery(cases: list[tuple[str, torch.Tensor, torch.Tensor]], hu_window,
                 ax.set_title(f"{cid}: {label}, {plane}" if r == 0 else f"{label}, {plane}", fontsize=7)
                 ax.axis("off")
             fig.colorbar(im, ax=axes[per * c + r, :], shrink=0.9)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI)
+    from x2ct_framework.safepaths import guard
+
+    guard(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(guard(path), dpi=DPI)
     plt.close(fig)
     return path
 
@@ -158,6 +160,15 @@ def write_report(run_dir: str | Path, recipe=None, results: dict | None = None, 
     A final evaluation that fails becomes a note in the report and, when ``failures`` is a list, an
     entry there (the end-of-run hook turns it into exit status 4).
     """
+    from x2ct_framework import safepaths
+
+    safepaths.refuse_outside_links(run_dir, "run folder")
+    with safepaths.confined(run_dir):
+        return _write_report(run_dir, recipe, results, device=device, evaluate_final=evaluate_final,
+                             failures=failures)
+
+
+def _write_report(run_dir, recipe, results, *, device, evaluate_final, failures) -> Path:
     from x2ct_framework.config.build import load_recipe_plugins, stages
     from x2ct_framework.config.recipe import load_recipe
 

@@ -75,6 +75,14 @@ def check_trained(stage_name: str, pos: dict, last: str) -> None:
 def check_validation(stage_name: str, metrics: dict[str, float], select_best: str, last: str) -> None:
     """Stop when validation is not finite (the loss, or the metric that picks ``best``)."""
     bad = {k: v for k, v in metrics.items() if k in ("val/loss", select_best) and not math.isfinite(v)}
+    loss = metrics.get("val/loss")
+    if bad and list(bad) == [select_best] and select_best != "val/loss" and loss is not None and math.isfinite(loss):
+        raise TrainingDiverged(
+            f"{stage_name}: the select_best metric {select_best} is {bad[select_best]} while the validation loss is "
+            f"finite ({loss:.4g}): the weights are fine, the metric gives no number on this validation data (for "
+            f"example a per-structure metric on cases without label maps, or a metric that is undefined here). "
+            f"{last}. Choose another select_best for this stage (for example \"val/loss\" or \"val/psnr\") or fix "
+            f"the metric.")
     if bad:
         shown = ", ".join(f"{k} = {v}" for k, v in bad.items())
         raise TrainingDiverged(

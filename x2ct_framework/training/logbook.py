@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 
+from x2ct_framework.safepaths import guard, open_new
 from x2ct_framework.viz import plt, save_figure
 
 
@@ -33,7 +34,7 @@ class Logbook:
 
     def append(self, row: dict[str, Any]) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        with self.jsonl.open("a") as f:
+        with guard(self.jsonl).open("a") as f:
             f.write(json.dumps(row) + "\n")
 
     def truncate(self, epoch: int, step: int) -> None:
@@ -42,8 +43,9 @@ class Logbook:
                 if (r.get("step", 0) <= step if r.get("kind") == "train" else r.get("epoch", 0) <= epoch)]
         self.folder.mkdir(parents=True, exist_ok=True)
         tmp = self.jsonl.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
-        tmp.replace(self.jsonl)
+        with open_new(tmp) as f:
+            f.write("".join(json.dumps(r) + "\n" for r in keep))
+        tmp.replace(guard(self.jsonl))
         self.write_csv()
 
     def write_csv(self) -> None:
@@ -52,11 +54,11 @@ class Logbook:
         for r in rows:
             columns.extend(k for k in r if k not in columns)
         tmp = self.csv.with_suffix(".csv.tmp")
-        with tmp.open("w", newline="") as f:
+        with open_new(tmp, newline="") as f:
             writer = csv.DictWriter(f, fieldnames=columns)
             writer.writeheader()
             writer.writerows(rows)
-        tmp.replace(self.csv)
+        tmp.replace(guard(self.csv))
 
     def plot(self, path: str | Path, title: str = "") -> Path:
         """Training loss and each loss term per step, the learning rate, and validation metrics per epoch."""

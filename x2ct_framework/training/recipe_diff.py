@@ -67,7 +67,8 @@ def stage_status(run_dir: Path, stage_names: list[str]) -> dict[str, str]:
     for name in stage_names:
         last = run_dir / name / "last"
         if not ckpt.exists(last):
-            out[name] = "in progress" if any(ckpt.exists(p) for p in (run_dir / name).glob("*")) else "not started"
+            out[name] = ("in progress" if any(ckpt.exists(p) for p in (run_dir / name).glob("*")
+                                              if not p.name.endswith(".tmp")) else "not started")
             continue
         try:
             out[name] = "done" if ckpt.load_state(last).get("complete") else "in progress"

@@ -154,7 +154,8 @@ def stages_with_checkpoints(run_dir: Path) -> list[str]:
         return []
     out = []
     for stage_dir in sorted(p for p in run_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        if any(ckpt.exists(c) for c in stage_dir.iterdir() if c.is_dir()):
+        # a <name>.tmp folder is a checkpoint cut short while written (killed): it is no checkpoint
+        if any(ckpt.exists(c) for c in stage_dir.iterdir() if c.is_dir() and not c.name.endswith(".tmp")):
             out.append(stage_dir.name)
     return out
 
@@ -203,6 +204,9 @@ class RunFolder:
             raise RunFolderError(error)
         for note in notes:  # only the main process has notes
             print(note, file=sys.stderr, flush=True)
+        from x2ct_framework import safepaths
+
+        self.confined = safepaths.confine(self.path)  # every writer checks its path against it when opening
         self.occupied = stages_with_checkpoints(self.path)
         if self.resume and self.recipe is not None and self.occupied:
             from x2ct_framework.training.recipe_diff import check_resume
@@ -238,6 +242,9 @@ class RunFolder:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise DataError(f"could not create the run folder {self.path}: {exc}") from exc
+        from x2ct_framework import safepaths
+
+        safepaths.refuse_outside_links(self.path, "run folder")  # a received folder writes nowhere else
         self.lock, note = acquire(self.path)
         if note:
             notes.append(note)
@@ -263,11 +270,13 @@ class RunFolder:
         """Refuse to start ``stage_name`` from scratch over checkpoints this run did not write."""
         if stage_name not in self.occupied:
             return
+        held = sorted(p.name for p in (self.path / stage_name).iterdir()
+                      if ckpt.exists(p) and not p.name.endswith(".tmp"))
         how = ("it holds checkpoints but no complete 'last' to continue from" if self.resume else
                "starting it again would overwrite them")
         raise RunFolderError(
             f"run folder {self.path} already holds checkpoints of {stage_name} "
-            f"({', '.join(sorted(p.name for p in (self.path / stage_name).iterdir() if ckpt.exists(p)))}); {how}. "
+            f"({', '.join(held)}); {how}. "
             f"Either\n  - continue that run: the same command with --resume,\n  - start a new run beside it: "
             f"--set name=<new name>,\n  - or replace it: --overwrite (moves {self.path} aside to "
             f"{self.path.name}.replaced-<time>; nothing is deleted).")
@@ -278,3 +287,7 @@ class RunFolder:
             stop.set()
         release(self.lock)
         self.lock = None
+        from x2ct_framework import safepaths
+
+        safepaths.release(getattr(self, "confined", None))
+        self.confined = None

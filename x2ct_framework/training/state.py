@@ -201,6 +201,8 @@ class StageState:
                "metrics": self.validation, "best": asdict(self.best), "complete": complete}
         if interrupted:
             out["interrupted"] = True
+        if getattr(self, "schedule", None):
+            out["schedule"] = dict(self.schedule)  # what --resume compares (training/resume_schedule.py)
         out["weights"] = "ema" if self.ema is not None else "model"
         return out
 

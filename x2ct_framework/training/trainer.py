@@ -34,7 +34,7 @@ from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
-from x2ct_framework import __version__, atomic
+from x2ct_framework import __version__, atomic, safepaths
 from x2ct_framework import checkpoint as ckpt
 from x2ct_framework.config.build import (build_dataset, build_losses, build_metrics, build_model,
                                          builtin_tracker_names, data_options, load_recipe_plugins, model_options,
@@ -55,6 +55,7 @@ from x2ct_framework.training.interrupt import StopRequest
 from x2ct_framework.training.logbook import Logbook
 from x2ct_framework.training.objective import Objective
 from x2ct_framework.training.precision import apply_launcher_precision
+from x2ct_framework.training.resume_schedule import check_schedule
 from x2ct_framework.training.recipe_diff import keep_current_settings, optimizer_settings
 from x2ct_framework.training.runfolder import RunFolder
 from x2ct_framework.training.sampling import StageData, rng_state
@@ -380,7 +381,7 @@ class Trainer:
         set_seed(seed)
         accum = opts["grad_accum"] or train["grad_accum"]
         acc.gradient_accumulation_steps = accum
-        stage_dir = self.run_dir / stage.name
+        stage_dir = safepaths.inside(self.run_dir, stage.name)  # a plain name below the run folder
 
         model = build_model(recipe, stage)
         if init_from is not None and resume_from is None:
@@ -421,12 +422,18 @@ class Trainer:
                         metrics=metrics, best=Best(metric, mode), total_steps=total_steps,
                         guard=NonFiniteGuard(acc, train["max_nonfinite_steps"]), previous=previous)
         st.logbook = Logbook(stage_dir)
+        st.schedule = {"processes": acc.num_processes, "global_batch": global_batch, "batch_size": batch_size,
+                       "grad_accum": accum, "steps_per_epoch": steps_per_epoch, "total_steps": total_steps}
         self.model, self.state = acc.unwrap_model(model), st
 
         if resume_from is None:
             self.folder.before_fresh_stage(stage.name)  # never over checkpoints this run did not write
         if resume_from is not None:
-            saved = ckpt.load_state(resume_from).get("resolution", stage.resolution)
+            saved_state = ckpt.load_state(resume_from)
+            for line in check_schedule(stage.name, str(resume_from), saved_state.get("schedule"), st.schedule,
+                                       self.folder.allow_changes):  # processes, global batch, updates per epoch
+                self.print(line)
+            saved = saved_state.get("resolution", stage.resolution)
             if saved != stage.resolution:
                 raise CheckpointError(f"cannot resume {stage.name} from {resume_from}: it was trained at {saved}^3 and "
                                       f"the recipe now says {stage.resolution}^3 ({where('resolution')})")
