@@ -150,15 +150,18 @@ class _AnatomyV2(_Anatomy):
     def __init__(self, rng: random.Random):  # noqa: D107 - does not call the version 1 draws
         u = rng.uniform
         size = u(0.94, 1.07)
-        self.sx = min(size * u(0.9, 1.1), 1.08)
+        self.sx = size * u(0.88, 1.12)
         self.sy = size * u(0.86, 1.14)
         self.sz = u(0.95, 1.04)  # lung height
         self.yb = 10.0
         # the thoracic cavity sets the lungs; the chest wall and the subcutaneous fat lie outside it
         self.fat = u(5.0, 20.0) * (0.7 + 0.3 * size)
-        self.cax = 133.0 * self.sx
+        self.cax = 123.0 * self.sx
         self.cay_ant, self.cay_post = 80.0 * self.sy, 93.0 * self.sy
         self.ax = self.cax + self.fat + 9.0
+        if self.ax > 157.0:  # the widest patients still fit a 320 mm field
+            self.cax -= self.ax - 157.0
+            self.ax = 157.0
         self.ay_ant, self.ay_post = self.cay_ant + self.fat + 7.0, self.cay_post + self.fat + 18.0
         self.apex = -148.0 * self.sz + u(-4.0, 4.0)
         self.dome_r = 36.0 * self.sz + u(-8.0, 8.0)
