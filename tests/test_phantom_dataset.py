@@ -102,3 +102,28 @@ def test_detector_options_are_cached(tmp_path, monkeypatch):
     assert torch.equal(first["xrays"], again["xrays"])
     with pytest.raises(pytest.fail.Exception):  # other detector settings are another cache entry
         create(num_train=1, cache_dir=str(tmp_path), memory_cache_mb=0, xray_noise=0.02)[0]
+
+
+def test_pe_fraction_and_study_labels():
+    from torch.utils.data import DataLoader
+
+    from x2ct_framework.phantom import pulmonary_embolism_study
+
+    assert "study" not in create(num_train=1)[0]  # off by default: items as before
+    ds = create(num_train=12, resolution=32, pe_fraction=0.5)
+    flags = [ds.has_emboli(i) for i in range(12)]
+    assert 2 <= sum(flags) <= 10 and flags == [create(num_train=12, pe_fraction=0.5).has_emboli(i) for i in range(12)]
+    for i in range(12):
+        item = ds[i]
+        assert item["study"] == pulmonary_embolism_study(ds.case_seed(i), flags[i])
+        assert item["study"]["pe_present"] == int(flags[i])
+        if not flags[i]:
+            assert not (item["labels"] == 9).any()
+    assert any(bool((ds[i]["labels"] == 9).any()) for i in range(12) if flags[i])
+    assert all(create(num_train=4, pe_fraction=1.0).has_emboli(i) for i in range(4))
+    batch = next(iter(DataLoader(ds, batch_size=4)))
+    assert batch["study"]["pe_present"].shape == (4,) and len(batch["study"]["pe_location"]) == 4
+    with pytest.raises(RecipeError, match="pe_fraction"):
+        create(pe_fraction=1.5)
+    with pytest.raises(RecipeError, match="phantom_version"):
+        create(pe_fraction=0.5, phantom_version=1)

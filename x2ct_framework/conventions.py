@@ -8,7 +8,9 @@ line. All are part of the plugin API (``from x2ct_framework.conventions import .
   plan's range, [-1000, 3000] HU.
 - **Label codes.** The structure label map that the synthetic phantom writes, and that datasets pass
   as ``batch["labels"]``: 0 background, 1 soft tissue, 2 lung, 3 bone, 4 vessel, 5 heart, 6 fat,
-  7 air inside the body, 8 scanner table. Label maps from other tools are remapped to these codes.
+  7 air inside the body, 8 scanner table, 9 pulmonary embolus (a clot in a contrast-filled artery).
+  Label maps from other tools are remapped to these codes. Version 2 of the phantom also writes finer
+  parts (``PART_NAMES``), each inside one of these codes (``PART_TO_LABEL``).
 - **Planes.** A volume ``[D, H, W]`` is sliced along D (axial), H (coronal) and W (sagittal).
 """
 
@@ -29,8 +31,9 @@ LABEL_NAMES: dict[int, str] = {
     6: "fat",
     7: "air",  # air inside the body: trachea, bronchi, stomach gas
     8: "table",
+    9: "embolus",  # a filling defect (clot) in a contrast-filled pulmonary artery
 }
-BACKGROUND, SOFT, LUNG, BONE, VESSEL, HEART, FAT, AIR, TABLE = range(9)
+BACKGROUND, SOFT, LUNG, BONE, VESSEL, HEART, FAT, AIR, TABLE, EMBOLUS = range(10)
 # The structures that per-structure metrics score, by label code.
 STRUCTURE_LABELS: dict[str, int] = {"lung": LUNG, "bone": BONE, "vessel": VESSEL}
 
@@ -44,19 +47,20 @@ PART_NAMES: dict[int, str] = {
     16: "costal_cartilage", 17: "airway_wall",
     20: "myocardium", 21: "blood_right_heart", 22: "blood_left_heart",
     30: "aorta", 31: "pulmonary_trunk", 32: "venae_cavae", 33: "lung_artery", 34: "lung_vein",
-    40: "liver", 41: "spleen", 42: "stomach", 43: "kidney",
+    40: "liver", 41: "spleen", 42: "stomach", 43: "kidney", 50: "embolus",
 }
 (P_BACKGROUND, P_SOFT, P_LUNG, P_FAT, P_AIR, P_TABLE) = (0, 1, 2, 6, 7, 8)
 P_SPINE, P_RIB, P_STERNUM, P_CLAVICLE, P_SCAPULA, P_ARM_BONE, P_CARTILAGE, P_AIRWAY_WALL = range(10, 18)
 P_MYOCARDIUM, P_BLOOD_RIGHT, P_BLOOD_LEFT = 20, 21, 22
 P_AORTA, P_PULM_ARTERY, P_CAVA, P_LUNG_ARTERY, P_LUNG_VEIN = 30, 31, 32, 33, 34
 P_LIVER, P_SPLEEN, P_STOMACH, P_KIDNEY = 40, 41, 42, 43
+P_EMBOLUS = 50
 PART_TO_LABEL: dict[int, int] = {
     0: BACKGROUND, 1: SOFT, 2: LUNG, 6: FAT, 7: AIR, 8: TABLE,
     10: BONE, 11: BONE, 12: BONE, 13: BONE, 14: BONE, 15: BONE, 16: SOFT, 17: SOFT,
     20: HEART, 21: HEART, 22: HEART,
     30: VESSEL, 31: VESSEL, 32: VESSEL, 33: VESSEL, 34: VESSEL,
-    40: SOFT, 41: SOFT, 42: SOFT, 43: SOFT,
+    40: SOFT, 41: SOFT, 42: SOFT, 43: SOFT, 50: EMBOLUS,
 }
 # Label values outside the patient (the body mask leaves them out).
 NOT_BODY_LABELS: tuple[int, ...] = (TABLE,)

@@ -523,7 +523,7 @@ def _rib(cv: _Canvas, anat: _Anatomy, k: int, tip, zc: float, side: float) -> No
 
 def chest_phantom(resolution: int | Sequence[int] = 64, seed: int = 0, *, volume_mm: float | Sequence[float] = 320.0,
                   table: bool = True, noise_hu: float = 8.0, cache_dir: str | Path | None = None,
-                  version: int = PHANTOM_VERSION, arms: bool = False, parts: bool = False):
+                  version: int = PHANTOM_VERSION, arms: bool = False, parts: bool = False, emboli: bool = False):
     """One synthetic CTPA chest: ``(hu [D, H, W] float32, labels [D, H, W] uint8)``.
 
     ``resolution`` is R (an R^3 grid) or (D, H, W); ``volume_mm`` the field of view, one size or
@@ -532,13 +532,14 @@ def chest_phantom(resolution: int | Sequence[int] = 64, seed: int = 0, *, volume
 
     ``version`` picks the anatomy (:data:`PHANTOM_VERSIONS`; version 1 stays reproducible bit for bit,
     version 2 is described in :mod:`x2ct_framework.phantom_v2`). Version 2 only: ``arms`` adds the arms
-    at the sides, and ``parts=True`` returns a third map of finer parts
-    (``conventions.PART_NAMES``, grouped into the coarse codes by ``conventions.PART_TO_LABEL``).
+    at the sides, ``emboli`` paints the case's pulmonary emboli (label 9; drawn from the seed, see
+    :func:`pulmonary_embolism_study` for their annotations), and ``parts=True`` returns a third map of finer
+    parts (``conventions.PART_NAMES``, grouped into the coarse codes by ``conventions.PART_TO_LABEL``).
     """
     if version not in PHANTOM_VERSIONS:
         raise ValueError(f"version: expected one of {PHANTOM_VERSIONS}, got {version!r}")
-    if version == 1 and (arms or parts):
-        raise ValueError("arms and parts need phantom version 2 (version=2); version 1 has neither")
+    if version == 1 and (arms or parts or emboli):
+        raise ValueError("arms, parts and emboli need phantom version 2 (version=2); version 1 has none of them")
     shape = tuple(int(s) for s in _triple(resolution, "resolution"))
     if any(s < 2 for s in shape):
         raise ValueError(f"resolution: expected at least 2 voxels per axis, got {shape}")
@@ -546,7 +547,7 @@ def chest_phantom(resolution: int | Sequence[int] = 64, seed: int = 0, *, volume
     path = None
     if cache_dir is not None:
         ident = (1, seed, shape, size, table, noise_hu) if version == 1 else (version, seed, shape, size, table,
-                                                                              noise_hu, arms)
+                                                                              noise_hu, arms, emboli)
         key = hashlib.sha1(repr(ident).encode()).hexdigest()[:12]
         path = Path(cache_dir) / f"chest_{seed}_{shape[0]}x{shape[1]}x{shape[2]}_{key}.pt"
         if path.is_file():
@@ -585,7 +586,8 @@ def chest_phantom(resolution: int | Sequence[int] = 64, seed: int = 0, *, volume
             int(hashlib.sha1(f"noise-v2-{seed}-{shape}".encode()).hexdigest()[:8], 16))
         try:
             torch.set_num_threads(1)
-            phantom_v2.render_v2(anat, canvas, noise, table, noise_hu, arms)
+            clots = phantom_v2.draw_emboli(anat, seed) if emboli else None
+            phantom_v2.render_v2(anat, canvas, noise, table, noise_hu, arms, clots)
         finally:
             torch.set_num_threads(threads)
         part_map = canvas.labels
@@ -601,6 +603,16 @@ def chest_phantom(resolution: int | Sequence[int] = 64, seed: int = 0, *, volume
         torch.save(data, tmp)
         tmp.replace(path)
     return (hu, labels, part_map) if parts else (hu, labels)
+
+
+def pulmonary_embolism_study(seed: int, emboli: bool) -> dict:
+    """The study labels of case ``seed`` rendered with or without ``emboli`` (version 2): ``pe_present``
+    (0/1), ``pe_count``, ``pe_volume_ml`` (from the clots' geometry, the same at every resolution) and
+    ``pe_location`` (the most proximal clot's level: saddle, main, lobar, segmental; none)."""
+    from x2ct_framework import phantom_v2
+
+    anat = phantom_v2._AnatomyV2(random.Random(f"x2ct-chest-v2-{seed}"))
+    return phantom_v2.pe_study(anat, seed, emboli)
 
 
 # ---- toy chests: nested ellipsoids with one HU value per class, for tests ------------------------

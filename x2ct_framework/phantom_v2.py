@@ -150,16 +150,19 @@ class _AnatomyV2(_Anatomy):
     def __init__(self, rng: random.Random):  # noqa: D107 - does not call the version 1 draws
         u = rng.uniform
         size = u(0.94, 1.07)
-        self.sx = min(size * u(0.9, 1.1), 1.08)
+        self.sx = size * u(0.88, 1.12)
         self.sy = size * u(0.86, 1.14)
         self.sz = u(0.95, 1.04)  # lung height
         self.yb = 10.0
-        self.ax = 152.0 * self.sx
-        self.ay_ant, self.ay_post = 96.0 * self.sy, 122.0 * self.sy
-        self.fat = u(6.0, 26.0) * (0.7 + 0.3 * size)
-        self.cax = self.ax - self.fat - 9.0
-        self.cay_ant = self.ay_ant - self.fat - 7.0
-        self.cay_post = self.ay_post - self.fat - 18.0
+        # the thoracic cavity sets the lungs; the chest wall and the subcutaneous fat lie outside it
+        self.fat = u(5.0, 20.0) * (0.7 + 0.3 * size)
+        self.cax = 123.0 * self.sx
+        self.cay_ant, self.cay_post = 80.0 * self.sy, 93.0 * self.sy
+        self.ax = self.cax + self.fat + 9.0
+        if self.ax > 157.0:  # the widest patients still fit a 320 mm field
+            self.cax -= self.ax - 157.0
+            self.ax = 157.0
+        self.ay_ant, self.ay_post = self.cay_ant + self.fat + 7.0, self.cay_post + self.fat + 18.0
         self.apex = -148.0 * self.sz + u(-4.0, 4.0)
         self.dome_r = 36.0 * self.sz + u(-8.0, 8.0)
         self.dome_l = self.dome_r + u(6.0, 18.0)
@@ -217,6 +220,46 @@ class _AnatomyV2(_Anatomy):
         sd = torch.maximum(sd, -spine)
         sd = torch.maximum(sd, -self.heart_sd(x, y, z, grow=5.0))
         return sd
+
+    def pulmonary_plan(self) -> dict:
+        """The pulmonary arteries and veins down to the segmental level, without the grid: ``central`` paths
+        (trunk, right and left pulmonary arteries, with radii) and per lung the feeding branches
+        ``(right, start, end, direction, tree seed)`` of the arterial and venous trees."""
+        hx, hy, hz = self.heart
+        valve = (hx - 2.0, hy - 28.0, hz - 40.0)
+        bif = (hx - 10.0, hy + 2.0, hz - 72.0)
+        r_hilum = (-60.0 * self.sx, hy + 22.0, hz - 62.0)
+        l_hilum = (58.0 * self.sx, hy + 28.0, hz - 72.0)
+        central = {"trunk": ([valve, (hx - 4.0, hy - 20.0, hz - 60.0), bif], [14.0, 14.5, 13.5]),
+                   "right": ([bif, (bif[0] - 25.0, bif[1] + 10.0, bif[2] + 4.0), r_hilum], [11.5, 11.0, 9.5]),
+                   "left": ([bif, (bif[0] + 22.0, bif[1] + 14.0, bif[2] - 8.0), l_hilum], [11.0, 10.5, 9.0])}
+        rng = random.Random(self.tree_seed)
+        lowest = max(self.dome(sgn * self.cax, self.yb + self.cay_post, sgn < 0) for sgn in (-1.0, 1.0))
+
+        def targets(right: bool, n: int) -> list:
+            """``n`` points spread through one lung, at least 12 mm deep: where the segmental trees go."""
+            found = []
+            while len(found) < n:
+                p = (rng.uniform(-self.cax, 0.0) if right else rng.uniform(0.0, self.cax),
+                     rng.uniform(self.yb - self.cay_ant, self.yb + self.cay_post), rng.uniform(self.apex, lowest))
+                if -self.lung_sd_point(*p, right) > 12.0:
+                    found.append(p)
+            return found
+
+        def feeder(start, target, right):
+            d = _unit(tuple(t - o for t, o in zip(target, start)))
+            reach = 0.5 * math.dist(target, start)
+            return right, start, tuple(o + reach * c for o, c in zip(start, d)), d, rng.getrandbits(32)
+
+        la = (hx - 2.0, hy + 42.0, hz - 30.0)
+        arteries, veins = [], []
+        for right, hilum in ((True, r_hilum), (False, l_hilum)):
+            arteries += [feeder(hilum, target, right) for target in targets(right, 28)]
+            sign = -1.0 if right else 1.0
+            for target in targets(right, 18):
+                ostium = (la[0] + sign * 26.0, la[1] + 4.0, la[2] + (-14.0 if target[2] < la[2] else 14.0))
+                veins.append(feeder(ostium, target, right))
+        return {"central": central, "arteries": arteries, "veins": veins}
 
     def lung_sd_point(self, x: float, y: float, z: float, right: bool) -> float:
         """:meth:`lung_sd` at one point, in plain floats (the vessel trees ask it thousands of times)."""
@@ -282,6 +325,109 @@ def _tree(cv: _PartCanvas, anat: _AnatomyV2, seed: int, start, direction, radius
         stack.append((end, _rotate(d, n, ang_b), r_b, depth + 1, local.getrandbits(32)))
 
 
+PE_LEVELS = ("saddle", "main", "lobar", "segmental")  # most proximal first
+
+
+def draw_emboli(anat: _AnatomyV2, seed: int) -> list[dict]:
+    """The case's pulmonary emboli, drawn from ``seed`` (independent of the grid): 1-4 clots, each a
+    filling defect of 20-80 HU in a contrast-filled pulmonary artery.
+
+    Levels: ``saddle`` (astride the bifurcation of the trunk, partial), ``main`` (right or left pulmonary
+    artery), ``lobar`` (its distal part at the hilum), ``segmental`` (a feeding branch of a segmental tree).
+    A clot is occlusive (it fills the lumen) or partial (a central or mural defect with contrast beside it).
+    Each clot: ``level``, ``side``, ``occlusive``, ``hu``, ``volume_ml`` (from its geometry: the lumen's
+    or the clot's cross-section times its length) and ``pieces``, the vessel segments it sits in
+    ``(a, b, r_a, r_b, t0, t1, fraction, offset)`` for :func:`_paint_clot`.
+    """
+    rng = random.Random(f"x2ct-pe-{seed}")
+    plan = anat.pulmonary_plan()
+    clots = []
+    n = rng.randint(1, 4)
+    for k in range(n):
+        level = "saddle" if k == 0 and rng.random() < 0.12 else rng.choices(PE_LEVELS[1:], (0.15, 0.3, 0.55))[0]
+        side = rng.choice(("right", "left"))
+        occlusive = level != "saddle" and rng.random() < (0.5 if level == "segmental" else 0.3)
+        fraction = 1.0 if occlusive else rng.uniform(0.45, 0.75)
+        mural = not occlusive and rng.random() < 0.5
+        pieces = []
+        if level == "saddle":
+            length = rng.uniform(18.0, 35.0)
+            for name in ("right", "left"):
+                path, radii = plan["central"][name]
+                seg_len = math.dist(path[0], path[1])
+                pieces.append((path[0], path[1], radii[0], radii[1], 0.0, min(length / seg_len, 0.95), fraction, 0.0))
+            side = "both"
+        elif level in ("main", "lobar"):
+            path, radii = plan["central"][side]
+            i = 0 if level == "main" else 1
+            seg_len = math.dist(path[i], path[i + 1])
+            length = rng.uniform(12.0, 30.0)
+            t0 = rng.uniform(0.1 if level == "main" else 0.0, max(0.1, 1.0 - length / seg_len))
+            pieces.append((path[i], path[i + 1], radii[i], radii[i + 1], t0, min(t0 + length / seg_len, 1.0),
+                           fraction, 0.0))
+        else:
+            feeders = [f for f in plan["arteries"] if f[0] == (side == "right")]
+            _, a, b, _, _ = feeders[rng.randrange(len(feeders))]
+            seg_len = math.dist(a, b)
+            length = rng.uniform(8.0, 20.0)
+            t0 = rng.uniform(0.3, max(0.3, 0.95 - length / seg_len))
+            pieces.append((a, b, 5.0, 3.6, t0, min(t0 + length / seg_len, 1.0), fraction, 0.0))
+        turn = rng.uniform(0.0, 2.0 * math.pi)
+        if mural:  # the defect leans against one wall
+            pieces = [(*pc[:7], turn) for pc in pieces]
+        volume = 0.0
+        for a, b, ra, rb, t0, t1, frac, _ in pieces:
+            r = ra + 0.5 * (t0 + t1) * (rb - ra)
+            volume += math.pi * (frac * r) ** 2 * (t1 - t0) * math.dist(a, b) / 1000.0
+        clots.append({"level": level, "side": side, "occlusive": occlusive, "mural": mural,
+                      "hu": rng.uniform(20.0, 80.0), "volume_ml": volume, "pieces": pieces})
+    return clots
+
+
+def pe_study(anat: _AnatomyV2, seed: int, present: bool) -> dict:
+    """Per-case annotations: ``pe_present``, ``pe_count``, ``pe_volume_ml`` and ``pe_location`` (the most
+    proximal level, ``none`` without emboli)."""
+    if not present:
+        return {"pe_present": 0, "pe_count": 0, "pe_volume_ml": 0.0, "pe_location": "none"}
+    clots = draw_emboli(anat, seed)
+    level = min((c["level"] for c in clots), key=PE_LEVELS.index)
+    return {"pe_present": 1, "pe_count": len(clots), "pe_volume_ml": round(sum(c["volume_ml"] for c in clots), 4),
+            "pe_location": level}
+
+
+def _paint_clot(cv: _PartCanvas, a, b, ra: float, rb: float, t0: float, t1: float, fraction: float, offset: float,
+                hu: float) -> None:
+    """A filling defect inside the vessel segment a-b (radii ra, rb) between t0 and t1 along it: a tube of
+    ``fraction`` of the lumen's radius, on the axis or (``offset`` = an angle, radians) against the wall,
+    clipped to the lumen."""
+    wa, wb = cv.world_point(a), cv.world_point(b)
+    pad = max(ra, rb) + cv.vmean
+    sl = cv.box([min(p, q) - pad for p, q in zip(a, b)], [max(p, q) + pad for p, q in zip(a, b)])
+    if sl is None:
+        return
+    ab = tuple(q - p for p, q in zip(wa, wb))
+    ll = sum(c * c for c in ab) or 1e-9
+    x = cv.wx[sl[2]][None, None, :] - wa[0]
+    y = cv.wy[sl[1]][None, :, None] - wa[1]
+    z = cv.wz[sl[0]][:, None, None] - wa[2]
+    t = ((x * ab[0] + y * ab[1] + z * ab[2]) / ll).clamp(0.0, 1.0)
+    radius = ra + t * (rb - ra)
+    lumen = ((x - t * ab[0]) ** 2 + (y - t * ab[1]) ** 2 + (z - t * ab[2]) ** 2).sqrt() - radius
+    # the clot's axis: the vessel's, shifted toward the wall for a mural defect
+    d = _unit(ab)
+    ref = (0.0, 0.0, 1.0) if abs(d[2]) < 0.9 else (1.0, 0.0, 0.0)
+    n = _unit((d[1] * ref[2] - d[2] * ref[1], d[2] * ref[0] - d[0] * ref[2], d[0] * ref[1] - d[1] * ref[0]))
+    n = _rotate(n, d, offset)
+    shift = (1.0 - fraction) * 0.9 if offset else 0.0
+    cx = x - shift * radius * n[0]
+    cy = y - shift * radius * n[1]
+    cz = z - shift * radius * n[2]
+    radial = ((cx - t * ab[0]) ** 2 + (cy - t * ab[1]) ** 2 + (cz - t * ab[2]) ** 2).sqrt()
+    ends = torch.maximum(t0 - t, t - t1) * math.sqrt(ll)  # flat ends at t0 and t1 (negative between them)
+    core = torch.maximum(radial - fraction * radius - (0.5 if fraction >= 1 else 0.0), ends)
+    cv.paint(cv.cover(torch.maximum(core, lumen)), hu, C.P_EMBOLUS, sl)
+
+
 def _texture(cv: _Canvas, seed: int, cell_mm: float, sl) -> torch.Tensor:
     """Smooth noise on a lattice fixed in patient millimetres (the same at every resolution), in a box."""
     g = torch.Generator().manual_seed(seed)
@@ -295,7 +441,7 @@ def _texture(cv: _Canvas, seed: int, cell_mm: float, sl) -> torch.Tensor:
 
 
 def render_v2(anat: _AnatomyV2, cv: _PartCanvas, rng_noise: torch.Generator, table: bool, noise_hu: float,
-              arms: bool) -> None:
+              arms: bool, emboli: list | None = None) -> None:
     P = C
     x, y, z = cv.coords()
     min_r = 0.4 * min(cv.vox)
@@ -401,52 +547,23 @@ def render_v2(anat: _AnatomyV2, cv: _PartCanvas, rng_noise: torch.Generator, tab
             [10.0, 10.5, 11.0], min(anat.pa_hu * 1.4, 650.0), P.P_CAVA)  # SVC: undiluted contrast
     cv.tube([(hx - 40.0, hy + 25.0, hz + 30.0), (hx - 35.0, sy - 25.0, hz + 60.0), (-20.0, sy - 25.0, bottom)],
             [12.0, 12.0, 11.0], 120.0, P.P_CAVA)  # IVC: unenhanced blood mixing in
-    valve = (hx - 2.0, hy - 28.0, hz - 40.0)
-    bif = (hx - 10.0, hy + 2.0, hz - 72.0)
-    cv.tube([valve, (hx - 4.0, hy - 20.0, hz - 60.0), bif], [14.0, 14.5, 13.5], anat.pa_hu, P.P_PULM_ARTERY)
-    r_hilum = (-60.0 * anat.sx, hy + 22.0, hz - 62.0)
-    l_hilum = (58.0 * anat.sx, hy + 28.0, hz - 72.0)
-    cv.tube([bif, (bif[0] - 25.0, bif[1] + 10.0, bif[2] + 4.0), r_hilum], [11.5, 11.0, 9.5], anat.pa_hu,
-            P.P_PULM_ARTERY)
-    cv.tube([bif, (bif[0] + 22.0, bif[1] + 14.0, bif[2] - 8.0), l_hilum], [11.0, 10.5, 9.0], anat.pa_hu,
-            P.P_PULM_ARTERY)
-
-    # pulmonary arteries: lobar trunks, then one tree per segment (10 per lung); veins to the left atrium
-    tree_rng = random.Random(anat.tree_seed)
+    plan = anat.pulmonary_plan()
+    for path, radii in plan["central"].values():
+        cv.tube(path, radii, anat.pa_hu, P.P_PULM_ARTERY)
+    # pulmonary arteries: from each hilum a feeding branch halfway to a target spread through the lung, then a
+    # tree toward it; veins the same way from the left atrium's ostia
     arteries, veins = [], []
-    lowest_lung = max(anat.dome(sgn * anat.cax, anat.yb + anat.cay_post, sgn < 0) for sgn in (-1.0, 1.0))
-
-    def targets(right: bool, n: int) -> list:
-        """``n`` points spread through one lung, at least 12 mm deep: where the segmental trees go."""
-        found = []
-        while len(found) < n:
-            p = (tree_rng.uniform(-anat.cax, 0.0) if right else tree_rng.uniform(0.0, anat.cax),
-                 tree_rng.uniform(anat.yb - anat.cay_ant, anat.yb + anat.cay_post),
-                 tree_rng.uniform(anat.apex, lowest_lung))
-            if -anat.lung_sd_point(*p, right) > 12.0:
-                found.append(p)
-        return found
-
-    la = (hx - 2.0, hy + 42.0, hz - 30.0)
-    for right, hilum in ((True, r_hilum), (False, l_hilum)):
-        # arteries: from the hilum, a feeding branch halfway to each target, then a tree toward it
-        for target in targets(right, 28):
-            d = _unit(tuple(t - h for t, h in zip(target, hilum)))
-            reach = 0.5 * math.dist(target, hilum)
-            mid = tuple(h + reach * c for h, c in zip(hilum, d))
-            arteries.append((hilum, mid, 5.0, 3.6))
-            _tree(cv, anat, tree_rng.getrandbits(32), mid, d, 3.8, right, min_r, arteries)
-        # veins: from the left atrium's ostia, the same way, a little thinner at the end
-        sign = -1.0 if right else 1.0
-        for target in targets(right, 18):
-            ostium = (la[0] + sign * 26.0, la[1] + 4.0, la[2] + (-14.0 if target[2] < la[2] else 14.0))
-            d = _unit(tuple(t - o for t, o in zip(target, ostium)))
-            reach = 0.5 * math.dist(target, ostium)
-            mid = tuple(o + reach * c for o, c in zip(ostium, d))
-            veins.append((ostium, mid, 5.5, 3.6))
-            _tree(cv, anat, tree_rng.getrandbits(32), mid, d, 3.5, right, 1.2 * min_r, veins)
+    for right, a, b, d, seed in plan["arteries"]:
+        arteries.append((a, b, 5.0, 3.6))
+        _tree(cv, anat, seed, b, d, 3.8, right, min_r, arteries)
+    for right, a, b, d, seed in plan["veins"]:
+        veins.append((a, b, 5.5, 3.6))
+        _tree(cv, anat, seed, b, d, 3.5, right, 1.2 * min_r, veins)
     cv.segments(veins, anat.sys_hu, P.P_LUNG_VEIN)
     cv.segments(arteries, anat.pa_hu, P.P_LUNG_ARTERY)
+    for clot in emboli or ():
+        for piece in clot["pieces"]:
+            _paint_clot(cv, *piece, clot["hu"])
 
     # airways: trachea, main and lobar bronchi (wall, then lumen)
     carina = (2.0, sy - 38.0, hz - 90.0)
@@ -555,7 +672,7 @@ def _rib_v2(cv: _PartCanvas, anat: _AnatomyV2, k: int, tip, zc: float, side: flo
     end = math.radians(150.0 if true_rib else (128.0 if k < 10 else 95.0))
     start = math.radians(18.0)
     drop = anat.rib_drop * (0.45 if k == 0 else (0.75 if k == 1 else 1.0))
-    pts, radii = [tip], [4.5]
+    pts, radii = [tip], [5.0]
     n = int(min(20, max(6, 220.0 / (2.5 * cv.vmean))))
     lowest = 0.78
     for i in range(1, n + 1):
@@ -566,7 +683,7 @@ def _rib_v2(cv: _PartCanvas, anat: _AnatomyV2, k: int, tip, zc: float, side: flo
         cx, cay_a, cay_p = anat.cavity_axes(zz)
         ay = cay_p if math.cos(phi) > 0 else cay_a
         pts.append((side * (cx + 6.0) * math.sin(phi), anat.yb + (ay + 6.0) * math.cos(phi), zz))
-        radii.append(5.0 - 1.0 * t)
+        radii.append(5.6 - 1.2 * t)
     cv.bone_tube(pts, radii, 1100.0, 210.0, 0.6, C.P_RIB)
     if true_rib:
         front = anat.yb - anat.ay_ant + anat.fat + 9.0

@@ -16,7 +16,7 @@ from torch.utils.data import Dataset
 
 from x2ct_framework.hookspecs import hookimpl
 from x2ct_framework.conventions import DEFAULT_HU_WINDOW
-from x2ct_framework.phantom import PHANTOM_VERSION, PHANTOM_VERSIONS, chest_phantom
+from x2ct_framework.phantom import PHANTOM_VERSION, PHANTOM_VERSIONS, chest_phantom, pulmonary_embolism_study
 from x2ct_framework.physics import MU_WATER
 from x2ct_framework.stage import Stage
 from x2ct_plugins.datasets._common import (DiskCache, case_geometry, check_common, check_split, drr_key,
@@ -41,6 +41,9 @@ class SyntheticPhantomDataset(Dataset):
     ``xray_noise`` (quantum noise: the relative noise of an unattenuated detector pixel, 1/sqrt(photons
     per pixel); 0 = none) and ``xray_blur_mm`` (Gaussian detector blur, sigma in mm at the detector;
     0 = none). Noise and blur are drawn per case from ``seed``: the same images on every call.
+    ``pe_fraction`` (version 2): the fraction of cases with pulmonary emboli (label 9), drawn per case
+    from its seed; when above 0 every item carries ``study`` = ``{"pe_present", "pe_count",
+    "pe_volume_ml", "pe_location"}`` (``x2ct_framework.phantom.pulmonary_embolism_study``).
     """
 
     def __init__(self, *, split: str, stage: Stage, views: list[float] = (0.0, 90.0), geometry: str | dict = "parallel",
@@ -49,7 +52,8 @@ class SyntheticPhantomDataset(Dataset):
                  render_resolution: int = 0, view_jitter: float = 0.0, table: bool = True, noise_hu: float = 8.0,
                  mu_water: float = MU_WATER, beer_lambert: bool = False, cache_dir: str = "",
                  memory_cache_mb: float = 512.0, phantom_version: int = PHANTOM_VERSION, arms: bool = False,
-                 render_oversample: int = 1, xray_noise: float = 0.0, xray_blur_mm: float = 0.0):
+                 render_oversample: int = 1, xray_noise: float = 0.0, xray_blur_mm: float = 0.0,
+                 pe_fraction: float = 0.0):
         check_split(split)
         if phantom_version not in PHANTOM_VERSIONS:
             raise ValueError(f"synthetic_phantom: phantom_version must be one of {PHANTOM_VERSIONS}, got "
@@ -57,6 +61,12 @@ class SyntheticPhantomDataset(Dataset):
         if arms and phantom_version < 2:
             raise ValueError("synthetic_phantom: arms = true needs phantom_version = 2 (version 1 has no arms)")
         self.phantom_version, self.arms = int(phantom_version), bool(arms)
+        if not 0.0 <= pe_fraction <= 1.0:
+            raise ValueError(f"synthetic_phantom: pe_fraction must be in [0, 1] (the fraction of cases with "
+                             f"pulmonary emboli), got {pe_fraction!r}")
+        if pe_fraction and phantom_version < 2:
+            raise ValueError("synthetic_phantom: pe_fraction > 0 needs phantom_version = 2 (version 1 has no emboli)")
+        self.pe_fraction = float(pe_fraction)
         check_common(views, hu_window, geometry)
         self.split, self.stage = split, stage
         self.views = [float(v) for v in views]
@@ -103,7 +113,13 @@ class SyntheticPhantomDataset(Dataset):
         """HU volume and label map of case ``i`` (``[R, R, R]`` each)."""
         return chest_phantom(resolution or self.stage.resolution, self.case_seed(i), volume_mm=self.volume_mm,
                              table=self.table, noise_hu=self.noise_hu, cache_dir=self.cache_dir,
-                             version=self.phantom_version, arms=self.arms)
+                             version=self.phantom_version, arms=self.arms, emboli=self.has_emboli(i))
+
+    def has_emboli(self, i: int) -> bool:
+        """Whether case ``i`` has pulmonary emboli: drawn from its seed, ``pe_fraction`` of the cases."""
+        if not self.pe_fraction:
+            return False
+        return random.Random(f"x2ct-pe-case-{self.case_seed(i)}").random() < self.pe_fraction
 
     def __getitem__(self, i: int) -> dict:
         if not 0 <= i < self.size:
@@ -142,6 +158,8 @@ class SyntheticPhantomDataset(Dataset):
         anatomy = "" if self.phantom_version == 1 else f"-v{self.phantom_version}-{self.arms}"
         if self.xray_noise or self.xray_blur_mm:
             anatomy += f"-detector-{self.xray_noise}-{self.xray_blur_mm}"
+        if self.has_emboli(i):
+            anatomy += "-emboli"
         key = drr_key(f"phantom-{self.case_seed(i)}-{self.table}-{self.noise_hu}-{self.volume_mm}{anatomy}", geometry,
                       self.render_resolution, self.image_size, self.hu_window, self.mu_water, self.beer_lambert)
         cached = self.cache.get("drr", key)
@@ -151,8 +169,11 @@ class SyntheticPhantomDataset(Dataset):
             xrays = self._render(i, ct, geometry)
             self.cache.put("drr", key, {"xrays": xrays})
         spacing = torch.full((3,), self.volume_mm / r)
-        return {"xrays": xrays, "geometry": geometry, "ct": ct, "labels": labels[None], "spacing": spacing,
+        item = {"xrays": xrays, "geometry": geometry, "ct": ct, "labels": labels[None], "spacing": spacing,
                 "case_id": f"phantom-{self.split}-{i:04d}"}
+        if self.pe_fraction:
+            item["study"] = pulmonary_embolism_study(self.case_seed(i), self.has_emboli(i))
+        return item
 
 
 
