@@ -9,6 +9,8 @@ may be reorganised; importing them from here keeps a plugin working when they mo
 - ``plugin_options``, ``declared_options``: a hook plugin's ``[plugin_options.<name>]`` table;
 - ``load_recipe``, ``check_recipe``, ``Trainer``: load a recipe (every check in one pass) and train it,
   for a plugin package's own tests;
+- ``create_component``: build a registered component by name, options checked as a recipe's are (for a
+  plugin that wraps another component);
 - ``report_errors``: run a command-line entry point and turn framework errors into a message and an
   exit status (as ``x2ct`` does).
 
@@ -31,6 +33,7 @@ _HOMES = {
     "check_recipe": "x2ct_framework.config.checks",
     "Trainer": "x2ct_framework.training.trainer",
     "report_errors": "x2ct_framework.run",
+    "create_component": "x2ct_framework.plugins",
 }
 
 __all__ = sorted(_HOMES)

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from x2ct_framework import conventions as C
-from x2ct_framework.phantom import (_Anatomy, _Canvas, _ellipse_sd, _ellipsoid_sd, _rotate, _smoothstep,
+from x2ct_framework.phantom_base import (_Anatomy, _Canvas, _ellipse_sd, _ellipsoid_sd, _rotate, _smoothstep,
                                     _unit)
 
 

@@ -506,3 +506,12 @@ def plugin_options(recipe: Any, name: str) -> dict[str, Any]:
     found = get_plugin_manager().find_plugin(name)
     declared = declared_options(found[1]) if found is not None else None
     return dict(declared or {})
+
+
+def create_component(kind: str, name: str, options: dict | None = None, *, where: str = "",
+                     context: dict | None = None) -> Any:
+    """Build the registered component ``name`` of ``kind`` (model, loss, dataset, metric, ...) with ``options``
+    checked as a recipe's are, offering ``context`` values (``resolution``, ``views``, ...) to a factory that
+    declares them. For plugins that wrap another component (``prior_only`` wraps any model)."""
+    return get_plugin_manager().registry(kind).create(name, dict(options or {}), where=where or kind,
+                                                       context=context)

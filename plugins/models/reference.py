@@ -27,7 +27,7 @@ class PriorOnly(nn.Module):
                  geometry: Any = None, seed: int = 0, gradient_checkpointing: bool = False,
                  hu_window: list[float] | None = None):
         super().__init__()
-        from x2ct_framework.plugins import get_plugin_manager
+        from x2ct_framework.api import create_component
 
         if not isinstance(model, dict) or not isinstance(model.get("name"), str):
             raise ValueError(f"model must be a table naming the wrapped model, e.g. "
@@ -40,8 +40,7 @@ class PriorOnly(nn.Module):
         for key, value in (("views", views), ("geometry", geometry), ("hu_window", hu_window)):
             if value is not None:
                 context[key] = value
-        self.inner = get_plugin_manager().registry("model").create(name, opts, where="model -> model",
-                                                                    context=context)
+        self.inner = create_component("model", name, opts, where="model -> model", context=context)
         self.wrapped = name
 
     def forward(self, xrays: torch.Tensor, geometry: dict, prev: torch.Tensor | None = None) -> torch.Tensor:
