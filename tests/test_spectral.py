@@ -173,10 +173,11 @@ def test_hu_scheme_is_piecewise_linear():
     assert float(rho[0, 0]) == pytest.approx(0.001205)  # air
     assert float(rho[1, 1]) == pytest.approx((0.10 + 0.75) / 2)  # lung half-way between its nodes
     assert float(rho[3, 2]) == pytest.approx(1.05)  # soft tissue
-    # 800 HU: half-way between soft tissue (100 HU, 1.10) and bone (1500 HU, 1.92)
-    assert float(rho[3, 3]) == pytest.approx(0.5 * 1.51) and float(rho[4, 3]) == pytest.approx(0.5 * 1.51)
+    # 800 HU: half-way between soft tissue (100 HU, 1.10) and bone (1500 HU, 1.92), density 1.51
+    assert float(rho[3, 3]) == pytest.approx(0.5 * 1.10) and float(rho[4, 3]) == pytest.approx(0.5 * 1.92)
+    assert float(hu_to_densities(torch.tensor([2900.0]).view(1, 1, 1))[4]) == pytest.approx(1.92 + 0.82)
     with_contrast = hu_to_densities(torch.tensor([400.0]).view(1, 1, 1), contrast=True)[:, 0, 0, 0]
-    assert float(with_contrast[5]) == pytest.approx(1.072) and float(with_contrast[4]) == 0.0
+    assert float(with_contrast[5]) == pytest.approx(1.072) and abs(float(with_contrast[4])) < 1e-6
 
 
 def test_gradcheck_through_the_whole_chain():

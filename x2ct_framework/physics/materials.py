@@ -9,8 +9,11 @@ comes from NIST's data through ``xraydb``, tabulated once by ``make_xray_tables.
 CT number -> materials follows Schneider, Bortfeld and Schlegel (Phys. Med. Biol. 45, 2000): a
 piecewise-linear scheme over HU nodes, each node a material and a mass density; between two nodes a
 voxel is a mix of the two materials whose mass fractions and density are interpolated linearly in HU.
-Below the first node a voxel is air; above the last it is cortical bone, its density extrapolated
-along the last segment. ``HU_NODES`` is the default scheme; ``HU_NODES_CONTRAST`` (a CTPA) puts
+Each material's partial density is itself piecewise linear in HU (its node density at its own
+nodes, 0 at the others), so the total density is linear between nodes and a voxel between two
+nodes of different materials is their mix. Below the first node a voxel is air; above the last it
+is cortical bone, its density extrapolated along the last segment. ``HU_NODES`` is the default
+scheme; ``HU_NODES_CONTRAST`` (a CTPA) puts
 iodine-enhanced blood between soft tissue and bone, so HU alone cannot tell contrast from trabecular
 bone; with a label map, the labels in ``CONTRAST_LABELS`` (vessels, heart) use the contrast scheme
 and every other voxel the default one.
@@ -89,21 +92,64 @@ def mass_attenuation(name: str, energies_kev: Sequence[float] | torch.Tensor | N
     return torch.exp(values[i - 1].log() * (1 - t) + values[i].log() * t)
 
 
-def _segment_fractions(hu: torch.Tensor, nodes, materials: Sequence[str]) -> torch.Tensor:
-    """Per-material densities ``[M, *hu.shape]`` (g/cm^3) of ``hu`` under one node scheme."""
-    node_hu = torch.tensor([n[0] for n in nodes], dtype=hu.dtype, device=hu.device)
-    node_rho = torch.tensor([n[2] for n in nodes], dtype=hu.dtype, device=hu.device)
-    node_mat = torch.tensor([materials.index(n[1]) for n in nodes], device=hu.device)
-    seg = (torch.bucketize(hu.detach(), node_hu) - 1).clamp(0, len(nodes) - 2)  # segment of each voxel
-    h0, h1 = node_hu[seg], node_hu[seg + 1]
-    t = (hu - h0) / (h1 - h0)
-    rho = node_rho[seg] + t.clamp(min=0.0) * (node_rho[seg + 1] - node_rho[seg])  # extrapolated above the top
-    t = t.clamp(0.0, 1.0)
-    out = hu.new_zeros((len(materials), *hu.shape))
-    lo, hi = node_mat[seg], node_mat[seg + 1]
-    m = torch.arange(len(materials), device=hu.device).view(-1, *([1] * hu.dim()))
-    out = out + (m == lo).to(hu.dtype) * ((1 - t) * rho) + (m == hi).to(hu.dtype) * (t * rho)
+def _linear_pieces(nodes, material: str) -> tuple[float, list[tuple[float, float, float]], float, float]:
+    """Material ``material``'s partial density as ``const + sum_i coef_i * clamp(hu, lo_i, hi_i) + ext *
+    relu(hu - top)``: a piecewise-linear function of HU whose value at each node is the node's density
+    when the node is that material and 0 otherwise. Returns (const, [(lo, hi, coef)], ext, top)."""
+    dens = [n[2] if n[1] == material else 0.0 for n in nodes]
+    const = dens[0]
+    pieces = []
+    for i in range(len(nodes) - 1):
+        lo, hi = nodes[i][0], nodes[i + 1][0]
+        coef = (dens[i + 1] - dens[i]) / (hi - lo)
+        if coef:
+            pieces.append((lo, hi, coef))
+            const -= coef * lo
+    # above the top node the total density goes on along the last segment's slope
+    (h0, _, r0), (h1, _, r1) = nodes[-2], nodes[-1]
+    ext = (r1 - r0) / (h1 - h0) if nodes[-1][1] == material else 0.0
+    return const, pieces, ext, h1
+
+
+def _partial_density(x: torch.Tensor, nodes, material: str, a: float = 0.0, b: float = 1.0) -> torch.Tensor:
+    """One material's density (g/cm^3) in each voxel of ``hu = a + b * x`` (the CT's intensity window folded
+    into the thresholds, so HU is never formed): a few passes over the volume, one clamp and one
+    multiply-add per segment that changes the material, no gathers."""
+    const, pieces, ext, top = _linear_pieces(nodes, material)
+    grad = torch.is_grad_enabled() and x.requires_grad  # in place where autograd keeps nothing
+    const += sum(coef * a for _, _, coef in pieces)
+    out = torch.full_like(x, const)
+    for lo, hi, coef in pieces:
+        term = torch.clamp(x, (lo - a) / b, (hi - a) / b)
+        out = out.add(term, alpha=coef * b) if grad else out.add_(term, alpha=coef * b)
+    if ext:
+        term = torch.relu(x - (top - a) / b)
+        out = out.add(term, alpha=ext * b) if grad else out.add_(term, alpha=ext * b)
     return out
+
+
+def material_densities(x: torch.Tensor, materials: Sequence[str] = BODY_MATERIALS, *, contrast: bool = False,
+                       labels: torch.Tensor | None = None, hu_window: tuple[float, float] = (0.0, 1.0)):
+    """Yield each material's density volume (shaped like ``x``, g/cm^3) in the order of ``materials``, for a
+    CT ``x`` in [0, 1] over ``hu_window`` (the default (0, 1) reads ``x`` as HU)."""
+    a, b = float(hu_window[0]), float(hu_window[1]) - float(hu_window[0])
+    hu = x
+    mask = None
+    if labels is not None:
+        mask = torch.zeros(labels.shape, dtype=torch.bool, device=hu.device)
+        for code in CONTRAST_LABELS:
+            mask |= labels.to(hu.device) == code
+    for name in materials:
+        if mask is not None:
+            yield torch.where(mask, _partial_density(hu, HU_NODES_CONTRAST, name, a, b),
+                              _partial_density(hu, HU_NODES, name, a, b))
+        else:
+            yield _partial_density(hu, HU_NODES_CONTRAST if contrast else HU_NODES, name, a, b)
+
+
+def scheme_materials(contrast: bool = False, labels: bool = False) -> tuple[str, ...]:
+    """The body materials a scheme uses (iodine-enhanced blood only with contrast or a label map)."""
+    return BODY_MATERIALS if contrast or labels else tuple(m for m in BODY_MATERIALS if m != "iodine_blood")
 
 
 def hu_to_densities(hu: torch.Tensor, materials: Sequence[str] = BODY_MATERIALS, *, contrast: bool = False,
@@ -117,14 +163,4 @@ def hu_to_densities(hu: torch.Tensor, materials: Sequence[str] = BODY_MATERIALS,
     missing = {n[1] for n in HU_NODES + HU_NODES_CONTRAST} - set(materials)
     if missing - ({"iodine_blood"} if not (contrast or labels is not None) else set()):
         raise ValueError(f"the HU scheme needs materials {sorted(missing)}; got {materials}")
-    lead = hu.dim() - 3
-    if labels is not None:
-        base = _segment_fractions(hu, HU_NODES, materials)
-        enhanced = _segment_fractions(hu, HU_NODES_CONTRAST, materials)
-        mask = torch.zeros_like(labels, dtype=torch.bool)
-        for code in CONTRAST_LABELS:
-            mask |= labels == code
-        out = torch.where(mask.to(hu.device)[None], enhanced, base)
-    else:
-        out = _segment_fractions(hu, HU_NODES_CONTRAST if contrast else HU_NODES, materials)
-    return out.movedim(0, lead)
+    return torch.stack(list(material_densities(hu, materials, contrast=contrast, labels=labels)), hu.dim() - 3)

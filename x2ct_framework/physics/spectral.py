@@ -45,7 +45,7 @@ from ..conventions import DEFAULT_HU_WINDOW, unit_to_hu
 from ..errors import RecipeError, did_you_mean
 from .drr import MU_WATER, hu_to_mu, project
 from .geometry import batched, magnification
-from .materials import BODY_MATERIALS, hu_to_densities, mass_attenuation
+from .materials import BODY_MATERIALS, mass_attenuation, material_densities, scheme_materials
 
 # every parameter, its default (what a table without a preset starts from) and its meaning
 XRAY_PARAMETERS: dict[str, tuple[object, str]] = {
@@ -220,8 +220,14 @@ def _energy_bins(kvp: float, filter_al_mm: float, filter_cu_mm: float, bin_kev: 
 
 def photons_per_pixel(p: Mapping, pixel_mm2: float, distance_mm: float) -> float:
     """Photons reaching an unattenuated pixel of ``pixel_mm2`` at ``distance_mm`` from the source."""
-    _, phi = tube_spectrum(p["kvp"], p["filter_al_mm"], p["filter_cu_mm"])
-    return float(phi.sum()) * float(p["mas"]) * (1000.0 / distance_mm) ** 2 * pixel_mm2 / 100.0
+    fluence = _fluence(float(p["kvp"]), float(p["filter_al_mm"]), float(p["filter_cu_mm"]))  # per cm^2 at 1 m
+    return fluence * float(p["mas"]) * (1000.0 / distance_mm) ** 2 * pixel_mm2 / 100.0
+
+
+@functools.lru_cache(maxsize=256)
+def _fluence(kvp: float, filter_al_mm: float, filter_cu_mm: float) -> float:
+    """photons / cm^2 / mAs at 1 m, the spectrum's sum."""
+    return float(tube_spectrum(kvp, filter_al_mm, filter_cu_mm)[1].sum())
 
 
 # ---- projection -------------------------------------------------------------------------------------
@@ -229,11 +235,14 @@ def material_lines(ct01: torch.Tensor, geometry: Mapping[str, torch.Tensor], *,
                    hu_window: tuple[float, float] = DEFAULT_HU_WINDOW, det_shape=None,
                    materials: Sequence[str] = BODY_MATERIALS, contrast: bool = False,
                    labels: torch.Tensor | None = None, **project_options) -> torch.Tensor:
-    """Each material's density line integral ``[B, V, M, h, w]`` in g/cm^2 of a CT ``[B, 1, D, H, W]`` in [0, 1]."""
-    hu = unit_to_hu(ct01, hu_window)[:, 0]
-    lab = labels[:, 0] if labels is not None and labels.dim() == 5 else labels
-    rho = hu_to_densities(hu, materials, contrast=contrast, labels=lab)  # [B, M, D, H, W]
-    return project(rho, geometry, det_shape, **project_options) * 0.1  # mm * g/cm^3 -> g/cm^2
+    """Each material's density line integral ``[B, V, M, h, w]`` in g/cm^2 of a CT ``[B, 1, D, H, W]`` in [0, 1].
+
+    One material at a time: its density volume is made, projected once and dropped (memory stays at
+    one extra volume, and each projection is the single-channel one ``drr`` uses).
+    """
+    lines = [project(rho, geometry, det_shape, **project_options)
+             for rho in material_densities(ct01, materials, contrast=contrast, labels=labels, hu_window=hu_window)]
+    return torch.cat(lines, 2) * 0.1  # mm * g/cm^3 -> g/cm^2
 
 
 def mono_lines(ct01: torch.Tensor, geometry: Mapping[str, torch.Tensor], *,
@@ -266,7 +275,7 @@ def _per_view(fn, img: torch.Tensor, sigma_px: torch.Tensor) -> torch.Tensor:
     return torch.cat(out).view_as(img)
 
 
-def soft_equalize(img: torch.Tensor, bins: int = 64) -> torch.Tensor:
+def soft_equalize(img: torch.Tensor, bins: int = 32) -> torch.Tensor:
     """Histogram equalisation of each image ``[..., h, w]`` in [0, 1], differentiable: the CDF is a soft count
     (sigmoid of width 1 / bins) at ``bins`` levels, read per pixel by linear interpolation."""
     flat = img.flatten(-2)
@@ -409,9 +418,10 @@ def simulate(ct01: torch.Tensor, geometry: Mapping[str, torch.Tensor], xray: str
         line = mono_lines(ct01, geometry, hu_window=hu_window, det_shape=det_shape, mu_water=float(p["mu_water"]),
                           **project_options)
         return render_lines(line, geometry, p)
+    materials = scheme_materials(bool(p["contrast"]), labels is not None)
     lines = material_lines(ct01, geometry, hu_window=hu_window, det_shape=det_shape, contrast=bool(p["contrast"]),
-                           labels=labels, **project_options)
-    return render_lines(lines, geometry, p, generator=generator)
+                           labels=labels, materials=materials, **project_options)
+    return render_lines(lines, geometry, p, materials=materials, generator=generator)
 
 
 # ---- style randomisation ----------------------------------------------------------------------------
