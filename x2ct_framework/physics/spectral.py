@@ -19,8 +19,9 @@ The model, in order (``docs/physics.md`` lists the parameters and what is not mo
    (``detector_blur_mm`` FWHM) as one Gaussian MTF; optional heel effect (``heel``: the fractional fall of
    intensity from the bottom row to the top row).
 6. **Noise.** Photons per pixel ``N0`` from the spectrum's fluence, ``mas`` and the source-detector
-   distance (inverse square) and the pixel area; quantum noise Poisson in the photon count, electronic
-   noise Gaussian (``electronic_noise`` photons rms).
+   distance (inverse square) and the pixel area; quantum noise Poisson in the photon count (exact below
+   ``POISSON_EXACT_BELOW`` photons, its normal approximation above), electronic noise Gaussian
+   (``electronic_noise`` photons rms).
 7. **Display processing.** ``log`` (-ln I, else the absorbed fraction 1 - I), ``window`` (``none``,
    ``max``, ``minmax``, ``percentile`` with ``window_percentiles``, or fixed ``[lo, hi]``), ``gamma``,
    unsharp masking (``unsharp_amount``, ``unsharp_sigma_mm``), histogram equalisation blended in by
@@ -252,11 +253,21 @@ def mono_lines(ct01: torch.Tensor, geometry: Mapping[str, torch.Tensor], *,
     return project(hu_to_mu(unit_to_hu(ct01, hu_window), mu_water), geometry, det_shape, **project_options)
 
 
+POISSON_EXACT_BELOW = 1000.0  # mean photon count above which the normal approximation (error < 1e-3) is drawn
+
+
 # ---- image operations -------------------------------------------------------------------------------
 def gaussian_blur(img: torch.Tensor, sigma_px: float) -> torch.Tensor:
-    """Separable Gaussian blur of ``[N, C, h, w]`` (normalised kernel, edges replicated)."""
+    """Separable Gaussian blur of ``[N, C, h, w]`` (normalised kernel, edges replicated). A wide kernel
+    (over 4 pixels) runs on the image area-averaged by sigma / 2 and is upsampled bilinearly after: the
+    blurred image has no detail at that scale, and a uniform image stays exactly uniform."""
     if sigma_px < 0.05:
         return img
+    f = int(sigma_px // 2)
+    h, w = img.shape[-2:]
+    if f >= 2 and min(h, w) >= 4 * f:
+        small = F.interpolate(img, size=(h // f, w // f), mode="area")
+        return F.interpolate(gaussian_blur(small, sigma_px / f), size=(h, w), mode="bilinear", align_corners=False)
     r = int(math.ceil(3.0 * sigma_px))
     x = torch.arange(-r, r + 1, device=img.device, dtype=img.dtype)
     k = torch.exp(-0.5 * (x / sigma_px) ** 2)
@@ -289,6 +300,17 @@ def soft_equalize(img: torch.Tensor, bins: int = 32) -> torch.Tensor:
     return out.view_as(img)
 
 
+def equalize_histogram(img: torch.Tensor, bins: int = 256) -> torch.Tensor:
+    """Plain histogram equalisation of each image ``[..., h, w]`` in [0, 1] (no gradient: for data, not losses)."""
+    flat = img.flatten(-2).clamp(0, 1)
+    idx = (flat * (bins - 1)).round().long()
+    counts = torch.zeros((*flat.shape[:-1], bins), dtype=img.dtype, device=img.device)
+    counts.scatter_add_(-1, idx, torch.ones_like(flat))
+    cdf = counts.cumsum(-1)
+    cdf = (cdf - cdf[..., :1]) / (cdf[..., -1:] - cdf[..., :1]).clamp_min(1)
+    return torch.gather(cdf, -1, idx).view_as(img)
+
+
 def process(signal: torch.Tensor, p: Mapping, pixel_mm: torch.Tensor) -> torch.Tensor:
     """The display chain on ``signal`` ``[B, V, 1, h, w]`` (already -ln I or 1 - I): window, gamma, unsharp
     masking, equalisation, inversion, quantisation. ``pixel_mm`` [B, V] for the unsharp mask."""
@@ -318,7 +340,8 @@ def process(signal: torch.Tensor, p: Mapping, pixel_mm: torch.Tensor) -> torch.T
         x = (x + float(p["unsharp_amount"]) * (x - blurred)).clamp(0.0, 1.0)
     if float(p["equalize"]) > 0:
         e = float(p["equalize"])
-        x = (1 - e) * x + e * soft_equalize(x)
+        eq = soft_equalize(x) if torch.is_grad_enabled() and x.requires_grad else equalize_histogram(x)
+        x = (1 - e) * x + e * eq
     if p["invert"]:
         x = 1.0 - x
     bits = int(p["bits"])
@@ -376,11 +399,17 @@ def detect(lines: torch.Tensor, geometry: Mapping[str, torch.Tensor], params: Ma
         dist = torch.where(cone, g["sdd"], torch.full_like(g["sdd"], float(p["distance_mm"])))
         n0 = torch.tensor([[photons_per_pixel(p, float(du[i, j] * dv[i, j]), float(dist[i, j])) for j in range(v)]
                            for i in range(b)], dtype=lines.dtype, device=lines.device)[..., None, None, None]
-        rate = (signal * n0).detach().clamp_min(0).cpu().double()
-        counts = torch.poisson(rate, generator=generator)
-        if float(p["electronic_noise"]) > 0:
-            counts = counts + float(p["electronic_noise"]) * torch.randn(rate.shape, generator=generator,
-                                                                         dtype=torch.float64)
+        rate = (signal * n0).detach().clamp_min(0).cpu().float()
+        # Poisson counts plus Gaussian electronic noise: one normal draw of their summed variance; the
+        # Poisson part drawn exactly where the mean count is below POISSON_EXACT_BELOW photons
+        e2 = float(p["electronic_noise"]) ** 2
+        counts = rate + (rate + e2).sqrt() * torch.randn(rate.shape, generator=generator)
+        small = rate < POISSON_EXACT_BELOW
+        if bool(small.any()):
+            exact = torch.poisson(rate[small], generator=generator)
+            if e2:
+                exact = exact + math.sqrt(e2) * torch.randn(exact.shape, generator=generator)
+            counts[small] = exact
         noisy = (counts.to(lines) / n0)
         signal = signal + (noisy - signal).detach()  # the noise as a constant offset: gradients pass as without
     return signal / tp
@@ -432,6 +461,7 @@ STYLE_RANGES: dict[str, str] = {
     "gamma": "[low, high]", "unsharp_amount": "[low, high]", "unsharp_sigma_mm": "[low, high]",
     "equalize": "[low, high]", "heel": "[low, high]", "filter_cu_mm": "[low, high]",
 }
+STYLE_BIN_KEV = 10  # energy bins of a drawn style: half the exponentials of chest_pa's 5 keV bins
 DEFAULT_STYLE: dict[str, object] = {
     "kvp": [70.0, 130.0], "mas": [0.5, 5.0], "spr": [0.3, 1.5], "scatter_sigma_mm": [25.0, 60.0], "grid": 0.5,
     "focal_spot_mm": [0.6, 1.5], "detector_blur_mm": [0.1, 0.6], "electronic_noise": [0.0, 5.0],
@@ -484,4 +514,6 @@ def draw_style(base: Mapping, ranges: Mapping, generator: torch.Generator) -> di
         else:
             lo, hi = ranges[k]
             p[k] = lo + (hi - lo) * x
+    p["kvp"] = float(round(p["kvp"]))  # whole kV: the spectrum and attenuation per kVp are computed once
+    p["bin_kev"] = max(int(p["bin_kev"]), STYLE_BIN_KEV)
     return p
