@@ -7,10 +7,13 @@ Inputs (PNG/JPEG/TIFF, DICOM, NIfTI or .npy images, read by ``x2ct_framework.io.
   geometry file);
 - a folder of case folders: one case per sub-folder (batch mode, with a progress bar).
 
-Geometry (required; never guessed): ``--geometry recipe`` (the geometry the model was trained with),
+Geometry: ``--geometry recipe`` (the geometry the model was trained with),
 ``--geometry PRESET --views A B ...`` (a physics preset and the gantry angles), or a TOML/JSON file
 (``--geometry file.toml`` for every case, or ``geometry.toml``/``geometry.json`` inside a case folder)
 holding ``views`` (or ``angles``), optionally ``preset``, ``files`` and other ``make_geometry`` options.
+Without any of these, DICOM radiographs give it from their tags (``x2ct_framework.radiograph``: view
+angles from ViewPosition, distances, detector size from the pixel spacing; each value printed with the
+tag it came from or the named assumption that stood in, and kept in the sidecar); other images need one.
 
 Inputs that do not match what the model was trained with are refused with a message (another
 number of views; other angles unless ``--allow-geometry-mismatch``) or adapted with a logged note
@@ -308,11 +311,32 @@ def _short(t: torch.Tensor) -> str:
     return "/".join(f"{v:g}" for v in vals[:4]) + ("/..." if len(vals) > 4 else "")
 
 
+def geometry_from_dicom(case: Case, training: Training, normalize: str) -> None:
+    """The case's geometry from its radiographs' DICOM tags (``radiograph.geometry_from_tags``), when the user
+    gave none: printed line by line (which tag, or which named assumption) and kept in the case's notes."""
+    from x2ct_framework.io import read_radiograph
+    from x2ct_framework.radiograph import geometry_from_tags
+
+    infos = [read_radiograph(f, normalize)[1] for f in case.files]
+    spec, lines = geometry_from_tags(infos)
+    if training.geometry is not None and "volume_mm" in training.geometry:
+        spec["volume_mm"] = [float(x) for x in torch.as_tensor(training.geometry["volume_mm"]).reshape(-1, 3)[0]]
+        lines.append(f"volume_mm {spec['volume_mm']} from the training geometry (the model's field of view)")
+    for info in infos:
+        lines += info.notes
+    case.spec, case.spec_source = spec, "the DICOM tags"
+    for line in lines:
+        print(f"{case.case_id}: geometry from the DICOM tags: {line}")
+        case.notes.append(f"geometry from the DICOM tags: {line}")
+
+
 def prepare(case: Case, training: Training, resize: str, normalize: str,
             allow_mismatch: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(xrays [V, 1, H, W] in [0, 1], geometry) of one case, checked against the training inputs."""
-    from x2ct_framework.io import read_xray
+    from x2ct_framework.io import is_dicom, read_xray
 
+    if case.spec is None and case.files and all(is_dicom(Path(f)) for f in case.files):
+        geometry_from_dicom(case, training, normalize)
     if case.spec is None:
         raise DataError(f"case {case.case_id}: no geometry; pass --geometry recipe (the training geometry), "
                         f"--geometry PRESET --views A B ..., or --geometry FILE, or put geometry.toml "
