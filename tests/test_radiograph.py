@@ -217,3 +217,40 @@ def test_predict_infers_the_geometry_from_the_tags(tmp_path, capsys):
     assert x2ct_main(["predict", str(run), str(case), "--out", str(out), "--device", "cpu", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "DistanceSourceToPatient 1900 mm is not below DistanceSourceToDetector" in err and "Traceback" not in err
+
+
+def test_match_histogram_against_scikit_image():
+    exposure = pytest.importorskip("skimage.exposure")
+    from x2ct_framework.evaluation.predict import match_histogram
+
+    g = torch.Generator().manual_seed(0)
+    image = torch.rand(1, 32, 32, generator=g) ** 3
+    reference = torch.rand(1, 32, 32, generator=g) ** 0.5
+    ours = match_histogram(image, reference)
+    ref = exposure.match_histograms(image.numpy(), reference.numpy())
+    np.testing.assert_allclose(ours.numpy(), ref, atol=1e-3)
+    assert torch.equal(ours.flatten().sort().values, reference.flatten().sort().values)  # its exact histogram
+
+
+def test_predict_match_histogram_feeds_training_grey_levels(tmp_path):
+    from test_predict import ECHO_MODEL, ECHO_PLUGIN, _echo  # noqa: F401
+    from test_evaluate import make_run
+
+    from x2ct_framework.evaluation.predict import predict, training_inputs
+    from x2ct_framework.runs import resolve_target
+
+    (tmp_path / "echo_plugin.py").write_text(ECHO_PLUGIN)
+    plugin = (tmp_path / "echo_plugin.py").as_posix()
+    run = make_run(tmp_path, name="echo", model=ECHO_MODEL, **{'seed = 0': f'seed = 0\nplugins = ["{plugin}"]'})
+    target = resolve_target(run)
+    training = training_inputs(target)
+    size = training.image_shape
+    case = tmp_path / "case"
+    case.mkdir()
+    for i in range(training.views):
+        np.save(case / f"v{i}.npy", np.random.default_rng(i).random(size).astype(np.float32) ** 4)
+    predict(target, [case / f"v{i}.npy" for i in range(training.views)], tmp_path / "out", geometry="recipe",
+            progress=False, match_histogram=True)
+    seen = _echo().CALLS[-1]["xrays"][0]
+    for i in range(training.views):
+        assert torch.allclose(seen[i].flatten().sort().values, training.xrays[i].flatten().sort().values, atol=1e-6)
