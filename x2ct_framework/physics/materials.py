@@ -111,21 +111,40 @@ def _linear_pieces(nodes, material: str) -> tuple[float, list[tuple[float, float
     return const, pieces, ext, h1
 
 
+class _PiecewiseLinear(torch.autograd.Function):
+    """``const + sum_i coef_i clamp(x, lo_i, hi_i) + ext relu(x - top)``, its backward the piecewise-constant
+    slope times the gradient: no clamp outputs or masks kept per piece, one multiply-add per piece."""
+
+    @staticmethod
+    def forward(ctx, x, const, pieces, ext, top):
+        out = torch.full_like(x, const)
+        for lo, hi, coef in pieces:
+            out.add_(torch.clamp(x, lo, hi), alpha=coef)
+        if ext:
+            out.add_(torch.relu(x - top), alpha=ext)
+        ctx.save_for_backward(x)
+        ctx.pieces, ctx.ext, ctx.top = pieces, ext, top
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        slope = torch.zeros_like(x)
+        for lo, hi, coef in ctx.pieces:
+            slope.add_(((x > lo) & (x < hi)).to(x.dtype), alpha=coef)
+        if ctx.ext:
+            slope.add_((x > ctx.top).to(x.dtype), alpha=ctx.ext)
+        return grad * slope, None, None, None, None
+
+
 def _partial_density(x: torch.Tensor, nodes, material: str, a: float = 0.0, b: float = 1.0) -> torch.Tensor:
     """One material's density (g/cm^3) in each voxel of ``hu = a + b * x`` (the CT's intensity window folded
     into the thresholds, so HU is never formed): a few passes over the volume, one clamp and one
     multiply-add per segment that changes the material, no gathers."""
     const, pieces, ext, top = _linear_pieces(nodes, material)
-    grad = torch.is_grad_enabled() and x.requires_grad  # in place where autograd keeps nothing
     const += sum(coef * a for _, _, coef in pieces)
-    out = torch.full_like(x, const)
-    for lo, hi, coef in pieces:
-        term = torch.clamp(x, (lo - a) / b, (hi - a) / b)
-        out = out.add(term, alpha=coef * b) if grad else out.add_(term, alpha=coef * b)
-    if ext:
-        term = torch.relu(x - (top - a) / b)
-        out = out.add(term, alpha=ext * b) if grad else out.add_(term, alpha=ext * b)
-    return out
+    scaled = [((lo - a) / b, (hi - a) / b, coef * b) for lo, hi, coef in pieces]
+    return _PiecewiseLinear.apply(x, const, scaled, ext * b, (top - a) / b)
 
 
 def material_densities(x: torch.Tensor, materials: Sequence[str] = BODY_MATERIALS, *, contrast: bool = False,
