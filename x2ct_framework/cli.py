@@ -230,6 +230,9 @@ def add_predict_arguments(p: argparse.ArgumentParser) -> None:
                    help="image intensity scaling to [0, 1] (see x2ct_framework.io.read_xray)")
     p.add_argument("--allow-geometry-mismatch", action="store_true",
                    help="use view angles or geometry other than the training ones (logged)")
+    p.add_argument("--match-histogram", action="store_true",
+                   help="map each view's grey levels onto a training DRR's of the same view (histogram "
+                        "matching; see docs/data.md, Your own radiographs, for its limits)")
     p.add_argument("--spacing", type=float, nargs="+", metavar="MM", help="output voxel size (x y z or one value)")
     p.add_argument("--dtype", default="float32", choices=("float32", "int16"))
     p.add_argument("--like", metavar="CT", help="write the volume in this CT's world frame (the framework's crop of "

@@ -51,30 +51,34 @@ def _normalise(a: np.ndarray, normalize: str, path: Path) -> np.ndarray:
 def read_xray(path: str | Path, normalize: str = "auto") -> torch.Tensor:
     """An X-ray image (PNG/JPEG/TIFF, DICOM, NIfTI, NumPy .npy) as a float tensor ``[1, H, W]`` in [0, 1].
 
-    Attenuating structures are bright, as in the framework's DRRs: DICOM ``MONOCHROME1`` images are
-    inverted. 8/16-bit images are divided by their type's maximum, other data scaled by min-max
-    (``normalize`` = ``auto``, ``dtype``, ``minmax`` or ``none``). A NIfTI image ``[x, y]`` is shown with
-    x along the columns.
+    Attenuating structures are bright, as in the framework's DRRs. A DICOM radiograph is read through
+    its grey-scale pipeline and turned to the framework's detector frame for its view
+    (``x2ct_framework.radiograph``: modality LUT, VOI LUT by window or sequence, MONOCHROME1 and
+    Presentation LUT Shape, blank collimated borders, ViewPosition and PatientOrientation). 8/16-bit
+    images are divided by their type's maximum, other data scaled by min-max (``normalize`` = ``auto``,
+    ``dtype``, ``minmax`` or ``none``; for DICOM ``auto`` applies the VOI LUT when there is one,
+    ``minmax`` scales the modality values by their range). A NIfTI image ``[x, y]`` is shown with x
+    along the columns.
     """
+    return read_radiograph(path, normalize)[0]
+
+
+def read_radiograph(path: str | Path, normalize: str = "auto"):
+    """(:func:`read_xray`'s image, the DICOM tags' ``radiograph.RadiographInfo`` or None for other files)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: X-ray image not found (expected a PNG, JPEG, TIFF, DICOM, NIfTI or .npy file)")
     suffix = _suffix(path)
     try:
         if is_dicom(path):
-            import pydicom
+            from x2ct_framework.radiograph import read_dicom_radiograph
 
-            ds = pydicom.dcmread(str(path))
-            a = ds.pixel_array
-            slope, intercept = float(getattr(ds, "RescaleSlope", 1.0)), float(getattr(ds, "RescaleIntercept", 0.0))
-            if slope != 1.0 or intercept != 0.0:
-                a = a.astype(np.float32) * slope + intercept
-            if str(getattr(ds, "PhotometricInterpretation", "")).upper() == "MONOCHROME1":
-                a = a.max() - a if np.issubdtype(a.dtype, np.floating) else np.iinfo(a.dtype).max - a
-                if normalize == "auto":
-                    normalize = "minmax"
-            if normalize == "auto":
-                normalize = "minmax"  # detectors rarely use the full bit depth
+            if normalize not in ("auto", "dtype", "minmax", "none"):
+                raise ValueError(f"normalize must be 'auto', 'dtype', 'minmax' or 'none', got {normalize!r}")
+            a, info = read_dicom_radiograph(path, "minmax" if normalize == "dtype" else normalize)
+            if not np.all(np.isfinite(a)):
+                raise DataError(f"{path}: the image holds NaN or infinite values")
+            return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))[None], info
         elif suffix in NIFTI_SUFFIXES:
             import nibabel as nib
 
@@ -104,7 +108,7 @@ def read_xray(path: str | Path, normalize: str = "auto") -> torch.Tensor:
         raise DataError(f"{path}: expected a 2D grey-level X-ray image, got an array of shape {tuple(a.shape)}")
     if not np.all(np.isfinite(a)):
         raise DataError(f"{path}: the image holds NaN or infinite values")
-    return torch.from_numpy(np.ascontiguousarray(_normalise(a, normalize, path)))[None]
+    return torch.from_numpy(np.ascontiguousarray(_normalise(a, normalize, path)))[None], None
 
 
 def _nifti_reader(path) -> tuple[torch.Tensor, np.ndarray]:

@@ -1,8 +1,8 @@
 """``python -m benchmarks.perf [--quick] [--only NAME ...] [--out DIR]``: every performance benchmark.
 
 Runs the modules of this package (``drr``, ``model``, ``losses``, ``evaluation``, ``train``, ``startup``,
-``data``), each ``run(quick) -> list[dict]`` with its reference measured in the same process, and writes one
-``perf.json`` (rows, machine, date, command, seconds per module) and ``perf.md`` (one markdown
+``data``, ``spectral``), each ``run(quick) -> list[dict]`` with its reference measured in the same process, and
+writes one ``perf.json`` (rows, machine, date, command, seconds per module) and ``perf.md`` (one markdown
 table per module) into ``benchmarks/out/perf/`` unless ``--out``. A module that is missing or fails
 is recorded with its error and the others still run; the exit status is then 1.
 """
@@ -21,12 +21,13 @@ from pathlib import Path
 
 from benchmarks.perf.common import markdown_table
 
-MODULES = ("drr", "model", "losses", "evaluation", "train", "startup", "data")
+MODULES = ("drr", "model", "losses", "evaluation", "train", "startup", "data", "spectral")
 TITLES = {"drr": "DRR projector and data rendering", "model": "Model step", "losses": "Loss terms",
           "evaluation": "Evaluation protocols",
           "train": "Training at CPU scale (end to end, data vs model, framework overhead)",
           "startup": "Command start-up (whole process) beside the torch import",
-          "data": "Data at scale (prepare throughput, items/s from the prepared cache beside a model step)"}
+          "data": "Data at scale (prepare throughput, items/s from the prepared cache beside a model step)",
+          "spectral": "Spectral X-ray simulator beside the monoenergetic DRR (M materials, energy bins, ratio)"}
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "out" / "perf"
 
 

@@ -3,11 +3,13 @@
 One phantom case at R^3 (a NIfTI written here, prepared into a fresh cache), then items of the same
 case with each augmentation alone, medians of ``--repeat`` accesses after one warm-up. One process,
 one torch thread: per-worker figures. ``ratio`` = augmented item / cached item. The image-space
-augmentations (``noise``, ``intensity``) work on the cached X-rays; ``view_jitter`` renders the views
-again from the cached volume; the torchio volume transforms (``ct_noise``, ``blur``, ``flip``, ``affine``,
-``elastic``) transform the volume and render the views again.
+augmentations (``noise``, ``intensity``) work on the cached X-rays; ``style`` (X-ray style
+randomisation: kVp, dose, scatter, grid, blur, noise, processing drawn per item) makes the X-rays from
+the cached material line integrals (its own cache entry, prepared like the DRRs: no re-render);
+``view_jitter`` renders the views again from the cached volume; the torchio volume transforms
+(``ct_noise``, ``blur``, ``flip``, ``affine``, ``elastic``) transform the volume and render the views again.
 
-Run: ``OMP_NUM_THREADS=1 python -m benchmarks.perf.augment [--resolution 128] [--repeat 5]``.
+Run: ``OMP_NUM_THREADS=1 python -m benchmarks.perf.augment [--resolution 128] [--repeat 5] [--only style]``.
 """
 
 from __future__ import annotations
@@ -33,10 +35,11 @@ AUGMENTS = {
     "blur": {"std": 1},
     "affine": {"degrees": 5, "scales": 0.05, "translation": 5},
     "elastic": {"num_control_points": 7, "max_displacement": 4},
+    "style": {},  # X-ray style randomisation, every default range (physics.spectral.DEFAULT_STYLE)
 }
 
 
-def run(resolution: int = 128, repeat: int = 5) -> list[dict]:
+def run(resolution: int = 128, repeat: int = 5, only: list[str] | None = None) -> list[dict]:
     import nibabel as nib
 
     from x2ct_framework.phantom import chest_phantom
@@ -72,8 +75,13 @@ def run(resolution: int = 128, repeat: int = 5) -> list[dict]:
         base = per_item(plain)
         rows = [{"augmentation": "none (cached item)", "re-renders": "no", "ms per item": 1e3 * base, "ratio": 1.0}]
         for name, opts in AUGMENTS.items():
-            t = per_item(dataset({name: opts}))
-            renders = "no" if name in ("noise", "intensity") else (
+            if only and name not in only:
+                continue
+            ds = dataset({name: opts})
+            if name == "style":
+                ds.prepare_case(0)  # the material lines, cached like the DRRs
+            t = per_item(ds)
+            renders = "no" if name in ("noise", "intensity") else "no (cached material lines)" if name == "style" else (
                 "yes, from the cached volume" if name == "view_jitter" else "yes (volume transform, then render)")
             rows.append({"augmentation": f"{name} {opts}", "re-renders": renders, "ms per item": 1e3 * t,
                          "ratio": t / base})
@@ -86,9 +94,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--resolution", type=int, default=128)
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--only", nargs="*", help="augmentations to time (default: all)")
     args = parser.parse_args()
     t0 = time.perf_counter()
-    rows = run(args.resolution, args.repeat)
+    rows = run(args.resolution, args.repeat, args.only)
     print(f"{machine()}; {args.resolution}^3, PA + lateral {args.resolution}^2 (x2ctgan geometry); "
           f"{time.perf_counter() - t0:.0f} s wall")
     print(markdown_table(rows))

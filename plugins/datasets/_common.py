@@ -82,6 +82,66 @@ def render_views(ct01: torch.Tensor, geometry: Mapping[str, torch.Tensor], hu_wi
     return out[0]
 
 
+class XrayStyle:
+    """The ``xray`` option (an X-ray preset of ``physics.spectral`` or a table) and the ``style`` augmentation
+    (ranges of ``spectral.STYLE_RANGES`` drawn per item). With a spectral preset or a style, a dataset
+    caches each case's material line integrals (``lines``: ``[V, M, h, w]`` g/cm^2) once and makes the
+    X-rays from them at every access (:meth:`images`): spectrum, scatter, blur, noise and processing,
+    no re-projection. ``ideal`` without a style keeps today's DRRs (:attr:`uses_lines` is False)."""
+
+    def __init__(self, xray, style: Mapping | None = None, where: str = "data"):
+        from x2ct_framework.errors import RecipeError
+        from x2ct_framework.physics.spectral import check_style, resolve_xray
+
+        try:
+            self.params = resolve_xray(xray, f"{where} -> xray")
+            self.style = check_style(style, f"{where} -> augment -> style") if style is not None else None
+        except RecipeError as exc:
+            raise ValueError("; ".join(exc.problems)) from exc
+        if self.style is not None and self.params["mode"] == "mono":
+            base = resolve_xray("chest_pa")  # a monoenergetic preset has no spectrum to vary: draw around chest_pa
+            self.base = {**base, **{k: v for k, v in self.params.items() if k in ("contrast",)}}
+        else:
+            self.base = self.params
+        self.uses_lines = self.params["mode"] != "mono" or self.style is not None
+
+    def key(self) -> list:
+        """What changes the cached lines (the scheme's materials)."""
+        return ["lines", bool(self.base["contrast"])]
+
+    def materials(self, labels: bool) -> tuple[str, ...]:
+        from x2ct_framework.physics.materials import scheme_materials
+
+        return scheme_materials(bool(self.base["contrast"]), labels)
+
+    def lines(self, ct01: torch.Tensor, geometry: Mapping[str, torch.Tensor], hu_window: Sequence[float],
+              image_size: int, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Material line integrals ``[V, M, h, w]`` of one CT ``[1, D, H, W]`` in [0, 1]."""
+        from x2ct_framework.physics.spectral import material_lines
+
+        with torch.no_grad():
+            out = material_lines(ct01[None].float(), {k: v[None] for k, v in geometry.items()},
+                                 hu_window=(float(hu_window[0]), float(hu_window[1])),
+                                 det_shape=(image_size, image_size), contrast=bool(self.base["contrast"]),
+                                 labels=None if labels is None else labels[None],
+                                 materials=self.materials(labels is not None))
+        return out[0]
+
+    def images(self, lines: torch.Tensor, geometry: Mapping[str, torch.Tensor], seed: int, epoch: int,
+               index: int) -> torch.Tensor:
+        """X-rays ``[V, 1, h, w]`` from cached ``lines``: the preset's, or a style drawn from (seed, epoch, index);
+        noise drawn from the same seed."""
+        from x2ct_framework.physics.spectral import draw_style, render_lines
+
+        g = torch.Generator().manual_seed(augment_seed(seed, epoch if self.style is not None else 0, index, "style"))
+        params = draw_style(self.base, self.style, g) if self.style is not None else self.base
+        m = lines.shape[1]
+        with torch.no_grad():
+            out = render_lines(lines[None].float(), {k: v[None] for k, v in geometry.items()}, params,
+                               materials=self.materials(m == 6), generator=g)
+        return out[0].float()
+
+
 # ---- image-space augmentation of the X-rays ------------------------------------------------------
 XRAY_AUGMENTS = {
     "noise": "Gaussian noise added to every X-ray pixel: std (X-ray units, images in [0, 1]: e.g. 0.01; "

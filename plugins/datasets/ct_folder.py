@@ -34,6 +34,7 @@ from x2ct_framework.labels import MIN_COVERAGE, coverage, label_mapping
 from x2ct_framework.physics import MU_WATER
 from x2ct_framework.stage import Stage
 from x2ct_plugins.datasets._common import (XRAY_AUGMENTS, ArrayCache, CaseListDataset, DiskCache, XrayAugment,
+                                           XrayStyle,
                                            augment_seed, bad_case, case_geometry, check_common, check_split,
                                            check_split_overlap, empty_split_error, file_identity, hu_storage,
                                            hu_to_unit, read_list_file, read_split_file, render_views,
@@ -54,6 +55,9 @@ AUGMENTS = {
     "flip": "torchio.RandomFlip: axes (e.g. ['LR']), flip_probability",
 }
 VIEW_JITTER = "gantry angles jittered by up to degrees (re-renders from the cached volume), p"
+STYLE = ("X-ray style randomisation: ranges of kvp, mas, spr, scatter_sigma_mm, grid, focal_spot_mm, "
+         "detector_blur_mm, electronic_noise, gamma, unsharp_amount, unsharp_sigma_mm, equalize, heel, filter_cu_mm "
+         "drawn per item and applied to the cached material line integrals (no re-render)")
 
 
 def case_name(path: Path) -> str:
@@ -117,7 +121,7 @@ def build_augment(augment: dict):
     (the volume transforms of an ``augment`` table; None when there are none)."""
     import torchio as tio
 
-    accepted = {**AUGMENTS, **XRAY_AUGMENTS, "view_jitter": VIEW_JITTER}
+    accepted = {**AUGMENTS, **XRAY_AUGMENTS, "view_jitter": VIEW_JITTER, "style": STYLE}
     unknown = [k for k in augment if k not in accepted]
     if unknown:
         raise ValueError(f"augment: unknown transform(s) {unknown}; accepted: "
@@ -158,7 +162,10 @@ class CTFolderDataset(CaseListDataset):
     chooses among several CT series of a DICOM case (``"largest"`` or a SeriesInstanceUID).
     ``hu_offset`` is added to every voxel (``-1024`` for CTs stored as unsigned HU + 1024);
     ``check_hu`` refuses CTs whose air is not near -1000 HU. ``on_bad_case = "skip"`` skips an
-    unreadable or malformed case with a warning instead of stopping.
+    unreadable or malformed case with a warning instead of stopping. ``xray`` names an X-ray preset of
+    ``physics.spectral`` (``ideal``: today's DRRs; ``chest_pa``, ``portable_ap``, ``fluoro``, ``x2ctgan``)
+    or a table ``{ preset = "chest_pa", kvp = 110 }``; a spectral preset and ``augment.style`` cache
+    the material line integrals and make the X-rays from them at every access.
     """
 
     def __init__(self, *, split: str, stage: Stage, root: str, views: list[float] = (0.0, 90.0),
@@ -168,7 +175,7 @@ class CTFolderDataset(CaseListDataset):
                  augment: dict | None = None, augment_splits: list[str] = ("train",), cache_dir: str = "",
                  cache: bool = True, series: str = "", crop: str = "centre", hu_offset: float = 0.0,
                  check_hu: bool = True, on_bad_case: str = "error", pad_hu: float = -1024.0,
-                 mu_water: float = MU_WATER, beer_lambert: bool = False):
+                 mu_water: float = MU_WATER, beer_lambert: bool = False, xray: str | dict = "ideal"):
         check_split(split)
         check_common(views, hu_window, geometry, on_bad_case)
         if volume_mm <= 0:
@@ -203,12 +210,14 @@ class CTFolderDataset(CaseListDataset):
         xray_augment = XrayAugment({k: v for k, v in augment.items() if k in XRAY_AUGMENTS}, "augment")
         self.jitter_deg, self.jitter_p = _view_jitter(augment.get("view_jitter"))
         chosen = split in augment_splits
+        self.xray = XrayStyle({"mu_water": mu_water, "beer_lambert": beer_lambert, "preset": "ideal"}
+                              if xray == "ideal" else xray, augment.get("style") if chosen else None)
         self.augment = transform if chosen else None
         self.xray_augment = xray_augment if chosen and xray_augment else None
         if not chosen:
             self.jitter_deg = 0.0
         self.seed = int(seed)
-        if self.jitter_deg or self.xray_augment is not None:
+        if self.jitter_deg or self.xray_augment is not None or self.xray.style is not None:
             self.track_epoch()
         self.labels_dir = Path(labels_dir).expanduser() if labels_dir else None
         if self.labels_dir is not None and not self.labels_dir.is_dir():
@@ -494,7 +503,8 @@ class CTFolderDataset(CaseListDataset):
         return hu, labels
 
     def _drr_key(self, volume_key: str, geometry) -> str:
-        return rendered_key((CACHE_VERSION,), volume_key, geometry, self.image_size, self.hu_window, self.mu_water,
+        namespace = (CACHE_VERSION, *self.xray.key()) if self.xray.uses_lines else (CACHE_VERSION,)
+        return rendered_key(namespace, volume_key, geometry, self.image_size, self.hu_window, self.mu_water,
                             self.beer_lambert)
 
     def prepare_case(self, j: int) -> list[str] | None:
@@ -505,16 +515,22 @@ class CTFolderDataset(CaseListDataset):
         geometry = case_geometry(self.views, self.geometry_option, self.volume_mm)
         if self.cache.has("volume", volume_key) and self.cache.has("drr", self._drr_key(volume_key, geometry)):
             return None
-        hu, _, _, key = self._volume(j)
-        self._xrays(hu_to_unit(hu, self.hu_window)[None], geometry, key)
+        hu, labels, _, key = self._volume(j)
+        self._xrays(hu_to_unit(hu, self.hu_window)[None], geometry, key, labels)
         hit = self.cache.get("volume", key)
         return list(hit[1].get("warnings", [])) if hit is not None else []
 
-    def _xrays(self, ct: torch.Tensor, geometry, volume_key: str) -> torch.Tensor:
+    def _xrays(self, ct: torch.Tensor, geometry, volume_key: str, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """The un-augmented DRRs (today's), or with an ``xray`` preset or a style the material line integrals."""
         key = self._drr_key(volume_key, geometry)
         hit = self.cache.get("drr", key)
-        if hit is not None:
-            return torch.from_numpy(np.array(hit[0]["xrays"]))
+        name = "lines" if self.xray.uses_lines else "xrays"
+        if hit is not None and name in hit[0]:
+            return torch.from_numpy(np.array(hit[0][name]))
+        if self.xray.uses_lines:
+            lines = self.xray.lines(ct, geometry, self.hu_window, self.image_size, labels)
+            self.cache.put("drr", key, {"lines": lines.numpy()}, {"views": self.views})
+            return lines
         xrays = render_views(ct, geometry, self.hu_window, self.image_size, self.mu_water, self.beer_lambert)
         self.cache.put("drr", key, {"xrays": xrays.numpy()}, {"views": self.views})
         return xrays
@@ -538,9 +554,13 @@ class CTFolderDataset(CaseListDataset):
         ct = hu.clamp_(lo, hi).sub_(lo).div_(hi - lo)[None]  # hu_to_unit in place: no 4-byte copies per voxel
         geometry, jittered = self._geometry(j)
         if self.augment is None and not jittered:
-            xrays = self._xrays(ct, geometry, volume_key)
+            xrays = self._xrays(ct, geometry, volume_key, labels)
+        elif self.xray.uses_lines:
+            xrays = self.xray.lines(ct, geometry, self.hu_window, self.image_size, labels)
         else:
             xrays = render_views(ct, geometry, self.hu_window, self.image_size, self.mu_water, self.beer_lambert)
+        if self.xray.uses_lines:  # material line integrals -> X-rays: the preset, or a style drawn for this item
+            xrays = self.xray.images(xrays, geometry, self.seed, self.epoch, j)
         if self.xray_augment is not None:
             xrays = self.xray_augment(xrays, self.seed, self.epoch, j)
         item = {"xrays": xrays, "geometry": geometry, "ct": ct,

@@ -7,10 +7,13 @@ Inputs (PNG/JPEG/TIFF, DICOM, NIfTI or .npy images, read by ``x2ct_framework.io.
   geometry file);
 - a folder of case folders: one case per sub-folder (batch mode, with a progress bar).
 
-Geometry (required; never guessed): ``--geometry recipe`` (the geometry the model was trained with),
+Geometry: ``--geometry recipe`` (the geometry the model was trained with),
 ``--geometry PRESET --views A B ...`` (a physics preset and the gantry angles), or a TOML/JSON file
 (``--geometry file.toml`` for every case, or ``geometry.toml``/``geometry.json`` inside a case folder)
 holding ``views`` (or ``angles``), optionally ``preset``, ``files`` and other ``make_geometry`` options.
+Without any of these, DICOM radiographs give it from their tags (``x2ct_framework.radiograph``: view
+angles from ViewPosition, distances, detector size from the pixel spacing; each value printed with the
+tag it came from or the named assumption that stood in, and kept in the sidecar); other images need one.
 
 Inputs that do not match what the model was trained with are refused with a message (another
 number of views; other angles unless ``--allow-geometry-mismatch``) or adapted with a logged note
@@ -152,6 +155,7 @@ class Training:
     resolution: int
     geometry: dict[str, torch.Tensor] | None = None
     source: str = ""
+    xrays: torch.Tensor | None = None  # that case's X-rays [V, 1, H, W]: the reference of --match-histogram
 
 
 def training_inputs(target: Target) -> Training:
@@ -166,7 +170,7 @@ def training_inputs(target: Target) -> Training:
         geo = {k: torch.as_tensor(v) for k, v in item["geometry"].items()}
         angles = [float(a) for a in geo["angles"].reshape(-1)]
         return Training(int(item["xrays"].shape[0]), angles, tuple(int(s) for s in item["xrays"].shape[-2:]),
-                        hu, res, geo, "a validation case of the training data")
+                        hu, res, geo, "a validation case of the training data", torch.as_tensor(item["xrays"]))
     except Exception as exc:  # the data may live on another machine; the recipe still tells views
         log.info("training data not readable here (%s); taking views from the recipe", exc)
     opts = data_options_with_defaults(target.recipe, target.stage)
@@ -308,11 +312,52 @@ def _short(t: torch.Tensor) -> str:
     return "/".join(f"{v:g}" for v in vals[:4]) + ("/..." if len(vals) > 4 else "")
 
 
-def prepare(case: Case, training: Training, resize: str, normalize: str,
-            allow_mismatch: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """(xrays [V, 1, H, W] in [0, 1], geometry) of one case, checked against the training inputs."""
-    from x2ct_framework.io import read_xray
+def geometry_from_dicom(case: Case, training: Training, normalize: str) -> None:
+    """The case's geometry from its radiographs' DICOM tags (``radiograph.geometry_from_tags``), when the user
+    gave none: printed line by line (which tag, or which named assumption) and kept in the case's notes."""
+    from x2ct_framework.io import read_radiograph
+    from x2ct_framework.radiograph import geometry_from_tags
 
+    infos = [read_radiograph(f, normalize)[1] for f in case.files]
+    spec, lines = geometry_from_tags(infos)
+    if training.geometry is not None and "volume_mm" in training.geometry:
+        spec["volume_mm"] = [float(x) for x in torch.as_tensor(training.geometry["volume_mm"]).reshape(-1, 3)[0]]
+        lines.append(f"volume_mm {spec['volume_mm']} from the training geometry (the model's field of view)")
+    for info in infos:
+        lines += info.notes
+    case.spec, case.spec_source = spec, "the DICOM tags"
+    for line in lines:
+        print(f"{case.case_id}: geometry from the DICOM tags: {line}")
+        case.notes.append(f"geometry from the DICOM tags: {line}")
+
+
+def match_histogram(image: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """``image`` with the grey-level distribution of ``reference``: each pixel takes the reference's quantile
+    at its own rank (ties keep one value)."""
+    flat = image.flatten()
+    ref = reference.flatten().sort().values
+    ranks = torch.empty_like(flat)
+    order = flat.argsort()
+    ranks[order] = torch.arange(flat.numel(), dtype=flat.dtype)
+    _, inverse = torch.unique(flat, return_inverse=True)  # equal values share their mean rank
+    n = int(inverse.max()) + 1
+    mean_rank = (torch.zeros(n, dtype=flat.dtype).index_add_(0, inverse, ranks)
+                 / torch.zeros(n, dtype=flat.dtype).index_add_(0, inverse, torch.ones_like(ranks)))
+    q = mean_rank[inverse] / max(1, flat.numel() - 1)
+    pos = q * (ref.numel() - 1)
+    lo = pos.floor().long().clamp(0, ref.numel() - 1)
+    hi = (lo + 1).clamp(max=ref.numel() - 1)
+    t = pos - lo
+    return (ref[lo] * (1 - t) + ref[hi] * t).view_as(image)
+
+
+def prepare(case: Case, training: Training, resize: str, normalize: str,
+            allow_mismatch: bool, match: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(xrays [V, 1, H, W] in [0, 1], geometry) of one case, checked against the training inputs."""
+    from x2ct_framework.io import is_dicom, read_xray
+
+    if case.spec is None and case.files and all(is_dicom(Path(f)) for f in case.files):
+        geometry_from_dicom(case, training, normalize)
     if case.spec is None:
         raise DataError(f"case {case.case_id}: no geometry; pass --geometry recipe (the training geometry), "
                         f"--geometry PRESET --views A B ..., or --geometry FILE, or put geometry.toml "
@@ -324,6 +369,12 @@ def prepare(case: Case, training: Training, resize: str, normalize: str,
         img = read_xray(f, normalize=normalize)
         if training.image_shape is not None:
             img = fit_image(img, training.image_shape, resize, str(f), case.notes)
+        if match:
+            if training.xrays is None:
+                raise DataError("--match-histogram needs the training data's DRRs, which cannot be read here "
+                                f"({training.source})")
+            img = match_histogram(img, training.xrays[len(images)])
+            case.notes.append(f"{f}: grey levels matched to a training DRR of view {len(images)} (--match-histogram)")
         images.append(img)
     shapes = {tuple(i.shape[-2:]) for i in images}
     if len(shapes) > 1:
@@ -431,7 +482,8 @@ class Prediction:
 def predict(target: Target, inputs: list[str | Path], out: str | Path, *, geometry: str | None = None,
             views: list[float] | None = None, device: str = "auto", batch_size: int = 1, resize: str = "auto",
             normalize: str = "auto", allow_geometry_mismatch: bool = False, spacing: list[float] | None = None,
-            dtype: str = "float32", progress: bool = True, like: str | Path | None = None) -> list[Prediction]:
+            dtype: str = "float32", progress: bool = True, like: str | Path | None = None,
+            match_histogram: bool = False) -> list[Prediction]:
     """Reconstruct every case of ``inputs`` and write ``<out>/<case>.nii.gz`` (or ``out`` itself for one
     case when it ends in .nii/.nii.gz); ``like`` places every output in that CT's frame."""
     if like is not None and not Path(like).exists():
@@ -463,7 +515,8 @@ def predict(target: Target, inputs: list[str | Path], out: str | Path, *, geomet
     if not single_file and out.suffix in (".nii", ".gz"):
         raise DataError(f"--out {out}: {len(cases)} cases need an output folder, not a file name")
     # read and check every case before running the model, so bad input fails fast
-    prepared = [(case, *prepare(case, training, resize, normalize, allow_geometry_mismatch)) for case in cases]
+    prepared = [(case, *prepare(case, training, resize, normalize, allow_geometry_mismatch, match_histogram))
+                for case in cases]
     model = load_model(target, dev)
     lo, hi = training.hu_window
     results = []
@@ -519,11 +572,12 @@ def main(args) -> int:
     results = predict(target, args.inputs, args.out, geometry=args.geometry, views=args.views, device=args.device,
                       batch_size=args.batch_size, resize=args.resize, normalize=args.normalize,
                       allow_geometry_mismatch=args.allow_geometry_mismatch, spacing=args.spacing, dtype=args.dtype,
-                      progress=args.progress, like=getattr(args, "like", None))
+                      progress=args.progress, like=getattr(args, "like", None),
+                      match_histogram=getattr(args, "match_histogram", False))
     for r in results:
         print(f"{r.case_id}: {r.path} (spacing {', '.join(f'{s:.3g}' for s in r.spacing)} mm)")
     return 0
 
 
 __all__ = ["predict", "save_nifti", "canonical_affine", "collect_cases", "geometry_from_spec", "Training",
-           "training_inputs", "fit_image"]
+           "training_inputs", "fit_image", "match_histogram"]

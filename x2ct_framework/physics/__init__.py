@@ -16,14 +16,19 @@ Conventions (shared by datasets, models and losses):
   given at the detector. Parallel beam: no magnification;
 - intensities: CT in [0, 1] after the HU window -> HU -> attenuation per mm (water 0.02 / mm by
   default, air clamps to 0) -> line integral -> [0, 1], attenuating structures bright;
+- ``spectral.py`` is the spectral simulator (materials, tube spectrum, scatter, grid, blur, noise, display
+  processing) on top of ``project``; ``materials.py`` maps HU to material densities. Presets:
+  ``XRAY_PRESETS`` (``ideal`` is exactly ``drr``);
 - the batch's ``geometry`` is a dict of tensors batched ``[B, V, ...]`` (see ``geometry.py``);
   users other than the projector treat it as opaque except ``angles``.
 """
 
 from .drr import MU_WATER, backproject, drr, hu_to_mu, project, project_points
+from .spectral import XRAY_PRESETS, render_lines, resolve_xray, simulate
 from .geometry import (GEOMETRY_PRESETS, ORIENTATIONS, batched, compose_orientation, from_stored, geometry_fingerprint,
                        magnification, make_geometry, num_views, resolve_preset, to_stored, view_frames)
 
 __all__ = ["GEOMETRY_PRESETS", "ORIENTATIONS", "to_stored", "from_stored", "compose_orientation", "MU_WATER",
            "make_geometry", "num_views", "resolve_preset", "batched", "view_frames", "magnification",
-           "geometry_fingerprint", "project", "project_points", "backproject", "drr", "hu_to_mu"]
+           "geometry_fingerprint", "project", "project_points", "backproject", "drr", "hu_to_mu",
+           "XRAY_PRESETS", "resolve_xray", "simulate", "render_lines"]

@@ -1,0 +1,215 @@
+"""The spectral X-ray simulator against independent references: xraydb (NIST), spekpy, numeric integrals,
+Poisson statistics, the monoenergetic projector, and torch.autograd.gradcheck."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from x2ct_framework.conventions import hu_to_unit
+from x2ct_framework.errors import RecipeError
+from x2ct_framework.physics import drr, make_geometry
+from x2ct_framework.physics.materials import COMPOSITIONS, hu_to_densities, mass_attenuation
+from x2ct_framework.physics.spectral import (XRAY_PRESETS, check_style, detect, draw_style, energy_bins,
+                                             material_lines, photons_per_pixel, render_lines, resolve_xray,
+                                             simulate, tube_spectrum)
+
+TEN_ENERGIES = [15.5, 20.5, 25.5, 30.5, 33.5, 40.5, 50.5, 60.5, 80.5, 120.5]  # 33.5: above iodine's K edge
+
+
+@pytest.mark.parametrize("name", list(COMPOSITIONS))
+def test_mass_attenuation_equals_xraydb(name):
+    xraydb = pytest.importorskip("xraydb")
+    composition, _ = COMPOSITIONS[name]
+    ref = [sum(w * float(xraydb.mu_elam(el, e * 1000.0)) for el, w in composition.items()) for e in TEN_ENERGIES]
+    got = mass_attenuation(name, TEN_ENERGIES)
+    assert torch.allclose(got, torch.tensor(ref, dtype=torch.float64), rtol=1e-6, atol=0)
+
+
+def test_water_equals_xraydb_material():
+    xraydb = pytest.importorskip("xraydb")
+    ref = [float(xraydb.material_mu("water", e * 1000.0)) for e in TEN_ENERGIES]  # 1/cm at 1 g/cm^3
+    assert torch.allclose(mass_attenuation("water", TEN_ENERGIES), torch.tensor(ref, dtype=torch.float64),
+                          rtol=1e-3)  # xraydb's own water formula vs the NIST mass fractions
+
+
+@pytest.mark.parametrize("kvp", [60, 120])
+def test_spectrum_table_equals_spekpy(kvp):
+    spekpy = pytest.importorskip("spekpy")
+    from x2ct_framework.physics import _xray_tables as tables
+
+    s = spekpy.Spek(kvp=float(kvp), th=tables.SPECTRUM_ANODE_ANGLE_DEG, dk=1.0)
+    s.filter("Al", tables.SPECTRUM_FILTER_AL_MM)
+    k, phi = s.get_spectrum()
+    ref = {round(float(a), 3): float(b) for a, b in zip(k, phi)}
+    e, got = tube_spectrum(kvp)
+    expected = torch.tensor([ref.get(round(float(x), 3), 0.0) for x in e], dtype=torch.float64)
+    assert torch.allclose(got, expected, rtol=1e-6, atol=1e-9 * float(expected.max()))
+
+
+def _water_slab(size=8, thickness_mm=200.0):
+    """A water cube of ``thickness_mm`` side, and a parallel geometry whose central rays cross it fully."""
+    ct = torch.full((1, 1, size, size, size), float(hu_to_unit(torch.tensor(0.0))))
+    geo = make_geometry([0.0], "parallel", volume_mm=thickness_mm, detector_px=size)
+    return ct, geo
+
+
+def _water_lines(thickness_cm: torch.Tensor, materials=("water",)) -> torch.Tensor:
+    return thickness_cm.view(1, -1, 1, 1, 1).expand(1, -1, 1, 4, 4).double()  # g/cm^2 of water
+
+
+@pytest.mark.parametrize("kvp", [70.0, 120.0])
+def test_water_slab_transmission_equals_numeric_integral(kvp):
+    """I = int S(E) E exp(-mu(E) t) dE / int S(E) E dE, the spectrum's 1 keV bins and the NIST mu."""
+    p = resolve_xray({"kvp": kvp, "bin_kev": 1, "window": "none"})
+    e, phi = tube_spectrum(kvp)
+    mu = mass_attenuation("water", e)
+    t = torch.tensor([5.0, 20.0])
+    ref = torch.stack([(phi * e * torch.exp(-mu * x)).sum() / (phi * e).sum() for x in t])
+    got = detect(_water_lines(t), make_geometry([0.0, 90.0], "parallel"), p, ["water"])[0, :, 0, 2, 2]
+    assert torch.allclose(got, ref, rtol=1e-4)
+    # and through the projector: a real 20 cm water cube, the simulator's own materials (soft-tissue scheme)
+    ct, geo = _water_slab()
+    lines = material_lines(ct.double(), geo)
+    assert float(lines.sum(2)[0, 0, 4, 4]) == pytest.approx(20.0 * 1.0 * 1.0 + 0.0, rel=0.06)  # ~1 g/cm^3 at 0 HU
+
+
+def test_beam_hardening_effective_attenuation_falls_with_thickness():
+    p = resolve_xray({"kvp": 120.0, "bin_kev": 1, "window": "none"})
+    e, phi = tube_spectrum(120.0)
+    mu = mass_attenuation("water", e)
+    t = torch.tensor([1.0, 5.0, 10.0, 20.0, 30.0])
+    got = detect(_water_lines(t), make_geometry([0.0] * 5, "parallel"), p, ["water"])[0, :, 0, 2, 2]
+    mu_eff = -torch.log(got) / t
+    ref = torch.stack([-torch.log((phi * e * torch.exp(-mu * x)).sum() / (phi * e).sum()) / x for x in t])
+    assert torch.allclose(mu_eff, ref, rtol=1e-4)
+    assert bool((mu_eff[1:] < mu_eff[:-1]).all())  # harder beam deeper in
+    assert float(mu_eff[0] - mu_eff[-1]) > 0.01  # and by a real amount (1/cm)
+
+
+def test_flat_field_variance_is_poisson():
+    p = resolve_xray({"preset": "chest_pa", "electronic_noise": 0.0, "detector_blur_mm": 0.0, "focal_spot_mm": 0.0,
+                      "mas": 0.05})
+    geo = make_geometry([0.0], "x2ctgan")
+    lines = torch.zeros(1, 1, 6, 256, 256, dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    i = detect(lines, geo, p, generator=g)
+    pixel = (500.0 / 256) ** 2
+    n = photons_per_pixel(p, pixel, 949.0) * 0.7  # after the grid's primary transmission
+    _, phi = tube_spectrum(120.0, 0.0, 0.1)
+    assert n == pytest.approx(float(phi.sum()) * 0.05 * (1000 / 949.0) ** 2 * pixel / 100 * 0.7)
+    counts = i * n  # back to photons
+    assert float(counts.mean()) == pytest.approx(n, rel=0.01)
+    assert float(counts.var()) == pytest.approx(n, rel=0.05)
+
+
+@pytest.mark.parametrize("spr,grid", [(1.0, (1.0, 1.0)), (0.6, (0.7, 0.1))])
+def test_scatter_to_primary_ratio_on_water_slab(spr, grid):
+    p = resolve_xray({"spr": spr, "spr_thickness_cm": 20.0, "grid_primary": grid[0], "grid_scatter": grid[1],
+                      "window": "none"})
+    lines = torch.zeros(1, 1, 6, 64, 64, dtype=torch.float64)
+    lines[:, :, 3] = 20.0  # 20 g/cm^2 of soft tissue everywhere
+    parts = detect(lines, make_geometry([0.0], "parallel", detector_px=64), p, return_parts=True)
+    ratio = parts["scatter"] / parts["primary"]
+    assert float(ratio[0, 0, 0, 32, 32]) == pytest.approx(spr * grid[1] / grid[0], rel=1e-9)
+    assert torch.allclose(ratio, torch.full_like(ratio, spr * grid[1] / grid[0]), rtol=1e-9)
+
+
+@pytest.mark.parametrize("beer", [False, True])
+def test_ideal_reproduces_drr(beer):
+    from x2ct_framework.phantom import chest_phantom
+
+    hu, _ = chest_phantom(32, seed=3)
+    ct = hu_to_unit(hu)[None, None]
+    for preset in ("parallel", "x2ctgan"):
+        geo = make_geometry([0.0, 90.0], preset)
+        ref = drr(ct, geo, det_shape=32, beer_lambert=beer)
+        got = simulate(ct, geo, {"preset": "ideal", "beer_lambert": beer}, det_shape=32)
+        assert torch.allclose(got, ref, atol=1e-6, rtol=0)
+
+
+def test_x2ctgan_preset_divides_by_maximum_and_quantises():
+    from x2ct_framework.phantom import chest_phantom
+
+    hu, _ = chest_phantom(32, seed=3)
+    ct = hu_to_unit(hu)[None, None]
+    geo = make_geometry([0.0, 90.0], "x2ctgan")
+    line = drr(ct, geo, det_shape=32, max_path=1e4)  # the line integral, scaled, unclipped
+    ref = torch.round(line / line.amax((-1, -2), keepdim=True) * 255) / 255
+    assert torch.allclose(simulate(ct, geo, "x2ctgan", det_shape=32), ref, atol=1e-6)
+
+
+def test_presets_are_valid_and_show_attenuation_bright():
+    from x2ct_framework.phantom import chest_phantom
+
+    hu, labels = chest_phantom(32, seed=3)
+    ct = hu_to_unit(hu)[None, None]
+    geo = make_geometry([0.0], "x2ctgan")
+    for name in XRAY_PRESETS:
+        img = simulate(ct, geo, name, det_shape=32, labels=labels[None, None],
+                       generator=torch.Generator().manual_seed(1))
+        assert img.shape == (1, 1, 1, 32, 32) and bool(torch.isfinite(img).all())
+        assert 0 <= float(img.min()) and float(img.max()) <= 1
+        # the middle of the body (mediastinum, spine) brighter than the air beside it
+        assert float(img[0, 0, 0, 12:20, 14:18].mean()) > float(img[0, 0, 0, 12:20, 0:2].mean()), name
+
+
+def test_unknown_parameter_and_bad_values_are_named():
+    with pytest.raises(RecipeError, match="kvpp"):
+        resolve_xray({"preset": "chest_pa", "kvpp": 100})
+    with pytest.raises(RecipeError, match="kvp"):
+        resolve_xray({"kvp": 200})
+    with pytest.raises(RecipeError, match="chest_ap"):
+        resolve_xray("chest_ap")
+    with pytest.raises(RecipeError, match="xray_style -> kvp"):
+        check_style({"kvp": [130, 70]})
+
+
+def test_hu_scheme_is_piecewise_linear():
+    hu = torch.tensor([-1000.0, -575.0, 40.0, 800.0]).view(1, 1, 4)
+    rho = hu_to_densities(hu)[..., 0, 0, :]  # [M, 4]
+    assert float(rho[0, 0]) == pytest.approx(0.001205)  # air
+    assert float(rho[1, 1]) == pytest.approx((0.10 + 0.75) / 2)  # lung half-way between its nodes
+    assert float(rho[3, 2]) == pytest.approx(1.05)  # soft tissue
+    # 800 HU: half-way between soft tissue (100 HU, 1.10) and bone (1500 HU, 1.92), density 1.51
+    assert float(rho[3, 3]) == pytest.approx(0.5 * 1.10) and float(rho[4, 3]) == pytest.approx(0.5 * 1.92)
+    assert float(hu_to_densities(torch.tensor([2900.0]).view(1, 1, 1))[4]) == pytest.approx(1.92 + 0.82)
+    with_contrast = hu_to_densities(torch.tensor([400.0]).view(1, 1, 1), contrast=True)[:, 0, 0, 0]
+    assert float(with_contrast[5]) == pytest.approx(1.072) and abs(float(with_contrast[4])) < 1e-6
+
+
+def test_gradcheck_through_the_whole_chain():
+    torch.manual_seed(0)
+    ct = (0.2 + 0.1 * torch.rand(1, 1, 4, 4, 4, dtype=torch.float64)).requires_grad_()
+    geo = make_geometry([0.0, 90.0], "parallel", volume_mm=200.0, detector_px=6)
+    p = {"preset": "chest_pa", "noise": False, "bits": 0, "bin_kev": 10, "scatter_sigma_mm": 60.0,
+         "unsharp_sigma_mm": 40.0, "window": [0.0, 8.0]}
+
+    def f(x):
+        return simulate(x, geo, p, det_shape=6, prefilter=False)
+
+    assert torch.autograd.gradcheck(f, (ct,), eps=1e-6, atol=1e-5, fast_mode=True)
+
+
+def test_style_draw_is_deterministic_and_renders_from_lines():
+    ranges = check_style({})
+    base = resolve_xray("chest_pa")
+    a = draw_style(base, ranges, torch.Generator().manual_seed(5))
+    b = draw_style(base, ranges, torch.Generator().manual_seed(5))
+    c = draw_style(base, ranges, torch.Generator().manual_seed(6))
+    assert a == b and a != c
+    assert 70 <= a["kvp"] <= 130
+    lines = torch.rand(1, 2, 6, 16, 16) * 10
+    geo = make_geometry([0.0, 90.0], "x2ctgan")
+    img1 = render_lines(lines, geo, a, generator=torch.Generator().manual_seed(1))
+    img2 = render_lines(lines, geo, a, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(img1, img2) and img1.shape == (1, 2, 1, 16, 16)
+
+
+def test_energy_bins_cover_the_spectrum():
+    p = resolve_xray({"kvp": 90.0, "bin_kev": 5})
+    e, w, mu = energy_bins(p, ["water", "bone"])
+    assert float(w.sum()) == pytest.approx(1.0) and mu.shape == (e.shape[0], 2)
+    assert float(e.max()) < 90.0 and math.isclose(float(e[0] - 10.5) % 5, 2.0)

@@ -1,0 +1,185 @@
+"""Materials of the spectral simulator: compositions, their mass attenuation, and CT numbers -> material densities.
+
+Compositions are the ICRU Report 44 tissues as NIST lists them (elemental mass fractions, density in
+g/cm^3); iodine-enhanced blood is whole blood with 12 mg/ml of iodine (a CT pulmonary angiogram's
+contrast-filled vessels). Mass attenuation (cm^2/g, total cross sections incl. coherent scattering)
+comes from NIST's data through ``xraydb``, tabulated once by ``make_xray_tables.py`` at 1 keV steps
+(``TABLE_ENERGIES_KEV``) so that nothing is computed or downloaded at run time.
+
+CT number -> materials follows Schneider, Bortfeld and Schlegel (Phys. Med. Biol. 45, 2000): a
+piecewise-linear scheme over HU nodes, each node a material and a mass density; between two nodes a
+voxel is a mix of the two materials whose mass fractions and density are interpolated linearly in HU.
+Each material's partial density is itself piecewise linear in HU (its node density at its own
+nodes, 0 at the others), so the total density is linear between nodes and a voxel between two
+nodes of different materials is their mix. Below the first node a voxel is air; above the last it
+is cortical bone, its density extrapolated along the last segment. ``HU_NODES`` is the default
+scheme; ``HU_NODES_CONTRAST`` (a CTPA) puts
+iodine-enhanced blood between soft tissue and bone, so HU alone cannot tell contrast from trabecular
+bone; with a label map, the labels in ``CONTRAST_LABELS`` (vessels, heart) use the contrast scheme
+and every other voxel the default one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ..conventions import HEART, VESSEL
+
+TABLE_ENERGIES_KEV: tuple[float, ...] = tuple(e + 0.5 for e in range(10, 150))  # spekpy's 1 keV bin centres
+
+_IODINE_MG_PER_ML = 12.0
+_BLOOD = {"H": 0.102, "C": 0.110, "N": 0.033, "O": 0.745, "Na": 0.001, "P": 0.001, "S": 0.002, "Cl": 0.003,
+          "K": 0.002, "Fe": 0.001}
+_W_IODINE = _IODINE_MG_PER_ML / 1000.0 / (1.06 + _IODINE_MG_PER_ML / 1000.0)
+
+# name -> (element -> mass fraction, nominal density g/cm^3)
+COMPOSITIONS: dict[str, tuple[dict[str, float], float]] = {
+    "air": ({"C": 0.000124, "N": 0.755268, "O": 0.231781, "Ar": 0.012827}, 0.001205),
+    "lung": ({"H": 0.103, "C": 0.105, "N": 0.031, "O": 0.749, "Na": 0.002, "P": 0.002, "S": 0.003, "Cl": 0.003,
+              "K": 0.002}, 1.05),
+    "adipose": ({"H": 0.114, "C": 0.598, "N": 0.007, "O": 0.278, "Na": 0.001, "S": 0.001, "Cl": 0.001}, 0.95),
+    "soft_tissue": ({"H": 0.102, "C": 0.143, "N": 0.034, "O": 0.708, "Na": 0.002, "P": 0.003, "S": 0.003,
+                     "Cl": 0.002, "K": 0.003}, 1.06),
+    "bone": ({"H": 0.034, "C": 0.155, "N": 0.042, "O": 0.435, "Na": 0.001, "Mg": 0.002, "P": 0.103, "S": 0.003,
+              "Ca": 0.225}, 1.92),
+    "iodine_blood": ({**{k: v * (1 - _W_IODINE) for k, v in _BLOOD.items()}, "I": _W_IODINE},
+                     1.06 + _IODINE_MG_PER_ML / 1000.0),
+    # not in the body: references and filters
+    "water": ({"H": 0.111894, "O": 0.888106}, 1.0),
+    "aluminium": ({"Al": 1.0}, 2.699),
+    "copper": ({"Cu": 1.0}, 8.96),
+}
+
+BODY_MATERIALS: tuple[str, ...] = ("air", "lung", "adipose", "soft_tissue", "bone", "iodine_blood")
+
+# (HU, material, density g/cm^3): the piecewise-linear scheme (see the module's docstring)
+HU_NODES: tuple[tuple[float, str, float], ...] = (
+    (-1000.0, "air", 0.001205), (-900.0, "lung", 0.10), (-250.0, "lung", 0.75), (-100.0, "adipose", 0.95),
+    (40.0, "soft_tissue", 1.05), (100.0, "soft_tissue", 1.10), (1500.0, "bone", 1.92))
+HU_NODES_CONTRAST: tuple[tuple[float, str, float], ...] = HU_NODES[:5] + (
+    (400.0, "iodine_blood", 1.072), (1500.0, "bone", 1.92))
+CONTRAST_LABELS: tuple[int, ...] = (VESSEL, HEART)
+
+
+def _tables():
+    from . import _xray_tables
+
+    return _xray_tables
+
+
+def mass_attenuation(name: str, energies_kev: Sequence[float] | torch.Tensor | None = None) -> torch.Tensor:
+    """(mu/rho) of material ``name`` in cm^2/g (float64) at ``energies_kev`` (default: every table energy).
+
+    Between table energies the value is interpolated log-log (exact at the table's 1 keV bin centres,
+    which the simulator uses); outside the table's range it raises.
+    """
+    tables = _tables()
+    if name not in tables.MASS_ATTENUATION:
+        raise KeyError(f"unknown material {name!r} (known: {', '.join(tables.MASS_ATTENUATION)})")
+    table_e = torch.tensor(tables.ENERGIES_KEV, dtype=torch.float64)
+    values = torch.tensor(tables.MASS_ATTENUATION[name], dtype=torch.float64)
+    if energies_kev is None:
+        return values
+    e = torch.as_tensor(energies_kev, dtype=torch.float64).flatten()
+    if float(e.min()) < float(table_e[0]) - 1e-9 or float(e.max()) > float(table_e[-1]) + 1e-9:
+        raise ValueError(f"energies must lie in [{float(table_e[0])}, {float(table_e[-1])}] keV, got "
+                         f"[{float(e.min())}, {float(e.max())}]")
+    i = torch.searchsorted(table_e, e).clamp(1, len(table_e) - 1)
+    e0, e1 = table_e[i - 1], table_e[i]
+    t = (e.log() - e0.log()) / (e1.log() - e0.log())
+    return torch.exp(values[i - 1].log() * (1 - t) + values[i].log() * t)
+
+
+def _linear_pieces(nodes, material: str) -> tuple[float, list[tuple[float, float, float]], float, float]:
+    """Material ``material``'s partial density as ``const + sum_i coef_i * clamp(hu, lo_i, hi_i) + ext *
+    relu(hu - top)``: a piecewise-linear function of HU whose value at each node is the node's density
+    when the node is that material and 0 otherwise. Returns (const, [(lo, hi, coef)], ext, top)."""
+    dens = [n[2] if n[1] == material else 0.0 for n in nodes]
+    const = dens[0]
+    pieces = []
+    for i in range(len(nodes) - 1):
+        lo, hi = nodes[i][0], nodes[i + 1][0]
+        coef = (dens[i + 1] - dens[i]) / (hi - lo)
+        if coef:
+            pieces.append((lo, hi, coef))
+            const -= coef * lo
+    # above the top node the total density goes on along the last segment's slope
+    (h0, _, r0), (h1, _, r1) = nodes[-2], nodes[-1]
+    ext = (r1 - r0) / (h1 - h0) if nodes[-1][1] == material else 0.0
+    return const, pieces, ext, h1
+
+
+class _PiecewiseLinear(torch.autograd.Function):
+    """``const + sum_i coef_i clamp(x, lo_i, hi_i) + ext relu(x - top)``, its backward the piecewise-constant
+    slope times the gradient: no clamp outputs or masks kept per piece, one multiply-add per piece."""
+
+    @staticmethod
+    def forward(ctx, x, const, pieces, ext, top):
+        out = torch.full_like(x, const)
+        for lo, hi, coef in pieces:
+            out.add_(torch.clamp(x, lo, hi), alpha=coef)
+        if ext:
+            out.add_(torch.relu(x - top), alpha=ext)
+        ctx.save_for_backward(x)
+        ctx.pieces, ctx.ext, ctx.top = pieces, ext, top
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        slope = torch.zeros_like(x)
+        for lo, hi, coef in ctx.pieces:
+            slope.add_(((x > lo) & (x < hi)).to(x.dtype), alpha=coef)
+        if ctx.ext:
+            slope.add_((x > ctx.top).to(x.dtype), alpha=ctx.ext)
+        return grad * slope, None, None, None, None
+
+
+def _partial_density(x: torch.Tensor, nodes, material: str, a: float = 0.0, b: float = 1.0) -> torch.Tensor:
+    """One material's density (g/cm^3) in each voxel of ``hu = a + b * x`` (the CT's intensity window folded
+    into the thresholds, so HU is never formed): a few passes over the volume, one clamp and one
+    multiply-add per segment that changes the material, no gathers."""
+    const, pieces, ext, top = _linear_pieces(nodes, material)
+    const += sum(coef * a for _, _, coef in pieces)
+    scaled = [((lo - a) / b, (hi - a) / b, coef * b) for lo, hi, coef in pieces]
+    return _PiecewiseLinear.apply(x, const, scaled, ext * b, (top - a) / b)
+
+
+def material_densities(x: torch.Tensor, materials: Sequence[str] = BODY_MATERIALS, *, contrast: bool = False,
+                       labels: torch.Tensor | None = None, hu_window: tuple[float, float] = (0.0, 1.0)):
+    """Yield each material's density volume (shaped like ``x``, g/cm^3) in the order of ``materials``, for a
+    CT ``x`` in [0, 1] over ``hu_window`` (the default (0, 1) reads ``x`` as HU)."""
+    a, b = float(hu_window[0]), float(hu_window[1]) - float(hu_window[0])
+    hu = x
+    mask = None
+    if labels is not None:
+        mask = torch.zeros(labels.shape, dtype=torch.bool, device=hu.device)
+        for code in CONTRAST_LABELS:
+            mask |= labels.to(hu.device) == code
+    for name in materials:
+        if mask is not None:
+            yield torch.where(mask, _partial_density(hu, HU_NODES_CONTRAST, name, a, b),
+                              _partial_density(hu, HU_NODES, name, a, b))
+        else:
+            yield _partial_density(hu, HU_NODES_CONTRAST if contrast else HU_NODES, name, a, b)
+
+
+def scheme_materials(contrast: bool = False, labels: bool = False) -> tuple[str, ...]:
+    """The body materials a scheme uses (iodine-enhanced blood only with contrast or a label map)."""
+    return BODY_MATERIALS if contrast or labels else tuple(m for m in BODY_MATERIALS if m != "iodine_blood")
+
+
+def hu_to_densities(hu: torch.Tensor, materials: Sequence[str] = BODY_MATERIALS, *, contrast: bool = False,
+                    labels: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-material mass densities ``[..., M, D, H, W]`` (g/cm^3) of a HU volume ``[..., D, H, W]``.
+
+    ``contrast`` uses the CTPA scheme everywhere; ``labels`` (the framework's label codes, same shape
+    as ``hu``) uses it only inside ``CONTRAST_LABELS``. Differentiable in ``hu`` (piecewise linear).
+    """
+    materials = list(materials)
+    missing = {n[1] for n in HU_NODES + HU_NODES_CONTRAST} - set(materials)
+    if missing - ({"iodine_blood"} if not (contrast or labels is not None) else set()):
+        raise ValueError(f"the HU scheme needs materials {sorted(missing)}; got {materials}")
+    return torch.stack(list(material_densities(hu, materials, contrast=contrast, labels=labels)), hu.dim() - 3)
