@@ -18,6 +18,13 @@ tree, so its released generator checkpoints load unchanged (``weights`` option):
 - instance normalisation without affine parameters (with running statistics, as theirs), biases on
   the convolutions, weights drawn from N(0, 0.02) and biases 0.
 
+Evaluation mode (``eval_norm``): X2CT-GAN's ``test.py`` and ``visual.py`` call ``eval()`` and then put
+every InstanceNorm back into train mode ("instance norm in training mode is better"), so their
+published numbers normalise each case by its own statistics. With ``eval_norm = "per_case"``
+(default) the instance norms do the same after ``eval()`` (validation, ``x2ct evaluate``,
+``predict`` and exports all call it), without updating the running statistics;
+``eval_norm = "running"`` uses the stored running statistics instead (plain PyTorch ``eval()``).
+
 With the published sizes (two 128^2 views, 128^3 output) it has 61.74 M parameters. The view
 branches' last decoder blocks and output heads (``viewNModel.decoder_layer-1``, ``.decoder_layer``)
 are part of the checkpoint but never reach the fused CT; they are computed only with
@@ -62,12 +69,36 @@ def _inverse(order: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(sorted(range(len(order)), key=lambda i: order[i]))
 
 
+EVAL_NORMS = ("per_case", "running")
+
+
+class _CaseStatistics:
+    """Instance norm whose evaluation mode is declared: ``per_case`` normalises each case by its own statistics
+    (X2CT-GAN's ``test.py`` / ``visual.py`` put every InstanceNorm back into train mode after ``eval()``), without
+    touching the running statistics; ``running`` uses the stored running statistics (plain ``eval()``)."""
+
+    eval_norm = "per_case"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training and self.eval_norm == "per_case":
+            return F.instance_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
+        return super().forward(x)
+
+
+class CaseInstanceNorm2d(_CaseStatistics, nn.InstanceNorm2d):
+    pass
+
+
+class CaseInstanceNorm3d(_CaseStatistics, nn.InstanceNorm3d):
+    pass
+
+
 def norm2d(channels: int) -> nn.Module:
-    return nn.InstanceNorm2d(channels, affine=False, track_running_stats=True)
+    return CaseInstanceNorm2d(channels, affine=False, track_running_stats=True)
 
 
 def norm3d(channels: int) -> nn.Module:
-    return nn.InstanceNorm3d(channels, affine=False, track_running_stats=True)
+    return CaseInstanceNorm3d(channels, affine=False, track_running_stats=True)
 
 
 class DenseLayer(nn.Sequential):
@@ -205,14 +236,19 @@ class X2CTGAN(nn.Module):
     Options: ``image_size`` (the views' size inside the network, a multiple of 32 and at least 64;
     default: the stage's resolution; inputs of another size are resized bilinearly, as X2CT-GAN's
     order-1 ``zoom``), ``weights`` (a generator checkpoint of the X2CT-GAN release, ``NN_net_G.pth``,
-    or a plain state dict), ``view_outputs``, and the CPU-sized variants ``width_divisor`` and
-    ``encoder_blocks``. The output is resized to the stage's ``resolution`` when it differs from
+    or a plain state dict), ``view_outputs``, ``eval_norm`` (``per_case``: X2CT-GAN's test mode, default;
+    ``running``), and the CPU-sized variants ``width_divisor`` and ``encoder_blocks``. The output is resized to
+    the stage's ``resolution`` when it differs from
     ``image_size``.
     """
 
     def __init__(self, *, resolution: int, image_size: int = 0, weights: str = "", view_outputs: bool = False,
-                 width_divisor: int = 1, encoder_blocks: list[int] = ENCODER_BLOCKS):
+                 width_divisor: int = 1, encoder_blocks: list[int] = ENCODER_BLOCKS, eval_norm: str = "per_case"):
         super().__init__()
+        if eval_norm not in EVAL_NORMS:
+            raise ValueError(f"eval_norm must be one of {list(EVAL_NORMS)} (per_case: X2CT-GAN's test script, each "
+                             f"case normalised by its own statistics; running: the stored running statistics), "
+                             f"got {eval_norm!r}")
         for key, value, low in (("resolution", resolution, 1), ("image_size", image_size, 0),
                                 ("width_divisor", width_divisor, 1)):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
@@ -253,8 +289,19 @@ class X2CTGAN(nn.Module):
         self.add_module("decoder_layer-1", nn.Sequential(*mods))
         self.decoder_layer = nn.Sequential(nn.Conv3d(dec[0], 1, 7, padding=3), nn.ReLU(inplace=True))
         self.reset_parameters()
+        self.set_eval_norm(eval_norm)
         if weights:
             self.load_state_dict(load_x2ctgan_checkpoint(weights, self))
+
+    def set_eval_norm(self, mode: str) -> None:
+        """How every instance norm behaves once ``eval()`` is called: ``per_case`` (default, X2CT-GAN's test mode)
+        or ``running``. Training is unaffected; ``self.eval_norm`` declares the mode for reports and exports."""
+        if mode not in EVAL_NORMS:
+            raise ValueError(f"eval_norm must be one of {list(EVAL_NORMS)}, got {mode!r}")
+        self.eval_norm = mode
+        for m in self.modules():
+            if isinstance(m, _CaseStatistics):
+                m.eval_norm = mode
 
     def reset_parameters(self) -> None:
         """X2CT-GAN's ``init_weights('normal')``: convolution and linear weights N(0, 0.02), biases 0."""
