@@ -30,12 +30,11 @@ branches' last decoder blocks and output heads (``viewNModel.decoder_layer-1``, 
 are part of the checkpoint but never reach the fused CT; they are computed only with
 ``view_outputs = true`` (then ``self.view_outputs`` holds both volumes, in the CT's axis order).
 
-Layout: X2CT-GAN learned from its stored images, whose rows run feet to head (its CT is stored with
-the feet at slice 0) and whose lateral is mirrored; batches here carry images in the framework's
-detector frame and a head-first CT. The model turns each view into X2CT-GAN's layout by its gantry
-angle (PA at 0 degrees: rows reversed; lateral at 270: rows and columns reversed; lateral at 90, its
-mirror: rows reversed) and returns the CT head-first, so published weights see what they were
-trained on and predictions line up with every other model's.
+Layout: X2CT-GAN learned from its stored images: the CT with the head at slice 0 (as the framework's),
+the PA view as it lies (head at row 0) and the lateral from 270 degrees mirrored left-right
+(``x2ctgan_h5``'s defaults; docs/data.md cites their code). The model turns each detector-frame view
+into that layout by its gantry angle (PA at 0 degrees: as it is; lateral at 270: columns reversed;
+lateral at 90, its mirror: as it is), so published weights see what they were trained on.
 
 CPU-sized variants (the weights then no longer load): ``width_divisor`` divides every channel width
 (stem, growth rate, decoder channels), ``encoder_blocks`` sets the dense layers per level.
@@ -320,7 +319,7 @@ class X2CTGAN(nn.Module):
         """Image axes (of ``[B, 1, H, W]``) to reverse so that view ``index`` looks like X2CT-GAN's stored image."""
         angles = torch.as_tensor(geometry["angles"])[:, index].detach()
         if isinstance(angles, FakeTensor):  # shapes only (FLOP counting): flips do not change them
-            return [2] if index == 0 else [2, 3]
+            return [] if index == 0 else [3]
         angles = angles.double().cpu() % 360.0
         if not torch.allclose(angles, angles[:1].expand_as(angles), atol=1e-3):
             raise ModelInputError(f"x2ctgan: view {index + 1} has different gantry angles across the batch "
@@ -331,17 +330,18 @@ class X2CTGAN(nn.Module):
             return min(abs(a - target), 360.0 - abs(a - target)) < 1e-3
 
         if index == 0 and near(0.0):
-            return [2]
+            return []
         if index == 1 and near(270.0):
-            return [2, 3]
+            return [3]
         if index == 1 and near(90.0):
-            return [2]
+            return []
         wanted = "a PA view at 0 degrees" if index == 0 else "a lateral view at 270 (X2CT-GAN's) or 90 degrees"
         raise ModelInputError(f"x2ctgan: view {index + 1} is at {a:g} degrees; X2CT-GAN's generator takes {wanted} "
                               f"(set data.views = [0, 270])")
 
     def _prepare(self, image: torch.Tensor, flips: list[int]) -> torch.Tensor:
-        image = image.flip(flips)
+        if flips:
+            image = image.flip(flips)
         if image.shape[-2:] != (self.image_size, self.image_size):
             image = F.interpolate(image, size=(self.image_size, self.image_size), mode="bilinear", align_corners=True)
         return image
@@ -372,9 +372,8 @@ class X2CTGAN(nn.Module):
             if i >= 0 or self.keep_view_outputs:
                 z1, z2 = b1.layer(f"decoder_layer{i}")(z1), b2.layer(f"decoder_layer{i}")(z2)
         if self.keep_view_outputs:
-            self.view_outputs = (b1.decoder_layer(z1).permute(*to_ct1).flip(2),
-                                 b2.decoder_layer(z2).permute(*to_ct2).flip(2))
-        out = self.decoder_layer(fused).flip(2)  # X2CT-GAN's CT has the feet at slice 0
+            self.view_outputs = (b1.decoder_layer(z1).permute(*to_ct1), b2.decoder_layer(z2).permute(*to_ct2))
+        out = self.decoder_layer(fused)  # X2CT-GAN's CT has the head at slice 0, as the framework's
         if out.shape[-1] != self.resolution:
             out = F.interpolate(out, size=(self.resolution,) * 3, mode="trilinear", align_corners=True)
         return out
