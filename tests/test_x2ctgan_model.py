@@ -201,3 +201,17 @@ def test_running_statistics_mode_is_plain_eval():
         torch.testing.assert_close(model(xrays, geometry), stock(xrays, geometry), rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="eval_norm"):
         X2CTGAN(**TINY, eval_norm="batch")
+
+
+def test_contract_kit_at_two_views():
+    """X2CT-GAN takes exactly a PA and a lateral, so the contract is checked at 2 views (0 and 270 degrees)."""
+    from x2ct_framework import testing
+
+    torch.manual_seed(0)
+    model = X2CTGAN(**TINY)
+    for branch in (model.view1Model, model.view2Model):  # in their checkpoint, never reach the fused CT (by design)
+        branch.layer("decoder_layer-1").requires_grad_(False)
+        branch.decoder_layer.requires_grad_(False)
+    passed = testing.check_model(model, resolution=32, views=(0.0, 270.0), image_size=64, prev=False,
+                                 geometry="x2ctgan", autocast_dtypes=())
+    assert "gradients reach every trainable parameter" in passed

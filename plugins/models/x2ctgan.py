@@ -241,6 +241,10 @@ class X2CTGAN(nn.Module):
     ``image_size``.
     """
 
+    # one branch per fixed view of one fixed geometry (X2CT-GAN's): the angles only pick each view's layout and
+    # other angles are refused, so the output does not follow a changed geometry (the contract kit's declaration)
+    uses_geometry = False
+
     def __init__(self, *, resolution: int, image_size: int = 0, weights: str = "", view_outputs: bool = False,
                  width_divisor: int = 1, encoder_blocks: list[int] = ENCODER_BLOCKS, eval_norm: str = "per_case"):
         super().__init__()
