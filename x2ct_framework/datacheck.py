@@ -212,7 +212,8 @@ def check_anatomy(anatomy: Sequence[AnatomyFit], head_feet_fixes: Sequence[str] 
     if "feet first" not in verdicts or "head first" in verdicts:
         return [], []
     flipped = [a for a in anatomy if a.verdict == "feet first"]
-    cases = ", ".join(f"{a.case} (trachea {a.tube_last} slices at slice {a.slices - 1})" for a in flipped[:3])
+    cases = ", ".join(f"{a.case} (trachea over slices {a.lungs[1] - a.tube_last + 1}-{a.lungs[1]} of {a.slices}, "
+                      f"lungs from slice {a.lungs[0]})" for a in flipped[:3])
     problem = (f"head-feet: the CT's head is at its last slice, not at slice 0 as the framework's orientation "
                f"requires (the trachea's air column continues the lungs towards the last slice in {cases}); the "
                f"stored X-rays follow the CT, so the CT and every view are flipped head-feet together")
