@@ -161,3 +161,19 @@ def test_their_recipe_validates(tmp_path, capsys):
             "model.classifier_channels=[8,4,4]", "train.batch_size=2", "data.cache=false"]
     assert main(["validate", "recipes/benchmarks/difnet_cbct.toml"] + [a for s in sets for a in ("--set", s)]) == 0
     assert "model difnet" in capsys.readouterr().out
+
+
+def test_cpu_baselines_matrix_resolves_with_equal_data_and_steps(tmp_path):
+    """benchmarks/matrix/cpu_baselines.toml: 3+ seeds, every baseline beside vit and cnn_baseline, same data/steps."""
+    from pathlib import Path
+
+    import benchmarks.variants as V
+
+    m = V.load_matrix(Path(__file__).resolve().parents[1] / "benchmarks" / "matrix" / "cpu_baselines.toml")
+    assert len(m.seeds) >= 3 and m.reference == "vit"
+    recipes = {c.name: V.cell_recipe(m, c, m.seeds[0], tmp_path, m.budget["steps"]) for c in m.cells}
+    models = {n: r["model"]["name"] for n, r in recipes.items()}
+    assert {"vit_cascade", "cnn_baseline", "x2ctgan", "difnet"} <= set(models.values())
+    assert len({repr(r["data"]) for r in recipes.values()}) == 1  # the same data for every cell
+    assert len({r["stages"][-1]["epochs"] for r in recipes.values()}) == 1
+    assert recipes["difnet_objective"]["stages"][-1]["optimizer"] == "sgd"
