@@ -275,7 +275,7 @@ def h5_root(tmp_path_factory):
 
 # the stored images as they are (identity orientation), area resizing and the seed's HU window, as
 # these tests were written before the X2CT-GAN conventions became the defaults (see test_x2ctgan_data.py)
-OLD_H5 = dict(views=[0, 90], orientation=["identity", "identity"], resize="area", hu_window=[-1000, 3000])
+OLD_H5 = dict(views=[0, 90], orientation=["identity", "identity"], resize="area", hu_window=[-1000, 3000], flip=["z"])
 
 
 def test_x2ctgan_h5_stored_views(h5_root):

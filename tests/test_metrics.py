@@ -140,7 +140,7 @@ def test_bad_options_and_inputs_are_clear_errors():
     with pytest.raises(RecipeError, match='unknown protocol "x2ctgn".*did you mean "x2ctgan"'):
         build_protocol("x2ctgn")
     assert check_names(["default"]) is None and "x2ct" in check_names(["x2ct"])
-    assert PROTOCOL_NAMES == ("default", "x2ctgan")
+    assert PROTOCOL_NAMES == ("default", "x2ctgan", "sparc", "c2rv")
 
 
 # ---- per-structure metrics on a phantom with known labels ---------------------------------------

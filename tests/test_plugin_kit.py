@@ -99,7 +99,7 @@ def test_an_unknown_protocol_in_a_recipe_lists_the_plugin_ones(tmp_path):
     path.write_text(TINY_RECIPE.format(out=tmp_path.as_posix()).replace("seed = 0", f'seed = 0\nplugins = ["{plugin}"]')
                     + '\n[eval]\nprotocols = ["mylb"]\n')
     with pytest.raises(RecipeError, match=r"eval -> protocols: unknown protocol\(s\) 'mylb'; did you mean \"mylab\"\?"
-                                          r".*default, x2ctgan, mylab"):
+                                          r".*default, x2ctgan, sparc, c2rv, mylab"):
         load_recipe(path)
 
 

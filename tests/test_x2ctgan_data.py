@@ -1,9 +1,11 @@
 """LIDC-IDRI in X2CT-GAN's layout: geometry that agrees with the CT, the check that proves it, their resampling.
 
 The cases are written here from a phantom as X2CT-GAN's scripts leave them (``CT2XRAY/``,
-``3DGAN/lib/dataset``): ``ct`` is the CT + 1024 in SimpleITK order with the feet at slice 0; ``xray1``
-is the PA DRR of that stored array as it lies (rows follow its slices); ``xray2`` is the DRR from
-the patient's left side (gantry 270) mirrored left-right; both 8-bit, scaled by their maximum.
+``3DGAN/lib/dataset``, ``3DGAN/lib/utils/ct.py``, ``3DGAN/visual.py``): ``ct`` is the CT + 1024 with the
+head at slice 0; ``xray1`` is the PA DRR of that stored array as it lies (rows follow its slices, head at
+row 0); ``xray2`` is the DRR from the patient's left side (gantry 270) mirrored left-right; both 8-bit,
+scaled by their maximum. ``head_feet=True`` writes the same case flipped head-feet, CT and both X-rays
+together (the layout an earlier reading of their files assumed): consistent views, upside-down anatomy.
 """
 
 from __future__ import annotations
@@ -33,11 +35,11 @@ def stored_drr(stored_hu: torch.Tensor, angle: float, px: int) -> torch.Tensor:
     return img / img.max()
 
 
-def write_case(folder, seed: int, px: int = 48, dtype=np.uint16):
+def write_case(folder, seed: int, px: int = 48, dtype=np.uint16, head_feet: bool = False):
     import h5py
 
-    hu, _ = chest_phantom(N, seed=seed)            # canonical: head at slice 0
-    stored_hu = hu.flip(0)                         # their array: feet at slice 0
+    hu, _ = chest_phantom(N, seed=seed)            # canonical: head at slice 0, as their array
+    stored_hu = hu.flip(0) if head_feet else hu
     xray1 = stored_drr(stored_hu, 0.0, px)
     xray2 = stored_drr(stored_hu, 270.0, px).flip(-1)
     folder.mkdir(parents=True)
@@ -74,26 +76,26 @@ def test_defaults_agree_with_the_ct(lidc):
     assert not result.fixes
 
 
-@pytest.mark.parametrize("wrong", [c for c in ORIENTATIONS if c != "flipud"])
+@pytest.mark.parametrize("wrong", [c for c in ORIENTATIONS if c != "identity"])
 def test_a_wrong_pa_orientation_fails_naming_the_fix(lidc, wrong):
-    result = check_dataset_geometry(create(lidc, orientation=[wrong, "rot180"]), cases=1)
+    result = check_dataset_geometry(create(lidc, orientation=[wrong, "fliplr"]), cases=1)
     assert not result.ok
-    assert result.fixes == ['data.orientation = ["flipud", "rot180"]'], result.table()
+    assert result.fixes == ['data.orientation = ["identity", "fliplr"]'], result.table()
 
 
-@pytest.mark.parametrize("wrong", ["identity", "fliplr", "flipud", "transpose"])
+@pytest.mark.parametrize("wrong", ["identity", "rot180", "flipud", "transpose"])
 def test_a_wrong_lateral_orientation_fails_naming_the_fix(lidc, wrong):
-    result = check_dataset_geometry(create(lidc, orientation=["flipud", wrong]), cases=1)
+    result = check_dataset_geometry(create(lidc, orientation=["identity", wrong]), cases=1)
     assert not result.ok
-    assert result.fixes == ['data.orientation = ["flipud", "rot180"]'], result.table()
+    assert result.fixes == ['data.orientation = ["identity", "fliplr"]'], result.table()
 
 
 def test_lateral_declared_at_90_fails_naming_270(lidc):
     # the stored lateral mirrored is close to the view from 90 degrees; only the cone beam tells them apart
-    result = check_dataset_geometry(create(lidc, views=[0, 90], orientation=["flipud", "flipud"]), cases=2)
+    result = check_dataset_geometry(create(lidc, views=[0, 90], orientation=["identity", "identity"]), cases=2)
     assert not result.ok
     assert "data.views = [0, 270]" in result.fixes, result.table()
-    assert 'data.orientation = ["flipud", "rot180"]' in result.fixes
+    assert 'data.orientation = ["identity", "fliplr"]' in result.fixes
 
 
 def test_cli_check_data_exit_status_and_overlay(lidc, tmp_path, capsys):
@@ -118,10 +120,10 @@ losses = {{ l1 = 1.0 }}
     assert (tmp_path / "chk" / "check_data.png").is_file()
     assert "| declared |" in capsys.readouterr().out
     code = main(["check-data", str(recipe), "--cases", "1", "--out", str(tmp_path / "chk"),
-                 "--set", 'data.orientation=["identity", "rot180"]'])
+                 "--set", 'data.orientation=["flipud", "fliplr"]'])
     err = capsys.readouterr().err
     assert code == 2
-    assert 'data.orientation = ["flipud", "rot180"]' in err
+    assert 'data.orientation = ["identity", "fliplr"]' in err
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.uint16])
@@ -133,14 +135,14 @@ def test_linear_resize_is_scipy_zoom_order_1(tmp_path, dtype):
     with h5py.File(tmp_path / "c" / "ct_xray_data.h5") as f:
         stored, xray1 = np.asarray(f["ct"]), np.asarray(f["xray1"])
     item = create(tmp_path, resolution=20, image_size=20)[0]
-    # X2CT-GAN: zoom(order=1) the stored array, clip to [0, 2500], divide by 2500 (here also: head first)
+    # X2CT-GAN: zoom(order=1) the stored array, clip to [0, 2500], divide by 2500 (head first as stored)
     ref = np.clip(ndi.zoom(stored, np.array((20, 20, 20)) / np.array(stored.shape), order=1), 0, 2500) / 2500
-    np.testing.assert_allclose(item["ct"][0].numpy(), ref[::-1], atol=1e-6)
+    np.testing.assert_allclose(item["ct"][0].numpy(), ref, atol=1e-6)
     ref1 = ndi.zoom(xray1, np.array((20, 20)) / np.array(xray1.shape), order=1) / 255.0
-    np.testing.assert_allclose(item["xrays"][0, 0].numpy(), ref1[::-1], atol=1e-6)  # flipud undone
+    np.testing.assert_allclose(item["xrays"][0, 0].numpy(), ref1, atol=1e-6)  # the PA as it lies
     area = create(tmp_path, resolution=16, image_size=16, resize="area")[0]["ct"]
     pooled = torch.nn.functional.avg_pool3d(torch.from_numpy(stored.astype(np.float64))[None, None], 2)[0, 0]
-    expect = ((pooled.clamp(0, 2500)) / 2500).flip(0).float()
+    expect = ((pooled.clamp(0, 2500)) / 2500).float()
     torch.testing.assert_close(area[0], expect, atol=1e-5, rtol=0)
 
 
@@ -164,8 +166,8 @@ def test_training_refuses_data_whose_check_fails_unless_told_to_warn(lidc, caplo
 
     assert guard_stored_geometry(create(lidc)).ok
     assert check_stored_geometry(create(lidc), cases=1)
-    wrong = dict(orientation=["identity", "rot180"])
-    with pytest.raises(GeometryMismatch, match=r'data.orientation = \["flipud", "rot180"\]'):
+    wrong = dict(orientation=["flipud", "fliplr"])
+    with pytest.raises(GeometryMismatch, match=r'data.orientation = \["identity", "fliplr"\]'):
         guard_stored_geometry(create(lidc, **wrong))
     with caplog.at_level(logging.WARNING, logger="x2ct_framework.datacheck"):
         assert not guard_stored_geometry(create(lidc, check_geometry="warn", **wrong)).ok
@@ -235,8 +237,8 @@ losses = {{ l1 = 1.0 }}
 ''')
     assert main(["validate", str(recipe)]) == 0
     assert "stored X-rays agree with the CT" in capsys.readouterr().out
-    assert main(["validate", str(recipe), "--set", 'data.orientation=["flipud", "identity"]']) == 2
-    assert 'data.orientation = ["flipud", "rot180"]' in capsys.readouterr().err
+    assert main(["validate", str(recipe), "--set", 'data.orientation=["identity", "identity"]']) == 2
+    assert 'data.orientation = ["identity", "fliplr"]' in capsys.readouterr().err
 
 
 def test_paired_xray_with_a_ct_checks_its_geometry(tmp_path):
@@ -316,7 +318,7 @@ def test_every_option_that_changes_the_volume_changes_its_key(tmp_path):
     (tmp_path / "train.txt").write_text("c\n")
     path = tmp_path / "c" / "ct_xray_data.h5"
     base = dict(resolution=16, image_size=16)
-    variants = [{}, {"resolution": 20}, {"resize": "area"}, {"hu_offset": 1000.0}, {"flip": []},
+    variants = [{}, {"resolution": 20}, {"resize": "area"}, {"hu_offset": 1000.0}, {"flip": ["z"]},
                 {"image_size": 20}, {"orientation": ["identity", "rot180"]}]
     volume_keys, xray_keys = [], []
     for v in variants:
@@ -328,3 +330,62 @@ def test_every_option_that_changes_the_volume_changes_its_key(tmp_path):
     assert len(set(xray_keys)) == len(variants)  # the X-rays' key holds the volume's and the image options
     # the hu_window only changes the scaling of the cached HU (applied after the cache): same volume entry
     assert create(tmp_path, **base, hu_window=[-1000, 1000])._volume_key(path) == volume_keys[0]
+
+
+@pytest.fixture(scope="module")
+def lidc_head_feet(tmp_path_factory):
+    """The same cases flipped head-feet, CT and both X-rays together: the views still fit the CT's DRRs."""
+    root = tmp_path_factory.mktemp("lidc_head_feet")
+    names = [f"LIDC-IDRI-{i:04d}.2000" for i in range(1, 4)]
+    for i, name in enumerate(names):
+        write_case(root / name, seed=300 + i, head_feet=True)
+    (root / "train.txt").write_text("\n".join(names) + "\n")
+    (root / "test.txt").write_text(names[0] + "\n")
+    return root
+
+
+def test_anatomy_puts_the_head_at_slice_0(lidc):
+    from x2ct_framework.datacheck import head_end
+
+    result = check_dataset_geometry(create(lidc), cases=2)
+    assert [a.verdict for a in result.anatomy] == ["head first"] * 2, result.table()
+    for seed in (0, 1, 2):  # the phantom at other sizes; its flip reads the other way
+        hu, _ = chest_phantom(48, seed=seed)
+        assert head_end(hu).verdict == "head first"
+        assert head_end(hu.flip(0)).verdict == "feet first"
+        assert head_end(torch.full((16, 16, 16), 40.0)).verdict == "inconclusive"  # no lungs: no verdict
+
+
+def test_a_head_feet_flipped_dataset_fails_naming_the_fix(lidc_head_feet, tmp_path, capsys):
+    from x2ct_framework.cli import main
+    from x2ct_framework.datacheck import GeometryMismatch, guard_stored_geometry
+
+    result = check_dataset_geometry(create(lidc_head_feet), cases=2)
+    assert all(f.declared > 0.98 for f in result.fits), result.table()  # the DRRs alone cannot see it
+    assert not result.ok and "head-feet" in result.problems[0]
+    assert result.fixes == ['data.flip = ["z"]', 'data.orientation = ["flipud", "rot180"]']
+    with pytest.raises(GeometryMismatch, match=r'data.flip = \["z"\]'):  # training refuses it too
+        guard_stored_geometry(create(lidc_head_feet))
+    fixed = check_dataset_geometry(create(lidc_head_feet, flip=["z"], orientation=["flipud", "rot180"]), cases=2)
+    assert fixed.ok, fixed.table()
+    recipe = tmp_path / "flipped.toml"
+    recipe.write_text(f'''
+name = "lidc_flipped"
+output_dir = "{(tmp_path / 'runs').as_posix()}"
+[data]
+name = "x2ctgan_h5"
+root = "{lidc_head_feet.as_posix()}"
+val_fraction = 0.0
+[model]
+name = "cnn_baseline"
+[[stages]]
+resolution = {N}
+epochs = 1
+losses = {{ l1 = 1.0 }}
+''')
+    assert main(["check-data", str(recipe), "--cases", "2", "--out", str(tmp_path / "chk")]) == 2
+    captured = capsys.readouterr()
+    assert "feet first" in captured.out
+    assert 'data.flip = ["z"]' in captured.err and 'data.orientation = ["flipud", "rot180"]' in captured.err
+    assert main(["check-data", str(recipe), "--cases", "2", "--out", str(tmp_path / "chk"), "--set", 'data.flip=["z"]',
+                 "--set", 'data.orientation=["flipud","rot180"]']) == 0

@@ -145,3 +145,73 @@ def test_checkpoint_errors(tmp_path):
     torch.save({"state_dict": {"conv.weight": torch.zeros(1)}}, path)
     with pytest.raises(CheckpointError, match="missing.*unexpected"):
         X2CTGAN(**TINY, weights=str(path))
+
+
+def _running_statistics_differ(model):
+    """Running statistics far from any case's own: means 0.5, variances 4 (a checkpoint trained elsewhere)."""
+    for m in model.modules():
+        if isinstance(m, (torch.nn.InstanceNorm2d, torch.nn.InstanceNorm3d)):
+            m.running_mean.fill_(0.5)
+            m.running_var.fill_(4.0)
+    return model
+
+
+def test_evaluation_uses_per_case_statistics_as_their_test_script():
+    """X2CT-GAN's test.py: ``eval()``, then every InstanceNorm back to train mode. The plugin's ``eval()`` output
+    equals that, leaves the running statistics alone, and differs from the running-statistics output."""
+    import copy
+
+    torch.manual_seed(0)
+    model = _running_statistics_differ(X2CTGAN(**TINY))
+    assert model.eval_norm == "per_case"
+    theirs = copy.deepcopy(model).eval()
+    for m in theirs.modules():
+        if isinstance(m, torch.nn.modules.instancenorm._InstanceNorm):
+            m.train()  # the stock PyTorch InstanceNorm forward in train mode: per-case statistics
+    running = copy.deepcopy(model)
+    running.set_eval_norm("running")
+    running.eval()
+    xrays = torch.rand(2, 2, 1, 64, 64)
+    geometry = {"angles": torch.tensor([[0.0, 270.0], [0.0, 270.0]])}
+    before = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    with torch.no_grad():
+        ours = model.eval()(xrays, geometry)
+        reference = theirs(xrays, geometry)
+        stored = running(xrays, geometry)
+    torch.testing.assert_close(ours, reference, rtol=0, atol=1e-6)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())  # no running-statistics update
+    assert (ours - stored).abs().max() > 1e-3  # the running statistics give another volume
+    # one case's output does not depend on the other cases of the batch (instance statistics)
+    with torch.no_grad():
+        torch.testing.assert_close(model(xrays[:1], {"angles": geometry["angles"][:1]}), ours[:1], rtol=0, atol=1e-5)
+
+
+def test_running_statistics_mode_is_plain_eval():
+    torch.manual_seed(0)
+    model = _running_statistics_differ(X2CTGAN(**TINY, eval_norm="running")).eval()
+    stock = X2CTGAN(**TINY)
+    stock.load_state_dict(model.state_dict())
+    for m in stock.modules():
+        if isinstance(m, torch.nn.modules.instancenorm._InstanceNorm):
+            m.__class__ = torch.nn.InstanceNorm2d if isinstance(m, torch.nn.InstanceNorm2d) else torch.nn.InstanceNorm3d
+    stock.eval()
+    xrays = torch.rand(1, 2, 1, 64, 64)
+    geometry = {"angles": torch.tensor([[0.0, 270.0]])}
+    with torch.no_grad():
+        torch.testing.assert_close(model(xrays, geometry), stock(xrays, geometry), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="eval_norm"):
+        X2CTGAN(**TINY, eval_norm="batch")
+
+
+def test_contract_kit_at_two_views():
+    """X2CT-GAN takes exactly a PA and a lateral, so the contract is checked at 2 views (0 and 270 degrees)."""
+    from x2ct_framework import testing
+
+    torch.manual_seed(0)
+    model = X2CTGAN(**TINY)
+    for branch in (model.view1Model, model.view2Model):  # in their checkpoint, never reach the fused CT (by design)
+        branch.layer("decoder_layer-1").requires_grad_(False)
+        branch.decoder_layer.requires_grad_(False)
+    passed = testing.check_model(model, resolution=32, views=(0.0, 270.0), image_size=64, prev=False,
+                                 geometry="x2ctgan", autocast_dtypes=())
+    assert "gradients reach every trainable parameter" in passed

@@ -10,6 +10,14 @@ one from 270 degrees mirrored differ only through the cone beam's magnification)
 (angle, orientation) fits clearly better than the declared one in every case, the check fails and
 names the recipe setting that fixes it.
 
+A head-feet flip of the CT and every view together keeps them consistent with each other, so the
+DRR comparison cannot see it. The anatomy can: every case's CT is also read for which end its head
+is at (:func:`head_end`: the trachea's air column, a single small midline tube of air inside the
+body, continues the lungs' air towards the head, while towards the feet the lungs end on the
+diaphragm domes and the liver). The framework's CTs have the head at slice 0 (and so the head
+towards row 0 of every view); when the conclusive cases say otherwise, the check fails naming the
+dataset's setting that flips CT and views back (``head_feet_fixes()`` of the dataset when it has one).
+
 Used by ``x2ct check-data RECIPE`` (table, overlay PNG, exit status 2 on a mismatch) and by
 :func:`x2ct_framework.testing.check_stored_geometry` for third-party datasets.
 """
@@ -55,12 +63,93 @@ class ViewFit:
 
 
 @dataclass
+class AnatomyFit:
+    case: str
+    slices: int  # the CT's length along D
+    lungs: tuple[int, int]  # first and last slice holding the lungs' (and airways') air, -1 when none
+    tube_first: int  # slices of a single midline air tube (the trachea) at the slice-0 end of that air
+    tube_last: int  # ... and at the last-slice end
+
+    @property
+    def verdict(self) -> str:
+        """``head first`` (the trachea at the slice-0 end), ``feet first`` or ``inconclusive``."""
+        need = max(2, round(0.03 * self.slices))
+        if self.tube_first >= need and self.tube_last == 0:
+            return "head first"
+        if self.tube_last >= need and self.tube_first == 0:
+            return "feet first"
+        return "inconclusive"
+
+
+AIR_HU = -400.0  # lung parenchyma and airways lie below, every tissue above
+BODY_HU = -500.0
+
+
+def _body(hu: np.ndarray) -> np.ndarray:
+    """Per axial slice, the largest connected region above ``BODY_HU`` with its holes filled (no table, no air)."""
+    import scipy.ndimage as ndi
+
+    out = np.zeros(hu.shape, bool)
+    for z, tissue in enumerate(hu > BODY_HU):
+        lab, n = ndi.label(tissue)
+        if n:
+            biggest = int(np.argmax(ndi.sum(tissue, lab, range(1, n + 1)))) + 1
+            out[z] = ndi.binary_fill_holes(lab == biggest)
+    return out
+
+
+def head_end(hu: np.ndarray | torch.Tensor, case: str = "") -> AnatomyFit:
+    """Which end of a CT ``[D, H, W]`` (HU) the head is at, from the airways.
+
+    The largest connected body of air inside the body is the lungs with their airways. Walking into it
+    from each end along D, the slices where it is one small region (under 3 % of the body's section)
+    near the body's midline (within 10 % of its width) are the trachea; that run exists only at the
+    head end, since towards the feet the lungs end as two lateral bases on the diaphragm domes. A CT
+    without lungs, or whose scan starts below the trachea, is inconclusive.
+    """
+    import scipy.ndimage as ndi
+
+    hu = hu.detach().cpu().numpy() if isinstance(hu, torch.Tensor) else np.asarray(hu)
+    hu = hu.astype(np.float32, copy=False)
+    d = hu.shape[0]
+    body = _body(hu)
+    air = (hu < AIR_HU) & body
+    lab, n = ndi.label(air)
+    if n == 0 or air.sum() < 0.005 * body.sum():
+        return AnatomyFit(case, d, (-1, -1), 0, 0)
+    lungs = lab == int(np.argmax(ndi.sum(air, lab, range(1, n + 1)))) + 1
+    present = np.nonzero(lungs.any((1, 2)))[0]
+    lo, hi = int(present.min()), int(present.max())
+
+    def tube(z: int) -> bool:
+        section = lungs[z]
+        if ndi.label(section)[1] != 1:
+            return False
+        columns = np.nonzero(body[z].any(0))[0]
+        width = columns.max() - columns.min() + 1
+        centre = np.nonzero(section.any(0))[0].mean()
+        return (abs(centre - (columns.max() + columns.min()) / 2) < 0.1 * width
+                and section.sum() < 0.03 * body[z].sum())
+
+    def run(slices) -> int:
+        count = 0
+        for z in slices:
+            if not tube(z):
+                break
+            count += 1
+        return count
+
+    return AnatomyFit(case, d, (lo, hi), run(range(lo, hi + 1)), run(range(hi, lo - 1, -1)))
+
+
+@dataclass
 class CheckResult:
     fits: list[ViewFit]
     problems: list[str]
     fixes: list[str]
     images: list[tuple[str, int, np.ndarray, np.ndarray]] = field(default_factory=list)
     stored: bool = True  # False: the dataset renders its X-rays from the CT, there was nothing to compare
+    anatomy: list[AnatomyFit] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -73,6 +162,12 @@ class CheckResult:
             verdict = "ok" if same or not clearly_better(f.best, f.declared) else "MISMATCH"
             alt = f"{f.best_orientation} at {f.best_angle:g}"
             rows.append(f"| {f.case} | {f.view} | {f.angle:g} | {f.declared:.3f} | {alt} | {f.best:.3f} | {verdict} |")
+        if self.anatomy:
+            rows += ["", "| case | lungs' air (slices) | trachea at slice 0 | trachea at the last slice | head |",
+                     "|---|---|---|---|---|"]
+            for a in self.anatomy:
+                span = "none" if a.lungs[0] < 0 else f"{a.lungs[0]}-{a.lungs[1]} of {a.slices}"
+                rows.append(f"| {a.case} | {span} | {a.tube_first} | {a.tube_last} | {a.verdict} |")
         return "\n".join(rows)
 
 
@@ -112,15 +207,38 @@ def fit_views(ct01: torch.Tensor, xrays: torch.Tensor, geometry: dict, hu_window
     return fits, renders
 
 
+def check_anatomy(anatomy: Sequence[AnatomyFit], head_feet_fixes: Sequence[str] | None = None
+                  ) -> tuple[list[str], list[str]]:
+    """Problems and fixes when the conclusive cases all have the head at the last slice (none at slice 0)."""
+    verdicts = [a.verdict for a in anatomy]
+    if "feet first" not in verdicts or "head first" in verdicts:
+        return [], []
+    flipped = [a for a in anatomy if a.verdict == "feet first"]
+    cases = ", ".join(f"{a.case} (trachea over slices {a.lungs[1] - a.tube_last + 1}-{a.lungs[1]} of {a.slices}, "
+                      f"lungs from slice {a.lungs[0]})" for a in flipped[:3])
+    problem = (f"head-feet: the CT's head is at its last slice, not at slice 0 as the framework's orientation "
+               f"requires (the trachea's air column continues the lungs towards the last slice in {cases}); the "
+               f"stored X-rays follow the CT, so the CT and every view are flipped head-feet together")
+    fixes = list(head_feet_fixes) if head_feet_fixes else [
+        "the dataset's CT orientation (flip the CT along D and every view's rows together: the head goes to "
+        "slice 0 and to row 0 of each view)"]
+    return [problem], fixes
+
+
 def check_items(items: Sequence[dict], hu_window: Sequence[float], declared: Sequence[str] | None = None,
                 orientation_key: str = "data.orientation", views_key: str = "data.views",
-                mu_water: float | None = None) -> CheckResult:
+                mu_water: float | None = None, head_feet_fixes: Sequence[str] | None = None,
+                anatomy: bool = True) -> CheckResult:
     """Check dataset items (``ct``, ``xrays``, ``geometry``, ``case_id``); ``declared`` is each view's stored
-    orientation as the dataset was told it (identity when unknown), used to name the fix."""
+    orientation as the dataset was told it (identity when unknown), used to name the fix; ``head_feet_fixes``
+    the dataset's settings that flip its CT and views head-feet, named when the anatomy says the head is at
+    the last slice."""
     if not items:
         raise DataError("check-data: the dataset gave no cases to check")
     fits: list[ViewFit] = []
     images = []
+    anatomies: list[AnatomyFit] = []
+    lo_hu, hi_hu = float(hu_window[0]), float(hu_window[1])
     for i, item in enumerate(items):
         missing = [k for k in ("ct", "xrays", "geometry") if k not in item]
         if missing:
@@ -130,6 +248,9 @@ def check_items(items: Sequence[dict], hu_window: Sequence[float], declared: Seq
         f, renders = fit_views(item["ct"], item["xrays"], item["geometry"], hu_window, case, mu_water)
         fits += f
         images += [(case, v, renders[v], item["xrays"][v, 0].numpy()) for v in range(len(f))]
+        if anatomy and lo_hu < AIR_HU < hi_hu:  # the window must hold the air / tissue thresholds
+            ct = item["ct"][0] if item["ct"].dim() == 4 else item["ct"]
+            anatomies.append(head_end(lo_hu + ct.float() * (hi_hu - lo_hu), case))
     n_views = max(f.view for f in fits) + 1
     problems, fixes = [], []
     declared = list(declared) if declared and len(declared) == n_views else ["identity"] * n_views
@@ -165,7 +286,9 @@ def check_items(items: Sequence[dict], hu_window: Sequence[float], declared: Seq
         angles = [a if a is not None else per_angle for a, per_angle in
                   zip(new_views, [next(f.angle for f in fits if f.view == v) for v in range(n_views)])]
         fixes.append(f"{views_key} = [{', '.join(format(a, 'g') for a in angles)}]")
-    return CheckResult(fits, problems, fixes, images)
+    if not problems:  # a head-feet flip is judged on views that agree with the CT
+        problems, fixes = check_anatomy(anatomies, head_feet_fixes)
+    return CheckResult(fits, problems, fixes, images, anatomies)
 
 
 def check_dataset_geometry(dataset, cases: int = 3, hu_window: Sequence[float] | None = None) -> CheckResult:
@@ -173,8 +296,9 @@ def check_dataset_geometry(dataset, cases: int = 3, hu_window: Sequence[float] |
     n = min(cases, len(dataset))
     items = [dataset[i] for i in range(n)]
     window = hu_window or getattr(dataset, "hu_window", None) or DEFAULT_HU_WINDOW
+    fixer = getattr(dataset, "head_feet_fixes", None)
     return check_items(items, window, getattr(dataset, "orientation", None),
-                       mu_water=getattr(dataset, "mu_water", None))
+                       mu_water=getattr(dataset, "mu_water", None), head_feet_fixes=fixer() if fixer else None)
 
 
 def stores_xrays(dataset) -> bool:

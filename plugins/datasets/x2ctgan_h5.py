@@ -4,17 +4,22 @@ Layout (``3DGAN/lib/dataset/alignDataSet*.py``): ``root/<case>/ct_xray_data.h5``
 ``ct`` (a 256^3 volume over a 320 mm cube; values are HU + 1024, the paper clips them to
 [0, 2500]), ``xray1`` (PA) and ``xray2`` (lateral), 8-bit DRRs made with Plastimatch in the
 ``x2ctgan`` geometry, plus ``ori_size`` and ``spacing``; and list files naming the train and
-test cases (``train.txt``, ``test.txt``). The CT array is stored in SimpleITK order ``[z, y, x]`` of
-an LPS volume whose z runs toward the head; ``flip`` (default ``["z"]``) turns it into the canonical
-orientation (head at slice 0).
+test cases (``train.txt``, ``test.txt``). The CT array ``[z, y, x]`` has the head at slice 0, the
+inverse of SimpleITK's order of their ``.mha`` volumes: X2CT-GAN's ``3DGAN/lib/utils/ct.py`` turns a
+SimpleITK array into their layout by ``inverse_z_direction`` ("original CT is inversed in slice
+dimension"), and ``3DGAN/visual.py`` reverses the depth of their CT again before writing it as an
+``.mha`` with an identity direction (whose slice 0 is the inferior end). So the stored array is in the
+canonical orientation already; ``flip`` (default ``[]``) flips axes when a copy was written otherwise.
 
 ``xrays = "stored"`` uses the published PA and lateral images. Against this framework's DRRs of the
-head-first CT, X2CT-GAN's ``xray1`` is the PA view (0 degrees) upside down and ``xray2`` the view from
-270 degrees rotated by 180 degrees (the ``x2ctgan`` preset's ``stored_views``); the defaults
-``views = [0, 270]`` and ``orientation = ["flipud", "rot180"]`` say so, and each stored image is turned
-back into the detector frame when read, so the CT, the X-rays and the geometry agree (``x2ct
-check-data`` verifies it). ``xrays = "render"`` renders DRRs from the CT with this framework's
-projector, at any views and geometry (2, 4, 8 views).
+head-first CT, X2CT-GAN's ``xray1`` is the PA view (0 degrees) as it lies (head at row 0) and
+``xray2`` the view from 270 degrees mirrored left-right (the ``x2ctgan`` preset's ``stored_views``);
+the defaults ``views = [0, 270]`` and ``orientation = ["identity", "fliplr"]`` say so, and each
+stored image is turned back into the detector frame when read, so the CT, the X-rays and the
+geometry agree (``x2ct check-data`` verifies it, and reads the CT's anatomy for which end is the
+head: a copy flipped head-feet, CT and X-rays together, is refused naming :meth:`head_feet_fixes`).
+``xrays = "render"`` renders DRRs from the CT with this framework's projector, at any views and
+geometry (2, 4, 8 views).
 
 As X2CT-GAN prepares its data (``3DGAN/lib/dataset``, the ``multiview2500`` experiment): the stored
 volume is resized with ``scipy.ndimage.zoom(order=1)`` (``resize = "linear"``, the default; ``"area"``
@@ -55,7 +60,7 @@ import torch.nn.functional as F
 from x2ct_framework.errors import DataError, RecipeError
 from x2ct_framework.hookspecs import hookimpl
 from x2ct_framework.physics import MU_WATER, from_stored
-from x2ct_framework.physics.geometry import check_orientation
+from x2ct_framework.physics.geometry import check_orientation, compose_orientation
 from x2ct_framework.stage import Stage
 from x2ct_plugins.datasets._common import (ArrayCache, CaseListDataset, DiskCache, XrayAugment, bad_case,
                                            case_geometry, check_common, check_split, empty_split_error,
@@ -122,10 +127,10 @@ class X2CTGANH5Dataset(CaseListDataset):
 
     def __init__(self, *, split: str, stage: Stage, root: str, views: list[float] = (0.0, 270.0),
                  geometry: str | dict = "x2ctgan", hu_window: list[float] = X2CTGAN_HU_WINDOW, image_size: int = 0,
-                 xrays: str = "stored", orientation: list[str] = ("flipud", "rot180"), resize: str = "linear",
+                 xrays: str = "stored", orientation: list[str] = ("identity", "fliplr"), resize: str = "linear",
                  train_list: str = "train.txt", test_list: str = "test.txt", val_list: str = "",
                  val_fraction: float = 0.05, seed: int = 0, hu_offset: float = 1024.0, volume_mm: float = 320.0,
-                 flip: list[str] = ("z",), cache_dir: str = "", cache: bool = True, on_bad_case: str = "error",
+                 flip: list[str] = (), cache_dir: str = "", cache: bool = True, on_bad_case: str = "error",
                  mu_water: float = MU_WATER, beer_lambert: bool = False, check_geometry: str = "error",
                  augment: dict | None = None, augment_splits: list[str] = ("train",)):
         check_split(split)
@@ -167,6 +172,7 @@ class X2CTGANH5Dataset(CaseListDataset):
         self.hu_offset = float(hu_offset)
         self.volume_mm = float(volume_mm)
         self.flip = [AXES[a] for a in flip]
+        self.flip_names = list(flip)
         self.on_bad_case = on_bad_case
         self.mu_water, self.beer_lambert = float(mu_water), beer_lambert
         self.cache = ArrayCache(resolve_cache_dir(cache_dir, cache))
@@ -243,6 +249,16 @@ class X2CTGANH5Dataset(CaseListDataset):
         return out
 
     # ---- the cache: resized volumes and X-rays ---------------------------------------------------
+    def head_feet_fixes(self) -> list[str]:
+        """The settings that flip this dataset's CT and its stored views head-feet together (named by ``x2ct
+        check-data`` when the CT's anatomy puts the head at the last slice)."""
+        flip = [a for a in self.flip_names if a != "z"] + ([] if "z" in self.flip_names else ["z"])
+        fixes = [f"data.flip = [{', '.join(chr(34) + a + chr(34) for a in flip)}]"]
+        if self.mode == "stored":
+            turned = [compose_orientation("flipud", o) for o in self.orientation]
+            fixes.append(f"data.orientation = [{', '.join(chr(34) + o + chr(34) for o in turned)}]")
+        return fixes
+
     def _volume_key(self, path: Path) -> str:
         return DiskCache.key("x2ctgan_volume", CACHE_VERSION, file_identity(path), self.stage.resolution,
                              self.resize, self.hu_offset, self.flip)

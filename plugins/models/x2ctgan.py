@@ -18,17 +18,23 @@ tree, so its released generator checkpoints load unchanged (``weights`` option):
 - instance normalisation without affine parameters (with running statistics, as theirs), biases on
   the convolutions, weights drawn from N(0, 0.02) and biases 0.
 
+Evaluation mode (``eval_norm``): X2CT-GAN's ``test.py`` and ``visual.py`` call ``eval()`` and then put
+every InstanceNorm back into train mode ("instance norm in training mode is better"), so their
+published numbers normalise each case by its own statistics. With ``eval_norm = "per_case"``
+(default) the instance norms do the same after ``eval()`` (validation, ``x2ct evaluate``,
+``predict`` and exports all call it), without updating the running statistics;
+``eval_norm = "running"`` uses the stored running statistics instead (plain PyTorch ``eval()``).
+
 With the published sizes (two 128^2 views, 128^3 output) it has 61.74 M parameters. The view
 branches' last decoder blocks and output heads (``viewNModel.decoder_layer-1``, ``.decoder_layer``)
 are part of the checkpoint but never reach the fused CT; they are computed only with
 ``view_outputs = true`` (then ``self.view_outputs`` holds both volumes, in the CT's axis order).
 
-Layout: X2CT-GAN learned from its stored images, whose rows run feet to head (its CT is stored with
-the feet at slice 0) and whose lateral is mirrored; batches here carry images in the framework's
-detector frame and a head-first CT. The model turns each view into X2CT-GAN's layout by its gantry
-angle (PA at 0 degrees: rows reversed; lateral at 270: rows and columns reversed; lateral at 90, its
-mirror: rows reversed) and returns the CT head-first, so published weights see what they were
-trained on and predictions line up with every other model's.
+Layout: X2CT-GAN learned from its stored images: the CT with the head at slice 0 (as the framework's),
+the PA view as it lies (head at row 0) and the lateral from 270 degrees mirrored left-right
+(``x2ctgan_h5``'s defaults; docs/data.md cites their code). The model turns each detector-frame view
+into that layout by its gantry angle (PA at 0 degrees: as it is; lateral at 270: columns reversed;
+lateral at 90, its mirror: as it is), so published weights see what they were trained on.
 
 CPU-sized variants (the weights then no longer load): ``width_divisor`` divides every channel width
 (stem, growth rate, decoder channels), ``encoder_blocks`` sets the dense layers per level.
@@ -62,12 +68,36 @@ def _inverse(order: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(sorted(range(len(order)), key=lambda i: order[i]))
 
 
+EVAL_NORMS = ("per_case", "running")
+
+
+class _CaseStatistics:
+    """Instance norm whose evaluation mode is declared: ``per_case`` normalises each case by its own statistics
+    (X2CT-GAN's ``test.py`` / ``visual.py`` put every InstanceNorm back into train mode after ``eval()``), without
+    touching the running statistics; ``running`` uses the stored running statistics (plain ``eval()``)."""
+
+    eval_norm = "per_case"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training and self.eval_norm == "per_case":
+            return F.instance_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
+        return super().forward(x)
+
+
+class CaseInstanceNorm2d(_CaseStatistics, nn.InstanceNorm2d):
+    pass
+
+
+class CaseInstanceNorm3d(_CaseStatistics, nn.InstanceNorm3d):
+    pass
+
+
 def norm2d(channels: int) -> nn.Module:
-    return nn.InstanceNorm2d(channels, affine=False, track_running_stats=True)
+    return CaseInstanceNorm2d(channels, affine=False, track_running_stats=True)
 
 
 def norm3d(channels: int) -> nn.Module:
-    return nn.InstanceNorm3d(channels, affine=False, track_running_stats=True)
+    return CaseInstanceNorm3d(channels, affine=False, track_running_stats=True)
 
 
 class DenseLayer(nn.Sequential):
@@ -205,14 +235,23 @@ class X2CTGAN(nn.Module):
     Options: ``image_size`` (the views' size inside the network, a multiple of 32 and at least 64;
     default: the stage's resolution; inputs of another size are resized bilinearly, as X2CT-GAN's
     order-1 ``zoom``), ``weights`` (a generator checkpoint of the X2CT-GAN release, ``NN_net_G.pth``,
-    or a plain state dict), ``view_outputs``, and the CPU-sized variants ``width_divisor`` and
-    ``encoder_blocks``. The output is resized to the stage's ``resolution`` when it differs from
+    or a plain state dict), ``view_outputs``, ``eval_norm`` (``per_case``: X2CT-GAN's test mode, default;
+    ``running``), and the CPU-sized variants ``width_divisor`` and ``encoder_blocks``. The output is resized to
+    the stage's ``resolution`` when it differs from
     ``image_size``.
     """
 
+    # one branch per fixed view of one fixed geometry (X2CT-GAN's): the angles only pick each view's layout and
+    # other angles are refused, so the output does not follow a changed geometry (the contract kit's declaration)
+    uses_geometry = False
+
     def __init__(self, *, resolution: int, image_size: int = 0, weights: str = "", view_outputs: bool = False,
-                 width_divisor: int = 1, encoder_blocks: list[int] = ENCODER_BLOCKS):
+                 width_divisor: int = 1, encoder_blocks: list[int] = ENCODER_BLOCKS, eval_norm: str = "per_case"):
         super().__init__()
+        if eval_norm not in EVAL_NORMS:
+            raise ValueError(f"eval_norm must be one of {list(EVAL_NORMS)} (per_case: X2CT-GAN's test script, each "
+                             f"case normalised by its own statistics; running: the stored running statistics), "
+                             f"got {eval_norm!r}")
         for key, value, low in (("resolution", resolution, 1), ("image_size", image_size, 0),
                                 ("width_divisor", width_divisor, 1)):
             check_int(key, value, low)
@@ -252,8 +291,19 @@ class X2CTGAN(nn.Module):
         self.add_module("decoder_layer-1", nn.Sequential(*mods))
         self.decoder_layer = nn.Sequential(nn.Conv3d(dec[0], 1, 7, padding=3), nn.ReLU(inplace=True))
         self.reset_parameters()
+        self.set_eval_norm(eval_norm)
         if weights:
             self.load_state_dict(load_x2ctgan_checkpoint(weights, self))
+
+    def set_eval_norm(self, mode: str) -> None:
+        """How every instance norm behaves once ``eval()`` is called: ``per_case`` (default, X2CT-GAN's test mode)
+        or ``running``. Training is unaffected; ``self.eval_norm`` declares the mode for reports and exports."""
+        if mode not in EVAL_NORMS:
+            raise ValueError(f"eval_norm must be one of {list(EVAL_NORMS)}, got {mode!r}")
+        self.eval_norm = mode
+        for m in self.modules():
+            if isinstance(m, _CaseStatistics):
+                m.eval_norm = mode
 
     def reset_parameters(self) -> None:
         """X2CT-GAN's ``init_weights('normal')``: convolution and linear weights N(0, 0.02), biases 0."""
@@ -272,7 +322,7 @@ class X2CTGAN(nn.Module):
         """Image axes (of ``[B, 1, H, W]``) to reverse so that view ``index`` looks like X2CT-GAN's stored image."""
         angles = torch.as_tensor(geometry["angles"])[:, index].detach()
         if isinstance(angles, FakeTensor):  # shapes only (FLOP counting): flips do not change them
-            return [2] if index == 0 else [2, 3]
+            return [] if index == 0 else [3]
         angles = angles.double().cpu() % 360.0
         if not torch.allclose(angles, angles[:1].expand_as(angles), atol=1e-3):
             raise ModelInputError(f"x2ctgan: view {index + 1} has different gantry angles across the batch "
@@ -283,17 +333,18 @@ class X2CTGAN(nn.Module):
             return min(abs(a - target), 360.0 - abs(a - target)) < 1e-3
 
         if index == 0 and near(0.0):
-            return [2]
+            return []
         if index == 1 and near(270.0):
-            return [2, 3]
+            return [3]
         if index == 1 and near(90.0):
-            return [2]
+            return []
         wanted = "a PA view at 0 degrees" if index == 0 else "a lateral view at 270 (X2CT-GAN's) or 90 degrees"
         raise ModelInputError(f"x2ctgan: view {index + 1} is at {a:g} degrees; X2CT-GAN's generator takes {wanted} "
                               f"(set data.views = [0, 270])")
 
     def _prepare(self, image: torch.Tensor, flips: list[int]) -> torch.Tensor:
-        image = image.flip(flips)
+        if flips:
+            image = image.flip(flips)
         if image.shape[-2:] != (self.image_size, self.image_size):
             image = F.interpolate(image, size=(self.image_size, self.image_size), mode="bilinear", align_corners=True)
         return image
@@ -324,9 +375,8 @@ class X2CTGAN(nn.Module):
             if i >= 0 or self.keep_view_outputs:
                 z1, z2 = b1.layer(f"decoder_layer{i}")(z1), b2.layer(f"decoder_layer{i}")(z2)
         if self.keep_view_outputs:
-            self.view_outputs = (b1.decoder_layer(z1).permute(*to_ct1).flip(2),
-                                 b2.decoder_layer(z2).permute(*to_ct2).flip(2))
-        out = self.decoder_layer(fused).flip(2)  # X2CT-GAN's CT has the feet at slice 0
+            self.view_outputs = (b1.decoder_layer(z1).permute(*to_ct1), b2.decoder_layer(z2).permute(*to_ct2))
+        out = self.decoder_layer(fused)  # X2CT-GAN's CT has the head at slice 0, as the framework's
         if out.shape[-1] != self.resolution:
             out = F.interpolate(out, size=(self.resolution,) * 3, mode="trilinear", align_corners=True)
         return out

@@ -213,7 +213,7 @@ def evaluate(target: Target, split: str = "test", protocols: list[str] = ("defau
     return ev
 
 
-RESULT_FILES = ("per_case.csv", "summary.json", "summary.md", "worst")
+RESULT_FILES = ("per_case.csv", "summary.json", "summary.md", "worst", "sparc.csv", "c2rv.csv")
 
 
 def write_results_folder(ev: Evaluation, out: Path, worst: int) -> None:
@@ -297,6 +297,20 @@ def write_outputs(ev: Evaluation, out_dir: str | Path, final: str | Path | None 
     (out / "summary.md").write_text(markdown(ev, final))
     ev.files = {"per_case": final / "per_case.csv", "summary_json": final / "summary.json",
                 "summary_md": final / "summary.md"}
+    for proto in ev.protocols:  # per-volume tables in a published layout (e.g. SPARC's CSV columns)
+        if proto.per_volume is None:
+            continue
+        name, columns = proto.per_volume
+        with (out / name).open("w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(list(columns))
+            for i, cid in enumerate(ev.case_ids):
+                row = [cid]
+                for metric in list(columns.values())[1:]:
+                    v = ev.values[proto.key(metric)][i]
+                    row.append("" if not np.isfinite(v) else f"{v:.6f}")
+                w.writerow(row)
+        ev.files[f"{proto.name}_per_volume"] = final / name
     return ev.files
 
 

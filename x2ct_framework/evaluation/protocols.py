@@ -7,6 +7,11 @@ A published number is comparable only with numbers computed the same way (intens
 - ``default``: this framework's protocol (see ``DEFAULT_CONVENTIONS``).
 - ``x2ctgan``: X2CT-GAN's published evaluation code (kylekma/X2CT, ``3DGAN/test.py`` with
   ``lib/utils/metrics_np.py``), reproduced step by step (see ``X2CTGAN_CONVENTIONS``).
+- ``sparc``: SPARC's per-volume metrics (HORIZONHealthcare/SPARC, ``src/utils/train_common.py``
+  ``case_metrics``), over [-1024, 1024] HU (see ``SPARC_CONVENTIONS``); its per-volume table has the
+  columns of SPARC's ``results/reconstruction/*.csv``.
+- ``c2rv``: the few-view CBCT protocol of C²RV / DIF-Gaussian / DeepSparse (xmed-lab), DIF-Net's with
+  the SSIM's data range made explicit (see ``C2RV_CONVENTIONS``).
 
 Both are registered through the ``register_protocols`` hook (this module is the core plugin
 ``protocols``), exactly as a plugin registers its own: ``factory(hu_window, **options)`` returns a
@@ -189,6 +194,8 @@ class Protocol:
     primary: str
     notes: list[str] = field(default_factory=list)
     exclude: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None = None
+    # a per-volume table in the authors' layout: (file name, {column: metric}); its first column is the case
+    per_volume: tuple[str, dict[str, str]] | None = None
 
     def key(self, metric: str) -> str:
         return f"{self.name}/{metric}"
@@ -340,8 +347,98 @@ def x2ctgan_setting_deviations(hu_window: Sequence[float], resolution: int, resi
     return [f"NOT X2CT-GAN's setting: {d}; these numbers do not compare with its published table" for d in out]
 
 
+# ---- SPARC and the xmed-lab few-view CBCT protocol ------------------------------------------------
+SPARC_HU = (-1024.0, 1024.0)
+
+SPARC_CONVENTIONS = [
+    "intensity: both volumes in HU rounded to integers (SPARC scores int16 volumes), clipped to [-1024, 1024]",
+    "psnr_db: 3D over the whole volume, -10 log10(MSE / 2048^2) with the MSE floored at 1e-12",
+    "ssim: 3D SSIM of the volumes normalised to [0, 1] over [-1024, 1024] (scikit-image's defaults: uniform "
+    "7-tap window, sample covariance, valid region) with data_range = 1",
+    "per-volume table sparc.csv: columns ct_path, psnr_db, ssim as in SPARC's results/reconstruction/*.csv",
+]
+
+C2RV_CONVENTIONS = [
+    "intensity: the recipe's HU window scaled to [0, 1] (set it to the dataset's preprocessing window, e.g. "
+    "the one the authors normalised their CTs with); the prediction clipped to [0, 1]",
+    "psnr: 3D over the whole volume, data_range = 1 (skimage peak_signal_noise_ratio(image, output, data_range=1))",
+    "ssim: 3D SSIM with data_range = 1 given explicitly (scikit-image's uniform 7-tap window, sample "
+    "covariance); DIF-Net's own evaluate.py left data_range out, which older scikit-image took as 2 for float "
+    "volumes and which inflates SSIM (xmed-lab/DIF-Gaussian#4)",
+    "per-volume table c2rv.csv: columns name, psnr, ssim",
+]
+
+
+def _window_notes(name: str, hu_window: Sequence[float], needed: Sequence[float]) -> list[str]:
+    lo, hi = float(hu_window[0]), float(hu_window[1])
+    if lo > needed[0] or hi < needed[1]:
+        return [f"the recipe's HU window [{lo:g}, {hi:g}] does not cover {name}'s [{needed[0]:g}, {needed[1]:g}] HU; "
+                f"values outside it were lost before scoring, so these numbers are not directly comparable"]
+    return []
+
+
+class SPARCMetric(Metric):
+    """SPARC's ``case_metrics``: ``kind`` "psnr_db" or "ssim" over [-1024, 1024] HU."""
+
+    def __init__(self, hu_window: Sequence[float] = DEFAULT_HU_WINDOW, kind: str = "psnr_db",
+                 hu_range: Sequence[float] = SPARC_HU):
+        super().__init__(hu_window)
+        if kind not in ("psnr_db", "ssim"):
+            raise ValueError(f"kind must be 'psnr_db' or 'ssim', got {kind!r}")
+        self.kind, self.hu_range = kind, (float(hu_range[0]), float(hu_range[1]))
+        self.unit = "dB" if kind == "psnr_db" else ""
+
+    def __call__(self, pred, target, batch=None):
+        _check_pair(pred, target)
+        with torch.no_grad():  # the prediction is clipped in HU, not to the recipe's window first
+            return self.compute(pred.detach(), target.detach(), batch or {})
+
+    def compute(self, pred, target, batch):
+        lo, hi = self.hu_range
+        rec = torch.round(to_hu(pred.double(), self.hu_window)).clamp(lo, hi)
+        tgt = torch.round(to_hu(target.double(), self.hu_window)).clamp(lo, hi)
+        if self.kind == "psnr_db":
+            mse = ((rec - tgt) ** 2).flatten(1).mean(1) / (hi - lo) ** 2
+            return -10.0 * torch.log10(mse.clamp_min(1e-12))
+        rec_n, tgt_n = (rec - lo) / (hi - lo), (tgt - lo) / (hi - lo)
+        return _ssim(tgt_n[:, None] if tgt_n.dim() == 4 else tgt_n, rec_n[:, None] if rec_n.dim() == 4 else rec_n,
+                     data_range=1.0, mode="3d", win_size=7, window="uniform", sample_covariance=True)
+
+
+class C2RVMetric(Metric):
+    """The xmed-lab CBCT evaluation: ``kind`` "psnr" or "ssim" on [0, 1], the prediction clipped, data range 1."""
+
+    def __init__(self, hu_window: Sequence[float] = DEFAULT_HU_WINDOW, kind: str = "psnr"):
+        super().__init__(hu_window)
+        if kind not in ("psnr", "ssim"):
+            raise ValueError(f"kind must be 'psnr' or 'ssim', got {kind!r}")
+        self.kind = kind
+        self.unit = "dB" if kind == "psnr" else ""
+
+    def compute(self, pred, target, batch):  # pred already clipped to [0, 1] by Metric.__call__
+        p, t = pred.double(), target.double()
+        if self.kind == "psnr":
+            mse = ((p - t) ** 2).flatten(1).mean(1)
+            return 10.0 * torch.log10(1.0 / mse.clamp_min(1e-20))
+        return _ssim(t, p, data_range=1.0, mode="3d", win_size=7, window="uniform", sample_covariance=True)
+
+
+def _sparc(hu_window: Sequence[float]) -> Protocol:
+    metrics = {k: SPARCMetric(hu_window, k) for k in ("psnr_db", "ssim")}
+    return Protocol("sparc", SPARC_CONVENTIONS, metrics, dict.fromkeys(metrics, "global"), primary="psnr_db",
+                    notes=_window_notes("SPARC", hu_window, SPARC_HU),
+                    per_volume=("sparc.csv", {"ct_path": "", "psnr_db": "psnr_db", "ssim": "ssim"}))
+
+
+def _c2rv(hu_window: Sequence[float]) -> Protocol:
+    metrics = {k: C2RVMetric(hu_window, k) for k in ("psnr", "ssim")}
+    return Protocol("c2rv", C2RV_CONVENTIONS, metrics, dict.fromkeys(metrics, "global"), primary="psnr",
+                    per_volume=("c2rv.csv", {"name": "", "psnr": "psnr", "ssim": "ssim"}))
+
+
 # Built-in protocols; registered by this module (the core plugin ``protocols``) through ``register_protocols``.
-PROTOCOLS: dict[str, Callable[..., Protocol]] = {"default": _default, "x2ctgan": _x2ctgan}
+PROTOCOLS: dict[str, Callable[..., Protocol]] = {"default": _default, "x2ctgan": _x2ctgan, "sparc": _sparc,
+                                                 "c2rv": _c2rv}
 PROTOCOL_NAMES = tuple(PROTOCOLS)
 
 
@@ -402,5 +499,6 @@ def build_protocol(name: str, hu_window: Sequence[float] = DEFAULT_HU_WINDOW, *,
 
 
 __all__ = ["Protocol", "PROTOCOLS", "PROTOCOL_NAMES", "build_protocol", "protocol_names", "check_names",
-           "as_protocol", "X2CTGANMetric", "X2CTGAN_METRICS",
+           "as_protocol", "X2CTGANMetric", "X2CTGAN_METRICS", "SPARCMetric", "C2RVMetric",
+           "SPARC_CONVENTIONS", "C2RV_CONVENTIONS",
            "to_x2ctgan01", "x2ctgan_integers", "DEFAULT_CONVENTIONS", "X2CTGAN_CONVENTIONS"]

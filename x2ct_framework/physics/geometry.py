@@ -35,15 +35,14 @@ GEOMETRY_PRESETS: dict[str, dict] = {
     },
     "x2ctgan": {
         "beam": "cone", "sid": 541.0, "sdd": 949.0, "detector_mm": 500.0, "detector_px": 320,
-        # their stored images against this framework's DRRs of the head-first CT: xray1 (Plastimatch
-        # normal 0 1 0, then mirrored left-right by their savepng) is the PA view upside down (rows feet
-        # first, as their CT's slices); xray2 (normal 1 0 0) is the view from 270 degrees mirrored
-        # left-right and upside down
-        "stored_views": ({"key": "xray1", "angle": 0.0, "orientation": "flipud"},
-                         {"key": "xray2", "angle": 270.0, "orientation": "rot180"}),
+        # their stored images against this framework's DRRs of their CT (head at slice 0): xray1
+        # (Plastimatch normal 0 1 0, then mirrored left-right by their savepng) is the PA view as it
+        # lies, head at row 0; xray2 (normal 1 0 0) is the view from 270 degrees mirrored left-right
+        "stored_views": ({"key": "xray1", "angle": 0.0, "orientation": "identity"},
+                         {"key": "xray2", "angle": 270.0, "orientation": "fliplr"}),
         "doc": "X2CT-GAN (kylekma/X2CT, CT2XRAY/xraypro.py): Plastimatch cone beam, source-axis 541 mm, "
-               "source-detector 949 mm, 320^2 detector over 500 mm; stored xray1 = view 0 flipped up-down, "
-               "xray2 = view 270 rotated 180 degrees",
+               "source-detector 949 mm, 320^2 detector over 500 mm; stored xray1 = view 0 as it lies, "
+               "xray2 = view 270 mirrored left-right",
     },
     "perx2ct": {
         "beam": "cone", "sid": 700.0, "sdd": 949.0, "detector_mm": 500.0, "detector_px": 320,
