@@ -45,11 +45,13 @@ from x2ct_framework.config.optim import Schedule, lr_factor, make_optimizer
 from x2ct_framework.datacheck import guard_stored_geometry
 from x2ct_framework.config.recipe import Recipe
 from x2ct_framework.errors import CheckpointError, RecipeError
+from x2ct_framework.generative import is_generative
 from x2ct_framework.plugins import get_plugin_manager
 from x2ct_framework.stage import Stage
 from x2ct_framework.training.cascade import PreviousStages, previous_stages
 from x2ct_framework.training.compile import compile_model
 from x2ct_framework.training.critics import Critics
+from x2ct_framework.training.generative import generative_objective
 from x2ct_framework.training.guards import TrainingDiverged, check_batch, check_trained, check_validation, last_good
 from x2ct_framework.training.interrupt import StopRequest
 from x2ct_framework.training.logbook import Logbook
@@ -298,8 +300,11 @@ class Trainer:
         st.batch_in_epoch += 1
         with acc.accumulate(st.model):
             st.critics.freeze()  # the model's objective reaches the critics' input only
-            pred = self.predict(st.model, batch)
-            loss, terms = st.objective(pred, batch, epoch=st.epoch)
+            if is_generative(self.model):  # the model owns its objective (x2ct_framework.generative)
+                loss, terms, pred = generative_objective(self, st, batch)
+            else:
+                pred = self.predict(st.model, batch)
+                loss, terms = st.objective(pred, batch, epoch=st.epoch)
             if st.objective.finite(loss):  # every process agrees, so all skip a bad update together
                 acc.backward(loss)
                 st.objective.record(loss, terms)
