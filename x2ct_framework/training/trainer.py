@@ -386,6 +386,10 @@ class Trainer:
         stage_dir = self.run_dir / stage.name
 
         model = build_model(recipe, stage)
+        before = stages(recipe)[stage.index - 2] if stage.index > 1 else None
+        if before is not None and model_options(recipe, before)["name"] != model_options(recipe, stage)["name"]:
+            self.print(f"[{stage.name}] starts fresh: its model is not {before.name}'s")  # another model's weights
+            init_from = None
         if init_from is not None and resume_from is None:
             self._initialise(model, stage, init_from)
         self.previous = previous_stages(recipe, stage, self.run_dir, acc.device)
