@@ -44,7 +44,7 @@ from x2ct_framework.config.checks import check_freeze
 from x2ct_framework.config.optim import Schedule, lr_factor, make_optimizer
 from x2ct_framework.datacheck import guard_stored_geometry
 from x2ct_framework.config.recipe import Recipe
-from x2ct_framework.errors import CheckpointError, RecipeError
+from x2ct_framework.errors import CheckpointError, RecipeError, X2CTError
 from x2ct_framework.generative import is_generative
 from x2ct_framework.plugins import get_plugin_manager
 from x2ct_framework.stage import Stage
@@ -386,9 +386,9 @@ class Trainer:
         stage_dir = self.run_dir / stage.name
 
         model = build_model(recipe, stage)
-        before = stages(recipe)[stage.index - 2] if stage.index > 1 else None
-        if before is not None and model_options(recipe, before)["name"] != model_options(recipe, stage)["name"]:
-            self.print(f"[{stage.name}] starts fresh: its model is not {before.name}'s")  # another model's weights
+        other = self._other_model(stage, init_from) if init_from is not None and resume_from is None else None
+        if other:  # a generative refiner after a regression cascade: the cascade feeds it, its weights do not
+            self.print(f"[{stage.name}] starts fresh: {init_from} holds another model ({other})")
             init_from = None
         if init_from is not None and resume_from is None:
             self._initialise(model, stage, init_from)
@@ -462,6 +462,19 @@ class Trainer:
                    + (f" from reference batch {train['reference_batch']}, x{scale:g}" if scale != 1 else "")
                    + f"); mixed precision {acc.mixed_precision}; best by {metric} ({st.best.mode})")
         return st
+
+    def _other_model(self, stage: Stage, init_from: Path) -> str | None:
+        """The name of the model in ``init_from`` when it is not this stage's model (the recipe that made it
+        says), else None."""
+        from x2ct_framework.runs import resolve_target
+
+        mine = model_options(self.recipe, stage)["name"]
+        try:
+            target = resolve_target(init_from)
+            theirs = model_options(target.recipe, target.stage)["name"]
+        except X2CTError:
+            return None  # no recipe beside it: _initialise decides from the tensors
+        return theirs if theirs != mine else None
 
     def _initialise(self, model: torch.nn.Module, stage: Stage, init_from: Path) -> None:
         """Load the previous stage's (or ``train.init_from``'s) weights; refuse a checkpoint of another model."""
