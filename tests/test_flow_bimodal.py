@@ -55,6 +55,7 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.mark.slow  # 600 training steps at 8^3: 159 s wall on the shared 2-core machine under load
 def test_flow_samples_land_on_both_answers_while_regression_returns_their_average(one_thread):
     a, b = ball(R * 0.3), ball(R * 0.7)
     geom = make_geometry([0.0], "parallel")

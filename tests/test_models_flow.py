@@ -145,6 +145,7 @@ def _recipe(tmp_path, extra_model: str = "") -> str:
     return path
 
 
+@pytest.mark.slow  # three (two-stage) training runs
 def test_trainer_trains_a_generative_model_with_ema_and_resumes_exactly(tmp_path, monkeypatch):
     """The trainer logs the model's own terms (flow, coarse) and the recipe's l1 on its clean estimate; a run
     interrupted mid-epoch and resumed ends with the weights of an uninterrupted one (EMA included)."""
@@ -178,6 +179,7 @@ def test_trainer_trains_a_generative_model_with_ema_and_resumes_exactly(tmp_path
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow  # three (two-stage) training runs
 def test_a_generative_stage_refines_the_cascade(tmp_path):
     """Stage 2 names another model (flow_refiner, its own [stages.model] table, cascade = true): it starts fresh
     and gets stage 1's vit_cascade prediction as prev in training."""
