@@ -13,8 +13,9 @@ process, on one case (batch 1, eval mode, no gradients, fp32 on CPU, bf16 autoca
   regression forwards;
 - ``train_peak_mb`` and ``stage2_train_peak_mb``: the peak memory of one training step (forward and
   backward, gradient checkpointing as the recipe sets it) of flow_refiner's ``training_loss`` and of
-  stage 2's L1 step: ``torch.cuda.max_memory_allocated`` on CUDA; on CPU the growth of the peak resident
-  set (``ru_maxrss``) of a fresh process over the step (an upper bound, allocator caches included).
+  stage 2's L1 step: ``torch.cuda.max_memory_allocated`` on CUDA; on CPU (no allocator statistics) the
+  weights and their gradients plus the tensors the forward pass keeps for the backward pass (counted once
+  per storage through ``torch.autograd.graph.saved_tensors_hooks``), which is what sets a step's peak.
 
 Run: ``OMP_NUM_THREADS=1 python -m benchmarks.perf.sampling --preset cpu --resolutions 64`` (CPU) or
 ``python -m benchmarks.perf.sampling --preset recipe --resolutions 64 128 --device cuda`` (GPU).
@@ -24,8 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
-import resource
 import statistics
 import sys
 import time
@@ -104,10 +103,14 @@ def train_step_peak(which: str, preset: str, resolution: int, device_name: str) 
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    with _autocast(device):
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with _autocast(device), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         if which == "regression":
             loss = (model(xrays, geom).float() - ct).abs().mean()
         else:
@@ -115,24 +118,9 @@ def train_step_peak(which: str, preset: str, resolution: int, device_name: str) 
     loss.backward()
     if device.type == "cuda":
         torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - base) / 2**20
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024  # KiB on Linux
-
-
-def _child(queue, *args) -> None:
-    torch.set_num_threads(1)
-    queue.put(train_step_peak(*args))
-
-
-def fresh_process_peak(*args) -> float:
-    """``train_step_peak`` in a fresh process, so earlier allocations do not hide the step's peak."""
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    p = ctx.Process(target=_child, args=(queue, *args))
-    p.start()
-    value = queue.get()
-    p.join()
-    return float(value)
+        return torch.cuda.max_memory_allocated() / 2**20
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    return (2 * weights + sum(saved.values())) / 2**20
 
 
 def run(quick: bool = False, preset: str = "cpu", resolutions: tuple[int, ...] | None = None,
@@ -152,9 +140,8 @@ def run(quick: bool = False, preset: str = "cpu", resolutions: tuple[int, ...] |
             timed = {n: _timed(lambda: refiner.sample(xrays, geom, prev=prev, steps=n,
                                                       generator=torch.Generator().manual_seed(0)), dev, repeat)
                      for n in steps}
-        peak_of = fresh_process_peak if dev.type == "cpu" else train_step_peak
-        flow_peak = peak_of("refiner", preset, r, device)
-        reg_peak = peak_of("regression", preset, r, device)
+        flow_peak = train_step_peak("refiner", preset, r, device)
+        reg_peak = train_step_peak("regression", preset, r, device)
         for n in steps:
             rows.append({"preset": preset, "resolution": r, "device": device, "sampler": refiner.sampler,
                          "steps": n, "regression_s": reg_s, "sample_s": timed[n], "ratio": timed[n] / reg_s,

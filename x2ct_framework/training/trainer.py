@@ -472,8 +472,8 @@ class Trainer:
         try:
             target = resolve_target(init_from)
             theirs = model_options(target.recipe, target.stage)["name"]
-        except X2CTError:
-            return None  # no recipe beside it: _initialise decides from the tensors
+        except (X2CTError, OSError, ValueError):
+            return None  # no readable recipe beside it: _initialise decides from the tensors
         return theirs if theirs != mine else None
 
     def _initialise(self, model: torch.nn.Module, stage: Stage, init_from: Path) -> None:
