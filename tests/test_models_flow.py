@@ -314,3 +314,47 @@ def test_export_and_load_pretrained_keep_a_generative_model(tmp_path):
         ref = load_model(resolve_target(run), torch.device("cpu"))(batch["xrays"], batch["geometry"])
         got = model(batch["xrays"], batch["geometry"])
     assert torch.equal(ref, got)
+
+
+WEIGHTS_HASH = '''
+"""Writes a hash of the model's weights after every optimizer step, one file per process."""
+import hashlib
+import os
+from pathlib import Path
+
+from x2ct_framework.hookspecs import hookimpl
+
+
+@hookimpl
+def on_train_step_end(trainer, stage, step, metrics):
+    h = hashlib.sha1()
+    for _, v in sorted(trainer.model.state_dict().items()):
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    rank = trainer.accelerator.process_index
+    with open(Path(os.environ["X2CT_TEST_HASHES"]) / f"rank{rank}.txt", "a") as f:
+        f.write(f"{step} {h.hexdigest()}\\n")
+'''
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_keep_a_generative_model_in_sync(tmp_path):
+    """Under DDP (2 gloo processes) training_loss goes through the wrapped model, so gradients are all-reduced:
+    after every update both processes hold the same weights, and the weights moved."""
+    import subprocess
+
+    from conftest import PYTHON, run_env
+
+    (tmp_path / "weights_hash.py").write_text(WEIGHTS_HASH)
+    path = _recipe(tmp_path)
+    path.write_text('plugins = ["weights_hash.py"]\n' + path.read_text())
+    hashes = tmp_path / "hashes"
+    hashes.mkdir()
+    two = subprocess.run(
+        [PYTHON, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "x2ct_framework.run", str(path),
+         "--set", "train.batch_size=1", "--set", "stages.1.epochs=1"],
+        cwd=tmp_path, capture_output=True, text=True, env=run_env(X2CT_TEST_HASHES=str(hashes)), timeout=600)
+    assert two.returncode == 0, two.stdout + two.stderr
+    r0, r1 = ((hashes / f"rank{r}.txt").read_text().splitlines() for r in (0, 1))
+    assert len(r0) == 2 and r0 == r1
+    assert r0[0].split()[1] != r0[1].split()[1]
