@@ -358,3 +358,14 @@ def test_two_cpu_processes_keep_a_generative_model_in_sync(tmp_path):
     r0, r1 = ((hashes / f"rank{r}.txt").read_text().splitlines() for r in (0, 1))
     assert len(r0) == 2 and r0 == r1
     assert r0[0].split()[1] != r0[1].split()[1]
+
+
+def test_the_run_report_shows_the_samples_gallery_of_a_generative_run(tmp_path):
+    from x2ct_framework.evaluation import report
+
+    run = make_run(tmp_path, name="flow", model=FLOW, num_test=1)
+    assert report.main([str(run), "--device", "cpu"]) == 0
+    md = (run / "report.md").read_text()
+    assert "## Samples" in md and "mean of 8 samples" in md and "| psnr |" in md.replace("default/", "")
+    pictures = [p for p in run.rglob("samples.png")]
+    assert len(pictures) == 1 and pictures[0].read_bytes()[:4] == b"\x89PNG"
