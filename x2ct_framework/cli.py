@@ -207,6 +207,9 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--worst", type=count(0), default=3, help="slice pictures of the N worst cases")
     p.add_argument("--lpips", default="auto", choices=("auto", "on", "off"),
                    help="LPIPS in the default protocol: auto = when its weights are present")
+    p.add_argument("--samples", type=count(1), default=None, metavar="K",
+                   help="a generative model: score the mean of K samples per case and one sample, and record their "
+                        "diversity (default 8)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     add_trust_arguments(p)
 
@@ -235,6 +238,10 @@ def add_predict_arguments(p: argparse.ArgumentParser) -> None:
                         "matching; see docs/data.md, Your own radiographs, for its limits)")
     p.add_argument("--spacing", type=float, nargs="+", metavar="MM", help="output voxel size (x y z or one value)")
     p.add_argument("--dtype", default="float32", choices=("float32", "int16"))
+    p.add_argument("--samples", type=count(0), default=0, metavar="K",
+                   help="a generative model: write the mean of K samples, and <case>_std.nii.gz (per-voxel standard "
+                        "deviation, HU) beside it (0 = the model's forward)")
+    p.add_argument("--keep-samples", action="store_true", help="with --samples: also write <case>_sample<k>.nii.gz")
     p.add_argument("--like", metavar="CT", help="write the volume in this CT's world frame (the framework's crop of "
                                                 "it), so it overlays the CT; default: isocentre at the origin")
     p.add_argument("--no-progress", dest="progress", action="store_false")

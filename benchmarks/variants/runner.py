@@ -115,12 +115,22 @@ def evaluate_run(recipe, matrix: Matrix, model=None) -> dict[str, Any]:
                   max_cases=matrix.eval["max_cases"], n_boot=0, worst=0, progress=False, lpips="auto", model=model)
     proto = ev.protocols[0]
     metrics = {m: ev.summary[proto.key(m)]["mean"] for m in proto.metrics}
+    higher = {m: proto.higher_is_better(m) for m in proto.metrics}
+    units = {m: proto.unit(m) for m in proto.metrics}
+    if ev.info.get("samples"):  # a generative model: the metrics above score the mean of its samples
+        from x2ct_framework.evaluation.evaluate import DIVERSITY, ONE_SAMPLE
+
+        for m in proto.metrics:
+            if f"{ONE_SAMPLE}{proto.key(m)}" in ev.summary:
+                name = f"one_sample/{m}"
+                metrics[name] = ev.summary[f"{ONE_SAMPLE}{proto.key(m)}"]["mean"]
+                higher[name], units[name] = higher[m], units[m]
+        metrics[DIVERSITY], higher[DIVERSITY], units[DIVERSITY] = ev.summary[DIVERSITY]["mean"], True, "HU"
     per_case = {"case_ids": list(ev.case_ids),
                 "metrics": {m: [None if not math.isfinite(float(x)) else float(x) for x in ev.values[proto.key(m)]]
                             for m in proto.metrics}}
-    return {"metrics": metrics, "higher_is_better": {m: proto.higher_is_better(m) for m in proto.metrics},
-            "units": {m: proto.unit(m) for m in proto.metrics}, "cases": ev.info["cases"], "notes": list(proto.notes),
-            "per_case": per_case}
+    return {"metrics": metrics, "higher_is_better": higher, "units": units, "cases": ev.info["cases"],
+            "notes": list(proto.notes), "per_case": per_case}
 
 
 class MeanVolume:

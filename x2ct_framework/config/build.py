@@ -122,7 +122,12 @@ def data_options(recipe: Recipe, stage: Stage) -> dict:
 
 
 def model_options(recipe: Recipe, stage: Stage) -> dict:
-    return _merged(recipe["model"], stage.options.get("model", {}))
+    """``[model]`` with the stage's ``model`` table over it; a stage that names another model (a generative
+    refiner after a regression cascade) takes its own table whole."""
+    own = stage.options.get("model", {})
+    if own.get("name") not in (None, recipe["model"].get("name")):
+        return copy.deepcopy(own)
+    return _merged(recipe["model"], own)
 
 
 def dataset_default(recipe: Recipe, stage: Stage, key: str) -> Any:

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from x2ct_framework.atomic import atomic_folder
@@ -31,6 +32,10 @@ from x2ct_framework.loading import load_model, pick_device
 from x2ct_framework.runs import Target, hu_window_of, resolve_target
 from x2ct_framework.errors import DataError
 from x2ct_framework.evaluation.protocols import Protocol, build_protocol, x2ctgan_setting_deviations
+from x2ct_framework.generative import SampleStats, draw_samples, is_generative, stage_model
+
+ONE_SAMPLE = "one_sample:"  # prefix of the per-case columns scoring a generative model's first sample
+DIVERSITY = "samples/diversity_hu"
 
 
 log = logging.getLogger("x2ct_framework.evaluation")
@@ -48,6 +53,40 @@ def _to(batch: Any, device: torch.device) -> Any:
 def infer(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     """The model's volume for a batch, clipped to [0, 1] (the recipe's HU window)."""
     return model(batch["xrays"], batch["geometry"]).float().clamp(0, 1)
+
+
+DEFAULT_SAMPLES = 8  # samples per case x2ct evaluate draws from a generative model unless told
+
+
+def sample_count(model: torch.nn.Module, samples: int | None) -> int:
+    """How many samples per case to draw: 0 for a regression model, ``samples`` (default
+    :data:`DEFAULT_SAMPLES`) for a generative one; asking a regression model for samples is an error."""
+    if not is_generative(model):
+        if samples:
+            raise DataError(f"--samples {samples}: the model ({type(stage_model(model)).__name__}) is not generative "
+                            f"(it has no training_loss and sample); leave --samples out")
+        return 0
+    return DEFAULT_SAMPLES if samples is None else int(samples)
+
+
+@torch.no_grad()
+def infer_samples(model: torch.nn.Module, batch: dict, count: int) -> dict[str, torch.Tensor | None]:
+    """A generative model's ``count`` samples of a batch (each clipped to [0, 1], seeded per case as
+    ``x2ct predict --samples``): their mean, the first sample, the per-voxel standard deviation, and the
+    regression it refines (the cascade's ``prev``; None without a cascade)."""
+    xrays, geometry = batch["xrays"], batch["geometry"]
+    inner = stage_model(model)
+    prev = model.previous(xrays, geometry) if inner is not model else None
+    stats, first = SampleStats(), None
+    for s in draw_samples(model, xrays, geometry, count, seed=getattr(inner, "sample_seed", 0), prev=prev):
+        s = s.float().clamp(0, 1)
+        first = s if first is None else first
+        stats.add(s)
+    regression = None
+    if prev is not None:
+        regression = F.interpolate(prev.float(), size=first.shape[-3:], mode="trilinear", align_corners=False)
+    return {"mean": stats.mean.float(), "sample": first, "std": stats.std().float(),
+            "regression": None if regression is None else regression.clamp(0, 1)}
 
 
 # ---- aggregation ------------------------------------------------------------------------------
@@ -123,8 +162,12 @@ def _case_record(batch: dict, pred: torch.Tensor, i: int, case_id: str) -> dict[
 def evaluate(target: Target, split: str = "test", protocols: list[str] = ("default", "x2ctgan"), *,
              batch_size: int = 0, device: str | torch.device = "auto", max_cases: int = 0, n_boot: int = 1000,
              worst: int = 3, keep_first: int = 0, out_dir: str | Path | None = None, progress: bool = True,
-             lpips: str = "auto", model: torch.nn.Module | None = None) -> Evaluation:
+             lpips: str = "auto", samples: int | None = None, model: torch.nn.Module | None = None) -> Evaluation:
     """Run the checkpoint over ``split`` once and score every case under each protocol.
+
+    A generative model is scored on the mean of ``samples`` samples per case (default 8) under each
+    protocol's keys, on one sample under ``one_sample:<key>``, and its sample diversity (the mean over
+    voxels of the per-voxel standard deviation, HU) is ``samples/diversity_hu``.
 
     The volumes of the ``worst`` worst cases and of the first ``keep_first`` cases stay in
     ``Evaluation.kept`` for pictures; with ``out_dir`` the tables and the worst cases' slice pictures
@@ -158,6 +201,7 @@ def evaluate(target: Target, split: str = "test", protocols: list[str] = ("defau
     loader = DataLoader(torch.utils.data.Subset(dataset, range(n)), batch_size=bs, shuffle=False,
                         num_workers=recipe["train"]["num_workers"])
     model = load_model(target, dev) if model is None else model.to(dev).eval()
+    n_samples = sample_count(model, samples)
     case_ids: list[str] = []
     chunks: dict[str, list[torch.Tensor]] = {}
     kept: dict[int, dict[str, Any]] = {}
@@ -171,7 +215,8 @@ def evaluate(target: Target, split: str = "test", protocols: list[str] = ("defau
             raise DataError(f"split {split!r} of dataset {recipe['data']['name']!r} has no target CT ('ct') "
                             f"to score against")
         batch = _to(batch, dev)
-        pred = infer(model, batch)
+        drawn = infer_samples(model, batch, n_samples) if n_samples else None
+        pred = drawn["mean"] if drawn else infer(model, batch)
         target_ct = batch["ct"].float()
         if pred.shape != target_ct.shape:
             raise DataError(f"the model predicts {tuple(pred.shape[2:])} volumes but the {split} split's CT is "
@@ -182,6 +227,12 @@ def evaluate(target: Target, split: str = "test", protocols: list[str] = ("defau
         for proto in protos:
             for key, v in proto(pred, target_ct, batch).items():
                 chunks.setdefault(key, []).append(v)
+            if drawn:
+                for key, v in proto(drawn["sample"], target_ct, batch).items():
+                    chunks.setdefault(f"{ONE_SAMPLE}{key}", []).append(v)
+        if drawn:
+            lo, hi = hu_window
+            chunks.setdefault(DIVERSITY, []).append((drawn["std"].flatten(1).mean(1) * (hi - lo)).cpu())
         bad = badness(chunks[rank_key][-1].numpy(), rank_higher)
         for i in range(b):
             idx = start + i
@@ -197,6 +248,9 @@ def evaluate(target: Target, split: str = "test", protocols: list[str] = ("defau
                 keep = keep or any(j == idx for _, j in worst_pool)
             if keep:
                 kept[idx] = _case_record(batch, pred, i, case_ids[idx])
+                if drawn:
+                    kept[idx].update({k: v[i].detach().cpu() for k, v in drawn.items()
+                                      if k != "mean" and v is not None})
     values = {k: torch.cat(v).numpy() for k, v in chunks.items()}
     summary = {k: aggregate(v, n_boot, seed=recipe["seed"]) for k, v in values.items()}
     for proto in protos:  # set-level metrics (fid3d, kid3d): one value for the split, no interval
@@ -205,7 +259,7 @@ def evaluate(target: Target, split: str = "test", protocols: list[str] = ("defau
             summary[key] = {"mean": v, "std": nan, "ci_low": nan, "ci_high": nan, "n": len(case_ids)}
     info = {"recipe": str(recipe.path), "name": recipe.name, "stage": stage.name, "resolution": stage.resolution,
             "checkpoint": str(target.checkpoint), "split": split, "cases": len(case_ids), "hu_window": list(hu_window),
-            "device": str(dev), "bootstrap": n_boot,
+            "device": str(dev), "bootstrap": n_boot, "samples": n_samples,
             "structures_from": structures_from(getattr(dataset, "label_source", None), with_labels > 0)}
     ev = Evaluation(case_ids, values, summary, protos, info, kept=kept)
     if out_dir is not None:
@@ -279,6 +333,11 @@ def summary_json(ev: Evaluation) -> dict[str, Any]:
             metrics[m] = {"key": proto.key(m), **s, "ci95": [s["ci_low"], s["ci_high"]], "unit": proto.unit(m),
                           "higher_is_better": proto.higher_is_better(m), "group": proto.groups.get(m, "global")}
         out["protocols"][proto.name] = {"conventions": proto.conventions, "notes": proto.notes, "metrics": metrics}
+    if ev.info.get("samples"):
+        out["generative"] = {"samples": ev.info["samples"], "scored": "the mean of the samples (protocols above)",
+                             "one_sample": {k[len(ONE_SAMPLE):]: ev.summary[k] for k in ev.summary
+                                            if k.startswith(ONE_SAMPLE)},
+                             "diversity_hu": ev.summary.get(DIVERSITY)}
     return out
 
 
@@ -365,6 +424,25 @@ def structures_from(label_source: dict | None, had_labels: bool) -> str:
                    + ("; unlabelled body voxels -> soft tissue/fat" if label_source.get("fill_body") else "") + ")")
 
 
+def generative_lines(ev: Evaluation) -> list[str]:
+    """A generative model's section of summary.md: the mean against one sample, and the sample diversity."""
+    if not ev.info.get("samples"):
+        return []
+    lines = [f"## Samples ({ev.info['samples']} per case)", "",
+             "The protocols above score the per-voxel mean of the samples. One sample, scored alone (sharper, but "
+             "a sample is one CT that fits the X-rays, not the most likely one):", "",
+             "| metric | mean of samples | one sample |", "|---|---|---|"]
+    for key in ev.values:
+        if key.startswith(ONE_SAMPLE):
+            base = key[len(ONE_SAMPLE):]
+            lines.append(f"| {base} | {_fmt(ev.summary[base]['mean'])} | {_fmt(ev.summary[key]['mean'])} |")
+    d = ev.summary.get(DIVERSITY)
+    if d:
+        lines += ["", f"Sample diversity (mean per-voxel standard deviation over the samples): {_fmt(d['mean'], 2)} HU "
+                      f"[{_fmt(d['ci_low'], 2)}, {_fmt(d['ci_high'], 2)}]."]
+    return lines + [""]
+
+
 def markdown(ev: Evaluation, out_dir: Path | None = None) -> str:
     i = ev.info
     lines = [f"# Evaluation: {i.get('name', '')} {i.get('stage', '')} on the {i.get('split', '')} split", "",
@@ -382,6 +460,7 @@ def markdown(ev: Evaluation, out_dir: Path | None = None) -> str:
         lines += ["Conventions:", ""] + [f"- {c}" for c in proto.conventions] + [""]
         if proto.notes:
             lines += ["Notes:", ""] + [f"- {n}" for n in proto.notes] + [""]
+    lines += generative_lines(ev)
     lines += worst_cases_lines(ev, lambda pic: (pic.relative_to(out_dir) if out_dir is not None
                                                 and pic.is_relative_to(out_dir) else pic).as_posix())
     return "\n".join(lines).rstrip() + "\n"
@@ -420,7 +499,8 @@ def main(args) -> int:
     with safepaths.confined(root):
         ev = evaluate(target, args.split, args.protocols, batch_size=args.batch_size, device=args.device,
                       max_cases=args.max_cases, n_boot=args.bootstrap, worst=args.worst, out_dir=out,
-                      progress=args.progress, lpips=args.lpips)
+                      progress=args.progress, lpips=args.lpips,
+                      samples=getattr(args, "samples", None))
     for proto in ev.protocols:
         for note in proto.notes:
             loud = note.startswith("NOT X2CT-GAN")

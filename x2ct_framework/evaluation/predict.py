@@ -47,6 +47,7 @@ import torch.nn.functional as F
 
 from x2ct_framework.atomic import follow_umask, write_text
 from x2ct_framework.errors import DataError, X2CTError
+from x2ct_framework.generative import SampleStats, draw_samples, is_generative, stage_model
 from x2ct_framework.io import grid_frame
 from x2ct_framework.loading import load_model, pick_device
 from x2ct_framework.runs import Target, data_options_with_defaults, hu_window_of, resolve_target
@@ -483,9 +484,17 @@ def predict(target: Target, inputs: list[str | Path], out: str | Path, *, geomet
             views: list[float] | None = None, device: str = "auto", batch_size: int = 1, resize: str = "auto",
             normalize: str = "auto", allow_geometry_mismatch: bool = False, spacing: list[float] | None = None,
             dtype: str = "float32", progress: bool = True, like: str | Path | None = None,
-            match_histogram: bool = False) -> list[Prediction]:
+            match_histogram: bool = False, samples: int = 0, keep_samples: bool = False) -> list[Prediction]:
     """Reconstruct every case of ``inputs`` and write ``<out>/<case>.nii.gz`` (or ``out`` itself for one
-    case when it ends in .nii/.nii.gz); ``like`` places every output in that CT's frame."""
+    case when it ends in .nii/.nii.gz); ``like`` places every output in that CT's frame.
+
+    ``samples = K > 0`` (a generative model): the volume written is the mean of K samples, beside it
+    ``<case>_std.nii.gz`` holds their per-voxel standard deviation (HU, same frame), and with
+    ``keep_samples`` ``<case>_sample<k>.nii.gz`` each sample; sample k of a case is seeded by the case."""
+    if samples < 0:
+        raise DataError(f"--samples {samples}: expected a number of samples >= 1 (or 0 for the model's forward)")
+    if keep_samples and not samples:
+        raise DataError("--keep-samples needs --samples K")
     if like is not None and not Path(like).exists():
         raise DataError(f"--like {like}: reference CT not found (a NIfTI/NRRD/MHA file or a DICOM folder)")
     if like is not None and spacing:
@@ -518,6 +527,9 @@ def predict(target: Target, inputs: list[str | Path], out: str | Path, *, geomet
     prepared = [(case, *prepare(case, training, resize, normalize, allow_geometry_mismatch, match_histogram))
                 for case in cases]
     model = load_model(target, dev)
+    if samples and not is_generative(model):
+        raise DataError(f"--samples {samples}: the model of {target.checkpoint} ({type(stage_model(model)).__name__}) "
+                        f"is not generative (it has no training_loss and sample); leave --samples out")
     lo, hi = training.hu_window
     results = []
     from tqdm.auto import tqdm
@@ -530,18 +542,28 @@ def predict(target: Target, inputs: list[str | Path], out: str | Path, *, geomet
             geo = {k: torch.stack([torch.as_tensor(g[k]) for _, _, g in group]).to(dev) for k in group[0][2]}
         except RuntimeError:  # cases of different shapes: run them one by one
             xrays, geo = None, None
-        with torch.no_grad():
-            if xrays is not None:
-                vols = model(xrays, geo).float().clamp(0, 1).cpu()
-            else:
-                vols = torch.cat([model(x[None].to(dev), {k: torch.as_tensor(v)[None].to(dev) for k, v in g.items()})
-                                  .float().clamp(0, 1).cpu() for _, x, g in group])
-        for (case, _, g), vol in zip(group, vols):
+        if xrays is not None:
+            vols, stds, drawn = _reconstruct(model, xrays, geo, samples, keep_samples)
+        else:
+            parts = [_reconstruct(model, x[None].to(dev), {k: torch.as_tensor(v)[None].to(dev) for k, v in g.items()},
+                                  samples, keep_samples) for _, x, g in group]
+            vols = torch.cat([v for v, _, _ in parts])
+            stds = torch.cat([s for _, s, _ in parts]) if samples else None
+            drawn = [torch.cat([d[k] for _, _, d in parts]) for k in range(len(parts[0][2]))]
+        for i, ((case, _, g), vol) in enumerate(zip(group, vols)):
             sp = output_spacing(g, vol.shape[-1], spacing, None)
             path = out if single_file else out / f"{case.case_id}.nii.gz"
             ref = Path(like) if like is not None else case.like
             affine = like_frame(ref, target, vol.shape[-1], sp) if ref is not None else None
             path = save_nifti(path, vol * (hi - lo) + lo, sp, dtype, affine=affine)
+            extra = {}
+            if samples:
+                stem = path.with_name(path.name.replace(".nii.gz", "").replace(".nii", ""))
+                std_path = save_nifti(f"{stem}_std.nii.gz", stds[i] * (hi - lo), sp, "float32", affine=affine)
+                extra = {"samples": samples, "mean_of_samples": True, "std": str(std_path)}
+                if keep_samples:
+                    extra["sample_files"] = [str(save_nifti(f"{stem}_sample{k}.nii.gz", d[i] * (hi - lo) + lo, sp,
+                                                            dtype, affine=affine)) for k, d in enumerate(drawn)]
             frame = grid_frame(affine if affine is not None else canonical_affine(sp, tuple(vol.shape[-3:])))
             frame["like"] = str(ref) if ref is not None else None
             frame["placed"] = ("in the reference CT's frame (the framework's crop of it)" if ref is not None
@@ -550,7 +572,7 @@ def predict(target: Target, inputs: list[str | Path], out: str | Path, *, geomet
                     "geometry": {k: torch.as_tensor(v).tolist() for k, v in g.items()},
                     "checkpoint": str(target.checkpoint), "recipe": str(target.recipe.path), "stage": target.stage.name,
                     "hu_window": [lo, hi], "spacing_mm_xyz": list(sp), "orientation": "LPI (array axes x, y, z)",
-                    "frame": frame, "notes": case.notes}
+                    "frame": frame, "notes": case.notes, **extra}
             side = path.with_name(path.name.replace(".nii.gz", "").replace(".nii", "") + ".json")
             try:
                 write_text(side, json.dumps(meta, indent=2))
@@ -560,6 +582,24 @@ def predict(target: Target, inputs: list[str | Path], out: str | Path, *, geomet
             bar.update(1)
     bar.close()
     return results
+
+
+def _reconstruct(model: torch.nn.Module, xrays: torch.Tensor, geo: dict, samples: int, keep: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor]]:
+    """``(volume, std, samples)`` on the CPU in [0, 1]: the model's forward (std None), or with ``samples``
+    the mean and per-voxel standard deviation of that many samples (each clamped to [0, 1]), and the samples
+    themselves when ``keep``."""
+    with torch.no_grad():
+        if not samples:
+            return model(xrays, geo).float().clamp(0, 1).cpu(), None, []
+        stats, kept = SampleStats(), []
+        seed = getattr(stage_model(model), "sample_seed", 0)
+        for s in draw_samples(model, xrays, geo, samples, seed=seed):
+            s = s.float().clamp(0, 1)
+            stats.add(s)
+            if keep:
+                kept.append(s.cpu())
+        return stats.mean.float().cpu(), stats.std().float().cpu(), kept
 
 
 def main(args) -> int:
@@ -573,7 +613,8 @@ def main(args) -> int:
                       batch_size=args.batch_size, resize=args.resize, normalize=args.normalize,
                       allow_geometry_mismatch=args.allow_geometry_mismatch, spacing=args.spacing, dtype=args.dtype,
                       progress=args.progress, like=getattr(args, "like", None),
-                      match_histogram=getattr(args, "match_histogram", False))
+                      match_histogram=getattr(args, "match_histogram", False),
+                      samples=getattr(args, "samples", 0), keep_samples=getattr(args, "keep_samples", False))
     for r in results:
         print(f"{r.case_id}: {r.path} (spacing {', '.join(f'{s:.3g}' for s in r.spacing)} mm)")
     return 0

@@ -83,6 +83,41 @@ def plot_gallery(cases: list[tuple[str, torch.Tensor, torch.Tensor]], hu_window,
     return path
 
 
+def plot_samples(cases: list[dict], hu_window, path: Path) -> Path:
+    """A generative model's gallery: rows per case: target, the regression it refines (the cascade's
+    ``prev``, when there is one), one sample, the mean of the samples (wide window), and the per-voxel
+    standard deviation of the samples (HU); columns: axial, coronal, sagittal."""
+    lo, hi = hu_window
+    wide = (max(lo, WIDE_WINDOW[0]), min(hi, WIDE_WINDOW[1]))
+    rows_of = []
+    for r in cases:
+        rows = [("target", r["ct"]), ("regression", r.get("regression")), ("one sample", r["sample"]),
+                ("mean of samples", r["pred"])]
+        rows_of.append([(label, v) for label, v in rows if v is not None] + [("std of samples, HU", r["std"])])
+    total = sum(len(rows) for rows in rows_of)
+    fig, axes = plt.subplots(total, 3, figsize=(7.6, 2.4 * total), squeeze=False, layout="constrained")
+    k = 0
+    for r, rows in zip(cases, rows_of):
+        for label, vol in rows:
+            v = vol.reshape(vol.shape[-3:]).float().cpu().numpy()
+            if label.startswith("std"):
+                sl, kw = orthogonal_slices(v * (hi - lo)), dict(cmap="magma", vmin=0, vmax=200)
+            else:
+                sl, kw = orthogonal_slices(unit_to_hu(v, hu_window)), dict(cmap="gray", vmin=wide[0], vmax=wide[1])
+            for j, plane in enumerate(PLANES):
+                ax = axes[k, j]
+                im = ax.imshow(sl[j], **kw)
+                ax.set_title(f"{r['case_id']}: {label}, {plane}" if label == "target" else f"{label}, {plane}",
+                             fontsize=7)
+                ax.axis("off")
+            fig.colorbar(im, ax=axes[k, :], shrink=0.9)
+            k += 1
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
 def plot_structures(cid: str, pred: torch.Tensor, target: torch.Tensor, batch: dict, hu_window, path: Path) -> Path:
     """Per structure (rows) and plane (columns): the target with its reference region (green) and the
     prediction's thresholded structure (red) outlined."""
@@ -285,6 +320,13 @@ def final_evaluation(run_dir: Path, recipe, stage, pics: Path, device, failures:
                   f"(target and prediction in the wide window {list(WIDE_WINDOW)} clipped to the data's, then in the "
                   f"soft-tissue window {list(SOFT_TISSUE_WINDOW)}; last row |error|).", "",
                   f"![gallery]({_rel(gal, run_dir)})", ""]
+        if "sample" in first[0]:
+            sam = plot_samples(first, hw, pics / "samples.png")
+            lines += ["## Samples", "", f"The generative stage: regression (the stage it refines), one sample, the "
+                      f"mean of {ev.info['samples']} samples (scored above) and their per-voxel standard deviation "
+                      f"(HU). A sample is one CT that fits the X-rays, not the most likely one.", "",
+                      f"![samples]({_rel(sam, run_dir)})", ""]
+            lines += ev_mod.generative_lines(ev)
         r = first[0]
         st = plot_structures(r["case_id"], r["pred"], r["ct"], r, hw, pics / "structures.png")
         lines += ["## Structures", "", "Reference regions (labels, else HU thresholds) in green, the prediction's "

@@ -99,7 +99,16 @@ def check_model(model: torch.nn.Module, *, resolution: int, views: Sequence[floa
     that declares ``uses_prev = True`` (it refines the previous stage's prediction), the output
     changes when ``prev`` changes; autocast in each of ``autocast_dtypes`` gives the right shape
     and finite values.
+
+    A generative model (``training_loss`` and ``sample``, see ``x2ct_framework.generative``) has its
+    gradient checks run on ``training_loss`` (a finite scalar and a dict of logged scalars, with and
+    without ``prev``) instead of on ``forward``, and more checks: a sample seeded by the same per-case
+    generators is the same, another seed gives another sample (it does sample), and ``forward`` gives
+    a case the same volume alone as in a batch (its noise is seeded per case).
     """
+    from x2ct_framework.generative import is_generative
+
+    generative = is_generative(model)
     c = _Contract(f"model {_describe(model)}")
     batch = make_batch(batch_size, views=views, resolution=resolution, image_size=image_size, geometry=geometry)
     xrays, geom, target = batch["xrays"], batch["geometry"], batch["ct"]
@@ -111,7 +120,11 @@ def check_model(model: torch.nn.Module, *, resolution: int, views: Sequence[floa
     out = None
     xrays_in = xrays.clone().requires_grad_(True)
     with c.check("output shape [B, 1, R, R, R]"):
-        out = model(xrays_in, geom)
+        if generative:  # its gradients are checked through training_loss below
+            with torch.no_grad():
+                out = model(xrays, geom)
+        else:
+            out = model(xrays_in, geom)
         _expect(isinstance(out, torch.Tensor), f"the model returned {type(out).__name__}, expected a tensor")
         _expect(tuple(out.shape) == shape, f"expected {shape}, got {tuple(out.shape)}")
         _expect(out.is_floating_point(), f"expected a floating-point volume, got {out.dtype}")
@@ -120,7 +133,10 @@ def check_model(model: torch.nn.Module, *, resolution: int, views: Sequence[floa
         _expect(_finite(out), "the output has NaN or infinite values")
     with c.check("gradients reach every trainable parameter"):
         _expect(out is not None, "skipped: no output")
-        (out.float() - target).abs().mean().backward()
+        if generative:
+            _generative_loss(model, xrays_in, geom, target).backward()
+        else:
+            (out.float() - target).abs().mean().backward()
         params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         _expect(params, "the model has no trainable parameters")
         none = [n for n, p in params if p.grad is None]
@@ -158,6 +174,8 @@ def check_model(model: torch.nn.Module, *, resolution: int, views: Sequence[floa
     low = max(1, resolution // 2)
     perturbation_checks(c, model, xrays, geom, prev_shape=(1, low, low, low) if prev else None,
                         check_prev=prev and getattr(model, "uses_prev", False))
+    if generative:
+        _check_generative(c, model, xrays, geom, target, resolution, prev)
     for dtype in autocast_dtypes:
         name = f"autocast {str(dtype).replace('torch.', '')}"
         with c.check(name):
@@ -221,6 +239,62 @@ def perturbation_checks(c: _Contract, model: torch.nn.Module, xrays: torch.Tenso
             _expect(worst <= 1e-4 * (1.0 + float(base.abs().max())),
                     f"a case's output in a batch of {xrays.shape[0]} differs from its output alone by {worst:.3g}: it "
                     f"depends on the other cases of the batch (statistics or attention across the batch dimension?)")
+
+
+def _generative_loss(model: torch.nn.Module, xrays: torch.Tensor, geom: dict, target: torch.Tensor,
+                     prev: torch.Tensor | None = None) -> torch.Tensor:
+    """A generative model's ``training_loss``, its result checked: a finite scalar and a dict of logged scalars
+    (the clean estimate, when there is one, of the target's shape)."""
+    from x2ct_framework.generative import ESTIMATE
+
+    result = model.training_loss(xrays, geom, target, prev)
+    _expect(isinstance(result, tuple) and len(result) == 2,
+            f"training_loss returned {type(result).__name__}, expected (loss, terms)")
+    loss, terms = result
+    _scalar(loss, "training_loss")
+    _expect(isinstance(terms, dict), f"training_loss's terms are {type(terms).__name__}, expected a dict")
+    for k, v in terms.items():
+        if k == ESTIMATE:
+            _expect(isinstance(v, torch.Tensor) and v.shape == target.shape,
+                    f"the clean estimate has shape {tuple(getattr(v, 'shape', ()))}, expected {tuple(target.shape)}")
+            continue
+        _expect(isinstance(k, str) and isinstance(v, torch.Tensor) and v.ndim == 0 and _finite(v),
+                f"logged term {k!r} is not a finite scalar tensor")
+    return loss
+
+
+def _check_generative(c: _Contract, model: torch.nn.Module, xrays: torch.Tensor, geom: dict, target: torch.Tensor,
+                      resolution: int, prev: bool) -> None:
+    """The checks only a generative model has (``check_model``'s docstring)."""
+    from x2ct_framework.generative import case_generators
+
+    model.eval()
+    if prev:
+        with c.check("training_loss with the previous stage's prediction"):
+            low = max(1, resolution // 2)
+            p = torch.rand(xrays.shape[0], 1, low, low, low, generator=torch.Generator().manual_seed(3))
+            with torch.no_grad():
+                _generative_loss(model, xrays, geom, target, p)
+    with torch.no_grad():
+        first = None
+        with c.check("sample: the same per-case generators give the same sample"):
+            first = model.sample(xrays, geom, generator=case_generators(xrays, geom, 0, 0))
+            second = model.sample(xrays, geom, generator=case_generators(xrays, geom, 0, 0))
+            _expect(tuple(first.shape) == tuple(target.shape),
+                    f"expected {tuple(target.shape)}, got {tuple(first.shape)}")
+            _expect(torch.equal(first, second), "two samples from identically seeded generators differ")
+        with c.check("sample: another seed gives another sample"):
+            _expect(first is not None, "skipped: no sample")
+            other = model.sample(xrays, geom, generator=case_generators(xrays, geom, 0, 1))
+            _expect(not torch.equal(first, other), "samples from two seeds are identical: the model ignores its noise "
+                                                   "(a regression model should not define training_loss and sample)")
+        with c.check("forward: a case gets the same volume alone as in its batch"):
+            whole = model(xrays, geom).float()
+            alone = model(xrays[:1], _slice(geom, 0)).float()
+            gap = float((whole[:1] - alone).abs().max())
+            _expect(gap <= 1e-4 * (1.0 + float(whole.abs().max())),
+                    f"case 0 alone differs from case 0 in a batch by {gap:.3g} (seed the noise per case: "
+                    f"x2ct_framework.generative.case_generators)")
 
 
 def _check_item(item: Any, i: int, c: _Contract, resolution: int | None, views: Sequence[float] | None,

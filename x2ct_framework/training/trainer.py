@@ -43,12 +43,14 @@ from x2ct_framework.config.checks import check_freeze
 from x2ct_framework.config.optim import Schedule, lr_factor, make_optimizer
 from x2ct_framework.datacheck import guard_stored_geometry
 from x2ct_framework.config.recipe import Recipe, check_all
-from x2ct_framework.errors import CheckpointError, RecipeError
+from x2ct_framework.errors import CheckpointError, RecipeError, X2CTError
+from x2ct_framework.generative import is_generative
 from x2ct_framework.plugins import get_plugin_manager
 from x2ct_framework.stage import Stage
 from x2ct_framework.training.cascade import previous_stages
 from x2ct_framework.training.compile import compile_model
 from x2ct_framework.training.critics import Critics
+from x2ct_framework.training.generative import generative_objective
 from x2ct_framework.training.guards import (NonFiniteGuard, Update, check_batch, check_trained,
                                             check_validation, last_good)
 from x2ct_framework.training.interrupt import StopRequest
@@ -301,8 +303,11 @@ class Trainer:
         update = None  # the optimizer update this micro-batch completes, if it completes one
         with acc.accumulate(st.model):
             st.critics.freeze()  # the model's objective reaches the critics' input only
-            pred = self.predict(st, st.model, batch)
-            loss = st.objective(pred, batch, epoch=st.epoch)
+            if is_generative(self.model):  # the model owns its objective (x2ct_framework.generative)
+                loss, pred = generative_objective(self, st, batch)
+            else:
+                pred = self.predict(st, st.model, batch)
+                loss = st.objective(pred, batch, epoch=st.epoch)
             if st.guard.loss_ok(loss.total):  # every process agrees, so all skip a bad update together
                 acc.backward(loss.total)
                 st.objective.record(*loss)
@@ -384,6 +389,10 @@ class Trainer:
         stage_dir = safepaths.inside(self.run_dir, stage.name)  # a plain name below the run folder
 
         model = build_model(recipe, stage)
+        other = self._other_model(stage, init_from) if init_from is not None and resume_from is None else None
+        if other:  # a generative refiner after a regression cascade: the cascade feeds it, its weights do not
+            self.print(f"[{stage.name}] starts fresh: {init_from} holds another model ({other})")
+            init_from = None
         if init_from is not None and resume_from is None:
             self._initialise(model, stage, init_from)
         previous = previous_stages(recipe, stage, self.run_dir, acc.device)
@@ -459,6 +468,19 @@ class Trainer:
                    + (f" from reference batch {train['reference_batch']}, x{scale:g}" if scale != 1 else "")
                    + f"); mixed precision {acc.mixed_precision}; best by {metric} ({st.best.mode})")
         return st
+
+    def _other_model(self, stage: Stage, init_from: Path) -> str | None:
+        """The name of the model in ``init_from`` when it is not this stage's model (the recipe that made it
+        says), else None."""
+        from x2ct_framework.runs import resolve_target
+
+        mine = model_options(self.recipe, stage)["name"]
+        try:
+            target = resolve_target(init_from)
+            theirs = model_options(target.recipe, target.stage)["name"]
+        except (X2CTError, OSError, ValueError):
+            return None  # no readable recipe beside it: _initialise decides from the tensors
+        return theirs if theirs != mine else None
 
     def _initialise(self, model: torch.nn.Module, stage: Stage, init_from: Path) -> None:
         """Load the previous stage's (or ``train.init_from``'s) weights; refuse a checkpoint of another model."""

@@ -1,0 +1,371 @@
+"""flow_refiner and the generative-model contract: the kit, training through the trainer (EMA, exact resume,
+a cascade), samples in x2ct predict and x2ct evaluate, export."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from test_evaluate import make_run
+from test_predict import _case
+from x2ct_framework import checkpoint as ckpt
+from x2ct_framework.cli import main as x2ct_main
+from x2ct_framework.errors import DataError, RecipeError
+from x2ct_framework.generative import SampleStats, case_generators, case_seed, is_generative
+from x2ct_framework.testing import check_model, make_batch
+from x2ct_plugins.models.flow_refiner import FlowRefiner
+
+FLOW = """
+name = "flow_refiner"
+encoder = "test_resnet"
+widths = [8, 16]
+emb_dim = 32
+feature_channels = 8
+steps = 2
+"""
+
+
+@pytest.fixture(autouse=True)
+def _no_fsync(monkeypatch):
+    monkeypatch.setattr(ckpt, "FSYNC", False)
+
+
+def tiny_flow(**options) -> FlowRefiner:
+    torch.manual_seed(0)
+    return FlowRefiner(resolution=16, encoder="test_resnet", widths=[8, 16], emb_dim=32, feature_channels=8, steps=2,
+                       **options)
+
+
+def test_flow_refiner_keeps_the_model_contract_with_the_generative_checks():
+    passed = check_model(tiny_flow(), resolution=16)
+    assert "sample: another seed gives another sample" in passed
+    assert "forward: a case gets the same volume alone as in its batch" in passed
+    assert "the output depends on prev" in passed
+
+
+def test_the_kit_refuses_a_generative_model_that_ignores_its_noise():
+    class Deterministic(FlowRefiner):
+        def sample(self, xrays, geometry, prev=None, steps=None, generator=None):
+            return self.condition(xrays, geometry, prev).base
+
+    with pytest.raises(AssertionError, match="ignores its noise"):
+        check_model(Deterministic(resolution=16, encoder="test_resnet", widths=[8], emb_dim=16, feature_channels=4,
+                                  steps=1), resolution=16)
+
+
+def test_samplers_integrate_a_known_velocity_exactly_and_heun_beats_euler():
+    """With the network replaced by v(x, t) = x (dx/dt = x), the exact flow is x(1) = e x(0): Euler with n
+    steps gives (1 + 1/n)^n, Heun (1 + h + h^2/2)^n."""
+    for sampler, n, factor in (("euler", 4, (1 + 1 / 4) ** 4), ("heun", 4, (1 + 0.25 + 0.25**2 / 2) ** 4)):
+        m = tiny_flow(sampler=sampler, residual_scale=1.0)
+        m.eval()
+        m.guided_velocity = lambda x, t, cond: x
+        batch = make_batch(1, resolution=16)
+        gen = case_generators(batch["xrays"], batch["geometry"], 0, 0)
+        with torch.no_grad():
+            base = m.condition(batch["xrays"], batch["geometry"], None).base
+            out = m.sample(batch["xrays"], batch["geometry"], steps=n, generator=gen)
+        x0 = torch.randn(base.shape[1:], generator=case_generators(batch["xrays"], batch["geometry"], 0, 0)[0])
+        assert torch.allclose(out[0] - base[0], factor * x0, atol=1e-5), sampler
+    assert abs((1 + 0.25 + 0.25**2 / 2) ** 4 - np.e) < abs((1 + 1 / 4) ** 4 - np.e)
+
+
+def test_case_seeds_depend_on_the_case_not_the_batch():
+    batch = make_batch(2, resolution=16)
+    x, g = batch["xrays"], batch["geometry"]
+    one = {"angles": g["angles"][1]}
+    assert case_seed(x[1], one) == case_seed(x[1].clone(), one)
+    assert case_seed(x[0], {"angles": g["angles"][0]}) != case_seed(x[1], one)
+    assert case_seed(x[1], one, index=0) != case_seed(x[1], one, index=1)
+
+
+def test_sample_stats_match_numpy():
+    xs = [torch.randn(2, 1, 3, 3, 3, generator=torch.Generator().manual_seed(i)) for i in range(5)]
+    s = SampleStats()
+    for x in xs:
+        s.add(x)
+    ref = np.stack([x.numpy() for x in xs])
+    assert np.allclose(s.mean.numpy(), ref.mean(0), atol=1e-12)
+    assert np.allclose(s.std().numpy(), ref.std(0, ddof=1), atol=1e-12)
+
+
+def test_options_are_checked():
+    with pytest.raises(ValueError, match="sampler"):
+        tiny_flow(sampler="rk4")
+    with pytest.raises(ValueError, match="cond_drop"):
+        tiny_flow(guidance=2.0)
+    with pytest.raises(ValueError, match="widths"):
+        FlowRefiner(resolution=16, widths=[])
+
+
+RECIPE_TAIL = """
+[train]
+batch_size = 2
+progress = false
+log_every = 1
+trackers = []
+ema = {{ enabled = true, decay = 0.5 }}
+
+[eval]
+report = false
+preview = false
+metrics = ["psnr"]
+
+[[stages]]
+name = "stage1"
+resolution = 16
+epochs = 2
+lr = 1e-3
+losses = {{ l1 = 1.0 }}
+"""
+
+HEAD = """
+name = "flow"
+seed = 0
+output_dir = "{out}"
+
+[data]
+name = "synthetic_phantom"
+views = [0, 90]
+num_train = 4
+num_val = 2
+num_test = 2
+
+[model]
+""" + FLOW
+
+
+def _recipe(tmp_path, extra_model: str = "") -> str:
+    path = tmp_path / "flow.toml"
+    path.write_text(HEAD.format(out=(tmp_path / "runs").as_posix()) + extra_model + RECIPE_TAIL.format())
+    return path
+
+
+@pytest.mark.slow  # three (two-stage) training runs
+def test_trainer_trains_a_generative_model_with_ema_and_resumes_exactly(tmp_path, monkeypatch):
+    """The trainer logs the model's own terms (flow, coarse) and the recipe's l1 on its clean estimate; a run
+    interrupted mid-epoch and resumed ends with the weights of an uninterrupted one (EMA included)."""
+    from x2ct_framework.run import main as run_main
+    from x2ct_plugins.models import flow_refiner
+
+    path = _recipe(tmp_path, "estimate_losses = true\n")
+    quiet = ["--set", "train.trackers=[]"]
+    assert run_main([str(path), *quiet, "--set", f'output_dir="{(tmp_path / "ref").as_posix()}"']) == 0
+    rows = [json.loads(x) for x in (tmp_path / "ref/flow/stage1/metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r["kind"] == "train"]
+    assert len(train) == 4 and all({"train/flow", "train/coarse", "train/l1", "train/loss"} <= set(r) for r in train)
+    assert all(r["train/loss"] == pytest.approx(r["train/flow"] + r["train/coarse"] + r["train/l1"], rel=1e-5)
+               for r in train)
+    assert any(r["kind"] == "val" and np.isfinite(r["val/psnr"]) for r in rows)
+
+    calls = {"n": 0}
+    real = flow_refiner.FlowRefiner.training_loss
+
+    def interrupting(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:  # epoch 2, first micro-batch
+            raise KeyboardInterrupt
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(flow_refiner.FlowRefiner, "training_loss", interrupting)
+    assert run_main([str(path), *quiet]) == 130
+    monkeypatch.setattr(flow_refiner.FlowRefiner, "training_loss", real)
+    assert run_main([str(path), *quiet, "--resume"]) == 0
+    a, b = ckpt.load_weights(tmp_path / "runs/flow/stage1/last"), ckpt.load_weights(tmp_path / "ref/flow/stage1/last")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow  # three (two-stage) training runs
+def test_a_generative_stage_refines_the_cascade(tmp_path):
+    """Stage 2 names another model (flow_refiner, its own [stages.model] table, cascade = true): it starts fresh
+    and gets stage 1's vit_cascade prediction as prev in training."""
+    from x2ct_framework.run import main as run_main
+
+    text = HEAD.format(out=(tmp_path / "runs").as_posix()).replace(FLOW, """
+name = "vit_cascade"
+tokens = 4
+dim = 16
+depth = 1
+heads = 2
+channels = 4
+encoder = "test_resnet"
+decoder_levels = 1
+""") + RECIPE_TAIL.format().replace("epochs = 2", "epochs = 1") + """
+[[stages]]
+name = "stage2"
+resolution = 16
+epochs = 1
+lr = 1e-3
+cascade = true
+losses = { l1 = 1.0 }
+
+[stages.model]
+""" + FLOW
+    path = tmp_path / "casc.toml"
+    path.write_text(text)
+    seen = []
+    from x2ct_plugins.models import flow_refiner
+
+    real = flow_refiner.FlowRefiner.training_loss
+
+    def spy(self, xrays, geometry, ct, prev=None):
+        seen.append(prev)
+        return real(self, xrays, geometry, ct, prev)
+
+    flow_refiner.FlowRefiner.training_loss = spy
+    try:
+        code = run_main([str(path), "--set", "train.trackers=[]"])
+    finally:
+        flow_refiner.FlowRefiner.training_loss = real
+    assert code == 0
+    assert seen and all(p is not None and p.shape[1:] == (1, 16, 16, 16) for p in seen)
+
+
+def test_a_critic_without_a_clean_estimate_is_a_recipe_error(tmp_path):
+    from x2ct_framework.config.recipe import load_recipe
+    from x2ct_framework.training.trainer import Trainer
+
+    path = _recipe(tmp_path)
+    recipe = load_recipe(path, ["train.trackers=[]", "stages.1.losses={ l1 = 1.0, adversarial = 0.1 }"])
+    with pytest.raises(RecipeError, match="estimate_losses"):
+        Trainer(recipe).run()
+
+
+def test_predict_samples_writes_mean_std_and_samples_in_one_frame(tmp_path):
+    run = make_run(tmp_path, name="flow", model=FLOW)
+    case = _case(tmp_path / "case")
+    out = tmp_path / "pred"
+    assert x2ct_main(["predict", str(run), str(case), "--geometry", "recipe", "--out", str(out), "--samples", "3",
+                      "--keep-samples", "--no-progress"]) == 0
+    mean = nib.load(out / "case.nii.gz")
+    std = nib.load(out / "case_std.nii.gz")
+    samples = [nib.load(out / f"case_sample{k}.nii.gz") for k in range(3)]
+    assert np.allclose(mean.affine, std.affine) and all(np.allclose(mean.affine, s.affine) for s in samples)
+    stack = np.stack([s.get_fdata() for s in samples])
+    assert np.allclose(mean.get_fdata(), stack.mean(0), atol=1e-2)
+    assert np.allclose(std.get_fdata(), stack.std(0, ddof=1), atol=1e-2)
+    assert std.get_fdata().max() > 10.0  # HU: the untrained flow's samples differ
+    meta = json.loads((out / "case.json").read_text())
+    assert meta["samples"] == 3 and meta["mean_of_samples"] and len(meta["sample_files"]) == 3
+    # the same command again gives the same samples (seeded per case)
+    again = tmp_path / "again"
+    assert x2ct_main(["predict", str(run), str(case), "--geometry", "recipe", "--out", str(again), "--samples", "3",
+                      "--no-progress"]) == 0
+    assert np.array_equal(nib.load(again / "case.nii.gz").get_fdata(), mean.get_fdata())
+
+
+def test_predict_samples_refuses_a_regression_model(tmp_path):
+    from x2ct_framework.evaluation.predict import predict
+    from x2ct_framework.runs import resolve_target
+
+    run = make_run(tmp_path)
+    with pytest.raises(DataError, match="not generative"):
+        predict(resolve_target(run), [_case(tmp_path / "case")], tmp_path / "o", geometry="recipe", samples=2,
+                progress=False)
+
+
+def test_evaluate_scores_the_mean_and_one_sample_and_records_diversity(tmp_path):
+    from x2ct_framework.evaluation.evaluate import DIVERSITY, ONE_SAMPLE, evaluate
+    from x2ct_framework.runs import resolve_target
+
+    run = make_run(tmp_path, name="flow", model=FLOW, num_test=2)
+    ev = evaluate(resolve_target(run), "test", ["default"], n_boot=50, worst=1, keep_first=1, progress=False,
+                  lpips="off", samples=3, out_dir=tmp_path / "ev")
+    assert ev.info["samples"] == 3
+    assert f"{ONE_SAMPLE}default/psnr" in ev.values and DIVERSITY in ev.values
+    assert np.all(ev.values[DIVERSITY] > 0)
+    # the mean of samples is closer to the target than one sample of an untrained flow (noise averages out)
+    assert np.all(ev.values["default/psnr"] > ev.values[f"{ONE_SAMPLE}default/psnr"])
+    assert {"sample", "std"} <= set(ev.kept[0])
+    summary = json.loads((tmp_path / "ev/summary.json").read_text())
+    assert summary["generative"]["samples"] == 3 and "default/psnr" in summary["generative"]["one_sample"]
+    assert "## Samples (3 per case)" in (tmp_path / "ev/summary.md").read_text()
+
+
+def test_report_gallery_draws_regression_sample_mean_and_std(tmp_path):
+    from x2ct_framework.evaluation.report import plot_samples
+
+    b = make_batch(1, resolution=16)
+    ct = b["ct"][0]
+    rec = {"case_id": "c0", "ct": ct, "pred": ct, "sample": ct, "std": ct * 0.1, "regression": ct}
+    path = plot_samples([rec], (-1000, 3000), tmp_path / "samples.png")
+    import matplotlib.image as mpimg
+
+    img = mpimg.imread(path)
+    assert img.shape[0] > img.shape[1]  # five rows of three planes
+
+
+def test_export_and_load_pretrained_keep_a_generative_model(tmp_path):
+    from x2ct_framework import load_pretrained
+    from x2ct_framework.loading import load_model
+    from x2ct_framework.runs import resolve_target
+
+    run = make_run(tmp_path, name="flow", model=FLOW, num_test=1)
+    out = tmp_path / "export"
+    assert x2ct_main(["export", str(run), str(out)]) == 0
+    model = load_pretrained(out)
+    assert is_generative(model)
+    batch = make_batch(1, resolution=16)
+    with torch.no_grad():
+        ref = load_model(resolve_target(run), torch.device("cpu"))(batch["xrays"], batch["geometry"])
+        got = model(batch["xrays"], batch["geometry"])
+    assert torch.equal(ref, got)
+
+
+WEIGHTS_HASH = '''
+"""Writes a hash of the model's weights after every optimizer step, one file per process."""
+import hashlib
+import os
+from pathlib import Path
+
+from x2ct_framework.hookspecs import hookimpl
+
+
+@hookimpl
+def on_train_step_end(trainer, stage, step, metrics):
+    h = hashlib.sha1()
+    for _, v in sorted(trainer.model.state_dict().items()):
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    rank = trainer.accelerator.process_index
+    with open(Path(os.environ["X2CT_TEST_HASHES"]) / f"rank{rank}.txt", "a") as f:
+        f.write(f"{step} {h.hexdigest()}\\n")
+'''
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_keep_a_generative_model_in_sync(tmp_path):
+    """Under DDP (2 gloo processes) training_loss goes through the wrapped model, so gradients are all-reduced:
+    after every update both processes hold the same weights, and the weights moved."""
+    import subprocess
+
+    from conftest import PYTHON, run_env
+
+    (tmp_path / "weights_hash.py").write_text(WEIGHTS_HASH)
+    path = _recipe(tmp_path)
+    path.write_text('plugins = ["weights_hash.py"]\n' + path.read_text())
+    hashes = tmp_path / "hashes"
+    hashes.mkdir()
+    two = subprocess.run(
+        [PYTHON, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "x2ct_framework.run", str(path),
+         "--set", "train.batch_size=1", "--set", "stages.1.epochs=1"],
+        cwd=tmp_path, capture_output=True, text=True, env=run_env(X2CT_TEST_HASHES=str(hashes)), timeout=600)
+    assert two.returncode == 0, two.stdout + two.stderr
+    r0, r1 = ((hashes / f"rank{r}.txt").read_text().splitlines() for r in (0, 1))
+    assert len(r0) == 2 and r0 == r1
+    assert r0[0].split()[1] != r0[1].split()[1]
+
+
+def test_the_run_report_shows_the_samples_gallery_of_a_generative_run(tmp_path):
+    from x2ct_framework.evaluation import report
+
+    run = make_run(tmp_path, name="flow", model=FLOW, num_test=1)
+    assert report.main([str(run), "--device", "cpu"]) == 0
+    md = (run / "report.md").read_text()
+    assert "## Samples" in md and "mean of 8 samples" in md and "| psnr |" in md.replace("default/", "")
+    pictures = [p for p in run.rglob("samples.png")]
+    assert len(pictures) == 1 and pictures[0].read_bytes()[:4] == b"\x89PNG"
