@@ -36,7 +36,7 @@ from x2ct_framework import _moved
 from x2ct_framework._version import __version__
 
 __all__ = ["__version__", "hookspecs", "errors", "stage", "physics", "io", "ssim", "phantom", "testing", "conventions",
-           "cachedir", "checkpoint", "dicom", "labels", "api"]
+           "cachedir", "checkpoint", "dicom", "labels", "api", "generative"]
 PLUGIN_API = tuple(__all__[1:])
 
 _moved.install()

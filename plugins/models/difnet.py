@@ -317,7 +317,7 @@ def convert_checkpoint(source: str | Path, folder: str | Path, stage: str = "dif
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    from x2ct_framework.run import report_errors
+    from x2ct_framework.api import report_errors
 
     p = argparse.ArgumentParser(prog="python -m x2ct_plugins.models.difnet",
                                 description="DIF-Net's checkpoint (ep_N.pth) -> a checkpoint folder")
