@@ -615,8 +615,8 @@ def test_no_code_path_unpickles_untrusted_files():
     root = Path(__file__).resolve().parents[1]
     offenders = []
     for path in sorted([*(root / "x2ct_framework").rglob("*.py"), *(root / "plugins").rglob("*.py")]):
-        if path.name == "testing.py":  # pickles the author's own dataset to check worker-process support
-            continue
+        if path.relative_to(root).as_posix() == "x2ct_framework/testing/checks.py":
+            continue  # pickles the author's own dataset to check worker-process support
         for node in ast.walk(ast.parse(path.read_text())):
             if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute):
                 continue

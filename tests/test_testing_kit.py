@@ -229,7 +229,7 @@ def test_check_model_catches(mode, broken):
 
 def test_check_model_passes_the_tiny_model_and_restores_its_mode():
     model = TinyModel().eval()
-    assert len(check_model(model, resolution=R)) == 10  # 8 + the X-ray gradient + every view
+    assert len(check_model(model, resolution=R)) == 11  # 8 + the X-ray gradient + every view + batch independence
     assert not model.training and all(p.grad is None for p in model.parameters())
 
 

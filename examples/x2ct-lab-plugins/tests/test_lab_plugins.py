@@ -55,7 +55,16 @@ def test_the_hook_writes_every_nth_epoch_with_recipe_options(lab_plugins, tmp_pa
                     {"stage": "stage1", "epoch": 3, "val/psnr": 22.0}]
 
 
-def test_recipe_options_are_checked_against_the_declaration(lab_plugins, tmp_path):
+@pytest.fixture
+def lab_hooks_and_the_builtins(monkeypatch):
+    """The hook plugin registered by hand, plus the framework's built-in components a recipe names: load_recipe
+    checks every component of a recipe, not only its plugin options."""
+    monkeypatch.setenv("X2CT_LOAD_PLUGINS", "synthetic_phantom,vit_cascade,metrics")
+    with isolated_plugins(), registered(epoch_log, "lab_epoch_log") as pm:
+        yield pm
+
+
+def test_recipe_options_are_checked_against_the_declaration(lab_hooks_and_the_builtins, tmp_path):
     from x2ct_framework.api import load_recipe
 
     path = tmp_path / "r.toml"
