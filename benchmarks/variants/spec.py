@@ -34,10 +34,6 @@ def _data_seeds(v: list) -> str | None:
     return None if len(set(v)) == len(v) else "expected distinct integers"
 
 
-def _positive_or_unset(v: Any) -> str | None:
-    return None if v is None or v > 0 else "expected a positive number"
-
-
 CELL = Table({
     "name": Value("str", REQUIRED, "cell name (letters, digits, _ - .)", check=_name),
     "question": Value("str", "", "what the cell asks, shown in the tables"),
