@@ -283,7 +283,8 @@ def test_recipes_may_name_the_new_metrics_but_not_a_set_metric_for_validation(ti
 
     names = ["psnr_lung", "ssim_soft", "contrast_retention", "contrast_chambers", "heldout_view_psnr",
              "hf_energy_ratio", "edge_sharpness", "uncertainty_spearman"]
-    built = build_metrics(load_recipe(tiny_recipe, [f"eval.metrics={names!r}".replace("'", '"')]))
+    built = build_metrics(load_recipe(tiny_recipe, [f"eval.metrics={names!r}".replace("'", '"'),
+                                                    'stages.1.select_best="val/psnr_lung"']))
     assert list(built) == names
     with pytest.raises(RecipeError, match="fid3d.*one number for a whole split"):
         build_metrics(load_recipe(tiny_recipe, ['eval.metrics=["psnr", "fid3d"]']))

@@ -11,7 +11,6 @@ import math
 import random
 
 import torch
-from torchvision.transforms.functional import gaussian_blur
 from torch.utils.data import Dataset
 
 from x2ct_framework.hookspecs import hookimpl
@@ -201,6 +200,8 @@ def detector(views: torch.Tensor, geometry: dict, noise: float, blur_mm: float, 
         sigma = blur_mm / pixel_mm
         size = min(2 * int(math.ceil(3 * sigma)) + 1, 2 * min(views.shape[-2:]) - 1)
         if size >= 3:
+            from torchvision.transforms.functional import gaussian_blur  # loaded when blur is used, not listed
+
             intensity = gaussian_blur(intensity, [size, size], [sigma, sigma])
     intensity = intensity.clamp(1e-7, 1.0)
     if beer_lambert:

@@ -42,9 +42,11 @@ import torch.nn.functional as F
 
 from x2ct_framework.errors import CheckpointError, DataError
 from x2ct_framework.hookspecs import hookimpl
+from x2ct_framework.physics import project_points
 from x2ct_framework.physics.geometry import batched
 
-from .layers import ModelInputError, check_inputs, project_points, voxel_centres
+from .inputs import ModelInputError, check_inputs
+from .lifting import voxel_centres
 
 COMBINES = ("max", "mlp")
 

@@ -44,7 +44,8 @@ import torch.nn.functional as F
 from x2ct_framework.generative import ESTIMATE, case_generators, noise
 from x2ct_framework.hookspecs import hookimpl
 
-from .layers import NORMS, AngleEmbedding, ViewEncoder, check_inputs, maybe_checkpoint, resize3d
+from .encoder import NORMS, AngleEmbedding, ViewEncoder
+from .inputs import check_inputs, maybe_checkpoint, resize3d
 from .vit_cascade import Aligned, AlignedSkip
 
 SAMPLERS = ("euler", "heun")

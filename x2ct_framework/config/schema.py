@@ -173,7 +173,8 @@ def protocol_names(v: Any) -> str | None:
         known = registry("protocol").names()
     except X2CTError:  # a registry that cannot be built is reported by the command that needs it
         known = []
-    known = sorted(known, key=lambda n: (n not in ("default", "x2ctgan"), n))  # the built-ins first
+    builtin = ("default", "x2ctgan", "sparc", "c2rv")  # the built-ins first, in this order, then plugins' by name
+    known = sorted(known, key=lambda n: (builtin.index(n) if n in builtin else len(builtin), n))
     bad = [n for n in v if n not in known]
     if not bad:
         return None
