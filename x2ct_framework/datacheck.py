@@ -288,7 +288,7 @@ def check_items(items: Sequence[dict], hu_window: Sequence[float], declared: Seq
         fixes.append(f"{views_key} = [{', '.join(format(a, 'g') for a in angles)}]")
     if not problems:  # a head-feet flip is judged on views that agree with the CT
         problems, fixes = check_anatomy(anatomies, head_feet_fixes)
-    return CheckResult(fits, problems, fixes, images, anatomies)
+    return CheckResult(fits, problems, fixes, images, anatomy=anatomies)
 
 
 def check_dataset_geometry(dataset, cases: int = 3, hu_window: Sequence[float] | None = None) -> CheckResult:
