@@ -237,8 +237,8 @@ class X2CTGAN(nn.Module):
     order-1 ``zoom``), ``weights`` (a generator checkpoint of the X2CT-GAN release, ``NN_net_G.pth``,
     or a plain state dict), ``view_outputs``, ``eval_norm`` (``per_case``: X2CT-GAN's test mode, default;
     ``running``), and the CPU-sized variants ``width_divisor`` and ``encoder_blocks``. The output is resized to
-    the stage's ``resolution`` when it differs from
-    ``image_size``.
+    the stage's ``resolution`` when it differs from ``image_size``: averaged over each output voxel's footprint
+    when smaller (anti-aliased), trilinear when larger.
     """
 
     # one branch per fixed view of one fixed geometry (X2CT-GAN's): the angles only pick each view's layout and
@@ -377,7 +377,9 @@ class X2CTGAN(nn.Module):
         if self.keep_view_outputs:
             self.view_outputs = (b1.decoder_layer(z1).permute(*to_ct1), b2.decoder_layer(z2).permute(*to_ct2))
         out = self.decoder_layer(fused)  # X2CT-GAN's CT has the head at slice 0, as the framework's
-        if out.shape[-1] != self.resolution:
+        if out.shape[-1] > self.resolution:  # smaller stage: average over each output voxel's footprint (no aliasing)
+            out = F.adaptive_avg_pool3d(out, (self.resolution,) * 3)
+        elif out.shape[-1] < self.resolution:
             out = F.interpolate(out, size=(self.resolution,) * 3, mode="trilinear", align_corners=True)
         return out
 
