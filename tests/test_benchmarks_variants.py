@@ -338,3 +338,60 @@ def test_blind_mean_floor_prior_only_and_data_seeds(tmp_path):
                 and md.index(ln) > md.index("## Gain over the blind mean"))
     assert f"{sum(gains) / 2:+.3g}" in line
     assert "## Budget: validation `val/psnr` over training" in md and (out / "curves.png").stat().st_size > 1000
+
+
+SARTED = """
+name = "sarted"
+base = "base.toml"
+seeds = [0]
+reference = "plain"
+set = ["data.views = [0, 45, 90, 135]"]
+
+[budget]
+steps = 2
+epochs = 2
+
+[eval]
+metrics = ["psnr"]
+
+[[cells]]
+name = "blind"
+kind = "blind_mean"
+
+[[cells]]
+name = "sart"
+kind = "sart"
+iterations = 3
+
+[[cells]]
+name = "plain"
+"""
+
+
+def test_sart_reference_cell(tmp_path):
+    """A ``sart`` cell scores SART from each test case's own views (nothing trained), hashed with its iterations."""
+    from skimage.metrics import peak_signal_noise_ratio
+
+    from x2ct_framework.config.build import build_dataset, stages
+    from x2ct_framework.physics.iterative import SARTReconstruction
+
+    m = V.load_matrix(write(tmp_path, SARTED))
+    out = tmp_path / "out"
+    status = V.run_matrix(m, out, isolate=False, log=lambda *_: None, plot=False)
+    assert not status["failed"] and len(status["ran"]) == 3
+    res = json.loads((out / "results" / "sart" / "seed0.json").read_text())
+    assert res["kind"] == "sart" and res["steps"] == 0 and res["params"] == 0
+    recipe = V.cell_recipe(m, m.cell("sart"), 0, out, 2)
+    st = stages(recipe)[-1]
+    test = build_dataset(recipe, st, "test")
+    model = SARTReconstruction(st.resolution, hu_window=tuple(test.hu_window), iterations=3)  # the data's window
+    expect = []
+    for i in range(len(test)):
+        item = test[i]
+        pred = model(item["xrays"][None].float(), {k: v[None] for k, v in item["geometry"].items()})[0]
+        expect.append(peak_signal_noise_ratio(item["ct"].double().numpy(), pred.double().numpy(), data_range=1.0))
+    assert res["per_case"]["metrics"]["psnr"] == pytest.approx(expect, abs=2e-3)
+    # another number of iterations is another result
+    other = V.load_matrix(write(tmp_path, SARTED.replace("iterations = 3", "iterations = 4")))
+    assert V.hash_kind(other.cell("sart")) != V.hash_kind(m.cell("sart"))
+    assert V.run_matrix(other, out, isolate=False, log=lambda *_: None, plot=False)["ran"] == ["sart-s0"]

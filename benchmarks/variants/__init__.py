@@ -42,7 +42,7 @@ hashes, running, dispatch), ``timing`` (time per step, memory, device), ``tables
 from __future__ import annotations
 
 from benchmarks.variants.runner import (CALIBRATION, CELL, RUNNER_VERSION, CellFailed, Job, Slot, calibrate,
-                                        check_budget, cell_recipe, default_out, evaluate_run, make_slots,
+                                        check_budget, cell_recipe, default_out, evaluate_run, hash_kind, make_slots,
                                         read_result, result_path, run_cell, run_hash, run_matrix, run_name)
 from benchmarks.variants.spec import DEFAULT_METRICS, HASHED_EVAL, REPO, Cell, Matrix, load_matrix
 from benchmarks.variants.stats import (T975, hierarchical_bootstrap, interval, median, overlap, paired, per_case_pairs,
@@ -52,7 +52,8 @@ from benchmarks.variants.timing import device_label, peak_memory_mib, train_and_
 
 __all__ = ["CALIBRATION", "CELL", "DEFAULT_METRICS", "HASHED_EVAL", "REPO", "RUNNER_VERSION", "T975", "Cell",
            "CellFailed", "Job", "Matrix", "Slot", "calibrate", "check_budget", "cell_recipe", "collect",
-           "default_out", "device_label", "evaluate_run", "expected_keys", "hierarchical_bootstrap", "interval",
+           "default_out", "device_label", "evaluate_run", "expected_keys", "hash_kind", "hierarchical_bootstrap",
+           "interval",
            "load_matrix",
            "machine_description", "make_slots", "markdown", "median", "overlap", "paired", "per_case_pairs",
            "peak_memory_mib",

@@ -76,6 +76,11 @@ def run_hash(recipe, matrix: Matrix, kind: str = "train") -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def hash_kind(cell: Cell) -> str:
+    """The part of a cell's definition outside its recipe that changes its result."""
+    return f"sart-{cell.iterations}" if cell.kind == "sart" else cell.kind
+
+
 def check_budget(recipe, steps_per_epoch: int) -> None:
     """The data must hold enough cases for ``steps_per_epoch`` full optimizer steps in every trained stage."""
     from x2ct_framework.config.build import build_dataset, stages
@@ -226,8 +231,8 @@ def run_cell(matrix: Matrix, cell: Cell, seed: int, out: Path, steps: int, extra
     out = Path(out)
     recipe = cell_recipe(matrix, cell, seed, out, steps, extra)
     load_recipe_plugins(recipe)
-    if cell.kind == "blind_mean":
-        return run_blind_mean(matrix, cell, seed, out, steps, recipe)
+    if cell.kind in ("blind_mean", "sart"):
+        return run_reference(matrix, cell, seed, out, steps, recipe)
     check_budget(recipe, steps // matrix.budget["epochs"])
     key = run_hash(recipe, matrix)
     run_dir = out / recipe.name
@@ -270,11 +275,31 @@ def run_cell(matrix: Matrix, cell: Cell, seed: int, out: Path, steps: int, extra
     return result
 
 
-def run_blind_mean(matrix: Matrix, cell: Cell, seed: int, out: Path, steps: int, recipe) -> dict:
-    """The floor: score the training split's mean CT as every test case's prediction (nothing is trained)."""
-    key = run_hash(recipe, matrix, cell.kind)
+def sart_model(recipe, iterations: int):
+    """The analytic reference: SART from each test case's own X-rays, inverted with the dataset's intensity mapping."""
+    from x2ct_framework.config.build import build_dataset, stages
+    from x2ct_framework.physics.iterative import SARTReconstruction
+
+    stage = stages(recipe)[-1]
+    dataset = build_dataset(recipe, stage, "test")
+    probe = getattr(dataset, "dataset", dataset)  # a wrapped dataset exposes the rendering options beneath
+    missing = [k for k in ("hu_window", "mu_water", "beer_lambert") if not hasattr(probe, k)]
+    style = getattr(probe, "xray", None)
+    if missing or getattr(style, "uses_lines", False):
+        why = (f"lacks {', '.join(missing)}" if missing else
+               "renders spectral or style-randomised radiographs (data.xray), which SART cannot invert")
+        raise ValueError(f"a sart cell needs a dataset whose X-rays are the framework's ideal DRR (it reads hu_window, "
+                         f"mu_water and beer_lambert to invert them); {type(probe).__name__} {why}")
+    return SARTReconstruction(stage.resolution, hu_window=tuple(probe.hu_window), mu_water=probe.mu_water,
+                              beer_lambert=probe.beer_lambert, iterations=iterations)
+
+
+def run_reference(matrix: Matrix, cell: Cell, seed: int, out: Path, steps: int, recipe) -> dict:
+    """A reference row, nothing trained: the training split's mean CT as every test prediction (``blind_mean``),
+    or SART from each test case's own views (``sart``)."""
+    key = run_hash(recipe, matrix, hash_kind(cell))
     t0 = time.perf_counter()
-    model = blind_mean(recipe)
+    model = blind_mean(recipe) if cell.kind == "blind_mean" else sart_model(recipe, cell.iterations)
     scores = evaluate_run(recipe, matrix, model=model)
     result = {"cell": cell.name, "seed": seed, "data_seed": matrix.data_seed(seed), "key": key, "kind": cell.kind,
               "finished": _dt.datetime.now().isoformat(timespec="seconds"), "budget_steps": 0, "epochs": 0,
@@ -493,7 +518,7 @@ def run_matrix(matrix: Matrix, out: Path | None = None, *, only: list[str] | Non
             status["failed"][cell.name] = str(exc)
             continue
         for seed in seeds:
-            key = run_hash(cell_recipe(matrix, cell, seed, out, steps, list(extra)), matrix, cell.kind)
+            key = run_hash(cell_recipe(matrix, cell, seed, out, steps, list(extra)), matrix, hash_kind(cell))
             old = read_result(result_path(out, cell.name, seed))
             if old and old.get("key") == key and cell.name not in rerun:
                 status["skipped"].append(run_name(cell.name, seed))

@@ -18,7 +18,7 @@ from x2ct_framework.errors import RecipeError
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_METRICS = ["psnr", "ssim", "mae_hu", "bone_dice", "vessel_dice", "lung_dice", "landmark_mm"]
 HASHED_EVAL = ("protocol", "split", "which", "max_cases", "batch_size")  # what changes a result (not its display)
-CELL_KINDS = ("train", "blind_mean")
+CELL_KINDS = ("train", "blind_mean", "sart")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -43,7 +43,10 @@ CELL = Table({
     "note": Value("str", "", "a note shown under the tables"),
     "kind": Value("str", "train", "train: train the recipe and score it; blind_mean: no training, the voxel-wise "
                   "mean CT of the training split is scored as every case's prediction (the floor a model that "
-                  "ignores its X-rays reaches without learning anything)", choices=CELL_KINDS),
+                  "ignores its X-rays reaches without learning anything); sart: no training, an analytic "
+                  "reconstruction (SART through the projector and its adjoint, x2ct_framework.physics.iterative) "
+                  "of every test case from its own views (the reference for 4+ views)", choices=CELL_KINDS),
+    "iterations": Value("int", 10, "sart cells: full passes over the views", check=positive),
 })
 
 MATRIX = Table({
@@ -97,6 +100,7 @@ class Cell:
     note: str = ""
     recipe: Path | None = None  # the cell's own base recipe (default: the matrix's base)
     kind: str = "train"
+    iterations: int = 10  # sart cells: full passes over the views
 
 
 @dataclass
@@ -184,7 +188,7 @@ def load_matrix(path: str | Path) -> Matrix:
                 p.append(f"{doc.where('cells', i, 'recipe')}: recipe not found: {own}")
         cells.append(Cell(name=c["name"], question=c.get("question", ""), set=list(c.get("set", [])),
                           budget_scale=float(scale) if _number(scale) else 1.0, note=c.get("note", ""), recipe=own,
-                          kind=c.get("kind", "train")))
+                          kind=c.get("kind", "train"), iterations=int(c.get("iterations", 10))))
     names = [c.name for c in cells]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:

@@ -8,7 +8,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from benchmarks.variants.runner import calibration_dir, cell_recipe, read_result, result_path, run_hash, run_name
+from benchmarks.variants.runner import (calibration_dir, cell_recipe, hash_kind, read_result, result_path, run_hash,
+                                        run_name)
 from benchmarks.variants.spec import REPO, Cell, Matrix
 from benchmarks.variants.stats import (hierarchical_bootstrap, interval, median, overlap, paired, per_case_pairs,
                                        verdict)
@@ -31,7 +32,7 @@ def expected_keys(matrix: Matrix, out: Path, extra: list[str] = ()) -> dict[tupl
         steps = cell_steps(matrix, cell, out)
         for seed in matrix.seeds:
             recipe = None if steps is None else cell_recipe(matrix, cell, seed, out, steps, list(extra))
-            keys[cell.name, seed] = None if recipe is None else run_hash(recipe, matrix, cell.kind)
+            keys[cell.name, seed] = None if recipe is None else run_hash(recipe, matrix, hash_kind(cell))
     return keys
 
 
