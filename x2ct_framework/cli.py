@@ -197,6 +197,9 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", default="test", choices=("train", "val", "test"))
     p.add_argument("--protocol", dest="protocols", nargs="+", default=["default", "x2ctgan"], metavar="NAME",
                    help="metric protocols (default: default x2ctgan)")
+    p.add_argument("--evaluators", nargs="*", default=None, metavar="NAME",
+                   help="evaluators that score the whole split (pe_detectability, organ_consistency, distribution, "
+                        "or a plugin's); default: the recipe's eval.evaluators; with no name: none")
     p.add_argument("--stage", help="stage to evaluate (run folder: default its last trained stage)")
     p.add_argument("--which", default="best", help="checkpoint of the stage in a run folder: best, last, epochNNNN")
     p.add_argument("--out", help="output folder (default <run>/eval/<stage>-<split>)")
