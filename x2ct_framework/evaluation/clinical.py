@@ -116,7 +116,7 @@ def train_classifier(net: nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
             opt.zero_grad()
             loss.backward()
             opt.step()
-            total += float(loss) * len(idx)
+            total += float(loss.detach()) * len(idx)
         losses.append(total / len(y))
     net.eval()
     return losses
@@ -243,7 +243,7 @@ class PEDetectability(Evaluator):
                 self.volume_net.load_state_dict(load_file(str(folder / "volume.safetensors")))
                 self.volume_net.eval()
             if self.xray_arm:
-                self.xray_net = XrayClassifier(meta["views"])
+                self.xray_net = XrayClassifier(meta["views"], 2 * self.train_options["width"])
                 self.xray_net.load_state_dict(load_file(str(folder / "xray.safetensors")))
                 self.xray_net.eval()
             self.meta = meta
@@ -611,7 +611,7 @@ class Distribution(Evaluator):
     """FID/KID between generated and real volumes of the split (3D and 2.5D features)."""
 
     def __init__(self, extractor: str = "random3d", weights: str | None = None, extractor_seed: int = 0,
-                 slices: int = 8, bootstrap: int = 200, kid_subsets: int = 100, kid_subset_size: int = 1000):
+                 slices: int = 8, bootstrap: int = 100, kid_subsets: int = 100, kid_subset_size: int = 1000):
         from x2ct_framework.evaluation.sharpness_metrics import _fidelity, build_extractor
 
         try:
