@@ -129,3 +129,12 @@ def test_a_skipped_evaluator_is_reported_with_its_reason(tmp_path, capsys):
     assert summary["evaluators"]["needs_weights"]["skipped"] == "the weights are not in /nowhere; put them there"
     assert "SKIPPED: the weights are not in /nowhere" in (out / "summary.md").read_text()
     assert "evaluator needs_weights: SKIPPED" in capsys.readouterr().err
+
+
+def test_trackers_receive_the_evaluators_summary_numbers():
+    from x2ct_framework.training.trackers import final_values
+
+    summary = {"protocols": {}, "evaluators": {
+        "pe_detectability": {"summary": {"auc_generated": {"value": 0.71}, "auc_xray": {"value": float("nan")}}},
+        "organ_consistency": {"skipped": "no weights", "summary": {}}}}
+    assert final_values({}, summary, "test") == {"final/test/pe_detectability/auc_generated": 0.71}

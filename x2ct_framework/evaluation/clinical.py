@@ -602,7 +602,8 @@ DIST_CONVENTIONS = [
     "fid25d, kid25d: the same on 2D features of `slices` evenly spaced slices per axis (2.5D), each slice one sample",
     "kid: unbiased MMD^2 with the cubic polynomial kernel, averaged over random subsets (torch-fidelity); it is the "
     "MMD of the set",
-    "95% interval: percentile bootstrap over cases (the generated and real volume of a case drawn together)",
+    "95% interval: percentile bootstrap over cases (the generated and real volume of a case drawn together); a "
+    "resample repeats cases, which inflates FID, so the interval shows the spread and may lie above the value",
     "0 = the same feature distribution; lower is better; comparable only with the same extractor and seed",
 ]
 
