@@ -282,3 +282,16 @@ def test_fid_of_a_set_with_itself_is_zero_and_equals_torch_fidelity_and_scipy_on
     assert res.summary["fid3d"]["value"] > 0 and res.summary["kid3d"]["value"] > itself.summary["kid3d"]["value"]
     lo, hi = res.summary["fid3d"]["ci_low"], res.summary["fid3d"]["ci_high"]
     assert lo <= hi and math.isnan(itself.summary["fid3d"]["ci_low"])  # no resamples asked: no interval
+
+
+# ---- the built-ins keep the evaluator contract ----------------------------------------------------
+@pytest.mark.parametrize("name, options", [
+    ("organ_consistency", {"bootstrap": 50}),
+    ("pe_detectability", {"epochs": 1, "width": 2, "bootstrap": 50}),
+    pytest.param("distribution", {"bootstrap": 0, "slices": 2, "kid_subsets": 5}, marks=pytest.mark.slow),
+])
+def test_the_built_in_evaluators_keep_the_contract(name, options):
+    from x2ct_framework.testing import check_evaluator
+
+    passed = check_evaluator(name, options=options)
+    assert "the same values one case per batch" in passed

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from x2ct_framework._version import __version__
 from x2ct_framework.atomic import atomic_folder
 from x2ct_framework.config.build import build_dataset
 from x2ct_framework.loading import load_model, pick_device
@@ -36,6 +37,8 @@ from x2ct_framework.evaluation.evaluators import (EvaluationContext, EvaluatorRu
 from x2ct_framework.evaluation.protocols import Protocol, build_protocol, x2ctgan_setting_deviations
 from x2ct_framework.generative import SampleStats, draw_samples, is_generative, stage_model
 
+# data options that change where or how fast the data is read, not what it is (left out of an evaluator's data key)
+NOT_DATA = ("cache_dir", "cache", "memory_cache_mb", "num_val", "num_test", "on_bad_case")
 ONE_SAMPLE = "one_sample:"  # prefix of the per-case columns scoring a generative model's first sample
 DIVERSITY = "samples/diversity_hu"
 
@@ -219,7 +222,8 @@ def evaluate(target: Target, split: str = "test", protocols: list[str] = ("defau
         start_evaluators(runs, EvaluationContext(
             split=split, hu_window=tuple(hu_window), resolution=stage.resolution, seed=recipe["seed"], n_boot=n_boot,
             device=dev, dataset=lambda s: build_dataset(recipe, stage, s),
-            data_key=data_key(data_options(recipe, stage), stage.resolution, list(hu_window), recipe["seed"]),
+            data_key=data_key({k: v for k, v in data_options(recipe, stage).items() if k not in NOT_DATA},
+                              stage.resolution, list(hu_window), recipe["seed"], __version__),
             cache_dir=default_cache_dir() / "evaluators", out_dir=None if out_dir is None else Path(out_dir),
             batch_size=bs, progress=progress))
     model = load_model(target, dev) if model is None else model.to(dev).eval()
