@@ -295,3 +295,22 @@ def test_the_built_in_evaluators_keep_the_contract(name, options):
 
     passed = check_evaluator(name, options=options)
     assert "the same values one case per batch" in passed
+
+
+@pytest.mark.slow  # builds r3d_18 twice
+def test_the_r3d_18_extractor_needs_its_weights_and_auto_says_which_it_used(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))  # an empty hub cache
+    from x2ct_framework.evaluation.clinical import distribution_extractor
+
+    with pytest.raises(DataError, match=r"r3d_18's weights are not at .*hub/checkpoints/r3d_18-b3b3357e.pth"):
+        distribution_extractor("r3d_18", None, 0)
+    net, name, notes = distribution_extractor("auto", None, 0)
+    assert name == "random3d" and "seeded random 3D CNN" in notes[0]
+    # with a file of the expected name (random weights saved in r3d_18's layout) the pretrained path is taken
+    from torchvision.models.video import r3d_18
+
+    file = tmp_path / "hub" / "checkpoints" / "r3d_18-b3b3357e.pth"
+    file.parent.mkdir(parents=True)
+    torch.save(r3d_18().state_dict(), file)
+    net, name, _ = distribution_extractor("auto", None, 0)
+    assert name.startswith("r3d_18") and net(torch.rand(2, 1, 16, 16, 16)).shape == (2, 512)

@@ -587,6 +587,53 @@ class RandomFeatures2D(nn.Module):
         return torch.cat([f.mean((2, 3)), f.amax((2, 3))], 1)
 
 
+R3D_MEAN, R3D_STD = (0.43216, 0.394666, 0.37645), (0.22803, 0.22145, 0.216989)  # Kinetics-400 normalisation
+
+
+class R3D18Features(nn.Module):
+    """torchvision's ``r3d_18`` (Kinetics-400 weights) as a 3D feature extractor: the volume repeated to three
+    channels, normalised as its training clips, the 512 features before its classifier. The weights come from
+    torch's hub cache (``<torch.hub.get_dir()>/checkpoints/r3d_18-b3b3357e.pth``, downloaded there when the
+    machine is online); :func:`r3d18_weights_file` says where."""
+
+    def __init__(self):
+        super().__init__()
+        from torchvision.models.video import R3D_18_Weights, r3d_18
+
+        self.net = r3d_18(weights=R3D_18_Weights.KINETICS400_V1)
+        self.net.fc = nn.Identity()
+        self.register_buffer("mean", torch.tensor(R3D_MEAN).view(1, 3, 1, 1, 1))
+        self.register_buffer("std", torch.tensor(R3D_STD).view(1, 3, 1, 1, 1))
+        self.eval().requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net((x.expand(-1, 3, -1, -1, -1) - self.mean) / self.std)
+
+
+def r3d18_weights_file() -> Path:
+    from torchvision.models.video import R3D_18_Weights
+
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(R3D_18_Weights.KINETICS400_V1.url).name
+
+
+def distribution_extractor(extractor: str, weights: str | None, seed: int) -> tuple[nn.Module, str, list[str]]:
+    """The 3D extractor of ``distribution``: ``(module, name, notes)``. ``"r3d_18"`` needs its weights in the hub
+    cache (an error says where otherwise); ``"auto"`` takes ``r3d_18`` when its weights are there, else the seeded
+    random 3D CNN, and says which; anything else is ``fid3d``'s ``build_extractor``."""
+    from x2ct_framework.evaluation.sharpness_metrics import build_extractor
+
+    if extractor in ("r3d_18", "auto"):
+        file = r3d18_weights_file()
+        if file.is_file():
+            return R3D18Features(), "r3d_18 (Kinetics-400)", []
+        if extractor == "r3d_18":
+            raise DataError(f"distribution: r3d_18's weights are not at {file}; run torchvision.models.video.r3d_18("
+                            f"weights='KINETICS400_V1') once on a machine online, or copy r3d_18-b3b3357e.pth there")
+        return (build_extractor("random3d", None, seed), "random3d",
+                [f"extractor auto: r3d_18's weights are not at {file}, so a seeded random 3D CNN gives the features"])
+    return build_extractor(extractor, weights, seed), extractor, []
+
+
 def orthogonal_slices(volumes: torch.Tensor, count: int) -> torch.Tensor:
     """``count`` evenly spaced slices along each of the three axes: ``[B, 3 * count, 1, H, W]`` (a cube)."""
     d = volumes.shape[-1]
@@ -609,11 +656,14 @@ DIST_CONVENTIONS = [
 
 
 class Distribution(Evaluator):
-    """FID/KID between generated and real volumes of the split (3D and 2.5D features)."""
+    """FID/KID between generated and real volumes of the split (3D and 2.5D features). ``extractor``: "random3d"
+    (default, a seeded random 3D CNN), "r3d_18" (torchvision's, pretrained; its weights must be in the hub cache),
+    "auto" (r3d_18 when its weights are there, else random3d, said in the notes) or "package.module:factory"
+    with ``weights`` a state-dict file."""
 
     def __init__(self, extractor: str = "random3d", weights: str | None = None, extractor_seed: int = 0,
                  slices: int = 8, bootstrap: int = 100, kid_subsets: int = 100, kid_subset_size: int = 1000):
-        from x2ct_framework.evaluation.sharpness_metrics import _fidelity, build_extractor
+        from x2ct_framework.evaluation.sharpness_metrics import _fidelity
 
         try:
             _fidelity()
@@ -621,9 +671,10 @@ class Distribution(Evaluator):
             raise EvaluatorSkipped(str(exc)) from exc
         if slices < 1 or bootstrap < 0:
             raise ValueError("slices must be >= 1 and bootstrap >= 0")
-        self.extractor3d = build_extractor(extractor, weights, extractor_seed)
+        self.extractor3d, self.extractor_name, self.extractor_notes = distribution_extractor(extractor, weights,
+                                                                                             extractor_seed)
         self.extractor2d = RandomFeatures2D(extractor_seed)
-        self.random = extractor == "random3d" and not weights
+        self.random = self.extractor_name == "random3d" and not weights
         self.slices, self.bootstrap = int(slices), int(bootstrap)
         self.kid_subsets, self.kid_subset_size, self.seed = int(kid_subsets), int(kid_subset_size), int(extractor_seed)
 
@@ -669,7 +720,8 @@ class Distribution(Evaluator):
             summary[f"fid{tag}"] = summary_entry(fid, percentile_interval(np.array(boot)) if boot else None, n, unit,
                                                  False, note=f"{samples} samples per set")
             summary[f"kid{tag}"] = summary_entry(kid, None, n, unit, False, note=f"{samples} samples per set")
-        notes = []
+        notes = list(self.extractor_notes) + [f"3D features: {self.extractor_name}; 2.5D features: a seeded random "
+                                              f"2D CNN (seed {self.seed})"]
         if self.random:
             notes.append(f"features of seeded random-initialised CNNs (seed {self.seed}): a legitimate but weaker "
                          f"feature space than a pretrained medical encoder; compare only with the same extractor")

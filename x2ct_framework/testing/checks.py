@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+from pathlib import Path
 from collections.abc import Sequence
 from typing import Any, Callable
 
@@ -610,8 +611,11 @@ def check_evaluator(evaluator: Any, *, cases: int = 6, batch_size: int = 2, reso
     evaluator = made[0]
     data = _study_cases(cases, resolution, views, 0)
     other = {s: _study_cases(max(cases, 8), resolution, views, k) for k, s in enumerate(("train", "val", "test"), 1)}
+    import tempfile
+
     ctx = context or EvaluationContext(split="test", hu_window=DEFAULT_HU_WINDOW, resolution=resolution, seed=0,
-                                       n_boot=200, dataset=lambda s: other[s], data_key=f"kit-{resolution}")
+                                       n_boot=200, dataset=lambda s: other[s], data_key=f"kit-{resolution}",
+                                       cache_dir=Path(tempfile.mkdtemp(prefix="x2ct-kit-evaluator-")))
     before = _clone(data)
     result = None
     with c.check("start, update over the split, result"):
