@@ -138,3 +138,19 @@ def test_trackers_receive_the_evaluators_summary_numbers():
         "pe_detectability": {"summary": {"auc_generated": {"value": 0.71}, "auc_xray": {"value": float("nan")}}},
         "organ_consistency": {"skipped": "no weights", "summary": {}}}}
     assert final_values({}, summary, "test") == {"final/test/pe_detectability/auc_generated": 0.71}
+
+
+def test_the_recipes_evaluators_reach_the_run_report(tmp_path, hu_shift):
+    from test_evaluate import make_run
+    from x2ct_framework.config.build import stages
+    from x2ct_framework.config.recipe import load_recipe
+    from x2ct_framework.evaluation.report import final_evaluation
+
+    with registered_component("evaluator", "hu_shift", hu_shift):
+        run = make_run(tmp_path, num_test=2, extra='\n[eval]\nprotocols = ["c2rv"]\nevaluators = ["hu_shift"]\n'
+                                                   'bootstrap = 20\nworst_cases = 0\ngallery = 0\n'
+                                                   '[eval.evaluator_options.hu_shift]\ntolerance_hu = 5.0\n')
+        recipe = load_recipe(run / "recipe.toml")
+        text = "\n".join(final_evaluation(run, recipe, stages(recipe)[0], tmp_path / "pics", "cpu"))
+    assert "### Evaluator `hu_shift`" in text and "`hu_shift/mean_shift_hu`" in text
+    assert "|shift| > 5 HU" in text  # the recipe's option reached the factory
