@@ -154,3 +154,21 @@ def test_the_recipes_evaluators_reach_the_run_report(tmp_path, hu_shift):
         text = "\n".join(final_evaluation(run, recipe, stages(recipe)[0], tmp_path / "pics", "cpu"))
     assert "### Evaluator `hu_shift`" in text and "`hu_shift/mean_shift_hu`" in text
     assert "|shift| > 5 HU" in text  # the recipe's option reached the factory
+
+
+def test_x2ct_validate_catches_missing_study_labels_and_names_a_skipped_evaluator(tiny_recipe, capsys):
+    from x2ct_framework.cli import main as x2ct_main
+
+    code = x2ct_main(["validate", str(tiny_recipe), "--set", 'eval.evaluators=["pe_detectability"]'])
+    err = capsys.readouterr()
+    assert code == 2 and "evaluator 'pe_detectability'" in err.err + err.out
+    assert "no study label 'pe_present'" in err.err + err.out
+    import importlib.util
+
+    if importlib.util.find_spec("totalsegmentator") is not None:
+        return
+    assert x2ct_main(["validate", str(tiny_recipe), "--set", 'eval.evaluators=["pe_detectability", '
+                      '"organ_consistency"]', "--set", "data.pe_fraction=0.5", "--set",
+                      'eval.evaluator_options.organ_consistency.segmenter="totalsegmentator"']) == 0
+    out = capsys.readouterr().out
+    assert "note: evaluator 'organ_consistency' will be skipped: TotalSegmentator is not installed" in out

@@ -27,7 +27,8 @@ def validate(args: argparse.Namespace) -> int:
     from x2ct_framework.datacheck import guard_stored_geometry
     from x2ct_framework.config.recipe import load_recipe
     from x2ct_framework.config.checks import check_freeze
-    from x2ct_framework.validate import check_protocols, check_stage, check_trackers, raise_problems
+    from x2ct_framework.validate import (check_evaluators, check_protocols, check_stage, check_trackers,
+                                         raise_problems)
 
     recipe = load_recipe(args.recipe, args.overrides)  # schema, select_best, trackers, names and options at once
     load_recipe_plugins(recipe)
@@ -60,6 +61,10 @@ def validate(args: argparse.Namespace) -> int:
                                                        min(2, recipe["train"]["batch_size"]))
         if not found and not args.build_only and stage.index == last:
             found += check_protocols(recipe, stage, model, datasets["val"], min(2, recipe["train"]["batch_size"]))
+            bad, notes = check_evaluators(recipe, stage)
+            found += bad
+            for note in notes:
+                print(f"    note: {note}")
         problems += found
         if not found and args.describe:
             from x2ct_framework.model_info import describe_for_sample  # FlopCounterMode: only when asked

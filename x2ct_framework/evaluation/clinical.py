@@ -209,6 +209,13 @@ class PEDetectability(Evaluator):
         self.notes: list[str] = []
 
     # -- training or loading ------------------------------------------------------------------
+    def check(self, context: EvaluationContext) -> None:
+        """What ``x2ct validate`` asks before a run: the training split's first case carries the label."""
+        if self.classifier_spec and not self.xray_arm:
+            return
+        dataset = context.other_split(self.train_split)
+        self._labels_of(dataset[0], f"case 0 of the {self.train_split} split")
+
     def start(self, context: EvaluationContext) -> None:
         self.context = context
         self.rows: dict[str, list] = {"case": [], "group": [], "label": [], "real": [], "generated": [], "xray": []}
