@@ -11,6 +11,9 @@ may be reorganised; importing them from here keeps a plugin working when they mo
   for a plugin package's own tests;
 - ``create_component``: build a registered component by name, options checked as a recipe's are (for a
   plugin that wraps another component);
+- ``Evaluator``, ``EvaluatorResult``, ``EvaluationContext``, ``EvaluatorSkipped``, ``summary_entry``: the
+  evaluator contract (``register_evaluators``), with ``cluster_weights``, ``bootstrap_mean`` and ``roc_auc`` for
+  patient-level intervals;
 - ``report_errors``: run a command-line entry point and turn framework errors into a message and an
   exit status (as ``x2ct`` does).
 
@@ -34,6 +37,14 @@ _HOMES = {
     "Trainer": "x2ct_framework.training.trainer",
     "report_errors": "x2ct_framework.run",
     "create_component": "x2ct_framework.plugins",
+    "Evaluator": "x2ct_framework.evaluation.evaluators",
+    "EvaluatorResult": "x2ct_framework.evaluation.evaluators",
+    "EvaluationContext": "x2ct_framework.evaluation.evaluators",
+    "EvaluatorSkipped": "x2ct_framework.evaluation.evaluators",
+    "summary_entry": "x2ct_framework.evaluation.evaluators",
+    "cluster_weights": "x2ct_framework.evaluation.evaluators",
+    "bootstrap_mean": "x2ct_framework.evaluation.evaluators",
+    "roc_auc": "x2ct_framework.evaluation.evaluators",
 }
 
 __all__ = sorted(_HOMES)

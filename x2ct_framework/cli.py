@@ -27,7 +27,8 @@ def validate(args: argparse.Namespace) -> int:
     from x2ct_framework.datacheck import guard_stored_geometry
     from x2ct_framework.config.recipe import load_recipe
     from x2ct_framework.config.checks import check_freeze
-    from x2ct_framework.validate import check_protocols, check_stage, check_trackers, raise_problems
+    from x2ct_framework.validate import (check_evaluators, check_protocols, check_stage, check_trackers,
+                                         raise_problems)
 
     recipe = load_recipe(args.recipe, args.overrides)  # schema, select_best, trackers, names and options at once
     load_recipe_plugins(recipe)
@@ -60,6 +61,10 @@ def validate(args: argparse.Namespace) -> int:
                                                        min(2, recipe["train"]["batch_size"]))
         if not found and not args.build_only and stage.index == last:
             found += check_protocols(recipe, stage, model, datasets["val"], min(2, recipe["train"]["batch_size"]))
+            bad, notes = check_evaluators(recipe, stage)
+            found += bad
+            for note in notes:
+                print(f"    note: {note}")
         problems += found
         if not found and args.describe:
             from x2ct_framework.model_info import describe_for_sample  # FlopCounterMode: only when asked
@@ -197,6 +202,9 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", default="test", choices=("train", "val", "test"))
     p.add_argument("--protocol", dest="protocols", nargs="+", default=["default", "x2ctgan"], metavar="NAME",
                    help="metric protocols (default: default x2ctgan)")
+    p.add_argument("--evaluators", nargs="*", default=None, metavar="NAME",
+                   help="evaluators that score the whole split (pe_detectability, organ_consistency, distribution, "
+                        "or a plugin's); default: the recipe's eval.evaluators; with no name: none")
     p.add_argument("--stage", help="stage to evaluate (run folder: default its last trained stage)")
     p.add_argument("--which", default="best", help="checkpoint of the stage in a run folder: best, last, epochNNNN")
     p.add_argument("--out", help="output folder (default <run>/eval/<stage>-<split>)")

@@ -61,6 +61,27 @@ def register_protocols(register):
 
 
 @hookspec
+def register_evaluators(register):
+    """Register evaluators: components that score a whole split (``x2ct_framework.evaluation.evaluators``).
+
+    ``register(name, factory)``: ``factory(**options)`` returns an object with ``start(context)``,
+    ``update(pred, target, batch)`` (every batch of the split, in case order) and ``result()`` giving an
+    ``EvaluatorResult`` (per-case columns, summary numbers with intervals, notes, or why it was skipped).
+    """
+
+
+@hookspec
+def register_segmenters(register):
+    """Register segmenters for the ``organ_consistency`` evaluator.
+
+    ``register(name, factory)``: ``factory(**options)`` returns a callable
+    ``segmenter(pred_hu, target_hu, batch) -> (pred_labels, target_labels)``, label maps ``[B, 1, D, H, W]``
+    (integers), with a ``names`` attribute ``{code: structure name}``; a factory raises
+    ``EvaluatorSkipped`` when it cannot run here (its library or weights are absent).
+    """
+
+
+@hookspec
 def register_optimizers(register):
     """Register optimizers.
 

@@ -36,11 +36,14 @@ from x2ct_framework.registry import Registry
 ENTRY_POINT_GROUP = "x2ct_framework"
 KINDS = {"model": "register_models", "loss": "register_losses", "dataset": "register_datasets",
          "metric": "register_metrics", "protocol": "register_protocols", "optimizer": "register_optimizers",
-         "schedule": "register_schedules", "tracker": "register_trackers"}
+         "schedule": "register_schedules", "tracker": "register_trackers",
+         "evaluator": "register_evaluators", "segmenter": "register_segmenters"}
 PLURALS = {"model": "models", "loss": "losses", "dataset": "datasets", "metric": "metrics", "protocol": "protocols",
-           "optimizer": "optimizers", "schedule": "schedules", "tracker": "trackers"}
+           "optimizer": "optimizers", "schedule": "schedules", "tracker": "trackers",
+           "evaluator": "evaluators", "segmenter": "segmenters"}
 # Core modules that register built-in components through the same hooks (plugin name -> module).
-CORE_PLUGINS = {"optim": "x2ct_framework.config.optim", "protocols": "x2ct_framework.evaluation.protocols"}
+CORE_PLUGINS = {"optim": "x2ct_framework.config.optim", "protocols": "x2ct_framework.evaluation.protocols",
+                "evaluators": "x2ct_framework.evaluation.clinical"}
 CORE_DISTRIBUTION = "x2ct-framework"
 # Accelerate's tracker names -> the package each one needs (no plugin may register a tracker of these names)
 TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "comet_ml": "comet_ml",

@@ -184,6 +184,41 @@ def check_protocols(recipe, stage, model: torch.nn.Module, dataset, batch_size: 
     return problems
 
 
+def check_evaluators(recipe, stage) -> tuple[list[str], list[str]]:
+    """Every evaluator of ``eval.evaluators`` built from its options, and its ``check(context)`` when it has one
+    (``pe_detectability`` reads a training item's study label): ``(problems, notes)``; a skipped evaluator is a
+    note with its reason, not a problem."""
+    from x2ct_framework.config.build import build_dataset
+    from x2ct_framework.errors import X2CTError
+    from x2ct_framework.evaluation.evaluators import EvaluationContext, build_evaluators
+    from x2ct_framework.runs import hu_window_of
+
+    names = recipe["eval"]["evaluators"]
+    if not names:
+        return [], []
+    options = recipe["eval"]["evaluator_options"]
+    try:
+        runs = build_evaluators(names, options, where=lambda n: recipe.where("eval", "evaluator_options", n)
+                                if n in options else recipe.where("eval", "evaluators"))
+    except X2CTError as exc:
+        return [str(exc)], []
+    problems, notes = [], []
+    ctx = EvaluationContext(split=recipe["eval"]["split"], hu_window=tuple(hu_window_of(recipe, stage)),
+                            resolution=stage.resolution, seed=recipe["seed"],
+                            dataset=lambda split: build_dataset(recipe, stage, split))
+    for run in runs:
+        if run.evaluator is None:
+            notes.append(f"evaluator {run.name!r} will be skipped: {run.skipped}")
+            continue
+        check = getattr(run.evaluator, "check", None)
+        if callable(check):
+            try:
+                check(ctx)
+            except X2CTError as exc:
+                problems.append(f"evaluator {run.name!r} ({run.source}): {exc}")
+    return problems, notes
+
+
 def check_trackers(recipe) -> list[str]:
     """Every plugin tracker of ``train.trackers`` built from its options in a scratch folder, then finished."""
     import tempfile

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import random
 import shutil
@@ -525,6 +526,93 @@ def bad_case(policy: str, message: str) -> None:
     log.warning("skipping a bad case: %s", message)
 
 
+STUDY_REDUCE = ("error", "max", "mean", "first")
+_TRUE, _FALSE = ("true", "yes", "y", "t"), ("false", "no", "n", "f")
+
+
+def _study_value(text: str, path: Path, line: int, column: str) -> float:
+    v = text.strip()
+    if v == "":
+        return math.nan
+    if v.lower() in _TRUE:
+        return 1.0
+    if v.lower() in _FALSE:
+        return 0.0
+    try:
+        return float(v)
+    except ValueError:
+        raise DataError(f"{path}, line {line}, column {column!r}: {text!r} is not a number (study labels are "
+                        f"numbers: 0/1, true/false, or a measurement)") from None
+
+
+def read_study_labels(path: str | Path, id_column: str = "case_id", columns: Sequence[str] = (),
+                      reduce: str = "error", where: str = "data.study_labels") -> dict[str, dict[str, float]]:
+    """Per-case study labels from a CSV (RSPECT-style: one case-id column and label columns; several rows of one
+    case, such as RSPECT's one row per image, are combined by ``reduce``): ``{case id: {column: value}}``.
+
+    ``columns`` chooses the label columns (default every column but the id); ``reduce`` = ``"error"`` (rows of a
+    case must agree), ``"max"`` (any positive row makes the case positive), ``"mean"`` or ``"first"``. Every
+    problem is a DataError naming the file and the column (and the line of a bad value)."""
+    import csv
+
+    path = Path(path).expanduser()
+    if reduce not in STUDY_REDUCE:
+        raise ValueError(f"study_reduce must be one of {', '.join(STUDY_REDUCE)}, got {reduce!r}")
+    if not path.is_file():
+        raise DataError(f"{where}: the study-label file {path} was not found")
+    with path.open(newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        header = [h.strip() for h in (reader.fieldnames or [])]
+        reader.fieldnames = header
+        if id_column not in header:
+            raise DataError(f"{path}: no case-id column {id_column!r} (columns: {', '.join(header) or 'none'}); set "
+                            f"data.study_id_column to the column that holds the case names")
+        wanted = list(columns) or [h for h in header if h != id_column]
+        absent = [c for c in wanted if c not in header]
+        if absent:
+            raise DataError(f"{path}: no column {absent[0]!r} (data.study_columns; columns: {', '.join(header)})")
+        if not wanted:
+            raise DataError(f"{path}: no label column beside the case-id column {id_column!r}")
+        rows: dict[str, list[dict[str, float]]] = {}
+        for line, row in enumerate(reader, start=2):
+            case = (row.get(id_column) or "").strip()
+            if not case:
+                raise DataError(f"{path}, line {line}: the case-id column {id_column!r} is empty")
+            rows.setdefault(case, []).append({c: _study_value(row.get(c) or "", path, line, c) for c in wanted})
+    table = {}
+    for case, found in rows.items():
+        out = {}
+        for c in wanted:
+            vals = [r[c] for r in found]
+            if reduce == "first" or len(vals) == 1:
+                out[c] = vals[0]
+            elif reduce == "error":
+                distinct = sorted({v for v in vals if v == v})
+                if len(distinct) > 1:
+                    raise DataError(f"{path}: case {case!r} has {len(vals)} rows whose column {c!r} disagrees "
+                                    f"({', '.join(f'{v:g}' for v in distinct)}); set data.study_reduce = \"max\" "
+                                    f"(any positive row: RSPECT's per-image rows) or \"mean\"")
+                out[c] = distinct[0] if distinct else math.nan
+            else:
+                finite = [v for v in vals if v == v]
+                out[c] = (max(finite) if reduce == "max" else sum(finite) / len(finite)) if finite else math.nan
+        table[case] = out
+    return table
+
+
+def match_study_labels(table: dict[str, dict[str, float]], cases: Sequence[str], path: str | Path, id_column: str,
+                       split: str) -> dict[str, dict[str, float]]:
+    """The study labels of ``cases``; a case without a row is a DataError naming the file, the id column and the
+    unmatched case ids (with a few of the file's ids, so a naming difference shows)."""
+    missing = [c for c in cases if c not in table]
+    if missing:
+        sample = list(table)[:3]
+        raise DataError(f"{path}: {len(missing)} case(s) of the {split} split have no row (matched on column "
+                        f"{id_column!r}): {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}; the file's "
+                        f"ids look like {', '.join(sample) or '(none)'}")
+    return {c: dict(table[c]) for c in cases}
+
+
 class CaseListDataset(Dataset):
     """A dataset over ``self.cases`` read by ``self._item(j)``; an unreadable case is skipped (with a
     warning, when ``on_bad_case = "skip"``) and the next readable one served in its place."""
@@ -536,6 +624,14 @@ class CaseListDataset(Dataset):
     root: Path
 
     _epoch: torch.Tensor | None = None
+    study: dict[str, dict[str, float]] | None = None  # case id -> study labels (attach_study_labels)
+
+    def attach_study_labels(self, path: str, id_column: str = "case_id", columns: Sequence[str] = (),
+                            reduce: str = "error") -> None:
+        """Give every item ``study`` = its row of the CSV ``path`` (see :func:`read_study_labels`), matched on the
+        case name; every case of the split must have one."""
+        table = read_study_labels(path, id_column, columns, reduce)
+        self.study = match_study_labels(table, [c.name for c in self.cases], path, id_column, self.split)
 
     def _item(self, j: int) -> dict:
         raise NotImplementedError
@@ -566,8 +662,12 @@ class CaseListDataset(Dataset):
             if j in self.bad:
                 continue
             try:
-                return self._item(j)
+                item = self._item(j)
             except DataError as exc:
                 bad_case(self.on_bad_case, str(exc))
                 self.bad.add(j)
+                continue
+            if self.study is not None:
+                item["study"] = dict(self.study[self.cases[j].name])
+            return item
         raise DataError(f"{self.root}: every case of the {self.split} split is unreadable")

@@ -33,8 +33,8 @@ from x2ct_framework.io import CROPS, VOLUME_SUFFIXES, load_grid_ct, torchio_to_c
 from x2ct_framework.labels import MIN_COVERAGE, coverage, label_mapping
 from x2ct_framework.physics import MU_WATER
 from x2ct_framework.stage import Stage
-from x2ct_plugins.datasets._common import (XRAY_AUGMENTS, ArrayCache, CaseListDataset, DiskCache, XrayAugment,
-                                           XrayStyle,
+from x2ct_plugins.datasets._common import (STUDY_REDUCE, XRAY_AUGMENTS, ArrayCache, CaseListDataset, DiskCache,
+                                           XrayAugment, XrayStyle,
                                            augment_seed, bad_case, case_geometry, check_common, check_split,
                                            check_split_overlap, empty_split_error, file_identity, hu_storage,
                                            hu_to_unit, read_list_file, read_split_file, render_views,
@@ -165,7 +165,10 @@ class CTFolderDataset(CaseListDataset):
     unreadable or malformed case with a warning instead of stopping. ``xray`` names an X-ray preset of
     ``physics.spectral`` (``ideal``: today's DRRs; ``chest_pa``, ``portable_ap``, ``fluoro``, ``x2ctgan``)
     or a table ``{ preset = "chest_pa", kvp = 110 }``; a spectral preset and ``augment.style`` cache
-    the material line integrals and make the X-rays from them at every access.
+    the material line integrals and make the X-rays from them at every access. ``study_labels`` names a CSV of
+    per-case study labels (RSPECT-style: the case-id column ``study_id_column``, label columns ``study_columns``,
+    default all others; several rows of a case combined by ``study_reduce``: error, max, mean, first); every
+    item then carries ``study`` = ``{column: value}`` for evaluators such as ``pe_detectability``.
     """
 
     def __init__(self, *, split: str, stage: Stage, root: str, views: list[float] = (0.0, 90.0),
@@ -175,7 +178,9 @@ class CTFolderDataset(CaseListDataset):
                  augment: dict | None = None, augment_splits: list[str] = ("train",), cache_dir: str = "",
                  cache: bool = True, series: str = "", crop: str = "centre", hu_offset: float = 0.0,
                  check_hu: bool = True, on_bad_case: str = "error", pad_hu: float = -1024.0,
-                 mu_water: float = MU_WATER, beer_lambert: bool = False, xray: str | dict = "ideal"):
+                 mu_water: float = MU_WATER, beer_lambert: bool = False, xray: str | dict = "ideal",
+                 study_labels: str = "", study_id_column: str = "case_id", study_columns: list[str] = (),
+                 study_reduce: str = "error"):
         check_split(split)
         check_common(views, hu_window, geometry, on_bad_case)
         if volume_mm <= 0:
@@ -189,6 +194,8 @@ class CTFolderDataset(CaseListDataset):
                              f"volume_mm is the field of view in millimetres (320 for a chest)")
         if crop not in CROPS:
             raise ValueError(f"crop must be one of {list(CROPS)}, got {crop!r}")
+        if study_reduce not in STUDY_REDUCE:
+            raise ValueError(f"study_reduce must be one of {', '.join(STUDY_REDUCE)}, got {study_reduce!r}")
         self.split, self.stage = split, stage
         self.root = Path(root).expanduser()
         if not self.root.is_dir():
@@ -243,6 +250,8 @@ class CTFolderDataset(CaseListDataset):
             self.cases.append(self._source(name, found[name]))
         if not self.cases:
             raise empty_split_error(split, source)
+        if study_labels:
+            self.attach_study_labels(study_labels, study_id_column, study_columns, study_reduce)
         self.bad: set[int] = set()
         self._warned: set[str] = set()
 

@@ -345,6 +345,8 @@ def component_problems(recipe: Recipe) -> list[str]:
     for name, options in recipe["eval"]["protocol_options"].items():
         check("protocol", name, options, recipe.where("eval", "protocol_options", name), ("hu_window",),
               ("lpips", "resolution", "seed"))
+    for name, options in recipe["eval"]["evaluator_options"].items():
+        check("evaluator", name, options, recipe.where("eval", "evaluator_options", name))
     return problems
 
 

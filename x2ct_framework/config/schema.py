@@ -182,6 +182,22 @@ def protocol_names(v: Any) -> str | None:
     return f"unknown protocol(s) {', '.join(map(repr, bad))}{hint}; expected some of {', '.join(known)}{failed_note()}"
 
 
+def evaluator_names(v: Any) -> str | None:
+    """Names of evaluators: the evaluator registry's (the built-ins register there as a core plugin)."""
+    from x2ct_framework.plugins import failed_note, registry
+
+    try:
+        known = registry("evaluator").names()
+    except X2CTError:
+        known = []
+    bad = [n for n in v if n not in known]
+    if not bad:
+        return None
+    hint = did_you_mean(bad[0], known)
+    return (f"unknown evaluator(s) {', '.join(map(repr, bad))}{hint}; available: {', '.join(known) or 'none'}"
+            f"{failed_note()}")
+
+
 STAGE = Table(
     {
         "name": Value("str", "", "stage name, the stage's folder in the run folder; defaults to stageN",
@@ -280,6 +296,11 @@ SCHEMA = Table(
                                    "metric protocols of the final evaluation and report (registry names: "
                                    "default, x2ctgan, or a plugin's register_protocols)",
                                    check=protocol_names),
+                "evaluators": Value("list[str]", [], "evaluators of the final evaluation and x2ct evaluate, which "
+                                    "score the whole split (pe_detectability, organ_consistency, distribution, or a "
+                                    "plugin's register_evaluators); [] = none", check=evaluator_names),
+                "evaluator_options": Table({}, "per evaluator of eval.evaluators, the options its factory takes, "
+                                           "e.g. [eval.evaluator_options.pe_detectability] epochs = 40", open=True),
                 "split": Value("str", "test", "split scored at the end of a run", choices=("train", "val", "test")),
                 "report": Value("bool", True, "evaluate the last stage's best checkpoint and write report.md "
                                               "at the end of a run"),
@@ -515,7 +536,8 @@ def _cross_key_problems(data: dict, recipe: Recipe, problems: list[str]) -> None
                             f"{did_you_mean(name, trackers)}; add it there or remove these options")
         elif not isinstance(table, dict):
             problems.append(f"{where}: expected a table of the tracker's keyword arguments, got {table!r}")
-    for key, names in (("protocol_options", data["eval"]["protocols"]), ("metric_options", data["eval"]["metrics"])):
+    for key, names in (("protocol_options", data["eval"]["protocols"]), ("metric_options", data["eval"]["metrics"]),
+                       ("evaluator_options", data["eval"]["evaluators"])):
         for name, table in data["eval"][key].items():
             where = recipe.where("eval", key, name)
             listed = f"eval.{key.split('_')[0]}s"

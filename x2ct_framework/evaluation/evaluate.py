@@ -26,14 +26,19 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from x2ct_framework._version import __version__
 from x2ct_framework.atomic import atomic_folder
 from x2ct_framework.config.build import build_dataset
 from x2ct_framework.loading import load_model, pick_device
 from x2ct_framework.runs import Target, hu_window_of, resolve_target
 from x2ct_framework.errors import DataError
+from x2ct_framework.evaluation.evaluators import (EvaluationContext, EvaluatorRun, build_evaluators, data_key,
+                                                 finish_evaluators, start_evaluators, update_evaluators)
 from x2ct_framework.evaluation.protocols import Protocol, build_protocol, x2ctgan_setting_deviations
 from x2ct_framework.generative import SampleStats, draw_samples, is_generative, stage_model
 
+# data options that change where or how fast the data is read, not what it is (left out of an evaluator's data key)
+NOT_DATA = ("cache_dir", "cache", "memory_cache_mb", "num_val", "num_test", "on_bad_case")
 ONE_SAMPLE = "one_sample:"  # prefix of the per-case columns scoring a generative model's first sample
 DIVERSITY = "samples/diversity_hu"
 
@@ -126,6 +131,7 @@ class Evaluation:
     worst: list[dict[str, Any]] = field(default_factory=list)
     files: dict[str, Path] = field(default_factory=dict)
     kept: dict[int, dict[str, Any]] = field(default_factory=dict)
+    evaluators: list[EvaluatorRun] = field(default_factory=list)
 
     def ranking_key(self) -> tuple[Protocol, str]:
         return ranking(self.protocols)
@@ -162,7 +168,8 @@ def _case_record(batch: dict, pred: torch.Tensor, i: int, case_id: str) -> dict[
 def evaluate(target: Target, split: str = "test", protocols: list[str] = ("default", "x2ctgan"), *,
              batch_size: int = 0, device: str | torch.device = "auto", max_cases: int = 0, n_boot: int = 1000,
              worst: int = 3, keep_first: int = 0, out_dir: str | Path | None = None, progress: bool = True,
-             lpips: str = "auto", samples: int | None = None, model: torch.nn.Module | None = None) -> Evaluation:
+             lpips: str = "auto", samples: int | None = None, model: torch.nn.Module | None = None,
+             evaluators: list[str] | None = None) -> Evaluation:
     """Run the checkpoint over ``split`` once and score every case under each protocol.
 
     A generative model is scored on the mean of ``samples`` samples per case (default 8) under each
@@ -173,6 +180,8 @@ def evaluate(target: Target, split: str = "test", protocols: list[str] = ("defau
     ``Evaluation.kept`` for pictures; with ``out_dir`` the tables and the worst cases' slice pictures
     are written there. ``model`` scores that predictor (anything called as ``model(xrays, geometry)``)
     instead of the target's checkpoint; the target then supplies the recipe, stage and data only.
+    ``evaluators`` names the evaluators that score the whole split (None: the recipe's ``eval.evaluators``);
+    their per-case columns join ``per_case.csv`` as ``<evaluator>/<column>``, their summaries the report.
     """
     dev = device if isinstance(device, torch.device) else pick_device(device)
     recipe, stage = target.recipe, target.stage
@@ -200,6 +209,23 @@ def evaluate(target: Target, split: str = "test", protocols: list[str] = ("defau
     bs = batch_size or recipe["train"]["batch_size"]
     loader = DataLoader(torch.utils.data.Subset(dataset, range(n)), batch_size=bs, shuffle=False,
                         num_workers=recipe["train"]["num_workers"])
+    names = recipe["eval"].get("evaluators", []) if evaluators is None else list(evaluators)
+    runs = build_evaluators(names, recipe["eval"].get("evaluator_options", {}),
+                            where=lambda name: (recipe.where("eval", "evaluator_options", name)
+                                                if name in recipe["eval"].get("evaluator_options", {})
+                                                else recipe.where("eval", "evaluators") if evaluators is None
+                                                else "--evaluators")) if names else []
+    if runs:
+        from x2ct_framework.cachedir import default_cache_dir
+        from x2ct_framework.config.build import data_options
+
+        start_evaluators(runs, EvaluationContext(
+            split=split, hu_window=tuple(hu_window), resolution=stage.resolution, seed=recipe["seed"], n_boot=n_boot,
+            device=dev, dataset=lambda s: build_dataset(recipe, stage, s),
+            data_key=data_key({k: v for k, v in data_options(recipe, stage).items() if k not in NOT_DATA},
+                              stage.resolution, list(hu_window), recipe["seed"], __version__),
+            cache_dir=default_cache_dir() / "evaluators", out_dir=None if out_dir is None else Path(out_dir),
+            batch_size=bs, progress=progress))
     model = load_model(target, dev) if model is None else model.to(dev).eval()
     n_samples = sample_count(model, samples)
     case_ids: list[str] = []
@@ -224,6 +250,7 @@ def evaluate(target: Target, split: str = "test", protocols: list[str] = ("defau
         b, start = pred.shape[0], len(case_ids)
         ids = batch.get("case_id")
         case_ids += [str(c) for c in ids] if ids is not None else [f"case{start + i:04d}" for i in range(b)]
+        update_evaluators(runs, pred, target_ct, batch)
         for proto in protos:
             for key, v in proto(pred, target_ct, batch).items():
                 chunks.setdefault(key, []).append(v)
@@ -252,6 +279,7 @@ def evaluate(target: Target, split: str = "test", protocols: list[str] = ("defau
                     kept[idx].update({k: v[i].detach().cpu() for k, v in drawn.items()
                                       if k != "mean" and v is not None})
     values = {k: torch.cat(v).numpy() for k, v in chunks.items()}
+    values.update(finish_evaluators(runs, len(case_ids)))
     summary = {k: aggregate(v, n_boot, seed=recipe["seed"]) for k, v in values.items()}
     for proto in protos:  # set-level metrics (fid3d, kid3d): one value for the split, no interval
         for key, v in proto.set_results().items():
@@ -261,7 +289,10 @@ def evaluate(target: Target, split: str = "test", protocols: list[str] = ("defau
             "checkpoint": str(target.checkpoint), "split": split, "cases": len(case_ids), "hu_window": list(hu_window),
             "device": str(dev), "bootstrap": n_boot, "samples": n_samples,
             "structures_from": structures_from(getattr(dataset, "label_source", None), with_labels > 0)}
-    ev = Evaluation(case_ids, values, summary, protos, info, kept=kept)
+    ev = Evaluation(case_ids, values, summary, protos, info, kept=kept, evaluators=runs)
+    for run in runs:
+        if run.result is not None and run.result.skipped:
+            log.warning("evaluator %s skipped: %s", run.name, run.result.skipped)
     if out_dir is not None:
         write_results_folder(ev, Path(out_dir), worst)
     return ev
@@ -333,6 +364,16 @@ def summary_json(ev: Evaluation) -> dict[str, Any]:
             metrics[m] = {"key": proto.key(m), **s, "ci95": [s["ci_low"], s["ci_high"]], "unit": proto.unit(m),
                           "higher_is_better": proto.higher_is_better(m), "group": proto.groups.get(m, "global")}
         out["protocols"][proto.name] = {"conventions": proto.conventions, "notes": proto.notes, "metrics": metrics}
+    if ev.evaluators:
+        out["evaluators"] = {}
+        for run in ev.evaluators:
+            r = run.result
+            out["evaluators"][run.name] = {
+                "source": run.source, "skipped": r.skipped if r is not None else run.skipped,
+                "conventions": r.conventions if r is not None else [], "notes": r.notes if r is not None else [],
+                "summary": ({k: {**e, "ci95": [e["ci_low"], e["ci_high"]]} for k, e in r.summary.items()}
+                            if r is not None else {}),
+                "per_case_columns": [f"{run.name}/{c}" for c in (r.per_case if r is not None else {})]}
     if ev.info.get("samples"):
         out["generative"] = {"samples": ev.info["samples"], "scored": "the mean of the samples (protocols above)",
                              "one_sample": {k[len(ONE_SAMPLE):]: ev.summary[k] for k in ev.summary
@@ -461,9 +502,41 @@ def markdown(ev: Evaluation, out_dir: Path | None = None) -> str:
         if proto.notes:
             lines += ["Notes:", ""] + [f"- {n}" for n in proto.notes] + [""]
     lines += generative_lines(ev)
+    lines += evaluator_lines(ev)
     lines += worst_cases_lines(ev, lambda pic: (pic.relative_to(out_dir) if out_dir is not None
                                                 and pic.is_relative_to(out_dir) else pic).as_posix())
     return "\n".join(lines).rstrip() + "\n"
+
+
+def evaluator_table(run: EvaluatorRun) -> str:
+    """Markdown table of one evaluator's summary numbers."""
+    lines = ["| number | value | 95% CI | n | unit | note |", "|---|---|---|---|---|---|"]
+    for key, e in run.result.summary.items():
+        hib = e.get("higher_is_better")
+        arrow = "" if hib is None else " (higher is better)" if hib else " (lower is better)"
+        lines.append(f"| `{run.name}/{key}` | {_fmt(e['value'])} | [{_fmt(e['ci_low'])}, {_fmt(e['ci_high'])}] | "
+                     f"{e['n']} | {e.get('unit') or '-'}{arrow} | {e.get('note', '')} |")
+    return "\n".join(lines)
+
+
+def evaluator_lines(ev: Evaluation) -> list[str]:
+    """The evaluators' sections of summary.md (a skipped evaluator with its reason)."""
+    lines: list[str] = []
+    for run in ev.evaluators:
+        r = run.result
+        lines += [f"## Evaluator `{run.name}`", ""]
+        if r is None or r.skipped:
+            lines += [f"SKIPPED: {r.skipped if r is not None else run.skipped}", ""]
+            continue
+        if r.summary:
+            lines += [evaluator_table(run), ""]
+        if r.per_case:
+            lines += [f"Per-case columns in per_case.csv: {', '.join(f'`{run.name}/{c}`' for c in r.per_case)}.", ""]
+        if r.conventions:
+            lines += ["Conventions:", ""] + [f"- {c}" for c in r.conventions] + [""]
+        if r.notes:
+            lines += ["Notes:", ""] + [f"- {n}" for n in r.notes] + [""]
+    return lines
 
 
 def worst_cases_lines(ev: Evaluation, link: Callable[[Path], str]) -> list[str]:
@@ -500,12 +573,19 @@ def main(args) -> int:
         ev = evaluate(target, args.split, args.protocols, batch_size=args.batch_size, device=args.device,
                       max_cases=args.max_cases, n_boot=args.bootstrap, worst=args.worst, out_dir=out,
                       progress=args.progress, lpips=args.lpips,
-                      samples=getattr(args, "samples", None))
+                      samples=getattr(args, "samples", None), evaluators=getattr(args, "evaluators", None))
     for proto in ev.protocols:
         for note in proto.notes:
             loud = note.startswith("NOT X2CT-GAN")
             print(f"{'WARNING' if loud else 'note'} ({proto.name}): {note}", file=sys.stderr if loud else sys.stdout)
         print(f"\nprotocol {proto.name}:")
         print(metric_table(ev, proto))
+    for run in ev.evaluators:
+        if run.result is None or run.result.skipped:
+            print(f"\nevaluator {run.name}: SKIPPED: {run.result.skipped if run.result else run.skipped}",
+                  file=sys.stderr)
+        elif run.result.summary:
+            print(f"\nevaluator {run.name}:")
+            print(evaluator_table(run))
     print(f"\n{ev.info['cases']} cases; results in {out}")
     return 0

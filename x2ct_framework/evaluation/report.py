@@ -310,6 +310,7 @@ def final_evaluation(run_dir: Path, recipe, stage, pics: Path, device, failures:
         lines += ["", "</details>", ""]
         for note in proto.notes:
             lines += [f"Note: {note}", ""]
+    lines += [ln.replace("## Evaluator", "### Evaluator", 1) for ln in ev_mod.evaluator_lines(ev)]
 
     # gallery and structure overlays of the first cases (kept by the evaluation)
     first = [ev.kept[i] for i in sorted(ev.kept) if i < cfg["gallery"]]

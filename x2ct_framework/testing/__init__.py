@@ -16,8 +16,8 @@ volume with DRR views rendered by :mod:`x2ct_framework.physics`, batched exactly
 batches a dataset's items.
 """
 
-from x2ct_framework.testing.checks import (check_dataset, check_loss, check_metric, check_model, check_protocol,
-                                           check_stored_geometry)
+from x2ct_framework.testing.checks import (check_dataset, check_evaluator, check_loss, check_metric, check_model,
+                                           check_protocol, check_stored_geometry)
 from x2ct_framework.testing.contract import ContractError
 from x2ct_framework.testing.data import make_batch, make_case
 from x2ct_framework.testing.hooks import FakeTrainer, run_hooks
@@ -38,6 +38,7 @@ __all__ = [
     "check_stored_geometry",
     "check_metric",
     "check_protocol",
+    "check_evaluator",
     "FakeTrainer",
     "run_hooks",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+from pathlib import Path
 from collections.abc import Sequence
 from typing import Any, Callable
 
@@ -542,4 +543,109 @@ def check_protocol(protocol: Any, *, hu_window: Sequence[float] = DEFAULT_HU_WIN
     batch = make_batch(batch_size, views=views, resolution=resolution)
     target = batch["ct"]
     protocol_checks(c, protocol, _noisy(target, 0.1, 2), target, batch)
+    return c.finish()
+
+
+def _study_cases(n: int, resolution: int, views: Sequence[float], seed: int) -> list[dict]:
+    """Kit cases with per-case study labels (``pe_present`` alternating, one patient per case)."""
+    from x2ct_framework.testing.data import make_case
+
+    cases = []
+    for i in range(n):
+        item = make_case(i, views=views, resolution=resolution, seed=seed)
+        item["study"] = {"pe_present": i % 2, "patient_id": f"patient-{seed}-{i:03d}"}
+        cases.append(item)
+    return cases
+
+
+def _run_evaluator(evaluator: Any, cases: list[dict], batch_size: int, context: Any) -> Any:
+    evaluator.start(context)
+    preds = [_noisy(case["ct"][None], 0.05, 100 + k)[0] for k, case in enumerate(cases)]  # seeded per case
+    for i in range(0, len(cases), batch_size):
+        batch = default_collate(cases[i:i + batch_size])
+        target = batch["ct"]
+        pred = torch.stack(preds[i:i + batch_size])
+        with torch.no_grad():
+            evaluator.update(pred, target, batch)
+    return evaluator.result()
+
+
+def check_evaluator(evaluator: Any, *, cases: int = 6, batch_size: int = 2, resolution: int = 16,
+                    views: Sequence[float] = (0.0, 90.0), options: dict | None = None, build: Callable | None = None,
+                    context: Any = None) -> list[str]:
+    """Check an evaluator: ``start(context)``, ``update(pred, target, batch)`` over a split, ``result()``.
+
+    ``evaluator`` is a registered evaluator's name (built with ``options``), an evaluator object, or pass
+    ``build`` (a callable returning a fresh evaluator) so the batch-size check can build a second one. Cases
+    come from :func:`make_case` with ``study = {"pe_present": 0/1 alternating, "patient_id"}``; the context's
+    ``dataset(split)`` serves such cases for every split (a training split for a reference classifier).
+
+    Checks: it builds; ``result()`` is an ``EvaluatorResult``; each per-case column holds one number per case;
+    every summary entry has a value and an interval with ``ci_low <= ci_high``; the inputs are not modified;
+    the per-case columns and summary values are the same when the split comes one case per batch (it keeps
+    each case's values in order and does not depend on the batching); a skipped evaluator gives its reason.
+    """
+    from x2ct_framework.evaluation.evaluators import (EvaluationContext, EvaluatorResult, EvaluatorSkipped,
+                                                     check_result)
+
+    label = evaluator if isinstance(evaluator, str) else _describe(evaluator) if evaluator is not None else "evaluator"
+    c = _Contract(f"evaluator {label!r}")
+    if isinstance(evaluator, str):
+        from x2ct_framework.plugins import get_plugin_manager
+
+        name = evaluator
+        reg = get_plugin_manager().registry("evaluator")
+        build = build or (lambda: reg.create(name, dict(options or {}), where=f"kit evaluator {name!r}"))
+        evaluator = None
+    made = [evaluator]
+    if evaluator is None:
+        with c.check("builds"):
+            try:
+                made[0] = build()
+            except EvaluatorSkipped as exc:
+                _expect(str(exc).strip(), "skipped without a reason")
+                c.passed.append(f"skipped with its reason: {exc}")
+                return c.finish()
+        if made[0] is None:
+            return c.finish()
+    evaluator = made[0]
+    data = _study_cases(cases, resolution, views, 0)
+    other = {s: _study_cases(max(cases, 8), resolution, views, k) for k, s in enumerate(("train", "val", "test"), 1)}
+    import tempfile
+
+    ctx = context or EvaluationContext(split="test", hu_window=DEFAULT_HU_WINDOW, resolution=resolution, seed=0,
+                                       n_boot=200, dataset=lambda s: other[s], data_key=f"kit-{resolution}",
+                                       cache_dir=Path(tempfile.mkdtemp(prefix="x2ct-kit-evaluator-")))
+    before = _clone(data)
+    result = None
+    with c.check("start, update over the split, result"):
+        try:
+            result = _run_evaluator(evaluator, data, batch_size, ctx)
+        except EvaluatorSkipped as exc:
+            _expect(str(exc).strip(), "skipped without a reason")
+            c.passed.append(f"skipped with its reason: {exc}")
+            return c.finish()
+    with c.check("an EvaluatorResult: per-case columns of one value per case, summaries with intervals"):
+        _expect(result is not None, "skipped: no result")
+        _expect(isinstance(result, EvaluatorResult), f"result() returned {type(result).__name__}")
+        check_result(label, "the kit", result, cases)
+        _expect(result.skipped or result.per_case or result.summary, "no per-case column and no summary number")
+        for key, e in result.summary.items():
+            lo, hi = e["ci_low"], e["ci_high"]
+            _expect(not (lo == lo and hi == hi) or lo <= hi, f"summary {key!r}: ci_low {lo} > ci_high {hi}")
+    with c.check("inputs are not modified"):
+        _expect(_same(before, data), "a case's tensors or study labels changed in place")
+    if build is not None and isinstance(result, EvaluatorResult) and not result.skipped:
+        with c.check("the same values one case per batch"):
+            again = _run_evaluator(build(), data, 1, ctx)
+            for col, v in result.per_case.items():
+                a, b = torch.as_tensor(list(v), dtype=torch.float64), torch.as_tensor(
+                    list(again.per_case.get(col, [])), dtype=torch.float64)
+                _expect(a.shape == b.shape and torch.allclose(a, b, rtol=1e-4, atol=1e-6, equal_nan=True),
+                        f"per-case column {col!r}: {a.tolist()} in batches of {batch_size}, {b.tolist()} one by one")
+            for key, e in result.summary.items():
+                v2 = again.summary.get(key, {}).get("value", float("nan"))
+                _expect(abs(e["value"] - v2) <= 1e-4 * max(1.0, abs(e["value"])) or (e["value"] != e["value"]
+                                                                                    and v2 != v2),
+                        f"summary {key!r}: {e['value']} in batches of {batch_size}, {v2} one by one")
     return c.finish()

@@ -16,7 +16,8 @@ tracker gets:
 - every validation preview as ``log_images({"<stage>/preview": [H x W x 3 uint8 array]}, step=...)``
   when it has ``log_images`` (TensorBoard gets them stacked, ``NHWC``);
 - after the last stage and the end-of-run hooks (the report): the final metrics as
-  ``log({"final/<stage>/<metric>": ..., "final/<split>/<protocol>/<metric>": mean})`` and the report
+  ``log({"final/<stage>/<metric>": ..., "final/<split>/<protocol>/<metric>": mean,
+  "final/<split>/<evaluator>/<number>": value})`` and the report
   and final evaluation summary as ``log_artifact(path)`` when it defines that method;
 - ``finish()`` when the run ends, also after an error or Ctrl-C.
 
@@ -59,6 +60,11 @@ def final_values(results: dict[str, dict], summary: dict | None = None, split: s
             mean = stats.get("mean")
             if _number(mean) and math.isfinite(mean):
                 out[f"final/{split}/{stats.get('key', name)}"] = float(mean)
+    for name, ev in (summary or {}).get("evaluators", {}).items():  # evaluators' summary numbers (AUC, Dice, FID)
+        for key, stats in (ev.get("summary") or {}).items():
+            value = stats.get("value")
+            if _number(value) and math.isfinite(value):
+                out[f"final/{split}/{name}/{key}"] = float(value)
     return out
 
 
