@@ -346,3 +346,13 @@ def test_shipped_case_lists_are_perx2cts_split_of_x2ctgans_cases():
     assert not (train & val or train & test or val & test)
     assert train <= set(read_list_file(SHIPPED_LISTS["x2ctgan:train"]))
     assert val | test <= set(read_list_file(SHIPPED_LISTS["x2ctgan:test"]))
+
+
+def test_published_size_runs_on_their_128_views():
+    """Their widths (ResNet-101 to layer2, the 1087-channel decoder) on two 128^2 views; a small output grid keeps it
+    fast (the decoder's cost is per slice and pixel)."""
+    torch.manual_seed(0)
+    model = PerX2CT(resolution=8, pretrained="random", slice_chunk=8).eval()
+    with torch.no_grad():
+        out = model(torch.rand(1, 2, 1, 128, 128), {"angles": torch.tensor([[0.0, 270.0]])})
+    assert out.shape == (1, 1, 8, 8, 8) and torch.isfinite(out).all() and out.std() > 0
