@@ -356,3 +356,41 @@ def test_published_size_runs_on_their_128_views():
     with torch.no_grad():
         out = model(torch.rand(1, 2, 1, 128, 128), {"angles": torch.tensor([[0.0, 270.0]])})
     assert out.shape == (1, 1, 8, 8, 8) and torch.isfinite(out).all() and out.std() > 0
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    xrays, geometry = torch.rand(1, 2, 1, 32, 32), {"angles": torch.tensor([[0.0, 270.0]])}
+    grads = []
+    for flag in (False, True):
+        torch.manual_seed(1)
+        model = PerX2CT(resolution=8, **TINY, gradient_checkpointing=flag)
+        model(xrays, geometry).square().mean().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 50
+    for n, g in grads[0].items():
+        torch.testing.assert_close(grads[1][n], g, rtol=1e-4, atol=1e-6)
+
+
+def test_matrix_cells_build(tmp_path):
+    """cpu_baselines' perx2ct_cpu cell runs on that matrix's data (two views at 0 and 90 degrees, 24^3); gpu_model's
+    perx2ct cell asks for their published configuration."""
+    from pathlib import Path
+
+    import benchmarks.variants as V
+
+    root = Path(__file__).resolve().parents[1] / "benchmarks" / "matrix"
+    m = V.load_matrix(root / "cpu_baselines.toml")
+    cell = next(c for c in m.cells if c.name == "perx2ct_cpu")
+    recipe = V.cell_recipe(m, cell, m.seeds[0], tmp_path, m.budget["steps"])
+    opts = {k: v for k, v in recipe["model"].items() if k != "name"}
+    r = recipe["stages"][-1]["resolution"]
+    model = PerX2CT(resolution=r, **opts)
+    views = recipe["data"]["views"]
+    with torch.no_grad():
+        out = model(torch.rand(1, 2, 1, 24, 24), {"angles": torch.tensor([views], dtype=torch.float32)})
+    assert out.shape == (1, 1, r, r, r)
+    g = V.load_matrix(root / "gpu_model.toml")
+    gpu = V.cell_recipe(g, next(c for c in g.cells if c.name == "perx2ct"), g.seeds[0], tmp_path, 10)
+    assert gpu["model"]["name"] == "perx2ct" and gpu["data"]["views"] == [0, 270]
+    assert not {"backbone", "ch", "latent_dim"} & set(gpu["model"])
