@@ -394,3 +394,11 @@ def test_matrix_cells_build(tmp_path):
     gpu = V.cell_recipe(g, next(c for c in g.cells if c.name == "perx2ct"), g.seeds[0], tmp_path, 10)
     assert gpu["model"]["name"] == "perx2ct" and gpu["data"]["views"] == [0, 270]
     assert not {"backbone", "ch", "latent_dim"} & set(gpu["model"])
+
+
+def test_converter_command_names_a_missing_checkpoint(tmp_path, capsys):
+    from x2ct_plugins.models.perx2ct import main
+
+    assert main([str(tmp_path / "PerX2CT.ckpt"), str(tmp_path / "out")]) != 0
+    err = capsys.readouterr().err
+    assert "PerX2CT.ckpt" in err and "dek924/PerX2CT" in err and not (tmp_path / "out").exists()

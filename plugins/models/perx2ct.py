@@ -10,7 +10,7 @@ so that its released checkpoint (``PerX2CT.ckpt``, a PyTorch Lightning checkpoin
   [0, 1] is repeated to three channels and normalised with ImageNet's mean and standard deviation; ``conv1`` and
   ``bn1`` are frozen when the ImageNet weights are used (their ``encoder_freeze_layer = layer1``). ``layer2``
   gives 512 channels at 1/8 of the input (16^2 for their 128^2 views), which is their ``latent_dim``, so no
-  projection follows (a smaller ``latent_dim`` adds their 3x3 ``conv2`` + ``bn2`` + ReLU);
+  projection follows (another ``latent_dim`` adds their 3x3 ``conv2`` + ``bn2`` + ReLU);
 - every output slice is decoded from a coarse grid of 3D points (``R / 4`` per side: the centres of 4 x 4 voxel
   blocks of the slice). Each point is projected into each view by PerX2CT's camera: a pinhole one volume side
   from the isocentre (the volume spans [-1/2, 1/2]^3), field of view 60 degrees, the PA camera on the +H side and
@@ -39,8 +39,8 @@ isocentre plane it covers 2 tan(30 deg) = 1.155 volume sides (369.5 mm for their
 DRRs cover 368.8 mm, but its source is 1 volume side (320 mm) away instead of 700 mm (docs/models.md).
 
 Output volume: PerX2CT decodes 2D slices, every slice alone; ``slice_axis`` picks the slices that make the volume
-(``axial``: along D, their default; ``coronal``: along H; ``sagittal``: along W). Their test script reconstructs
-each axis's slices and scores each stack against the CT separately.
+(``axial``: along D, the default here; ``coronal``: along H; ``sagittal``: along W). Their test script
+reconstructs each axis's slices and scores each stack against the CT separately.
 
 CPU-sized variants (their weights then no longer load): ``backbone`` (any torchvision ResNet), ``latent_dim``,
 ``ch``, ``ch_mult``, ``num_res_blocks``, ``attn_resolutions``, ``multires``.
