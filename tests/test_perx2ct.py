@@ -402,3 +402,21 @@ def test_converter_command_names_a_missing_checkpoint(tmp_path, capsys):
     assert main([str(tmp_path / "PerX2CT.ckpt"), str(tmp_path / "out")]) != 0
     err = capsys.readouterr().err
     assert "PerX2CT.ckpt" in err and "dek924/PerX2CT" in err and not (tmp_path / "out").exists()
+
+
+def test_layout_follows_from_their_loader_and_the_stored_views():
+    """Their dataset (x2ct_nerf/data/base.py) reads the stored PA mirrored left-right and the stored lateral
+    transposed then flipped upside down; the stored views are X2CT-GAN's Plastimatch layout (preset ``x2ctgan``'s
+    ``stored_views``: xray1 = view 0 as it lies, xray2 = view 270 mirrored). Through both, the model's inputs."""
+    from x2ct_framework.physics import GEOMETRY_PRESETS, to_stored
+
+    stored = {v["key"]: v for v in GEOMETRY_PRESETS["x2ctgan"]["stored_views"]}
+    assert (stored["xray1"]["angle"], stored["xray2"]["angle"]) == (0.0, 270.0)
+    views = torch.rand(1, 2, 1, 16, 16)  # detector frame, views at 0 and 270
+    xray1 = to_stored(views[:, 0], stored["xray1"]["orientation"])
+    xray2 = to_stored(views[:, 1], stored["xray2"]["orientation"])
+    their_pa = xray1.flip(-1)  # np.fliplr
+    their_lateral = xray2.transpose(-1, -2).flip(-2)  # np.transpose(., (1, 0)) then np.flipud
+    model = PerX2CT(resolution=8, **{**TINY, "image_size": 16})
+    pa, lat = model.their_views(views, {"angles": torch.tensor([[0.0, 270.0]])})
+    assert torch.equal(pa, their_pa) and torch.equal(lat, their_lateral)
