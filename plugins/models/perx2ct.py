@@ -93,21 +93,33 @@ class CondEncoder(nn.Module):
         if feature_layer not in self.LAYERS:
             raise ValueError(f"feature_layer must be one of {list(self.LAYERS)} (PerX2CT: layer2), "
                              f"got {feature_layer!r}")
-        self.model = getattr(tvm, backbone)(weights=None)
+        device = torch.empty(0).device  # the default device (meta when only shapes are wanted)
+        with torch.device("meta"):  # built without storage, cut, then given storage: the cut layers cost nothing
+            self.model = getattr(tvm, backbone)(weights=None)
+        del self.model.fc, self.model.avgpool
+        self.feature_layer = feature_layer
+        for name in self.LAYERS[self.LAYERS.index(feature_layer) + 1:]:
+            delattr(self.model, name)
+        if device.type != "meta":
+            self.model.to_empty(device=device)
+            for m in self.model.modules():  # torchvision's ResNet initialisation
+                if isinstance(m, nn.Conv2d):
+                    nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                elif isinstance(m, nn.BatchNorm2d):
+                    nn.init.ones_(m.weight)
+                    nn.init.zeros_(m.bias)
+                    m.reset_running_stats()
         if pretrained != "random":
             from x2ct_plugins.losses.vgg import load_torchvision_state
 
             state = load_torchvision_state(pretrained, _resnet_url(backbone), f"perx2ct {backbone} ImageNet weights",
                                            option="model.pretrained")
-            try:
-                self.model.load_state_dict(state)
-            except RuntimeError as exc:
+            own = self.model.state_dict()
+            missing = [k for k in own if k not in state or state[k].shape != own[k].shape]
+            if missing:
                 raise CheckpointError(f"model.pretrained = {pretrained!r} is not a torchvision {backbone} state dict: "
-                                      f"{exc}") from exc
-        del self.model.fc, self.model.avgpool
-        self.feature_layer = feature_layer
-        for name in self.LAYERS[self.LAYERS.index(feature_layer) + 1:]:
-            delattr(self.model, name)
+                                      f"{len(missing)} entries missing or of another shape ({', '.join(missing[:4])})")
+            self.model.load_state_dict({k: state[k] for k in own})  # layer3, layer4, fc: cut, as theirs
         last = getattr(self.model, feature_layer)[-1]
         width = [m for n, m in last.named_modules() if n.startswith("conv")][-1].out_channels
         self.project = width != latent_dim
