@@ -406,11 +406,13 @@ def test_converter_command_names_a_missing_checkpoint(tmp_path, capsys):
 
 def test_layout_follows_from_their_loader_and_the_stored_views():
     """Their dataset (x2ct_nerf/data/base.py) reads the stored PA mirrored left-right and the stored lateral
-    transposed then flipped upside down; the stored views are X2CT-GAN's Plastimatch layout (preset ``x2ctgan``'s
-    ``stored_views``: xray1 = view 0 as it lies, xray2 = view 270 mirrored). Through both, the model's inputs."""
+    transposed then flipped upside down; the stored views are X2CT-GAN's Plastimatch layout (their 2_xraypro.py is
+    X2CT-GAN's script with a 700 mm source distance; preset ``perx2ct``'s ``stored_views``: xray1 = view 0 as it
+    lies, xray2 = view 270 mirrored). Through both, the model's inputs."""
     from x2ct_framework.physics import GEOMETRY_PRESETS, to_stored
 
-    stored = {v["key"]: v for v in GEOMETRY_PRESETS["x2ctgan"]["stored_views"]}
+    assert GEOMETRY_PRESETS["perx2ct"]["stored_views"] == GEOMETRY_PRESETS["x2ctgan"]["stored_views"]
+    stored = {v["key"]: v for v in GEOMETRY_PRESETS["perx2ct"]["stored_views"]}
     assert (stored["xray1"]["angle"], stored["xray2"]["angle"]) == (0.0, 270.0)
     views = torch.rand(1, 2, 1, 16, 16)  # detector frame, views at 0 and 270
     xray1 = to_stored(views[:, 0], stored["xray1"]["orientation"])

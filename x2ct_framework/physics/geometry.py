@@ -46,6 +46,10 @@ GEOMETRY_PRESETS: dict[str, dict] = {
     },
     "perx2ct": {
         "beam": "cone", "sid": 700.0, "sdd": 949.0, "detector_mm": 500.0, "detector_px": 320,
+        # their script is X2CT-GAN's with another source distance (the same normals, the same left-right mirror of
+        # xray1 when saved), so their stored images lie as X2CT-GAN's
+        "stored_views": ({"key": "xray1", "angle": 0.0, "orientation": "identity"},
+                         {"key": "xray2", "angle": 270.0, "orientation": "fliplr"}),
         "doc": "PerX2CT's DRRs (dek924/PerX2CT, data_preprocessing/2_xraypro.py): Plastimatch cone beam, "
                "source-axis 700 mm, source-detector 949 mm, 320^2 detector over 500 mm",
     },
