@@ -358,7 +358,7 @@ class PerX2CT(nn.Module):
         super().__init__()
         if slice_axis not in SLICE_AXES:
             raise ValueError(f"slice_axis must be one of {list(SLICE_AXES)} (the slices PerX2CT decodes to make the "
-                             f"volume; their default axial), got {slice_axis!r}")
+                             f"volume; the default here: axial), got {slice_axis!r}")
         for key, value, low in (("resolution", resolution, 1), ("image_size", image_size, 8),
                                 ("slice_chunk", slice_chunk, 1), ("latent_dim", latent_dim, 1), ("ch", ch, 32),
                                 ("num_res_blocks", num_res_blocks, 0), ("decoder_resolution", decoder_resolution, 1),
