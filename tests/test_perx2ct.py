@@ -160,7 +160,8 @@ def test_imagenet_weights_come_from_torchvisions_cache(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     small = {**TINY, "pretrained": "imagenet"}
-    with pytest.raises(CheckpointError, match=r"resnet18-f37072fd\.pth.*" + str(tmp_path / "hub" / "checkpoints")):
+    with pytest.raises(CheckpointError, match=r"resnet18-f37072fd\.pth.*" + str(tmp_path / "hub" / "checkpoints")
+                       + r".*set pretrained = .* in the recipe's \[model\] table"):
         PerX2CT(resolution=8, **small)
     weights = torchvision.models.resnet18(weights=None).state_dict()
     torch.save(weights, tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth")

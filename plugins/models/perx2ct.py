@@ -113,7 +113,7 @@ class CondEncoder(nn.Module):
             from x2ct_plugins.losses.vgg import load_torchvision_state
 
             state = load_torchvision_state(pretrained, _resnet_url(backbone), f"perx2ct {backbone} ImageNet weights",
-                                           option="model.pretrained")
+                                           option="pretrained", where="the recipe's [model] table")
             own = self.model.state_dict()
             missing = [k for k in own if k not in state or state[k].shape != own[k].shape]
             if missing:
