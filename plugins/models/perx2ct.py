@@ -492,7 +492,7 @@ def load_perx2ct_checkpoint(path: str | Path, model: nn.Module | None = None) ->
     if not path.is_file():
         raise DataError(f"{path}: PerX2CT checkpoint not found (model.weights of perx2ct). Download PerX2CT.ckpt from "
                         f"the pretrained-weights link of dek924/PerX2CT's README (a Google Drive folder) on a machine "
-                        f"that is online and put it at {path}, or point model.weights at where it is")
+                        f"that is online and put it at {path.absolute()}, or point model.weights at where it is")
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
