@@ -28,7 +28,8 @@ by its width; X-rays are zoomed the same way and divided by 255. Integer arrays 
 resizing, as ``zoom`` writes into the input's integer type.
 
 Splits: ``train_list`` and ``test_list`` name the cases, relative to ``root``; ``"x2ctgan:train"`` and
-``"x2ctgan:test"`` are X2CT-GAN's own lists (916 and 102 cases), shipped with this plugin. The validation
+``"x2ctgan:test"`` are X2CT-GAN's own lists (916 and 102 cases), shipped with this plugin, as are PerX2CT's
+``"perx2ct:train"``, ``"perx2ct:val"`` and ``"perx2ct:test"`` (855, 17 and 76 of the same cases). The validation
 cases are carved from the training list (``val_fraction``, seeded, removed from training), never the
 test list unless ``val_list`` names it (X2CT-GAN's own code validates on its test list; a checkpoint
 chosen that way is chosen on the test set, so the dataset warns).
@@ -82,6 +83,11 @@ AXES = {"z": 0, "y": 1, "x": 2}
 RESIZES = ("linear", "area")
 # X2CT-GAN's own case lists (kylekma/X2CT, 3DGAN/data/train.txt and test.txt: 916 and 102 LIDC-IDRI cases)
 SHIPPED_LISTS = {f"x2ctgan:{s}": Path(__file__).with_name("lists") / f"x2ctgan_{s}.txt" for s in ("train", "test")}
+# PerX2CT's split of the same cases (dek924/PerX2CT: data_preprocessing/dataset_list/train.txt, 855 of X2CT-GAN's
+# 916 training cases; the cases of dataset_list/LIDC_CTslice/val.txt and test.txt, 17 and 76 of X2CT-GAN's 102 test
+# cases, sorted)
+SHIPPED_LISTS.update({f"perx2ct:{s}": Path(__file__).with_name("lists") / f"perx2ct_{s}.txt"
+                      for s in ("train", "val", "test")})
 X2CTGAN_HU_WINDOW = (-1024.0, 1476.0)  # stored [0, 2500] minus the HU offset 1024
 log = logging.getLogger("x2ct_plugins.datasets")
 

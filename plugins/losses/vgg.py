@@ -126,8 +126,8 @@ class SliceSampler:
                         slices_25d(self.window(target), self.counts, positions)))
 
 
-def load_torchvision_state(weights: str, url: str, what: str,
-                           option: str = "weights") -> dict[str, torch.Tensor] | None:
+def load_torchvision_state(weights: str, url: str, what: str, option: str = "weights",
+                           where: str = "the recipe's loss table") -> dict[str, torch.Tensor] | None:
     """State dict for ``weights``: "random" -> None, "imagenet" -> torchvision's cache, else a file path.
 
     "imagenet" reads ``<torch hub dir>/checkpoints/<file name of url>``, downloading it when absent
@@ -146,7 +146,7 @@ def load_torchvision_state(weights: str, url: str, what: str,
                 raise CheckpointError(
                     f"{what}: pretrained ImageNet weights are not in torchvision's cache and could not be "
                     f"downloaded ({type(exc).__name__}: {exc}). Place the file {path.name} (from {url}) at "
-                    f"{path}, or set {option} = \"/path/to/{path.name}\" in the recipe's loss table") from exc
+                    f"{path}, or set {option} = \"/path/to/{path.name}\" in {where}") from exc
     else:
         path = Path(weights).expanduser()
         if not path.is_file():

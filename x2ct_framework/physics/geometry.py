@@ -46,7 +46,21 @@ GEOMETRY_PRESETS: dict[str, dict] = {
     },
     "perx2ct": {
         "beam": "cone", "sid": 700.0, "sdd": 949.0, "detector_mm": 500.0, "detector_px": 320,
-        "doc": "PerX2CT-style Plastimatch cone beam: source-axis 700 mm, source-detector 949 mm, 500 mm detector",
+        # their script is X2CT-GAN's with another source distance (the same normals, the same left-right mirror of
+        # xray1 when saved), so their stored images lie as X2CT-GAN's
+        "stored_views": ({"key": "xray1", "angle": 0.0, "orientation": "identity"},
+                         {"key": "xray2", "angle": 270.0, "orientation": "fliplr"}),
+        "doc": "PerX2CT's DRRs (dek924/PerX2CT, data_preprocessing/2_xraypro.py): Plastimatch cone beam, "
+               "source-axis 700 mm, source-detector 949 mm, 320^2 detector over 500 mm",
+    },
+    "perx2ct_camera": {
+        # PerX2CT's network projects points with a pinhole one volume side from the isocentre (their
+        # sample_camera_positions with r = 1 in a volume spanning [-1/2, 1/2]) and a 60 degree field of view
+        # (configs/PerX2CT.yaml fov 60): for their 320 mm CT, sid 320 mm; any sdd with a detector of 2 sdd tan 30
+        "beam": "cone", "sid": 320.0, "sdd": 640.0, "detector_mm": 2 * 640.0 * math.tan(math.radians(30.0)),
+        "detector_px": 128,
+        "doc": "PerX2CT's network camera (x2ct_nerf/modules/inr/model.py): a pinhole 320 mm (one side of their 320 mm "
+               "CT) from the isocentre, 60 degree field of view; 128^2",
     },
     "difnet": {
         "beam": "cone", "sid": 1000.0, "sdd": 2000.0, "detector_mm": 512.0, "detector_px": 256,
