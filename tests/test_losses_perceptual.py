@@ -52,7 +52,9 @@ def test_vgg_matches_torchvision_vgg16_features(tmp_path, tv_vgg16):
     loss = make("vgg", weights=str(path), layers=["relu2_2", "relu1_2"], layer_weights=[0.25, 1.0], slices=2)
     pred, target = volumes()
     norm = torchvision.transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
-    feats = torchvision.models.feature_extraction.create_feature_extractor(
+    from torchvision.models.feature_extraction import create_feature_extractor  # not imported by torchvision
+
+    feats = create_feature_extractor(
         tv_vgg16, return_nodes={"features.3": "relu1_2", "features.8": "relu2_2"})
     per_axis = []
     for sp, st in zip(reference_slices(pred, 2), reference_slices(target, 2)):
