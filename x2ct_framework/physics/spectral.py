@@ -46,7 +46,7 @@ from ..conventions import DEFAULT_HU_WINDOW, unit_to_hu
 from ..errors import RecipeError, did_you_mean
 from .drr import MU_WATER, hu_to_mu, project
 from .geometry import batched, magnification
-from .materials import BODY_MATERIALS, mass_attenuation, material_densities, scheme_materials
+from .materials import BODY_MATERIALS, DensityMap, densities, mass_attenuation, scheme_materials
 
 # every parameter, its default (what a table without a preset starts from) and its meaning
 XRAY_PARAMETERS: dict[str, tuple[object, str]] = {
@@ -238,12 +238,22 @@ def material_lines(ct01: torch.Tensor, geometry: Mapping[str, torch.Tensor], *,
                    labels: torch.Tensor | None = None, **project_options) -> torch.Tensor:
     """Each material's density line integral ``[B, V, M, h, w]`` in g/cm^2 of a CT ``[B, 1, D, H, W]`` in [0, 1].
 
-    One material at a time: its density volume is made, projected once and dropped (memory stays at
-    one extra volume, and each projection is the single-channel one ``drr`` uses).
+    The materials' densities are an elementwise map of the CT (``materials.DensityMap``), projected by one
+    ``project`` call as M channels of that map: the rays' sampling grid is shared, the M density volumes are
+    formed a chunk of slices at a time as they are sampled (never whole, nor kept for backward), and the
+    backward is one pass. With a label map the densities depend on the labels too: they are formed whole
+    (``materials.densities``) and projected as M channels.
     """
-    lines = [project(rho, geometry, det_shape, **project_options)
-             for rho in material_densities(ct01, materials, contrast=contrast, labels=labels, hu_window=hu_window)]
-    return torch.cat(lines, 2) * 0.1  # mm * g/cm^3 -> g/cm^2
+    if ct01.dim() != 5 or ct01.shape[1] != 1:
+        raise ValueError(f"material_lines expects a CT [B, 1, D, H, W], got shape {tuple(ct01.shape)}")
+    if labels is None:
+        density = DensityMap(materials, contrast=contrast, hu_window=hu_window)
+        lines = project(ct01, geometry, det_shape, pointwise=density, **project_options)
+    else:
+        rho = densities(ct01[:, 0], materials, contrast=contrast, labels=labels.reshape(ct01.shape)[:, 0],
+                        hu_window=hu_window, dim=1)
+        lines = project(rho, geometry, det_shape, **project_options)
+    return lines * 0.1  # mm * g/cm^3 -> g/cm^2
 
 
 def mono_lines(ct01: torch.Tensor, geometry: Mapping[str, torch.Tensor], *,
