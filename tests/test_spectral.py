@@ -307,3 +307,46 @@ def test_projection_through_a_pointwise_map_equals_projecting_the_mapped_volume(
     assert torch.autograd.gradgradcheck(lambda v: project(v, geo, 6, prefilter=False, pointwise=density), (small,),
                                         fast_mode=True)
     assert torch.autograd.gradgradcheck(lambda v: project(v, geo, 6, prefilter=False), (small,), fast_mode=True)
+
+
+def _conv_blur(img: torch.Tensor, sigma: float) -> torch.Tensor:
+    """The blur as convolutions: edge-replicated padding and a separable normalised Gaussian, run on the
+    image area-averaged by sigma // 2 and upsampled bilinearly when that is 2 or more."""
+    f = int(sigma // 2)
+    h, w = img.shape[-2:]
+    if f >= 2 and min(h, w) >= 4 * f:
+        small = torch.nn.functional.interpolate(img, size=(h // f, w // f), mode="area")
+        return torch.nn.functional.interpolate(_conv_blur(small, sigma / f), size=(h, w), mode="bilinear",
+                                               align_corners=False)
+    r = math.ceil(3 * sigma)
+    k = torch.exp(-0.5 * (torch.arange(-r, r + 1, dtype=img.dtype) / sigma) ** 2)
+    k = k / k.sum()
+    c = img.shape[1]
+    pad = torch.nn.functional.pad
+    out = torch.nn.functional.conv2d(pad(img, (r, r, 0, 0), mode="replicate"), k.view(1, 1, 1, -1).repeat(c, 1, 1, 1),
+                                     groups=c)
+    return torch.nn.functional.conv2d(pad(out, (0, 0, r, r), mode="replicate"), k.view(1, 1, -1, 1).repeat(c, 1, 1, 1),
+                                      groups=c)
+
+
+@pytest.mark.parametrize("sigma", [0.5, 1.0, 1.3, 3.9, 6.4, 15.4, 40.0])
+def test_blur_equals_its_convolutions(sigma):
+    """The blur's stencils and small matrices equal edge-replicated convolutions (and the area-average /
+    bilinear detour for wide kernels), on images wider than tall, with channels."""
+    from x2ct_framework.physics.spectral import gaussian_blur
+
+    torch.manual_seed(0)
+    for shape in [(2, 1, 128, 128), (1, 2, 30, 44)]:
+        img = torch.rand(shape, dtype=torch.float64)
+        assert torch.allclose(gaussian_blur(img, sigma), _conv_blur(img, sigma), rtol=0, atol=1e-12), shape
+    assert torch.equal(gaussian_blur(img, 0.1), img)  # neighbouring taps of exp(-50): below float64 rounding
+
+
+@pytest.mark.parametrize("q", [0.0, 0.005, 0.25, 0.5, 0.995, 1.0])
+def test_percentile_equals_torch_quantile(q):
+    from x2ct_framework.physics.spectral import percentile
+
+    torch.manual_seed(1)
+    flat = torch.rand(1, 2, 1, 4099, dtype=torch.float64)
+    flat[0, 0, 0, :300] = 0.25  # ties
+    assert torch.allclose(percentile(flat, q), torch.quantile(flat, q, dim=-1), rtol=0, atol=1e-15)
