@@ -265,13 +265,14 @@ def _slice_sums(mu: torch.Tensor, plan: _Plan, pointwise, chunk_elems: int) -> l
     for grp in plan.groups:
         n, h, w, _ = grp.grid_a.shape
         view = rearrange(mu, _PATTERNS[grp.axis])
-        total = mu.new_zeros(ch, n * h, w)
+        total = None  # in grid_sample's output dtype (under autocast, not necessarily mu's)
         for t0, t1, grid in _slice_chunks(grp, ch * max(view[0].numel() // (b * c), n * h * w), mu.device,
                                           chunk_elems):
             src = view[t0:t1].contiguous()
             if pointwise is not None:
                 src = pointwise.apply(src).flatten(1, 2)
-            total += F.grid_sample(src, grid, mode="bilinear", padding_mode="zeros", align_corners=False).sum(0)
+            part = F.grid_sample(src, grid, mode="bilinear", padding_mode="zeros", align_corners=False).sum(0)
+            total = part if total is None else total.add_(part)
         outs.append(total)
     return outs
 
