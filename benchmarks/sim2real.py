@@ -17,7 +17,8 @@ Run (the exact matrix; CPU, about 2-4 minutes per training on 2 cores at these s
     python -m benchmarks.sim2real --seeds 0 --epochs 2 --dry-run  # print the commands only
     python -m benchmarks.sim2real --seeds 0 1 2 --figure docs/images/sim2real.png  # and the figure
 
-Writes ``<out>/results.json`` and ``<out>/results.md`` (the table for RESULTS.md).
+Writes ``<out>/results.json`` and ``<out>/results.md`` (the tables for RESULTS.md: each cell's mean and
+interval, the floor, and style minus ideal paired by seed).
 """
 
 from __future__ import annotations
@@ -122,22 +123,48 @@ def blind_floor(out: Path, seed: int) -> dict:
     return result
 
 
+def _metric(out: Path, arm: str, seed: int, test: str, metric: str) -> float | None:
+    f = out / "eval" / f"{arm}_s{seed}" / test / "summary.json"
+    if not f.is_file():
+        return None
+    return json.loads(f.read_text())["protocols"]["default"]["metrics"][metric]["mean"]
+
+
+def _mean_ci(vals: list[float]) -> tuple[float, float]:
+    mean = statistics.fmean(vals) if vals else math.nan
+    half = T975.get(len(vals) - 1, 1.96) * statistics.stdev(vals) / math.sqrt(len(vals)) if len(vals) > 1 else math.nan
+    return mean, half
+
+
+def paired(out: Path, seeds: list[int]) -> tuple[list[dict], str]:
+    """Style-randomised minus ideal training, per test rendering, paired by seed (the arms of a seed share
+    the data and the seed), mean and 95 % t-interval over the seeds."""
+    rows = []
+    lines = ["| tested on | PSNR: style - ideal (dB) | SSIM: style - ideal | seeds |", "|---|---|---|---|"]
+    for test in ("ideal",) + TEST_PRESETS:
+        row = {"tested on": test}
+        for metric in ("psnr", "ssim"):
+            diffs = []
+            for seed in seeds:
+                a, b = _metric(out, "style", seed, test, metric), _metric(out, "ideal", seed, test, metric)
+                if a is not None and b is not None:
+                    diffs.append(a - b)
+            row[metric], row[f"{metric}_ci95"] = _mean_ci(diffs)
+            row["seeds"] = len(diffs)
+        rows.append(row)
+        lines.append(f"| {test} | {row['psnr']:+.2f} ± {row['psnr_ci95']:.2f} | {row['ssim']:+.3f} ± "
+                     f"{row['ssim_ci95']:.3f} | {row['seeds']} |")
+    return rows, "\n".join(lines)
+
+
 def table(out: Path, seeds: list[int], floor: dict | None = None) -> tuple[list[dict], str]:
     rows = []
     for arm in ("ideal", "style"):
         for test in ("ideal",) + TEST_PRESETS:
             row = {"trained on": arm, "tested on": test}
             for metric in ("psnr", "ssim"):
-                vals = []
-                for seed in seeds:
-                    f = out / "eval" / f"{arm}_s{seed}" / test / "summary.json"
-                    if f.is_file():
-                        vals.append(json.loads(f.read_text())["protocols"]["default"]["metrics"][metric]["mean"])
-                mean = statistics.fmean(vals) if vals else math.nan
-                half = T975.get(len(vals) - 1, 1.96) * statistics.stdev(vals) / math.sqrt(len(vals)) \
-                    if len(vals) > 1 else math.nan
-                row[metric] = mean
-                row[f"{metric}_ci95"] = half
+                vals = [v for v in (_metric(out, arm, seed, test, metric) for seed in seeds) if v is not None]
+                row[metric], row[f"{metric}_ci95"] = _mean_ci(vals)
                 row["seeds"] = len(vals)
             rows.append(row)
     lines = ["| trained on | tested on | PSNR (dB) | SSIM | seeds |", "|---|---|---|---|---|"]
@@ -223,7 +250,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[sim2real] {label}: {time.perf_counter() - t0:.0f} s wall, {_child_cpu_s() - c0:.0f} CPU-s",
               flush=True)
     rows, md = table(out, args.seeds, blind_floor(out, args.seeds[0]))
-    (out / "results.json").write_text(json.dumps(rows, indent=2))
+    diff_rows, diff_md = paired(out, args.seeds)
+    md += "\n\n" + diff_md
+    (out / "results.json").write_text(json.dumps({"cells": rows, "style_minus_ideal": diff_rows}, indent=2))
     (out / "results.md").write_text(md + "\n")
     if args.figure:
         figure(rows, Path(args.figure))
