@@ -127,3 +127,48 @@ def test_pe_fraction_and_study_labels():
         create(pe_fraction=1.5)
     with pytest.raises(RecipeError, match="phantom_version"):
         create(pe_fraction=0.5, phantom_version=1)
+
+
+def test_xray_ideal_is_todays_drr_and_a_preset_renders_through_the_simulator(tmp_path, monkeypatch):
+    """``xray = "ideal"`` (the default) is today's DRR; a realistic preset renders the same CT, geometry and
+    label map through ``physics.spectral.simulate``, differs from the ideal DRR, and is the same on every
+    call and for the same seed (its noise drawn from the case's seed)."""
+    from x2ct_framework.physics.spectral import simulate
+
+    default = create(num_train=2, image_size=20)[0]
+    assert torch.equal(create(num_train=2, image_size=20, xray="ideal")[0]["xrays"], default["xrays"])
+    table = create(num_train=2, image_size=20, xray={"preset": "ideal"})[0]["xrays"]
+    assert torch.allclose(table, default["xrays"], atol=1e-6, rtol=0)
+    assert torch.allclose(drr_of(default["ct"][0] * 4000.0 - 1000.0, default["geometry"], 20), table, atol=1e-4)
+
+    ds = create(num_train=2, image_size=20, xray="chest_pa", cache_dir=str(tmp_path), memory_cache_mb=0)
+    item = ds[0]
+    assert item["xrays"].shape == default["xrays"].shape and item["xrays"].dtype == torch.float32
+    assert float((item["xrays"] - default["xrays"]).abs().max()) > 0.1
+    assert torch.equal(ds[0]["xrays"], item["xrays"])
+    again = create(num_train=2, image_size=20, xray="chest_pa")[0]["xrays"]  # no cache: rendered again
+    assert torch.equal(again, item["xrays"])
+    assert not torch.equal(ds[1]["xrays"], item["xrays"])
+    # noise aside, exactly the simulator on the item's CT, geometry and label map
+    quiet = create(num_train=2, image_size=20, xray={"preset": "chest_pa", "noise": False})[0]
+    ref = simulate(quiet["ct"][None], {k: v[None] for k, v in quiet["geometry"].items()},
+                   {"preset": "chest_pa", "noise": False}, hu_window=HU, det_shape=20, labels=quiet["labels"][None])[0]
+    assert torch.allclose(quiet["xrays"], ref, atol=1e-6)
+    assert float((quiet["xrays"] - item["xrays"]).abs().mean()) > 0  # the noise is there in the preset
+
+    import x2ct_framework.physics.spectral as spectral
+
+    monkeypatch.setattr(spectral, "simulate", lambda *a, **k: pytest.fail("rendered again despite the cache"))
+    assert torch.equal(create(num_train=2, image_size=20, xray="chest_pa", cache_dir=str(tmp_path),
+                              memory_cache_mb=0)[0]["xrays"], item["xrays"])
+    with pytest.raises(pytest.fail.Exception):  # another preset is another cache entry
+        create(num_train=2, image_size=20, xray="portable_ap", cache_dir=str(tmp_path), memory_cache_mb=0)[0]
+
+
+def test_xray_option_errors_are_named():
+    with pytest.raises(RecipeError, match="chest_ap"):
+        create(xray="chest_ap")
+    with pytest.raises(RecipeError, match="kvpp"):
+        create(xray={"preset": "chest_pa", "kvpp": 100})
+    with pytest.raises(RecipeError, match="xray_noise"):
+        create(xray="chest_pa", xray_noise=0.01)

@@ -213,3 +213,140 @@ def test_energy_bins_cover_the_spectrum():
     e, w, mu = energy_bins(p, ["water", "bone"])
     assert float(w.sum()) == pytest.approx(1.0) and mu.shape == (e.shape[0], 2)
     assert float(e.max()) < 90.0 and math.isclose(float(e[0] - 10.5) % 5, 2.0)
+
+
+def _reference_densities(hu: torch.Tensor, nodes, materials) -> torch.Tensor:
+    """Each material's density by plain linear interpolation between the scheme's nodes (np.interp style;
+    above the top node all of the top node's material, its density going on along the last segment's total
+    density slope), written independently of materials.py."""
+    out = []
+    for name in materials:
+        dens = [n[2] if n[1] == name else 0.0 for n in nodes]
+        rho = torch.full_like(hu, dens[0])
+        for (h0, _, _), (h1, _, _), r0, r1 in zip(nodes[:-1], nodes[1:], dens[:-1], dens[1:]):
+            inside = (hu > h0) & (hu <= h1)
+            rho = torch.where(inside, r0 + (r1 - r0) * (hu - h0) / (h1 - h0), rho)
+        (h0, _, t0), (h1, top, t1) = nodes[-2], nodes[-1]
+        rho = torch.where(hu > h1, (t1 + (t1 - t0) * (hu - h1) / (h1 - h0)) * (name == top), rho)
+        out.append(rho)
+    return torch.stack(out, 1)
+
+
+@pytest.mark.parametrize("contrast", [False, True])
+def test_material_lines_equal_each_material_projected_alone(contrast):
+    """All materials as channels of one projection (densities formed a chunk of slices at a time) equal each
+    material's density volume, interpolated independently, projected alone; and so do their gradients."""
+    from x2ct_framework.conventions import DEFAULT_HU_WINDOW
+    from x2ct_framework.physics.drr import project
+    from x2ct_framework.physics.materials import HU_NODES, HU_NODES_CONTRAST, scheme_materials
+
+    torch.manual_seed(3)
+    ct = torch.rand(1, 1, 12, 12, 12, dtype=torch.float64) * 0.6  # -1000..1400 HU, between the nodes
+    geo = make_geometry([0.0, 90.0, 30.0], "x2ctgan")
+    materials = scheme_materials(contrast)
+    w = torch.randn(1, 3, len(materials), 10, 10, dtype=torch.float64)
+    a = ct.clone().requires_grad_()
+    got = material_lines(a, geo, det_shape=10, contrast=contrast, materials=materials)
+    (got * w).sum().backward()
+    b = ct.clone().requires_grad_()
+    lo, hi = DEFAULT_HU_WINDOW
+    rho = _reference_densities(lo + (hi - lo) * b[:, 0], HU_NODES_CONTRAST if contrast else HU_NODES, materials)
+    ref = torch.cat([project(rho[:, m:m + 1], geo, 10) for m in range(len(materials))], 2) * 0.1
+    (ref * w).sum().backward()
+    assert got.shape == (1, 3, len(materials), 10, 10)
+    assert torch.allclose(got, ref, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(a.grad, b.grad, rtol=1e-9, atol=1e-12)
+
+
+def test_density_slopes_and_their_value_at_a_node():
+    """The fused densities' gradient is each material's slope inside a segment (the reference's autograd),
+    and 0 for a value exactly at a node (where the one-sided slopes disagree)."""
+    from x2ct_framework.physics.materials import HU_NODES, densities, scheme_materials
+
+    materials = scheme_materials()
+    hu = torch.tensor([-1100.0, -950.0, -600.0, -150.0, 0.0, 70.0, 700.0, 2000.0, -900.0, 40.0, 1500.0],
+                      dtype=torch.float64)
+    for m in range(len(materials)):
+        a, b = hu.clone().requires_grad_(), hu.clone().requires_grad_()
+        densities(a, materials, dim=0)[m].sum().backward()
+        _reference_densities(b[None], HU_NODES, materials)[0, m].sum().backward()
+        assert torch.allclose(a.grad[:8], b.grad[:8], rtol=1e-12, atol=0), materials[m]
+        assert bool((a.grad[8:] == 0).all()), materials[m]  # -900, 40 and 1500 HU are nodes
+
+
+def test_projection_through_a_pointwise_map_equals_projecting_the_mapped_volume():
+    """``project(..., pointwise=...)`` equals projecting the map's channels, with a prefilter that averages
+    voxels (the map first) or none, cases with different geometries, and differentiated twice."""
+    from x2ct_framework.physics.drr import project
+    from x2ct_framework.physics.materials import DensityMap
+
+    torch.manual_seed(4)
+    density = DensityMap(contrast=True, hu_window=(-1000.0, 3000.0))
+    ct = torch.rand(2, 1, 16, 16, 16, dtype=torch.float64) * 0.6
+    geos = [make_geometry([0.0, 90.0], "x2ctgan"),  # no averaging at 16 px
+            make_geometry([0.0, 90.0], "parallel", volume_mm=200.0, detector_px=6)]  # 2x2x2 averaging
+    for geo, det in zip(geos, (16, 6)):
+        a, b = ct.clone().requires_grad_(), ct.clone().requires_grad_()
+        got = project(a, geo, det, pointwise=density)
+        ref = project(density(b).flatten(1, 2), geo, det)
+        w = torch.randn_like(ref)
+        (got * w).sum().backward()
+        (ref * w).sum().backward()
+        assert torch.allclose(got, ref, rtol=1e-12, atol=1e-12)
+        assert torch.allclose(a.grad, b.grad, rtol=1e-10, atol=1e-12)
+    # two cases with different geometries (projected one by one)
+    both = {k: torch.cat([torch.as_tensor(geos[0][k])[None], torch.as_tensor(geos[0][k])[None]]) for k in geos[0]}
+    both["angles"] = torch.tensor([[0.0, 90.0], [30.0, 120.0]])
+    got = project(ct, both, 16, pointwise=density)
+    for i in range(2):
+        one = {k: t[i:i + 1] for k, t in both.items()}
+        assert torch.allclose(got[i:i + 1], project(density(ct[i:i + 1]).flatten(1, 2), one, 16), rtol=1e-12,
+                              atol=1e-12)
+    small = (0.2 + 0.1 * torch.rand(1, 1, 5, 5, 5, dtype=torch.float64)).requires_grad_()
+    geo = make_geometry([0.0, 90.0], "parallel", volume_mm=200.0, detector_px=6)
+    assert torch.autograd.gradgradcheck(lambda v: project(v, geo, 6, prefilter=False, pointwise=density), (small,),
+                                        fast_mode=True)
+    assert torch.autograd.gradgradcheck(lambda v: project(v, geo, 6, prefilter=False), (small,), fast_mode=True)
+
+
+def _conv_blur(img: torch.Tensor, sigma: float) -> torch.Tensor:
+    """The blur as convolutions: edge-replicated padding and a separable normalised Gaussian, run on the
+    image area-averaged by sigma // 2 and upsampled bilinearly when that is 2 or more."""
+    f = int(sigma // 2)
+    h, w = img.shape[-2:]
+    if f >= 2 and min(h, w) >= 4 * f:
+        small = torch.nn.functional.interpolate(img, size=(h // f, w // f), mode="area")
+        return torch.nn.functional.interpolate(_conv_blur(small, sigma / f), size=(h, w), mode="bilinear",
+                                               align_corners=False)
+    r = math.ceil(3 * sigma)
+    k = torch.exp(-0.5 * (torch.arange(-r, r + 1, dtype=img.dtype) / sigma) ** 2)
+    k = k / k.sum()
+    c = img.shape[1]
+    pad = torch.nn.functional.pad
+    out = torch.nn.functional.conv2d(pad(img, (r, r, 0, 0), mode="replicate"), k.view(1, 1, 1, -1).repeat(c, 1, 1, 1),
+                                     groups=c)
+    return torch.nn.functional.conv2d(pad(out, (0, 0, r, r), mode="replicate"), k.view(1, 1, -1, 1).repeat(c, 1, 1, 1),
+                                      groups=c)
+
+
+@pytest.mark.parametrize("sigma", [0.5, 1.0, 1.3, 3.9, 6.4, 15.4, 40.0])
+def test_blur_equals_its_convolutions(sigma):
+    """The blur's stencils and small matrices equal edge-replicated convolutions (and the area-average /
+    bilinear detour for wide kernels), on images wider than tall, with channels."""
+    from x2ct_framework.physics.spectral import gaussian_blur
+
+    torch.manual_seed(0)
+    for shape in [(2, 1, 128, 128), (1, 2, 30, 44)]:
+        img = torch.rand(shape, dtype=torch.float64)
+        assert torch.allclose(gaussian_blur(img, sigma), _conv_blur(img, sigma), rtol=0, atol=1e-12), shape
+    assert torch.equal(gaussian_blur(img, 0.1), img)  # neighbouring taps of exp(-50): below float64 rounding
+
+
+@pytest.mark.parametrize("q", [0.0, 0.005, 0.25, 0.5, 0.995, 1.0])
+def test_percentile_equals_torch_quantile(q):
+    from x2ct_framework.physics.spectral import percentile
+
+    torch.manual_seed(1)
+    flat = torch.rand(1, 2, 1, 4099, dtype=torch.float64)
+    flat[0, 0, 0, :300] = 0.25  # ties
+    assert torch.allclose(percentile(flat, q), torch.quantile(flat, q, dim=-1), rtol=0, atol=1e-15)

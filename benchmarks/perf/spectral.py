@@ -3,7 +3,7 @@
 One chest phantom (``chest_pa`` materials: M = 5 without contrast, 6 with the CTPA scheme) at R^3,
 PA + lateral at R^2 in the X2CT-GAN geometry. ``mono`` is today's DRR (HU -> attenuation -> one
 projected channel, ``drr.drr``); each spectral row is the whole chain of a preset (HU -> M material
-densities, each projected once by ``project``, per-bin exponentials, scatter, blur, noise, display
+densities projected as M channels of one ``project`` call, per-bin exponentials, scatter, blur, noise, display
 processing). ``ratio`` = the median over interleaved (mono, spectral) pairs of spectral / mono; the
 budget is M + 0.5 (M projections plus half a projection for everything else). Forward and
 forward+backward (gradient to the CT).

@@ -7,6 +7,7 @@ phantom is described in millimetres); train, val and test draw from disjoint see
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import random
 
@@ -43,6 +44,11 @@ class SyntheticPhantomDataset(Dataset):
     ``pe_fraction`` (version 2): the fraction of cases with pulmonary emboli (label 9), drawn per case
     from its seed; when above 0 every item carries ``study`` = ``{"pe_present", "pe_count",
     "pe_volume_ml", "pe_location"}`` (``x2ct_framework.phantom.pulmonary_embolism_study``).
+    ``xray``: an X-ray preset of ``physics.spectral`` (``"chest_pa"``, ``"portable_ap"``, ``"fluoro"``,
+    ``"x2ctgan"``) or a table (``{ preset = "chest_pa", kvp = 110 }``), as ``ct_folder``'s; the views are
+    then rendered through that simulator (spectral presets from the phantom's materials, its vessels and
+    heart as contrast-filled blood from the label map), its noise drawn per case from ``seed``. The
+    default ``"ideal"`` is today's DRRs (``mu_water``, ``beer_lambert``, ``xray_noise``, ``xray_blur_mm``).
     """
 
     def __init__(self, *, split: str, stage: Stage, views: list[float] = (0.0, 90.0), geometry: str | dict = "parallel",
@@ -52,7 +58,7 @@ class SyntheticPhantomDataset(Dataset):
                  mu_water: float = MU_WATER, beer_lambert: bool = False, cache_dir: str = "",
                  memory_cache_mb: float = 512.0, phantom_version: int = PHANTOM_VERSION, arms: bool = False,
                  render_oversample: int = 1, xray_noise: float = 0.0, xray_blur_mm: float = 0.0,
-                 pe_fraction: float = 0.0):
+                 pe_fraction: float = 0.0, xray: str | dict = "ideal"):
         check_split(split)
         if phantom_version not in PHANTOM_VERSIONS:
             raise ValueError(f"synthetic_phantom: phantom_version must be one of {PHANTOM_VERSIONS}, got "
@@ -87,6 +93,15 @@ class SyntheticPhantomDataset(Dataset):
         if xray_noise < 0 or xray_blur_mm < 0:
             raise ValueError(f"synthetic_phantom: xray_noise and xray_blur_mm must be >= 0 (0 = off), got "
                              f"{xray_noise!r} and {xray_blur_mm!r}")
+        self.xray_params = None  # today's DRRs
+        if not (isinstance(xray, str) and xray == "ideal"):
+            from x2ct_framework.physics.spectral import resolve_xray
+
+            self.xray_params = resolve_xray(xray, "synthetic_phantom -> xray")
+            if xray_noise or xray_blur_mm:
+                raise ValueError("synthetic_phantom: xray_noise and xray_blur_mm belong to the ideal DRRs; with an "
+                                 f"xray preset ({xray!r}) set its own noise and blur (mas, electronic_noise, "
+                                 "detector_blur_mm, focal_spot_mm) in the xray table")
         self.seed = seed
         self.image_size = image_size or stage.resolution
         self.volume_mm = float(volume_mm)
@@ -134,20 +149,33 @@ class SyntheticPhantomDataset(Dataset):
         if self.view_jitter:
             geometry = case_geometry(self.views, self.geometry_option, self.volume_mm, self.view_jitter, random)
             item["geometry"] = geometry
-            item["xrays"] = self._render(i, item["ct"], geometry)
+            item["xrays"] = self._render(i, item["ct"], geometry, item["labels"])
         return item
 
-    def _render(self, i: int, ct: torch.Tensor, geometry: dict) -> torch.Tensor:
+    def _render(self, i: int, ct: torch.Tensor, geometry: dict, labels: torch.Tensor) -> torch.Tensor:
         source = ct
         if self.render_resolution != self.stage.resolution:
-            fine, _ = self.phantom(i, self.render_resolution)
-            source = hu_to_unit(fine, self.hu_window)[None]
+            fine, fine_labels = self.phantom(i, self.render_resolution)
+            source, labels = hu_to_unit(fine, self.hu_window)[None], fine_labels[None]
+        if self.xray_params is not None:
+            return self._simulate(i, source, geometry, labels)
         views = render_views(source, geometry, self.hu_window, self.image_size, self.mu_water, self.beer_lambert)
         if self.xray_noise or self.xray_blur_mm:
             seed = int(hashlib.sha1(f"xray-detector:{self.case_seed(i)}".encode()).hexdigest()[:15], 16)
             views = detector(views, geometry, self.xray_noise, self.xray_blur_mm, self.mu_water, self.beer_lambert,
                              torch.Generator().manual_seed(seed))
         return views
+
+    def _simulate(self, i: int, ct: torch.Tensor, geometry: dict, labels: torch.Tensor) -> torch.Tensor:
+        """The views ``[V, 1, h, w]`` through the ``xray`` preset, its noise drawn from the case's seed."""
+        from x2ct_framework.physics.spectral import simulate
+
+        seed = int(hashlib.sha1(f"xray-preset:{self.case_seed(i)}".encode()).hexdigest()[:15], 16)
+        with torch.no_grad():
+            views = simulate(ct[None].float(), {k: v[None] for k, v in geometry.items()}, self.xray_params,
+                             hu_window=self.hu_window, det_shape=(self.image_size, self.image_size),
+                             labels=labels[None], generator=torch.Generator().manual_seed(seed))
+        return views[0].float()
 
     def _make(self, i: int) -> dict:
         r = self.stage.resolution
@@ -157,6 +185,8 @@ class SyntheticPhantomDataset(Dataset):
         anatomy = "" if self.phantom_version == 1 else f"-v{self.phantom_version}-{self.arms}"
         if self.xray_noise or self.xray_blur_mm:
             anatomy += f"-detector-{self.xray_noise}-{self.xray_blur_mm}"
+        if self.xray_params is not None:
+            anatomy += "-xray-" + hashlib.sha1(json.dumps(self.xray_params, sort_keys=True).encode()).hexdigest()[:16]
         if self.has_emboli(i):
             anatomy += "-emboli"
         key = drr_key(f"phantom-{self.case_seed(i)}-{self.table}-{self.noise_hu}-{self.volume_mm}{anatomy}", geometry,
@@ -165,7 +195,7 @@ class SyntheticPhantomDataset(Dataset):
         if cached is not None:
             xrays = cached["xrays"]
         else:
-            xrays = self._render(i, ct, geometry)
+            xrays = self._render(i, ct, geometry, labels[None])
             self.cache.put("drr", key, {"xrays": xrays})
         spacing = torch.full((3,), self.volume_mm / r)
         item = {"xrays": xrays, "geometry": geometry, "ct": ct, "labels": labels[None], "spacing": spacing,

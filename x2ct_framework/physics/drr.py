@@ -2,8 +2,11 @@
 
 The projector is slab based (Joseph's method): the volume is cut into slices perpendicular to the
 volume axis closest to each view's central ray; every detector ray crosses every slice once, so a
-view is the sum over slices of a 2D bilinear resampling of each slice (one ``grid_sample`` call for
-all slices), times the ray's path length through one slice. Before projecting, the volume is
+view is the sum over slices of a 2D bilinear resampling of each slice (``grid_sample`` over a chunk of
+slices at a time, its adjoint ``grid_sampler_2d_backward`` the same way in the backward), times the
+ray's path length through one slice. Channels share the sampling; an elementwise map of the volume
+(``pointwise``, e.g. the spectral simulator's material densities) is applied to each chunk of slices as
+it is sampled, so its channels are never formed for the whole volume. Before projecting, the volume is
 area-averaged down to the detector's footprint at the isocentre (``prefilter``): a detector pixel
 integrates over that footprint, and averaging first removes aliasing and most of the work.
 The rays' slice coordinates depend only on the geometry, so they are kept in a small cache of
@@ -101,6 +104,16 @@ def _every(axis: int, k: int, start: int) -> tuple:
     return (slice(None),) * axis + (slice(start, None, k),)
 
 
+def _prefilter_factors(g: Mapping[str, torch.Tensor], det_shape: tuple[int, int], vox: torch.Tensor,
+                       oversample: float) -> tuple[int, int, int]:
+    """Voxels averaged along (z, y, x): the smallest detector footprint at the isocentre over the voxel size."""
+    mag = magnification(g)
+    foot_u = float((g["detector_mm"][..., 0] / det_shape[1] / mag).min()) / oversample
+    foot_v = float((g["detector_mm"][..., 1] / det_shape[0] / mag).min()) / oversample
+    sx, sy, sz = vox.tolist()
+    return max(1, int(foot_v / sz + 1e-6)), max(1, int(foot_u / sy + 1e-6)), max(1, int(foot_u / sx + 1e-6))
+
+
 def _prefilter(mu: torch.Tensor, g: Mapping[str, torch.Tensor], det_shape: tuple[int, int], vox: torch.Tensor,
                oversample: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Area-average ``mu`` to the smallest detector footprint at the isocentre; returns (mu, voxel mm, centre mm).
@@ -108,11 +121,7 @@ def _prefilter(mu: torch.Tensor, g: Mapping[str, torch.Tensor], det_shape: tuple
     A partial window at the far edge of an axis averages the volume padded with air, so the pooled
     grid extends a little past the volume and its centre moves by half the padding (``centre``).
     """
-    mag = magnification(g)
-    foot_u = float((g["detector_mm"][..., 0] / det_shape[1] / mag).min()) / oversample
-    foot_v = float((g["detector_mm"][..., 1] / det_shape[0] / mag).min()) / oversample
-    sx, sy, sz = vox.tolist()
-    k = (max(1, int(foot_v / sz + 1e-6)), max(1, int(foot_u / sy + 1e-6)), max(1, int(foot_u / sx + 1e-6)))
+    k = _prefilter_factors(g, det_shape, vox, oversample)
     if k == (1, 1, 1):
         return mu, vox, torch.zeros(3, dtype=vox.dtype)
     pooled = _BoxAverage.apply(mu, k)
@@ -168,7 +177,6 @@ PLAN_CACHE_ELEMS = 1 << 25  # and keep at most this many numbers of grids across
 
 class _Plan(NamedTuple):
     groups: list[_Group]
-    merged: torch.Tensor | None  # both groups' grids stacked, when their slices have one shape (H == W)
 
 
 def _plan(g: Mapping[str, torch.Tensor], det_shape: tuple[int, int], shape: tuple[int, int, int],
@@ -209,16 +217,11 @@ def _plan(g: Mapping[str, torch.Tensor], det_shape: tuple[int, int], shape: tupl
             grid = _grid(grid_a, grid_k, s)
         groups.append(_Group(a, views, grid_a, grid_k, weight, s, grid))
     groups.sort(key=lambda grp: grp.views[0])  # PA before lateral: the views often come out in order
-    merged = None
-    if (len(groups) == 2 and hh == ww and all(grp.grid is not None for grp in groups)
-            and groups[0].grid.shape == groups[1].grid.shape):
-        merged = torch.cat([groups[0].grid, groups[1].grid])  # slices normal to x and to y in one call
-    groups = _Plan(groups, merged)
+    groups = _Plan(groups)
     _PLANS[key] = groups
 
     def cached() -> int:
-        return sum(grp.grid.numel() * (2 if plan.merged is not None else 1)
-                   for plan in _PLANS.values() for grp in plan.groups if grp.grid is not None)
+        return sum(grp.grid.numel() for plan in _PLANS.values() for grp in plan.groups if grp.grid is not None)
 
     while len(_PLANS) > 1 and (len(_PLANS) > _PLAN_CACHE_SIZE or cached() > PLAN_CACHE_ELEMS):
         _PLANS.popitem(last=False)
@@ -232,74 +235,148 @@ def _grid(grid_a: torch.Tensor, grid_k: torch.Tensor, s: torch.Tensor) -> torch.
     return grid.view(s.shape[0], n * h, w, 2)
 
 
-def _project_group(mu: torch.Tensor, grp: _Group, chunk_elems: int) -> torch.Tensor:
-    """Project ``mu`` [B, C, D, H, W] (every case in the same geometry) for one group: ``[B, n, C, h, w]``.
+_PATTERNS = {0: "b c d h w -> w (b c) d h", 1: "b c d h w -> h (b c) d w"}  # a group's slices, [T, (b c), d, h]
+SLICE_CHUNK_ELEMS = 1 << 20  # on CPU, slices are sampled about this many numbers at a time (per slice chunk)
 
-    The cases and channels share the slices' sampling grid, so they ride along as channels of one
-    ``grid_sample`` call whose batch is the slices.
-    """
-    b, c = mu.shape[:2]
-    n, h, w, _ = grp.grid_a.shape
-    pattern = "b c d h w -> w (b c) d h" if grp.axis == 0 else "b c d h w -> h (b c) d w"
-    view = rearrange(mu, pattern)
-    if torch.is_grad_enabled() and mu.requires_grad:
-        slabs = view.contiguous()  # saved for backward: must not be reused
-    else:
-        slabs = _workspace(view.shape, mu).copy_(view)
+
+def _slice_chunks(grp: _Group, per_slice: int, device: torch.device, chunk_elems: int):
+    """(first slice, end, sampling grid) of each chunk of a group's slices: on CPU about ``SLICE_CHUNK_ELEMS``
+    numbers a chunk, elsewhere the whole group; a grid not precomputed is built a chunk at a time, at most
+    ``chunk_elems`` numbers."""
     t_count = grp.s.shape[0]
-    if grp.grid is not None:
-        res = F.grid_sample(slabs, grp.grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-        total = res.sum(0)
-    else:
-        chunk = max(1, min(t_count, chunk_elems // max(1, n * h * w * 2)))
-        total = None
-        for t0 in range(0, t_count, chunk):
-            grid = _grid(grp.grid_a, grp.grid_k, grp.s[t0:t0 + chunk])
-            res = F.grid_sample(slabs[t0:t0 + chunk], grid, mode="bilinear", padding_mode="zeros",
-                                align_corners=False).sum(0)
-            total = res if total is None else total + res
-    return rearrange(total, "(b c) (n h) w -> b n c h w", b=b, n=n) * grp.weight
+    step = t_count if device.type != "cpu" else max(1, min(t_count, SLICE_CHUNK_ELEMS // max(1, per_slice)))
+    if grp.grid is None:
+        n, h, w, _ = grp.grid_a.shape
+        step = max(1, min(step, chunk_elems // max(1, n * h * w * 2)))
+    for t0 in range(0, t_count, step):
+        t1 = min(t_count, t0 + step)
+        grid = grp.grid[t0:t1] if grp.grid is not None else _grid(grp.grid_a, grp.grid_k, grp.s[t0:t1])
+        yield t0, t1, grid
 
 
-def _project_merged(mu: torch.Tensor, plan: _Plan) -> list[torch.Tensor]:
-    """Both groups (slices normal to x and to y) in one ``grid_sample`` call: fewer passes."""
-    b = mu.shape[0]
-    patterns = {0: "b c d h w -> w (b c) d h", 1: "b c d h w -> h (b c) d w"}
-    views = [rearrange(mu, patterns[grp.axis]) for grp in plan.groups]
-    if torch.is_grad_enabled() and mu.requires_grad:
-        slabs = torch.cat(views)  # saved for backward: must not be reused
-    else:
-        t = views[0].shape[0]
-        slabs = _workspace((2 * t, *views[0].shape[1:]), mu)
-        slabs[:t].copy_(views[0])
-        slabs[t:].copy_(views[1])
-    res = F.grid_sample(slabs, plan.merged, mode="bilinear", padding_mode="zeros", align_corners=False)
-    res = res.view(2, -1, *res.shape[1:]).sum(1)  # [2, (b c), (n h), w]
-    out = []
-    for i, grp in enumerate(plan.groups):
-        n = grp.grid_a.shape[0]
-        out.append(rearrange(res[i], "(b c) (n h) w -> b n c h w", b=b, n=n) * grp.weight)
-    return out
+def _slice_sums(mu: torch.Tensor, plan: _Plan, pointwise, chunk_elems: int) -> list[torch.Tensor]:
+    """Per group of ``plan``, the sum over its slices of each slice's bilinear samples at the rays' crossings,
+    ``[(b c'), n * h, w]``: c' = C, or the channels of ``pointwise`` applied to each slice of a one-channel
+    ``mu`` (an elementwise map commutes with the slicing). A chunk of slices at a time: each chunk is
+    gathered contiguous from ``mu`` (a transposing copy of a few slices), mapped, sampled and summed."""
+    b, c = mu.shape[:2]
+    ch = b * c * (pointwise.channels if pointwise is not None else 1)
+    outs = []
+    for grp in plan.groups:
+        n, h, w, _ = grp.grid_a.shape
+        view = rearrange(mu, _PATTERNS[grp.axis])
+        total = None  # in grid_sample's output dtype (under autocast, not necessarily mu's)
+        for t0, t1, grid in _slice_chunks(grp, ch * max(view[0].numel() // (b * c), n * h * w), mu.device,
+                                          chunk_elems):
+            src = view[t0:t1].contiguous()
+            if pointwise is not None:
+                src = pointwise.apply(src).flatten(1, 2)
+            part = F.grid_sample(src, grid, mode="bilinear", padding_mode="zeros", align_corners=False).sum(0)
+            total = part if total is None else total.add_(part)
+        outs.append(total)
+    return outs
+
+
+def _slice_adjoint(grads, plan: _Plan, pointwise, mu: torch.Tensor, chunk_elems: int) -> torch.Tensor:
+    """The adjoint of ``_slice_sums`` (its gradient to ``mu`` for the gradients ``grads`` of its sums): per chunk
+    of slices the adjoint of the sampling (``grid_sampler_2d_backward``, each sum's gradient broadcast over
+    the chunk's slices), then ``pointwise.vjp``, added into the volume's gradient through the same
+    transposed view. Without ``pointwise``, ``mu`` is read for its shape only."""
+    b, c = mu.shape[:2]
+    ch = b * c * (pointwise.channels if pointwise is not None else 1)
+    grad_mu = torch.zeros(mu.shape, dtype=mu.dtype, device=mu.device)
+    for grp, grad in zip(plan.groups, grads):
+        if grad is None:
+            continue
+        n, h, w, _ = grp.grid_a.shape
+        grad = grad.contiguous()
+        view = rearrange(mu, _PATTERNS[grp.axis])
+        grad_view = rearrange(grad_mu, _PATTERNS[grp.axis])
+        slice_shape = view.shape[2:]
+        for t0, t1, grid in _slice_chunks(grp, ch * max(view[0].numel() // (b * c), n * h * w), mu.device,
+                                          chunk_elems):
+            like = grad.new_empty((t1 - t0, ch, *slice_shape))  # read for its shape only: never written
+            gin, _ = torch.ops.aten.grid_sampler_2d_backward(grad.expand(t1 - t0, *grad.shape), like, grid,
+                                                             0, 0, False, [True, False])
+            if pointwise is not None:
+                gin = pointwise.vjp(view[t0:t1].contiguous(), gin.view(t1 - t0, b * c, pointwise.channels,
+                                                                       *slice_shape))
+            grad_view[t0:t1] += gin
+    return grad_mu
+
+
+class _SliceSums(torch.autograd.Function):
+    """``_slice_sums`` with ``_slice_adjoint`` as its backward: the mapped channels and the per-slice samples
+    never exist for the whole volume (no large allocations, each pass runs in cache), and only ``mu`` is kept
+    for backward (and only with a ``pointwise`` map, whose backward reads it). Without a map the backward
+    is itself differentiable (``_SliceAdjoint``), so a projection can be differentiated twice; with a map,
+    twice-differentiating forms the mapped channels' adjoint whole and differentiates the map's vjp in its
+    gradient (a piecewise-linear map's second derivative is zero almost everywhere)."""
+
+    @staticmethod
+    def forward(ctx, mu: torch.Tensor, plan: _Plan, pointwise, chunk_elems: int) -> tuple[torch.Tensor, ...]:
+        ctx.plan, ctx.pointwise, ctx.chunk_elems = plan, pointwise, chunk_elems
+        if pointwise is not None:
+            ctx.save_for_backward(mu)
+        else:
+            ctx.like = mu.new_empty(()).expand(mu.shape)
+        return tuple(_slice_sums(mu, plan, pointwise, chunk_elems))
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor):
+        if ctx.pointwise is None:
+            return _SliceAdjoint.apply(ctx.like, ctx.plan, ctx.chunk_elems, *grads), None, None, None
+        (mu,) = ctx.saved_tensors
+        if torch.is_grad_enabled() and any(g is not None and g.requires_grad for g in grads):
+            # differentiated twice: the mapped channels' adjoint whole (differentiable), then the map's vjp
+            like = mu.new_empty(()).expand(mu.shape[0], ctx.pointwise.channels, *mu.shape[2:])
+            adjoint = _SliceAdjoint.apply(like, ctx.plan, ctx.chunk_elems, *grads)
+            return ctx.pointwise.vjp(mu, adjoint.unsqueeze(1)), None, None, None
+        return _slice_adjoint(grads, ctx.plan, ctx.pointwise, mu, ctx.chunk_elems), None, None, None
+
+
+class _SliceAdjoint(torch.autograd.Function):
+    """``_slice_adjoint`` without a map (linear in the gradients), its backward the projection ``_SliceSums``."""
+
+    @staticmethod
+    def forward(ctx, like: torch.Tensor, plan: _Plan, chunk_elems: int, *grads: torch.Tensor) -> torch.Tensor:
+        ctx.plan, ctx.chunk_elems, ctx.present = plan, chunk_elems, [g is not None for g in grads]
+        return _slice_adjoint(grads, plan, None, like, chunk_elems)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        sums = _SliceSums.apply(grad, ctx.plan, None, ctx.chunk_elems)
+        return (None, None, None, *[s if present else None for s, present in zip(sums, ctx.present)])
 
 
 def project(mu: torch.Tensor, geometry: Mapping[str, torch.Tensor], det_shape: tuple[int, int] | int | None = None,
-            *, prefilter: bool = True, oversample: float = 1.0, chunk_elems: int = 1 << 24) -> torch.Tensor:
+            *, prefilter: bool = True, oversample: float = 1.0, chunk_elems: int = 1 << 24,
+            pointwise=None) -> torch.Tensor:
     """Line integrals of ``mu`` ``[B, C, D, H, W]`` (per mm) for every view: ``[B, V, C, h, w]``.
 
     ``det_shape`` is the detector's (rows, columns); by default the geometry's ``detector_px``.
     ``prefilter`` area-averages the volume to the detector footprint (``oversample`` > 1 keeps a
     finer sampling). Differentiable in ``mu``. Cases with different geometries are projected one by one.
+
+    ``pointwise`` (one-channel ``mu`` only) projects the channels of an elementwise map of ``mu`` instead of
+    ``mu``: an object with ``channels`` (C'), ``apply(t)`` (``[N0, N1, ...]`` -> ``[N0, N1, C', ...]``),
+    ``vjp(t, grad)`` (its backward) and ``__call__`` (the same map, differentiable); the result is
+    ``[B, V, C', h, w]``, equal to projecting ``pointwise(mu)``, without the C' volumes ever being formed
+    whole (each chunk of slices is mapped as it is sampled). When the prefilter averages voxels, the map
+    comes first (it does not commute with averaging) and the averaged channels are projected.
     """
     if mu.dim() != 5:
         raise ValueError(f"project expects a volume [B, C, D, H, W], got shape {tuple(mu.shape)}")
     b, c = mu.shape[:2]
+    if pointwise is not None and c != 1:
+        raise ValueError(f"project with a pointwise map expects one channel, got {c}")
     g = batched(geometry, b, mu.device, mu.dtype)
     det_shape = _det_shape(g, det_shape)
     vol_mm = g["volume_mm"]
     if not torch.equal(vol_mm, vol_mm[:, :1].expand_as(vol_mm)):
         raise ValueError("all views of a case must share one volume_mm")
     if b > 1 and not all(torch.equal(t, t[:1].expand_as(t)) for t in g.values()):
-        kw = {"prefilter": prefilter, "oversample": oversample, "chunk_elems": chunk_elems}
+        kw = {"prefilter": prefilter, "oversample": oversample, "chunk_elems": chunk_elems, "pointwise": pointwise}
         return torch.cat([project(mu[i:i + 1], {k: t[i:i + 1] for k, t in g.items()}, det_shape, **kw)
                           for i in range(b)])
     g = {k: t[:1] for k, t in g.items()}
@@ -307,12 +384,13 @@ def project(mu: torch.Tensor, geometry: Mapping[str, torch.Tensor], det_shape: t
     vox = vol_mm[0, 0].detach().cpu().double() / torch.tensor([ww, hh, d], dtype=torch.float64)
     centre = torch.zeros(3, dtype=torch.float64)
     if prefilter:
+        if pointwise is not None and _prefilter_factors(g, det_shape, vox, oversample) != (1, 1, 1):
+            mu, pointwise = pointwise(mu).flatten(1, 2), None
         mu, vox, centre = _prefilter(mu, g, det_shape, vox, oversample)
     plan = _plan(g, det_shape, tuple(mu.shape[-3:]), vox, centre)
-    if plan.merged is not None:
-        parts = _project_merged(mu, plan)
-    else:
-        parts = [_project_group(mu, grp, chunk_elems) for grp in plan.groups]
+    sums = _SliceSums.apply(mu, plan, pointwise, chunk_elems)
+    parts = [rearrange(t, "(b c) (n h) w -> b n c h w", b=b, n=grp.grid_a.shape[0]) * grp.weight
+             for t, grp in zip(sums, plan.groups)]
     if len(parts) == 1:
         return parts[0]
     order = [v for grp in plan.groups for v in grp.views]

@@ -21,7 +21,10 @@ and every other voxel the default one.
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -111,59 +114,154 @@ def _linear_pieces(nodes, material: str) -> tuple[float, list[tuple[float, float
     return const, pieces, ext, h1
 
 
-class _PiecewiseLinear(torch.autograd.Function):
-    """``const + sum_i coef_i clamp(x, lo_i, hi_i) + ext relu(x - top)``, its backward the piecewise-constant
-    slope times the gradient: no clamp outputs or masks kept per piece, one multiply-add per piece."""
+class _Scheme(NamedTuple):
+    """A HU scheme over named materials in the CT's intensity units (``hu = a + b * x``), ready to evaluate."""
 
-    @staticmethod
-    def forward(ctx, x, const, pieces, ext, top):
-        out = torch.full_like(x, const)
+    consts: tuple[float, ...]  # [M] each material's ``const`` of ``_linear_pieces`` (thresholds in x)
+    segments: tuple[tuple[float, float, tuple[tuple[int, float], ...]], ...]  # (lo, hi, ((material, coef), ...))
+    ext: tuple[tuple[int, float], ...]  # (material, slope) above the top node
+    top: float
+    knots: tuple[float, ...]  # every node, increasing
+    slopes: tuple[tuple[float, ...], ...]  # [2 * len(knots) + 1][M], rows as ``_Densities.backward`` buckets x
+
+
+@functools.lru_cache(maxsize=64)
+def _scheme(nodes, materials: tuple[str, ...], a: float, b: float) -> _Scheme:
+    consts, per_segment, ext = [], {}, []
+    for m, name in enumerate(materials):
+        const, pieces, e, _ = _linear_pieces(nodes, name)
+        consts.append(const + sum(coef * a for _, _, coef in pieces))
         for lo, hi, coef in pieces:
-            out.add_(torch.clamp(x, lo, hi), alpha=coef)
-        if ext:
-            out.add_(torch.relu(x - top), alpha=ext)
-        ctx.save_for_backward(x)
-        ctx.pieces, ctx.ext, ctx.top = pieces, ext, top
-        return out
+            per_segment.setdefault(((lo - a) / b, (hi - a) / b), []).append((m, coef * b))
+        if e:
+            ext.append((m, e * b))
+    knots = tuple((n[0] - a) / b for n in nodes)
+    # rows: 0 = below the first node, 2j + 1 = exactly at node j (slope 0: there the one-sided slopes disagree),
+    # 2j + 2 = strictly between node j and node j + 1 (above the top node: its extension)
+    slopes = [[0.0] * len(materials) for _ in range(2 * len(knots) + 1)]
+    for j in range(len(knots)):
+        terms = ext if j == len(knots) - 1 else per_segment.get((knots[j], knots[j + 1]), [])
+        for m, coef in terms:
+            slopes[2 * j + 2][m] = coef
+    segments = tuple((lo, hi, tuple(terms)) for (lo, hi), terms in sorted(per_segment.items()))
+    return _Scheme(tuple(consts), segments, tuple(ext), knots[-1], knots, tuple(tuple(r) for r in slopes))
+
+
+CHUNK_ELEMS = 1 << 18  # on CPU, densities are formed this many voxels at a time (their passes stay in cache)
+
+
+def _chunks(x: torch.Tensor):
+    """Row ranges of ``x``'s first axis of about ``CHUNK_ELEMS`` voxels each (one range off the CPU)."""
+    n = x.shape[0]
+    rows = n if x.device.type != "cpu" else max(1, CHUNK_ELEMS // max(1, x[:1].numel()))
+    return [(i, min(n, i + rows)) for i in range(0, n, rows)]
+
+
+def _densities_into(x: torch.Tensor, scheme: _Scheme, dim: int, out: torch.Tensor) -> torch.Tensor:
+    """``out`` (``x``'s shape with the material axis inserted at ``dim``) = every material's density of ``x``.
+    Each segment's clamp is formed once, shared by the (at most two) materials that change along it."""
+    along = 1 if dim == 0 else 0
+    tmp = None
+    for i0, i1 in _chunks(x):
+        xc, oc = x[i0:i1], out.narrow(along, i0, i1 - i0)
+        if tmp is None or tmp.shape != xc.shape:
+            tmp = torch.empty(xc.shape, dtype=x.dtype, device=x.device)
+        for m, const in enumerate(scheme.consts):
+            oc.select(dim, m).fill_(const)
+        for lo, hi, terms in scheme.segments:
+            torch.clamp(xc, lo, hi, out=tmp)
+            for m, coef in terms:
+                oc.select(dim, m).add_(tmp, alpha=coef)
+        if scheme.ext:
+            torch.sub(xc, scheme.top, out=tmp).relu_()
+            for m, coef in scheme.ext:
+                oc.select(dim, m).add_(tmp, alpha=coef)
+    return out
+
+
+def _densities_vjp(x: torch.Tensor, grad: torch.Tensor, scheme: _Scheme, dim: int) -> torch.Tensor:
+    """The gradient to ``x`` of ``sum(grad * densities(x))``: one bucketing of ``x`` (against each node and the
+    next representable number above it, so a value exactly at a node gets slope 0 like the forward's clamps),
+    then per material its slope in that bucket (a gather from a small table) times its gradient."""
+    knots = torch.tensor(scheme.knots, dtype=x.dtype, device=x.device)
+    bounds = torch.stack([knots, torch.nextafter(knots, torch.full_like(knots, math.inf))], 1).flatten()
+    table = torch.tensor(scheme.slopes, dtype=x.dtype, device=x.device).t().contiguous()  # [M, rows]
+    used = [m for m in range(table.shape[0]) if any(row[m] for row in scheme.slopes)]
+    grad_x = torch.zeros(x.shape, dtype=x.dtype, device=x.device)
+    along = 1 if dim == 0 else 0
+    for i0, i1 in _chunks(x):
+        idx = torch.bucketize(x[i0:i1].reshape(-1), bounds, out_int32=True, right=True)  # number of bounds <= x
+        flat = grad_x[i0:i1].view(-1)
+        gc = grad.narrow(along, i0, i1 - i0)
+        for m in used:
+            flat.addcmul_(gc.select(dim, m).reshape(-1), table[m].index_select(0, idx))
+    return grad_x
+
+
+class _Densities(torch.autograd.Function):
+    """Every material's density of one scheme, the material axis inserted at ``dim``: ``rho_m = const_m +
+    sum_i coef_im clamp(x, lo_i, hi_i) + ext_m relu(x - top)``; backward ``_densities_vjp`` (the forward's
+    piecewise-constant slope, M multiply-adds over the volume, no masks per segment)."""
 
     @staticmethod
-    def backward(ctx, grad):
+    def forward(ctx, x: torch.Tensor, scheme: _Scheme, dim: int) -> torch.Tensor:
+        out = x.new_empty((*x.shape[:dim], len(scheme.consts), *x.shape[dim:]))
+        ctx.save_for_backward(x)
+        ctx.scheme, ctx.dim = scheme, dim
+        return _densities_into(x, scheme, dim, out)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
         (x,) = ctx.saved_tensors
-        slope = torch.zeros_like(x)
-        for lo, hi, coef in ctx.pieces:
-            slope.add_(((x > lo) & (x < hi)).to(x.dtype), alpha=coef)
-        if ctx.ext:
-            slope.add_((x > ctx.top).to(x.dtype), alpha=ctx.ext)
-        return grad * slope, None, None, None, None
+        return _densities_vjp(x, grad, ctx.scheme, ctx.dim), None, None
 
 
-def _partial_density(x: torch.Tensor, nodes, material: str, a: float = 0.0, b: float = 1.0) -> torch.Tensor:
-    """One material's density (g/cm^3) in each voxel of ``hu = a + b * x`` (the CT's intensity window folded
-    into the thresholds, so HU is never formed): a few passes over the volume, one clamp and one
-    multiply-add per segment that changes the material, no gathers."""
-    const, pieces, ext, top = _linear_pieces(nodes, material)
-    const += sum(coef * a for _, _, coef in pieces)
-    scaled = [((lo - a) / b, (hi - a) / b, coef * b) for lo, hi, coef in pieces]
-    return _PiecewiseLinear.apply(x, const, scaled, ext * b, (top - a) / b)
+class DensityMap:
+    """The HU scheme as a pointwise map for ``drr.project(..., pointwise=...)``: a CT in [0, 1] over ``hu_window``
+    ``[N0, N1, ...]`` -> every material's density ``[N0, N1, M, ...]`` (g/cm^3). ``apply`` writes it (no
+    autograd; into ``out`` when given), ``vjp`` is its backward, calling it is the differentiable map."""
+
+    def __init__(self, materials: Sequence[str] = BODY_MATERIALS, *, contrast: bool = False,
+                 hu_window: tuple[float, float] = (0.0, 1.0)):
+        a, b = float(hu_window[0]), float(hu_window[1]) - float(hu_window[0])
+        self.scheme = _scheme(HU_NODES_CONTRAST if contrast else HU_NODES, tuple(materials), a, b)
+        self.channels = len(self.scheme.consts)
+
+    def apply(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        if out is None:
+            out = x.new_empty((*x.shape[:2], self.channels, *x.shape[2:]))
+        return _densities_into(x, self.scheme, 2, out)
+
+    def vjp(self, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        return _densities_vjp(x, grad, self.scheme, 2)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return _Densities.apply(x, self.scheme, 2)
+
+
+def densities(x: torch.Tensor, materials: Sequence[str] = BODY_MATERIALS, *, contrast: bool = False,
+              labels: torch.Tensor | None = None, hu_window: tuple[float, float] = (0.0, 1.0),
+              dim: int = 0) -> torch.Tensor:
+    """Every material's density (g/cm^3) in one tensor, the material axis inserted at ``dim`` of ``x``'s shape,
+    for a CT ``x`` in [0, 1] over ``hu_window`` (the default (0, 1) reads ``x`` as HU). The window is folded
+    into the thresholds, so HU is never formed. Differentiable in ``x`` (piecewise linear)."""
+    a, b = float(hu_window[0]), float(hu_window[1]) - float(hu_window[0])
+    materials = tuple(materials)
+    dim = dim % (x.dim() + 1)
+    if labels is None:
+        return _Densities.apply(x, _scheme(HU_NODES_CONTRAST if contrast else HU_NODES, materials, a, b), dim)
+    mask = torch.zeros(labels.shape, dtype=torch.bool, device=x.device)
+    for code in CONTRAST_LABELS:
+        mask |= labels.to(x.device) == code
+    return torch.where(mask.unsqueeze(dim), _Densities.apply(x, _scheme(HU_NODES_CONTRAST, materials, a, b), dim),
+                       _Densities.apply(x, _scheme(HU_NODES, materials, a, b), dim))
 
 
 def material_densities(x: torch.Tensor, materials: Sequence[str] = BODY_MATERIALS, *, contrast: bool = False,
                        labels: torch.Tensor | None = None, hu_window: tuple[float, float] = (0.0, 1.0)):
     """Yield each material's density volume (shaped like ``x``, g/cm^3) in the order of ``materials``, for a
     CT ``x`` in [0, 1] over ``hu_window`` (the default (0, 1) reads ``x`` as HU)."""
-    a, b = float(hu_window[0]), float(hu_window[1]) - float(hu_window[0])
-    hu = x
-    mask = None
-    if labels is not None:
-        mask = torch.zeros(labels.shape, dtype=torch.bool, device=hu.device)
-        for code in CONTRAST_LABELS:
-            mask |= labels.to(hu.device) == code
-    for name in materials:
-        if mask is not None:
-            yield torch.where(mask, _partial_density(hu, HU_NODES_CONTRAST, name, a, b),
-                              _partial_density(hu, HU_NODES, name, a, b))
-        else:
-            yield _partial_density(hu, HU_NODES_CONTRAST if contrast else HU_NODES, name, a, b)
+    yield from densities(x, materials, contrast=contrast, labels=labels, hu_window=hu_window).unbind(0)
 
 
 def scheme_materials(contrast: bool = False, labels: bool = False) -> tuple[str, ...]:
@@ -182,4 +280,4 @@ def hu_to_densities(hu: torch.Tensor, materials: Sequence[str] = BODY_MATERIALS,
     missing = {n[1] for n in HU_NODES + HU_NODES_CONTRAST} - set(materials)
     if missing - ({"iodine_blood"} if not (contrast or labels is not None) else set()):
         raise ValueError(f"the HU scheme needs materials {sorted(missing)}; got {materials}")
-    return torch.stack(list(material_densities(hu, materials, contrast=contrast, labels=labels)), hu.dim() - 3)
+    return densities(hu, materials, contrast=contrast, labels=labels, dim=hu.dim() - 3)

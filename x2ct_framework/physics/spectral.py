@@ -46,7 +46,7 @@ from ..conventions import DEFAULT_HU_WINDOW, unit_to_hu
 from ..errors import RecipeError, did_you_mean
 from .drr import MU_WATER, hu_to_mu, project
 from .geometry import batched, magnification
-from .materials import BODY_MATERIALS, mass_attenuation, material_densities, scheme_materials
+from .materials import BODY_MATERIALS, DensityMap, densities, mass_attenuation, scheme_materials
 
 # every parameter, its default (what a table without a preset starts from) and its meaning
 XRAY_PARAMETERS: dict[str, tuple[object, str]] = {
@@ -238,12 +238,22 @@ def material_lines(ct01: torch.Tensor, geometry: Mapping[str, torch.Tensor], *,
                    labels: torch.Tensor | None = None, **project_options) -> torch.Tensor:
     """Each material's density line integral ``[B, V, M, h, w]`` in g/cm^2 of a CT ``[B, 1, D, H, W]`` in [0, 1].
 
-    One material at a time: its density volume is made, projected once and dropped (memory stays at
-    one extra volume, and each projection is the single-channel one ``drr`` uses).
+    The materials' densities are an elementwise map of the CT (``materials.DensityMap``), projected by one
+    ``project`` call as M channels of that map: the rays' sampling grid is shared, the M density volumes are
+    formed a chunk of slices at a time as they are sampled (never whole, nor kept for backward), and the
+    backward is one pass. With a label map the densities depend on the labels too: they are formed whole
+    (``materials.densities``) and projected as M channels.
     """
-    lines = [project(rho, geometry, det_shape, **project_options)
-             for rho in material_densities(ct01, materials, contrast=contrast, labels=labels, hu_window=hu_window)]
-    return torch.cat(lines, 2) * 0.1  # mm * g/cm^3 -> g/cm^2
+    if ct01.dim() != 5 or ct01.shape[1] != 1:
+        raise ValueError(f"material_lines expects a CT [B, 1, D, H, W], got shape {tuple(ct01.shape)}")
+    if labels is None:
+        density = DensityMap(materials, contrast=contrast, hu_window=hu_window)
+        lines = project(ct01, geometry, det_shape, pointwise=density, **project_options)
+    else:
+        rho = densities(ct01[:, 0], materials, contrast=contrast, labels=labels.reshape(ct01.shape)[:, 0],
+                        hu_window=hu_window, dim=1)
+        lines = project(rho, geometry, det_shape, **project_options)
+    return lines * 0.1  # mm * g/cm^3 -> g/cm^2
 
 
 def mono_lines(ct01: torch.Tensor, geometry: Mapping[str, torch.Tensor], *,
@@ -257,24 +267,64 @@ POISSON_EXACT_BELOW = 1000.0  # mean photon count above which the normal approxi
 
 
 # ---- image operations -------------------------------------------------------------------------------
+STENCIL_MAX_RADIUS = 3  # a blur kernel of at most 2 * 3 + 1 taps runs as shifted multiply-adds, wider ones as matrices
+
+
+def _gaussian_taps(sigma: float, dtype: torch.dtype, device) -> torch.Tensor:
+    r = int(math.ceil(3.0 * sigma))
+    x = torch.arange(-r, r + 1, device=device, dtype=dtype)
+    k = torch.exp(-0.5 * (x / sigma) ** 2)
+    return k / k.sum()
+
+
+def _replicate_blur_matrix(n: int, sigma: float) -> torch.Tensor:
+    """``[n, n]`` float64: a normalised Gaussian of ``sigma`` pixels along ``n`` pixels, edges replicated (the
+    correlation with ``_gaussian_taps`` of the edge-padded signal, as ``F.conv1d`` of ``F.pad(replicate)``)."""
+    k = _gaussian_taps(sigma, torch.float64, "cpu")
+    r = (k.shape[0] - 1) // 2
+    rows = torch.arange(n)[:, None].expand(n, 2 * r + 1)
+    cols = (rows + torch.arange(-r, r + 1)).clamp(0, n - 1)
+    return torch.zeros(n, n, dtype=torch.float64).index_put_((rows, cols), k.expand(n, -1), accumulate=True)
+
+
+@functools.lru_cache(maxsize=64)
+def _blur_axis(n: int, sigma: float, dtype: torch.dtype, device: str):
+    """How one axis of ``n`` pixels is blurred by a normalised Gaussian of ``sigma`` pixels, edges replicated:
+    ``("stencil", taps)`` (shifted multiply-adds) for a narrow kernel, else ``("matrix", A)`` (``[n, n]``)."""
+    if int(math.ceil(3.0 * sigma)) <= STENCIL_MAX_RADIUS:
+        return ("stencil", _gaussian_taps(sigma, dtype, device))
+    return ("matrix", _replicate_blur_matrix(n, sigma).to(dtype=dtype, device=device))
+
+
+def _stencil(img: torch.Tensor, taps: torch.Tensor, dim: int) -> torch.Tensor:
+    r = (taps.shape[0] - 1) // 2
+    pad = (r, r, 0, 0) if dim == -1 else (0, 0, r, r)
+    x = F.pad(img, pad, mode="replicate")
+    n = img.shape[dim]
+    out = x.narrow(dim, 0, n) * taps[0]
+    for j in range(1, 2 * r + 1):
+        out = out + x.narrow(dim, j, n) * taps[j]
+    return out
+
+
 def gaussian_blur(img: torch.Tensor, sigma_px: float) -> torch.Tensor:
     """Separable Gaussian blur of ``[N, C, h, w]`` (normalised kernel, edges replicated). A wide kernel
     (over 4 pixels) runs on the image area-averaged by sigma / 2 and is upsampled bilinearly after: the
-    blurred image has no detail at that scale, and a uniform image stays exactly uniform."""
-    if sigma_px < 0.05:
-        return img
-    f = int(sigma_px // 2)
+    blurred image has no detail at that scale, and a uniform image stays exactly uniform. Each axis is a
+    few shifted multiply-adds (kernels up to ``STENCIL_MAX_RADIUS`` pixels wide on each side) or one
+    product with a small ``[n, n]`` matrix (``_blur_axis``): no convolution calls."""
+    if sigma_px < 0.05 or math.exp(-0.5 / sigma_px ** 2) < torch.finfo(img.dtype).eps / 4:
+        return img  # the taps beside the centre are below the dtype's rounding: the image is unchanged
     h, w = img.shape[-2:]
+    f = int(sigma_px // 2)
     if f >= 2 and min(h, w) >= 4 * f:
         small = F.interpolate(img, size=(h // f, w // f), mode="area")
         return F.interpolate(gaussian_blur(small, sigma_px / f), size=(h, w), mode="bilinear", align_corners=False)
-    r = int(math.ceil(3.0 * sigma_px))
-    x = torch.arange(-r, r + 1, device=img.device, dtype=img.dtype)
-    k = torch.exp(-0.5 * (x / sigma_px) ** 2)
-    k = k / k.sum()
-    c = img.shape[1]
-    out = F.conv2d(F.pad(img, (r, r, 0, 0), mode="replicate"), k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
-    return F.conv2d(F.pad(out, (0, 0, r, r), mode="replicate"), k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+    dev = str(img.device)
+    ah = _blur_axis(h, float(sigma_px), img.dtype, dev)
+    aw = _blur_axis(w, float(sigma_px), img.dtype, dev)
+    x = _stencil(img, ah[1], -2) if ah[0] == "stencil" else torch.matmul(ah[1], img)
+    return _stencil(x, aw[1], -1) if aw[0] == "stencil" else torch.matmul(x, aw[1].t())
 
 
 def _per_view(fn, img: torch.Tensor, sigma_px: torch.Tensor) -> torch.Tensor:
@@ -311,6 +361,22 @@ def equalize_histogram(img: torch.Tensor, bins: int = 256) -> torch.Tensor:
     return torch.gather(cdf, -1, idx).view_as(img)
 
 
+def percentile(flat: torch.Tensor, q: float) -> torch.Tensor:
+    """``torch.quantile(flat, q, dim=-1)`` (linear interpolation between the two nearest ranks) from a partial
+    sort: the ``k`` smallest or largest values by ``topk``, k the rank's distance from the nearer end (a
+    window's 0.5 % / 99.5 % percentiles need 1 % of the pixels sorted, not all). Differentiable like it."""
+    n = flat.shape[-1]
+    rank = torch.tensor(q, dtype=flat.dtype) * (n - 1)
+    lo, hi = int(rank.floor()), int(rank.ceil())
+    if hi < n // 2:
+        vals = flat.topk(hi + 1, dim=-1, largest=False, sorted=True).values
+        below, above = vals[..., lo], vals[..., hi]
+    else:
+        vals = flat.topk(n - lo, dim=-1, largest=True, sorted=True).values
+        below, above = vals[..., n - 1 - lo], vals[..., n - 1 - hi]
+    return torch.lerp(below, above, (rank - lo).to(flat.device))
+
+
 def process(signal: torch.Tensor, p: Mapping, pixel_mm: torch.Tensor) -> torch.Tensor:
     """The display chain on ``signal`` ``[B, V, 1, h, w]`` (already -ln I or 1 - I): window, gamma, unsharp
     masking, equalisation, inversion, quantisation. ``pixel_mm`` [B, V] for the unsharp mask."""
@@ -323,9 +389,7 @@ def process(signal: torch.Tensor, p: Mapping, pixel_mm: torch.Tensor) -> torch.T
         lo, hi = flat.amin(-1)[..., None, None], flat.amax(-1)[..., None, None]
         x = (x - lo) / (hi - lo).clamp_min(1e-12)
     elif w == "percentile":
-        q = torch.tensor([float(v) / 100.0 for v in p["window_percentiles"]], dtype=x.dtype, device=x.device)
-        lo_hi = torch.quantile(flat, q, dim=-1)  # [2, B, V, 1]
-        lo, hi = lo_hi[0][..., None, None], lo_hi[1][..., None, None]
+        lo, hi = (percentile(flat, float(v) / 100.0)[..., None, None] for v in p["window_percentiles"])
         x = (x - lo) / (hi - lo).clamp_min(1e-12)
     elif w != "none":
         lo, hi = float(w[0]), float(w[1])
@@ -336,8 +400,9 @@ def process(signal: torch.Tensor, p: Mapping, pixel_mm: torch.Tensor) -> torch.T
     if float(p["gamma"]) != 1.0:
         x = x.clamp_min(1e-6) ** float(p["gamma"])
     if float(p["unsharp_amount"]) > 0:
+        a = float(p["unsharp_amount"])
         blurred = _per_view(gaussian_blur, x, float(p["unsharp_sigma_mm"]) / pixel_mm)
-        x = (x + float(p["unsharp_amount"]) * (x - blurred)).clamp(0.0, 1.0)
+        x = torch.add(x * (1.0 + a), blurred, alpha=-a).clamp(0.0, 1.0)  # x + a (x - blurred)
     if float(p["equalize"]) > 0:
         e = float(p["equalize"])
         eq = soft_equalize(x) if torch.is_grad_enabled() and x.requires_grad else equalize_histogram(x)
@@ -347,7 +412,8 @@ def process(signal: torch.Tensor, p: Mapping, pixel_mm: torch.Tensor) -> torch.T
     bits = int(p["bits"])
     if bits:
         levels = float(2 ** bits - 1)
-        x = x + (torch.round(x * levels) / levels - x).detach()
+        q = torch.round(x * levels).div_(levels)
+        x = x + (q - x).detach() if torch.is_grad_enabled() and x.requires_grad else q  # straight-through
     return x
 
 
@@ -368,24 +434,27 @@ def detect(lines: torch.Tensor, geometry: Mapping[str, torch.Tensor], params: Ma
     b, v, m, h, w = lines.shape
     if m != len(materials):
         raise ValueError(f"lines hold {m} materials but {len(materials)} were named ({list(materials)})")
-    g = batched(geometry, b, lines.device, lines.dtype)
-    _, weight, mu = energy_bins(p, materials)
-    weight, mu = weight.to(lines), mu.to(lines)
-    # I = sum_k w_k exp(-sum_m mu_km L_m): one small matrix product and one exp per energy bin
-    expo = torch.einsum("km,bvmhw->bvkhw", mu, lines)
-    primary = torch.einsum("k,bvkhw->bvhw", weight, torch.exp(-expo))[:, :, None]
+    g = geometry if _is_batched(geometry, b, lines) else batched(geometry, b, lines.device, lines.dtype)
+    weight, neg_mu = _bins_as(p, materials, lines)
+    # I = sum_k w_k exp(-sum_m mu_km L_m): two small matrix products and one exp per energy bin and pixel
+    expo = torch.matmul(neg_mu, lines.reshape(b * v, m, h * w)).exp_()  # [(b v), K, h w]
+    primary = torch.matmul(weight, expo).view(b, v, 1, h, w)
     du, dv = _pixel_mm(g, (h, w))
     pitch = torch.sqrt(du * dv)
-    scatter = primary.new_zeros(())
+    tp, ts = float(p["grid_primary"]), float(p["grid_scatter"])
+    scatter = None
     if float(p["spr"]) > 0:
         thickness = lines.sum(2, keepdim=True)  # g/cm^2 ~ cm of water
-        spr = float(p["spr"]) * (thickness / float(p["spr_thickness_cm"])).clamp_min(0) ** float(p["spr_exponent"])
-        scatter = _per_view(gaussian_blur, primary * spr, float(p["scatter_sigma_mm"]) / pitch)
-    tp, ts = float(p["grid_primary"]), float(p["grid_scatter"])
-    primary_g, scatter_g = tp * primary, ts * scatter
-    signal = primary_g + scatter_g
+        ratio = (thickness * (1.0 / float(p["spr_thickness_cm"]))).clamp_min(0)
+        if float(p["spr_exponent"]) != 1.0:
+            ratio = ratio ** float(p["spr_exponent"])
+        scatter = _per_view(gaussian_blur, primary * ratio, float(p["scatter_sigma_mm"]) / pitch) * float(p["spr"])
     if return_parts:
-        return {"primary": primary_g, "scatter": scatter_g * torch.ones_like(primary_g), "signal": signal / tp}
+        scatter_g = ts * scatter if scatter is not None else primary.new_zeros(())
+        return {"primary": tp * primary, "scatter": scatter_g * torch.ones_like(primary),
+                "signal": (tp * primary + scatter_g) / tp}
+    # behind the grid: tp P + ts S; carried divided by tp (the flat field behind the grid), as it is returned
+    signal = primary if scatter is None else torch.add(primary, scatter, alpha=ts / tp)
     fwhm_det = float(p["detector_blur_mm"])
     fwhm_focal = float(p["focal_spot_mm"]) * (magnification(g) - 1.0).clamp_min(0)
     sigma_mm = torch.sqrt(fwhm_det ** 2 + fwhm_focal ** 2) / 2.3548
@@ -395,24 +464,48 @@ def detect(lines: torch.Tensor, geometry: Mapping[str, torch.Tensor], params: Ma
         rows = (torch.arange(h, device=lines.device, dtype=lines.dtype) + 0.5) / h  # 0 at the top row
         signal = signal * (1.0 - float(p["heel"]) * (1.0 - rows))[:, None]
     if p["noise"]:
-        cone = g["cone"] > 0.5
-        dist = torch.where(cone, g["sdd"], torch.full_like(g["sdd"], float(p["distance_mm"])))
-        n0 = torch.tensor([[photons_per_pixel(p, float(du[i, j] * dv[i, j]), float(dist[i, j])) for j in range(v)]
-                           for i in range(b)], dtype=lines.dtype, device=lines.device)[..., None, None, None]
-        rate = (signal * n0).detach().clamp_min(0).cpu().float()
+        cone = (g["cone"] > 0.5).tolist()
+        dist = [[float(g["sdd"][i, j]) if cone[i][j] else float(p["distance_mm"]) for j in range(v)] for i in range(b)]
+        area = (du * dv).tolist()
+        # photons behind the grid per unattenuated pixel
+        n0 = torch.tensor([[tp * photons_per_pixel(p, area[i][j], dist[i][j]) for j in range(v)] for i in range(b)],
+                          dtype=torch.float32)[..., None, None, None]
+        rate = (signal.detach().cpu().float() * n0).clamp_min_(0)
         # Poisson counts plus Gaussian electronic noise: one normal draw of their summed variance; the
         # Poisson part drawn exactly where the mean count is below POISSON_EXACT_BELOW photons
         e2 = float(p["electronic_noise"]) ** 2
-        counts = rate + (rate + e2).sqrt() * torch.randn(rate.shape, generator=generator)
+        counts = torch.addcmul(rate, (rate + e2).sqrt_(), torch.randn(rate.shape, generator=generator))
         small = rate < POISSON_EXACT_BELOW
         if bool(small.any()):
             exact = torch.poisson(rate[small], generator=generator)
             if e2:
                 exact = exact + math.sqrt(e2) * torch.randn(exact.shape, generator=generator)
             counts[small] = exact
-        noisy = (counts.to(lines) / n0)
+        noisy = counts.to(lines) / n0.to(lines)
+        if not (torch.is_grad_enabled() and signal.requires_grad):
+            return noisy
         signal = signal + (noisy - signal).detach()  # the noise as a constant offset: gradients pass as without
-    return signal / tp
+    return signal
+
+
+def _is_batched(geometry: Mapping[str, torch.Tensor], b: int, like: torch.Tensor) -> bool:
+    """Whether ``geometry`` is already ``batched(geometry, b, ...)`` for ``like``'s device and dtype."""
+    a = geometry.get("angles")
+    return (len(geometry) == 8 and isinstance(a, torch.Tensor) and a.dim() == 2 and a.shape[0] == b
+            and a.dtype == like.dtype and a.device == like.device)
+
+
+@functools.lru_cache(maxsize=64)
+def _bins_cached(kvp: float, filter_al_mm: float, filter_cu_mm: float, bin_kev: int, detector: str,
+                 materials: tuple[str, ...], dtype: torch.dtype, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    _, weight, mu = _energy_bins(kvp, filter_al_mm, filter_cu_mm, bin_kev, detector, materials)
+    return weight.to(dtype=dtype, device=device)[None], (-mu).to(dtype=dtype, device=device)
+
+
+def _bins_as(p: Mapping, materials: Sequence[str], like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(detector weights ``[1, K]``, minus the mass attenuation ``[K, M]``) in ``like``'s dtype and device."""
+    return _bins_cached(float(p["kvp"]), float(p["filter_al_mm"]), float(p["filter_cu_mm"]), int(p["bin_kev"]),
+                        str(p["detector"]), tuple(materials), like.dtype, str(like.device))
 
 
 def render_lines(lines: torch.Tensor, geometry: Mapping[str, torch.Tensor], params: Mapping, *,
@@ -433,7 +526,7 @@ def render_lines(lines: torch.Tensor, geometry: Mapping[str, torch.Tensor], para
                 max_path = float(p["mu_water"]) * float(torch.as_tensor(geometry["volume_mm"]).max())
             return torch.clamp(lines / max_path, 0.0, 1.0)
         return process(lines, p, pitch)
-    intensity = detect(lines, geometry, p, materials, generator)
+    intensity = detect(lines, g, p, materials, generator)
     signal = -torch.log(intensity.clamp_min(1e-6)) if p["log"] else 1.0 - intensity
     return process(signal, p, pitch)
 
