@@ -32,9 +32,10 @@ test-all: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m benchmarks.perf
 
-# The future-work quality matrix at CPU scale (13 cells x 3 seeds, 35-45 min on 2 cores; rerun resumes).
+# The CPU quality matrix the defaults rest on (issue 27: floors, matched baselines, 72 fresh test phantoms,
+# the reference's learning curve; about 3 hours on 2 cores; rerun resumes).
 bench-matrix: $(STAMP)
-	$(PY) -m benchmarks.variants benchmarks/matrix/cpu.toml
+	OMP_NUM_THREADS=1 $(PY) -m benchmarks.variants benchmarks/matrix/cpu_quick.toml --workers 2 --threads-per-worker 1
 
 clean:
 	rm -rf runs .pytest_cache
