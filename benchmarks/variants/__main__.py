@@ -75,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="resolve every cell's recipe and print the plan")
     parser.add_argument("--check", action="store_true", help="with --dry-run: also build every cell's model and losses")
     parser.add_argument("--tables-only", action="store_true", help="rewrite the tables from the finished results")
+    parser.add_argument("--accept-stale", action="store_true",
+                        help="with --tables-only: count results whose hash differs from the current definition "
+                             "(runs an earlier code version made; they are named in matrix.md)")
     parser.add_argument("--in-process", action="store_true",
                         help="run cells in this process (faster start; peak memory is then the whole process')")
     parser.add_argument("--workers", type=int, default=1, metavar="N",
@@ -107,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             return dry_run(matrix, out, args.overrides, args.check)
         if args.tables_only:
-            files = write_tables(matrix, out, plot=args.plot, extra=args.overrides)
+            files = write_tables(matrix, out, plot=args.plot, extra=args.overrides, accept_stale=args.accept_stale)
             print(f"tables: {files['md']}")
             return 0
         t0 = time.perf_counter()

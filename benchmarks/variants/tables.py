@@ -36,9 +36,13 @@ def expected_keys(matrix: Matrix, out: Path, extra: list[str] = ()) -> dict[tupl
     return keys
 
 
-def collect(matrix: Matrix, out: Path,
-            keys: dict[tuple[str, int], str | None]) -> tuple[dict[str, list[dict]], list[str]]:
-    """The finished results of each cell that match the current definition; the names of stale ones."""
+def collect(matrix: Matrix, out: Path, keys: dict[tuple[str, int], str | None],
+            accept_stale: bool = False) -> tuple[dict[str, list[dict]], list[str]]:
+    """The finished results of each cell that match the current definition; the names of stale ones.
+
+    ``accept_stale`` counts stale results too (still named): for tables over runs that an earlier code version
+    made, when the hash changed for a reason that does not change the run (a recipe key added at its default).
+    """
     found: dict[str, list[dict]] = {}
     stale: list[str] = []
     for cell in matrix.cells:
@@ -49,7 +53,8 @@ def collect(matrix: Matrix, out: Path,
                 continue
             if r.get("key") != keys.get((cell.name, seed)):
                 stale.append(run_name(cell.name, seed))
-                continue
+                if not accept_stale:
+                    continue
             rows.append(r)
         found[cell.name] = rows
     return found, stale
@@ -99,13 +104,15 @@ def summarize(matrix: Matrix, found: dict[str, list[dict]]) -> list[dict]:
     return rows
 
 
-def write_tables(matrix: Matrix, out: Path, plot: bool = True, extra: list[str] = ()) -> dict[str, Path]:
+def write_tables(matrix: Matrix, out: Path, plot: bool = True, extra: list[str] = (),
+                 accept_stale: bool = False) -> dict[str, Path]:
     """``matrix.md``, ``matrix.csv``, ``per_seed.csv`` and ``matrix.png`` from the result files.
 
-    Only results of the current definition count (their hash matches); older ones are named as stale.
+    Only results of the current definition count (their hash matches); older ones are named as stale
+    (``accept_stale``: counted all the same, and named as such).
     """
     out = Path(out)
-    found, stale = collect(matrix, out, expected_keys(matrix, out, extra))
+    found, stale = collect(matrix, out, expected_keys(matrix, out, extra), accept_stale)
     rows = summarize(matrix, found)
     by_name = {r["cell"]: r for r in rows}
     ref = by_name[matrix.reference]
@@ -153,7 +160,7 @@ def write_tables(matrix: Matrix, out: Path, plot: bool = True, extra: list[str] 
                     w.writerow([cell.name, r["seed"], "" if r.get("data_seed") is None else r["data_seed"], cid,
                                 *[_csv((pc["metrics"].get(m) or [None] * (j + 1))[j]) for m in all_metrics]])
 
-    files["md"].write_text(markdown(matrix, rows, ref, shown, found, stale))
+    files["md"].write_text(markdown(matrix, rows, ref, shown, found, stale, accept_stale))
     if plot and any(r["seeds"] for r in rows):
         files["png"] = plot_matrix(matrix, rows, found, shown, out / "matrix.png")
         curves = plot_curves(matrix, rows, found, out / "curves.png")
@@ -178,7 +185,7 @@ def budget_text(matrix: Matrix) -> str:
 
 
 def markdown(matrix: Matrix, rows: list[dict], ref: dict, shown: list[str], found: dict[str, list[dict]],
-             stale: list[str] = ()) -> str:
+             stale: list[str] = (), accept_stale: bool = False) -> str:
     proto = matrix.eval["protocol"]
     units = next((r["units"] for r in rows if r["units"]), {})
     hib = next((r["higher_is_better"] for r in rows if r["higher_is_better"]), {})
@@ -247,7 +254,10 @@ def markdown(matrix: Matrix, rows: list[dict], ref: dict, shown: list[str], foun
     missing = [r["cell"] for r in rows if len(r["seeds"]) < len(matrix.seeds)]
     if missing:
         lines += ["", f"Incomplete cells (fewer seeds than {len(matrix.seeds)}): {', '.join(missing)}."]
-    if stale:
+    if stale and accept_stale:
+        lines += ["", f"Counted although their hash differs from the current definition (`--tables-only "
+                      f"--accept-stale`: made by an earlier code version of the same cell): {', '.join(stale)}."]
+    elif stale:
         lines += ["", f"Not counted (made by an earlier definition of their cell; the next run redoes them): "
                       f"{', '.join(stale)}."]
     if any(r["seeds"] for r in rows):
