@@ -208,6 +208,12 @@ def test_two_cell_matrix_tables_and_resume(tmp_path):
             "grad-s0, grad-s1.") in md
     assert list(csv.DictReader((out / "matrix.csv").open()))[1]["seeds"] == "0"
     assert "3 finished earlier, 1 to run" in logs[-2]
+    # --accept-stale counts them, and says so by name
+    V.write_tables(changed, out, plot=False, accept_stale=True)
+    md = (out / "matrix.md").read_text()
+    assert "Counted although their hash differs from the current definition" in md and "grad-s0, grad-s1." in md
+    assert list(csv.DictReader((out / "matrix.csv").open()))[1]["seeds"] == "2"
+    V.write_tables(changed, out, plot=False)  # as the rest of this test expects
 
     # --rerun trains a cell again from scratch, not only re-scores its finished run folder
     before = (out / "grad-s0" / "timing.json").stat().st_mtime_ns
