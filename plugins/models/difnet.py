@@ -317,25 +317,16 @@ def convert_checkpoint(source: str | Path, folder: str | Path, stage: str = "dif
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
+    from .convert import converter_main
 
-    from x2ct_framework.api import report_errors
+    def add_options(p) -> None:
+        p.add_argument("--combine", default="mlp", choices=COMBINES, help="their --combine (train.sh: mlp)")
+        p.add_argument("--num-views", type=int, default=10, help="their --num_views (train.sh: 10)")
 
-    p = argparse.ArgumentParser(prog="python -m x2ct_plugins.models.difnet",
-                                description="DIF-Net's checkpoint (ep_N.pth) -> a checkpoint folder")
-    p.add_argument("source", help="their checkpoint, e.g. logs/dif-net/ep_400.pth")
-    p.add_argument("folder", help="checkpoint folder to write (holding model.safetensors and state.json)")
-    p.add_argument("--stage", default="difnet", help="the recipe's stage name")
-    p.add_argument("--combine", default="mlp", choices=COMBINES, help="their --combine (train.sh: mlp)")
-    p.add_argument("--num-views", type=int, default=10, help="their --num_views (train.sh: 10)")
-    args = p.parse_args(argv)
-
-    def convert(a) -> int:
-        print(convert_checkpoint(a.source, a.folder, a.stage, combine=a.combine, num_views=a.num_views))
-        return 0
-
-    return report_errors(convert, args)
-
+    return converter_main(argv, name="difnet", what="DIF-Net's checkpoint (ep_N.pth)",
+                          source_help="their checkpoint, e.g. logs/dif-net/ep_400.pth", stage="difnet",
+                          convert=convert_checkpoint, add_options=add_options,
+                          options=lambda a: {"combine": a.combine, "num_views": a.num_views})
 
 @hookimpl
 def register_models(register):

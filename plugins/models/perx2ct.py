@@ -539,23 +539,11 @@ def convert_checkpoint(source: str | Path, folder: str | Path, stage: str = "per
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
+    from .convert import converter_main
 
-    from x2ct_framework.api import report_errors
-
-    p = argparse.ArgumentParser(prog="python -m x2ct_plugins.models.perx2ct",
-                                description="PerX2CT's checkpoint (PerX2CT.ckpt) -> a checkpoint folder")
-    p.add_argument("source", help="their checkpoint, e.g. checkpoints/PerX2CT.ckpt")
-    p.add_argument("folder", help="checkpoint folder to write (holding model.safetensors and state.json)")
-    p.add_argument("--stage", default="perx2ct", help="the recipe's stage name")
-    args = p.parse_args(argv)
-
-    def convert(a) -> int:
-        print(convert_checkpoint(a.source, a.folder, a.stage))
-        return 0
-
-    return report_errors(convert, args)
-
+    return converter_main(argv, name="perx2ct", what="PerX2CT's checkpoint (PerX2CT.ckpt)",
+                          source_help="their checkpoint, e.g. checkpoints/PerX2CT.ckpt", stage="perx2ct",
+                          convert=convert_checkpoint)
 
 @hookimpl
 def register_models(register):

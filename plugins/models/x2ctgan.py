@@ -438,23 +438,11 @@ def convert_checkpoint(source: str | Path, folder: str | Path, stage: str = "x2c
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
+    from .convert import converter_main
 
-    from x2ct_framework.api import report_errors
-
-    p = argparse.ArgumentParser(prog="python -m x2ct_plugins.models.x2ctgan",
-                                description="X2CT-GAN's generator checkpoint (NN_net_G.pth) -> a checkpoint folder")
-    p.add_argument("source", help="their generator checkpoint, e.g. .../checkpoint/90/90_net_G.pth")
-    p.add_argument("folder", help="checkpoint folder to write (holding model.safetensors and state.json)")
-    p.add_argument("--stage", default="x2ctgan", help="the recipe's stage name (x2ctgan_lidc.toml: x2ctgan)")
-    args = p.parse_args(argv)
-
-    def convert(a) -> int:
-        print(convert_checkpoint(a.source, a.folder, a.stage))
-        return 0
-
-    return report_errors(convert, args)
-
+    return converter_main(argv, name="x2ctgan", what="X2CT-GAN's generator checkpoint (NN_net_G.pth)",
+                          source_help="their generator checkpoint, e.g. .../checkpoint/90/90_net_G.pth",
+                          stage="x2ctgan", convert=convert_checkpoint)
 
 @hookimpl
 def register_models(register):
