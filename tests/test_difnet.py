@@ -13,7 +13,7 @@ import torch
 from x2ct_framework import testing
 from x2ct_framework.errors import CheckpointError, DataError
 from x2ct_plugins.models.difnet import DIFNet, convert_checkpoint, load_difnet_checkpoint
-from x2ct_plugins.models.layers import ModelInputError
+from x2ct_plugins.models.inputs import ModelInputError
 
 TINY = dict(resolution=8, base_channels=4, mid_channels=8, classifier_channels=[8, 4, 4], eval_points=200)
 
