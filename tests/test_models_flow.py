@@ -278,6 +278,9 @@ def test_evaluate_scores_the_mean_and_one_sample_and_records_diversity(tmp_path)
     assert ev.info["samples"] == 3
     assert f"{ONE_SAMPLE}default/psnr" in ev.values and DIVERSITY in ev.values
     assert np.all(ev.values[DIVERSITY] > 0)
+    # the samples' spread reaches the uncertainty metrics (a regression model leaves them NaN)
+    assert np.all(np.isfinite(ev.values["default/uncertainty_spearman"]))
+    assert np.all(np.abs(ev.values["default/uncertainty_spearman"]) <= 1.0)
     # the mean of samples is closer to the target than one sample of an untrained flow (noise averages out)
     assert np.all(ev.values["default/psnr"] > ev.values[f"{ONE_SAMPLE}default/psnr"])
     assert {"sample", "std"} <= set(ev.kept[0])

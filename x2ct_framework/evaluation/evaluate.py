@@ -250,6 +250,8 @@ def evaluate(target: Target, split: str = "test", protocols: list[str] = ("defau
         b, start = pred.shape[0], len(case_ids)
         ids = batch.get("case_id")
         case_ids += [str(c) for c in ids] if ids is not None else [f"case{start + i:04d}" for i in range(b)]
+        if drawn:  # the samples' per-voxel spread: what the uncertainty metrics score against the mean's error
+            batch = {**batch, "pred_std": drawn["std"]}
         update_evaluators(runs, pred, target_ct, batch)
         for proto in protos:
             for key, v in proto(pred, target_ct, batch).items():
