@@ -367,3 +367,18 @@ def test_make_geometry_takes_every_table_form_of_the_data_docs():
 
     with pytest.raises(RecipeError, match="a cone-beam geometry needs sdd"):
         make_geometry(views, beam="cone", sid=800, detector_mm=400)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_projection_of_a_low_precision_volume_under_autocast_has_a_gradient(dtype):
+    """Mixed precision: a model's bfloat16/float16 output projected under autocast backpropagates (the sampler's
+    backward meets a float32 gradient and a low-precision volume)."""
+    g = make_geometry([0, 90], "x2ctgan", volume_mm=160.0, detector_px=16)
+    x = torch.rand(1, 1, 16, 16, 16).to(dtype).requires_grad_(True)
+    with torch.autocast("cpu", dtype=dtype):
+        y = project(x, g)
+    y.float().sum().backward()
+    assert x.grad is not None and x.grad.dtype == dtype and bool(torch.isfinite(x.grad.float()).all())
+    x32 = x.detach().float().requires_grad_(True)
+    project(x32, g).sum().backward()
+    assert torch.allclose(x.grad.float(), x32.grad, rtol=0.05, atol=0.05 * float(x32.grad.abs().max()))

@@ -295,13 +295,17 @@ def _slice_adjoint(grads, plan: _Plan, pointwise, mu: torch.Tensor, chunk_elems:
         slice_shape = view.shape[2:]
         for t0, t1, grid in _slice_chunks(grp, ch * max(view[0].numel() // (b * c), n * h * w), mu.device,
                                           chunk_elems):
-            like = grad.new_empty((t1 - t0, ch, *slice_shape))  # read for its shape only: never written
-            gin, _ = torch.ops.aten.grid_sampler_2d_backward(grad.expand(t1 - t0, *grad.shape), like, grid,
+            # one dtype for the sampler's backward: under autocast the sums' gradient is float32 while a
+            # low-precision volume's grid may not be
+            dt = torch.promote_types(grad.dtype, grid.dtype)
+            g, grid = grad.to(dt), grid.to(dt)
+            like = g.new_empty((t1 - t0, ch, *slice_shape))  # read for its shape only: never written
+            gin, _ = torch.ops.aten.grid_sampler_2d_backward(g.expand(t1 - t0, *g.shape), like, grid,
                                                              0, 0, False, [True, False])
             if pointwise is not None:
                 gin = pointwise.vjp(view[t0:t1].contiguous(), gin.view(t1 - t0, b * c, pointwise.channels,
                                                                        *slice_shape))
-            grad_view[t0:t1] += gin
+            grad_view[t0:t1] += gin.to(grad_view.dtype)
     return grad_mu
 
 
