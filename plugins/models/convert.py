@@ -31,3 +31,26 @@ def converter_main(argv: list[str] | None, *, name: str, what: str, source_help:
         return 0
 
     return report_errors(run, args)
+
+
+def check_state_keys(state: dict, own: dict, path, what: str, hint: Callable[[list, list], str] | None = None) -> None:
+    """Refuse a converted state dict whose keys or shapes differ from the model's: ``CheckpointError`` naming the
+    file, ``what`` it should be, the missing, unexpected and reshaped keys (a few of each), and ``hint(missing,
+    unexpected)`` (a sentence in parentheses, or "")."""
+    from x2ct_framework.errors import CheckpointError
+
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [f"{k}: {tuple(state[k].shape)} in the file, {tuple(own[k].shape)} here" for k in own
+             if k in state and state[k].shape != own[k].shape]
+    if not (missing or unexpected or wrong):
+        return
+
+    def some(keys: list, n: int, sep: str) -> str:  # the first few (the count says how many there are)
+        return sep.join(keys[:n]) + ("; ..." if sep == "; " and len(keys) > n else ", ..." if len(keys) > n else "")
+
+    parts = [f"{len(missing)} missing ({some(missing, 4, ', ')})" if missing else "",
+             f"{len(unexpected)} unexpected ({some(unexpected, 4, ', ')})" if unexpected else "",
+             f"{len(wrong)} of another shape ({some(wrong, 3, '; ')})" if wrong else ""]
+    raise CheckpointError(f"{path}: not {what} matching this model{hint(missing, unexpected) if hint else ''}: "
+                          + ", ".join(p for p in parts if p))

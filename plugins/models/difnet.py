@@ -47,6 +47,7 @@ from x2ct_framework.physics.geometry import batched
 
 from .inputs import ModelInputError, check_inputs
 from .lifting import voxel_centres
+from .convert import check_state_keys
 
 COMBINES = ("max", "mlp")
 
@@ -284,23 +285,16 @@ def load_difnet_checkpoint(path: str | Path, model: nn.Module | None = None) -> 
     if model is None:
         return state
     own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    wrong = [f"{k}: {tuple(state[k].shape)} in the file, {tuple(own[k].shape)} here" for k in own
-             if k in state and state[k].shape != own[k].shape]
-    if missing or unexpected or wrong:
-        hint = ""
+    def hint(missing: list, unexpected: list) -> str:
         if any(k.startswith("view_mixer.") for k in unexpected):
-            hint = " (the file has a view mixer: set combine = \"mlp\" and num_views to its view count)"
-        elif any(k.startswith("view_mixer.") for k in missing):
-            hint = " (the file has no view mixer: set combine = \"max\")"
-        elif not getattr(model, "published", True):
-            hint = " (the model is a CPU-sized variant: remove base_channels / mid_channels / classifier_channels)"
-        parts = [f"{len(missing)} missing (e.g. {', '.join(missing[:3])})" if missing else "",
-                 f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})" if unexpected else "",
-                 f"{len(wrong)} of another shape (e.g. {'; '.join(wrong[:2])})" if wrong else ""]
-        raise CheckpointError(f"{path}: not a DIF-Net checkpoint matching this model{hint}: "
-                              + ", ".join(p for p in parts if p))
+            return " (the file has a view mixer: set combine = \"mlp\" and num_views to its view count)"
+        if any(k.startswith("view_mixer.") for k in missing):
+            return " (the file has no view mixer: set combine = \"max\")"
+        if not getattr(model, "published", True):
+            return " (the model is a CPU-sized variant: remove base_channels / mid_channels / classifier_channels)"
+        return ""
+
+    check_state_keys(state, own, path, "a DIF-Net checkpoint", hint)
     return state
 
 

@@ -60,6 +60,7 @@ from x2ct_framework.errors import CheckpointError, DataError, check_int
 from x2ct_framework.hookspecs import hookimpl
 
 from .inputs import ModelInputError, check_inputs, maybe_checkpoint
+from .convert import check_state_keys
 
 SLICE_AXES = ("axial", "coronal", "sagittal")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -510,19 +511,9 @@ def load_perx2ct_checkpoint(path: str | Path, model: nn.Module | None = None) ->
     if model is None:
         return state
     own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    wrong = [f"{k}: {tuple(state[k].shape)} in the file, {tuple(own[k].shape)} here" for k in own
-             if k in state and state[k].shape != own[k].shape]
-    if missing or unexpected or wrong:
-        hint = "" if getattr(model, "published", True) else (
-            " (the model is a CPU-sized variant: remove backbone / latent_dim / ch / ch_mult / num_res_blocks / "
-            "attn_resolutions / multires from the recipe)")
-        parts = [f"{len(missing)} missing ({', '.join(missing[:4])})" if missing else "",
-                 f"{len(unexpected)} unexpected ({', '.join(unexpected[:4])})" if unexpected else "",
-                 f"{len(wrong)} of another shape ({'; '.join(wrong[:3])})" if wrong else ""]
-        raise CheckpointError(f"{path}: not a PerX2CT checkpoint matching this model{hint}: "
-                              + ", ".join(p for p in parts if p))
+    check_state_keys(state, own, path, "a PerX2CT checkpoint", lambda *_: "" if getattr(model, "published", True) else (
+        " (the model is a CPU-sized variant: remove backbone / latent_dim / ch / ch_mult / num_res_blocks / "
+        "attn_resolutions / multires from the recipe)"))
     return state
 
 

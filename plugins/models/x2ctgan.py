@@ -53,6 +53,7 @@ from x2ct_framework.errors import CheckpointError, DataError, check_int
 from x2ct_framework.hookspecs import hookimpl
 
 from .inputs import check_inputs, ModelInputError
+from .convert import check_state_keys
 
 ENCODER_BLOCKS = (6, 12, 24, 16, 6)
 VIEW_DECODER_BLOCKS = (1, 2, 2, 2, 2, 0)
@@ -412,18 +413,9 @@ def load_x2ctgan_checkpoint(path: str | Path, model: nn.Module | None = None) ->
     for key, value in own.items():
         if key.endswith("num_batches_tracked") and key not in state:
             state[key] = torch.zeros_like(value)
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    wrong = [f"{k}: {tuple(state[k].shape)} in the file, {tuple(own[k].shape)} here" for k in own
-             if k in state and state[k].shape != own[k].shape]
-    if missing or unexpected or wrong:
-        hint = "" if getattr(model, "published", True) else (
-            " (the model is a CPU-sized variant: remove width_divisor / encoder_blocks to load published weights)")
-        parts = [f"{len(missing)} missing (e.g. {', '.join(missing[:3])})" if missing else "",
-                 f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})" if unexpected else "",
-                 f"{len(wrong)} of another shape (e.g. {'; '.join(wrong[:2])})" if wrong else ""]
-        raise CheckpointError(f"{path}: not an X2CT-GAN multiview generator matching this model{hint}: "
-                              + ", ".join(p for p in parts if p))
+    check_state_keys(state, own, path, "an X2CT-GAN multiview generator", lambda *_: "" if getattr(
+        model, "published", True) else (" (the model is a CPU-sized variant: remove width_divisor / encoder_blocks to "
+                                         "load published weights)"))
     return state
 
 

@@ -37,6 +37,7 @@ from x2ct_framework.evaluation.evaluators import (EvaluationContext, Evaluator, 
                                                  batch_column, bootstrap_mean, case_ids_of, cluster_weights, data_key,
                                                  percentile_interval, roc_auc, summary_entry, weighted_auc,
                                                  youden_threshold)
+from x2ct_framework.evaluation.sharpness_metrics import RandomFeatures
 from x2ct_framework.hookspecs import hookimpl
 
 CLASSIFIER_VERSION = 1  # bump when the built-in classifiers or their training change: the cache is retrained
@@ -574,24 +575,12 @@ class OrganConsistency(Evaluator):
 
 
 # ---- distribution -------------------------------------------------------------------------------
-class RandomFeatures2D(nn.Module):
-    """A seeded random-initialised 2D CNN (four stride-2 3x3 convolutions, 16-128 channels, LeakyReLU; global
-    mean and max pooling -> 256 features), the slice counterpart of ``fid3d``'s ``RandomFeatures3D``."""
+class RandomFeatures2D(RandomFeatures):
+    """The slice counterpart of ``fid3d``'s ``RandomFeatures3D``: :class:`RandomFeatures` over two axes (a seeded
+    random-initialised 2D CNN, 256 features)."""
 
     def __init__(self, seed: int = 0, channels: Sequence[int] = (16, 32, 64, 128)):
-        super().__init__()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(seed))
-            layers, c_in = [], 1
-            for c in channels:
-                layers += [nn.Conv2d(c_in, c, 3, stride=2, padding=1), nn.LeakyReLU(0.2)]
-                c_in = c
-            self.body = nn.Sequential(*layers)
-        self.eval().requires_grad_(False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        f = self.body(x * 2 - 1)
-        return torch.cat([f.mean((2, 3)), f.amax((2, 3))], 1)
+        super().__init__(2, seed, channels)
 
 
 R3D_MEAN, R3D_STD = (0.43216, 0.394666, 0.37645), (0.22803, 0.22145, 0.216989)  # Kinetics-400 normalisation

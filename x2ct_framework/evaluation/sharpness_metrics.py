@@ -155,25 +155,35 @@ class LPIPS3(LPIPS):
 
 
 # ---- FID / KID on 3D features -----------------------------------------------------------------
-class RandomFeatures3D(nn.Module):
-    """A small 3D CNN with seeded random weights: four stride-2 3x3x3 convolutions (16, 32, 64, 128
-    channels, LeakyReLU), global average and max pooling -> 256 features. A fixed random network is a
-    legitimate (if weaker) feature space for distribution distances; it is no pretrained medical encoder."""
+class RandomFeatures(nn.Module):
+    """A small CNN with seeded random weights over ``dims`` spatial axes (2: slices, 3: volumes): four stride-2
+    3x3(x3) convolutions (16, 32, 64, 128 channels, LeakyReLU), global average and max pooling -> 256 features.
+    A fixed random network is a legitimate (if weaker) feature space for distribution distances; it is no
+    pretrained medical encoder."""
 
-    def __init__(self, seed: int = 0, channels: Sequence[int] = (16, 32, 64, 128)):
+    def __init__(self, dims: int = 3, seed: int = 0, channels: Sequence[int] = (16, 32, 64, 128)):
         super().__init__()
+        conv = {2: nn.Conv2d, 3: nn.Conv3d}[dims]
+        self.axes = tuple(range(2, 2 + dims))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(seed))
             layers, c_in = [], 1
             for c in channels:
-                layers += [nn.Conv3d(c_in, c, 3, stride=2, padding=1), nn.LeakyReLU(0.2)]
+                layers += [conv(c_in, c, 3, stride=2, padding=1), nn.LeakyReLU(0.2)]
                 c_in = c
             self.body = nn.Sequential(*layers)
         self.eval().requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f = self.body(x * 2 - 1)
-        return torch.cat([f.mean((2, 3, 4)), f.amax((2, 3, 4))], 1)
+        return torch.cat([f.mean(self.axes), f.amax(self.axes)], 1)
+
+
+class RandomFeatures3D(RandomFeatures):
+    """``fid3d``'s volume features: :class:`RandomFeatures` over three axes."""
+
+    def __init__(self, seed: int = 0, channels: Sequence[int] = (16, 32, 64, 128)):
+        super().__init__(3, seed, channels)
 
 
 def build_extractor(extractor: str = "random3d", weights: str | None = None, seed: int = 0) -> nn.Module:
@@ -349,5 +359,6 @@ class UncertaintyCalibration(Metric):
 
 
 __all__ = ["HighFrequencyEnergy", "EdgeSharpness", "LPIPS3", "SetDistance", "UncertaintyCalibration",
-           "RandomFeatures3D", "build_extractor", "fid_from_features", "kid_from_features", "spearman", "rankdata",
+           "RandomFeatures", "RandomFeatures3D", "build_extractor", "fid_from_features", "kid_from_features",
+           "spearman", "rankdata",
            "radial_frequency", "high_frequency_energy", "gradient_magnitude"]
