@@ -54,3 +54,20 @@ def check_state_keys(state: dict, own: dict, path, what: str, hint: Callable[[li
              f"{len(wrong)} of another shape ({some(wrong, 3, '; ')})" if wrong else ""]
     raise CheckpointError(f"{path}: not {what} matching this model{hint(missing, unexpected) if hint else ''}: "
                           + ", ".join(p for p in parts if p))
+
+
+def read_checkpoint(path, not_found: str, unreadable: str = ""):
+    """``torch.load`` (tensors only) of a published checkpoint at ``path`` (a ``Path``): ``DataError(not_found)``
+    when the file is absent, ``CheckpointError`` naming the file and the reader's error (then ``unreadable``,
+    e.g. what the file should be) when it cannot be read."""
+    import torch
+
+    from x2ct_framework.errors import CheckpointError, DataError
+
+    if not path.is_file():
+        raise DataError(not_found)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"{path}: could not read the checkpoint ({type(exc).__name__}: {exc})"
+                              f"{unreadable}") from exc

@@ -40,14 +40,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from x2ct_framework.errors import CheckpointError, DataError
+from x2ct_framework.errors import CheckpointError
 from x2ct_framework.hookspecs import hookimpl
 from x2ct_framework.physics import project_points
 from x2ct_framework.physics.geometry import batched
 
 from .inputs import ModelInputError, check_inputs
 from .lifting import voxel_centres
-from .convert import check_state_keys
+from .convert import check_state_keys, read_checkpoint
 
 COMBINES = ("max", "mlp")
 
@@ -266,14 +266,10 @@ def load_difnet_checkpoint(path: str | Path, model: nn.Module | None = None) -> 
     ``{'state_dict': ...}`` or ``{'model': ...}`` wrapper and a ``module.`` prefix are accepted), checked against
     ``model`` when given."""
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise DataError(f"{path}: DIF-Net checkpoint not found (model.weights of difnet). Train DIF-Net with its "
-                        f"scripts/train.sh (xmed-lab/DIF-Net) or use a released one, and point model.weights at "
-                        f"logs/<name>/ep_<N>.pth")
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(f"{path}: could not read the checkpoint ({type(exc).__name__}: {exc})") from exc
+    blob = read_checkpoint(
+        path, f"{path}: DIF-Net checkpoint not found (model.weights of difnet). Train DIF-Net with its "
+              f"scripts/train.sh (xmed-lab/DIF-Net) or use a released one, and point model.weights at "
+              f"logs/<name>/ep_<N>.pth")
     state = blob
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):

@@ -20,6 +20,19 @@ class ModelInputError(DataError, ValueError):
     """The X-ray views or their geometry do not have the shapes the model needs."""
 
 
+def check_two_views(name: str, what: str, xrays: torch.Tensor, geometry: dict, prev: torch.Tensor | None,
+                    others: str) -> None:
+    """``check_inputs`` for a published two-view model (PA and lateral, no previous stage): ``what`` names the
+    model in the message, ``others`` the models to use instead for another view count."""
+    _, v = check_inputs(name, xrays, geometry, prev)
+    if v != 2:
+        raise ModelInputError(f"{name}: {what} takes exactly two views (PA and lateral), got {v}; set "
+                              f"data.views = [0, 270] or use {others} for {v} views")
+    if prev is not None:
+        raise ModelInputError(f"{name}: {what} does not take a previous stage's prediction; remove "
+                              f"stages.N.cascade for this model")
+
+
 def check_inputs(name: str, xrays: torch.Tensor, geometry: dict, prev: torch.Tensor | None = None,
                  views: int | None = None) -> tuple[int, int]:
     """Validate ``xrays [B, V, 1, H, W]`` against ``geometry["angles"] [B, V]``; return ``(B, V)``."""

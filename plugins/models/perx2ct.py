@@ -56,11 +56,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensor
 
-from x2ct_framework.errors import CheckpointError, DataError, check_int
+from x2ct_framework.errors import CheckpointError, check_int
 from x2ct_framework.hookspecs import hookimpl
 
-from .inputs import ModelInputError, check_inputs, maybe_checkpoint
-from .convert import check_state_keys
+from .inputs import ModelInputError, check_two_views, maybe_checkpoint
+from .convert import check_state_keys, read_checkpoint
 
 SLICE_AXES = ("axial", "coronal", "sagittal")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -459,13 +459,7 @@ class PerX2CT(nn.Module):
         return dec[:, 1].reshape(b, s, *dec.shape[-2:])
 
     def forward(self, xrays: torch.Tensor, geometry: dict, prev: torch.Tensor | None = None) -> torch.Tensor:
-        _, v = check_inputs("perx2ct", xrays, geometry, prev)
-        if v != 2:
-            raise ModelInputError(f"perx2ct: PerX2CT takes exactly two views (PA and lateral), got {v}; set "
-                                  f"data.views = [0, 270] or use difnet / vit_cascade for {v} views")
-        if prev is not None:
-            raise ModelInputError("perx2ct: PerX2CT does not take a previous stage's prediction; remove "
-                                  "stages.N.cascade for this model")
+        check_two_views("perx2ct", "PerX2CT", xrays, geometry, prev, "difnet / vit_cascade")
         pa, lat = self.their_views(xrays, geometry)
         cond = self.encoder.network_fn.cond_encoder
         feats = (cond(pa), cond(lat))
@@ -490,15 +484,11 @@ def load_perx2ct_checkpoint(path: str | Path, model: nn.Module | None = None) ->
     accepted too). ``loss.*`` (LPIPS and the discriminator, training only) is dropped; the rest is checked against
     ``model`` when given, naming missing, unexpected and reshaped keys."""
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise DataError(f"{path}: PerX2CT checkpoint not found (model.weights of perx2ct). Download PerX2CT.ckpt from "
-                        f"the pretrained-weights link of dek924/PerX2CT's README (a Google Drive folder) on a machine "
-                        f"that is online and put it at {path.absolute()}, or point model.weights at where it is")
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(f"{path}: could not read the checkpoint ({type(exc).__name__}: {exc}); PerX2CT's "
-                              f"PerX2CT.ckpt is a PyTorch Lightning checkpoint with a 'state_dict'") from exc
+    blob = read_checkpoint(
+        path, f"{path}: PerX2CT checkpoint not found (model.weights of perx2ct). Download PerX2CT.ckpt from the "
+              f"pretrained-weights link of dek924/PerX2CT's README (a Google Drive folder) on a machine that is online "
+              f"and put it at {path.absolute()}, or point model.weights at where it is",
+        "; PerX2CT's PerX2CT.ckpt is a PyTorch Lightning checkpoint with a 'state_dict'")
     state = blob
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):

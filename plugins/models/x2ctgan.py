@@ -49,11 +49,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensor
 
-from x2ct_framework.errors import CheckpointError, DataError, check_int
+from x2ct_framework.errors import CheckpointError, check_int
 from x2ct_framework.hookspecs import hookimpl
 
-from .inputs import check_inputs, ModelInputError
-from .convert import check_state_keys
+from .inputs import ModelInputError, check_two_views
+from .convert import check_state_keys, read_checkpoint
 
 ENCODER_BLOCKS = (6, 12, 24, 16, 6)
 VIEW_DECODER_BLOCKS = (1, 2, 2, 2, 2, 0)
@@ -352,13 +352,7 @@ class X2CTGAN(nn.Module):
 
     # ---- forward ------------------------------------------------------------------------------------------
     def forward(self, xrays: torch.Tensor, geometry: dict, prev: torch.Tensor | None = None) -> torch.Tensor:
-        _, v = check_inputs("x2ctgan", xrays, geometry, prev)
-        if v != 2:
-            raise ModelInputError(f"x2ctgan: X2CT-GAN's generator takes exactly two views (PA and lateral), got {v}; "
-                                  f"set data.views = [0, 270] or use vit_cascade for {v} views")
-        if prev is not None:
-            raise ModelInputError("x2ctgan: X2CT-GAN's generator does not take a previous stage's prediction; "
-                                  "remove stages.N.cascade for this model")
+        check_two_views("x2ctgan", "X2CT-GAN's generator", xrays, geometry, prev, "vit_cascade")
         b1, b2 = self.view1Model, self.view2Model
         links1, z1 = b1.encode(self._prepare(xrays[:, 0], self._view_flips(geometry, 0)))
         links2, z2 = b2.encode(self._prepare(xrays[:, 1], self._view_flips(geometry, 1)))
@@ -394,14 +388,10 @@ def load_x2ctgan_checkpoint(path: str | Path, model: nn.Module | None = None) ->
     ``num_batches_tracked``; those are filled in.
     """
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise DataError(f"{path}: X2CT-GAN generator checkpoint not found (model.weights of x2ctgan). Download the "
-                        f"X2CT-GAN release (kylekma/X2CT, 'trained models') and point model.weights at "
-                        f"save_models/multiView_CTGAN/LIDC256/d2_multiview2500/checkpoint/90/90_net_G.pth")
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(f"{path}: could not read the checkpoint ({type(exc).__name__}: {exc})") from exc
+    blob = read_checkpoint(
+        path, f"{path}: X2CT-GAN generator checkpoint not found (model.weights of x2ctgan). Download the X2CT-GAN "
+              f"release (kylekma/X2CT, 'trained models') and point model.weights at "
+              f"save_models/multiView_CTGAN/LIDC256/d2_multiview2500/checkpoint/90/90_net_G.pth")
     state = blob.get("state_dict", blob) if isinstance(blob, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path}: expected X2CT-GAN's checkpoint dict with a 'state_dict' of tensors "
