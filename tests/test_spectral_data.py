@@ -61,3 +61,38 @@ def test_style_is_drawn_per_epoch_and_item(root, tmp_path):
         create(root=str(root), split_fractions=[1, 0, 0], augment={"style": {"kvpp": [70, 100]}})
     with pytest.raises(RecipeError, match="unknown X-ray preset"):
         create(root=str(root), split_fractions=[1, 0, 0], xray="chest_ap")
+
+
+def test_training_makes_the_style_on_the_batch_with_the_items_own_images(root, tmp_path):
+    """In training (StageData), items carry cached lines and their draw; the batch's X-rays, made on the batch,
+    equal the images the dataset gives item by item (style, image-space augmentations and all)."""
+    from accelerate import Accelerator
+    from torch.utils.data import default_collate
+
+    from x2ct_framework.training.sampling import StageData
+
+    options = dict(root=str(root), split_fractions=[1, 0, 0], cache_dir=str(tmp_path),
+                   augment={"style": {"kvp": [70, 130], "grid": 0.5}, "noise": {"std": 0.01}})
+    direct = create(**options)
+    direct.set_epoch(3)
+    expected = torch.stack([direct[i]["xrays"] for i in range(2)])
+
+    train = create(**options)
+    data = StageData(train, create(**options), batch_size=2, num_workers=0, seed=0)
+    assert train.render_on_batch
+    item = train[0]
+    assert "xrays" not in item and item["xray_lines"].shape[:2] == (2, 5)  # lines of 5 materials, no image yet
+    train.set_epoch(3)
+    batch = default_collate([train[0], train[1]])
+    finished = data.finish(batch)
+    assert "xray_lines" not in finished and "xray_draw" not in finished
+    assert torch.equal(finished["xrays"], expected)
+    # the loader path: every batch of an epoch arrives with X-rays, the same as item by item
+    acc = Accelerator(cpu=True)
+    data.train = acc.prepare(data.train)  # as the trainer does
+    (batch,) = [b for b in data.epoch(acc, 3)]
+    order = data.sampler.__iter__()
+    assert torch.equal(batch["xrays"], torch.stack([direct[i]["xrays"] for i in order]))
+    # a batch without deferred items passes unchanged
+    plain = {"xrays": expected}
+    assert data.finish(plain) is plain

@@ -6,7 +6,10 @@ one torch thread: per-worker figures. ``ratio`` = augmented item / cached item, 
 interleaved (cached, augmented) pairs of accesses, so that a busy machine slows both alike. The image-space
 augmentations (``noise``, ``intensity``) work on the cached X-rays; ``style`` (X-ray style
 randomisation: kVp, dose, scatter, grid, blur, noise, processing drawn per item) makes the X-rays from
-the cached material line integrals (its own cache entry, prepared like the DRRs: no re-render);
+the cached material line integrals (its own cache entry, prepared like the DRRs: no re-render), timed three
+ways: made per item (a dataset read directly), the item as training loads it (lines and the draw: the trainer
+makes the images on the batch's device, ``CTFolderDataset.finish_batch``), and that batch rendering itself
+per item on this CPU (on a GPU it runs on the accelerator, between the loader and the model);
 ``view_jitter`` renders the views again from the cached volume; the torchio volume transforms
 (``ct_noise``, ``blur``, ``flip``, ``affine``, ``elastic``) transform the volume and render the views again.
 
@@ -74,6 +77,21 @@ def run(resolution: int = 128, repeat: int = 5, only: list[str] | None = None) -
             return (statistics.median(a for a, _ in pairs), statistics.median(b for _, b in pairs),
                     statistics.median(b / a for a, b in pairs))
 
+        def per_batch_render(ds, base_ds) -> tuple[float, float]:
+            """(median seconds per item of ``finish_batch`` on a collated batch of 2, median ratio to a cached item's
+            load), interleaved like :func:`per_item`."""
+            from torch.utils.data import default_collate
+
+            def render() -> float:
+                batch = default_collate([ds[0], ds[0]])
+                t0 = time.perf_counter()
+                ds.finish_batch(batch)
+                return (time.perf_counter() - t0) / 2
+
+            render()
+            pairs = [(timed(base_ds), render()) for _ in range(repeat)]
+            return statistics.median(b for _, b in pairs), statistics.median(b / a for a, b in pairs)
+
         plain = dataset()
         plain.prepare_case(0)
         base_times, rows = [], []
@@ -83,13 +101,29 @@ def run(resolution: int = 128, repeat: int = 5, only: list[str] | None = None) -
             ds = dataset({name: opts})
             if name == "style":
                 ds.prepare_case(0)  # the material lines, cached like the DRRs
+                # per item, as a dataset read directly makes them (x2ct validate, check-data, your own loop)
+                base, t, ratio = per_item(ds, plain)
+                base_times.append(base)
+                rows.append({"augmentation": f"{name} {opts}, images made per item", "where": "loader worker",
+                             "re-renders": "no (cached material lines)", "ms per item": 1e3 * t, "ratio": ratio})
+                # in training (StageData): the worker reads the lines and the draw, the batch's device makes the images
+                ds.render_on_batch = True
+                base, t, ratio = per_item(ds, plain)
+                base_times.append(base)
+                rows.append({"augmentation": f"{name} {opts}, in training", "where": "loader worker",
+                             "re-renders": "no (cached material lines)", "ms per item": 1e3 * t, "ratio": ratio})
+                render = per_batch_render(ds, plain)
+                rows.append({"augmentation": f"{name} {opts}, in training: the images made on the batch",
+                             "where": "training process (CPU here; the accelerator there)", "re-renders": "no",
+                             "ms per item": 1e3 * render[0], "ratio": render[1]})
+                continue
             base, t, ratio = per_item(ds, plain)
             base_times.append(base)
-            renders = "no" if name in ("noise", "intensity") else "no (cached material lines)" if name == "style" else (
+            renders = "no" if name in ("noise", "intensity") else (
                 "yes, from the cached volume" if name == "view_jitter" else "yes (volume transform, then render)")
-            rows.append({"augmentation": f"{name} {opts}", "re-renders": renders, "ms per item": 1e3 * t,
-                         "ratio": ratio})
-        rows.insert(0, {"augmentation": "none (cached item)", "re-renders": "no",
+            rows.append({"augmentation": f"{name} {opts}", "where": "loader worker", "re-renders": renders,
+                         "ms per item": 1e3 * t, "ratio": ratio})
+        rows.insert(0, {"augmentation": "none (cached item)", "where": "loader worker", "re-renders": "no",
                         "ms per item": 1e3 * statistics.median(base_times), "ratio": 1.0})
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -217,13 +217,13 @@ class XrayAugment:
 
         draw = torch.rand(2, generator=g, dtype=torch.float64)  # one draw per transform, used or not
         if self.intensity is not None:
-            scale, gamma, shift = (uniform(self.intensity[k], views).float().view(-1, 1, 1, 1)
+            scale, gamma, shift = (uniform(self.intensity[k], views).float().view(-1, 1, 1, 1).to(out.device)
                                    for k in ("scale", "gamma", "shift"))
             if draw[0] < self.intensity["p"]:
                 out = (scale * out.clamp(0, 1).pow(gamma) + shift).clamp(0, 1)
         if self.noise is not None:
             std = float(uniform(self.noise["std"], 1))
-            noise = torch.randn(out.shape, generator=g) * std
+            noise = (torch.randn(out.shape, generator=g) * std).to(out.device)
             if draw[1] < self.noise["p"]:
                 out = (out + noise).clamp(0, 1)
         return out.contiguous()

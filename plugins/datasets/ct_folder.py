@@ -544,6 +544,34 @@ class CTFolderDataset(CaseListDataset):
         self.cache.put("drr", key, {"xrays": xrays.numpy()}, {"views": self.views})
         return xrays
 
+    #: Set by the trainer on its training set: items of a spectral preset or a style then carry the cached
+    #: material line integrals (``xray_lines``) and the item's draw (``xray_draw``: seed, epoch, index) instead of
+    #: ``xrays``, and :meth:`finish_batch` makes the X-rays of the whole batch on the batch's device. A dataset read
+    #: directly (``x2ct validate``, ``check-data``, the contract kit, your own loop) makes them per item, the same
+    #: images.
+    render_on_batch = False
+
+    def _images(self, lines: torch.Tensor, geometry, seed: int, epoch: int, j: int) -> torch.Tensor:
+        """The X-rays of item ``j``: from material line integrals (a preset, or a style drawn from (seed, epoch,
+        j)) or as given, then the image-space augmentations."""
+        xrays = self.xray.images(lines, geometry, seed, epoch, j) if self.xray.uses_lines else lines
+        if self.xray_augment is not None:
+            xrays = self.xray_augment(xrays, seed, epoch, j)
+        return xrays
+
+    def finish_batch(self, batch: dict) -> dict:
+        """``batch`` with its ``xrays`` made from ``xray_lines`` where the items deferred them
+        (:attr:`render_on_batch`), on the batch's device; other batches unchanged. Each item's X-rays are
+        exactly those :meth:`__getitem__` gives without deferral (the same draws, in the same order)."""
+        if "xray_lines" not in batch:
+            return batch
+        lines, draw = batch.pop("xray_lines"), batch.pop("xray_draw").tolist()
+        geometry = batch["geometry"]
+        batch["xrays"] = torch.stack([
+            self._images(lines[b], {k: v[b] for k, v in geometry.items()}, *(int(x) for x in draw[b]))
+            for b in range(lines.shape[0])])
+        return batch
+
     def _geometry(self, j: int):
         if not self.jitter_deg:
             return case_geometry(self.views, self.geometry_option, self.volume_mm), False
@@ -568,13 +596,14 @@ class CTFolderDataset(CaseListDataset):
             xrays = self.xray.lines(ct, geometry, self.hu_window, self.image_size, labels)
         else:
             xrays = render_views(ct, geometry, self.hu_window, self.image_size, self.mu_water, self.beer_lambert)
-        if self.xray.uses_lines:  # material line integrals -> X-rays: the preset, or a style drawn for this item
-            xrays = self.xray.images(xrays, geometry, self.seed, self.epoch, j)
-        if self.xray_augment is not None:
-            xrays = self.xray_augment(xrays, self.seed, self.epoch, j)
-        item = {"xrays": xrays, "geometry": geometry, "ct": ct,
+        item = {"geometry": geometry, "ct": ct,
                 "spacing": torch.full((3,), self.volume_mm / self.stage.resolution), "case_id": case.name,
                 "affine": torch.as_tensor(affine, dtype=torch.float64)}
+        if self.xray.uses_lines and self.render_on_batch:  # the trainer makes the X-rays on the device
+            item["xray_lines"] = xrays
+            item["xray_draw"] = torch.tensor([self.seed, self.epoch, j], dtype=torch.int64)
+        else:
+            item["xrays"] = self._images(xrays, geometry, self.seed, self.epoch, j)
         if labels is not None:
             item["labels"] = labels[None]
         return item

@@ -48,8 +48,16 @@ class StageData:
     """A stage's training and validation loaders; the training order follows (seed, epoch)."""
 
     def __init__(self, train_set: Dataset, val_set: Dataset, *, batch_size: int, num_workers: int, seed: int,
-                 limit: int = 0):
+                 limit: int = 0, render_on_batch: bool = True):
         self.train_set, self.val_set, self.seed = train_set, val_set, seed
+        # A dataset that can leave its X-ray rendering (a spectral preset, style randomisation) to the batch does
+        # so when ``render_on_batch``: the loader workers only read cached line integrals and the batch's device
+        # makes the images (the trainer asks for it on an accelerator, or without loader workers).
+        self.finish = None
+        if render_on_batch and hasattr(train_set, "render_on_batch") and callable(getattr(train_set, "finish_batch",
+                                                                                           None)):
+            train_set.render_on_batch = True
+            self.finish = train_set.finish_batch
         self.sampler = EpochSampler(len(train_set), seed, limit=limit)
         self.worker_generator = torch.Generator()  # reseeded each epoch: worker seeds follow (seed, epoch) too
         self.train = DataLoader(train_set, batch_size=batch_size, sampler=self.sampler, **loader_options(num_workers),
@@ -64,7 +72,8 @@ class StageData:
         if callable(set_epoch):  # augmentation drawn from (seed, epoch, item)
             set_epoch(epoch)
         self.worker_generator.manual_seed(epoch_seed(self.seed, epoch))
-        return acc.skip_first_batches(self.train, skip) if skip else self.train
+        batches = acc.skip_first_batches(self.train, skip) if skip else self.train
+        return batches if self.finish is None else map(self.finish, batches)
 
 
 def rng_state() -> dict[str, Any]:

@@ -409,7 +409,9 @@ class Trainer:
         guard_stored_geometry(train_set)  # stored X-rays must show the CT in the declared geometry
         data = StageData(train_set, build_dataset(recipe, stage, "val"),
                          batch_size=batch_size, num_workers=train["num_workers"], seed=seed,
-                         limit=train["max_steps_per_epoch"] * accum * batch_size * acc.num_processes)
+                         limit=train["max_steps_per_epoch"] * accum * batch_size * acc.num_processes,
+                         # X-ray styles on the accelerator; on a CPU, in the loader workers when there are any
+                         render_on_batch=acc.device.type != "cpu" or not train["num_workers"])
         optimizer = make_optimizer(opts["optimizer"], params, lr, opts["weight_decay"], opts["optimizer_options"],
                                    where("optimizer"))
         ema = EMA(model, train["ema"]["decay"]) if train["ema"]["enabled"] else None
