@@ -6,7 +6,8 @@ Models: ``--preset recipe`` builds both from ``recipes/variants/flow_refiner.tom
 6^3 tokens, dim 64; flow_refiner widths [16, 32, 64], X-rays at 64^2). At each resolution, in the same
 process, on one case (batch 1, eval mode, no gradients, fp32 on CPU, bf16 autocast on CUDA):
 
-- ``regression_s``: the median time of one vit_cascade forward;
+- ``regression_s``: the median time of one vit_cascade forward, the mean of its timings before and after the
+  samples (``regression_drift``: after / before, how much the machine's speed moved meanwhile);
 - for each step count (10, 25, 50): ``sample_s``, the median time of one flow_refiner sample (its sampler,
   Heun: two U-Net calls a step; the X-ray features computed once), and ``ratio = sample_s / regression_s``;
   the refiner runs after the regression in a cascade, so the cost of a refined volume is ``1 + ratio``
@@ -72,9 +73,10 @@ def inputs(image: int, geometry: str, device, resolution: int):
     return xrays, geom, ct
 
 
-def _timed(fn, device, repeat: int) -> float:
+def _timed(fn, device, repeat: int, warm_up: bool = True) -> float:
+    """The median of ``repeat`` timed calls, after one untimed call when ``warm_up``."""
     times = []
-    for _ in range(repeat + 1):  # the first call warms up
+    for _ in range(repeat + int(warm_up)):
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -82,7 +84,7 @@ def _timed(fn, device, repeat: int) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times[1:])
+    return statistics.median(times[int(warm_up):])
 
 
 def _autocast(device):
@@ -136,15 +138,24 @@ def run(quick: bool = False, preset: str = "cpu", resolutions: tuple[int, ...] |
         xrays, geom, _ = inputs(image, geometry, dev, r)
         with torch.no_grad(), _autocast(dev):
             prev = regression(xrays, geom)
-            reg_s = _timed(lambda: regression(xrays, geom), dev, repeat)
-            timed = {n: _timed(lambda: refiner.sample(xrays, geom, prev=prev, steps=n,
-                                                      generator=torch.Generator().manual_seed(0)), dev, repeat)
-                     for n in steps}
+            reg_s = reg_before = _timed(lambda: regression(xrays, geom), dev, repeat)
+            # one warm-up sample of 2 steps (the U-Net's kernels and buffers), then each step count timed; the
+            # regression forward is timed again after them, so a machine whose load drifts shows it
+            refiner.sample(xrays, geom, prev=prev, steps=2, generator=torch.Generator().manual_seed(0))
+            timed = {}
+            for n in steps:
+                timed[n] = _timed(lambda: refiner.sample(xrays, geom, prev=prev, steps=n,
+                                                         generator=torch.Generator().manual_seed(0)), dev, repeat,
+                                  warm_up=False)
+                print(f"[sampling] {r}^3, {n} steps: {timed[n]:.2f} s (regression forward {reg_s:.3f} s)", flush=True)
+            reg_after = _timed(lambda: regression(xrays, geom), dev, repeat, warm_up=False)
+            reg_s = (reg_before + reg_after) / 2
         flow_peak = train_step_peak("refiner", preset, r, device)
         reg_peak = train_step_peak("regression", preset, r, device)
         for n in steps:
             rows.append({"preset": preset, "resolution": r, "device": device, "sampler": refiner.sampler,
-                         "steps": n, "regression_s": reg_s, "sample_s": timed[n], "ratio": timed[n] / reg_s,
+                         "steps": n, "regression_s": reg_s, "regression_drift": reg_after / reg_before,
+                         "sample_s": timed[n], "ratio": timed[n] / reg_s,
                          "train_peak_mb": flow_peak, "stage2_train_peak_mb": reg_peak,
                          "peak_ratio": flow_peak / max(reg_peak, 1e-9),
                          "refiner_params_m": sum(p.numel() for p in refiner.parameters()) / 1e6,
