@@ -125,6 +125,24 @@ def test_converter_loads_a_checkpoint_in_their_format(tmp_path, prefix):
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in source.state_dict().items())
 
 
+def test_converter_command_line(tmp_path, capsys):
+    """``python -m x2ct_plugins.models.deepsparse SRC FOLDER``: the stage follows the file; a bad file is exit 2."""
+    import json
+
+    from x2ct_plugins.models.deepsparse import main
+
+    path = tmp_path / "ep_700.pth"
+    torch.save(DeepSparse(**TINY).state_dict(), path)
+    with pytest.MonkeyPatch.context() as mp:  # the command line builds their full-size network: shrink it
+        import x2ct_plugins.models.deepsparse as module
+
+        mp.setattr(module, "convert_checkpoint", lambda s, f, st, **o: convert_checkpoint(s, f, st, **TINY, **o))
+        assert main([str(path), str(tmp_path / "out")]) == 0
+        assert main([str(tmp_path / "missing.pth"), str(tmp_path / "out2")]) == 2
+    assert json.loads((tmp_path / "out" / "state.json").read_text())["finetune"] is False
+    assert "HajihajihaJimmy/DeepSparse" in capsys.readouterr().err
+
+
 def test_checkpoint_errors(tmp_path):
     with pytest.raises(DataError, match=r"HajihajihaJimmy/DeepSparse.*put the file at /"):
         load_deepsparse_checkpoint(tmp_path / "missing.pth")

@@ -284,8 +284,9 @@ class DeepSparse(nn.Module):
     has, keep the rest fresh, as their stage 2 starts from stage 1), ``freeze_pretrained`` (their ``--freeze_ft``:
     encoder and codebooks not trained, codes not updated), ``vq_weight`` (their ``--vq_w``, 1.0; their scripts: 0.1
     for pretraining and stage 1, 1.0 for stage 2), ``image_size`` (the views' size inside the network; default: as
-    given; theirs: 256), ``eval_points`` (voxels per chunk, their ``eval_npoint`` = 100000), ``checkpoint``
-    (recompute each chunk's point decoding in the backward pass, to save memory), and the CPU-sized variants
+    given; theirs: 256), ``eval_points`` (voxels per chunk, their ``eval_npoint`` = 100000; in training each
+    chunk's batch norm uses that chunk's statistics), ``checkpoint`` (recompute each chunk's point decoding in the
+    backward pass, to save memory; batch-norm running statistics then move twice per step), and the CPU-sized variants
     ``base_channels`` (16), ``channel_growth`` (2), ``levels`` (3), ``feature_channels`` (128), ``decoder_convs`` (2),
     ``mlp_channels`` ([128, 64, 16, 1]), ``codebook_size`` (512), ``grid`` (32).
     """
