@@ -13,7 +13,8 @@ import torch
 
 from x2ct_framework import testing
 from x2ct_framework.errors import CheckpointError, DataError
-from x2ct_plugins.models.deepsparse import DeepSparse, _AddGradient, convert_checkpoint, load_deepsparse_checkpoint
+from x2ct_framework.generative import model_terms
+from x2ct_plugins.models.deepsparse import DeepSparse, convert_checkpoint, load_deepsparse_checkpoint
 from x2ct_plugins.models.inputs import ModelInputError
 
 TINY = dict(resolution=8, base_channels=4, levels=2, feature_channels=8, decoder_convs=1, mlp_channels=[8, 4, 1],
@@ -170,20 +171,25 @@ def test_checkpoint_errors(tmp_path):
 
 
 def test_vq_term_reaches_the_gradient_and_freezing():
-    """The commitment loss enters the backward pass with weight vq_weight (their loss + vq_w * loss_vq)."""
-    x = torch.randn(3, requires_grad=True)
-    y = torch.randn(2, requires_grad=True)
-    _AddGradient.apply(x * 2, (y ** 2).sum(), 0.3).sum().backward()
-    torch.testing.assert_close(y.grad, 0.6 * y.detach())
-    torch.testing.assert_close(x.grad, torch.full((3,), 2.0))
-
+    """The commitment loss is the model's own term (auxiliary_losses: vq_weight x loss_vq, taken once per forward
+    pass), which the trainer adds to the recipe's losses: their loss + vq_w * loss_vq."""
     torch.manual_seed(0)
     xrays, geometry = batch(2)
-    a, b = DeepSparse(**TINY, vq_weight=0.0), DeepSparse(**TINY, vq_weight=1.0)
+    a, b = DeepSparse(**TINY, vq_weight=0.0), DeepSparse(**TINY, vq_weight=0.3)
     b.load_state_dict(a.state_dict())
     for m in (a, b):
-        m(xrays, geometry).sum().backward()
+        (m(xrays, geometry).sum() + sum(model_terms(m).values())).backward()
     assert float(b.last_aux_loss) > 0
+    assert model_terms(b) == {} and model_terms(a) == {}  # taken once; none with vq_weight 0
+    c = DeepSparse(**TINY, vq_weight=0.3)
+    c.load_state_dict(a.state_dict())
+    out = c(xrays, geometry)
+    (term,) = model_terms(c).values()
+    torch.testing.assert_close(term.detach(), 0.3 * c.last_aux_loss)
+    c.eval()
+    c(xrays, geometry)
+    assert model_terms(c) == {}  # no term at evaluation
+    del out
     assert not torch.allclose(a.cb[0].pre_quant.weight.grad, b.cb[0].pre_quant.weight.grad)
     torch.testing.assert_close(a.point_decoder.mlps[0][0].weight.grad, b.point_decoder.mlps[0][0].weight.grad)
 
@@ -253,3 +259,50 @@ def test_their_recipe_validates(tmp_path, capsys):
     args = [a for s in sets for a in ("--set", s)]
     assert main(["validate", "recipes/benchmarks/deepsparse_luna16.toml"] + args) == 0
     assert "model deepsparse" in capsys.readouterr().out
+
+
+def test_the_trainer_adds_and_logs_the_vq_term(tmp_path):
+    """A short training run of a tiny deepsparse: the logged total is MSE + the vq term (train/vq)."""
+    import json
+
+    from x2ct_framework.run import main as run_main
+
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(f"""
+name = "ds"
+seed = 0
+output_dir = "{(tmp_path / 'runs').as_posix()}"
+[data]
+name = "synthetic_phantom"
+views = [0, 90]
+num_train = 2
+num_val = 2
+num_test = 2
+[model]
+name = "deepsparse"
+resolution = 16
+base_channels = 4
+levels = 2
+feature_channels = 8
+decoder_convs = 1
+mlp_channels = [8, 4, 1]
+grid = 4
+codebook_size = 8
+vq_weight = 0.5
+[train]
+batch_size = 2
+progress = false
+log_every = 1
+[[stages]]
+name = "s1"
+resolution = 16
+epochs = 1
+lr = 1e-3
+losses = {{ mse = 1.0 }}
+""")
+    assert run_main([str(recipe), "--set", "eval.metrics=[\"psnr\"]"]) == 0
+    rows = [json.loads(x) for x in (tmp_path / "runs" / "ds" / "s1" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r.get("kind") == "train"]
+    assert train and all("train/vq" in r and r["train/vq"] > 0 for r in train)
+    for r in train:
+        assert r["train/loss"] == pytest.approx(r["train/mse"] + r["train/vq"], rel=1e-5)

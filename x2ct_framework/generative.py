@@ -17,7 +17,11 @@ mean of a few), deterministic for a given case whatever else is in its batch. Ev
 checkpoints, exact resume, export) treats a generative model as any other ``nn.Module``.
 
 The regression path is unchanged: a model without ``training_loss`` is trained on the recipe's losses of
-its ``forward`` output.
+its ``forward`` output, plus, when it defines ``auxiliary_losses() -> {name: scalar}``, the terms its last
+training forward pass produced (weighted as the model means them; a codebook's commitment loss, a
+mixture's balance term): the trainer adds their sum to the total it back-propagates (so gradient
+accumulation, loss scaling and DDP treat them as every other term) and logs each as ``train/<name>``;
+:func:`model_terms` takes them (and clears them) after each forward pass.
 """
 
 from __future__ import annotations
@@ -35,6 +39,19 @@ def is_generative(model: nn.Module) -> bool:
     """Whether ``model`` (or the stage model inside a cascade wrapper) owns its objective and samples."""
     inner = stage_model(model)
     return callable(getattr(inner, "training_loss", None)) and callable(getattr(inner, "sample", None))
+
+
+def model_terms(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The weighted scalar terms ``model`` (or the stage model inside a cascade wrapper) adds to its objective
+    for the forward pass just run (``auxiliary_losses()``; {} when it defines none)."""
+    take = getattr(stage_model(model), "auxiliary_losses", None)
+    terms = take() if callable(take) else None
+    if not terms:
+        return {}
+    if not isinstance(terms, dict) or not all(isinstance(v, torch.Tensor) and v.numel() == 1 for v in terms.values()):
+        raise TypeError(f"{type(stage_model(model)).__name__}.auxiliary_losses() must return a dict of scalar tensors, "
+                        f"got {terms!r}")
+    return terms
 
 
 def stage_model(model: nn.Module) -> nn.Module:

@@ -34,9 +34,9 @@ sampled there with corners aligned, as theirs. The 32^3 grid lies at their array
 as DeepSparse does whichever preset the recipe uses (``c2rv`` is theirs: DSO 800, DSD 1200 mm, 256^2 of 2.4 mm).
 
 Training: their loss adds ``vq_weight`` x (the mean over levels of the quantisers' commitment loss; with
-``finetune``: of the denoisers' L1 to the quantised features) to the task's MSE. Here the model adds that
-term's gradient in the backward pass (the framework's losses see only the volume); it is exact with
-``grad_accum = 1`` and no fp16 loss scaling (the recipe).
+``finetune``: of the denoisers' L1 to the quantised features) to the task's MSE. Here the model hands that
+weighted term to the trainer (``auxiliary_losses()``), which adds it to the recipe's losses before the backward
+pass, so gradient accumulation, loss scaling and DDP treat it as every other term (logged as ``train/vq``).
 
 CPU-sized variants (their weights then no longer load): ``base_channels``, ``channel_growth``, ``levels``,
 ``feature_channels``, ``decoder_convs``, ``mlp_channels``, ``codebook_size``, ``grid``.
@@ -242,20 +242,6 @@ class PointDecoder(nn.Module):
         return y
 
 
-class _AddGradient(torch.autograd.Function):
-    """``out`` unchanged; the backward pass also sends ``weight`` into ``aux`` (a scalar loss): the gradient of
-    ``loss(out) + weight * aux`` without the loss seeing ``aux``."""
-
-    @staticmethod
-    def forward(ctx, out, aux, weight):
-        ctx.weight, ctx.dtype = weight, aux.dtype
-        return out.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, torch.full((), ctx.weight, dtype=ctx.dtype, device=grad.device), None
-
-
 # ---- sampling as theirs (models/utils.py) ----------------------------------------------------------------------
 def index_2d(feat: torch.Tensor, uv: torch.Tensor) -> torch.Tensor:
     """``feat [B, C, H, W]`` at ``uv [B, N, 2]`` (first coordinate along H, corners aligned, zeros outside) ->
@@ -329,6 +315,7 @@ class DeepSparse(nn.Module):
         width = feature_channels + sum(chs)
         self.point_decoder = PointDecoder([width, width // 2, *mlp])
         self.last_aux_loss: torch.Tensor | None = None  # the last training forward's vq / denoising term
+        self._aux_terms: dict[str, torch.Tensor] = {}  # its weighted term, until auxiliary_losses() takes it
         if weights:
             self.load_state_dict(load_deepsparse_checkpoint(weights, self, partial=safely_load), strict=True)
         if freeze_pretrained:
@@ -430,8 +417,14 @@ class DeepSparse(nn.Module):
         if self.training and torch.is_grad_enabled() and isinstance(aux, torch.Tensor):
             self.last_aux_loss = aux.detach()
             if self.vq_weight and aux.requires_grad:
-                volume = _AddGradient.apply(volume, aux, self.vq_weight)
+                self._aux_terms = {"vq": self.vq_weight * aux}
         return volume
+
+    def auxiliary_losses(self) -> dict[str, torch.Tensor]:
+        """``{"vq": vq_weight x loss_vq}`` of the last training forward pass (their ``loss + vq_w * loss_vq``), taken
+        once: the trainer adds it to the recipe's losses (``x2ct_framework.generative.model_terms``)."""
+        terms, self._aux_terms = self._aux_terms, {}
+        return terms
 
 
 def load_deepsparse_checkpoint(path: str | Path, model: nn.Module | None = None,

@@ -136,8 +136,11 @@ def check_model(model: torch.nn.Module, *, resolution: int, views: Sequence[floa
         _expect(out is not None, "skipped: no output")
         if generative:
             _generative_loss(model, xrays_in, geom, target).backward()
-        else:
-            (out.float() - target).abs().mean().backward()
+        else:  # L1, plus the model's own terms (auxiliary_losses) as the trainer adds them
+            from x2ct_framework.generative import model_terms
+
+            extra = model_terms(model)
+            ((out.float() - target).abs().mean() + sum(v.float().reshape(()) for v in extra.values())).backward()
         params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         _expect(params, "the model has no trainable parameters")
         none = [n for n, p in params if p.grad is None]

@@ -44,7 +44,7 @@ from x2ct_framework.config.optim import Schedule, lr_factor, make_optimizer
 from x2ct_framework.datacheck import guard_stored_geometry
 from x2ct_framework.config.recipe import Recipe, check_all
 from x2ct_framework.errors import CheckpointError, RecipeError, X2CTError
-from x2ct_framework.generative import is_generative
+from x2ct_framework.generative import is_generative, model_terms
 from x2ct_framework.plugins import get_plugin_manager
 from x2ct_framework.stage import Stage
 from x2ct_framework.training.cascade import previous_stages
@@ -55,7 +55,7 @@ from x2ct_framework.training.guards import (NonFiniteGuard, Update, check_batch,
                                             check_validation, last_good)
 from x2ct_framework.training.interrupt import StopRequest
 from x2ct_framework.training.logbook import Logbook
-from x2ct_framework.training.objective import Objective
+from x2ct_framework.training.objective import Loss, Objective
 from x2ct_framework.training.precision import apply_launcher_precision
 from x2ct_framework.training.resume_schedule import check_schedule
 from x2ct_framework.training.recipe_diff import keep_current_settings, optimizer_settings
@@ -308,6 +308,10 @@ class Trainer:
             else:
                 pred = self.predict(st, st.model, batch)
                 loss = st.objective(pred, batch, epoch=st.epoch)
+                extra = model_terms(acc.unwrap_model(st.model))  # the model's own terms (auxiliary_losses)
+                if extra:
+                    loss = Loss(loss.total + sum(v.to(loss.total.dtype).reshape(()) for v in extra.values()),
+                                {**loss.terms, **{k: v.detach().reshape(()) for k, v in extra.items()}})
             if st.guard.loss_ok(loss.total):  # every process agrees, so all skip a bad update together
                 acc.backward(loss.total)
                 st.objective.record(*loss)
