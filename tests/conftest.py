@@ -87,6 +87,22 @@ def tiny_recipe(tmp_path) -> Path:
     return path
 
 
+def write_phantom_cts(root: Path, count: int = 10, voxel_mm: float = 8.5, size: int = 24, seed: int = 600) -> Path:
+    """``count`` chest phantoms as ``root/caseNN/ct.nii.gz`` (a ``ct_folder`` tree) of ``voxel_mm`` voxels."""
+    import nibabel as nib
+    import numpy as np
+
+    from x2ct_framework.phantom import chest_phantom
+
+    for i in range(count):
+        hu, _ = chest_phantom(size, seed=seed + i)
+        (root / f"case{i:02d}").mkdir(parents=True)
+        data = hu.permute(2, 1, 0).numpy().astype(np.int16)
+        affine = np.diag([-voxel_mm, -voxel_mm, -voxel_mm, 1.0])
+        nib.save(nib.Nifti1Image(data, affine), str(root / f"case{i:02d}" / "ct.nii.gz"))
+    return root
+
+
 def run_env(**extra: str) -> dict:
     env = dict(os.environ)
     env.update({"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **extra})

@@ -240,18 +240,11 @@ def test_bad_inputs_and_options():
 @pytest.mark.slow
 def test_their_recipe_validates(tmp_path, capsys):
     """recipes/benchmarks/deepsparse_luna16.toml on CT folders: x2ct validate passes (CPU size)."""
-    import nibabel as nib
-    import numpy as np
-
     from x2ct_framework.cli import main
-    from x2ct_framework.phantom import chest_phantom
 
-    for i in range(10):
-        hu, _ = chest_phantom(24, seed=600 + i)
-        (tmp_path / "cts" / f"case{i:02d}").mkdir(parents=True)
-        data = hu.permute(2, 1, 0).numpy().astype(np.int16)
-        path = tmp_path / "cts" / f"case{i:02d}" / "ct.nii.gz"
-        nib.save(nib.Nifti1Image(data, np.diag([-17.0, -17.0, -17.0, 1.0])), str(path))
+    from conftest import write_phantom_cts
+
+    write_phantom_cts(tmp_path / "cts", voxel_mm=17.0)
     sets = [f"data.root={(tmp_path / 'cts').as_posix()}", f'output_dir="{(tmp_path / "runs").as_posix()}"',
             "stages.1.resolution=12", "data.image_size=32", "model.base_channels=4", "model.levels=2",
             "model.feature_channels=8", "model.decoder_convs=1", "model.mlp_channels=[8,4,1]",
