@@ -71,3 +71,22 @@ def read_checkpoint(path, not_found: str, unreadable: str = ""):
     except Exception as exc:
         raise CheckpointError(f"{path}: could not read the checkpoint ({type(exc).__name__}: {exc})"
                               f"{unreadable}") from exc
+
+
+def unwrap_state(blob, path, expected: str, wrappers: tuple[str, ...] = ("state_dict", "model"),
+                 allow_empty: bool = False) -> dict:
+    """The state dict inside a published checkpoint ``blob`` read from ``path``: under any of ``wrappers`` (a
+    training script's ``{'state_dict': ...}`` or ``{'model': ...}``), DataParallel's ``module.`` prefix removed;
+    ``CheckpointError`` ("``path``: expected ``expected``, got ...") when it is not a dict of tensors."""
+    import torch
+
+    from x2ct_framework.errors import CheckpointError
+
+    state = blob
+    for key in wrappers:
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if (not isinstance(state, dict) or not (state or allow_empty)
+            or not all(isinstance(v, torch.Tensor) for v in state.values())):
+        raise CheckpointError(f"{path}: expected {expected}, got {type(blob).__name__}")
+    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}

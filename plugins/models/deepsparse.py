@@ -56,7 +56,7 @@ from x2ct_framework.hookspecs import hookimpl
 from x2ct_framework.physics import project_points
 from x2ct_framework.physics.geometry import batched
 
-from .convert import check_state_keys, read_checkpoint
+from .convert import check_state_keys, read_checkpoint, unwrap_state
 from .inputs import ModelInputError, check_inputs, maybe_checkpoint
 from .lifting import voxel_centres
 
@@ -440,14 +440,8 @@ def load_deepsparse_checkpoint(path: str | Path, model: nn.Module | None = None,
               f"{HF_REPO} --local-dir ./logs`): pretrain/ep_700.pth (pretrained, finetune = false) or "
               f"<dataset>+<n>v+s2/ep_400.pth (fine-tuned stage 2, finetune = true; e.g. luna+10v+s2/ep_400.pth); "
               f"put the file at {path.resolve()} or point model.weights at it")
-    state = blob
-    for key in ("state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{path}: expected DeepSparse's state dict (tensors keyed encoder.*, cb.*, decoders.*, "
-                              f"point_decoder.*), got {type(blob).__name__}")
-    state = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
+    state = unwrap_state(blob, path, "DeepSparse's state dict (tensors keyed encoder.*, cb.*, decoders.*, "
+                                     "point_decoder.*)")
     if model is None:
         return state
     own = model.state_dict()

@@ -40,14 +40,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from x2ct_framework.errors import CheckpointError
 from x2ct_framework.hookspecs import hookimpl
 from x2ct_framework.physics import project_points
 from x2ct_framework.physics.geometry import batched
 
 from .inputs import ModelInputError, check_inputs
 from .lifting import voxel_centres
-from .convert import check_state_keys, read_checkpoint
+from .convert import check_state_keys, read_checkpoint, unwrap_state
 
 COMBINES = ("max", "mlp")
 
@@ -270,14 +269,7 @@ def load_difnet_checkpoint(path: str | Path, model: nn.Module | None = None) -> 
         path, f"{path}: DIF-Net checkpoint not found (model.weights of difnet). Train DIF-Net with its "
               f"scripts/train.sh (xmed-lab/DIF-Net) or use a released one, and point model.weights at "
               f"logs/<name>/ep_<N>.pth")
-    state = blob
-    for key in ("state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{path}: expected DIF-Net's state dict (tensors keyed image_encoder.*, "
-                              f"point_classifier.*), got {type(blob).__name__}")
-    state = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
+    state = unwrap_state(blob, path, "DIF-Net's state dict (tensors keyed image_encoder.*, point_classifier.*)")
     if model is None:
         return state
     own = model.state_dict()

@@ -60,7 +60,7 @@ from x2ct_framework.errors import CheckpointError, check_int
 from x2ct_framework.hookspecs import hookimpl
 
 from .inputs import ModelInputError, check_two_views, maybe_checkpoint
-from .convert import check_state_keys, read_checkpoint
+from .convert import check_state_keys, read_checkpoint, unwrap_state
 
 SLICE_AXES = ("axial", "coronal", "sagittal")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -489,14 +489,7 @@ def load_perx2ct_checkpoint(path: str | Path, model: nn.Module | None = None) ->
               f"pretrained-weights link of dek924/PerX2CT's README (a Google Drive folder) on a machine that is online "
               f"and put it at {path.absolute()}, or point model.weights at where it is",
         "; PerX2CT's PerX2CT.ckpt is a PyTorch Lightning checkpoint with a 'state_dict'")
-    state = blob
-    for key in ("state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{path}: expected PerX2CT's state dict (tensors keyed encoder.*, decoder.*), got "
-                              f"{type(blob).__name__}")
-    state = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
+    state = unwrap_state(blob, path, "PerX2CT's state dict (tensors keyed encoder.*, decoder.*)")
     state = {k: v for k, v in state.items() if not k.startswith("loss.")}
     if model is None:
         return state

@@ -49,11 +49,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensor
 
-from x2ct_framework.errors import CheckpointError, check_int
+from x2ct_framework.errors import check_int
 from x2ct_framework.hookspecs import hookimpl
 
 from .inputs import ModelInputError, check_two_views
-from .convert import check_state_keys, read_checkpoint
+from .convert import check_state_keys, read_checkpoint, unwrap_state
 
 ENCODER_BLOCKS = (6, 12, 24, 16, 6)
 VIEW_DECODER_BLOCKS = (1, 2, 2, 2, 2, 0)
@@ -392,11 +392,8 @@ def load_x2ctgan_checkpoint(path: str | Path, model: nn.Module | None = None) ->
         path, f"{path}: X2CT-GAN generator checkpoint not found (model.weights of x2ctgan). Download the X2CT-GAN "
               f"release (kylekma/X2CT, 'trained models') and point model.weights at "
               f"save_models/multiView_CTGAN/LIDC256/d2_multiview2500/checkpoint/90/90_net_G.pth")
-    state = blob.get("state_dict", blob) if isinstance(blob, dict) else None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{path}: expected X2CT-GAN's checkpoint dict with a 'state_dict' of tensors "
-                              f"(or a bare state dict), got {type(blob).__name__}")
-    state = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
+    state = unwrap_state(blob, path, "X2CT-GAN's checkpoint dict with a 'state_dict' of tensors (or a bare state "
+                         "dict)", wrappers=("state_dict",), allow_empty=True)
     if model is None:
         return state
     own = model.state_dict()
