@@ -102,6 +102,48 @@ def test_options_are_checked():
         FlowRefiner(resolution=16, widths=[])
 
 
+
+def test_auto_residual_scale_is_the_first_batchs_rms_and_travels_with_the_weights():
+    """residual_scale = "auto": the root mean square of ct - base over the first training batch, measured once,
+    kept in the state dict (and so in an EMA, a checkpoint, an export); a number is used as it is."""
+    from x2ct_framework.training.state import EMA
+
+    m = tiny_flow()
+    m.train()
+    ema = EMA(m, decay=0.9)
+    batch = make_batch(2, resolution=16)
+    prev = torch.rand(2, 1, 16, 16, 16, generator=torch.Generator().manual_seed(1))
+    ct = batch["ct"]
+    m.training_loss(batch["xrays"], batch["geometry"], ct, prev)
+    rms = float(torch.sqrt(((ct.double() - prev.double()) ** 2).mean()))
+    assert m.residual_scale == pytest.approx(rms, rel=1e-6)
+    m.training_loss(batch["xrays"], batch["geometry"], ct * 0.5, prev)  # measured once only
+    assert m.residual_scale == pytest.approx(rms, rel=1e-6)
+    for _ in range(2):
+        ema.update(m)
+    assert float(ema.module.residual_scale_value) == pytest.approx(rms, rel=1e-6)
+
+    fresh = tiny_flow()
+    fresh.load_state_dict(m.state_dict())
+    fresh.eval()
+    assert fresh.residual_scale == pytest.approx(rms, rel=1e-6)
+    fresh.train()
+    fresh.training_loss(batch["xrays"], batch["geometry"], ct * 0.5, prev)  # a resumed run does not re-measure
+    assert fresh.residual_scale == pytest.approx(rms, rel=1e-6)
+
+    warm = tiny_flow()  # a warm start of the other weights (strict=False): the scale is still measured
+    warm.load_state_dict({k: v for k, v in m.state_dict().items() if not k.startswith("residual_scale")},
+                         strict=False)
+    warm.train()
+    warm.training_loss(batch["xrays"], batch["geometry"], ct, prev)
+    assert warm.residual_scale == pytest.approx(rms, rel=1e-6)
+    fixed = tiny_flow(residual_scale=0.05)
+    fixed.train()
+    fixed.training_loss(batch["xrays"], batch["geometry"], ct, prev)
+    assert fixed.residual_scale == pytest.approx(0.05)
+    with pytest.raises(ValueError, match="auto"):
+        tiny_flow(residual_scale="measure")
+
 RECIPE_TAIL = """
 [train]
 batch_size = 2

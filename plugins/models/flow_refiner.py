@@ -163,8 +163,14 @@ class FlowRefiner(nn.Module):
             angle_frequencies, visibility: the shared 2D encoder and pixel-aligned sampling, as ``vit_cascade``
             (``xray_size`` default 0: the dataset's size; ``full_resolution`` default 0: no stride-1 level).
         coarse_weight: weight of the coarse head's L1 in the objective (the base when there is no ``prev``).
-        residual_scale: the residual ``ct - base`` is divided by this before the flow (unit-scale targets;
-            CT values are in [0, 1], residuals over a cascade's prediction are of order 0.1).
+        residual_scale: the residual ``ct - base`` is divided by this before the flow, so the flow's target
+            ``x1`` has the noise's scale. "auto" (default): the root mean square of the residual over the first
+            training batch (all processes together), kept in the weights (buffer ``residual_scale_value``);
+            a number: that scale. With a scale far above the residual's, ``x1`` is small against the noise,
+            the detail appears only in the last few percent of the flow time, which training rarely draws
+            and the sampler crosses in a step or two: samples come out as the mean plus noise. Without a
+            cascade the first batch's base is the untrained coarse head, so "auto" then measures the whole
+            CT's spread (an overestimate): set a number there.
         time_sampling: "logit_normal" (default; ``t = sigmoid(n)``, ``n ~ N(0, 1)``, more weight mid-way, as
             SD3) or "uniform".
         steps: sampler steps (``sample(steps=None)`` and ``forward``); sampler: "heun" (default) or "euler".
@@ -184,7 +190,8 @@ class FlowRefiner(nn.Module):
                  feature_channels: int = 16, encoder: str = "resnet18", pretrained: bool = False,
                  pretrained_file: str = "", encoder_kwargs: dict | None = None, norm: str = "group",
                  xray_size: int = 0, full_resolution: int = 0, angle_frequencies: int = 4, visibility: bool = True,
-                 coarse_weight: float = 1.0, residual_scale: float = 0.2, time_sampling: str = "logit_normal",
+                 coarse_weight: float = 1.0, residual_scale: float | str = "auto",
+                 time_sampling: str = "logit_normal",
                  steps: int = 25, sampler: str = "heun", forward_samples: int = 1, sample_seed: int = 0,
                  cond_drop: float = 0.0, guidance: float = 1.0, estimate_losses: bool = False,
                  gradient_checkpointing: bool = False):
@@ -207,8 +214,10 @@ class FlowRefiner(nn.Module):
                              f"got {time_sampling!r}")
         if norm not in NORMS:
             raise ValueError(f"norm must be one of {', '.join(repr(n) for n in NORMS)}, got {norm!r}")
-        if not residual_scale > 0:
-            raise ValueError(f"residual_scale must be positive, got {residual_scale!r}")
+        auto = residual_scale == "auto"
+        if not auto and (isinstance(residual_scale, (bool, str)) or not residual_scale > 0):
+            raise ValueError(f"residual_scale must be a positive number or \"auto\" (measured on the first "
+                             f"training batch), got {residual_scale!r}")
         if not 0.0 <= cond_drop < 1.0:
             raise ValueError(f"cond_drop must be in [0, 1), got {cond_drop!r}")
         if not coarse_weight >= 0:
@@ -218,7 +227,11 @@ class FlowRefiner(nn.Module):
                              f"guidance); set model.cond_drop (e.g. 0.1) or guidance = 1.0")
         self.resolution, self.steps, self.sampler = resolution, steps, sampler
         self.forward_samples, self.sample_seed = forward_samples, sample_seed
-        self.residual_scale, self.time_sampling = float(residual_scale), time_sampling
+        self.time_sampling, self.auto_scale = time_sampling, auto
+        # the scale travels with the weights (checkpoints, EMA, exports); "auto" holds 1.0 until measured
+        self.register_buffer("residual_scale_value", torch.tensor(1.0 if auto else float(residual_scale)))
+        self.register_buffer("residual_scale_measured", torch.tensor(0.0 if auto else 1.0))
+        self._scale_checked = False
         self.coarse_weight, self.cond_drop, self.guidance = float(coarse_weight), float(cond_drop), float(guidance)
         self.estimate_losses, self.gradient_checkpointing = bool(estimate_losses), bool(gradient_checkpointing)
         self.visibility = bool(visibility)
@@ -234,6 +247,21 @@ class FlowRefiner(nn.Module):
                                     nn.Conv3d(f, 1, 1))
         self.time = TimeEmbedding(emb_dim)
         self.unet = UNet3d(2 + f, widths, emb_dim, self.gradient_checkpointing)
+
+    @property
+    def residual_scale(self) -> float:
+        return float(self.residual_scale_value)
+
+    @torch.no_grad()
+    def _measure_scale(self, residual: torch.Tensor) -> None:
+        """Set the scale to the residual's root mean square (averaged over processes), once."""
+        ms = residual.detach().double().pow(2).mean()
+        if torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and torch.distributed.get_world_size() > 1:
+            torch.distributed.all_reduce(ms)
+            ms = ms / torch.distributed.get_world_size()
+        self.residual_scale_value.fill_(max(float(ms.sqrt()), 1e-4))
+        self.residual_scale_measured.fill_(1.0)
 
     # ---- conditioning --------------------------------------------------------------------------------
     def aligned_info(self, xrays: torch.Tensor) -> Aligned:
@@ -284,7 +312,11 @@ class FlowRefiner(nn.Module):
         cond = self.condition(xrays, geometry, prev)
         target = resize3d(ct.float(), self.resolution)
         b = target.shape[0]
-        x1 = (target - cond.base) / self.residual_scale
+        if self.training and self.auto_scale and not self._scale_checked:
+            if not bool(self.residual_scale_measured):  # once per process: no device sync per step
+                self._measure_scale(target - cond.base)
+            self._scale_checked = True
+        x1 = (target - cond.base) / self.residual_scale_value
         x0 = torch.randn_like(x1)
         t = self.sample_times(b, x1.device)
         tt = t[:, None, None, None, None]
@@ -296,7 +328,7 @@ class FlowRefiner(nn.Module):
         loss = flow + self.coarse_weight * coarse
         terms: dict[str, torch.Tensor] = {"flow": flow.detach(), "coarse": coarse.detach()}
         if self.estimate_losses:
-            terms[ESTIMATE] = cond.base + self.residual_scale * (xt + (1 - tt) * v)
+            terms[ESTIMATE] = cond.base + self.residual_scale_value * (xt + (1 - tt) * v)
         return loss, terms
 
     def sample(self, xrays: torch.Tensor, geometry: dict, prev: torch.Tensor | None = None, steps: int | None = None,
@@ -322,7 +354,7 @@ class FlowRefiner(nn.Module):
                 x_euler = x + dt * v
                 v = (v + self.guided_velocity(x_euler, t1.expand(b), cond)) / 2
             x = x + dt * v
-        return cond.base + self.residual_scale * x
+        return cond.base + self.residual_scale_value * x
 
     def forward(self, xrays: torch.Tensor, geometry: dict, prev: torch.Tensor | None = None) -> torch.Tensor:
         """One sample per case, its noise seeded by the case (``sample_seed``); with ``forward_samples = n > 1``,
