@@ -331,6 +331,33 @@ def test_evaluate_scores_the_mean_and_one_sample_and_records_diversity(tmp_path)
     assert "## Samples (3 per case)" in (tmp_path / "ev/summary.md").read_text()
 
 
+def test_set_level_metrics_score_the_means_and_the_single_samples_apart(tmp_path):
+    """fid3d over the split is computed on the means alone, and under one_sample: on the first samples alone:
+    the same numbers as scoring either as a plain predictor (before, one accumulator held both)."""
+    from x2ct_framework.evaluation.evaluate import ONE_SAMPLE, evaluate, infer_samples
+    from x2ct_framework.loading import load_model
+    from x2ct_framework.runs import resolve_target
+
+    run = make_run(tmp_path, name="flow", model=FLOW, num_test=3)
+    target = resolve_target(run)
+    kw = dict(n_boot=20, worst=0, progress=False, lpips="off")
+    ev = evaluate(target, "test", ["default"], samples=3, **kw)
+    flow = load_model(target, torch.device("cpu"))
+
+    class Fixed(torch.nn.Module):  # a plain predictor: the mean, or the first sample, of the same 3 samples
+        def __init__(self, which):
+            super().__init__()
+            self.flow, self.which = flow, which
+
+        def forward(self, xrays, geometry):
+            return infer_samples(self.flow, {"xrays": xrays, "geometry": geometry}, 3)[self.which]
+
+    for which, key in (("mean", "default/fid3d"), ("sample", f"{ONE_SAMPLE}default/fid3d")):
+        alone = evaluate(target, "test", ["default"], model=Fixed(which), **kw)
+        assert ev.summary[key]["mean"] == pytest.approx(alone.summary["default/fid3d"]["mean"], rel=1e-6), which
+    assert ev.summary["default/fid3d"]["mean"] != ev.summary[f"{ONE_SAMPLE}default/fid3d"]["mean"]
+
+
 def test_report_gallery_draws_regression_sample_mean_and_std(tmp_path):
     from x2ct_framework.evaluation.report import plot_samples
 

@@ -228,6 +228,13 @@ def evaluate(target: Target, split: str = "test", protocols: list[str] = ("defau
             batch_size=bs, progress=progress))
     model = load_model(target, dev) if model is None else model.to(dev).eval()
     n_samples = sample_count(model, samples)
+    # one sample is scored by protocols of its own: their set-level metrics (fid3d, kid3d) then hold one sample
+    # per case, not the samples mixed with the means
+    sample_protos = [build_protocol(p.name, hu_window, where="--protocol", context=offered,
+                                    **recipe["eval"].get("protocol_options", {}).get(p.name, {}))
+                     for p in protos] if n_samples else []
+    for proto in sample_protos:
+        proto.reset()
     case_ids: list[str] = []
     chunks: dict[str, list[torch.Tensor]] = {}
     kept: dict[int, dict[str, Any]] = {}
@@ -256,9 +263,9 @@ def evaluate(target: Target, split: str = "test", protocols: list[str] = ("defau
         for proto in protos:
             for key, v in proto(pred, target_ct, batch).items():
                 chunks.setdefault(key, []).append(v)
-            if drawn:
-                for key, v in proto(drawn["sample"], target_ct, batch).items():
-                    chunks.setdefault(f"{ONE_SAMPLE}{key}", []).append(v)
+        for proto in sample_protos if drawn else ():
+            for key, v in proto(drawn["sample"], target_ct, batch).items():
+                chunks.setdefault(f"{ONE_SAMPLE}{key}", []).append(v)
         if drawn:
             lo, hi = hu_window
             chunks.setdefault(DIVERSITY, []).append((drawn["std"].flatten(1).mean(1) * (hi - lo)).cpu())
@@ -283,10 +290,11 @@ def evaluate(target: Target, split: str = "test", protocols: list[str] = ("defau
     values = {k: torch.cat(v).numpy() for k, v in chunks.items()}
     values.update(finish_evaluators(runs, len(case_ids)))
     summary = {k: aggregate(v, n_boot, seed=recipe["seed"]) for k, v in values.items()}
-    for proto in protos:  # set-level metrics (fid3d, kid3d): one value for the split, no interval
-        for key, v in proto.set_results().items():
-            nan = float("nan")
-            summary[key] = {"mean": v, "std": nan, "ci_low": nan, "ci_high": nan, "n": len(case_ids)}
+    nan = float("nan")
+    for prefix, group in (("", protos), (ONE_SAMPLE, sample_protos)):  # set-level metrics (fid3d, kid3d): one
+        for proto in group:                                             # value for the split, no interval
+            for key, v in proto.set_results().items():
+                summary[prefix + key] = {"mean": v, "std": nan, "ci_low": nan, "ci_high": nan, "n": len(case_ids)}
     info = {"recipe": str(recipe.path), "name": recipe.name, "stage": stage.name, "resolution": stage.resolution,
             "checkpoint": str(target.checkpoint), "split": split, "cases": len(case_ids), "hu_window": list(hu_window),
             "device": str(dev), "bootstrap": n_boot, "samples": n_samples,
