@@ -186,15 +186,20 @@ def evaluate(target: Target, split: str = "test", protocols: list[str] = ("defau
     dev = device if isinstance(device, torch.device) else pick_device(device)
     recipe, stage = target.recipe, target.stage
     hu_window = hu_window_of(recipe, stage)
-    protos = []
     # Offered to every protocol factory that declares them (the default protocol takes lpips).
     offered = {"lpips": {"auto": "auto", "on": True, "off": False}[lpips], "resolution": stage.resolution,
                "seed": recipe["seed"]}
-    for name in dict.fromkeys(protocols):
-        options = recipe["eval"].get("protocol_options", {}).get(name, {})
-        where = recipe.where("eval", "protocol_options", name) if options else "--protocol"
-        protos.append(build_protocol(name, hu_window, where=where, context=offered, **options))
-        protos[-1].reset()
+
+    def build_protocols() -> list[Protocol]:
+        built = []
+        for name in dict.fromkeys(protocols):
+            options = recipe["eval"].get("protocol_options", {}).get(name, {})
+            where = recipe.where("eval", "protocol_options", name) if options else "--protocol"
+            built.append(build_protocol(name, hu_window, where=where, context=offered, **options))
+            built[-1].reset()
+        return built
+
+    protos = build_protocols()
     rank_proto, rank_metric = ranking(protos)
     rank_key, rank_higher = rank_proto.key(rank_metric), rank_proto.higher_is_better(rank_metric)
     dataset = build_dataset(recipe, stage, split)
@@ -230,11 +235,7 @@ def evaluate(target: Target, split: str = "test", protocols: list[str] = ("defau
     n_samples = sample_count(model, samples)
     # one sample is scored by protocols of its own: their set-level metrics (fid3d, kid3d) then hold one sample
     # per case, not the samples mixed with the means
-    sample_protos = [build_protocol(p.name, hu_window, where="--protocol", context=offered,
-                                    **recipe["eval"].get("protocol_options", {}).get(p.name, {}))
-                     for p in protos] if n_samples else []
-    for proto in sample_protos:
-        proto.reset()
+    sample_protos = build_protocols() if n_samples else []
     case_ids: list[str] = []
     chunks: dict[str, list[torch.Tensor]] = {}
     kept: dict[int, dict[str, Any]] = {}
