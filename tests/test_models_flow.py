@@ -102,7 +102,6 @@ def test_options_are_checked():
         FlowRefiner(resolution=16, widths=[])
 
 
-
 def test_auto_residual_scale_is_the_first_batchs_rms_and_travels_with_the_weights():
     """residual_scale = "auto": the root mean square of ct - base over the first training batch, measured once,
     kept in the state dict (and so in an EMA, a checkpoint, an export); a number is used as it is."""
@@ -143,6 +142,7 @@ def test_auto_residual_scale_is_the_first_batchs_rms_and_travels_with_the_weight
     assert fixed.residual_scale == pytest.approx(0.05)
     with pytest.raises(ValueError, match="auto"):
         tiny_flow(residual_scale="measure")
+
 
 RECIPE_TAIL = """
 [train]
