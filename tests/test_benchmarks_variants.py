@@ -153,6 +153,34 @@ def test_budget_overrides_win_and_hash_follows_definition(tmp_path):
         V.check_budget(V.cell_recipe(more, more.cell("grad"), 0, out, 8), 4)
 
 
+
+def test_stage_budget_scale_trains_the_named_stage_longer_and_only_it(tmp_path):
+    two_stages = BASE + """
+[[stages]]
+name = "stage3"
+resolution = 16
+epochs = 50
+cascade = true
+losses = { l1 = 1.0 }
+"""
+    longer = MATRIX.replace('note = "adds', 'stage_budget_scale = { stage3 = 3 }\nnote = "adds')
+    m = V.load_matrix(write(tmp_path, longer, two_stages))
+    out = tmp_path / "out"
+    plain, grad = (V.cell_recipe(m, m.cell(c), 0, out, 2) for c in ("plain", "grad"))
+    assert [st["epochs"] for st in plain["stages"]] == [2, 2]
+    assert [st["epochs"] for st in grad["stages"]] == [2, 6]  # stage 2 as every cell's, stage 3 three times
+    assert grad["train"]["max_steps_per_epoch"] == plain["train"]["max_steps_per_epoch"] == 1
+    from benchmarks.variants.tables import budget_text
+    assert "grad: stage3 x 3" in budget_text(m)
+    with pytest.raises(RecipeError, match="stage_budget_scale names stage9, not a trained stage"):
+        bad = V.load_matrix(write(tmp_path, longer.replace("stage3 = 3", "stage9 = 3"), two_stages))
+        V.cell_recipe(bad, bad.cell("grad"), 0, out, 2)
+    with pytest.raises(RecipeError, match=r"stage_budget_scale -> stage3: budget.epochs \(2\) x budget_scale "
+                                          r"\(1.0\) x 0.25 = 0.5 must be a whole number"):
+        V.load_matrix(write(tmp_path, longer.replace("stage3 = 3", "stage3 = 0.25"), two_stages))
+    with pytest.raises(RecipeError, match="expected a table of stage name = positive number"):
+        V.load_matrix(write(tmp_path, longer.replace("{ stage3 = 3 }", "3"), two_stages))
+
 # ---- a two-cell matrix, end to end ---------------------------------------------------------------
 @pytest.mark.slow
 def test_two_cell_matrix_tables_and_resume(tmp_path):

@@ -23,6 +23,7 @@ A matrix is a TOML file (see ``benchmarks/README.md``)::
     question = "the seed's stage 2"
     set = []
     budget_scale = 1.0
+    # stage_budget_scale = { refiner = 2 }   # optional: that stage (by name) trains 2x the cell's epochs
 
 Resuming: each finished (cell, seed) writes ``results/<cell>/seed<N>.json`` atomically, tagged with
 a hash of everything that determines it (the resolved recipe, the budget, the evaluation). A rerun

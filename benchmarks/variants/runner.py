@@ -40,9 +40,11 @@ def cell_recipe(matrix: Matrix, cell: Cell, seed: int, out: Path, steps: int, ex
     """The resolved recipe of one (cell, seed): base (or the cell's recipe) + matrix set + cell set + --set + budget.
 
     The budget's overrides come last so no cell can escape it: every trained stage gets
-    ``budget.epochs x budget_scale`` epochs of ``steps / budget.epochs`` optimizer steps each.
+    ``budget.epochs x budget_scale`` epochs of ``steps / budget.epochs`` optimizer steps each, times the
+    cell's ``stage_budget_scale`` factor for that stage's name (1 for the stages it does not name).
     """
     from x2ct_framework.config.recipe import load_recipe
+    from x2ct_framework.errors import RecipeError
 
     overrides = [*matrix.set, *cell.set, *extra]
     base = cell.recipe or matrix.base
@@ -56,8 +58,15 @@ def cell_recipe(matrix: Matrix, cell: Cell, seed: int, out: Path, steps: int, ex
     data_seed = matrix.data_seed(seed)
     if data_seed is not None:
         fixed.append(f"{matrix.data_seed_key}={data_seed}")
-    for i in trained_stages(first):
-        fixed += [f"stages.{i + 1}.epochs={epochs}", f"stages.{i + 1}.checkpoint_every=0"]
+    trained = trained_stages(first)
+    names = [first["stages"][i]["name"] for i in trained]
+    unknown = sorted(set(cell.stage_budget_scale) - set(names))
+    if unknown:
+        raise RecipeError([f"{matrix.path}: cell {cell.name!r}: stage_budget_scale names {', '.join(unknown)}, "
+                           f"not a trained stage of {base} (trained stages: {', '.join(names) or 'none'})"])
+    for i, name in zip(trained, names):
+        own = round(matrix.budget["epochs"] * cell.budget_scale * cell.stage_budget_scale.get(name, 1.0))
+        fixed += [f"stages.{i + 1}.epochs={own}", f"stages.{i + 1}.checkpoint_every=0"]
     return load_recipe(base, [*overrides, *fixed])
 
 

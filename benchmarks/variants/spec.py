@@ -34,12 +34,20 @@ def _data_seeds(v: list) -> str | None:
     return None if len(set(v)) == len(v) else "expected distinct integers"
 
 
+def _stage_scales(v: Any) -> str | None:
+    ok = isinstance(v, dict) and all(isinstance(k, str) and _number(f) and f > 0 for k, f in v.items())
+    return None if ok else "expected a table of stage name = positive number, e.g. { refiner = 2 }"
+
+
 CELL = Table({
     "name": Value("str", REQUIRED, "cell name (letters, digits, _ - .)", check=_name),
     "question": Value("str", "", "what the cell asks, shown in the tables"),
     "recipe": Value("str", "", "the cell's own base recipe (relative to the matrix file); default: base"),
     "set": Value("list[str]", [], "--set style overrides of this cell (\"key=value\")"),
     "budget_scale": Value("number", 1.0, "the cell trains budget_scale x the budget's epochs", check=positive),
+    "stage_budget_scale": Value("any", {}, "per-stage factors on budget_scale, by stage name (e.g. { refiner = 2 }): "
+                                "that stage trains budget.epochs x budget_scale x factor epochs, the others "
+                                "budget.epochs x budget_scale (steps budgets only)", check=_stage_scales),
     "note": Value("str", "", "a note shown under the tables"),
     "kind": Value("str", "train", "train: train the recipe and score it; blind_mean: no training, the voxel-wise "
                   "mean CT of the training split is scored as every case's prediction (the floor a model that "
@@ -98,6 +106,7 @@ class Cell:
     set: list[str] = field(default_factory=list)
     budget_scale: float = 1.0
     note: str = ""
+    stage_budget_scale: dict[str, float] = field(default_factory=dict)
     recipe: Path | None = None  # the cell's own base recipe (default: the matrix's base)
     kind: str = "train"
     iterations: int = 10  # sart cells: full passes over the views
@@ -181,6 +190,17 @@ def load_matrix(path: str | Path) -> Matrix:
             if abs(e - round(e)) > 1e-9 or round(e) < 1:
                 p.append(f"{doc.where('cells', i, 'budget_scale')}: budget.epochs ({epochs}) x {scale} = {e:g} must "
                          f"be a whole number of epochs >= 1")
+        per_stage = c.get("stage_budget_scale", {})
+        per_stage = per_stage if _stage_scales(per_stage) is None else {}
+        if per_stage and "wall_s" in budget:
+            p.append(f"{doc.where('cells', i, 'stage_budget_scale')}: per-stage budgets need a steps budget "
+                     f"(budget.steps), not budget.wall_s")
+        for stage, factor in per_stage.items():
+            if _number(scale) and scale > 0 and isinstance(epochs, int):
+                e = epochs * scale * factor
+                if abs(e - round(e)) > 1e-9 or round(e) < 1:
+                    p.append(f"{doc.where('cells', i, 'stage_budget_scale', stage)}: budget.epochs ({epochs}) x "
+                             f"budget_scale ({scale}) x {factor} = {e:g} must be a whole number of epochs >= 1")
         own = None
         if isinstance(c.get("recipe"), str) and c["recipe"]:
             own = (path.parent / c["recipe"]).resolve()
@@ -188,6 +208,7 @@ def load_matrix(path: str | Path) -> Matrix:
                 p.append(f"{doc.where('cells', i, 'recipe')}: recipe not found: {own}")
         cells.append(Cell(name=c["name"], question=c.get("question", ""), set=list(c.get("set", [])),
                           budget_scale=float(scale) if _number(scale) else 1.0, note=c.get("note", ""), recipe=own,
+                          stage_budget_scale={k: float(f) for k, f in per_stage.items()},
                           kind=c.get("kind", "train"), iterations=int(c.get("iterations", 10))))
     names = [c.name for c in cells]
     dup = sorted({n for n in names if names.count(n) > 1})

@@ -178,8 +178,10 @@ def _csv(v: Any) -> str:
 def budget_text(matrix: Matrix) -> str:
     b = matrix.budget
     if "steps" in b:
-        return (f"{b['steps']} optimizer steps per trained stage in {b['epochs']} epochs of "
+        text = (f"{b['steps']} optimizer steps per trained stage in {b['epochs']} epochs of "
                 f"{b['steps'] // b['epochs']} steps (cells with budget_scale s train s x that)")
+        own = [f"{c.name}: {stage} x {f:g}" for c in matrix.cells for stage, f in c.stage_budget_scale.items()]
+        return text + (f"; per-stage factors on top: {', '.join(own)}" if own else "")
     return (f"{b['wall_s']:g} s of training per trained stage, converted to optimizer steps per cell from a "
             f"{b['calibration_steps']}-step timed run, in {b['epochs']} epochs")
 
