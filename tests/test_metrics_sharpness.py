@@ -275,6 +275,29 @@ def test_uncertainty_coverage_counts_errors_within_two_std():
         m(p, t, {"pred_std": torch.zeros(3)})
 
 
+
+@pytest.mark.parametrize("k", [4, 8])
+def test_a_calibrated_sampler_covers_what_calibrated_coverage_says_not_0954(k):
+    """Truth and K samples from the same Gaussian in every voxel, scored as x2ct evaluate scores them (the mean
+    of the samples against the truth, their n - 1 std): the coverage at 2 std is the t-distribution's value for
+    K samples (0.899 for K = 8), well below the 0.954 of a known std."""
+    from x2ct_framework.evaluation.sharpness_metrics import calibrated_coverage
+    from x2ct_framework.generative import SampleStats
+
+    g = torch.Generator().manual_seed(k)
+    shape = (2, 1, 24, 24, 24)
+    centre, spread = 0.5, 0.02
+    truth = centre + spread * torch.randn(shape, generator=g, dtype=torch.float64)
+    stats = SampleStats()
+    for _ in range(k):
+        stats.add(centre + spread * torch.randn(shape, generator=g, dtype=torch.float64))
+    got = UncertaintyCalibration(HU, kind="coverage", region="all")(stats.mean, truth, {"pred_std": stats.std()})
+    assert got.mean().item() == pytest.approx(calibrated_coverage(k), abs=0.01)  # 27,648 voxels
+    assert calibrated_coverage(k) < 0.95 - 0.02
+    assert calibrated_coverage(10_000) == pytest.approx(0.9545, abs=1e-3)
+    with pytest.raises(ValueError, match="samples must be an integer >= 2"):
+        calibrated_coverage(1)
+
 # ---- recipes ----------------------------------------------------------------------------------
 def test_recipes_may_name_the_new_metrics_but_not_a_set_metric_for_validation(tiny_recipe):
     from x2ct_framework.config.build import build_metrics

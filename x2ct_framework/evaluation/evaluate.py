@@ -35,6 +35,7 @@ from x2ct_framework.errors import DataError
 from x2ct_framework.evaluation.evaluators import (EvaluationContext, EvaluatorRun, build_evaluators, data_key,
                                                  finish_evaluators, start_evaluators, update_evaluators)
 from x2ct_framework.evaluation.protocols import Protocol, build_protocol, x2ctgan_setting_deviations
+from x2ct_framework.evaluation.sharpness_metrics import calibrated_coverage
 from x2ct_framework.generative import SampleStats, draw_samples, is_generative, stage_model
 
 # data options that change where or how fast the data is read, not what it is (left out of an evaluator's data key)
@@ -389,7 +390,9 @@ def summary_json(ev: Evaluation) -> dict[str, Any]:
         out["generative"] = {"samples": ev.info["samples"], "scored": "the mean of the samples (protocols above)",
                              "one_sample": {k[len(ONE_SAMPLE):]: ev.summary[k] for k in ev.summary
                                             if k.startswith(ONE_SAMPLE)},
-                             "diversity_hu": ev.summary.get(DIVERSITY)}
+                             "diversity_hu": ev.summary.get(DIVERSITY),
+                             "coverage_if_calibrated": calibrated_coverage(ev.info["samples"])
+                             if ev.info["samples"] >= 2 else None}
     return out
 
 
@@ -492,6 +495,10 @@ def generative_lines(ev: Evaluation) -> list[str]:
     if d:
         lines += ["", f"Sample diversity (mean per-voxel standard deviation over the samples): {_fmt(d['mean'], 2)} HU "
                       f"[{_fmt(d['ci_low'], 2)}, {_fmt(d['ci_high'], 2)}]."]
+    if ev.info["samples"] >= 2:
+        lines += ["", f"`uncertainty_coverage` of a calibrated sampler with {ev.info['samples']} samples: "
+                      f"{calibrated_coverage(ev.info['samples']):.3f} (the std and the mean come from the samples; "
+                      f"0.954 needs many)."]
     return lines + [""]
 
 
