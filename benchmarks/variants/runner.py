@@ -49,7 +49,6 @@ def cell_recipe(matrix: Matrix, cell: Cell, seed: int, out: Path, steps: int, ex
     overrides = [*matrix.set, *cell.set, *extra]
     base = cell.recipe or matrix.base
     first = load_recipe(base, overrides)
-    epochs = round(matrix.budget["epochs"] * cell.budget_scale)
     per_epoch = steps // matrix.budget["epochs"]
     trackers = json.dumps(list(matrix.trackers))
     fixed = [f"seed={seed}", f'output_dir="{out.as_posix()}"', f'name="{run_name(cell.name, seed)}"',

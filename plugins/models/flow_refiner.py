@@ -21,8 +21,11 @@ residual between the CT and a base volume, conditioned on the X-rays.
   The one-step clean estimate ``base + residual_scale (x_t + (1 - t) v)`` is returned under
   ``generative.ESTIMATE`` when ``estimate_losses`` is on, so the recipe's losses are added on it.
 - **Sampling** (``sample``): Euler or Heun (2nd order, two network calls per step) from
-  ``t = 0`` to 1 in ``steps`` uniform steps; optional classifier-free guidance (``cond_drop`` in training,
-  ``guidance`` w > 1 in sampling: ``v = v_uncond + w (v_cond - v_uncond)``, twice the network calls).
+  ``t = 0`` to 1 in ``steps`` uniform steps, or "sde": Euler-Maruyama of the ODE plus a Langevin term
+  ``eps s dt + sqrt(2 eps) dW`` with the score ``s = -(x - t v) / (1 - t)`` the velocity implies and
+  ``eps = sde_noise (1 - t)`` (every marginal kept; SiT, Ma et al. 2024); optional classifier-free guidance
+  (``cond_drop`` in training, ``guidance`` w > 1 in sampling: ``v = v_uncond + w (v_cond - v_uncond)``,
+  twice the network calls).
 - **forward** returns one seeded sample per case (``forward_samples > 1``: the mean of that many; the
   mean of samples is closer to the regression answer, smoother and a better PSNR, one sample is sharper):
   case i's noise comes from a generator seeded by its X-rays, angles and ``sample_seed``
@@ -48,7 +51,7 @@ from .encoder import NORMS, AngleEmbedding, ViewEncoder
 from .inputs import check_inputs, maybe_checkpoint, resize3d
 from .vit_cascade import Aligned, AlignedSkip
 
-SAMPLERS = ("euler", "heun")
+SAMPLERS = ("euler", "heun", "sde")
 TIME_SAMPLING = ("logit_normal", "uniform")
 
 
@@ -173,7 +176,9 @@ class FlowRefiner(nn.Module):
             CT's spread (an overestimate): set a number there.
         time_sampling: "logit_normal" (default; ``t = sigmoid(n)``, ``n ~ N(0, 1)``, more weight mid-way, as
             SD3) or "uniform".
-        steps: sampler steps (``sample(steps=None)`` and ``forward``); sampler: "heun" (default) or "euler".
+        steps: sampler steps (``sample(steps=None)`` and ``forward``); sampler: "heun" (default), "euler" or
+            "sde" (one network call a step, fresh noise from the case's generator every step; ``sde_noise``,
+            default 1, scales the Langevin term; 0 is Euler).
         forward_samples: ``forward`` returns the mean of this many samples (default 1: one sample).
         sample_seed: the base seed of the per-case noise.
         cond_drop: probability, per case in training, of dropping the conditioning (X-ray features and base)
@@ -192,7 +197,8 @@ class FlowRefiner(nn.Module):
                  xray_size: int = 0, full_resolution: int = 0, angle_frequencies: int = 4, visibility: bool = True,
                  coarse_weight: float = 1.0, residual_scale: float | str = "auto",
                  time_sampling: str = "logit_normal",
-                 steps: int = 25, sampler: str = "heun", forward_samples: int = 1, sample_seed: int = 0,
+                 steps: int = 25, sampler: str = "heun", sde_noise: float = 1.0, forward_samples: int = 1,
+                 sample_seed: int = 0,
                  cond_drop: float = 0.0, guidance: float = 1.0, estimate_losses: bool = False,
                  gradient_checkpointing: bool = False):
         super().__init__()
@@ -212,6 +218,8 @@ class FlowRefiner(nn.Module):
         if time_sampling not in TIME_SAMPLING:
             raise ValueError(f"time_sampling must be one of {', '.join(map(repr, TIME_SAMPLING))}, "
                              f"got {time_sampling!r}")
+        if isinstance(sde_noise, bool) or not isinstance(sde_noise, (int, float)) or not sde_noise >= 0:
+            raise ValueError(f"sde_noise must be a number >= 0, got {sde_noise!r}")
         if norm not in NORMS:
             raise ValueError(f"norm must be one of {', '.join(repr(n) for n in NORMS)}, got {norm!r}")
         auto = residual_scale == "auto"
@@ -225,7 +233,7 @@ class FlowRefiner(nn.Module):
         if guidance != 1.0 and cond_drop == 0.0:
             raise ValueError(f"guidance = {guidance} needs a model trained with cond_drop > 0 (classifier-free "
                              f"guidance); set model.cond_drop (e.g. 0.1) or guidance = 1.0")
-        self.resolution, self.steps, self.sampler = resolution, steps, sampler
+        self.resolution, self.steps, self.sampler, self.sde_noise = resolution, steps, sampler, float(sde_noise)
         self.forward_samples, self.sample_seed = forward_samples, sample_seed
         self.time_sampling, self.auto_scale = time_sampling, auto
         # the scale travels with the weights (checkpoints, EMA, exports); "auto" holds 1.0 until measured
@@ -350,6 +358,14 @@ class FlowRefiner(nn.Module):
             t0, t1 = ts[i], ts[i + 1]
             dt = t1 - t0
             v = self.guided_velocity(x, t0.expand(b), cond)
+            if self.sampler == "sde" and i < steps - 1:
+                # Euler-Maruyama of dx = [v + eps s] dt + sqrt(2 eps) dW, s = -(x - t v) / (1 - t) the score the
+                # velocity implies and eps = sde_noise (1 - t): a Langevin term that keeps every marginal p_t
+                # (SiT, Ma et al. 2024); the last step is the deterministic one to the clean estimate
+                eps = self.sde_noise * (1 - t0)
+                x = x + dt * (v - self.sde_noise * (x - t0 * v)) \
+                    + torch.sqrt(2 * eps * dt) * noise(tuple(x.shape), generator, x.device)
+                continue
             if self.sampler == "heun":
                 x_euler = x + dt * v
                 v = (v + self.guided_velocity(x_euler, t1.expand(b), cond)) / 2
