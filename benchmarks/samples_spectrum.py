@@ -34,9 +34,9 @@ COLUMNS = ("regression", "mean", "sample")
 def band_energy(x: torch.Tensor, edges: tuple[float, ...] = BANDS) -> torch.Tensor:
     """``[len(edges) - 1]``: the sum over the cases of ``x [B, 1, D, H, W]`` of ``|FFT|^2`` in each radial band
     ``(edges[i], edges[i + 1]]`` of cycles per voxel (the first band includes 0)."""
-    from x2ct_framework.evaluation.sharpness_metrics import radial_frequency
+    from x2ct_framework.evaluation.sharpness_metrics import power_spectrum, radial_frequency
 
-    power = torch.fft.fftn(x.double(), dim=(-3, -2, -1)).abs().pow(2).flatten(0, -4).sum(0)
+    power = power_spectrum(x).sum(0)
     r = radial_frequency(x.shape[-3:], x.device)
     out = []
     for i, (lo, hi) in enumerate(zip(edges[:-1], edges[1:])):

@@ -153,7 +153,6 @@ def test_budget_overrides_win_and_hash_follows_definition(tmp_path):
         V.check_budget(V.cell_recipe(more, more.cell("grad"), 0, out, 8), 4)
 
 
-
 def test_stage_budget_scale_trains_the_named_stage_longer_and_only_it(tmp_path):
     two_stages = BASE + """
 [[stages]]
@@ -180,6 +179,7 @@ losses = { l1 = 1.0 }
         V.load_matrix(write(tmp_path, longer.replace("stage3 = 3", "stage3 = 0.25"), two_stages))
     with pytest.raises(RecipeError, match="expected a table of stage name = positive number"):
         V.load_matrix(write(tmp_path, longer.replace("{ stage3 = 3 }", "3"), two_stages))
+
 
 # ---- a two-cell matrix, end to end ---------------------------------------------------------------
 @pytest.mark.slow

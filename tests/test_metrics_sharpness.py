@@ -275,7 +275,6 @@ def test_uncertainty_coverage_counts_errors_within_two_std():
         m(p, t, {"pred_std": torch.zeros(3)})
 
 
-
 @pytest.mark.parametrize("k", [4, 8])
 def test_a_calibrated_sampler_covers_what_calibrated_coverage_says_not_0954(k):
     """Truth and K samples from the same Gaussian in every voxel, scored as x2ct evaluate scores them (the mean
@@ -297,6 +296,7 @@ def test_a_calibrated_sampler_covers_what_calibrated_coverage_says_not_0954(k):
     assert calibrated_coverage(10_000) == pytest.approx(0.9545, abs=1e-3)
     with pytest.raises(ValueError, match="samples must be an integer >= 2"):
         calibrated_coverage(1)
+
 
 # ---- recipes ----------------------------------------------------------------------------------
 def test_recipes_may_name_the_new_metrics_but_not_a_set_metric_for_validation(tiny_recipe):

@@ -185,22 +185,19 @@ def load_matrix(path: str | Path) -> Matrix:
         if not isinstance(c, dict) or not isinstance(c.get("name"), str) or not NAME_RE.match(c["name"]):
             continue  # the schema has named the problem
         scale = c.get("budget_scale", 1.0)
-        if _number(scale) and scale > 0 and isinstance(epochs, int):
-            e = epochs * scale
-            if abs(e - round(e)) > 1e-9 or round(e) < 1:
-                p.append(f"{doc.where('cells', i, 'budget_scale')}: budget.epochs ({epochs}) x {scale} = {e:g} must "
-                         f"be a whole number of epochs >= 1")
         per_stage = c.get("stage_budget_scale", {})
         per_stage = per_stage if _stage_scales(per_stage) is None else {}
         if per_stage and "wall_s" in budget:
             p.append(f"{doc.where('cells', i, 'stage_budget_scale')}: per-stage budgets need a steps budget "
                      f"(budget.steps), not budget.wall_s")
-        for stage, factor in per_stage.items():
-            if _number(scale) and scale > 0 and isinstance(epochs, int):
-                e = epochs * scale * factor
+        if _number(scale) and scale > 0 and isinstance(epochs, int):  # every trained stage: whole epochs
+            counts = [(doc.where("cells", i, "budget_scale"), f"budget.epochs ({epochs}) x {scale}", epochs * scale)]
+            counts += [(doc.where("cells", i, "stage_budget_scale", stage),
+                        f"budget.epochs ({epochs}) x budget_scale ({scale}) x {factor}", epochs * scale * factor)
+                       for stage, factor in per_stage.items()]
+            for where, product, e in counts:
                 if abs(e - round(e)) > 1e-9 or round(e) < 1:
-                    p.append(f"{doc.where('cells', i, 'stage_budget_scale', stage)}: budget.epochs ({epochs}) x "
-                             f"budget_scale ({scale}) x {factor} = {e:g} must be a whole number of epochs >= 1")
+                    p.append(f"{where}: {product} = {e:g} must be a whole number of epochs >= 1")
         own = None
         if isinstance(c.get("recipe"), str) and c["recipe"]:
             own = (path.parent / c["recipe"]).resolve()

@@ -40,11 +40,16 @@ def radial_frequency(shape: Sequence[int], device=None) -> torch.Tensor:
     return torch.sqrt(sum(g**2 for g in grids))
 
 
+def power_spectrum(x: torch.Tensor) -> torch.Tensor:
+    """``|FFT|^2`` (unnormalised, float64) of each volume ``[B, 1, D, H, W]``: ``[B, D, H, W]``, its bins'
+    frequencies given by :func:`radial_frequency`."""
+    return torch.fft.fftn(x.reshape(x.shape[0], *x.shape[-3:]).double(), dim=(-3, -2, -1)).abs() ** 2
+
+
 def high_frequency_energy(x: torch.Tensor, cutoff: float) -> torch.Tensor:
     """Sum of |FFT|^2 over the bins with |f| > ``cutoff`` (cycles/voxel) of each volume ``[B, 1, D, H, W]``."""
-    spec = torch.fft.fftn(x.reshape(x.shape[0], *x.shape[-3:]).double(), dim=(-3, -2, -1))
     keep = radial_frequency(x.shape[-3:], x.device) > cutoff
-    return (spec.abs() ** 2 * keep).flatten(1).sum(1)
+    return (power_spectrum(x) * keep).flatten(1).sum(1)
 
 
 class HighFrequencyEnergy(Metric):
