@@ -74,6 +74,67 @@ def test_samplers_integrate_a_known_velocity_exactly_and_heun_beats_euler():
     assert abs((1 + 0.25 + 0.25**2 / 2) ** 4 - np.e) < abs((1 + 1 / 4) ** 4 - np.e)
 
 
+def test_sample_shift_moves_the_steps_to_the_clean_end_and_one_is_uniform():
+    """SD3's shift on the noise level sigma = 1 - t: a = 0.5 with 4 Euler steps calls the velocity at
+    sigma' = 0.5 sigma / (1 - 0.5 sigma) for sigma = 1, 3/4, 1/2, 1/4, i.e. t = 0, 0.4, 2/3, 6/7; a = 1 keeps the
+    uniform grid; a Heun integration of dx/dt = 2 t x on the shifted grid still lands on e x(0)."""
+    seen = []
+
+    def record(x, t, cond):
+        seen.append(float(t[0]))
+        return torch.zeros_like(x)
+
+    batch = make_batch(1, resolution=16)
+    x, g = batch["xrays"], batch["geometry"]
+    for a, expected in ((0.5, [0.0, 0.4, 2 / 3, 6 / 7]), (1.0, [0.0, 0.25, 0.5, 0.75]),
+                        (3.0, [0.0, 1 - 2.25 / 2.5, 1 - 1.5 / 2.0, 1 - 0.75 / 1.5])):
+        seen.clear()
+        m = tiny_flow(sampler="euler", sample_shift=a, residual_scale=1.0).eval()
+        m.guided_velocity = record
+        with torch.no_grad():
+            m.sample(x, g, steps=4, generator=case_generators(x, g, 0, 0))
+        assert seen == pytest.approx(expected, abs=1e-6), a
+        grid = m.time_grid(4)
+        assert float(grid[0]) == 0.0 and float(grid[-1]) == 1.0
+    assert torch.equal(tiny_flow().time_grid(10), torch.linspace(0.0, 1.0, 11))
+    m = tiny_flow(sampler="heun", sample_shift=0.4, residual_scale=1.0).eval()
+    m.guided_velocity = lambda x, t, cond: 2 * t[:, None, None, None, None] * x
+    with torch.no_grad():
+        base = m.condition(x, g, None).base
+        out = m.sample(x, g, steps=40, generator=case_generators(x, g, 0, 0)) - base
+    x0 = torch.randn(base.shape[1:], generator=case_generators(x, g, 0, 0)[0])
+    assert torch.allclose(out[0], np.e * x0, rtol=2e-3, atol=1e-4)
+    for bad in (0.0, -1.0, float("inf"), True):
+        with pytest.raises(ValueError, match="sample_shift"):
+            tiny_flow(sample_shift=bad)
+
+
+def test_dropout_acts_in_training_only_and_adds_no_weights():
+    """U-Net dropout (DDPM's regulariser): two training-mode calls differ, evaluation is the same network without
+    dropout (same weights, same output), and the option adds no parameter, so checkpoints load either way."""
+    plain, dropped = tiny_flow(), tiny_flow(dropout=0.3)
+    dropped.load_state_dict(plain.state_dict())  # strict: the same keys
+    for m in (plain, dropped):
+        for p in m.unet.parameters():  # the zero-initialised convolutions would hide the dropout
+            if p.dim() > 1:
+                torch.nn.init.normal_(p, std=0.1)
+    dropped.load_state_dict(plain.state_dict())
+    batch = make_batch(2, resolution=16)
+    x, g = batch["xrays"], batch["geometry"]
+    xt, t = torch.randn(2, 1, 16, 16, 16), torch.tensor([0.3, 0.7])
+    with torch.no_grad():
+        dropped.train()
+        cond = dropped.condition(x, g, None)
+        a, b = dropped.velocity(xt, t, cond), dropped.velocity(xt, t, cond)
+        assert not torch.allclose(a, b)
+        dropped.eval(), plain.eval()
+        assert torch.equal(dropped.velocity(xt, t, dropped.condition(x, g, None)),
+                           plain.velocity(xt, t, plain.condition(x, g, None)))
+    for bad in (1.0, -0.1, True, "0.1"):
+        with pytest.raises(ValueError, match="dropout"):
+            tiny_flow(dropout=bad)
+
+
 def _gaussian_velocity(mu: float, s: float):
     """The exact velocity E[x1 - x0 | x_t] of the flow x_t = (1 - t) x0 + t x1 from x0 ~ N(0, 1) to x1 ~ N(mu, s^2)."""
     def v(x, t, cond):

@@ -77,11 +77,13 @@ class TimeEmbedding(nn.Module):
 
 
 class ResBlock3d(nn.Module):
-    """``x + conv(SiLU(FiLM_t(GN(conv(SiLU(GN(x)))))))``, with a 1x1x1 shortcut when the width changes; the
-    second convolution starts at zero, so every block starts as the identity."""
+    """``x + conv(dropout(SiLU(FiLM_t(GN(conv(SiLU(GN(x))))))))``, with a 1x1x1 shortcut when the width changes
+    (DDPM's block; dropout in training only); the second convolution starts at zero, so every block starts as the
+    identity."""
 
-    def __init__(self, cin: int, cout: int, emb: int):
+    def __init__(self, cin: int, cout: int, emb: int, dropout: float = 0.0):
         super().__init__()
+        self.dropout = float(dropout)
         self.norm1 = nn.GroupNorm(_groups(cin), cin)
         self.conv1 = nn.Conv3d(cin, cout, 3, padding=1)
         self.film = nn.Linear(emb, 2 * cout)
@@ -94,7 +96,10 @@ class ResBlock3d(nn.Module):
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
         scale, shift = self.film(emb).to(h.dtype)[:, :, None, None, None].chunk(2, dim=1)
-        h = self.conv2(F.silu(self.norm2(h) * (1 + scale) + shift))
+        h = F.silu(self.norm2(h) * (1 + scale) + shift)
+        if self.dropout > 0:
+            h = F.dropout(h, self.dropout, self.training)
+        h = self.conv2(h)
         return self.skip(x) + h
 
 
@@ -102,7 +107,7 @@ class UNet3d(nn.Module):
     """A 3D U-Net with a time embedding: ``len(widths)`` levels (strided 3x3x3 convolutions down, trilinear
     up to the skip's exact size, so any grid size works), one residual block per level and side."""
 
-    def __init__(self, cin: int, widths: list[int], emb: int, checkpointing: bool = False):
+    def __init__(self, cin: int, widths: list[int], emb: int, checkpointing: bool = False, dropout: float = 0.0):
         super().__init__()
         self.checkpointing = checkpointing
         self.stem = nn.Conv3d(cin, widths[0], 3, padding=1)
@@ -110,14 +115,14 @@ class UNet3d(nn.Module):
         self.pool = nn.ModuleList()
         prev = widths[0]
         for i, w in enumerate(widths):
-            self.down.append(ResBlock3d(prev, w, emb))
+            self.down.append(ResBlock3d(prev, w, emb, dropout))
             if i < len(widths) - 1:
                 self.pool.append(nn.Conv3d(w, w, 3, stride=2, padding=1))
             prev = w
-        self.mid = ResBlock3d(prev, prev, emb)
+        self.mid = ResBlock3d(prev, prev, emb, dropout)
         self.up = nn.ModuleList()
         for w in reversed(widths[:-1]):
-            self.up.append(ResBlock3d(prev + w, w, emb))
+            self.up.append(ResBlock3d(prev + w, w, emb, dropout))
             prev = w
         self.out_norm = nn.GroupNorm(_groups(prev), prev)
         self.out = nn.Conv3d(prev, 1, 3, padding=1)
@@ -161,6 +166,7 @@ class FlowRefiner(nn.Module):
         resolution: output size R (from the stage unless set).
         widths: channels of the U-Net's levels, finest first (default ``[16, 32, 64]``).
         emb_dim: time embedding width.
+        dropout: dropout in every U-Net block in training (DDPM's regulariser for small data sets; default 0).
         feature_channels: channels of the pixel-aligned X-ray features at R^3.
         encoder, pretrained, pretrained_file, encoder_kwargs, norm, xray_size, full_resolution,
             angle_frequencies, visibility: the shared 2D encoder and pixel-aligned sampling, as ``vit_cascade``
@@ -179,6 +185,10 @@ class FlowRefiner(nn.Module):
         steps: sampler steps (``sample(steps=None)`` and ``forward``); sampler: "heun" (default), "euler" or
             "sde" (one network call a step, fresh noise from the case's generator every step; ``sde_noise``,
             default 1, scales the Langevin term; 0 is Euler).
+        sample_shift: where the sampler's steps lie (SD3's timestep shift, Esser et al. 2024): the noise level
+            ``sigma = 1 - t`` of uniform steps becomes ``a sigma / (1 + (a - 1) sigma)``; 1 (default): uniform
+            steps; a < 1 spends more of them near the clean end (t = 1), where the finest detail is decided;
+            a > 1 near the noise.
         forward_samples: ``forward`` returns the mean of this many samples (default 1: one sample).
         sample_seed: the base seed of the per-case noise.
         cond_drop: probability, per case in training, of dropping the conditioning (X-ray features and base)
@@ -192,12 +202,13 @@ class FlowRefiner(nn.Module):
     uses_prev = True  # refines the previous stage's prediction (checked by testing.check_model)
 
     def __init__(self, *, resolution: int, widths: list[int] | None = None, emb_dim: int = 128,
-                 feature_channels: int = 16, encoder: str = "resnet18", pretrained: bool = False,
+                 feature_channels: int = 16, dropout: float = 0.0, encoder: str = "resnet18", pretrained: bool = False,
                  pretrained_file: str = "", encoder_kwargs: dict | None = None, norm: str = "group",
                  xray_size: int = 0, full_resolution: int = 0, angle_frequencies: int = 4, visibility: bool = True,
                  coarse_weight: float = 1.0, residual_scale: float | str = "auto",
                  time_sampling: str = "logit_normal",
-                 steps: int = 25, sampler: str = "heun", sde_noise: float = 1.0, forward_samples: int = 1,
+                 steps: int = 25, sampler: str = "heun", sde_noise: float = 1.0, sample_shift: float = 1.0,
+                 forward_samples: int = 1,
                  sample_seed: int = 0,
                  cond_drop: float = 0.0, guidance: float = 1.0, estimate_losses: bool = False,
                  gradient_checkpointing: bool = False):
@@ -220,6 +231,12 @@ class FlowRefiner(nn.Module):
                              f"got {time_sampling!r}")
         if isinstance(sde_noise, bool) or not isinstance(sde_noise, (int, float)) or not sde_noise >= 0:
             raise ValueError(f"sde_noise must be a number >= 0, got {sde_noise!r}")
+        if isinstance(sample_shift, bool) or not isinstance(sample_shift, (int, float)) or not sample_shift > 0 \
+                or not math.isfinite(sample_shift):
+            raise ValueError(f"sample_shift must be a finite number > 0 (1: uniform steps; < 1: more steps near the "
+                             f"clean end), got {sample_shift!r}")
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
         if norm not in NORMS:
             raise ValueError(f"norm must be one of {', '.join(repr(n) for n in NORMS)}, got {norm!r}")
         auto = residual_scale == "auto"
@@ -234,6 +251,7 @@ class FlowRefiner(nn.Module):
             raise ValueError(f"guidance = {guidance} needs a model trained with cond_drop > 0 (classifier-free "
                              f"guidance); set model.cond_drop (e.g. 0.1) or guidance = 1.0")
         self.resolution, self.steps, self.sampler, self.sde_noise = resolution, steps, sampler, float(sde_noise)
+        self.sample_shift = float(sample_shift)
         self.forward_samples, self.sample_seed = forward_samples, sample_seed
         self.time_sampling, self.auto_scale = time_sampling, auto
         # the scale travels with the weights (checkpoints, EMA, exports); "auto" holds 1.0 until measured
@@ -254,7 +272,7 @@ class FlowRefiner(nn.Module):
         self.coarse = nn.Sequential(nn.Conv3d(f, f, 3, padding=1), nn.GroupNorm(_groups(f), f), nn.GELU(),
                                     nn.Conv3d(f, 1, 1))
         self.time = TimeEmbedding(emb_dim)
-        self.unet = UNet3d(2 + f, widths, emb_dim, self.gradient_checkpointing)
+        self.unet = UNet3d(2 + f, widths, emb_dim, self.gradient_checkpointing, float(dropout))
 
     @property
     def residual_scale(self) -> float:
@@ -346,6 +364,14 @@ class FlowRefiner(nn.Module):
         cond = self.condition(xrays, geometry, prev)
         return self._integrate(cond, steps, generator)
 
+    def time_grid(self, steps: int, device=None) -> torch.Tensor:
+        """The sampler's ``steps + 1`` times from 0 (noise) to 1 (clean), spaced by ``sample_shift``."""
+        a = self.sample_shift
+        if a == 1.0:
+            return torch.linspace(0.0, 1.0, steps + 1, device=device)
+        sigma = torch.linspace(1.0, 0.0, steps + 1, device=device, dtype=torch.float64)
+        return (1 - a * sigma / (1 + (a - 1) * sigma)).float()
+
     def _integrate(self, cond: Condition, steps: int | None,
                    generator: torch.Generator | list[torch.Generator] | None) -> torch.Tensor:
         steps = self.steps if steps is None else int(steps)
@@ -353,7 +379,7 @@ class FlowRefiner(nn.Module):
             raise ValueError(f"flow_refiner.sample: steps must be >= 1, got {steps}")
         x = noise(tuple(cond.base.shape), generator, cond.base.device)
         b = x.shape[0]
-        ts = torch.linspace(0.0, 1.0, steps + 1, device=x.device)
+        ts = self.time_grid(steps, x.device)
         for i in range(steps):
             t0, t1 = ts[i], ts[i + 1]
             dt = t1 - t0
