@@ -40,7 +40,8 @@ for a, b in (("refiner_long", "refiner_long_drop"), ("vit", "refiner_long_drop")
         if len(x) == 3 and len(y) == 3:
             d = [q - p for p, q in zip(x, y)]
             i = interval(d)
-            print(f"  {m}: {i['mean']:+.4g} [{i['ci_low']:+.4g}, {i['ci_high']:+.4g}]  per seed {[round(v, 4) for v in y]} vs {[round(v, 4) for v in x]}")
+            seeds = f"per seed {[round(v, 4) for v in y]} vs {[round(v, 4) for v in x]}"
+            print(f"  {m}: {i['mean']:+.4g} [{i['ci_low']:+.4g}, {i['ci_high']:+.4g}]  {seeds}")
 res = out / "results"
 def per_case(cell, m):
     groups = []
