@@ -187,8 +187,8 @@ class FlowRefiner(nn.Module):
             default 1, scales the Langevin term; 0 is Euler).
         sample_shift: where the sampler's steps lie (SD3's timestep shift, Esser et al. 2024): the noise level
             ``sigma = 1 - t`` of uniform steps becomes ``a sigma / (1 + (a - 1) sigma)``; 1 (default): uniform
-            steps; a < 1 spends more of them near the clean end (t = 1), where the finest detail is decided;
-            a > 1 near the noise.
+            steps; a < 1 spends more of them near the clean end (t = 1), a > 1 near the noise (on the CPU
+            refiner neither changed a sample's fine detail by more than 0.03: docs/models.md).
         forward_samples: ``forward`` returns the mean of this many samples (default 1: one sample).
         sample_seed: the base seed of the per-case noise.
         cond_drop: probability, per case in training, of dropping the conditioning (X-ray features and base)
