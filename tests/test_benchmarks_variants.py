@@ -429,3 +429,102 @@ def test_sart_reference_cell(tmp_path):
     other = V.load_matrix(write(tmp_path, SARTED.replace("iterations = 3", "iterations = 4")))
     assert V.hash_kind(other.cell("sart")) != V.hash_kind(m.cell("sart"))
     assert V.run_matrix(other, out, isolate=False, log=lambda *_: None, plot=False)["ran"] == ["sart-s0"]
+
+
+RESCORED = """
+name = "rescored"
+base = "base.toml"
+seeds = [0]
+reference = "plain"
+
+[budget]
+steps = 2
+epochs = 2
+
+[eval]
+metrics = ["psnr"]
+
+[[cells]]
+name = "plain"
+
+[[cells]]
+name = "same"
+kind = "rescore"
+of = "plain"
+eval_set = ["model.dim=16"]
+
+[[cells]]
+name = "noisy"
+kind = "rescore"
+of = "plain"
+question = "plain's weights on noisier X-rays"
+eval_set = ["data.xray_noise=0.3"]
+"""
+
+
+def test_rescore_cell_scores_the_trained_runs_again_with_evaluation_overrides(tmp_path):
+    """A ``rescore`` cell trains nothing: it scores its trained cell's weights with ``eval_set`` at evaluation."""
+    from skimage.metrics import peak_signal_noise_ratio
+
+    from x2ct_framework.config.build import build_dataset, stages
+    from x2ct_framework.loading import load_model
+    from x2ct_framework.runs import resolve_target
+
+    m = V.load_matrix(write(tmp_path, RESCORED))
+    out = tmp_path / "out"
+    # before its trained cell has run, a rescore says which runs it needs
+    with pytest.raises(V.CellFailed, match=r"scores the runs of 'plain', and plain-s0 has no finished result"):
+        V.runner.run_cell(m, m.cell("noisy"), 0, out, 2)
+    # --only a rescore cell brings its trained cell along, and scores after it
+    status = V.run_matrix(m, out, only=["noisy", "same"], isolate=False, log=lambda *_: None, plot=False)
+    assert not status["failed"] and status["ran"] == ["plain-s0", "same-s0", "noisy-s0"]
+    assert sorted(p.name for p in out.iterdir() if p.name.endswith("-s0")) == ["plain-s0"]  # no run folder of its own
+    plain, same, noisy = (json.loads((out / "results" / c / "seed0.json").read_text())
+                          for c in ("plain", "same", "noisy"))
+
+    # an override that changes nothing scores exactly the trained cell's numbers: the same weights, the same cases
+    assert same["per_case"] == plain["per_case"] and same["metrics"] == plain["metrics"]
+    assert noisy["kind"] == "rescore" and noisy["rescore_of"] == "plain" and noisy["source_key"] == plain["key"]
+    assert len({noisy["key"], same["key"], plain["key"]}) == 3  # each its own result
+    # the cost columns are the training's, taken from the trained cell
+    for k in ("steps", "time_per_step_s", "params", "peak_mem_mib", "cost", "curve"):
+        assert noisy[k] == plain[k]
+
+    # noisy: plain's checkpoint on X-rays with the override's noise, scored independently with scikit-image
+    recipe = V.cell_recipe(m, m.cell("noisy"), 0, out, 2, scoring=True)
+    assert recipe["data"]["xray_noise"] == 0.3 and recipe.name == "plain-s0"
+    test = build_dataset(recipe, stages(recipe)[-1], "test")
+    model = load_model(resolve_target(out / "plain-s0"), torch.device("cpu")).eval()  # the run's own recipe
+    expect = []
+    with torch.no_grad():
+        for i in range(len(test)):
+            item = test[i]
+            pred = model(item["xrays"][None].float(), {k: v[None] for k, v in item["geometry"].items()})[0]
+            expect.append(peak_signal_noise_ratio(item["ct"].double().numpy(), pred.double().clamp(0, 1).numpy(),
+                                                  data_range=1.0))
+    assert noisy["per_case"]["metrics"]["psnr"] == pytest.approx(expect, abs=2e-3)
+    assert noisy["per_case"]["metrics"]["psnr"] != pytest.approx(plain["per_case"]["metrics"]["psnr"], abs=1e-3)
+    md = (out / "matrix.md").read_text()
+    assert "`noisy` trains nothing: it scores the runs of `plain`" in md and "`data.xray_noise=0.3`" in md
+
+    # a rerun redoes nothing; another eval_set is another result, the training stays
+    stamp = (out / "plain-s0" / "stage2" / "best" / "model.safetensors").stat().st_mtime_ns
+    assert V.run_matrix(m, out, isolate=False, log=lambda *_: None, plot=False)["ran"] == []
+    other = V.load_matrix(write(tmp_path, RESCORED.replace("xray_noise=0.3", "xray_noise=0.2")))
+    assert V.run_matrix(other, out, isolate=False, log=lambda *_: None, plot=False)["ran"] == ["noisy-s0"]
+    assert (out / "plain-s0" / "stage2" / "best" / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+@pytest.mark.parametrize("cell, message", [
+    ('name = "r"\nkind = "rescore"\nof = "plain"\neval_set = ["model.dim=16"]\nset = ["model.dim=8"]',
+     "a rescore cell trains nothing"),
+    ('name = "r"\nkind = "rescore"\nof = "plain"', "needs the overrides it scores with"),
+    ('name = "r"\nkind = "rescore"\nof = "nope"\neval_set = ["model.dim=16"]', "'nope' is not a cell"),
+    ('name = "r"\nkind = "rescore"\nof = "blind"\neval_set = ["model.dim=16"]', "'blind' is a blind_mean cell"),
+    ('name = "r"\neval_set = ["model.dim=16"]', "belong to rescore cells"),
+])
+def test_rescore_cell_errors(tmp_path, cell, message):
+    text = RESCORED.split("[[cells]]")[0] + '[[cells]]\nname = "plain"\n\n[[cells]]\nname = "blind"\n' \
+        'kind = "blind_mean"\n\n[[cells]]\n' + cell + "\n"
+    with pytest.raises(RecipeError, match=message):
+        V.load_matrix(write(tmp_path, text))

@@ -22,7 +22,7 @@ def dry_run(matrix: Matrix, out: Path, extra: list[str], check: bool, log=print)
     steps = matrix.budget.get("steps") or matrix.budget["epochs"] * matrix.budget["calibration_steps"]
     log(f"matrix {matrix.name}: base {matrix.base}, seeds {matrix.seeds}, budget: {budget_text(matrix)}")
     for cell in matrix.cells:
-        recipe = cell_recipe(matrix, cell, matrix.seeds[0], out, steps, extra)
+        recipe = cell_recipe(matrix, cell, matrix.seeds[0], out, steps, extra, scoring=True)
         load_recipe_plugins(recipe)
         st = stages(recipe)[-1]
         tokens = recipe["model"].get("tokens")
@@ -30,6 +30,8 @@ def dry_run(matrix: Matrix, out: Path, extra: list[str], check: bool, log=print)
         line = (f"  {cell.name:<16} {recipe['model']['name']}{f' {tokens}^3 tokens' if tokens else ''}, "
                 f"{st.resolution}^3, views {recipe['data'].get('views', '?')}, losses {losses}, "
                 f"{st.options['epochs']} epochs")
+        if cell.kind == "rescore":
+            line += f"; no training: scores {cell.of}'s runs with {', '.join(cell.eval_set)}"
         if check:
             check_budget(recipe, steps // matrix.budget["epochs"])
             model = build_model(recipe, st)

@@ -36,16 +36,22 @@ def run_name(cell: str, seed: int) -> str:
     return f"{cell}-s{seed}"
 
 
-def cell_recipe(matrix: Matrix, cell: Cell, seed: int, out: Path, steps: int, extra: list[str] = ()):
+def cell_recipe(matrix: Matrix, cell: Cell, seed: int, out: Path, steps: int, extra: list[str] = (),
+                scoring: bool = False):
     """The resolved recipe of one (cell, seed): base (or the cell's recipe) + matrix set + cell set + --set + budget.
 
     The budget's overrides come last so no cell can escape it: every trained stage gets
     ``budget.epochs x budget_scale`` epochs of ``steps / budget.epochs`` optimizer steps each, times the
     cell's ``stage_budget_scale`` factor for that stage's name (1 for the stages it does not name).
+    A rescore cell's recipe is its trained cell's (the same run folder); with ``scoring``, its ``eval_set``
+    on top (the recipe it is scored with).
     """
     from x2ct_framework.config.recipe import load_recipe
     from x2ct_framework.errors import RecipeError
 
+    if cell.kind == "rescore":  # the trained cell's recipe and run folder: nothing of its own is trained
+        source = matrix.cell(cell.of)
+        return cell_recipe(matrix, source, seed, out, steps, [*extra, *(cell.eval_set if scoring else ())])
     overrides = [*matrix.set, *cell.set, *extra]
     base = cell.recipe or matrix.base
     first = load_recipe(base, overrides)
@@ -86,6 +92,8 @@ def run_hash(recipe, matrix: Matrix, kind: str = "train") -> str:
 
 def hash_kind(cell: Cell) -> str:
     """The part of a cell's definition outside its recipe that changes its result."""
+    if cell.kind == "rescore":
+        return "rescore-" + json.dumps(list(cell.eval_set))
     return f"sart-{cell.iterations}" if cell.kind == "sart" else cell.kind
 
 
@@ -107,11 +115,12 @@ def check_budget(recipe, steps_per_epoch: int) -> None:
                                f"the train split has {n}; raise the data's case count or budget.epochs"])
 
 
-def evaluate_run(recipe, matrix: Matrix, model=None) -> dict[str, Any]:
+def evaluate_run(recipe, matrix: Matrix, model=None, overrides: list[str] = ()) -> dict[str, Any]:
     """Score the run's last stage (its ``eval.which`` checkpoint, or ``model``) with the matrix's protocol.
 
     Besides each metric's mean over cases, the per-case values are kept (``per_case``): the tables pair
-    them case by case with the reference and the floor on the same data.
+    them case by case with the reference and the floor on the same data. ``overrides`` (a rescore cell's
+    ``eval_set``) change the run's recipe for this scoring only.
     """
     from x2ct_framework.evaluation.evaluate import evaluate
     from x2ct_framework.runs import Target, resolve_target
@@ -119,7 +128,8 @@ def evaluate_run(recipe, matrix: Matrix, model=None) -> dict[str, Any]:
     run_dir = Path(recipe["output_dir"]) / recipe.name
     last = recipe["stages"][-1]["name"]
     if model is None:
-        target = resolve_target(run_dir / last / matrix.eval["which"], recipe_path=run_dir / "recipe.toml")
+        target = resolve_target(run_dir / last / matrix.eval["which"], recipe_path=run_dir / "recipe.toml",
+                                overrides=list(overrides))
     else:
         from x2ct_framework.config.build import stages
 
@@ -241,6 +251,8 @@ def run_cell(matrix: Matrix, cell: Cell, seed: int, out: Path, steps: int, extra
     load_recipe_plugins(recipe)
     if cell.kind in ("blind_mean", "sart"):
         return run_reference(matrix, cell, seed, out, steps, recipe)
+    if cell.kind == "rescore":
+        return run_rescore(matrix, cell, seed, out, steps, recipe)
     check_budget(recipe, steps // matrix.budget["epochs"])
     key = run_hash(recipe, matrix)
     run_dir = out / recipe.name
@@ -314,6 +326,34 @@ def run_reference(matrix: Matrix, cell: Cell, seed: int, out: Path, steps: int, 
               "steps": 0, "train_wall_s": 0.0, "eval_wall_s": time.perf_counter() - t0, "params": 0,
               "time_per_step_s": float("nan"), "cost": {"params": 0, "step_flops": 0, "step_flops_total": 0},
               "curve": [], "resolution": recipe["stages"][-1]["resolution"], "device": device_label(), **scores}
+    atomic_json(result_path(out, cell.name, seed), result)
+    return result
+
+
+# what a rescore cell's result takes from its trained cell's: the training is the same, so is its cost
+TRAINING_FIELDS = ("cost", "curve", "budget_steps", "epochs", "batch", "steps", "steps_timed", "time_per_step_s",
+                   "train_wall_s", "params", "peak_mem_mib", "mem_kind", "resolution", "run_dir", "device",
+                   "load_avg")
+
+
+def run_rescore(matrix: Matrix, cell: Cell, seed: int, out: Path, steps: int, recipe) -> dict:
+    """Score the finished run of cell ``cell.of`` (this seed) again, with ``cell.eval_set`` applied at evaluation
+    only: the same weights, nothing trained. The trained cell's result must be finished and current."""
+    source = matrix.cell(cell.of)
+    src = read_result(result_path(out, source.name, seed))
+    if src is None or src.get("key") != run_hash(recipe, matrix, hash_kind(source)):
+        why = "has no finished result" if src is None else "has a result of an earlier definition of that cell"
+        raise CellFailed(f"{run_name(cell.name, seed)}: rescore cell {cell.name!r} scores the runs of "
+                         f"{source.name!r}, and {run_name(source.name, seed)} {why} in {out}; run that cell "
+                         f"first (--only {source.name} {cell.name})")
+    key = run_hash(recipe, matrix, hash_kind(cell))
+    t0 = time.perf_counter()
+    scores = evaluate_run(recipe, matrix, overrides=cell.eval_set)
+    result = {**{k: src[k] for k in TRAINING_FIELDS if k in src}, "cell": cell.name, "seed": seed,
+              "data_seed": matrix.data_seed(seed), "key": key, "kind": cell.kind, "rescore_of": source.name,
+              "source_key": src["key"], "eval_set": list(cell.eval_set),
+              "finished": _dt.datetime.now().isoformat(timespec="seconds"),
+              "eval_wall_s": time.perf_counter() - t0, **scores}
     atomic_json(result_path(out, cell.name, seed), result)
     return result
 
@@ -507,7 +547,9 @@ def run_matrix(matrix: Matrix, out: Path | None = None, *, only: list[str] | Non
     slots = slots or [Slot()]
     if len(slots) > 1 and not isolate:
         raise ValueError("parallel slots run each job in its own process: isolate must be true")
-    cells = [c for c in matrix.cells if not only or c.name in only]
+    wanted = set(only or [c.name for c in matrix.cells])
+    wanted |= {c.of for c in matrix.cells if c.name in wanted and c.kind == "rescore"}  # a rescore needs its runs
+    cells = [c for c in matrix.cells if c.name in wanted]
     unknown = sorted(set(only or []) - {c.name for c in matrix.cells})
     if unknown:
         from x2ct_framework.errors import RecipeError
@@ -518,9 +560,10 @@ def run_matrix(matrix: Matrix, out: Path | None = None, *, only: list[str] | Non
     status: dict[str, Any] = {"ran": [], "skipped": [], "failed": {}}
     todo: list[Job] = []
     for cell in cells:
+        trains = matrix.cell(cell.of) if cell.kind == "rescore" else cell
         try:
-            steps = (calibrate(matrix, cell, out, list(extra), isolate)
-                     if "wall_s" in matrix.budget and cell.kind == "train"
+            steps = (calibrate(matrix, trains, out, list(extra), isolate)
+                     if "wall_s" in matrix.budget and trains.kind == "train"
                      else matrix.budget.get("steps") or matrix.budget["epochs"])
         except CellFailed as exc:
             status["failed"][cell.name] = str(exc)
@@ -538,6 +581,8 @@ def run_matrix(matrix: Matrix, out: Path | None = None, *, only: list[str] | Non
     todo.sort(key=lambda j: (seeds.index(j.seed), order[j.cell.name]))
     k, n = shard
     todo = todo[k - 1::n]
+    # rescore jobs score finished runs: they wait until every training job has ended (a second phase)
+    phases = [[j for j in todo if j.cell.kind != "rescore"], [j for j in todo if j.cell.kind == "rescore"]]
     for job in todo:
         if job.cell.name in rerun:  # train again from scratch (a finished run folder would only be re-scored)
             shutil.rmtree(out / run_name(job.cell.name, job.seed), ignore_errors=True)
@@ -571,6 +616,16 @@ def run_matrix(matrix: Matrix, out: Path | None = None, *, only: list[str] | Non
                 f"{res.get('time_per_step_s', float('nan')):.3f} s/step, psnr {m.get('psnr', float('nan')):.2f}, "
                 f"ssim {m.get('ssim', float('nan')):.3f}, {res.get('device', '?')}; about {eta / 60:.1f} min left")
 
+    for phase in phases:
+        if phase:
+            _dispatch(phase, slots, one, status, lock, log)
+    status["tables"] = write_tables(matrix, out, plot=plot, extra=list(extra))
+    status["out"] = out
+    return status
+
+
+def _dispatch(todo: list[Job], slots: list[Slot], one, status: dict, lock: threading.Lock, log) -> None:
+    """Run ``todo`` on the slots (one job per slot at a time) and return when all have ended."""
     if len(slots) == 1:
         for job in todo:
             one(job, slots[0])
@@ -597,6 +652,3 @@ def run_matrix(matrix: Matrix, out: Path | None = None, *, only: list[str] | Non
             t.start()
         for t in threads:
             t.join()
-    status["tables"] = write_tables(matrix, out, plot=plot, extra=list(extra))
-    status["out"] = out
-    return status

@@ -18,7 +18,7 @@ from x2ct_framework.errors import RecipeError
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_METRICS = ["psnr", "ssim", "mae_hu", "bone_dice", "vessel_dice", "lung_dice", "landmark_mm"]
 HASHED_EVAL = ("protocol", "split", "which", "max_cases", "batch_size")  # what changes a result (not its display)
-CELL_KINDS = ("train", "blind_mean", "sart")
+CELL_KINDS = ("train", "blind_mean", "sart", "rescore")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -53,8 +53,13 @@ CELL = Table({
                   "mean CT of the training split is scored as every case's prediction (the floor a model that "
                   "ignores its X-rays reaches without learning anything); sart: no training, an analytic "
                   "reconstruction (SART through the projector and its adjoint, x2ct_framework.physics.iterative) "
-                  "of every test case from its own views (the reference for 4+ views)", choices=CELL_KINDS),
+                  "of every test case from its own views (the reference for 4+ views); rescore: no training, the "
+                  "finished runs of the trained cell `of` scored again with the overrides `eval_set` applied at "
+                  "evaluation only (another sampler, other test X-rays: the same weights)", choices=CELL_KINDS),
     "iterations": Value("int", 10, "sart cells: full passes over the views", check=positive),
+    "of": Value("str", "", "rescore cells: the trained cell whose runs (the same weights, seed by seed) are scored"),
+    "eval_set": Value("list[str]", [], "rescore cells: --set style overrides applied when scoring only "
+                      "(e.g. \"stages.refiner.model.sample_shift=3\")"),
 })
 
 MATRIX = Table({
@@ -110,6 +115,8 @@ class Cell:
     recipe: Path | None = None  # the cell's own base recipe (default: the matrix's base)
     kind: str = "train"
     iterations: int = 10  # sart cells: full passes over the views
+    of: str = ""  # rescore cells: the trained cell whose runs are scored again
+    eval_set: list[str] = field(default_factory=list)  # rescore cells: overrides at evaluation only
 
 
 @dataclass
@@ -206,8 +213,28 @@ def load_matrix(path: str | Path) -> Matrix:
         cells.append(Cell(name=c["name"], question=c.get("question", ""), set=list(c.get("set", [])),
                           budget_scale=float(scale) if _number(scale) else 1.0, note=c.get("note", ""), recipe=own,
                           stage_budget_scale={k: float(f) for k, f in per_stage.items()},
-                          kind=c.get("kind", "train"), iterations=int(c.get("iterations", 10))))
+                          kind=c.get("kind", "train"), iterations=int(c.get("iterations", 10)),
+                          of=c.get("of", "") if isinstance(c.get("of"), str) else "",
+                          eval_set=list(c.get("eval_set", [])) if isinstance(c.get("eval_set"), list) else []))
+        if c.get("kind") == "rescore":
+            written = raw["cells"][i] if isinstance(raw.get("cells"), list) else {}  # the keys in the file
+            given = [k for k in ("set", "recipe", "budget_scale", "stage_budget_scale") if k in written]
+            if given:
+                p.append(f"{doc.where('cells', i)}: a rescore cell trains nothing: its recipe and budget are those "
+                         f"of its cell `of`; remove {', '.join(given)} (overrides at evaluation go in eval_set)")
+            if not c.get("eval_set"):
+                p.append(f"{doc.where('cells', i, 'eval_set')}: a rescore cell needs the overrides it scores with, "
+                         f"e.g. eval_set = [\"stages.refiner.model.sample_shift=3\"]")
+        elif c.get("of") or c.get("eval_set"):
+            p.append(f"{doc.where('cells', i)}: `of` and `eval_set` belong to rescore cells (kind = \"rescore\"), "
+                     f"this cell's kind is {c.get('kind', 'train')!r}")
     names = [c.name for c in cells]
+    kinds = {c.name: c.kind for c in cells}
+    for i, c in enumerate(cells):
+        if c.kind == "rescore" and kinds.get(c.of) != "train":
+            what = f"a {kinds[c.of]} cell" if c.of in kinds else "not a cell"
+            p.append(f"{doc.where('cells', i, 'of')}: a rescore cell scores the runs of a trained cell; {c.of!r} is "
+                     f"{what} (trained cells: {', '.join(n for n, k in kinds.items() if k == 'train') or 'none'})")
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         p.append(f"{doc.where('cells')}: cell names must be unique, repeated: {', '.join(dup)}")

@@ -17,6 +17,8 @@ from benchmarks.variants.stats import (hierarchical_bootstrap, interval, median,
 
 def cell_steps(matrix: Matrix, cell: Cell, out: Path) -> int | None:
     """The cell's optimizer-step budget: the matrix's, or its calibrated one under a wall-time budget."""
+    if cell.kind == "rescore":  # the runs it scores are its trained cell's
+        cell = matrix.cell(cell.of)
     if cell.kind != "train":
         return matrix.budget.get("steps") or matrix.budget["epochs"]
     if "steps" in matrix.budget:
@@ -250,6 +252,9 @@ def markdown(matrix: Matrix, rows: list[dict], ref: dict, shown: list[str], foun
     lines += paired_case_section(matrix, rows, ref, found, key_metrics, hib)
     lines += curve_section(matrix, rows, ref, found)
     notes = list(matrix.notes) + [f"`{r['cell']}`: {r['note']}" for r in rows if r["note"]]
+    notes += [f"`{c.name}` trains nothing: it scores the runs of `{c.of}` (the same weights, seed by seed) with "
+              f"{', '.join(f'`{o}`' for o in c.eval_set)} at evaluation; its cost columns are `{c.of}`'s training"
+              for c in matrix.cells if c.kind == "rescore" and c.name in {r["cell"] for r in rows}]
     proto_notes = sorted({n for r in rows for n in r["notes"]})
     if notes or proto_notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in notes] + [f"- protocol: {n}" for n in proto_notes]
