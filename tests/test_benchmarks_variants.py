@@ -528,3 +528,17 @@ def test_rescore_cell_errors(tmp_path, cell, message):
         'kind = "blind_mean"\n\n[[cells]]\n' + cell + "\n"
     with pytest.raises(RecipeError, match=message):
         V.load_matrix(write(tmp_path, text))
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "benchmarks" / "matrix").glob("*.toml")), ids=lambda p: p.stem)
+def test_every_shipped_matrix_loads_and_every_cell_resolves(path, tmp_path):
+    """Each matrix file in benchmarks/matrix loads, and each cell (a rescore cell with its eval_set) resolves."""
+    m = V.load_matrix(path)
+    steps = m.budget.get("steps") or m.budget["epochs"]
+    for cell in m.cells:
+        recipe = V.cell_recipe(m, cell, m.seeds[0], tmp_path, steps, scoring=True)
+        assert recipe["stages"], cell.name
+        if cell.kind == "rescore":  # the trained cell's run folder, its eval_set on top
+            assert recipe.name == V.run_name(cell.of, m.seeds[0])
+            trained = V.cell_recipe(m, m.cell(cell.of), m.seeds[0], tmp_path, steps)
+            assert recipe.data != trained.data and V.hash_kind(cell) != V.hash_kind(m.cell(cell.of))
