@@ -312,6 +312,19 @@ FLOORED = FLOORED.replace("PRIOR", 'model = { name = "prior_only", model = { nam
                                    'dim = 16, depth = 1, heads = 2, channels = 4, encoder = "test_efficientnet" } }')
 
 
+def test_as_one_sample_and_fmt_interval():
+    reg = [{"seed": 0, "metrics": {"psnr": 27.0}, "per_case": {"case_ids": ["a"], "metrics": {"psnr": [27.5]}}}]
+    gen = [{"seed": 0, "metrics": {"one_sample/psnr": 26.0},
+            "per_case": {"case_ids": ["a"], "metrics": {"one_sample/psnr": [26.25]}}}]
+    one = V.as_one_sample(reg)
+    assert one[0]["metrics"] == {"psnr": 27.0, "one_sample/psnr": 27.0} and reg[0]["metrics"] == {"psnr": 27.0}
+    assert V.paired(one, gen, "one_sample/psnr")["mean"] == -1.0
+    assert V.per_case_pairs(one, gen, "one_sample/psnr") == [[-1.25]]
+    assert V.as_one_sample([{"seed": 1, "metrics": {"ssim": 0.5}}]) == [
+        {"seed": 1, "metrics": {"ssim": 0.5, "one_sample/ssim": 0.5}}]
+    assert V.fmt_interval({"mean": 0.12345, "ci_low": -0.5, "ci_high": 1.0}, "+") == "+0.1235 [-0.5, +1]"
+
+
 def test_hierarchical_bootstrap_hand_cases():
     one = V.hierarchical_bootstrap([[2.0, 2.0, 2.0]])
     assert one["mean"] == 2.0 and one["ci_low"] == one["ci_high"] == 2.0 and one["cases"] == 3
@@ -431,20 +444,8 @@ def test_sart_reference_cell(tmp_path):
     assert V.run_matrix(other, out, isolate=False, log=lambda *_: None, plot=False)["ran"] == ["sart-s0"]
 
 
-RESCORED = """
-name = "rescored"
-base = "base.toml"
-seeds = [0]
-reference = "plain"
-
-[budget]
-steps = 2
-epochs = 2
-
-[eval]
-metrics = ["psnr"]
-
-[[cells]]
+RESCORED = SARTED.split("[[cells]]")[0].replace('name = "sarted"', 'name = "rescored"').replace(
+    'set = ["data.views = [0, 45, 90, 135]"]\n', "") + """[[cells]]
 name = "plain"
 
 [[cells]]

@@ -117,3 +117,19 @@ def hierarchical_bootstrap(groups: list[list[float]], n_boot: int = 4000, seed: 
         reps[b] = np.mean([groups[i][rng.integers(0, len(groups[i]), size=len(groups[i]))].mean() for i in picks])
     lo, hi = np.percentile(reps, [2.5, 97.5])
     return {"mean": mean, "ci_low": float(lo), "ci_high": float(hi), "n": k, "cases": int(sum(len(g) for g in groups))}
+
+
+def as_one_sample(rows: list[dict]) -> list[dict]:
+    """Result rows of a regression with every metric also under ``one_sample/<metric>`` (per case too): its
+    prediction is its only sample, so it pairs with a generative cell's single-sample columns."""
+    def both(metrics: dict) -> dict:
+        return {**metrics, **{f"one_sample/{k}": v for k, v in metrics.items()}}
+
+    return [{**r, "metrics": both(r["metrics"]),
+             **({"per_case": {**r["per_case"], "metrics": both(r["per_case"]["metrics"])}} if "per_case" in r else {})}
+            for r in rows]
+
+
+def fmt_interval(i: dict, sign: str = "") -> str:
+    """``mean [low, high]`` with 4 significant digits (``sign="+"`` for differences)."""
+    return f"{i['mean']:{sign}.4g} [{i['ci_low']:{sign}.4g}, {i['ci_high']:{sign}.4g}]"

@@ -9,7 +9,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[4]))
 from benchmarks.variants.runner import read_result, result_path
-from benchmarks.variants.stats import hierarchical_bootstrap, interval, paired, per_case_pairs
+from benchmarks.variants.stats import (as_one_sample, hierarchical_bootstrap, interval, paired,
+                                       per_case_pairs)
+from benchmarks.variants.stats import fmt_interval as fmt
 
 out, rescore = Path(sys.argv[1]), sys.argv[2]
 SEEDS = (0, 1, 2)
@@ -18,19 +20,6 @@ METRICS = ["psnr", "ssim", "hf_energy_ratio", "edge_sharpness", "lpips3", "uncer
            "uncertainty_coverage", "samples/diversity_hu", "one_sample/psnr", "one_sample/ssim",
            "one_sample/hf_energy_ratio", "one_sample/edge_sharpness", "one_sample/lpips3"]
 runs = {c: [read_result(result_path(out, c, s)) for s in SEEDS] for c in [*CELLS, "blind_mean"]}
-
-
-def as_one_sample(rows: list[dict]) -> list[dict]:
-    """A regression's values under one_sample/<metric> too: its prediction is its only sample."""
-    return [{**r, "metrics": {**r["metrics"], **{f"one_sample/{k}": v for k, v in r["metrics"].items()}},
-             "per_case": {**r["per_case"], "metrics": {**r["per_case"]["metrics"],
-                          **{f"one_sample/{k}": v for k, v in r["per_case"]["metrics"].items()}}}}
-            for r in rows]
-
-
-def fmt(i: dict, sign: str = "") -> str:
-    return f"{i['mean']:{sign}.4g} [{i['ci_low']:{sign}.4g}, {i['ci_high']:{sign}.4g}]"
-
 
 print("| cell | " + " | ".join(METRICS) + " |")
 for c in CELLS:
