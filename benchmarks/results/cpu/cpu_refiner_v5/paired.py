@@ -1,8 +1,12 @@
 """Run: python benchmarks/results/cpu/cpu_refiner_v5/paired.py benchmarks/out/matrix/cpu_refiner
+         [--cells A B ...] [--pairs REF:CELL ...] [--case-pairs REF:CELL ...]
 
-refiner_long_drop against refiner_long (and the regression): every cell's mean [95 % t over runs], the differences
-paired by seed, and the protocol metrics (the mean of 8 for generative cells) paired case by case with the
-two-level bootstrap; all through the matrix runner's own result files and statistics."""
+Cells of a generative matrix side by side: every cell's mean [95 % t over runs], the differences paired by seed
+(a regression's values stand for its single sample too), and the protocol metrics (the mean of 8 for generative
+cells) paired case by case with the two-level bootstrap; all through the matrix runner's own result files and
+statistics. The defaults are this folder's comparison (refiner_long_drop against refiner_long and the regression);
+`../cpu_refiner_v6/README.md` gives that folder's arguments."""
+import argparse
 import sys
 from pathlib import Path
 
@@ -12,30 +16,41 @@ from benchmarks.variants.stats import (as_one_sample, hierarchical_bootstrap, in
                                        per_case_pairs)
 from benchmarks.variants.stats import fmt_interval as fmt
 
-out = Path(sys.argv[1])
-SEEDS = (0, 1, 2)
-CELLS = ["vit", "refiner", "refiner_long", "refiner_long_drop"]
+REGRESSIONS = ("vit", "blind_mean")  # cells with one prediction: it is their single sample too
 METRICS = ["psnr", "ssim", "hf_energy_ratio", "edge_sharpness", "lpips3", "uncertainty_spearman",
            "uncertainty_coverage", "samples/diversity_hu", "one_sample/psnr", "one_sample/ssim",
            "one_sample/hf_energy_ratio", "one_sample/edge_sharpness", "one_sample/lpips3"]
-runs = {c: [read_result(result_path(out, c, s)) for s in SEEDS] for c in [*CELLS, "blind_mean"]}
+CASE_METRICS = ("psnr", "ssim", "hf_energy_ratio", "edge_sharpness", "lpips3")
+
+parser = argparse.ArgumentParser()
+parser.add_argument("out", type=Path)
+parser.add_argument("--cells", nargs="+", default=["vit", "refiner", "refiner_long", "refiner_long_drop"])
+parser.add_argument("--pairs", nargs="+", default=["refiner_long:refiner_long_drop", "vit:refiner_long_drop"])
+parser.add_argument("--case-pairs", nargs="+", default=["refiner_long:refiner_long_drop", "vit:refiner_long_drop",
+                                                        "blind_mean:refiner_long_drop"])
+parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+args = parser.parse_args()
+pairs = [p.split(":") for p in args.pairs]
+case_pairs = [p.split(":") for p in args.case_pairs]
+names = {*args.cells, *(c for p in pairs + case_pairs for c in p)}
+runs = {c: [read_result(result_path(args.out, c, s)) for s in args.seeds] for c in names}
+paired_runs = {c: as_one_sample(r) if c in REGRESSIONS else r for c, r in runs.items()}
 
 print("| cell | " + " | ".join(METRICS) + " |")
-for c in CELLS:
-    cols = [fmt(i) if (i := interval([r["metrics"].get(m) for r in runs[c]]))["n"] == len(SEEDS) else "-"
+for c in args.cells:
+    cols = [fmt(i) if (i := interval([r["metrics"].get(m) for r in runs[c]]))["n"] == len(args.seeds) else "-"
             for m in METRICS]
     print(f"| {c} | " + " | ".join(cols) + " |")
 print()
-for a, b in (("refiner_long", "refiner_long_drop"), ("vit", "refiner_long_drop")):
+for a, b in pairs:
     print(f"## {b} - {a}, by seed")
-    ref = as_one_sample(runs[a]) if a == "vit" else runs[a]
     for m in METRICS:
-        d = paired(ref, runs[b], m)
-        if d["n"] == len(SEEDS):
+        d = paired(paired_runs[a], paired_runs[b], m)
+        if d["n"] == len(args.seeds):
             seeds = (f"per seed {[round(r['metrics'][m], 4) for r in runs[b]]} vs "
-                     f"{[round(r['metrics'][m], 4) for r in ref]}")
+                     f"{[round(r['metrics'][m], 4) for r in paired_runs[a]]}")
             print(f"  {m}: {fmt(d, '+')}  {seeds}")
 print("## case-paired (two-level bootstrap), protocol metrics (the mean of 8 for generative cells)")
-for a, b in (("refiner_long", "refiner_long_drop"), ("vit", "refiner_long_drop"), ("blind_mean", "refiner_long_drop")):
-    for m in ("psnr", "ssim", "hf_energy_ratio", "edge_sharpness", "lpips3"):
+for a, b in case_pairs:
+    for m in CASE_METRICS:
         print(f"  {b} - {a} {m}: {fmt(hierarchical_bootstrap(per_case_pairs(runs[a], runs[b], m)), '+')}")
