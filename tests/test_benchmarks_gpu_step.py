@@ -90,8 +90,10 @@ def test_trainer_compiles_the_model_and_takes_the_launcher_precision(tiny_recipe
 
     Four updates, not one: on some CPUs torch's bf16 convolution backward now and then returns a NaN weight
     gradient (seen on an AMD EPYC, about 1 call in 40 with the same inputs); the trainer skips such an update
-    (train.max_nonfinite_steps) and refuses a stage none of whose updates happened."""
+    (train.max_nonfinite_steps) and refuses a stage none of whose updates happened, which this test tolerates:
+    what it checks is the wiring, not bf16 arithmetic on a CPU."""
     from x2ct_framework.config.recipe import load_recipe
+    from x2ct_framework.training.guards import TrainingDiverged
     from x2ct_framework.training.trainer import Trainer
 
     calls = []
@@ -109,7 +111,10 @@ def test_trainer_compiles_the_model_and_takes_the_launcher_precision(tiny_recipe
     trainer = Trainer(recipe)
     assert trainer.accelerator.mixed_precision == "bf16" and recipe["train"]["mixed_precision"] == "bf16"
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION")
-    trainer.run()
+    try:
+        trainer.run()
+    except TrainingDiverged as exc:  # every bf16 update hit the CPU kernel's NaN: the wiring below still ran
+        assert "optimizer updates so far was skipped" in str(exc)
     out = capsys.readouterr().out
     assert "mixed precision bf16 from accelerate launch --mixed_precision" in out
     assert calls and set(calls) == {"reduce-overhead"}  # training and validation went through the compiled call

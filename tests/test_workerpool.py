@@ -4,6 +4,7 @@ of times; SIGTERM / Ctrl-C end the pool without a traceback from each worker."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -73,7 +74,10 @@ def test_prepare_names_the_case_whose_worker_died_and_exits_2(tmp_path, monkeypa
     monkeypatch.setattr(mod, "load_grid_ct", oom)  # forked workers inherit it
     assert main(["prepare", str(recipe), "--workers", "2", "--no-progress"]) == 2
     out, err = capsys.readouterr()
-    assert "prepared 4, already cached 0, failed 2" in out, out
+    # the 4 jobs of case0 and case2 each end once, prepared or (a job the killed worker had finished but not yet
+    # reported, run again by the pool) found in the cache; which of the two depends on timing
+    counts = re.search(r"prepared (\d+), already cached (\d+), failed (\d+)", out)
+    assert counts and int(counts[1]) + int(counts[2]) == 4 and int(counts[3]) == 2, out
     assert err.count("case1") == 2 and "worker process preparing it died 2 time(s)" in err, err
     assert "Traceback" not in err
     assert len(list((cache / "volume").glob("*/*/meta.json"))) == 4  # what finished is kept
