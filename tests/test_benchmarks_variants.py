@@ -514,6 +514,9 @@ def test_rescore_cell_scores_the_trained_runs_again_with_evaluation_overrides(tm
     other = V.load_matrix(write(tmp_path, RESCORED.replace("xray_noise=0.3", "xray_noise=0.2")))
     assert V.run_matrix(other, out, isolate=False, log=lambda *_: None, plot=False)["ran"] == ["noisy-s0"]
     assert (out / "plain-s0" / "stage2" / "best" / "model.safetensors").stat().st_mtime_ns == stamp
+    # training its cell again re-scores the rescore cells on the new weights
+    again = V.run_matrix(other, out, isolate=False, log=lambda *_: None, plot=False, rerun=["plain"])
+    assert again["ran"] == ["plain-s0", "same-s0", "noisy-s0"] and not again["skipped"]
 
 
 @pytest.mark.parametrize("cell, message", [

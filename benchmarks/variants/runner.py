@@ -50,8 +50,8 @@ def cell_recipe(matrix: Matrix, cell: Cell, seed: int, out: Path, steps: int, ex
     from x2ct_framework.errors import RecipeError
 
     if cell.kind == "rescore":  # the trained cell's recipe and run folder: nothing of its own is trained
-        source = matrix.cell(cell.of)
-        return cell_recipe(matrix, source, seed, out, steps, [*extra, *(cell.eval_set if scoring else ())])
+        return cell_recipe(matrix, matrix.trained_cell(cell), seed, out, steps,
+                           [*extra, *(cell.eval_set if scoring else ())])
     overrides = [*matrix.set, *cell.set, *extra]
     base = cell.recipe or matrix.base
     first = load_recipe(base, overrides)
@@ -339,7 +339,7 @@ TRAINING_FIELDS = ("cost", "curve", "budget_steps", "epochs", "batch", "steps", 
 def run_rescore(matrix: Matrix, cell: Cell, seed: int, out: Path, steps: int, recipe) -> dict:
     """Score the finished run of cell ``cell.of`` (this seed) again, with ``cell.eval_set`` applied at evaluation
     only: the same weights, nothing trained. The trained cell's result must be finished and current."""
-    source = matrix.cell(cell.of)
+    source = matrix.trained_cell(cell)
     src = read_result(result_path(out, source.name, seed))
     if src is None or src.get("key") != run_hash(recipe, matrix, hash_kind(source)):
         why = "has no finished result" if src is None else "has a result of an earlier definition of that cell"
@@ -560,7 +560,7 @@ def run_matrix(matrix: Matrix, out: Path | None = None, *, only: list[str] | Non
     status: dict[str, Any] = {"ran": [], "skipped": [], "failed": {}}
     todo: list[Job] = []
     for cell in cells:
-        trains = matrix.cell(cell.of) if cell.kind == "rescore" else cell
+        trains = matrix.trained_cell(cell)
         try:
             steps = (calibrate(matrix, trains, out, list(extra), isolate)
                      if "wall_s" in matrix.budget and trains.kind == "train"
@@ -575,6 +575,14 @@ def run_matrix(matrix: Matrix, out: Path | None = None, *, only: list[str] | Non
                 status["skipped"].append(run_name(cell.name, seed))
                 continue
             todo.append(Job(cell, seed, steps))
+    # a rescore scores its trained cell's weights: when those are trained (or re-scored) again, so is it
+    again = {(j.cell.name, j.seed): j.steps for j in todo}
+    for cell in cells:
+        for seed in seeds:
+            name = run_name(cell.name, seed)
+            if cell.kind == "rescore" and (cell.of, seed) in again and name in status["skipped"]:
+                status["skipped"].remove(name)
+                todo.append(Job(cell, seed, again[cell.of, seed]))
     # seed by seed across the cells: a change in machine load spreads over all cells instead of a few,
     # and a cut-short matrix leaves complete seeds rather than complete cells
     order = {c.name: i for i, c in enumerate(cells)}

@@ -147,6 +147,10 @@ class Matrix:
                 return c
         raise KeyError(name)
 
+    def trained_cell(self, cell: Cell) -> Cell:
+        """The cell whose training (recipe, budget, run folder) ``cell`` uses: its own, or a rescore cell's ``of``."""
+        return self.cell(cell.of) if cell.kind == "rescore" else cell
+
 
 def _number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)

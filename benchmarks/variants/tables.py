@@ -17,8 +17,7 @@ from benchmarks.variants.stats import (hierarchical_bootstrap, interval, median,
 
 def cell_steps(matrix: Matrix, cell: Cell, out: Path) -> int | None:
     """The cell's optimizer-step budget: the matrix's, or its calibrated one under a wall-time budget."""
-    if cell.kind == "rescore":  # the runs it scores are its trained cell's
-        cell = matrix.cell(cell.of)
+    cell = matrix.trained_cell(cell)  # a rescore cell's runs are its trained cell's
     if cell.kind != "train":
         return matrix.budget.get("steps") or matrix.budget["epochs"]
     if "steps" in matrix.budget:
