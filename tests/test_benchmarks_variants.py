@@ -386,6 +386,21 @@ def test_blind_mean_floor_prior_only_and_data_seeds(tmp_path):
     assert f"{sum(gains) / 2:+.3g}" in line
     assert "## Budget: validation `val/psnr` over training" in md and (out / "curves.png").stat().st_size > 1000
 
+    # the committed tables read back as result rows (to the CSVs' 6 digits), so they pair with new runs
+    back = V.read_tables(out, "plain")
+    assert [r["seed"] for r in back] == [0, 1] and [r["data_seed"] for r in back] == [5, 6]
+    for r, p in zip(back, plain):
+        assert r["metrics"]["psnr"] == pytest.approx(p["metrics"]["psnr"], rel=1e-5)
+        assert r["per_case"]["case_ids"] == p["per_case"]["case_ids"]
+        assert r["per_case"]["metrics"]["psnr"] == pytest.approx(p["per_case"]["metrics"]["psnr"], rel=1e-5)
+    assert V.per_case_pairs(V.read_tables(out, "blind"), back, "psnr") == [
+        pytest.approx([a - b for a, b in zip(p["per_case"]["metrics"]["psnr"], f["per_case"]["metrics"]["psnr"])],
+                      abs=1e-3) for p, f in zip(plain, floors)]
+    with pytest.raises(ValueError, match="no rows of cell 'nope'"):
+        V.read_tables(out, "nope")
+    with pytest.raises(FileNotFoundError, match="per_seed.csv"):
+        V.read_tables(tmp_path, "plain")
+
 
 SARTED = """
 name = "sarted"

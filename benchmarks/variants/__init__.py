@@ -48,7 +48,8 @@ from benchmarks.variants.runner import (CALIBRATION, CELL, RUNNER_VERSION, CellF
 from benchmarks.variants.spec import DEFAULT_METRICS, HASHED_EVAL, REPO, Cell, Matrix, load_matrix
 from benchmarks.variants.stats import (T975, as_one_sample, fmt_interval, hierarchical_bootstrap, interval, median,
                                        overlap, paired, per_case_pairs, t_quantile_975, verdict)
-from benchmarks.variants.tables import collect, expected_keys, markdown, plot_matrix, summarize, write_tables
+from benchmarks.variants.tables import (collect, expected_keys, markdown, plot_matrix, read_tables, summarize,
+                                        write_tables)
 from benchmarks.variants.timing import device_label, peak_memory_mib, train_and_time, trained_stages
 
 __all__ = ["CALIBRATION", "CELL", "DEFAULT_METRICS", "HASHED_EVAL", "REPO", "RUNNER_VERSION", "T975", "Cell",
@@ -56,8 +57,8 @@ __all__ = ["CALIBRATION", "CELL", "DEFAULT_METRICS", "HASHED_EVAL", "REPO", "RUN
            "collect", "default_out", "device_label", "evaluate_run", "expected_keys", "fmt_interval", "hash_kind",
            "hierarchical_bootstrap", "interval", "load_matrix", "machine_description", "make_slots", "markdown",
            "median", "overlap", "paired", "per_case_pairs", "peak_memory_mib", "plot_matrix", "read_result",
-           "result_path", "run_cell", "run_hash", "run_matrix", "run_name", "summarize", "t_quantile_975",
-           "train_and_time", "trained_stages", "verdict", "write_tables"]
+           "read_tables", "result_path", "run_cell", "run_hash", "run_matrix", "run_name", "summarize",
+           "t_quantile_975", "train_and_time", "trained_stages", "verdict", "write_tables"]
 
 
 def machine_description() -> str:

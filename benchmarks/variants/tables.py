@@ -170,6 +170,52 @@ def write_tables(matrix: Matrix, out: Path, plot: bool = True, extra: list[str] 
     return files
 
 
+def read_tables(folder: Path, cell: str) -> list[dict]:
+    """A cell's runs read back from the ``per_seed.csv`` and ``per_case.csv`` that :func:`write_tables` wrote, as
+    result-like dicts (``seed``, ``data_seed``, ``steps``, ``metrics``, ``per_case``; values to the CSVs' 6
+    significant digits), so a committed results folder pairs with new runs (``stats.paired``,
+    ``stats.per_case_pairs``) after its run folders are gone. Raises ``FileNotFoundError`` / ``ValueError``
+    naming the file when the folder lacks the tables or the cell."""
+    folder = Path(folder)
+    seeds_csv, cases_csv = folder / "per_seed.csv", folder / "per_case.csv"
+    for f in (seeds_csv, cases_csv):
+        if not f.is_file():
+            raise FileNotFoundError(f"{f}: no such file; a matrix's results folder holds per_seed.csv and "
+                                    f"per_case.csv (written by python -m benchmarks.variants)")
+
+    def num(v: str) -> float | None:
+        return float(v) if v not in ("", None) else None
+
+    skip = {"cell", "seed", "data_seed", "case_id", "steps", "time_per_step_s", "peak_mem_mib", "params",
+            "step_flops", "device"}
+    rows = []
+    with seeds_csv.open(newline="") as f:
+        for r in csv.DictReader(f):
+            if r["cell"] != cell:
+                continue
+            rows.append({"cell": cell, "seed": int(r["seed"]),
+                         "data_seed": int(r["data_seed"]) if r.get("data_seed") else None,
+                         "steps": int(r["steps"]) if r.get("steps") else None,
+                         "metrics": {k: v for k, v in ((k, num(v)) for k, v in r.items() if k not in skip)
+                                     if v is not None}})
+    if not rows:
+        raise ValueError(f"{seeds_csv}: no rows of cell {cell!r}; its cells: "
+                         f"{sorted({r['cell'] for r in csv.DictReader(seeds_csv.open(newline=''))})}")
+    cases: dict[int, list[dict]] = {}
+    with cases_csv.open(newline="") as f:
+        for r in csv.DictReader(f):
+            if r["cell"] == cell:
+                cases.setdefault(int(r["seed"]), []).append(r)
+    for row in rows:
+        got = cases.get(row["seed"], [])
+        if got:
+            names = [k for k in got[0] if k not in skip]
+            row["per_case"] = {"case_ids": [r["case_id"] for r in got],
+                               "metrics": {m: [num(r[m]) if r[m] != "" else float("nan") for r in got]
+                                           for m in names if any(r[m] != "" for r in got)}}
+    return rows
+
+
 def _csv(v: Any) -> str:
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return ""

@@ -1,17 +1,20 @@
 """Run: python benchmarks/results/cpu/cpu_refiner_v5/paired.py benchmarks/out/matrix/cpu_refiner
-         [--cells A B ...] [--pairs REF:CELL ...] [--case-pairs REF:CELL ...]
+         [--cells A B ...] [--pairs REF:CELL ...] [--case-pairs REF:CELL ...] [--stored CELL=FOLDER ...]
 
 Cells of a generative matrix side by side: every cell's mean [95 % t over runs], the differences paired by seed
 (a regression's values stand for its single sample too), and the protocol metrics (the mean of 8 for generative
 cells) paired case by case with the two-level bootstrap; all through the matrix runner's own result files and
 statistics. The defaults are this folder's comparison (refiner_long_drop against refiner_long and the regression);
-`../cpu_refiner_v6/README.md` gives that folder's arguments."""
+`../cpu_refiner_v6/README.md` gives that folder's arguments. `--stored CELL=FOLDER` reads a cell's runs from a
+committed results folder's per_seed.csv / per_case.csv (`benchmarks.variants.tables.read_tables`, 6 significant
+digits) instead of the output folder: a cell whose run folders are gone pairs with new runs of the same machine."""
 import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[4]))
 from benchmarks.variants.runner import read_result, result_path
+from benchmarks.variants.tables import read_tables
 from benchmarks.variants.stats import (as_one_sample, hierarchical_bootstrap, interval, paired,
                                        per_case_pairs)
 from benchmarks.variants.stats import fmt_interval as fmt
@@ -29,11 +32,14 @@ parser.add_argument("--pairs", nargs="+", default=["refiner_long:refiner_long_dr
 parser.add_argument("--case-pairs", nargs="+", default=["refiner_long:refiner_long_drop", "vit:refiner_long_drop",
                                                         "blind_mean:refiner_long_drop"])
 parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+parser.add_argument("--stored", nargs="+", default=[], metavar="CELL=FOLDER")
 args = parser.parse_args()
+stored = dict(s.split("=", 1) for s in args.stored)
 pairs = [p.split(":") for p in args.pairs]
 case_pairs = [p.split(":") for p in args.case_pairs]
 names = {*args.cells, *(c for p in pairs + case_pairs for c in p)}
-runs = {c: [read_result(result_path(args.out, c, s)) for s in args.seeds] for c in names}
+runs = {c: ([r for r in read_tables(Path(stored[c]), c) if r["seed"] in args.seeds] if c in stored
+            else [read_result(result_path(args.out, c, s)) for s in args.seeds]) for c in names}
 paired_runs = {c: as_one_sample(r) if c in REGRESSIONS else r for c, r in runs.items()}
 
 print("| cell | " + " | ".join(METRICS) + " |")
