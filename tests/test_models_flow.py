@@ -424,6 +424,27 @@ def test_evaluate_scores_the_mean_and_one_sample_and_records_diversity(tmp_path)
     assert "## Samples (3 per case)" in (tmp_path / "ev/summary.md").read_text()
 
 
+def test_matrix_results_keep_one_samples_per_case_values(tmp_path):
+    """The matrix runner's result file keeps one sample's per-case values beside the mean's, so one sample pairs
+    with the regression case by case (stats.per_case_pairs); their mean over cases is the one_sample column."""
+    from types import SimpleNamespace
+
+    from benchmarks.variants.runner import evaluate_run
+    from x2ct_framework.config.recipe import load_recipe
+
+    run = make_run(tmp_path, name="flow", model=FLOW, num_test=2)
+    recipe = load_recipe(run / "recipe.toml")
+    matrix = SimpleNamespace(eval={"which": "best", "split": "test", "protocol": "default", "batch_size": 0,
+                                   "max_cases": 0})
+    res = evaluate_run(recipe, matrix)
+    pc = res["per_case"]["metrics"]
+    assert len(res["per_case"]["case_ids"]) == 2 and len(pc["one_sample/psnr"]) == 2
+    for m in ("psnr", "ssim"):
+        assert np.mean(pc[f"one_sample/{m}"]) == pytest.approx(res["metrics"][f"one_sample/{m}"], rel=1e-9)
+        assert np.mean(pc[m]) == pytest.approx(res["metrics"][m], rel=1e-9)
+    assert pc["one_sample/psnr"] != pytest.approx(pc["psnr"], abs=1e-3)  # the mean of 8 and one sample differ
+
+
 def test_set_level_metrics_score_the_means_and_the_single_samples_apart(tmp_path):
     """fid3d over the split is computed on the means alone, and under one_sample: on the first samples alone:
     the same numbers as scoring either as a plain predictor (before, one accumulator held both)."""

@@ -118,8 +118,9 @@ def check_budget(recipe, steps_per_epoch: int) -> None:
 def evaluate_run(recipe, matrix: Matrix, model=None, overrides: list[str] = ()) -> dict[str, Any]:
     """Score the run's last stage (its ``eval.which`` checkpoint, or ``model``) with the matrix's protocol.
 
-    Besides each metric's mean over cases, the per-case values are kept (``per_case``): the tables pair
-    them case by case with the reference and the floor on the same data. ``overrides`` (a rescore cell's
+    Besides each metric's mean over cases, the per-case values are kept (``per_case``; a generative model's
+    single sample under ``one_sample/<metric>`` too): the tables pair them case by case with the reference and
+    the floor on the same data. ``overrides`` (a rescore cell's
     ``eval_set``) change the run's recipe for this scoring only.
     """
     from x2ct_framework.evaluation.evaluate import evaluate
@@ -149,9 +150,15 @@ def evaluate_run(recipe, matrix: Matrix, model=None, overrides: list[str] = ()) 
                 metrics[name] = ev.summary[f"{ONE_SAMPLE}{proto.key(m)}"]["mean"]
                 higher[name], units[name] = higher[m], units[m]
         metrics[DIVERSITY], higher[DIVERSITY], units[DIVERSITY] = ev.summary[DIVERSITY]["mean"], True, "HU"
-    per_case = {"case_ids": list(ev.case_ids),
-                "metrics": {m: [None if not math.isfinite(float(x)) else float(x) for x in ev.values[proto.key(m)]]
-                            for m in proto.metrics}}
+    def column(key: str) -> list[float | None]:
+        return [None if not math.isfinite(float(x)) else float(x) for x in ev.values[key]]
+
+    per_case = {"case_ids": list(ev.case_ids), "metrics": {m: column(proto.key(m)) for m in proto.metrics}}
+    if ev.info.get("samples"):  # one sample's per-case values too, so single samples pair case by case
+        from x2ct_framework.evaluation.evaluate import ONE_SAMPLE
+
+        per_case["metrics"].update({f"one_sample/{m}": column(f"{ONE_SAMPLE}{proto.key(m)}") for m in proto.metrics
+                                    if f"{ONE_SAMPLE}{proto.key(m)}" in ev.values})
     return {"metrics": metrics, "higher_is_better": higher, "units": units, "cases": ev.info["cases"],
             "notes": list(proto.notes), "per_case": per_case}
 

@@ -1,5 +1,6 @@
 """Run: python benchmarks/results/cpu/cpu_refiner_v5/paired.py benchmarks/out/matrix/cpu_refiner
          [--cells A B ...] [--pairs REF:CELL ...] [--case-pairs REF:CELL ...] [--stored CELL=FOLDER ...]
+         [--case-metrics M ...]
 
 Cells of a generative matrix side by side: every cell's mean [95 % t over runs], the differences paired by seed
 (a regression's values stand for its single sample too), and the protocol metrics (the mean of 8 for generative
@@ -33,6 +34,7 @@ parser.add_argument("--case-pairs", nargs="+", default=["refiner_long:refiner_lo
                                                         "blind_mean:refiner_long_drop"])
 parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
 parser.add_argument("--stored", nargs="+", default=[], metavar="CELL=FOLDER")
+parser.add_argument("--case-metrics", nargs="+", default=list(CASE_METRICS))
 args = parser.parse_args()
 stored = dict(s.split("=", 1) for s in args.stored)
 pairs = [p.split(":") for p in args.pairs]
@@ -56,7 +58,8 @@ for a, b in pairs:
             seeds = (f"per seed {[round(r['metrics'][m], 4) for r in runs[b]]} vs "
                      f"{[round(r['metrics'][m], 4) for r in paired_runs[a]]}")
             print(f"  {m}: {fmt(d, '+')}  {seeds}")
-print("## case-paired (two-level bootstrap), protocol metrics (the mean of 8 for generative cells)")
+print("## case-paired (two-level bootstrap), protocol metrics (the mean of 8 for generative cells; one_sample/*: "
+      "one sample)")
 for a, b in case_pairs:
-    for m in CASE_METRICS:
-        print(f"  {b} - {a} {m}: {fmt(hierarchical_bootstrap(per_case_pairs(runs[a], runs[b], m)), '+')}")
+    for m in args.case_metrics:
+        print(f"  {b} - {a} {m}: {fmt(hierarchical_bootstrap(per_case_pairs(paired_runs[a], paired_runs[b], m)), '+')}")
