@@ -107,7 +107,8 @@ class UNet3d(nn.Module):
     """A 3D U-Net with a time embedding: ``len(widths)`` levels (strided 3x3x3 convolutions down, trilinear
     up to the skip's exact size, so any grid size works), one residual block per level and side."""
 
-    def __init__(self, cin: int, widths: list[int], emb: int, checkpointing: bool = False, dropout: float = 0.0):
+    def __init__(self, cin: int, widths: list[int], emb: int, checkpointing: bool = False, dropout: float = 0.0,
+                 cout: int = 1):
         super().__init__()
         self.checkpointing = checkpointing
         self.stem = nn.Conv3d(cin, widths[0], 3, padding=1)
@@ -125,7 +126,7 @@ class UNet3d(nn.Module):
             self.up.append(ResBlock3d(prev + w, w, emb, dropout))
             prev = w
         self.out_norm = nn.GroupNorm(_groups(prev), prev)
-        self.out = nn.Conv3d(prev, 1, 3, padding=1)
+        self.out = nn.Conv3d(prev, cout, 3, padding=1)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
@@ -152,10 +153,14 @@ class UNet3d(nn.Module):
 
 
 class Condition:
-    """What the velocity network reads besides ``x_t`` and ``t``, computed once per volume."""
+    """What the velocity network reads besides ``x_t`` and ``t``, computed once per volume: the base at the
+    output's resolution, the pixel-aligned features and the base on the flow's grid (``grid_base``; the base
+    itself unless the flow runs on a coarser grid, as ``latent_flow_refiner``'s does), the coarse estimate."""
 
-    def __init__(self, base: torch.Tensor, features: torch.Tensor, coarse: torch.Tensor):
+    def __init__(self, base: torch.Tensor, features: torch.Tensor, coarse: torch.Tensor,
+                 grid_base: torch.Tensor | None = None):
         self.base, self.features, self.coarse = base, features, coarse
+        self.grid_base = base if grid_base is None else grid_base
 
 
 class FlowRefiner(nn.Module):
@@ -200,6 +205,8 @@ class FlowRefiner(nn.Module):
     """
 
     uses_prev = True  # refines the previous stage's prediction (checked by testing.check_model)
+    plugin_name = "flow_refiner"  # named in input errors
+    state_channels = 1  # channels of the flow's state (a latent variant sets its latent's before __init__)
 
     def __init__(self, *, resolution: int, widths: list[int] | None = None, emb_dim: int = 128,
                  feature_channels: int = 16, dropout: float = 0.0, encoder: str = "resnet18", pretrained: bool = False,
@@ -272,7 +279,13 @@ class FlowRefiner(nn.Module):
         self.coarse = nn.Sequential(nn.Conv3d(f, f, 3, padding=1), nn.GroupNorm(_groups(f), f), nn.GELU(),
                                     nn.Conv3d(f, 1, 1))
         self.time = TimeEmbedding(emb_dim)
-        self.unet = UNet3d(2 + f, widths, emb_dim, self.gradient_checkpointing, float(dropout))
+        c = self.state_channels  # the flow's state: [x_t (c), base (1), features (f)] -> c velocities
+        self.unet = UNet3d(c + 1 + f, widths, emb_dim, self.gradient_checkpointing, float(dropout), cout=c)
+
+    @property
+    def flow_grid(self) -> int:
+        """The size of the grid the flow and the X-ray features live on: the output's here."""
+        return self.resolution
 
     @property
     def residual_scale(self) -> float:
@@ -297,21 +310,22 @@ class FlowRefiner(nn.Module):
     def condition(self, xrays: torch.Tensor, geometry: dict, prev: torch.Tensor | None) -> Condition:
         """Pixel-aligned features at R^3, the coarse estimate, and the base (``prev`` resized, else the coarse
         estimate, detached: the flow models the residual over it, the coarse head learns on its own)."""
-        check_inputs("flow_refiner", xrays, geometry, prev)
-        r = self.resolution
+        check_inputs(self.plugin_name, xrays, geometry, prev)
+        r, g = self.resolution, self.flow_grid
         feats = self.encoder(xrays)
         emb = self.lift.angles(geometry["angles"].to(xrays.device))
-        features = self.lift.aligned(feats, geometry, emb, r, self.aligned_info(xrays))
-        low = max(1, r // 2)
+        features = self.lift.aligned(feats, geometry, emb, g, self.aligned_info(xrays))
+        low = max(1, min(g, r // 2))
         coarse = resize3d(self.coarse(F.adaptive_avg_pool3d(features, low)), r)
         base = resize3d(prev.to(features.dtype), r) if prev is not None else coarse.detach()
-        return Condition(base.float(), features, coarse)
+        grid_base = base if g == r else F.adaptive_avg_pool3d(base, g)
+        return Condition(base.float(), features, coarse, grid_base.float())
 
     def velocity(self, x: torch.Tensor, t: torch.Tensor, cond: Condition, keep: torch.Tensor | None = None
                  ) -> torch.Tensor:
         """The predicted velocity at ``x_t`` and times ``t [B]``; ``keep [B]`` (0 or 1) drops the conditioning of
         the cases where it is 0 (classifier-free guidance)."""
-        base, features = cond.base, cond.features
+        base, features = cond.grid_base, cond.features
         if keep is not None:
             k = keep.to(features.dtype)[:, None, None, None, None]
             base, features = base * k, features * k
@@ -342,7 +356,7 @@ class FlowRefiner(nn.Module):
             if not bool(self.residual_scale_measured):  # once per process: no device sync per step
                 self._measure_scale(target - cond.base)
             self._scale_checked = True
-        x1 = (target - cond.base) / self.residual_scale_value
+        x1, extra = self.flow_target(cond, target)
         x0 = torch.randn_like(x1)
         t = self.sample_times(b, x1.device)
         tt = t[:, None, None, None, None]
@@ -351,11 +365,25 @@ class FlowRefiner(nn.Module):
         v = self.velocity(xt, t, cond, keep)
         flow = F.mse_loss(v, x1 - x0)
         coarse = F.l1_loss(cond.coarse.float(), target)
-        loss = flow + self.coarse_weight * coarse
-        terms: dict[str, torch.Tensor] = {"flow": flow.detach(), "coarse": coarse.detach()}
+        loss = flow + self.coarse_weight * coarse + sum(extra.values())
+        terms: dict[str, torch.Tensor] = {"flow": flow.detach(), "coarse": coarse.detach(),
+                                          **{k: v.detach() for k, v in extra.items()}}
         if self.estimate_losses:
-            terms[ESTIMATE] = cond.base + self.residual_scale_value * (xt + (1 - tt) * v)
+            terms[ESTIMATE] = self.finish(cond, xt + (1 - tt) * v)
         return loss, terms
+
+    def flow_target(self, cond: Condition, target: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The flow's clean end ``x1`` for the target CT, and any weighted loss terms that producing it adds (none
+        here: ``x1`` is the scaled residual; a latent variant encodes it and adds its autoencoder's loss)."""
+        return (target - cond.base) / self.residual_scale_value, {}
+
+    def state_shape(self, cond: Condition) -> tuple[int, ...]:
+        """The shape of the flow's state for a batch: the output's here (one channel at R^3)."""
+        return tuple(cond.base.shape)
+
+    def finish(self, cond: Condition, x: torch.Tensor) -> torch.Tensor:
+        """The volume ``[B, 1, R, R, R]`` that the flow's clean state ``x`` stands for: the base plus the residual."""
+        return cond.base + self.residual_scale_value * x
 
     def sample(self, xrays: torch.Tensor, geometry: dict, prev: torch.Tensor | None = None, steps: int | None = None,
                generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:
@@ -377,7 +405,7 @@ class FlowRefiner(nn.Module):
         steps = self.steps if steps is None else int(steps)
         if steps < 1:
             raise ValueError(f"flow_refiner.sample: steps must be >= 1, got {steps}")
-        x = noise(tuple(cond.base.shape), generator, cond.base.device)
+        x = noise(self.state_shape(cond), generator, cond.base.device)
         b = x.shape[0]
         ts = self.time_grid(steps, x.device)
         for i in range(steps):
@@ -396,7 +424,7 @@ class FlowRefiner(nn.Module):
                 x_euler = x + dt * v
                 v = (v + self.guided_velocity(x_euler, t1.expand(b), cond)) / 2
             x = x + dt * v
-        return cond.base + self.residual_scale_value * x
+        return self.finish(cond, x)
 
     def forward(self, xrays: torch.Tensor, geometry: dict, prev: torch.Tensor | None = None) -> torch.Tensor:
         """One sample per case, its noise seeded by the case (``sample_seed``); with ``forward_samples = n > 1``,
