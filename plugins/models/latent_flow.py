@@ -155,7 +155,14 @@ class LatentFlowRefiner(FlowRefiner):
 
     @torch.no_grad()
     def _track_scale(self, z: torch.Tensor) -> None:
-        rms = z.detach().float().pow(2).mean().sqrt().clamp_min(1e-4)
+        """Move the running scale towards this step's latent RMS (averaged over processes, so every process
+        keeps the same scale; the first step sets it)."""
+        ms = z.detach().float().pow(2).mean()
+        if torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and torch.distributed.get_world_size() > 1:
+            torch.distributed.all_reduce(ms)
+            ms = ms / torch.distributed.get_world_size()
+        rms = ms.sqrt().clamp_min(1e-4)
         if bool(self.latent_scale_measured):
             self.latent_scale_value.mul_(self.latent_momentum).add_((1 - self.latent_momentum) * rms)
         else:
