@@ -15,6 +15,7 @@ import torch
 from x2ct_framework import checkpoint as ckpt
 from x2ct_framework.generative import case_generators
 from x2ct_framework.testing import check_model, make_batch
+from test_models_flow import FLOW, HEAD, RECIPE_TAIL
 from x2ct_plugins.models.flow_refiner import FlowRefiner
 from x2ct_plugins.models.latent_flow import LatentFlowRefiner, VolumeAutoencoder, latent_sizes
 
@@ -164,20 +165,7 @@ def test_the_autoencoder_decodes_to_any_grid_size():
         assert z.shape[-1] == latent_sizes(r, 3)[-1] and ae.decode(z, r).shape == (1, 1, r, r, r)
 
 
-RECIPE = """
-name = "latent"
-seed = 0
-output_dir = "{out}"
-plugins = ["x2ct_plugins.models.latent_flow"]
-
-[data]
-name = "synthetic_phantom"
-views = [0, 90]
-num_train = 4
-num_val = 2
-num_test = 2
-
-[model]
+LATENT = """
 name = "latent_flow_refiner"
 encoder = "test_resnet"
 widths = [8, 16]
@@ -186,26 +174,10 @@ feature_channels = 8
 steps = 2
 autoencoder_width = 8
 estimate_losses = true
-
-[train]
-batch_size = 2
-progress = false
-log_every = 1
-trackers = []
-ema = {{ enabled = true, decay = 0.5 }}
-
-[eval]
-report = false
-preview = false
-metrics = ["psnr"]
-
-[[stages]]
-name = "stage1"
-resolution = 16
-epochs = 2
-lr = 1e-3
-losses = {{ l1 = 1.0 }}
 """
+# test_models_flow's tiny run (4 training phantoms at 16^3, 2 epochs, EMA) with this model
+PLUGIN = 'plugins = ["x2ct_plugins.models.latent_flow"]\n'
+RECIPE = HEAD.replace(FLOW, LATENT).replace('name = "flow"\n', f'name = "latent"\n{PLUGIN}', 1) + RECIPE_TAIL
 
 
 @pytest.mark.slow  # two training runs and an evaluation
