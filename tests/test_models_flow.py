@@ -526,13 +526,21 @@ def on_train_step_end(trainer, stage, step, metrics):
 def test_two_cpu_processes_keep_a_generative_model_in_sync(tmp_path):
     """Under DDP (2 gloo processes) training_loss goes through the wrapped model, so gradients are all-reduced:
     after every update both processes hold the same weights, and the weights moved."""
+    path = _recipe(tmp_path)
+    path.write_text('plugins = ["weights_hash.py"]\n' + path.read_text())
+    r0, r1 = two_process_hashes(tmp_path, path)
+    assert len(r0) == 2 and r0 == r1
+    assert r0[0].split()[1] != r0[1].split()[1]
+
+
+def two_process_hashes(tmp_path, path) -> tuple[list[str], list[str]]:
+    """Train the recipe at ``path`` (which loads ``weights_hash.py``, written here) on 2 gloo processes, batch 1,
+    one epoch: each process's ``step hash`` lines."""
     import subprocess
 
     from conftest import PYTHON, run_env
 
     (tmp_path / "weights_hash.py").write_text(WEIGHTS_HASH)
-    path = _recipe(tmp_path)
-    path.write_text('plugins = ["weights_hash.py"]\n' + path.read_text())
     hashes = tmp_path / "hashes"
     hashes.mkdir()
     two = subprocess.run(
@@ -541,9 +549,7 @@ def test_two_cpu_processes_keep_a_generative_model_in_sync(tmp_path):
          "--set", "train.batch_size=1", "--set", "stages.1.epochs=1"],
         cwd=tmp_path, capture_output=True, text=True, env=run_env(X2CT_TEST_HASHES=str(hashes)), timeout=600)
     assert two.returncode == 0, two.stdout + two.stderr
-    r0, r1 = ((hashes / f"rank{r}.txt").read_text().splitlines() for r in (0, 1))
-    assert len(r0) == 2 and r0 == r1
-    assert r0[0].split()[1] != r0[1].split()[1]
+    return tuple((hashes / f"rank{r}.txt").read_text().splitlines() for r in (0, 1))
 
 
 def test_the_run_report_shows_the_samples_gallery_of_a_generative_run(tmp_path):

@@ -232,24 +232,12 @@ def test_trainer_trains_the_latent_model_resumes_exactly_and_evaluate_samples(tm
 def test_two_cpu_processes_keep_the_weights_and_the_latent_scale_in_sync(tmp_path):
     """Under DDP (2 gloo processes) the gradients are all-reduced and the running latent scale is averaged over
     processes: after every update both hold the same weights and buffers (the hash covers the state dict)."""
-    import subprocess
+    from test_models_flow import two_process_hashes
 
-    from conftest import PYTHON, run_env
-    from test_models_flow import WEIGHTS_HASH
-
-    (tmp_path / "weights_hash.py").write_text(WEIGHTS_HASH)
     path = tmp_path / "latent.toml"
     text = RECIPE.format(out=(tmp_path / "runs").as_posix())
     plugin = '"x2ct_plugins.models.latent_flow"'
     path.write_text(text.replace(f"{plugin}]", f'{plugin}, "weights_hash.py"]'))
-    hashes = tmp_path / "hashes"
-    hashes.mkdir()
-    two = subprocess.run(
-        [PYTHON, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "x2ct_framework.run", str(path),
-         "--set", "train.batch_size=1", "--set", "stages.1.epochs=1"],
-        cwd=tmp_path, capture_output=True, text=True, env=run_env(X2CT_TEST_HASHES=str(hashes)), timeout=600)
-    assert two.returncode == 0, two.stdout + two.stderr
-    r0, r1 = ((hashes / f"rank{r}.txt").read_text().splitlines() for r in (0, 1))
+    r0, r1 = two_process_hashes(tmp_path, path)
     assert len(r0) == 2 and r0 == r1
     assert r0[0].split()[1] != r0[1].split()[1]
