@@ -147,14 +147,18 @@ def checksum(hu: torch.Tensor, labels: torch.Tensor) -> str:
     return h.hexdigest()[:16]
 
 
+# The same code gives another checksum for some phantoms on another CPU model: its float32 arithmetic is not
+# bit-identical across CPUs (measured: an AMD EPYC and an Intel Xeon agree on the blind-mean CT's per-case PSNR to
+# 5e-5 dB but not on every voxel of every phantom). Each phantom's checksums on both are pinned; a change to the
+# code changes them on both.
 @pytest.mark.parametrize("shape, seed, options, expected", [
-    (32, 5, {}, "567c5f8cbe169fe6"),
-    (24, 3, {"table": False, "noise_hu": 0.0}, "9d2756e76d06fe4e"),
-    ((20, 16, 24), 1, {}, "b3fcee6da278cf8f"),
+    (32, 5, {}, {"567c5f8cbe169fe6", "7a64bd0a0d905c02"}),  # AMD EPYC, Intel Xeon
+    (24, 3, {"table": False, "noise_hu": 0.0}, {"9d2756e76d06fe4e"}),
+    ((20, 16, 24), 1, {}, {"b3fcee6da278cf8f"}),
 ])
-def test_version_1_is_reproducible_bit_for_bit(shape, seed, options, expected):
-    """Checksums taken from the version 1 code before version 2 existed."""
-    assert checksum(*chest_phantom(shape, seed, version=1, **options)) == expected
+def test_version_1_is_reproducible_bit_for_bit_on_each_cpu(shape, seed, options, expected):
+    """Checksums taken from the version 1 code before version 2 existed (the Intel one from the same code later)."""
+    assert checksum(*chest_phantom(shape, seed, version=1, **options)) in expected
 
 
 def test_versions_and_their_options():
@@ -182,12 +186,12 @@ def test_version_2_parts_group_into_the_coarse_labels():
 
 
 @pytest.mark.parametrize("shape, seed, options, expected", [
-    (32, 5, {}, "31b4ed3155b2dd1d"),
-    (24, 3, {"table": False, "noise_hu": 0.0}, "78a8f48a11a2405a"),
+    (32, 5, {}, {"31b4ed3155b2dd1d", "1fab7ceb5f73444f"}),  # AMD EPYC, Intel Xeon (see above)
+    (24, 3, {"table": False, "noise_hu": 0.0}, {"78a8f48a11a2405a"}),
 ])
 def test_version_2_checksum(shape, seed, options, expected):
     """Version 2 pinned as well: a change to its anatomy must bump PHANTOM_VERSION."""
-    assert checksum(*chest_phantom(shape, seed, version=2, **options)) == expected
+    assert checksum(*chest_phantom(shape, seed, version=2, **options)) in expected
 
 
 @pytest.mark.parametrize("seed", [1, 3])
