@@ -141,24 +141,22 @@ def evaluate_run(recipe, matrix: Matrix, model=None, overrides: list[str] = ()) 
     metrics = {m: ev.summary[proto.key(m)]["mean"] for m in proto.metrics}
     higher = {m: proto.higher_is_better(m) for m in proto.metrics}
     units = {m: proto.unit(m) for m in proto.metrics}
-    if ev.info.get("samples"):  # a generative model: the metrics above score the mean of its samples
-        from x2ct_framework.evaluation.evaluate import DIVERSITY, ONE_SAMPLE
 
-        for m in proto.metrics:
-            if f"{ONE_SAMPLE}{proto.key(m)}" in ev.summary:
-                name = f"one_sample/{m}"
-                metrics[name] = ev.summary[f"{ONE_SAMPLE}{proto.key(m)}"]["mean"]
-                higher[name], units[name] = higher[m], units[m]
-        metrics[DIVERSITY], higher[DIVERSITY], units[DIVERSITY] = ev.summary[DIVERSITY]["mean"], True, "HU"
     def column(key: str) -> list[float | None]:
         return [None if not math.isfinite(float(x)) else float(x) for x in ev.values[key]]
 
     per_case = {"case_ids": list(ev.case_ids), "metrics": {m: column(proto.key(m)) for m in proto.metrics}}
-    if ev.info.get("samples"):  # one sample's per-case values too, so single samples pair case by case
-        from x2ct_framework.evaluation.evaluate import ONE_SAMPLE
+    if ev.info.get("samples"):  # a generative model: the metrics above score the mean of its samples
+        from x2ct_framework.evaluation.evaluate import DIVERSITY, ONE_SAMPLE
 
-        per_case["metrics"].update({f"one_sample/{m}": column(f"{ONE_SAMPLE}{proto.key(m)}") for m in proto.metrics
-                                    if f"{ONE_SAMPLE}{proto.key(m)}" in ev.values})
+        for m in proto.metrics:
+            key, name = f"{ONE_SAMPLE}{proto.key(m)}", f"one_sample/{m}"
+            if key in ev.summary:
+                metrics[name] = ev.summary[key]["mean"]
+                higher[name], units[name] = higher[m], units[m]
+            if key in ev.values:  # its per-case values too, so single samples pair case by case
+                per_case["metrics"][name] = column(key)
+        metrics[DIVERSITY], higher[DIVERSITY], units[DIVERSITY] = ev.summary[DIVERSITY]["mean"], True, "HU"
     return {"metrics": metrics, "higher_is_better": higher, "units": units, "cases": ev.info["cases"],
             "notes": list(proto.notes), "per_case": per_case}
 

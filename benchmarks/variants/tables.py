@@ -105,6 +105,11 @@ def summarize(matrix: Matrix, found: dict[str, list[dict]]) -> list[dict]:
     return rows
 
 
+# the columns of per_seed.csv and per_case.csv before the metrics (per_seed.csv ends with "device")
+PER_SEED_FIELDS = ("cell", "seed", "data_seed", "steps", "time_per_step_s", "peak_mem_mib", "params", "step_flops")
+PER_CASE_FIELDS = ("cell", "seed", "data_seed", "case_id")
+
+
 def write_tables(matrix: Matrix, out: Path, plot: bool = True, extra: list[str] = (),
                  accept_stale: bool = False) -> dict[str, Path]:
     """``matrix.md``, ``matrix.csv``, ``per_seed.csv`` and ``matrix.png`` from the result files.
@@ -141,8 +146,7 @@ def write_tables(matrix: Matrix, out: Path, plot: bool = True, extra: list[str] 
             w.writerow(line)
     with files["per_seed"].open("w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["cell", "seed", "data_seed", "steps", "time_per_step_s", "peak_mem_mib", "params", "step_flops",
-                    *all_metrics, "device"])
+        w.writerow([*PER_SEED_FIELDS, *all_metrics, "device"])
         for cell in matrix.cells:
             for r in found.get(cell.name, []):
                 w.writerow([cell.name, r["seed"], "" if r.get("data_seed") is None else r["data_seed"], r.get("steps"),
@@ -151,7 +155,7 @@ def write_tables(matrix: Matrix, out: Path, plot: bool = True, extra: list[str] 
                             *[_csv(r["metrics"].get(m)) for m in all_metrics], r.get("device", "")])
     with (out / "per_case.csv").open("w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["cell", "seed", "data_seed", "case_id", *all_metrics])
+        w.writerow([*PER_CASE_FIELDS, *all_metrics])
         for cell in matrix.cells:
             for r in found.get(cell.name, []):
                 pc = r.get("per_case")
@@ -186,8 +190,7 @@ def read_tables(folder: Path, cell: str) -> list[dict]:
     def num(v: str) -> float | None:
         return float(v) if v not in ("", None) else None
 
-    skip = {"cell", "seed", "data_seed", "case_id", "steps", "time_per_step_s", "peak_mem_mib", "params",
-            "step_flops", "device"}
+    skip = {*PER_SEED_FIELDS, *PER_CASE_FIELDS, "device"}  # every column that is not a metric
     rows = []
     with seeds_csv.open(newline="") as f:
         for r in csv.DictReader(f):
@@ -211,7 +214,7 @@ def read_tables(folder: Path, cell: str) -> list[dict]:
         if got:
             names = [k for k in got[0] if k not in skip]
             row["per_case"] = {"case_ids": [r["case_id"] for r in got],
-                               "metrics": {m: [num(r[m]) if r[m] != "" else float("nan") for r in got]
+                               "metrics": {m: [float(r[m]) if r[m] != "" else float("nan") for r in got]
                                            for m in names if any(r[m] != "" for r in got)}}
     return rows
 

@@ -62,6 +62,16 @@ def _groups(channels: int) -> int:
     return 1
 
 
+def process_mean(value: torch.Tensor) -> torch.Tensor:
+    """``value`` averaged over the processes of a distributed run (itself in a single process): a statistic the
+    model keeps in its weights is then the same on every process."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(value)
+        value = value / torch.distributed.get_world_size()
+    return value
+
+
 class TimeEmbedding(nn.Module):
     """Flow time ``t [B]`` in [0, 1] -> ``[B, dim]``: sinusoids of ``1000 t`` (as DDPM's step embedding), an MLP."""
 
@@ -157,10 +167,8 @@ class Condition:
     output's resolution, the pixel-aligned features and the base on the flow's grid (``grid_base``; the base
     itself unless the flow runs on a coarser grid, as ``latent_flow_refiner``'s does), the coarse estimate."""
 
-    def __init__(self, base: torch.Tensor, features: torch.Tensor, coarse: torch.Tensor,
-                 grid_base: torch.Tensor | None = None):
-        self.base, self.features, self.coarse = base, features, coarse
-        self.grid_base = base if grid_base is None else grid_base
+    def __init__(self, base: torch.Tensor, features: torch.Tensor, coarse: torch.Tensor, grid_base: torch.Tensor):
+        self.base, self.features, self.coarse, self.grid_base = base, features, coarse, grid_base
 
 
 class FlowRefiner(nn.Module):
@@ -294,11 +302,7 @@ class FlowRefiner(nn.Module):
     @torch.no_grad()
     def _measure_scale(self, residual: torch.Tensor) -> None:
         """Set the scale to the residual's root mean square (averaged over processes), once."""
-        ms = residual.detach().double().pow(2).mean()
-        if torch.distributed.is_available() and torch.distributed.is_initialized() \
-                and torch.distributed.get_world_size() > 1:
-            torch.distributed.all_reduce(ms)
-            ms = ms / torch.distributed.get_world_size()
+        ms = process_mean(residual.detach().double().pow(2).mean())
         self.residual_scale_value.fill_(max(float(ms.sqrt()), 1e-4))
         self.residual_scale_measured.fill_(1.0)
 
@@ -317,9 +321,8 @@ class FlowRefiner(nn.Module):
         features = self.lift.aligned(feats, geometry, emb, g, self.aligned_info(xrays))
         low = max(1, min(g, r // 2))
         coarse = resize3d(self.coarse(F.adaptive_avg_pool3d(features, low)), r)
-        base = resize3d(prev.to(features.dtype), r) if prev is not None else coarse.detach()
-        grid_base = base if g == r else F.adaptive_avg_pool3d(base, g)
-        return Condition(base.float(), features, coarse, grid_base.float())
+        base = (resize3d(prev.to(features.dtype), r) if prev is not None else coarse.detach()).float()
+        return Condition(base, features, coarse, base if g == r else F.adaptive_avg_pool3d(base, g))
 
     def velocity(self, x: torch.Tensor, t: torch.Tensor, cond: Condition, keep: torch.Tensor | None = None
                  ) -> torch.Tensor:
@@ -404,7 +407,7 @@ class FlowRefiner(nn.Module):
                    generator: torch.Generator | list[torch.Generator] | None) -> torch.Tensor:
         steps = self.steps if steps is None else int(steps)
         if steps < 1:
-            raise ValueError(f"flow_refiner.sample: steps must be >= 1, got {steps}")
+            raise ValueError(f"{self.plugin_name}.sample: steps must be >= 1, got {steps}")
         x = noise(self.state_shape(cond), generator, cond.base.device)
         b = x.shape[0]
         ts = self.time_grid(steps, x.device)

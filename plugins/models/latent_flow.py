@@ -36,9 +36,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from x2ct_framework.errors import check_int
 from x2ct_framework.hookspecs import hookimpl
 
-from .flow_refiner import Condition, FlowRefiner, _groups
+from .flow_refiner import Condition, FlowRefiner, _groups, process_mean
 from .inputs import maybe_checkpoint
 
 
@@ -125,10 +126,9 @@ class LatentFlowRefiner(FlowRefiner):
     def __init__(self, *, resolution: int, autoencoder_levels: int = 2, autoencoder_width: int = 16,
                  latent_channels: int = 4, autoencoder_weight: float = 1.0, latent_weight: float = 1e-4,
                  latent_momentum: float = 0.99, **options):
-        for key, value, low in (("autoencoder_levels", autoencoder_levels, 1),
-                                ("autoencoder_width", autoencoder_width, 1), ("latent_channels", latent_channels, 1)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ValueError(f"{key} must be an integer >= {low}, got {value!r}")
+        for key, value in (("autoencoder_levels", autoencoder_levels), ("autoencoder_width", autoencoder_width),
+                           ("latent_channels", latent_channels)):
+            check_int(key, value, 1)
         for key, value in (("autoencoder_weight", autoencoder_weight), ("latent_weight", latent_weight)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
                 raise ValueError(f"{key} must be a number >= 0, got {value!r}")
@@ -157,12 +157,7 @@ class LatentFlowRefiner(FlowRefiner):
     def _track_scale(self, z: torch.Tensor) -> None:
         """Move the running scale towards this step's latent RMS (averaged over processes, so every process
         keeps the same scale; the first step sets it)."""
-        ms = z.detach().float().pow(2).mean()
-        if torch.distributed.is_available() and torch.distributed.is_initialized() \
-                and torch.distributed.get_world_size() > 1:
-            torch.distributed.all_reduce(ms)
-            ms = ms / torch.distributed.get_world_size()
-        rms = ms.sqrt().clamp_min(1e-4)
+        rms = process_mean(z.detach().float().pow(2).mean()).sqrt().clamp_min(1e-4)
         if bool(self.latent_scale_measured):
             self.latent_scale_value.mul_(self.latent_momentum).add_((1 - self.latent_momentum) * rms)
         else:
